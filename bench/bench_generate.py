@@ -1,0 +1,133 @@
+"""Batch-1 generation speed: dist_engine vs transformers (and llama.cpp if installed), one run.
+
+    python bench/bench_generate.py [--tokens 128] [--dtypes float32,bfloat16] [--tp 1,2]
+
+Same weights (the default model's converted folder), same chat prompt, greedy, fixed number of
+new tokens (EOS ignored). Prints tok/s per engine and the ratios; writes a JSON + Markdown table
+to bench/results/. These machines are noisy: compare ratios within one run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+PROMPT = "Write a Python function that checks whether a number is prime."
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def bench_ours(path: str, ids: list[int], n: int, dtype: str, tp: int, reps: int) -> float:
+    from dist_engine import LLM, SamplingParams
+
+    llm = LLM(path, tensor_parallel_size=tp, dtype=dtype, max_model_len=1024,
+              enable_prefix_caching=False)
+    sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    try:
+        llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=4))
+        best = 0.0
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)
+            dt = time.perf_counter() - t
+            assert len(out[0].outputs[0].token_ids) == n
+            best = max(best, n / dt)
+        return best
+    finally:
+        llm.shutdown()
+
+
+def bench_transformers(path: str, ids: list[int], n: int, dtype: str, reps: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    x = torch.tensor([ids])
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=4, do_sample=False)
+        best = 0.0
+        for _ in range(reps):
+            t = time.perf_counter()
+            model.generate(x, **kw)
+            best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def bench_llamacpp(gguf: str, prompt_ids: list[int], n: int, reps: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    best = 0.0
+    for _ in range(reps):
+        llm.reset()
+        t = time.perf_counter()
+        got = 0
+        for tok in llm.generate(prompt_ids, temp=0.0):
+            got += 1
+            if got == n:
+                break
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--reps", type=int, default=2)
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from dist_engine.weights.registry import KNOWN_MODELS, fetch_gguf, resolve_model
+
+    path = resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                       add_generation_prompt=True, tokenize=True))
+    if hasattr(ids, "keys") or (ids and isinstance(ids[0], str)):
+        ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                           add_generation_prompt=True, return_dict=True)["input_ids"])
+    rows = []
+    for dtype in a.dtypes.split(","):
+        hf = bench_transformers(path, ids, a.tokens, dtype, a.reps)
+        rows.append({"engine": "transformers", "dtype": dtype, "tp": 1, "tok_s": hf})
+        for tp in map(int, a.tp.split(",")):
+            ours = bench_ours(path, ids, a.tokens, dtype, tp, a.reps)
+            rows.append({"engine": "dist_engine", "dtype": dtype, "tp": tp, "tok_s": ours,
+                         "vs_transformers": ours / hf})
+    if a.model in KNOWN_MODELS:
+        lc = bench_llamacpp(fetch_gguf(a.model), ids, a.tokens, a.reps)
+        if lc is not None:
+            rows.append({"engine": "llama.cpp (Q4_1)", "dtype": "q4_1", "tp": 1, "tok_s": lc})
+    tp1 = {r["dtype"]: r["tok_s"] for r in rows if r["engine"] == "dist_engine" and r["tp"] == 1}
+    for r in rows:
+        if r["engine"] == "dist_engine" and r["tp"] > 1 and r["dtype"] in tp1:
+            r["vs_tp1"] = r["tok_s"] / tp1[r["dtype"]]
+    lines = ["| engine | dtype | TP | tok/s | vs transformers | vs our TP=1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        vt = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
+        v1 = f"{r['vs_tp1']:.2f}x" if "vs_tp1" in r else ""
+        lines.append(f"| {r['engine']} | {r['dtype']} | {r['tp']} | {r['tok_s']:.1f} | {vt} | {v1} |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = {"tokens": a.tokens, "prompt": PROMPT, "batch": 1, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    with open(os.path.join(RESULTS, "generate.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    with open(os.path.join(RESULTS, "generate.md"), "w") as f:
+        f.write(f"Batch 1, {a.tokens} greedy tokens, {meta['cpus']} CPUs, torch {meta['torch']}, "
+                f"{meta['date']}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""``dist-engine`` command line: generate | convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from dist_engine.config import DTYPES
+from dist_engine.weights.registry import DEFAULT_MODEL
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a local HF-format folder or a known name (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Ray actors if > 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit in tokens (default: the model's, at most 8192)")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per rank")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(model=a.model, tensor_parallel_size=a.tp, dtype=a.dtype, device=a.device,
+                max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
+                block_size=a.block_size, enable_prefix_caching=not a.no_prefix_caching,
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                ray_address=a.ray_address, cpu_threads=a.cpu_threads)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from dist_engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                            max_tokens=a.max_tokens)
+    llm = LLM(**engine_kwargs(a))
+    try:
+        ids = (llm.apply_chat_template([{"role": "user", "content": a.prompt}]) if not a.no_chat
+               else list(llm.tokenizer.encode(a.prompt)))
+        engine = llm.engine
+        engine.validate(ids, params)
+        t0 = time.perf_counter()
+        engine.add_request("cli", ids, params, a.prompt)
+        ttft, final = None, None
+        while engine.has_unfinished():
+            for out in engine.step():
+                c = out.outputs[0]
+                if ttft is None and c.token_ids:
+                    ttft = time.perf_counter() - t0
+                if not a.json and c.text_delta:
+                    sys.stdout.write(c.text_delta)
+                    sys.stdout.flush()
+                final = out
+        elapsed = time.perf_counter() - t0
+        c = final.outputs[0]
+        n = len(c.token_ids)
+        decode_s = elapsed - (ttft or 0.0)
+        timings = {"time_to_first_token_s": round(ttft or 0.0, 4), "total_s": round(elapsed, 4),
+                   "tokens_per_s": round(n / elapsed, 2) if elapsed else 0.0,
+                   "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s else 0.0}
+        if a.json:
+            print(json.dumps({"prompt_token_ids": ids, "token_ids": c.token_ids, "text": c.text,
+                              "finish_reason": c.finish_reason, "timings": timings}))
+        else:
+            print(f"\n[{n} tokens, finish={c.finish_reason}, TTFT {timings['time_to_first_token_s']*1000:.0f} ms, "
+                  f"{timings['tokens_per_s']:.1f} tok/s overall, {timings['decode_tokens_per_s']:.1f} tok/s decode]",
+                  file=sys.stderr)
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from dist_engine.weights.gguf_convert import convert_gguf
+
+    print(convert_gguf(a.gguf, a.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-engine", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from one prompt, streamed to the terminal")
+    g.add_argument("prompt")
+    add_engine_args(g)
+    g.add_argument("--no-chat", action="store_true", help="raw completion, no chat template")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a Llama-family GGUF file to an HF-format folder")
+    c.add_argument("--gguf", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

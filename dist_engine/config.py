@@ -1,0 +1,224 @@
+"""Frozen, validated configuration objects.
+
+Every config checks itself in ``__post_init__`` and raises ``ValueError`` with a message that says
+what to change. Configs cross process boundaries (they are pickled to Ray actors), so they hold
+only plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture hyper-parameters of a checkpoint, read from its config.json."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on per-head q and k (Qwen3)
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of HF's dict
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} in {self.path}/config.json is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ValueError(f"{path} has no config.json: pass an HF-format model folder or a known name")
+        with open(cfg_file) as f:
+            return cls.from_dict(json.load(f), path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str = "<dict>") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}/config.json lists no 'architectures'")
+        arch = archs[0]
+        n_heads = raw["num_attention_heads"]
+        hidden = raw["hidden_size"]
+        # transformers 5 moved rope settings into "rope_parameters"; older files keep them flat.
+        rope = dict(raw.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling") or rope
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        sliding = raw.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+            sliding = None  # Qwen2 configs carry a window they do not use unless asked to
+        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and not raw.get("use_sliding_window"):
+            sliding = None
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            path=path,
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+            head_dim=raw.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            attention_bias=raw.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=sliding,
+            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            hidden_act=raw.get("hidden_act", "silu"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are laid out. world_size = tensor_parallel_size (context parallel comes later)."""
+
+    tensor_parallel_size: int = 1
+    # "auto": in-process when world_size == 1, Ray otherwise. "ray" forces Ray even for one rank.
+    executor: str = "auto"
+    ray_address: str | None = None  # join an existing Ray cluster; None starts a local one
+    placement_timeout_s: float = 60.0
+    collective_timeout_s: float = 60.0
+    # CPU ranks on one host exchange through shared memory instead of gloo (much faster).
+    shm_allreduce: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.executor not in ("auto", "inprocess", "ray"):
+            raise ValueError(f"executor must be 'auto', 'inprocess' or 'ray', got {self.executor!r}")
+        if self.executor == "inprocess" and self.world_size > 1:
+            raise ValueError("the in-process executor runs one rank; use executor='ray' for TP > 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def use_ray(self) -> bool:
+        return self.executor == "ray" or (self.executor == "auto" and self.world_size > 1)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16
+    # Exactly this many blocks (tests); otherwise sized from kv_cache_memory or memory_fraction.
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes per rank
+    memory_fraction: float = 0.5  # of the memory left after weights and peak activations
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    # Threads per rank for CPU matmuls; None: the cores divided among the local ranks.
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        m, tp = self.model, self.parallel.tensor_parallel_size
+        if tp > m.num_key_value_heads and tp % m.num_key_value_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds num_key_value_heads={m.num_key_value_heads} and is "
+                f"not a multiple of it, so KV heads cannot be replicated evenly; use TP <= "
+                f"{m.num_key_value_heads} or a multiple of it"
+            )
+        if tp > m.num_attention_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
+                "some ranks would hold no attention head"
+            )
+        if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
+            raise ValueError(
+                f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
+                f"max_position_embeddings={m.max_position_embeddings}; lower --max-model-len"
+            )

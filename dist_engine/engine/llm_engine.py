@@ -1,0 +1,168 @@
+"""LLMEngine: requests in, one executor round trip per step, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+from dist_engine.config import EngineConfig
+from dist_engine.engine.detokenizer import IncrementalDetokenizer
+from dist_engine.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.engine.scheduler import Scheduler
+from dist_engine.engine.sequence import Sequence
+from dist_engine.engine.stopping import append_tokens
+from dist_engine.kv_cache.block_manager import BlockManager
+from dist_engine.worker.executor import make_executor
+from dist_engine.worker.messages import StepInput
+
+log = logging.getLogger(__name__)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+                 seqs: list[Sequence]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_ids
+        self.seqs = seqs
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.executor = make_executor(config)
+        num_blocks = self.executor.available_kv_blocks()
+        self.executor.init_cache(num_blocks)
+        info = self.executor.cache_info()
+        bs = config.cache.block_size
+        self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        per_tok = info["bytes_per_block"] // bs
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens per rank, %d bytes/token, %.1f MiB; "
+            "max concurrent sequences at max_model_len=%d: %d",
+            num_blocks, bs, num_blocks * bs, per_tok, num_blocks * info["bytes_per_block"] / 2**20,
+            config.scheduler.max_model_len, num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len),
+        )
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        eos = set(config.model.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request can never run; called before anything is allocated."""
+        vocab = self.config.model.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        limit = self.config.scheduler.max_model_len
+        max_tokens = params.max_tokens or 1
+        if len(prompt_ids) + max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                f"limit max_model_len={limit}; shorten the prompt or lower max_tokens"
+            )
+        cache_tokens = self.blocks.num_blocks * self.blocks.block_size
+        if len(prompt_ids) + max_tokens > cache_tokens:
+            raise ValueError(
+                f"prompt + max_tokens ({len(prompt_ids) + max_tokens} tokens) exceeds the whole KV "
+                f"cache ({cache_tokens} tokens); raise --kv-cache-memory or shorten the request"
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.config.scheduler.max_model_len - len(prompt_ids))
+        now = time.monotonic()
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seqs = []
+        for i in range(params.n):
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+                     if self.tokenizer is not None else None)
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
+                           base_seed + i, detok, RequestMetrics(arrival_time=now))
+            seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_ids), seqs)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+                self.scheduler.finish(s)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        step = StepInput(next(self._step_ids), tuple(Scheduler.work(s) for s in scheduled))
+        result = self.executor.execute(step)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for s in scheduled:
+            seq = s.seq
+            seq.num_computed += s.num_new
+            sampled = result.sampled.get(seq.seq_id)
+            if sampled is None:
+                continue
+            append_tokens(seq, sampled, self.eos_token_ids, now)
+            self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed)
+            if seq.finished:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            outs.append(CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                logprobs=s.logprobs if s.params.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob,
+                text_delta=s.take_text_delta(), token_ids_delta=s.take_token_delta(),
+            ))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             req.finished, req.seqs[0].metrics)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max(1, max_tokens))

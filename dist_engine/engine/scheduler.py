@@ -1,0 +1,117 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each feeds.
+
+Each step, running sequences go first (FCFS), each feeding its next prefill chunk or its last
+sampled token, within ``max_num_batched_tokens``; then waiting sequences are admitted (prefix
+cache hits skip their cached blocks) while tokens, sequence slots and blocks remain. When blocks
+run out for a running sequence, the newest running sequence is preempted: its blocks are freed
+and it waits at the front of the queue to be recomputed (prefix caching makes that cheap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from dist_engine.config import SchedulerConfig
+from dist_engine.engine.sequence import Sequence, SeqStatus
+from dist_engine.kv_cache.block_manager import BlockManager
+from dist_engine.worker.messages import SeqWork
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens fed this step
+
+    @property
+    def samples(self) -> bool:  # the fed tokens reach the end of the sequence
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_blocks(seq.block_table)
+        seq.block_hashes.clear()
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        # 1. running sequences, oldest first
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue  # preempted while making room for an older one
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SeqStatus.RUNNING:
+                continue
+            out.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        # 2. admit waiting sequences in arrival order
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                hits, hashes = self.blocks.match_prefix(seq.token_ids)
+                seq.block_table.extend(hits)
+                seq.block_hashes.extend(hashes)
+                seq.num_computed = len(hits) * self.blocks.block_size
+                seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
+                if not self.running:  # nothing will ever free blocks: admission should have caught it
+                    raise RuntimeError("KV cache too small for a single sequence")
+                break  # keep its prefix hits; retry next step
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out
+
+    @staticmethod
+    def work(s: ScheduledSeq) -> SeqWork:
+        seq = s.seq
+        start = seq.num_computed
+        return SeqWork(
+            seq_id=seq.seq_id,
+            token_ids=tuple(seq.token_ids[start:start + s.num_new]),
+            start_pos=start,
+            block_table=tuple(seq.block_table),
+            sample=s.samples,
+            sampling=seq.sampling_spec(),
+        )
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_blocks(seq.block_table)
+        seq.block_hashes.clear()
+        seq.status = SeqStatus.FINISHED

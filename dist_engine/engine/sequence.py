@@ -1,0 +1,72 @@
+"""Per-sequence state held by the scheduler (plain Python)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from dist_engine.engine.detokenizer import IncrementalDetokenizer
+from dist_engine.engine.outputs import RequestMetrics
+from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.worker.messages import SamplingSpec
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # completion index within its request (n > 1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # effective sampling seed (the request's, or one drawn at admission)
+    detok: IncrementalDetokenizer | None
+    metrics: RequestMetrics
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""  # output text released so far (stop strings cut off)
+    pending_text: str = ""  # decoded but held back: it may be the start of a stop string
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    banned_until_min: tuple[int, ...] = ()  # stop/EOS ids masked while under min_tokens
+    _sent_text: int = 0
+    _sent_tokens: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    def sampling_spec(self) -> SamplingSpec:
+        p = self.params
+        banned = self.banned_until_min if len(self.output_token_ids) < p.min_tokens else ()
+        return SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                            min_p=p.min_p, seed=self.seed, logprobs=p.logprobs or 0,
+                            banned_token_ids=banned)
+
+    def take_text_delta(self) -> str:
+        delta = self.text[self._sent_text:]
+        self._sent_text = len(self.text)
+        return delta
+
+    def take_token_delta(self) -> list[int]:
+        delta = self.output_token_ids[self._sent_tokens:]
+        self._sent_tokens = len(self.output_token_ids)
+        return delta

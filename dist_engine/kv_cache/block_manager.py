@@ -1,0 +1,127 @@
+"""Paged KV block bookkeeping for the whole world, in plain Python (no tensors).
+
+A block id names the same logical block on every rank, so one manager on the driver decides
+for all of them. Blocks are reference counted; a full block of *verified* tokens gets a hash of
+its token chain (parent hash + its tokens) and can be shared by any later sequence with the same
+prefix. Unreferenced blocks sit in an LRU free list and keep their hash until they are reused,
+so a prefix can hit even after its sequence finished. Eviction takes the least recently freed
+block first; a freed sequence's blocks enter tail-first, so its prefix outlives its suffix.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full of verified tokens
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+
+    # ---- queries -----------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # ---- allocation ----------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)  # least recently freed
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict its cached content
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Take references on the cached blocks that start ``token_ids`` (full blocks only).
+
+        At least one token is always left uncached: the step that computes it yields the logits
+        the next token is drawn from.
+        """
+        if not self.prefix_caching:
+            return [], []
+        hits: list[int] = []
+        hashes: list[int] = []
+        parent = None
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        for b in range(max_blocks):
+            tokens = tuple(token_ids[b * self.block_size:(b + 1) * self.block_size])
+            parent = chain_hash(parent, tokens)
+            block_id = self.cached.get(parent)
+            if block_id is None:
+                break
+            hits.append(block_id)
+            hashes.append(parent)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        self.prefix_query_tokens += len(token_ids)
+        self.prefix_hit_tokens += len(hits) * self.block_size
+        return hits, hashes
+
+    def grow(self, block_table: list[int], num_tokens: int) -> bool:
+        """Append blocks to ``block_table`` until it holds ``num_tokens``; all or nothing."""
+        need = self.blocks_for(num_tokens) - len(block_table)
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        block_table.extend(self._take_free() for _ in range(need))
+        return True
+
+    def commit(self, block_table: list[int], block_hashes: list[int], token_ids: list[int],
+               num_verified: int) -> None:
+        """Hash the full blocks among the first ``num_verified`` tokens so others can share them.
+
+        ``block_hashes`` (the sequence's chain so far) is extended in place, so each block is
+        hashed once. Only verified tokens count: a block holding drafts is never hashed.
+        """
+        if not self.prefix_caching:
+            return
+        for b in range(len(block_hashes), num_verified // self.block_size):
+            parent = block_hashes[-1] if block_hashes else None
+            h = chain_hash(parent, tuple(token_ids[b * self.block_size:(b + 1) * self.block_size]))
+            block = self.blocks[block_table[b]]
+            if block.hash is None:
+                block.hash = h
+                self.cached.setdefault(h, block.block_id)
+            block_hashes.append(h)
+
+    def free_blocks(self, block_table: list[int]) -> None:
+        """Drop one reference on each block; unreferenced ones join the free list tail-first."""
+        for block_id in reversed(block_table):
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} freed more often than allocated")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        block_table.clear()

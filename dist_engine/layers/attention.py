@@ -1,0 +1,106 @@
+"""Attention over the paged KV cache, returning the output *and* its log-sum-exp.
+
+The cache of one layer on one rank is ``[num_slots, num_kv_heads, head_dim]`` for K and V, where
+slot = block_id * block_size + offset. Sequences are attended in groups: each group is a padded
+batch ``[B, Q]`` of query tokens against ``[B, K]`` gathered key slots with a precomputed
+allowed-mask (causal by absolute position, sliding window, padding). Prefill chunks form their
+own groups; decode and verification tokens (a few per sequence) share one. The metadata is built
+once per step by the model runner and reused by every layer.
+
+The log-sum-exp lets partial attentions over disjoint key sets (key tiles here, sequence shards
+later) be merged exactly: ``o = Σ exp(lse_i − lse) · o_i`` with ``lse = logsumexp_i(lse_i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Upper bound on score elements materialised at once; longer contexts are tiled over keys.
+MAX_SCORE_ELEMENTS = 1 << 24
+
+
+@dataclass
+class AttentionGroup:
+    q_index: torch.Tensor  # [B, Q] long: flat token index of each query (padding -> 0)
+    q_valid: torch.Tensor  # [B, Q] bool
+    kv_slots: torch.Tensor  # [B, K] long: cache slot of each key (padding -> 0)
+    allowed: torch.Tensor  # [B, 1, 1, Q, K] bool: may query attend key
+    dense: bool  # q_index is exactly arange(B*Q): reshape instead of gather/scatter
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int
+    slot_mapping: torch.Tensor  # [T] long: where each new token's K/V is written
+    groups: list[AttentionGroup] = field(default_factory=list)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # caches [S, Hk, D]; k, v [T, Hk, D]; slot_mapping [T]
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention partials over disjoint key sets, in list order, in fp32.
+
+    outs[i] ``[..., H, D]``, lses[i] ``[..., H]`` (-inf where a partial saw no key). A query that
+    no partial attends gets output 0 and lse -inf, never NaN.
+    """
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)  # [..., H]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.zeros_like(outs[0], dtype=torch.float32)
+    for o, part_lse in zip(outs, lses):
+        out += torch.exp(part_lse - safe).unsqueeze(-1) * o.float()
+    return out, lse
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    # q [B, Hk, G, Q, D]; k, v [B, Hk, 1, K, D]; allowed [B, 1, 1, Q, K]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, Q, K]
+    scores.masked_fill_(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, G, Q]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe.unsqueeze(-1))  # masked entries -> exactly 0
+    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hk, G, Q, D]
+    return out, lse
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32)."""
+    T, Hq, D = q.shape
+    Hk = k_cache.shape[1]
+    G = Hq // Hk  # query heads per KV head on this rank
+    out = q.new_zeros(T, Hq, D) if len(meta.groups) != 1 or not meta.groups[0].dense else None
+    lse_out = torch.full((T, Hq), float("-inf")) if out is not None else None
+    for g in meta.groups:
+        B, Q = g.q_index.shape
+        qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]
+        qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4)  # [B, Hk, G, Q, D]
+        K = g.kv_slots.shape[1]
+        tile = max(1, MAX_SCORE_ELEMENTS // max(1, B * Hq * Q))
+        outs, lses = [], []
+        for k0 in range(0, K, tile):
+            slots = g.kv_slots[:, k0:k0 + tile]
+            kg = k_cache[slots].to(q.dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hk, 1, k, D]
+            vg = v_cache[slots].to(q.dtype).permute(0, 2, 1, 3).unsqueeze(2)
+            o, lse = _attend(qg, kg, vg, g.allowed[..., k0:k0 + tile], scale)
+            outs.append(o)
+            lses.append(lse)
+        o, lse = merge_partials(outs, lses)
+        o = o.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
+        lse = lse.permute(0, 3, 1, 2).reshape(B, Q, Hq)
+        if g.dense and out is None:
+            return o.reshape(T, Hq, D), lse.reshape(T, Hq)
+        idx = g.q_index[g.q_valid]
+        out[idx] = o[g.q_valid]
+        lse_out[idx] = lse[g.q_valid]
+    return out, lse_out

@@ -1,0 +1,65 @@
+"""Vocabulary-parallel embedding and LM head: rank r owns a contiguous range of token rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_engine.layers.loading import copy_checked
+
+from dist_engine.distributed.comm import Communicator
+from dist_engine.distributed.partition import split_range, split_sizes
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Lookup over a row-split table ``[vocab, hidden]``.
+
+    Each rank looks up the ids in its range, writes zeros for the others, and one all-reduce
+    sums the pieces (exactly one rank contributes each row).
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_start, self.local_vocab = split_range(vocab_size, comm.world_size, comm.rank)
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype), requires_grad=False)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.comm.all_reduce(out)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits over the full vocabulary from a row-split ``[vocab, hidden]`` head.
+
+    Each rank computes logits for its rows; one all-gather concatenates them so every rank
+    holds the full fp32 logits and samples identically. With tied embeddings the weight is the
+    embedding's (same split).
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, comm: Communicator, dtype: torch.dtype,
+                 tied: VocabParallelEmbedding | None = None) -> None:
+        super().__init__()
+        self.comm = comm
+        self.sizes = split_sizes(vocab_size, comm.world_size)
+        self.vocab_start, self.local_vocab = split_range(vocab_size, comm.world_size, comm.rank)
+        if tied is not None:
+            self.weight = tied.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype), requires_grad=False)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        logits = F.linear(hidden, self.weight).float()
+        return self.comm.all_gather(logits, self.sizes)

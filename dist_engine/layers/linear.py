@@ -1,0 +1,109 @@
+"""Tensor-parallel linear layers.
+
+Each layer holds only its rank's slice of the weight and knows how to cut that slice out of a
+full checkpoint tensor (``load``). Full sizes are named ``*_features``; per-rank sizes ``local_*``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_engine.layers.loading import copy_checked
+
+from dist_engine.distributed.comm import Communicator
+from dist_engine.distributed.partition import split_range
+
+# shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
+ShardMap = dict[object, tuple[int, int, int]]
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W's output rows split across ranks.
+
+    W is ``[out_features, in_features]``; rank r keeps rows ``[start_r, start_r + local_out)``
+    (unequal counts allowed) and the matching bias entries. The output stays sharded along its
+    last dim, so no collective runs here. Several checkpoint tensors can be stacked into one
+    local weight (q/k/v, gate/up): ``shards`` says where each one's slice goes.
+    """
+
+    def __init__(self, in_features: int, shards: ShardMap, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.shards = shards
+        self.local_out = sum(n for _, n, _ in shards.values())
+        self.weight = nn.Parameter(torch.empty(self.local_out, in_features, dtype=dtype), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(self.local_out, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    def split(cls, in_features: int, out_features: int, comm: Communicator, bias: bool,
+              dtype: torch.dtype) -> ColumnParallelLinear:
+        start, n = split_range(out_features, comm.world_size, comm.rank)
+        return cls(in_features, {None: (start, n, 0)}, bias, dtype)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        """Copy this rank's rows of ``full`` (a tensor or lazy safetensors slice) into place."""
+        src, n, dst = self.shards[shard_id]
+        param = self.weight if which == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"checkpoint has a {which} this layer does not use")
+        copy_checked(param.data[dst:dst + n], full[src:src + n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, local_out]
+        return F.linear(x, self.weight, self.bias)
+
+
+def merged_column(in_features: int, out_features: list[int], comm: Communicator,
+                  dtype: torch.dtype) -> ColumnParallelLinear:
+    """Several column-parallel outputs of one input in one matmul (gate_proj + up_proj)."""
+    shards: ShardMap = {}
+    offset = 0
+    for i, full in enumerate(out_features):
+        start, n = split_range(full, comm.world_size, comm.rank)
+        shards[i] = (start, n, offset)
+        offset += n
+    return ColumnParallelLinear(in_features, shards, False, dtype)
+
+
+def qkv_column(hidden: int, head_dim: int, q_heads: tuple[int, int], kv_heads: tuple[int, int],
+               bias: bool, dtype: torch.dtype) -> ColumnParallelLinear:
+    """q/k/v projections of this rank's heads: ``q_heads``/``kv_heads`` are (first, count)."""
+    (qs, qn), (ks, kn) = q_heads, kv_heads
+    shards: ShardMap = {
+        "q": (qs * head_dim, qn * head_dim, 0),
+        "k": (ks * head_dim, kn * head_dim, qn * head_dim),
+        "v": (ks * head_dim, kn * head_dim, (qn + kn) * head_dim),
+    }
+    return ColumnParallelLinear(hidden, shards, bias, dtype)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_r W_rᵀ) + b`` with W's input columns split across ranks.
+
+    Rank r holds columns ``[in_start, in_start + local_in)``, matching the sharded output of the
+    column-parallel layer before it. Partial products are summed by one all-reduce; the bias is
+    added after the reduction (once, identically on every rank).
+    """
+
+    def __init__(self, in_range: tuple[int, int], out_features: int, comm: Communicator,
+                 bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_start, self.local_in = in_range
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        if which == "weight":
+            copy_checked(self.weight.data, full[:, self.in_start:self.in_start + self.local_in])
+        elif self.bias is not None:
+            copy_checked(self.bias.data, full[:])
+        else:
+            raise ValueError("checkpoint has a bias this layer does not use")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, local_in] -> [T, out]
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

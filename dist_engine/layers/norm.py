@@ -1,0 +1,25 @@
+"""RMSNorm, computed in fp32 as Hugging Face does."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_engine.layers.loading import copy_checked
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(self.weight.data, full[:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if x.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)

@@ -1,0 +1,144 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face module names.
+
+Differences between the family members are config flags: qkv bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), sliding window (Mistral), explicit head_dim, tied embeddings. Tensor parallelism lives in
+the layers (``dist_engine.layers``); this file contains no collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_engine.config import ModelConfig
+from dist_engine.distributed.comm import Communicator
+from dist_engine.distributed.partition import HeadPartition, split_range
+from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
+from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_engine.layers.linear import RowParallelLinear, merged_column, qkv_column
+from dist_engine.layers.norm import RMSNorm
+from dist_engine.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_slots, local_kv_heads, head_dim] each
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        hd = cfg.head_dim
+        self.part = HeadPartition.for_rank(cfg.num_attention_heads, cfg.num_key_value_heads,
+                                           comm.world_size, comm.rank)
+        p = self.part
+        self.num_heads, self.num_kv_heads, self.head_dim = p.num_q_heads, p.num_kv_heads, hd
+        self.scale = hd ** -0.5
+        self.qkv_proj = qkv_column(cfg.hidden_size, hd, (p.q_start, p.num_q_heads),
+                                   (p.kv_start, p.num_kv_heads), cfg.attention_bias, dtype)
+        # HF gives o_proj a bias with attention_bias, except Qwen2 (bias on q/k/v only).
+        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        self.o_proj = RowParallelLinear((p.q_start * hd, p.num_q_heads * hd), cfg.hidden_size,
+                                        comm, o_bias, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        self.qk_norm = cfg.qk_norm
+        self.rotary_emb = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) * D]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        out, _lse = paged_attention(q, kv[0], kv[1], meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = merged_column(cfg.hidden_size, [inter, inter], comm, dtype)
+        self.down_proj = RowParallelLinear(split_range(inter, comm.world_size, comm.rank),
+                                           cfg.hidden_size, comm, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, local_inter] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, comm, rotary, dtype)
+        self.mlp = LlamaMLP(cfg, comm, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
+                 max_positions: int) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
+                                 cfg.rope_scaling_dict, dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, comm, rotary, dtype) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(ids)  # [T, hidden]
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our module, shard id) where several tensors share one matmul
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    # checkpoint tensors that are consumed by design without a parameter of their own
+    ignored_suffixes = ("rotary_emb.inv_freq",)
+
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, comm, dtype, max_positions)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
+        if cfg.tie_word_embeddings:
+            # Some tied checkpoints still store lm_head.weight (a copy of the embedding).
+            self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden]`` of every input token."""
+        return self.model(ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        return self.lm_head(hidden)
+
+

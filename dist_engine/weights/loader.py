@@ -1,0 +1,89 @@
+"""Loads a rank's weight shards straight from safetensors files.
+
+Each checkpoint tensor is opened lazily (``safe_open(...).get_slice``) and the owning layer cuts
+out only its rows/columns, so a rank never materialises other ranks' slices. Every checkpoint
+tensor must be consumed or explicitly ignored, and every parameter must be filled: anything
+else is a ``ValueError`` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class LazySlice:
+    """A checkpoint tensor read on indexing; ``shape`` without reading any data."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self._slice[idx]
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, LazySlice]]:
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                yield name, LazySlice(handle, name)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Fill ``model``'s parameters from the checkpoint at ``path`` (this rank's slices only)."""
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
+    ignored: tuple[str, ...] = getattr(model, "ignored_suffixes", ())
+    expected = {name for name, _ in model.named_parameters()}
+    filled: dict[str, set] = {}
+    for name, lazy in iter_checkpoint(path):
+        if name.endswith(ignored):
+            continue
+        module_path, _, which = name.rpartition(".")
+        shard_id = None
+        for ckpt_name, (ours, sid) in packed.items():
+            if module_path.endswith("." + ckpt_name):
+                module_path = module_path[: -len(ckpt_name)] + ours
+                shard_id = sid
+                break
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(f"checkpoint tensor {name!r} {lazy.shape} matches no module of "
+                             f"{type(model).__name__}") from None
+        if not hasattr(module, "load") or getattr(module, which, None) is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter to load into")
+        try:
+            module.load(which, lazy, shard_id)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {lazy.shape}, which does not "
+                             f"match the model config ({e})") from None
+        filled.setdefault(f"{module_path}.{which}", set()).add(shard_id)
+    missing = []
+    for pname in sorted(expected):
+        module_path, _, _ = pname.rpartition(".")
+        module = model.get_submodule(module_path)
+        want = set(module.shards) if hasattr(module, "shards") else {None}
+        got = filled.get(pname, set())
+        if not want <= got:
+            missing.append(pname if want == {None} else f"{pname} (parts {sorted(map(str, want - got))})")
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint {path} is missing tensors for: {shown}")

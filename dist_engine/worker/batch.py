@@ -1,0 +1,101 @@
+"""Turns a StepInput into the flat tensors and attention metadata one forward pass needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
+from dist_engine.worker.messages import SeqWork
+
+# Sequences feeding at most this many tokens are attended together in one padded group
+# (decode, speculative verification); longer prefill chunks get a group each.
+SMALL_QUERY = 16
+
+
+@dataclass
+class ForwardBatch:
+    ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    meta: AttentionMetadata
+    sample_index: torch.Tensor  # [N] long: token index whose hidden state is sampled from
+    sample_seqs: list[SeqWork]  # the N sequences that sample, in that order
+
+
+def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of positions ``pos`` ``[B, L]`` through block tables ``[B, max_blocks]``."""
+    return tables.gather(1, pos // block_size) * block_size + pos % block_size
+
+
+def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int | None,
+           device: torch.device, dense: bool) -> AttentionGroup:
+    B = len(seqs)
+    Q = max(len(s.token_ids) for s in seqs)
+    K = max(s.context_len for s in seqs)
+    n_blocks = (K + block_size - 1) // block_size
+    tables = torch.zeros(B, n_blocks, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        used = (s.context_len + block_size - 1) // block_size
+        tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+    qlen = torch.tensor([len(s.token_ids) for s in seqs]).view(B, 1)
+    ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1)
+    i = torch.arange(Q).view(1, Q)
+    j = torch.arange(K).view(1, K)
+    q_valid = i < qlen  # [B, Q]
+    q_pos = ctx - qlen + i  # [B, Q] absolute position of each query
+    kv_slots = _slots(tables, j.expand(B, K), block_size)  # [B, K]
+    kv_slots = kv_slots.masked_fill(j >= ctx, 0)
+    allowed = (j.view(1, 1, K) <= q_pos.unsqueeze(-1)) & q_valid.unsqueeze(-1)  # [B, Q, K]
+    if window is not None:
+        allowed &= j.view(1, 1, K) > q_pos.unsqueeze(-1) - window
+    q_index = (torch.tensor(starts).view(B, 1) + i).masked_fill(~q_valid, 0)
+    return AttentionGroup(
+        q_index=q_index.to(device),
+        q_valid=q_valid.to(device),
+        kv_slots=kv_slots.to(device),
+        allowed=allowed.view(B, 1, 1, Q, K).to(device),
+        dense=dense,
+    )
+
+
+def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
+                device: torch.device) -> ForwardBatch:
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts: list[int] = []
+    sample_index: list[int] = []
+    for s in seqs:
+        starts.append(len(ids))
+        ids.extend(s.token_ids)
+        for p in range(s.start_pos, s.context_len):
+            positions.append(p)
+            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+        if s.sample:
+            sample_index.append(len(ids) - 1)
+    small = [k for k, s in enumerate(seqs) if len(s.token_ids) <= SMALL_QUERY]
+    large = [k for k, s in enumerate(seqs) if len(s.token_ids) > SMALL_QUERY]
+    groups = []
+    one_group = len(small) == len(seqs) or len(seqs) == 1
+    if one_group:
+        dense = len({len(s.token_ids) for s in seqs}) == 1
+        groups.append(_group(list(seqs), starts, block_size, window, device, dense))
+    else:
+        if small:
+            groups.append(_group([seqs[k] for k in small], [starts[k] for k in small],
+                                 block_size, window, device, False))
+        for k in large:
+            groups.append(_group([seqs[k]], [starts[k]], block_size, window, device, False))
+    meta = AttentionMetadata(
+        num_tokens=len(ids),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        groups=groups,
+    )
+    return ForwardBatch(
+        ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+        sample_seqs=[s for s in seqs if s.sample],
+    )

@@ -1,0 +1,76 @@
+"""The executor interface, and the in-process executor (one rank, no Ray).
+
+The engine talks to its shard workers only through these methods, one round trip per engine
+step; the Ray executor (``ray_executor.py``) implements the same interface for many ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from dist_engine.config import EngineConfig
+from dist_engine.worker.messages import StepInput, StepOutput
+from dist_engine.worker.shard_worker import ShardWorker
+
+
+class EngineDeadError(RuntimeError):
+    """A shard worker died or stopped answering; the engine cannot continue."""
+
+
+class Executor(ABC):
+    config: EngineConfig
+
+    @abstractmethod
+    def available_kv_blocks(self) -> int:
+        """Blocks every rank can hold (the minimum over ranks)."""
+
+    @abstractmethod
+    def cache_info(self) -> dict[str, int]:
+        """bytes_per_block and weight_bytes of one rank."""
+
+    @abstractmethod
+    def init_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise EngineDeadError if any worker is gone."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.worker = ShardWorker(config, rank=0, local_ranks=1)
+        self.worker.init_distributed(None)
+        self.load_seconds = self.worker.load_model()
+
+    def available_kv_blocks(self) -> int:
+        return self.worker.available_kv_blocks()
+
+    def cache_info(self) -> dict[str, int]:
+        return self.worker.cache_info()
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.worker.init_cache(num_blocks)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.worker.execute(step)
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.use_ray:
+        from dist_engine.worker.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    return InProcessExecutor(config)

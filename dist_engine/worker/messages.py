@@ -1,0 +1,62 @@
+"""Typed messages between the engine (driver) and the shard workers.
+
+Only token ids, positions, block tables and sampling settings go to the workers; only sampled
+token ids (and small stats) come back. Hidden states, logits and KV stay on the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What a worker needs to draw a request's next token.
+
+    temperature 0 means greedy. Otherwise the token is ``argmax(masked_logits / T + g)`` with
+    Gumbel noise ``g`` keyed by (seed, position), so a seeded request draws the same token
+    whatever the batch or layout.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int = 0
+    logprobs: int = 0  # number of top logprobs to return (0: none; sampled token's always)
+    banned_token_ids: tuple[int, ...] = ()  # never drawn (EOS/stop ids before min_tokens)
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One sequence's share of an engine step."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]  # fed this step: a prefill chunk, or the last sampled token
+    start_pos: int  # absolute position of token_ids[0]
+    block_table: tuple[int, ...]  # logical block i of the sequence -> block id
+    sample: bool  # draw a token after the last fed one (false for a non-final prefill chunk)
+    sampling: SamplingSpec = SamplingSpec()
+
+    @property
+    def context_len(self) -> int:  # tokens in the cache once this step has written its own
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    step_id: int
+    seqs: tuple[SeqWork, ...]
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # logprob of each sampled token under the (unmasked) model
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()  # per token: (id, logprob)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step_id: int
+    sampled: dict[int, SampledTokens]  # seq_id -> tokens drawn this step

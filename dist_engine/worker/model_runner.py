@@ -1,0 +1,118 @@
+"""One rank's model: weights shard, KV cache tensors, forward pass and sampling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import psutil
+import torch
+
+from dist_engine.config import EngineConfig
+from dist_engine.distributed.comm import Communicator
+from dist_engine.models import model_class
+from dist_engine.weights.loader import load_weights
+from dist_engine.worker.batch import build_batch
+from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
+from dist_engine.worker.sampler import sample
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, comm: Communicator, device: torch.device) -> None:
+        self.config = config
+        self.comm = comm
+        self.device = device
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.seed)
+        mcfg = config.model
+        t0 = time.perf_counter()
+        with torch.device(device):
+            self.model = model_class(mcfg.architecture)(
+                mcfg, comm, self.dtype, config.scheduler.max_model_len
+            )
+        load_weights(self.model, mcfg.path)
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - t0
+        attn = self.model.model.layers[0].self_attn
+        self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- KV cache sizing -------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        """K and V of one block, all layers, this rank."""
+        per_token = 2 * self.local_kv_heads * self.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * self.config.model.num_hidden_layers
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def available_kv_blocks(self, local_ranks: int) -> int:
+        """How many blocks this rank can hold, from the configured budget or free memory."""
+        cc, sc = self.config.cache, self.config.scheduler
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        per_block = self.kv_bytes_per_block()
+        if cc.kv_cache_memory is not None:
+            return max(1, cc.kv_cache_memory // per_block)
+        if self.device.type == "cuda":
+            self._profile_peak()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cc.memory_fraction
+        else:
+            budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks)
+        # On CPU there is no reason to pin more than every sequence at full length could use.
+        blocks_per_seq = (sc.max_model_len + self.block_size - 1) // self.block_size
+        cap = blocks_per_seq * sc.max_num_seqs + 1
+        return int(max(1, min(budget // per_block, cap)))
+
+    def _profile_peak(self) -> None:
+        """Run one worst-case prefill chunk so the activation peak is reserved before sizing."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
+        blocks = (n + self.block_size - 1) // self.block_size
+        self.init_cache(blocks)
+        work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
+                       block_table=tuple(range(blocks)), sample=True)
+        self.execute(StepInput(step_id=-1, seqs=(work,)))
+        self.kv_caches = []
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def init_cache(self, num_blocks: int) -> None:
+        slots = num_blocks * self.block_size
+        shape = (slots, self.local_kv_heads, self.head_dim)  # [num_slots, local_kv_heads, head_dim]
+        # Uninitialised (memory is committed as blocks are first written), except block 0:
+        # padded key positions gather slot 0, and a masked key must never hold NaN garbage.
+        self.kv_caches = []
+        for _ in range(self.config.model.num_hidden_layers):
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            k[: self.block_size].zero_()
+            v[: self.block_size].zero_()
+            self.kv_caches.append((k, v))
+
+    # ---- one engine step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        batch = build_batch(step.seqs, self.block_size, self.config.model.sliding_window, self.device)
+        hidden = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta)  # [T, hidden]
+        if not batch.sample_seqs:
+            return StepOutput(step.step_id, {})
+        logits = self.model.compute_logits(hidden[batch.sample_index])  # [N, vocab] fp32
+        specs = [s.sampling for s in batch.sample_seqs]
+        positions = [s.context_len for s in batch.sample_seqs]  # position of the drawn token
+        tokens, lps, top = sample(logits, specs, positions)
+        return StepOutput(step.step_id, {
+            s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
+            for s, t, lp, tp in zip(batch.sample_seqs, tokens, lps, top)
+        })
+
+
+def default_threads(local_ranks: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local_ranks))

@@ -1,0 +1,139 @@
+"""Ray executor: one ShardWorker actor per rank, SPMD, in a placement group.
+
+Every call goes to all ranks at once and the driver waits on all of them together; if any
+actor dies, the others are killed at once (they would otherwise sit in a collective until its
+timeout) and the caller gets EngineDeadError within a poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dist_engine.config import EngineConfig
+from dist_engine.worker.executor import EngineDeadError, Executor
+from dist_engine.worker.messages import StepInput, StepOutput
+from dist_engine.worker.shard_worker import ShardWorker
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5
+
+
+def ensure_ray(address: str | None, world_size: int) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local instance: declare at least one logical CPU per rank, so four ranks fit on a
+    # two-core machine (each rank sets its own torch thread count).
+    ray.init(num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        par = config.parallel
+        world = par.world_size
+        ensure_ray(par.ray_address, world)
+        gpu = config.device == "cuda"
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=par.placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"could not place {world} ranks of {bundle} within {par.placement_timeout_s:.0f}s; "
+                f"the Ray cluster has {ray.available_resources()} available. Add nodes/GPUs or "
+                "lower --tp"
+            )
+        actor_cls = ray.remote(ShardWorker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=1,
+                num_gpus=1 if gpu else 0,
+                max_concurrency=2,  # lets ping() answer while execute() runs
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(config, i, world)
+            for i in range(world)
+        ]
+        self._dead = False
+        master = self._all(lambda w: w.address.remote(), only=[0])[0]
+        self._all(lambda w: w.init_distributed.remote(master))
+        self.load_seconds = max(self._all(lambda w: w.load_model.remote()))
+
+    def _all(self, call: Callable[[Any], Any], only: list[int] | None = None,
+             timeout: float | None = None) -> list[Any]:
+        """Run ``call`` on every worker (or those in ``only``) and wait for all, watching deaths."""
+        if self._dead:
+            raise EngineDeadError("the engine's workers are gone; restart the engine")
+        workers = self.workers if only is None else [self.workers[i] for i in only]
+        refs = [call(w) for w in workers]
+        pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except RayError as e:
+                    self._abort(f"a shard worker failed: {type(e).__name__}: {e}")
+            if deadline is not None and time.monotonic() > deadline and pending:
+                self._abort(f"shard workers did not answer within {timeout:.0f}s")
+        return ray.get(refs)
+
+    def _abort(self, why: str) -> None:
+        self._dead = True
+        log.error("%s; tearing down all workers", why)
+        self._kill()
+        raise EngineDeadError(why)
+
+    def _kill(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already gone
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass
+
+    def available_kv_blocks(self) -> int:
+        return min(self._all(lambda w: w.available_kv_blocks.remote()))
+
+    def cache_info(self) -> dict[str, int]:
+        return self._all(lambda w: w.cache_info.remote(), only=[0])[0]
+
+    def init_cache(self, num_blocks: int) -> None:
+        self._all(lambda w: w.init_cache.remote(num_blocks))
+
+    def execute(self, step: StepInput) -> StepOutput:
+        outs = self._all(lambda w: w.execute.remote(step))
+        if any(o.sampled.keys() != outs[0].sampled.keys() or
+               any(o.sampled[k].token_ids != outs[0].sampled[k].token_ids for k in o.sampled)
+               for o in outs[1:]):
+            self._abort("ranks sampled different tokens (they must stay bit-identical)")
+        return outs[0]
+
+    def check_health(self) -> None:
+        self._all(lambda w: w.ping.remote(), timeout=10.0)
+
+    def shutdown(self) -> None:
+        if self._dead:
+            return
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
+        except (RayActorError, GetTimeoutError, RayError):
+            pass
+        self._dead = True
+        self._kill()

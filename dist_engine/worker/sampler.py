@@ -1,0 +1,74 @@
+"""Token sampling on the workers (every rank draws identically from the same full logits).
+
+Greedy is argmax. Random sampling is the Gumbel-max trick with noise keyed by (seed, position):
+``argmax(log_softmax(masked_logits / T) + g)`` with ``g = -log(-log(u))``, ``u`` drawn from a
+generator seeded by the request's seed and the position being sampled. That is an exact draw
+from the tempered, masked distribution, and reproducible whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_engine.worker.messages import SamplingSpec
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, position)
+
+
+def noise_seed(seed: int, position: int) -> int:
+    return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank and every run."""
+    gen = torch.Generator().manual_seed(noise_seed(seed, position))
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+    return (-torch.log(-torch.log(u))).float()
+
+
+def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """Tempered logits ``[V]`` with tokens outside top-k / top-p / min-p set to -inf."""
+    x = logits / spec.temperature
+    if spec.top_k and spec.top_k < x.shape[-1]:
+        kth = torch.topk(x, spec.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if spec.min_p > 0.0:
+        probs = torch.softmax(x, -1)
+        x = x.masked_fill(probs < spec.min_p * probs.max(), float("-inf"))
+    if spec.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        cum = torch.softmax(sorted_x, -1).cumsum(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop_sorted = (cum - torch.softmax(sorted_x, -1)) >= spec.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
+           ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
+    """Draw one token per row of ``logits`` ``[N, V]`` (fp32).
+
+    Returns token ids, their logprobs under the raw model distribution, and top-n logprobs.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
+    tokens: list[int] = []
+    top: list[tuple[tuple[int, float], ...]] = []
+    for i, spec in enumerate(specs):
+        if spec.banned_token_ids:
+            logits[i, list(spec.banned_token_ids)] = float("-inf")
+    greedy = logits.argmax(dim=-1).tolist()
+    for i, spec in enumerate(specs):
+        if spec.temperature == 0.0:
+            tokens.append(greedy[i])
+        else:
+            x = apply_masks(logits[i], spec)
+            g = gumbel_noise(spec.seed, positions[i], x.shape[-1])
+            tokens.append(int(torch.argmax(x + g)))
+        if spec.logprobs:
+            vals, ids = torch.topk(logprobs[i], spec.logprobs)
+            top.append(tuple(zip(ids.tolist(), vals.tolist())))
+        else:
+            top.append(())
+    chosen = logprobs.gather(1, torch.tensor(tokens).view(-1, 1).to(logits.device))
+    return tokens, chosen.view(-1).tolist(), top
