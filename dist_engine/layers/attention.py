@@ -26,7 +26,10 @@ class AttentionGroup:
     q_index: torch.Tensor  # [B, Q] long: flat token index of each query (padding -> 0)
     q_valid: torch.Tensor  # [B, Q] bool
     kv_slots: torch.Tensor  # [B, K] long: cache slot of each key (padding -> 0)
-    allowed: torch.Tensor  # [B, 1, 1, Q, K] bool: may query attend key
+    # Additive mask (0 allowed, -inf not) with the G query heads that share a KV head folded
+    # into the query axis: [B, 1, G*Q, K] in the model dtype.
+    bias: torch.Tensor
+    has_key: torch.Tensor  # [B, 1, G*Q] bool: the query attends at least one key
     dense: bool  # q_index is exactly arange(B*Q): reshape instead of gather/scatter
 
 
@@ -48,12 +51,12 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge attention partials over disjoint key sets, in list order, in fp32.
 
-    outs[i] ``[..., H, D]``, lses[i] ``[..., H]`` (-inf where a partial saw no key). A query that
+    outs[i] ``[..., L, D]``, lses[i] ``[..., L]`` (-inf where a partial saw no key). A query that
     no partial attends gets output 0 and lse -inf, never NaN.
     """
     if len(outs) == 1:
         return outs[0], lses[0]
-    lse = torch.logsumexp(torch.stack(lses), dim=0)  # [..., H]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     out = torch.zeros_like(outs[0], dtype=torch.float32)
     for o, part_lse in zip(outs, lses):
@@ -61,44 +64,57 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
     return out, lse
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+# PyTorch's fused CPU attention returns the log-sum-exp alongside the output; elsewhere (and if
+# a torch build lacks it) the explicit path below computes the same thing.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    # q [B, Hk, G, Q, D]; k, v [B, Hk, 1, K, D]; allowed [B, 1, 1, Q, K]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, Q, K]
-    scores.masked_fill_(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, G, Q]
+    # q [B, Hk, L, D] (L = G*Q); k, v [B, Hk, K, D]; bias [B, 1, L, K]
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return out, lse.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias.float()  # [B, Hk, L, K]
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, L]
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe.unsqueeze(-1))  # masked entries -> exactly 0
-    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hk, G, Q, D]
-    return out, lse
+    return torch.matmul(probs.to(v.dtype), v), lse
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32)."""
+    """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32).
+
+    A query with no visible key (possible once keys are sharded) gets out 0 and lse -inf.
+    """
     T, Hq, D = q.shape
     Hk = k_cache.shape[1]
     G = Hq // Hk  # query heads per KV head on this rank
-    out = q.new_zeros(T, Hq, D) if len(meta.groups) != 1 or not meta.groups[0].dense else None
-    lse_out = torch.full((T, Hq), float("-inf")) if out is not None else None
+    single = len(meta.groups) == 1 and meta.groups[0].dense
+    out = None if single else q.new_zeros(T, Hq, D)
+    lse_out = None if single else torch.full((T, Hq), float("-inf"), device=q.device)
     for g in meta.groups:
         B, Q = g.q_index.shape
         qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]
-        qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4)  # [B, Hk, G, Q, D]
+        qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Q, D)
         K = g.kv_slots.shape[1]
-        tile = max(1, MAX_SCORE_ELEMENTS // max(1, B * Hq * Q))
+        # the explicit path materialises scores: tile long contexts over keys, merge by LSE
+        tile = K if _CPU_FLASH is not None and q.device.type == "cpu" else max(
+            1, MAX_SCORE_ELEMENTS // max(1, B * Hq * Q))
         outs, lses = [], []
         for k0 in range(0, K, tile):
             slots = g.kv_slots[:, k0:k0 + tile]
-            kg = k_cache[slots].to(q.dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hk, 1, k, D]
-            vg = v_cache[slots].to(q.dtype).permute(0, 2, 1, 3).unsqueeze(2)
-            o, lse = _attend(qg, kg, vg, g.allowed[..., k0:k0 + tile], scale)
+            kg = k_cache[slots].to(q.dtype).transpose(1, 2)  # [B, Hk, k, D]
+            vg = v_cache[slots].to(q.dtype).transpose(1, 2)
+            o, lse = _attend(qg, kg, vg, g.bias[..., k0:k0 + tile], scale)
             outs.append(o)
             lses.append(lse)
         o, lse = merge_partials(outs, lses)
-        o = o.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
-        lse = lse.permute(0, 3, 1, 2).reshape(B, Q, Hq)
-        if g.dense and out is None:
+        lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
+        o = o.to(q.dtype).view(B, Hk, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
+        lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
+        if single:
             return o.reshape(T, Hq, D), lse.reshape(T, Hq)
         idx = g.q_index[g.q_valid]
         out[idx] = o[g.q_valid]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_engine.layers.linear import project
 from dist_engine.layers.loading import copy_checked
 
 from dist_engine.distributed.comm import Communicator
@@ -56,10 +57,11 @@ class ParallelLMHead(nn.Module):
             self.weight = tied.weight
         else:
             self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype), requires_grad=False)
+        self.weight_gemv: torch.Tensor | None = None
 
     def load(self, which: str, full, shard_id: object = None) -> None:
         copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
-        logits = F.linear(hidden, self.weight).float()
+        logits = project(self, hidden).float()
         return self.comm.all_gather(logits, self.sizes)

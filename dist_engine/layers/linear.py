@@ -18,6 +18,23 @@ from dist_engine.distributed.partition import split_range
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
 ShardMap = dict[object, tuple[int, int, int]]
 
+# On CPU in fp32, a matrix-vector product reads a column-major weight ~1.6x faster than the
+# row-major one (measured with MKL on 2 cores), but matrix-matrix products get slower from
+# 4 rows up. Layers may therefore keep a second, column-major copy used for <= 2 rows (decode).
+GEMV_MAX_ROWS = 2
+
+
+def add_gemv_copy(module: nn.Module) -> None:
+    """Give ``module`` a column-major copy of its weight for few-row inputs (CPU fp32 only)."""
+    w = module.weight
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        module.weight_gemv = w.detach().t().contiguous().t()  # same shape, transposed storage
+
+
+def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    w = module.weight_gemv if module.weight_gemv is not None and x.shape[0] <= GEMV_MAX_ROWS else module.weight
+    return F.linear(x, w, bias)
+
 
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with W's output rows split across ranks.
@@ -37,6 +54,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(self.local_out, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.weight_gemv: torch.Tensor | None = None
 
     @classmethod
     def split(cls, in_features: int, out_features: int, comm: Communicator, bias: bool,
@@ -53,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data[dst:dst + n], full[src:src + n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, local_out]
-        return F.linear(x, self.weight, self.bias)
+        return project(self, x, self.bias)
 
 
 def merged_column(in_features: int, out_features: list[int], comm: Communicator,
@@ -95,6 +113,7 @@ class RowParallelLinear(nn.Module):
         self.comm = comm
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.weight_gemv: torch.Tensor | None = None
 
     def load(self, which: str, full, shard_id: object = None) -> None:
         if which == "weight":
@@ -105,5 +124,5 @@ class RowParallelLinear(nn.Module):
             raise ValueError("checkpoint has a bias this layer does not use")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, local_in] -> [T, out]
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        y = self.comm.all_reduce(project(self, x))
         return y if self.bias is None else y + self.bias

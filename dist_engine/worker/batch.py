@@ -29,7 +29,7 @@ def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Te
 
 
 def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int | None,
-           device: torch.device, dense: bool) -> AttentionGroup:
+           heads_per_kv: int, dtype: torch.dtype, device: torch.device, dense: bool) -> AttentionGroup:
     B = len(seqs)
     Q = max(len(s.token_ids) for s in seqs)
     K = max(s.context_len for s in seqs)
@@ -50,17 +50,22 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
     if window is not None:
         allowed &= j.view(1, 1, K) > q_pos.unsqueeze(-1) - window
     q_index = (torch.tensor(starts).view(B, 1) + i).masked_fill(~q_valid, 0)
+    G = heads_per_kv
+    allowed = allowed.unsqueeze(1).expand(B, G, Q, K).reshape(B, 1, G * Q, K)
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return AttentionGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
         kv_slots=kv_slots.to(device),
-        allowed=allowed.view(B, 1, 1, Q, K).to(device),
+        bias=bias.to(device),
+        has_key=allowed.any(-1).to(device),
         dense=dense,
     )
 
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
-                device: torch.device) -> ForwardBatch:
+                heads_per_kv: int, dtype: torch.dtype, device: torch.device) -> ForwardBatch:
+    """``heads_per_kv``: query heads per KV head on this rank (folded into the mask)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -80,13 +85,14 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     one_group = len(small) == len(seqs) or len(seqs) == 1
     if one_group:
         dense = len({len(s.token_ids) for s in seqs}) == 1
-        groups.append(_group(list(seqs), starts, block_size, window, device, dense))
+        groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device, dense))
     else:
         if small:
             groups.append(_group([seqs[k] for k in small], [starts[k] for k in small],
-                                 block_size, window, device, False))
+                                 block_size, window, heads_per_kv, dtype, device, False))
         for k in large:
-            groups.append(_group([seqs[k]], [starts[k]], block_size, window, device, False))
+            groups.append(_group([seqs[k]], [starts[k]], block_size, window, heads_per_kv, dtype,
+                                 device, False))
     meta = AttentionMetadata(
         num_tokens=len(ids),
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),

@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.layers.linear import add_gemv_copy
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker.batch import build_batch
@@ -38,9 +39,13 @@ class ModelRunner:
             )
         load_weights(self.model, mcfg.path)
         self.model.eval()
+        for module in self.model.modules():
+            if hasattr(module, "weight_gemv"):
+                add_gemv_copy(module)
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.heads_per_kv = attn.num_heads // attn.num_kv_heads
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- KV cache sizing -------------------------------------------------------------------
@@ -99,7 +104,8 @@ class ModelRunner:
     # ---- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        batch = build_batch(step.seqs, self.block_size, self.config.model.sliding_window, self.device)
+        batch = build_batch(step.seqs, self.block_size, self.config.model.sliding_window,
+                            self.heads_per_kv, self.dtype, self.device)
         hidden = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta)  # [T, hidden]
         if not batch.sample_seqs:
             return StepOutput(step.step_id, {})
