@@ -81,9 +81,13 @@ class Scheduler:
                 seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
+                # Give back its prefix hits while it waits: held references could starve others.
+                self.blocks.free_blocks(seq.block_table)
+                seq.block_hashes.clear()
+                seq.num_computed = 0
                 if not self.running:  # nothing will ever free blocks: admission should have caught it
                     raise RuntimeError("KV cache too small for a single sequence")
-                break  # keep its prefix hits; retry next step
+                break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight checkpoints of each architecture, one Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (transformers config class, kwargs)
+TINY = {
+    # 9 query / 3 KV heads like the default model: TP=2 splits them 6+3 / 2+1
+    "llama": ("LlamaConfig", dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                                   intermediate_size=100, tie_word_embeddings=True)),
+    "llama1kv": ("LlamaConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                      intermediate_size=96)),
+    "llama3rope": ("LlamaConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=96, rope_scaling={
+                                            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=96, sliding_window=12)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=24, intermediate_size=96)),
+}
+
+
+def make_tiny(name: str, path: str, seed: int = 0) -> str:
+    import transformers
+
+    cls_name, kw = TINY[name]
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=320, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default weights so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            cache[name] = make_tiny(name, str(root / name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
+    model = hf_model(path)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,89 @@
+"""Block manager: exact block ids, ref counts, prefix hits, eviction order, no leaks."""
+
+from __future__ import annotations
+
+import random
+
+from dist_engine.kv_cache.block_manager import BlockManager
+
+
+def test_grow_and_free_exact_ids():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    t: list[int] = []
+    assert bm.grow(t, 5) and t == [0, 1]
+    assert bm.grow(t, 8) and t == [0, 1]
+    assert bm.grow(t, 9) and t == [0, 1, 2]
+    assert bm.num_free == 3
+    u: list[int] = []
+    assert not bm.grow(u, 17) and u == []  # all or nothing
+    bm.free_blocks(t)
+    assert t == [] and bm.num_free == 6
+    # freed tail-first: next allocations reuse 3, 4, 5 (never used) then 2, 1, 0
+    assert bm.grow(u, 24) and u == [3, 4, 5, 2, 1, 0]
+
+
+def test_prefix_hits_share_blocks_and_keep_one_token_uncached():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(10, 22))  # 12 tokens = 3 full blocks
+    a: list[int] = []
+    ha: list[int] = []
+    bm.grow(a, len(tokens))
+    bm.commit(a, ha, tokens, len(tokens))
+    assert len(ha) == 3
+    hits, hashes = bm.match_prefix(tokens)  # same 12 tokens: last block must be recomputed
+    assert hits == a[:2] and hashes == ha[:2]
+    assert [bm.blocks[b].ref_count for b in a] == [2, 2, 1]
+    hits2, _ = bm.match_prefix(tokens[:8] + [99, 98, 97, 96, 95])  # diverges in block 2
+    assert hits2 == a[:2]
+    assert bm.match_prefix([5] + tokens[1:])[0] == []  # first block differs: nothing shared
+    for h in (hits, hits2):
+        bm.free_blocks(list(h))
+    bm.free_blocks(a)
+    assert bm.num_free == 8
+    # cached content survives in free blocks until they are reused
+    again, _ = bm.match_prefix(tokens)
+    assert sorted(again) == sorted(a[:2])
+    bm.free_blocks(again)
+    assert bm.prefix_hit_tokens >= 16
+
+
+def test_eviction_least_recently_freed_first():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    seqs = []
+    for base in (0, 100):
+        t, h = [], []
+        toks = [base, base + 1, base + 2, base + 3]
+        bm.grow(t, 4)
+        bm.commit(t, h, toks, 4)
+        seqs.append((t, toks))
+    first_blocks = list(seqs[0][0])
+    bm.free_blocks(seqs[0][0])  # freed first -> evicted first
+    bm.free_blocks(seqs[1][0])
+    x: list[int] = []
+    bm.grow(x, 4)  # takes two blocks of the first sequence
+    assert set(x) == set(first_blocks)
+    assert bm.match_prefix([100, 101, 102, 103, 0])[0] != []  # second one still cached
+    assert bm.match_prefix([0, 1, 2, 3, 0])[0] == []  # first one evicted
+
+
+def test_random_mix_returns_all_blocks():
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=40, block_size=4)
+    live: list[tuple[list[int], list[int], list[int]]] = []
+    for _ in range(500):
+        if live and rng.random() < 0.4:
+            t, h, toks = live.pop(rng.randrange(len(live)))
+            bm.free_blocks(t)
+            continue
+        toks = [rng.randrange(3) for _ in range(rng.randrange(1, 30))]
+        hits, hashes = bm.match_prefix(toks)
+        t, h = list(hits), list(hashes)
+        if bm.grow(t, len(toks)):
+            bm.commit(t, h, toks, len(toks))
+            live.append((t, h, toks))
+        else:
+            bm.free_blocks(t)
+    for t, _, _ in live:
+        bm.free_blocks(t)
+    assert bm.num_free == 40
+    assert all(b.ref_count == 0 for b in bm.blocks)

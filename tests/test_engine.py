@@ -1,0 +1,123 @@
+"""Engine behaviour: batching equals running alone, chunked prefill, preemption, admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import hf_greedy
+from dist_engine import LLM, SamplingParams
+
+PROMPTS = [
+    [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33, 42, 19, 260, 4],
+    [1, 5, 6],
+    [1, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89],
+    [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33, 8, 8],  # shares a prefix
+    [1, 300],
+]
+LENS = [24, 9, 17, 30, 5]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    path = tiny_models("llama")
+    return path, [hf_greedy(path, p, n) for p, n in zip(PROMPTS, LENS)]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # everything in one batch
+    dict(max_num_batched_tokens=7),  # chunked prefill mixed with decode
+    dict(max_num_seqs=2),  # requests join as others leave
+    dict(enable_prefix_caching=False),
+], ids=["batched", "chunked", "max2seqs", "noprefix"])
+def test_batched_greedy_equals_alone(reference, kw):
+    path, expected = reference
+    args = dict(skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
+    args.update(kw)
+    llm = LLM(path, **args)
+    try:
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[greedy(n) for n in LENS])
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert llm.engine.blocks.num_free == 64  # nothing leaked
+    finally:
+        llm.shutdown()
+
+
+def test_preemption_recomputes_and_matches(reference):
+    path, expected = reference
+    # 14 blocks of 4 tokens cannot hold all five sequences at full length: someone is preempted
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=14, block_size=4)
+    try:
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[greedy(n) for n in LENS])
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert llm.engine.blocks.num_free == 14
+    finally:
+        llm.shutdown()
+
+
+def test_prefix_cache_hits_are_counted(reference):
+    path, expected = reference
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
+    try:
+        llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(LENS[0]))
+        out = llm.generate(prompt_token_ids=[PROMPTS[3]], sampling_params=greedy(LENS[3]))
+        assert out[0].metrics.prefix_hit_tokens == 16  # 4 shared full blocks
+        assert out[0].outputs[0].token_ids == expected[3]
+    finally:
+        llm.shutdown()
+
+
+def test_requests_that_cannot_fit_are_rejected_up_front(tiny_models):
+    llm = LLM(tiny_models("llama"), skip_tokenizer_init=True, max_model_len=32, num_kv_blocks=4,
+              block_size=4)
+    try:
+        with pytest.raises(ValueError, match="max_model_len=32"):
+            llm.generate(prompt_token_ids=[[1] * 30], sampling_params=greedy(5))
+        with pytest.raises(ValueError, match="whole KV cache"):
+            llm.generate(prompt_token_ids=[[1] * 10], sampling_params=greedy(10))
+        with pytest.raises(ValueError, match="out of the vocabulary"):
+            llm.generate(prompt_token_ids=[[1, 5000]], sampling_params=greedy(2))
+        with pytest.raises(ValueError, match="empty"):
+            llm.generate(prompt_token_ids=[[]], sampling_params=greedy(2))
+        assert not llm.engine.has_unfinished() and llm.engine.blocks.num_free == 4
+    finally:
+        llm.shutdown()
+
+
+def test_seeded_sampling_is_batch_independent(tiny_models):
+    path = tiny_models("llama")
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
+    try:
+        sp = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+        alone = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=sp)[0].outputs[0].token_ids
+        mixed = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[sp] + [
+            SamplingParams(temperature=1.0, seed=i, max_tokens=7 + i, ignore_eos=True) for i in range(4)])
+        assert mixed[0].outputs[0].token_ids == alone
+        other = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
+            temperature=0.8, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True))
+        assert other[0].outputs[0].token_ids != alone  # the seed matters
+    finally:
+        llm.shutdown()
+
+
+def test_min_tokens_and_stop_token_ids(tiny_models):
+    path = tiny_models("llama")
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
+    try:
+        free = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(12))[0].outputs[0]
+        stop_tok = free.token_ids[5]
+        first = free.token_ids.index(stop_tok)
+        out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
+            temperature=0, max_tokens=12, stop_token_ids=[stop_tok]))[0].outputs[0]
+        assert out.token_ids == free.token_ids[:first + 1]
+        assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+        out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
+            temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[stop_tok]))[0].outputs[0]
+        assert len(out.token_ids) == 12 and stop_tok not in out.token_ids
+        assert out.finish_reason == "length"
+    finally:
+        llm.shutdown()
