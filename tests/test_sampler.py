@@ -1,0 +1,65 @@
+"""The sampler on its own: seeded reproducibility, masks, and convergence to the target."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dist_engine.worker.messages import SamplingSpec
+from dist_engine.worker.sampler import apply_masks, sample
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+
+
+def draws(spec: SamplingSpec, n: int, logits: torch.Tensor = LOGITS) -> list[int]:
+    rows = logits.expand(n, -1).clone()
+    return sample(rows, [spec] * n, list(range(n)))[0]  # position i keys the noise of draw i
+
+
+def chi_square_p(counts: list[int], probs: list[float]) -> float:
+    """p-value of Pearson's test (Wilson–Hilferty approximation of the chi-square tail)."""
+    n = sum(counts)
+    keep = [(c, p) for c, p in zip(counts, probs) if p > 0]
+    stat = sum((c - n * p) ** 2 / (n * p) for c, p in keep)
+    k = len(keep) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_greedy_is_argmax_and_seeded_draws_repeat():
+    assert draws(SamplingSpec(temperature=0.0), 5) == [0] * 5
+    spec = SamplingSpec(temperature=1.0, seed=7)
+    assert draws(spec, 50) == draws(spec, 50)
+    assert draws(spec, 50) != draws(SamplingSpec(temperature=1.0, seed=8), 50)
+
+
+def test_empirical_distribution_converges_with_negative_control():
+    n = 20000
+    spec = SamplingSpec(temperature=0.7, seed=3)
+    got = draws(spec, n)
+    counts = [got.count(i) for i in range(len(LOGITS))]
+    target = torch.softmax(LOGITS / 0.7, -1).tolist()
+    assert chi_square_p(counts, target) > 1e-3
+    wrong = torch.softmax(LOGITS / 1.0, -1).tolist()  # the untempered distribution must be rejected
+    assert chi_square_p(counts, wrong) < 1e-6
+
+
+def test_top_k_top_p_min_p_masks_respected():
+    assert set(draws(SamplingSpec(temperature=1.5, top_k=2, seed=1), 2000)) == {0, 1}
+    # probabilities 0.561, 0.206, 0.125, 0.076, ...; cumulative 0.561, 0.767, 0.892
+    got = set(draws(SamplingSpec(temperature=1.0, top_p=0.8, seed=2), 3000))
+    assert got == {0, 1, 2}  # 0.767 < 0.8 still needs the third token
+    got = set(draws(SamplingSpec(temperature=1.0, top_p=0.75, seed=2), 3000))
+    assert got == {0, 1}
+    got = set(draws(SamplingSpec(temperature=1.0, min_p=0.2, seed=4), 3000))
+    assert got == {0, 1, 2}  # p >= 0.2 * 0.561 = 0.112
+    masked = apply_masks(LOGITS, SamplingSpec(temperature=1.0, top_k=3))
+    assert torch.isinf(masked[3:]).all() and torch.isfinite(masked[:3]).all()
+
+
+def test_banned_tokens_never_drawn():
+    spec = SamplingSpec(temperature=0.0, banned_token_ids=(0,))
+    assert draws(spec, 3) == [1, 1, 1]
+    spec = SamplingSpec(temperature=2.0, seed=5, banned_token_ids=(0, 1))
+    assert not {0, 1} & set(draws(spec, 2000))
