@@ -68,7 +68,7 @@ def bench_llamacpp(gguf: str, prompt_ids: list[int], n: int, reps: int) -> float
         llm.reset()
         t = time.perf_counter()
         got = 0
-        for tok in llm.generate(prompt_ids, temp=0.0):
+        for _tok in llm.generate(prompt_ids, temp=0.0):
             got += 1
             if got == n:
                 break

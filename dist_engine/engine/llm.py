@@ -6,7 +6,13 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from dist_engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from dist_engine.engine.llm_engine import LLMEngine
 from dist_engine.engine.outputs import RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
@@ -75,7 +81,7 @@ class LLM:
                   else [sampling_params] * len(items))
         if len(params) != len(items):
             raise ValueError(f"{len(params)} sampling_params for {len(items)} prompts")
-        for (text, ids), p in zip(items, params):
+        for (_, ids), p in zip(items, params):
             self.engine.validate(ids, p)  # reject before anything is queued
         order = []
         for (text, ids), p in zip(items, params):

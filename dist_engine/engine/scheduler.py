@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from dist_engine.config import SchedulerConfig
-from dist_engine.engine.sequence import Sequence, SeqStatus
+from dist_engine.engine.sequence import SeqStatus, Sequence
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.worker.messages import SeqWork
 

@@ -7,7 +7,7 @@ completes. EOS and stop token ids are kept in ``token_ids`` but not in the text.
 
 from __future__ import annotations
 
-from dist_engine.engine.sequence import Sequence, SeqStatus
+from dist_engine.engine.sequence import SeqStatus, Sequence
 from dist_engine.worker.messages import SampledTokens
 
 

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_engine.layers.linear import project
-from dist_engine.layers.loading import copy_checked
-
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range, split_sizes
+from dist_engine.layers.linear import project
+from dist_engine.layers.loading import copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_engine.layers.loading import copy_checked
-
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
+from dist_engine.layers.loading import copy_checked
 
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
 ShardMap = dict[object, tuple[int, int, int]]

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 
-import psutil
 import torch
 
 from dist_engine.config import EngineConfig
@@ -70,6 +69,8 @@ class ModelRunner:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * cc.memory_fraction
         else:
+            import psutil  # CPU only; comes with Ray
+
             budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks)
         # On CPU there is no reason to pin more than every sequence at full length could use.
         blocks_per_seq = (sc.max_model_len + self.block_size - 1) // self.block_size

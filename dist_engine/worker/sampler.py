@@ -63,7 +63,7 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
             tokens.append(greedy[i])
         else:
             x = apply_masks(logits[i], spec)
-            g = gumbel_noise(spec.seed, positions[i], x.shape[-1])
+            g = gumbel_noise(spec.seed, positions[i], x.shape[-1]).to(x.device)
             tokens.append(int(torch.argmax(x + g)))
         if spec.logprobs:
             vals, ids = torch.topk(logprobs[i], spec.logprobs)
