@@ -35,7 +35,8 @@ def test_greedy_matches_transformers_on_gguf(gguf_reference):
     try:
         assert llm.apply_chat_template(msgs) == ids  # same tokenizer and chat template
         out = llm.generate(prompt_token_ids=[ids],
-                           sampling_params=SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+                           # min_tokens masks EOS exactly as transformers' min_new_tokens does
+                           sampling_params=SamplingParams(temperature=0, max_tokens=32, min_tokens=32))
         assert out[0].outputs[0].token_ids == ref
         assert out[0].outputs[0].text == tok.decode(ref, skip_special_tokens=True)
     finally:
