@@ -38,27 +38,21 @@ def test_missing_tensor(tiny_models, tmp_path):
         _load(p)
 
 
-def test_wrong_shape(tiny_models, tmp_path):
+def _set(name: str, value: torch.Tensor):
     def edit(t):
-        t["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 95)
+        t[name] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("model.layers.0.mlp.down_proj.weight", torch.zeros(64, 95)),
+     r"model\.layers\.0\.mlp\.down_proj\.weight.*\(64, 95\)"),
+    (_set("model.norm.weight", torch.ones(1)), r"model\.norm\.weight"),  # must not broadcast
+    (_set("model.layers.0.mystery.weight", torch.zeros(3)), r"model\.layers\.0\.mystery\.weight"),
+], ids=["wrong-shape", "no-broadcast", "unexpected"])
+def test_bad_tensor_is_named(tiny_models, tmp_path, edit, message):
     p = _copy(tiny_models("qwen2"), str(tmp_path / "m"), edit)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*\(64, 95\)"):
-        _load(p)
-
-
-def test_norm_shape_cannot_broadcast(tiny_models, tmp_path):
-    def edit(t):
-        t["model.norm.weight"] = torch.ones(1)
-    p = _copy(tiny_models("qwen2"), str(tmp_path / "m"), edit)
-    with pytest.raises(ValueError, match=r"model\.norm\.weight"):
-        _load(p)
-
-
-def test_unexpected_tensor(tiny_models, tmp_path):
-    def edit(t):
-        t["model.layers.0.mystery.weight"] = torch.zeros(3)
-    p = _copy(tiny_models("qwen2"), str(tmp_path / "m"), edit)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mystery\.weight"):
+    with pytest.raises(ValueError, match=message):
         _load(p)
 
 
