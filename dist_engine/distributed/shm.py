@@ -51,11 +51,15 @@ class ShmCommunicator(Communicator):
         dist.all_gather_object(hosts, socket.gethostname())
         if len(set(hosts)) != 1 or not os.path.isdir("/dev/shm"):
             return fallback
-        name = [f"/dev/shm/dist_engine_{uuid.uuid4().hex}" if fallback.rank == 0 else None]
-        dist.broadcast_object_list(name, src=0)
-        comm = cls(fallback, name[0], create=False) if fallback.rank else None
+        # Rank 0 creates the file before announcing its name, so no rank maps it half-made.
+        comm = None
+        name: list[str | None] = [None]
         if fallback.rank == 0:
+            name = [f"/dev/shm/dist_engine_{uuid.uuid4().hex}"]
             comm = cls(fallback, name[0], create=True)
+        dist.broadcast_object_list(name, src=0)
+        if comm is None:
+            comm = cls(fallback, name[0], create=False)
         dist.barrier()
         if fallback.rank == 0:
             os.unlink(name[0])  # stays mapped in every rank; nothing left behind on exit
