@@ -6,6 +6,7 @@ import itertools
 import logging
 import random
 import time
+from dataclasses import replace
 
 from dist_engine.config import EngineConfig
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
@@ -90,7 +91,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
         if params.max_tokens is None:
-            params = _with_max_tokens(params, self.config.scheduler.max_model_len - len(prompt_ids))
+            params = replace(params, max_tokens=max(1, self.config.scheduler.max_model_len - len(prompt_ids)))
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seqs = []
@@ -162,7 +163,3 @@ class LLMEngine:
         self.executor.shutdown()
 
 
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, max_tokens=max(1, max_tokens))
