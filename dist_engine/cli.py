@@ -12,6 +12,17 @@ from dist_engine.config import DTYPES
 from dist_engine.weights.registry import DEFAULT_MODEL
 
 
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("abgikmt")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 500MB, 1000000)") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a local HF-format folder or a known name (default: %(default)s)")
@@ -20,11 +31,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit in tokens (default: the model's, at most 8192)")
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per rank")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache bytes per rank, e.g. 2GiB or 500MB (default: from --memory-fraction)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step, prefill chunks included (default: 512 on CPU, 2048 on CUDA)")
+    p.add_argument("--memory-fraction", type=float, default=0.5,
+                   help="share of the memory left after weights and activations given to the KV cache")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
 
@@ -32,7 +47,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, tensor_parallel_size=a.tp, dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
-                block_size=a.block_size, enable_prefix_caching=not a.no_prefix_caching,
+                block_size=a.block_size, memory_fraction=a.memory_fraction, enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 ray_address=a.ray_address, cpu_threads=a.cpu_threads)
 
@@ -88,7 +103,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-engine", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", help="dist_engine's log level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from one prompt, streamed to the terminal")
@@ -112,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dist_engine").setLevel(args.log_level.upper())
     try:
         return args.func(args)
     except ValueError as e:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from dist_engine.worker.messages import SamplingSpec
-from dist_engine.worker.sampler import apply_masks, sample
+from dist_engine.worker.sampler import apply_masks, apply_penalties, sample
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
@@ -63,3 +63,25 @@ def test_banned_tokens_never_drawn():
     assert draws(spec, 3) == [1, 1, 1]
     spec = SamplingSpec(temperature=2.0, seed=5, banned_token_ids=(0, 1))
     assert not {0, 1} & set(draws(spec, 2000))
+
+
+def test_penalties_follow_their_definitions():
+    # repetition: positive logits divided, negative multiplied, for prompt and output tokens
+    spec = SamplingSpec(temperature=0.0, repetition_penalty=4.0, prompt_ids=(0,),
+                        output_counts=((4, 1),))
+    row = LOGITS.clone()
+    apply_penalties(row, spec)
+    assert row.tolist() == [0.5, 1.0, 0.5, 0.0, -4.0, -3.0]
+    assert draws(spec, 2) == [1, 1]  # token 0 (2.0 -> 0.5) loses to token 1
+    # frequency per occurrence, presence once; output tokens only (the prompt is not penalised)
+    spec = SamplingSpec(temperature=0.0, frequency_penalty=0.3, presence_penalty=0.5,
+                        prompt_ids=(1,), output_counts=((0, 2), (2, 1)))
+    row = LOGITS.clone()
+    apply_penalties(row, spec)
+    assert torch.allclose(row, torch.tensor([2.0 - 1.1, 1.0, 0.5 - 0.8, 0.0, -1.0, -3.0]))
+    assert draws(spec, 2) == [1, 1]
+    # a penalised distribution is what gets sampled
+    spec = SamplingSpec(temperature=1.0, seed=9, frequency_penalty=1.0, output_counts=((0, 2),))
+    got = draws(spec, 20000)
+    target = torch.softmax(LOGITS - torch.tensor([2.0, 0, 0, 0, 0, 0]), -1).tolist()
+    assert chi_square_p([got.count(i) for i in range(len(LOGITS))], target) > 1e-3

@@ -33,20 +33,23 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m-instruct", *, tensor_parallel_size: int = 1,
                  dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int | None = None, memory_fraction: float = 0.5,
+                 enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  executor: str = "auto", ray_address: str | None = None, seed: int = 0,
                  cpu_threads: int | None = None, skip_tokenizer_init: bool = False,
                  shm_allreduce: bool = True) -> None:
         path = resolve_model(model)
         mcfg = ModelConfig.from_pretrained(path)
         max_len = max_model_len or min(mcfg.max_position_embeddings, 8192)
+        if max_num_batched_tokens is None:  # a CPU chunk of 512 takes ~1.5 s on the default model
+            max_num_batched_tokens = 512 if device == "cpu" else 2048
         self.config = EngineConfig(
             model=mcfg,
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, executor=executor,
                                     ray_address=ray_address, shm_allreduce=shm_allreduce),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                              kv_cache_memory=kv_cache_memory,
+                              kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max(max_num_batched_tokens, 1),

@@ -47,16 +47,23 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         per_tok = info["bytes_per_block"] // bs
+        mib = 2**20
+        measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
+                    f"{info['kv_budget_bytes'] / mib:.0f} MiB" if "activation_peak_bytes" in info else "")
+        log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / mib, measured)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens per rank, %d bytes/token, %.1f MiB; "
             "max concurrent sequences at max_model_len=%d: %d",
-            num_blocks, bs, num_blocks * bs, per_tok, num_blocks * info["bytes_per_block"] / 2**20,
+            num_blocks, bs, num_blocks * bs, per_tok, num_blocks * info["bytes_per_block"] / mib,
             config.scheduler.max_model_len, num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len),
         )
+        self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs}
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._rng = random.Random(config.seed)
+        self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+        self.num_finished = self.num_aborted = 0
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -101,20 +108,45 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                            base_seed + i, detok, RequestMetrics(arrival_time=now))
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+            seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_ids), seqs)
         for s in seqs:
             self.scheduler.add(s)
 
-    def abort_request(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; returns its final output."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
+            return None
+        now = time.monotonic()
         for s in req.seqs:
             if not s.finished:
                 s.finish_reason = "abort"
+                s.metrics.finished_time = now
                 self.scheduler.finish(s)
-        return True
+        self.num_aborted += 1
+        return self._output(req)
+
+    def stats(self) -> dict:
+        """Engine-wide counters (the gauges and totals a metrics endpoint exports)."""
+        b, sch = self.blocks, self.scheduler
+        return {
+            "num_requests": len(self.requests),
+            "num_seqs_running": len(sch.running),
+            "num_seqs_waiting": len(sch.waiting),
+            "kv_cache_usage": b.usage(),
+            "num_blocks": b.num_blocks,
+            "num_free_blocks": b.num_free,
+            "prefix_cache_query_tokens": b.prefix_query_tokens,
+            "prefix_cache_hit_tokens": b.prefix_hit_tokens,
+            "num_preemptions": sch.num_preemptions,
+            "num_steps": self.num_steps,
+            "prompt_tokens_computed": self.num_prompt_tokens,
+            "generation_tokens": self.num_generated_tokens,
+            "num_finished": self.num_finished,
+            "num_aborted": self.num_aborted,
+        }
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -128,13 +160,17 @@ class LLMEngine:
         result = self.executor.execute(step)
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        self.num_steps += 1
         for s in scheduled:
             seq = s.seq
+            self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
+            before = len(seq.output_token_ids)
             append_tokens(seq, sampled, self.eos_token_ids, now)
+            self.num_generated_tokens += len(seq.output_token_ids) - before
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed)
             if seq.finished:
                 self.scheduler.finish(seq)
@@ -144,6 +180,7 @@ class LLMEngine:
             outputs.append(self._output(req))
             if req.finished:
                 del self.requests[req.request_id]
+                self.num_finished += 1
         return outputs
 
     def _output(self, req: Request) -> RequestOutput:

@@ -2,7 +2,9 @@
 
 Each step, running sequences go first (FCFS), each feeding its next prefill chunk or its last
 sampled token, within ``max_num_batched_tokens``; then waiting sequences are admitted (prefix
-cache hits skip their cached blocks) while tokens, sequence slots and blocks remain. When blocks
+cache hits skip their cached blocks) while tokens, sequence slots and blocks remain. The
+completions of an ``n > 1`` request after the first wait until the first has computed the
+prompt, then share its full prompt blocks (reference counted, even without prefix caching). When blocks
 run out for a running sequence, the newest running sequence is preempted: its blocks are freed
 and it waits at the front of the queue to be recomputed (prefix caching makes that cheap).
 """
@@ -71,14 +73,13 @@ class Scheduler:
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         # 2. admit waiting sequences in arrival order
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self._wait_for_leader(seq):
+                continue
             if not seq.block_table:
-                hits, hashes = self.blocks.match_prefix(seq.token_ids)
-                seq.block_table.extend(hits)
-                seq.block_hashes.extend(hashes)
-                seq.num_computed = len(hits) * self.blocks.block_size
-                seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
+                self._attach_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
                 # Give back its prefix hits while it waits: held references could starve others.
@@ -88,7 +89,7 @@ class Scheduler:
                 if not self.running:  # nothing will ever free blocks: admission should have caught it
                     raise RuntimeError("KV cache too small for a single sequence")
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.monotonic()
@@ -96,6 +97,30 @@ class Scheduler:
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    @staticmethod
+    def _wait_for_leader(seq: Sequence) -> bool:
+        """n > 1: a sibling waits (without holding up others) while its leader fills the prompt."""
+        lead = seq.leader
+        if lead is None or lead.finished:
+            return False
+        return lead.status == SeqStatus.WAITING or lead.num_computed < len(lead.prompt_token_ids)
+
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Start from blocks already computed: the leader's prompt blocks, or prefix-cache hits."""
+        bs = self.blocks.block_size
+        lead = seq.leader
+        if lead is not None and lead.status == SeqStatus.RUNNING:
+            # full prompt blocks only, and never the last prompt token: its logits are needed
+            k = (len(seq.prompt_token_ids) - 1) // bs
+            seq.block_table.extend(self.blocks.share(lead.block_table[:k]))
+            seq.block_hashes.extend(lead.block_hashes[:k])
+        else:
+            hits, hashes = self.blocks.match_prefix(seq.token_ids)
+            seq.block_table.extend(hits)
+            seq.block_hashes.extend(hashes)
+        seq.num_computed = len(seq.block_table) * bs
+        seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
 
     @staticmethod
     def work(s: ScheduledSeq) -> SeqWork:

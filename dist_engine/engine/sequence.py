@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
 from dist_engine.engine.outputs import RequestMetrics
@@ -39,8 +39,12 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     banned_until_min: tuple[int, ...] = ()  # stop/EOS ids masked while under min_tokens
+    leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks this one shares
     _sent_text: int = 0
     _sent_tokens: int = 0
+    _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
+    _counts: dict[int, int] = field(default_factory=dict)  # generated id -> occurrences
+    _counted: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -57,9 +61,19 @@ class Sequence:
     def sampling_spec(self) -> SamplingSpec:
         p = self.params
         banned = self.banned_until_min if len(self.output_token_ids) < p.min_tokens else ()
-        return SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        spec = SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                             min_p=p.min_p, seed=self.seed, logprobs=p.logprobs or 0,
                             banned_token_ids=banned)
+        if not p.has_penalties:
+            return spec
+        if self._prompt_set is None and p.repetition_penalty != 1.0:
+            self._prompt_set = tuple(sorted(set(self.prompt_token_ids)))
+        for tok in self.output_token_ids[self._counted:]:
+            self._counts[tok] = self._counts.get(tok, 0) + 1
+        self._counted = len(self.output_token_ids)
+        return replace(spec, repetition_penalty=p.repetition_penalty,
+                       presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                       prompt_ids=self._prompt_set or (), output_counts=tuple(self._counts.items()))
 
     def take_text_delta(self) -> str:
         delta = self.text[self._sent_text:]

@@ -39,10 +39,7 @@ def _release_text(seq: Sequence, delta: str) -> bool:
 def append_tokens(seq: Sequence, sampled: SampledTokens, eos_ids: frozenset[int], now: float) -> None:
     """Append drawn tokens in order until one of them ends the sequence."""
     p = seq.params
-    m = seq.metrics
-    if m.first_token_time is None:
-        m.first_token_time = now
-    m.last_token_time = now
+    seq.metrics.record_tokens(now, len(sampled.token_ids))
     for i, tok in enumerate(sampled.token_ids):
         seq.output_token_ids.append(tok)
         seq.cumulative_logprob += sampled.logprobs[i]

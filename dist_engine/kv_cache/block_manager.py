@@ -78,14 +78,19 @@ class BlockManager:
                 break
             hits.append(block_id)
             hashes.append(parent)
-        for block_id in hits:
+        self.share(hits)
+        self.prefix_query_tokens += len(token_ids)
+        self.prefix_hit_tokens += len(hits) * self.block_size
+        return hits, hashes
+
+    def share(self, block_ids: list[int]) -> list[int]:
+        """Take one more reference on each of ``block_ids`` (full blocks another table reads)."""
+        for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
-        self.prefix_query_tokens += len(token_ids)
-        self.prefix_hit_tokens += len(hits) * self.block_size
-        return hits, hashes
+        return list(block_ids)
 
     def grow(self, block_table: list[int], num_tokens: int) -> bool:
         """Append blocks to ``block_table`` until it holds ``num_tokens``; all or nothing."""

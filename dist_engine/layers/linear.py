@@ -17,10 +17,12 @@ from dist_engine.layers.loading import copy_checked
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
 ShardMap = dict[object, tuple[int, int, int]]
 
-# On CPU in fp32, a matrix-vector product reads a column-major weight ~1.6x faster than the
-# row-major one (measured with MKL on 2 cores), but matrix-matrix products get slower from
-# 4 rows up. Layers may therefore keep a second, column-major copy used for <= 2 rows (decode).
-GEMV_MAX_ROWS = 2
+# CPU fp32 products, measured with MKL on 2 cores (bench notes in docs/performance.md):
+# - 1 row (batch-1 decode): a column-major copy of the weight is read ~1.6x faster;
+# - a few to ~1000 rows (batched decode, short chunks): ``(W @ xᵀ)ᵀ`` beats ``x @ Wᵀ`` by
+#   1.2-4x (3.5x for the 49152-row lm head at 2-3 rows); MKL picks a poor kernel for the latter.
+GEMV_MAX_ROWS = 1
+SWAPPED_MAX_ROWS = 1024
 
 
 def add_gemv_copy(module: nn.Module) -> None:
@@ -31,8 +33,15 @@ def add_gemv_copy(module: nn.Module) -> None:
 
 
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    w = module.weight_gemv if module.weight_gemv is not None and x.shape[0] <= GEMV_MAX_ROWS else module.weight
-    return F.linear(x, w, bias)
+    """``x Wᵀ + b`` for ``x`` ``[T, in]``, with the fastest CPU formulation for T."""
+    if module.weight_gemv is not None:  # CPU fp32
+        rows = x.shape[0]
+        if rows <= GEMV_MAX_ROWS:
+            return F.linear(x, module.weight_gemv, bias)
+        if rows <= SWAPPED_MAX_ROWS:
+            y = torch.mm(module.weight, x.t()).t().contiguous()  # [T, out]
+            return y if bias is None else y.add_(bias)
+    return F.linear(x, module.weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -26,7 +26,8 @@ class Executor(ABC):
 
     @abstractmethod
     def cache_info(self) -> dict[str, int]:
-        """bytes_per_block and weight_bytes of one rank."""
+        """bytes_per_block, weight_bytes and (when measured) activation_peak_bytes and
+        kv_budget_bytes of one rank."""
 
     @abstractmethod
     def init_cache(self, num_blocks: int) -> None: ...

@@ -25,6 +25,19 @@ class SamplingSpec:
     seed: int = 0
     logprobs: int = 0  # number of top logprobs to return (0: none; sampled token's always)
     banned_token_ids: tuple[int, ...] = ()  # never drawn (EOS/stop ids before min_tokens)
+    # Penalties, applied to the raw logits before temperature and masks (as vLLM does). The
+    # token context is sent only when a penalty is on: the prompt's distinct ids (repetition
+    # penalty) and (id, count) of the generated ids (all three penalties).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_ids: tuple[int, ...] = ()
+    output_counts: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @dataclass(frozen=True)

@@ -57,37 +57,63 @@ class ModelRunner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def available_kv_blocks(self, local_ranks: int) -> int:
-        """How many blocks this rank can hold, from the configured budget or free memory."""
+        """How many blocks this rank can hold: the configured budget, or a fraction of the
+        memory left after the weights and a measured activation peak."""
         cc, sc = self.config.cache, self.config.scheduler
+        self.memory_report: dict[str, int] = {"weight_bytes": self.weight_bytes()}
         if cc.num_blocks is not None:
             return cc.num_blocks
         per_block = self.kv_bytes_per_block()
         if cc.kv_cache_memory is not None:
             return max(1, cc.kv_cache_memory // per_block)
+        peak = self.profile_activation_peak()
         if self.device.type == "cuda":
-            self._profile_peak()
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * cc.memory_fraction
+            _, total = torch.cuda.mem_get_info(self.device)
+            budget = total * cc.memory_fraction - torch.cuda.memory_allocated(self.device) - peak
         else:
             import psutil  # CPU only; comes with Ray
 
-            budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks)
+            # weights are already resident, so "available" is what is left after them
+            budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks) - peak
+        self.memory_report.update(activation_peak_bytes=peak, kv_budget_bytes=int(budget))
+        if budget < per_block:
+            raise ValueError(
+                f"no memory left for the KV cache: weights {self.weight_bytes() / 2**20:.0f} MiB and "
+                f"an activation peak of {peak / 2**20:.0f} MiB leave {budget / 2**20:.0f} MiB at "
+                f"memory_fraction={cc.memory_fraction}; raise it, lower --max-num-batched-tokens, "
+                "or add ranks"
+            )
         # On CPU there is no reason to pin more than every sequence at full length could use.
         blocks_per_seq = (sc.max_model_len + self.block_size - 1) // self.block_size
         cap = blocks_per_seq * sc.max_num_seqs + 1
-        return int(max(1, min(budget // per_block, cap)))
+        return int(min(budget // per_block, cap))
 
-    def _profile_peak(self) -> None:
-        """Run one worst-case prefill chunk so the activation peak is reserved before sizing."""
+    def profile_activation_peak(self) -> int:
+        """Bytes of activations of one worst-case prefill chunk (``max_num_batched_tokens``).
+
+        CUDA: the allocator's peak. CPU: the process's resident-set peak, sampled by a thread
+        while the chunk runs, less the K/V it wrote into the scratch cache.
+        """
         n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
-        self.init_cache(blocks)
+        self.init_cache(blocks + 1)
         work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
-                       block_table=tuple(range(blocks)), sample=True)
-        self.execute(StepInput(step_id=-1, seqs=(work,)))
+                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        step = StepInput(step_id=-1, seqs=(work,))
+        kv_written = (blocks + 1) * self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.execute(step)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base
+        else:
+            peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
         self.kv_caches = []
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return max(0, int(peak))
 
     def init_cache(self, num_blocks: int) -> None:
         slots = num_blocks * self.block_size
@@ -118,6 +144,32 @@ class ModelRunner:
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(batch.sample_seqs, tokens, lps, top)
         })
+
+
+def _rss_peak_during(fn) -> int:
+    """Growth of this process's resident memory at its highest while ``fn`` runs."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.001)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], proc.memory_info().rss) - base
 
 
 def default_threads(local_ranks: int) -> int:

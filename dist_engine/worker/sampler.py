@@ -26,6 +26,28 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).float()
 
 
+def apply_penalties(logits: torch.Tensor, spec: SamplingSpec) -> None:
+    """Penalise, in place, a row ``[V]`` of raw logits by the tokens already in context.
+
+    Repetition (prompt and output tokens): positive logits divided by the penalty, negative
+    ones multiplied. Presence and frequency (output tokens only): subtracted once, and once per
+    occurrence.
+    """
+    if spec.repetition_penalty != 1.0:
+        seen = set(spec.prompt_ids)
+        seen.update(t for t, _ in spec.output_counts)
+        if seen:
+            ids = torch.tensor(sorted(seen), device=logits.device)
+            vals = logits[ids]
+            r = spec.repetition_penalty
+            logits[ids] = torch.where(vals > 0, vals / r, vals * r)
+    if spec.output_counts and (spec.presence_penalty or spec.frequency_penalty):
+        ids = torch.tensor([t for t, _ in spec.output_counts], device=logits.device)
+        counts = torch.tensor([c for _, c in spec.output_counts], dtype=logits.dtype,
+                              device=logits.device)
+        logits[ids] -= spec.frequency_penalty * counts + spec.presence_penalty * (counts > 0)
+
+
 def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     """Tempered logits ``[V]`` with tokens outside top-k / top-p / min-p set to -inf."""
     x = logits / spec.temperature
@@ -49,12 +71,15 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
            ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """Draw one token per row of ``logits`` ``[N, V]`` (fp32).
 
-    Returns token ids, their logprobs under the raw model distribution, and top-n logprobs.
+    Returns token ids, their logprobs under the raw model distribution (before penalties and
+    masks), and top-n logprobs.
     """
     logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
     tokens: list[int] = []
     top: list[tuple[tuple[int, float], ...]] = []
     for i, spec in enumerate(specs):
+        if spec.has_penalties:
+            apply_penalties(logits[i], spec)
         if spec.banned_token_ids:
             logits[i, list(spec.banned_token_ids)] = float("-inf")
     greedy = logits.argmax(dim=-1).tolist()

@@ -1,0 +1,181 @@
+"""asyncio API: ``async for out in llm.generate(...)`` streams deltas while others run.
+
+One engine thread owns the LLMEngine and steps it whenever any request is unfinished; callers
+on any event loop hand it requests and aborts through a queue and receive each step's
+RequestOutput (with ``text_delta`` / ``token_ids_delta``) on their own asyncio queue. A caller
+that stops iterating (break, cancellation, client disconnect) aborts its request, which frees
+its KV blocks at the next step boundary. If the engine dies, every open stream raises the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dist_engine.engine.llm import LLM
+from dist_engine.engine.outputs import RequestOutput
+from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.worker.executor import EngineDeadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput items, then None (finished) or an exception
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    """``AsyncLLM(model=..., **LLM kwargs)``; ``generate`` is an async iterator of outputs."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", **kwargs) -> None:
+        self._llm = LLM(model, **kwargs)
+        self.engine = self._llm.engine
+        self.tokenizer = self._llm.tokenizer
+        self.config = self._llm.config
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._stats: dict = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="dist-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- public API --------------------------------------------------------------------------
+    def encode(self, prompt: str | None, prompt_token_ids: list[int] | None,
+               messages: list[dict] | None = None) -> list[int]:
+        given = [x is not None for x in (prompt, prompt_token_ids, messages)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of a prompt, prompt_token_ids or chat messages")
+        if prompt_token_ids is not None:
+            return list(prompt_token_ids)
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass prompt_token_ids instead")
+        if messages is not None:
+            return self._llm.apply_chat_template(messages)
+        return list(self.tokenizer.encode(prompt))
+
+    async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, *, prompt_token_ids: list[int] | None = None,
+                       messages: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield one RequestOutput per engine step that advanced the request; the last is final.
+
+        Bad input raises ValueError before anything is queued.
+        """
+        params = sampling_params or SamplingParams()
+        ids = self.encode(prompt, prompt_token_ids, messages)
+        self.engine.validate(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._error is not None:
+                raise EngineDeadError(f"the engine has stopped: {self._error}")
+            if self._closed:
+                raise RuntimeError("AsyncLLM is shut down")
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._streams[rid] = stream
+        self._inbox.put(("add", rid, ids, params, prompt))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        """A snapshot of engine counters taken by the engine thread after its last step."""
+        return dict(self._stats)
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_dead(self) -> bool:
+        return self._error is not None
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("stop",))
+        self._thread.join(timeout=30)
+        self._llm.shutdown()
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _handle(self, cmd: tuple) -> bool:
+        if cmd[0] == "stop":
+            return False
+        if cmd[0] == "add":
+            _, rid, ids, params, prompt = cmd
+            try:
+                self.engine.add_request(rid, ids, params, prompt)
+            except ValueError as e:  # e.g. validation raced with nothing; report, never crash
+                self._close_stream(rid, e)
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            final = self.engine.abort_request(rid)  # None if it had already finished
+            self._close_stream(rid, final)
+        return True
+
+    def _close_stream(self, rid: str, item) -> None:
+        with self._lock:
+            stream = self._streams.pop(rid, None)
+        if stream is not None and item is not None:
+            stream.put(item)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished()
+                try:
+                    cmd = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    if not self._handle(cmd):
+                        return
+                    try:
+                        cmd = self._inbox.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if not self.engine.has_unfinished():
+                    self._stats = self.engine.stats()
+                    continue
+                for out in self.engine.step():
+                    with self._lock:
+                        stream = (self._streams.pop(out.request_id, None) if out.finished
+                                  else self._streams.get(out.request_id))
+                    if stream is not None:
+                        stream.put(out)
+                self._stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - every open stream must hear about it
+            log.exception("engine loop stopped")
+            with self._lock:
+                self._error = e
+                streams, self._streams = list(self._streams.values()), {}
+            err = e if isinstance(e, EngineDeadError) else EngineDeadError(f"engine loop failed: {e!r}")
+            for stream in streams:
+                stream.put(err)
