@@ -49,6 +49,7 @@ class TorchCommunicator(Communicator):
         self.world_size = dist.get_world_size()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()  # collectives need dense storage
         dist.all_reduce(x)
         return x
 

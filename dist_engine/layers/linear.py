@@ -39,7 +39,9 @@ def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
         if rows <= GEMV_MAX_ROWS:
             return F.linear(x, module.weight_gemv, bias)
         if rows <= SWAPPED_MAX_ROWS:
-            y = torch.mm(module.weight, x.t()).t().contiguous()  # [T, out]
+            # [T, out] as a transposed view: a copy would cost more than the product at 100+
+            # rows, and the next product, (W @ yᵀ), reads it back contiguously anyway
+            y = torch.mm(module.weight, x.t()).t()
             return y if bias is None else y.add_(bias)
     return F.linear(x, module.weight, bias)
 

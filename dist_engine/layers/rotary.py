@@ -44,12 +44,15 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv)  # [P, D/2]
         self.register_buffer("cos", (freqs.cos() * mscale).to(dtype), persistent=False)
         self.register_buffer("sin", (freqs.sin() * mscale).to(dtype), persistent=False)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [T]; q [T, Hq, D]; k [T, Hk, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
+        if self._cached is None or self._cached[0] is not positions:
+            # every layer of one forward passes the same positions tensor: index once per step
+            self._cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        _, cos, sin = self._cached  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
