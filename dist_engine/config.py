@@ -178,8 +178,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    # KV slots reserved past the last token of a sequence that samples this step, for the
+    # draft tokens speculative decoding writes and verifies in the same step.
+    num_lookahead_slots: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_lookahead_slots < 0:
+            raise ValueError(f"num_lookahead_slots must be >= 0, got {self.num_lookahead_slots}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -88,3 +88,30 @@ def test_random_mix_returns_all_blocks():
         bm.free_blocks(t)
     assert bm.num_free == 40
     assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_scheduler_reserves_lookahead_slots_for_drafts():
+    from dist_engine.config import SchedulerConfig
+    from dist_engine.engine.outputs import RequestMetrics
+    from dist_engine.engine.sampling_params import SamplingParams
+    from dist_engine.engine.scheduler import Scheduler
+    from dist_engine.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sch = Scheduler(SchedulerConfig(max_model_len=32, num_lookahead_slots=3), bm)
+    seq = Sequence(0, "a", 0, [1, 2, 3, 4, 5], SamplingParams(), 0, None, RequestMetrics(0.0))
+    sch.add(seq)
+    (s,) = sch.schedule()
+    assert s.num_new == 5 and len(seq.block_table) == 2  # 5 tokens + 3 draft slots = 8
+    seq.num_computed = 5
+    seq.output_token_ids.append(9)
+    sch.schedule()
+    assert len(seq.block_table) == 3  # 6 + 3 = 9 slots
+    chunked = Scheduler(SchedulerConfig(max_model_len=32, max_num_batched_tokens=2,
+                                        num_lookahead_slots=3), BlockManager(8, 4))
+    other = Sequence(1, "b", 0, [1, 2, 3, 4, 5], SamplingParams(), 0, None, RequestMetrics(0.0))
+    chunked.add(other)
+    chunked.schedule()
+    assert len(other.block_table) == 1  # a prefill chunk that does not sample needs no drafts
+    sch.finish(seq)
+    assert bm.num_free == 8

@@ -86,9 +86,10 @@ class LLMEngine:
                 f"limit max_model_len={limit}; shorten the prompt or lower max_tokens"
             )
         cache_tokens = self.blocks.num_blocks * self.blocks.block_size
-        if len(prompt_ids) + max_tokens > cache_tokens:
+        need = len(prompt_ids) + max_tokens + self.config.scheduler.num_lookahead_slots
+        if need > cache_tokens:
             raise ValueError(
-                f"prompt + max_tokens ({len(prompt_ids) + max_tokens} tokens) exceeds the whole KV "
+                f"prompt + max_tokens ({need} tokens with speculative slots) exceeds the whole KV "
                 f"cache ({cache_tokens} tokens); raise --kv-cache-memory or shorten the request"
             )
 

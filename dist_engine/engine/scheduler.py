@@ -63,7 +63,7 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue  # preempted while making room for an older one
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
+            while not self.blocks.grow(seq.block_table, self._needed(seq, num_new)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -81,7 +81,7 @@ class Scheduler:
             if not seq.block_table:
                 self._attach_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.grow(seq.block_table, seq.num_computed + num_new):
+            if not self.blocks.grow(seq.block_table, self._needed(seq, num_new)):
                 # Give back its prefix hits while it waits: held references could starve others.
                 self.blocks.free_blocks(seq.block_table)
                 seq.block_hashes.clear()
@@ -97,6 +97,13 @@ class Scheduler:
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    def _needed(self, seq: Sequence, num_new: int) -> int:
+        """Tokens the block table must hold this step: lookahead slots too if it samples."""
+        end = seq.num_computed + num_new
+        if end == seq.num_tokens:
+            end = min(end + self.config.num_lookahead_slots, self.config.max_model_len)
+        return end
 
     @staticmethod
     def _wait_for_leader(seq: Sequence) -> bool:
