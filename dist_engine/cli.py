@@ -1,4 +1,4 @@
-"""``dist-engine`` command line: generate | convert."""
+"""``dist-engine`` command line: generate | serve | client | convert."""
 
 from __future__ import annotations
 
@@ -94,6 +94,36 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from dist_engine.server.app import serve
+
+    kw = engine_kwargs(a)
+    kw["skip_tokenizer_init"] = a.no_tokenizer
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds))
+    return 0
+
+
+def cmd_client(a: argparse.Namespace) -> int:
+    from dist_engine.client import Client
+
+    kw = dict(max_tokens=a.max_tokens, temperature=a.temperature)
+    if a.seed is not None:
+        kw["seed"] = a.seed
+    with Client(a.target) as c:
+        req = {"messages": [{"role": "user", "content": a.prompt}]} if not a.no_chat else {"prompt": a.prompt}
+        for msg in c.generate(timeout=a.timeout, **req, **kw):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            if msg.finished:
+                print(f"\n[{msg.usage.completion_tokens} tokens, finish={msg.finish_reason}, "
+                      f"TTFT {msg.timings.time_to_first_token_s * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from dist_engine.weights.gguf_convert import convert_gguf
 
@@ -117,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the gRPC Generation API (+ health, reflection)")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
+    s.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests in flight before new ones get RESOURCE_EXHAUSTED")
+    s.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long running requests may finish")
+    s.add_argument("--no-tokenizer", action="store_true", help="token-id input only")
+    s.set_defaults(func=cmd_serve)
+
+    cl = sub.add_parser("client", help="send one prompt to a running server and stream the answer")
+    cl.add_argument("prompt")
+    cl.add_argument("--target", default="127.0.0.1:50051")
+    cl.add_argument("--no-chat", action="store_true")
+    cl.add_argument("--max-tokens", type=int, default=256)
+    cl.add_argument("--temperature", type=float, default=0.0)
+    cl.add_argument("--seed", type=int, default=None)
+    cl.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    cl.set_defaults(func=cmd_client)
 
     c = sub.add_parser("convert", help="convert a Llama-family GGUF file to an HF-format folder")
     c.add_argument("--gguf", required=True)

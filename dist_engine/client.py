@@ -1,0 +1,79 @@
+"""Python clients for the Generation service: ``Client`` (blocking) and ``AsyncClient``.
+
+    with Client("127.0.0.1:50051") as c:
+        for msg in c.generate("Hello", max_tokens=32, temperature=0):
+            print(msg.text, end="")
+
+Sampling keywords are the fields of ``SamplingOptions`` (temperature, top_p, max_tokens, seed,
+stop, ...). Errors arrive as ``grpc.RpcError`` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from dist_engine.v1 import generation_pb2 as pb
+from dist_engine.v1 import generation_pb2_grpc as pb_grpc
+
+
+def build_request(prompt: str | None = None, *, token_ids: list[int] | None = None,
+                  messages: list[dict] | None = None, request_id: str = "",
+                  **sampling) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingOptions(**sampling))
+    if prompt is not None:
+        req.text = prompt
+    elif token_ids is not None:
+        req.token_ids.ids.extend(token_ids)
+    elif messages is not None:
+        req.chat.messages.extend(pb.ChatMessage(**m) for m in messages)
+    return req
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 **kw) -> Iterator[pb.GenerateResponse]:
+        return self.stub.Generate(build_request(prompt, **kw), timeout=timeout)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    def stats(self) -> pb.ServerStats:
+        return self.stub.GetServerStats(pb.GetServerStatsRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kw) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self.stub.Generate(build_request(prompt, **kw), timeout=timeout):
+            yield msg
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    async def stats(self) -> pb.ServerStats:
+        return await self.stub.GetServerStats(pb.GetServerStatsRequest())
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,124 @@
+"""The gRPC Generation servicer: proto <-> AsyncLLM, nothing else.
+
+Bad input is INVALID_ARGUMENT with the validation message; a full queue is RESOURCE_EXHAUSTED;
+a dead engine is UNAVAILABLE. A client that cancels, disconnects or runs past its deadline has
+its handler cancelled by grpc, which closes the AsyncLLM stream and aborts the request.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from dist_engine.engine.async_llm import AsyncLLM
+from dist_engine.engine.outputs import CompletionOutput, RequestOutput
+from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.v1 import generation_pb2 as pb
+from dist_engine.v1 import generation_pb2_grpc as pb_grpc
+from dist_engine.worker.executor import EngineDeadError
+
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs", "n")
+
+
+def sampling_params(opts: pb.SamplingOptions) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults; raises ValueError on bad values."""
+    kw = {name: getattr(opts, name) for name in _OPTIONAL if opts.HasField(name)}
+    return SamplingParams(**kw, stop=tuple(opts.stop), stop_token_ids=tuple(opts.stop_token_ids),
+                          ignore_eos=opts.ignore_eos)
+
+
+def _response(rid: str, out: RequestOutput, c: CompletionOutput, final: bool) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=rid, index=c.index, token_ids=c.token_ids_delta,
+                              text=c.text_delta, finished=final)
+    if c.logprobs is not None and c.token_ids_delta:
+        start = len(c.token_ids) - len(c.token_ids_delta)
+        for tok, entry in zip(c.token_ids_delta, c.logprobs[start:]):
+            msg.logprobs.append(pb.TokenLogprobs(
+                token_id=tok, logprob=entry.get(tok, 0.0),
+                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.items() if t != tok]))
+    if final:
+        m = out.metrics
+        msg.finish_reason = c.finish_reason or ""
+        msg.stop_reason = "" if c.stop_reason is None else str(c.stop_reason)
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                                    completion_tokens=len(c.token_ids),
+                                    cached_prompt_tokens=m.prefix_hit_tokens))
+        end = m.finished_time or m.last_token_time or m.arrival_time
+        msg.timings.CopyFrom(pb.Timings(queue_s=m.queue_time or 0.0,
+                                        time_to_first_token_s=m.time_to_first_token or 0.0,
+                                        mean_inter_token_latency_s=m.time_per_output_token or 0.0,
+                                        total_s=end - m.arrival_time))
+    return msg
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, llm: AsyncLLM, served_model_name: str, max_queued_requests: int) -> None:
+        self.llm = llm
+        self.name = served_model_name
+        self.max_queued = max_queued_requests
+
+    def _input(self, request) -> dict:
+        which = request.WhichOneof("input")
+        if which is None:
+            raise ValueError("the request has no input: set text, token_ids or chat")
+        if which == "text":
+            return {"prompt": request.text}
+        if which == "token_ids":
+            return {"prompt_token_ids": list(request.token_ids.ids)}
+        return {"messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]}
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id or uuid.uuid4().hex
+        if self.llm.num_open_streams >= self.max_queued:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.max_queued} requests in flight "
+                                "(--max-queued-requests); retry later")
+        try:
+            params = sampling_params(request.sampling)
+            stream = self.llm.generate(sampling_params=params, request_id=rid, **self._input(request))
+            reported: set[int] = set()
+            async for out in stream:
+                for c in out.outputs:
+                    if c.index in reported:
+                        continue
+                    final = c.finished
+                    if final:
+                        reported.add(c.index)
+                    if c.token_ids_delta or c.text_delta or final:
+                        yield _response(rid, out, c, final)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            which = request.WhichOneof("input")
+            if which is None:
+                raise ValueError("the request has no input: set text or chat")
+            messages = ([{"role": m.role, "content": m.content} for m in request.chat.messages]
+                        if which == "chat" else None)
+            ids = self.llm.encode(request.text if which == "text" else None, None, messages)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        cfg, info = self.llm.config, self.llm.engine.cache_info
+        return pb.ModelInfo(
+            served_model_name=self.name, architecture=cfg.model.architecture,
+            max_model_len=cfg.scheduler.max_model_len, vocab_size=cfg.model.vocab_size,
+            tensor_parallel_size=cfg.parallel.tensor_parallel_size, dtype=cfg.dtype,
+            device=cfg.device, kv_cache_blocks=info["num_blocks"], kv_block_size=info["block_size"],
+            kv_cache_tokens=info["num_blocks"] * info["block_size"])
+
+    async def GetServerStats(self, request, context) -> pb.ServerStats:
+        s = self.llm.stats()
+        return pb.ServerStats(
+            num_requests_running=s["num_seqs_running"], num_requests_waiting=s["num_seqs_waiting"],
+            kv_cache_usage=s["kv_cache_usage"], prefix_cache_query_tokens=s["prefix_cache_query_tokens"],
+            prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"], num_preemptions=s["num_preemptions"],
+            prompt_tokens_total=s["prompt_tokens_computed"], generation_tokens_total=s["generation_tokens"],
+            requests_finished_total=s["num_finished"], requests_aborted_total=s["num_aborted"])

@@ -1,0 +1,107 @@
+"""The gRPC service on a real server process on loopback: streaming, errors, cancel, health."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import hf_greedy
+from dist_engine.client import Client
+from dist_engine.v1 import generation_pb2 as pb
+
+PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    path = tiny_models("llama")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
+         "--no-tokenizer", "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
+         "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    target = f"127.0.0.1:{port}"
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == 1:
+                break
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline, "server not SERVING within 120 s"
+        time.sleep(0.3)
+    yield target, path, health
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+
+
+def test_generate_streams_what_transformers_generates(server):
+    target, path, _ = server
+    expected = hf_greedy(path, PROMPT, 20)
+    with Client(target) as c:
+        msgs = list(c.generate(token_ids=PROMPT, request_id="abc", temperature=0, max_tokens=20,
+                               min_tokens=20))
+        assert len(msgs) > 2 and all(m.request_id == "abc" for m in msgs)
+        assert [t for m in msgs for t in m.token_ids] == expected
+        final = msgs[-1]
+        assert final.finished and final.finish_reason == "length"
+        assert final.usage.prompt_tokens == len(PROMPT) and final.usage.completion_tokens == 20
+        assert final.timings.time_to_first_token_s > 0
+        info = c.model_info()
+        assert info.served_model_name == "tiny" and info.max_model_len == 128
+        assert info.architecture == "LlamaForCausalLM" and info.kv_cache_blocks > 0
+
+
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
+    target, _, health = server
+    with Client(target) as c:
+        cases = [
+            dict(token_ids=[1] * 200, max_tokens=4),  # over max_model_len
+            dict(token_ids=[1, 99999], max_tokens=4),  # out of vocabulary
+            dict(prompt="text needs a tokenizer", max_tokens=4),
+            dict(token_ids=[1, 2], top_p=0.0),  # bad sampling value
+            dict(),  # no input
+        ]
+        for kw in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                list(c.generate(**kw))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+            assert err.value.details()
+        ok = list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=3, ignore_eos=True))
+        assert ok[-1].finish_reason == "length"
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1
+
+
+def test_cancel_and_deadline_abort_and_free_blocks(server):
+    target, _, _ = server
+    with Client(target) as c:
+        stream = c.generate(token_ids=PROMPT, temperature=0, max_tokens=100, ignore_eos=True)
+        next(stream)
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as err:  # ~110 steps take several times 0.1 s
+            list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=110, ignore_eos=True,
+                            timeout=0.1))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            s = c.stats()
+            if s.num_requests_running == 0 and s.kv_cache_usage == 0.0:
+                break
+            time.sleep(0.1)
+        assert s.kv_cache_usage == 0.0 and s.requests_aborted_total >= 2
