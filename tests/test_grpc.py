@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import hf_greedy
 from dist_engine.client import Client
-from dist_engine.v1 import generation_pb2 as pb
 
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
 pytestmark = pytest.mark.slow
