@@ -103,7 +103,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     kw = engine_kwargs(a)
     kw["skip_tokenizer_init"] = a.no_tokenizer
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds))
+    asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds,
+                      a.metrics_port))
     return 0
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     s.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests in flight before new ones get RESOURCE_EXHAUSTED")

@@ -28,11 +28,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_models):
     path = tiny_models("llama")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
          "--no-tokenizer", "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
-         "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny"],
+         "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny",
+         "--metrics-port", str(metrics_port)],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     target = f"127.0.0.1:{port}"
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
@@ -46,13 +47,13 @@ def server(tiny_models):
             pass
         assert time.monotonic() < deadline, "server not SERVING within 120 s"
         time.sleep(0.3)
-    yield target, path, health
+    yield target, path, health, metrics_port
     proc.terminate()
     assert proc.wait(timeout=60) == 0
 
 
 def test_generate_streams_what_transformers_generates(server):
-    target, path, _ = server
+    target, path, _, _ = server
     expected = hf_greedy(path, PROMPT, 20)
     with Client(target) as c:
         msgs = list(c.generate(token_ids=PROMPT, request_id="abc", temperature=0, max_tokens=20,
@@ -69,7 +70,7 @@ def test_generate_streams_what_transformers_generates(server):
 
 
 def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
-    target, _, health = server
+    target, _, health, _ = server
     with Client(target) as c:
         cases = [
             dict(token_ids=[1] * 200, max_tokens=4),  # over max_model_len
@@ -89,7 +90,7 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
 
 
 def test_cancel_and_deadline_abort_and_free_blocks(server):
-    target, _, _ = server
+    target, _, _, _ = server
     with Client(target) as c:
         stream = c.generate(token_ids=PROMPT, temperature=0, max_tokens=100, ignore_eos=True)
         next(stream)
@@ -104,3 +105,20 @@ def test_cancel_and_deadline_abort_and_free_blocks(server):
                 break
             time.sleep(0.1)
         assert s.kv_cache_usage == 0.0 and s.requests_aborted_total >= 2
+
+
+def test_prometheus_metrics(server):
+    import urllib.request
+
+    target, _, _, metrics_port = server
+    with Client(target) as c:
+        list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=5, ignore_eos=True))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_hits_total", "generation_tokens_total", "request_success_total"):
+        assert "dist_engine:" + name in values, name
+    assert values["dist_engine:time_to_first_token_seconds_count"] >= 1
+    assert values["dist_engine:inter_token_latency_seconds_count"] >= 4
+    assert values["dist_engine:generation_tokens_total"] >= 5

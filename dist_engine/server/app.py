@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.server.metrics import ServerMetrics
 from dist_engine.server.servicer import GenerationServicer
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
@@ -41,11 +42,15 @@ async def _set_health(health, status) -> None:
 
 
 async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
-                max_queued_requests: int = 256, drain_seconds: float = 30.0) -> None:
+                max_queued_requests: int = 256, drain_seconds: float = 30.0,
+                metrics_port: int | None = None) -> None:
     llm = AsyncLLM(**llm_kwargs)
+    metrics = ServerMetrics(llm.stats)
+    if metrics_port is not None:
+        metrics.serve(host, metrics_port)
     server = grpc.aio.server()
     pb_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(llm, served_model_name, max_queued_requests), server)
+        GenerationServicer(llm, served_model_name, max_queued_requests, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -14,6 +14,7 @@ import grpc
 from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.outputs import CompletionOutput, RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.server.metrics import ServerMetrics
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 from dist_engine.worker.executor import EngineDeadError
@@ -54,8 +55,10 @@ def _response(rid: str, out: RequestOutput, c: CompletionOutput, final: bool) ->
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, llm: AsyncLLM, served_model_name: str, max_queued_requests: int) -> None:
+    def __init__(self, llm: AsyncLLM, served_model_name: str, max_queued_requests: int,
+                 metrics: ServerMetrics | None = None) -> None:
         self.llm = llm
+        self.metrics = metrics
         self.name = served_model_name
         self.max_queued = max_queued_requests
 
@@ -88,6 +91,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         reported.add(c.index)
                     if c.token_ids_delta or c.text_delta or final:
                         yield _response(rid, out, c, final)
+                if out.finished and self.metrics is not None:
+                    self.metrics.observe(out.metrics)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:

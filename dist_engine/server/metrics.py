@@ -1,0 +1,62 @@
+"""Prometheus metrics, named after vLLM's (``dist_engine:`` prefix), served at ``/metrics``.
+
+Gauges and totals are read from the engine's stats snapshot at scrape time (a collector, so
+nothing can drift); latency histograms are observed by the servicer when a request finishes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from dist_engine.engine.outputs import RequestMetrics
+
+P = "dist_engine:"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+_GAUGES = (("num_requests_running", "num_seqs_running", "Sequences in the running batch."),
+           ("num_requests_waiting", "num_seqs_waiting", "Sequences waiting to be scheduled."),
+           ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV blocks in use (0-1)."))
+_COUNTERS = (("prefix_cache_queries", "prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache."),
+             ("prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."),
+             ("num_preemptions", "num_preemptions", "Sequences preempted for lack of KV blocks."),
+             ("prompt_tokens", "prompt_tokens_computed", "Prompt tokens prefilled."),
+             ("generation_tokens", "generation_tokens", "Tokens generated."),
+             ("request_success", "num_finished", "Requests finished (stop or length)."),
+             ("request_aborted", "num_aborted", "Requests aborted (cancel, disconnect, deadline)."))
+
+
+class _EngineCollector:
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        for name, key, doc in _GAUGES:
+            yield GaugeMetricFamily(P + name, doc, value=s[key])
+        for name, key, doc in _COUNTERS:
+            yield CounterMetricFamily(P + name, doc, value=s[key])
+
+
+class ServerMetrics:
+    def __init__(self, stats) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        kw = dict(registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Arrival to first token.", **kw)
+        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between output tokens.", **kw)
+        self.queue = Histogram(P + "request_queue_time_seconds", "Arrival to first scheduled.", **kw)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to finish.", **kw)
+
+    def observe(self, m: RequestMetrics) -> None:
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+        for gap in m.inter_token_latencies:
+            self.itl.observe(gap)
+        if m.queue_time is not None:
+            self.queue.observe(m.queue_time)
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
