@@ -47,7 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, tensor_parallel_size=a.tp, dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
-                block_size=a.block_size, memory_fraction=a.memory_fraction, enable_prefix_caching=not a.no_prefix_caching,
+                block_size=a.block_size, memory_fraction=a.memory_fraction,
+                enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 ray_address=a.ray_address, cpu_threads=a.cpu_threads)
 
@@ -115,7 +116,8 @@ def cmd_client(a: argparse.Namespace) -> int:
     if a.seed is not None:
         kw["seed"] = a.seed
     with Client(a.target) as c:
-        req = {"messages": [{"role": "user", "content": a.prompt}]} if not a.no_chat else {"prompt": a.prompt}
+        req = ({"prompt": a.prompt} if a.no_chat
+               else {"messages": [{"role": "user", "content": a.prompt}]})
         for msg in c.generate(timeout=a.timeout, **req, **kw):
             sys.stdout.write(msg.text)
             sys.stdout.flush()

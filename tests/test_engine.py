@@ -15,6 +15,7 @@ PROMPTS = [
     [1, 300],
 ]
 LENS = [24, 9, 17, 30, 5]
+ARGS = dict(skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
 
 
 def greedy(n: int) -> SamplingParams:
@@ -35,46 +36,34 @@ def reference(tiny_models):
 ], ids=["batched", "chunked", "max2seqs", "noprefix"])
 def test_batched_greedy_equals_alone(reference, kw):
     path, expected = reference
-    args = dict(skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
-    args.update(kw)
-    llm = LLM(path, **args)
-    try:
+    with LLM(path, **{**ARGS, **kw}) as llm:
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[greedy(n) for n in LENS])
         assert [o.outputs[0].token_ids for o in outs] == expected
         assert llm.engine.blocks.num_free == 64  # nothing leaked
-    finally:
-        llm.shutdown()
 
 
 def test_preemption_recomputes_and_matches(reference):
     path, expected = reference
     # 14 blocks of 4 tokens cannot hold all five sequences at full length: someone is preempted
-    llm = LLM(path, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=14, block_size=4)
-    try:
+    with LLM(path, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=14, block_size=4) as llm:
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[greedy(n) for n in LENS])
         assert llm.engine.scheduler.num_preemptions > 0
         assert [o.outputs[0].token_ids for o in outs] == expected
         assert llm.engine.blocks.num_free == 14
-    finally:
-        llm.shutdown()
 
 
 def test_prefix_cache_hits_are_counted(reference):
     path, expected = reference
-    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
-    try:
+    with LLM(path, **ARGS) as llm:
         llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(LENS[0]))
         out = llm.generate(prompt_token_ids=[PROMPTS[3]], sampling_params=greedy(LENS[3]))
         assert out[0].metrics.prefix_hit_tokens == 16  # 4 shared full blocks
         assert out[0].outputs[0].token_ids == expected[3]
-    finally:
-        llm.shutdown()
 
 
 def test_requests_that_cannot_fit_are_rejected_up_front(tiny_models):
-    llm = LLM(tiny_models("llama"), skip_tokenizer_init=True, max_model_len=32, num_kv_blocks=4,
-              block_size=4)
-    try:
+    with LLM(tiny_models("llama"), skip_tokenizer_init=True, max_model_len=32, num_kv_blocks=4,
+              block_size=4) as llm:
         with pytest.raises(ValueError, match="max_model_len=32"):
             llm.generate(prompt_token_ids=[[1] * 30], sampling_params=greedy(5))
         with pytest.raises(ValueError, match="whole KV cache"):
@@ -84,14 +73,11 @@ def test_requests_that_cannot_fit_are_rejected_up_front(tiny_models):
         with pytest.raises(ValueError, match="empty"):
             llm.generate(prompt_token_ids=[[]], sampling_params=greedy(2))
         assert not llm.engine.has_unfinished() and llm.engine.blocks.num_free == 4
-    finally:
-        llm.shutdown()
 
 
 def test_seeded_sampling_is_batch_independent(tiny_models):
     path = tiny_models("llama")
-    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
-    try:
+    with LLM(path, **ARGS) as llm:
         sp = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
         alone = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=sp)[0].outputs[0].token_ids
         mixed = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[sp] + [
@@ -100,14 +86,11 @@ def test_seeded_sampling_is_batch_independent(tiny_models):
         other = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
             temperature=0.8, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True))
         assert other[0].outputs[0].token_ids != alone  # the seed matters
-    finally:
-        llm.shutdown()
 
 
 def test_min_tokens_and_stop_token_ids(tiny_models):
     path = tiny_models("llama")
-    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
-    try:
+    with LLM(path, **ARGS) as llm:
         free = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(12))[0].outputs[0]
         stop_tok = free.token_ids[5]
         first = free.token_ids.index(stop_tok)
@@ -119,5 +102,3 @@ def test_min_tokens_and_stop_token_ids(tiny_models):
             temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[stop_tok]))[0].outputs[0]
         assert len(out.token_ids) == 12 and stop_tok not in out.token_ids
         assert out.finish_reason == "length"
-    finally:
-        llm.shutdown()

@@ -48,8 +48,7 @@ def test_frequency_penalty_reduces_repeats(llm):
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_n_completions_share_prompt_blocks(tiny_models, prefix_caching):
-    eng = LLM(tiny_models("llama"), **{**ARGS, "enable_prefix_caching": prefix_caching})
-    try:
+    with LLM(tiny_models("llama"), **{**ARGS, "enable_prefix_caching": prefix_caching}) as eng:
         sp = SamplingParams(n=3, temperature=1.0, seed=40, max_tokens=10, ignore_eos=True)
         e = eng.engine
         e.add_request("r", PROMPT, sp)
@@ -70,8 +69,6 @@ def test_n_completions_share_prompt_blocks(tiny_models, prefix_caching):
             assert c.token_ids == eng.generate(prompt_token_ids=[PROMPT],
                                                sampling_params=alone)[0].outputs[0].token_ids
         assert len({tuple(c.token_ids) for c in together}) == 3
-    finally:
-        eng.shutdown()
 
 
 @pytest.fixture(scope="module")

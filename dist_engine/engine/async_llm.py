@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # RequestOutput items, then None (finished) or an exception
+    queue: asyncio.Queue  # RequestOutput items (the last one finished) or an exception
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -132,7 +132,7 @@ class AsyncLLM:
             _, rid, ids, params, prompt = cmd
             try:
                 self.engine.add_request(rid, ids, params, prompt)
-            except ValueError as e:  # e.g. validation raced with nothing; report, never crash
+            except ValueError as e:  # already validated by the caller; report, never crash
                 self._close_stream(rid, e)
         elif cmd[0] == "abort":
             rid = cmd[1]
@@ -146,30 +146,29 @@ class AsyncLLM:
         if stream is not None and item is not None:
             stream.put(item)
 
+    def _commands(self, wait: bool) -> list[tuple]:
+        """Everything queued for the engine thread; waits up to 0.5 s for one if ``wait``."""
+        cmds = []
+        try:
+            cmds.append(self._inbox.get(timeout=0.5) if wait else self._inbox.get_nowait())
+            while True:
+                cmds.append(self._inbox.get_nowait())
+        except queue.Empty:
+            return cmds
+
     def _run(self) -> None:
         try:
             while True:
-                idle = not self.engine.has_unfinished()
-                try:
-                    cmd = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
+                for cmd in self._commands(wait=not self.engine.has_unfinished()):
                     if not self._handle(cmd):
                         return
-                    try:
-                        cmd = self._inbox.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if not self.engine.has_unfinished():
-                    self._stats = self.engine.stats()
-                    continue
-                for out in self.engine.step():
-                    with self._lock:
-                        stream = (self._streams.pop(out.request_id, None) if out.finished
-                                  else self._streams.get(out.request_id))
-                    if stream is not None:
-                        stream.put(out)
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        with self._lock:
+                            stream = (self._streams.pop(out.request_id, None) if out.finished
+                                      else self._streams.get(out.request_id))
+                        if stream is not None:
+                            stream.put(out)
                 self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every open stream must hear about it
             log.exception("engine loop stopped")

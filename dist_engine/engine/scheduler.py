@@ -2,11 +2,11 @@
 
 Each step, running sequences go first (FCFS), each feeding its next prefill chunk or its last
 sampled token, within ``max_num_batched_tokens``; then waiting sequences are admitted (prefix
-cache hits skip their cached blocks) while tokens, sequence slots and blocks remain. The
-completions of an ``n > 1`` request after the first wait until the first has computed the
-prompt, then share its full prompt blocks (reference counted, even without prefix caching). When blocks
+cache hits skip their cached blocks) while tokens, sequence slots and blocks remain. When blocks
 run out for a running sequence, the newest running sequence is preempted: its blocks are freed
 and it waits at the front of the queue to be recomputed (prefix caching makes that cheap).
+The completions of an ``n > 1`` request after the first wait until the first has computed the
+prompt, then share its full prompt blocks (reference counted, even without prefix caching).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
 from dist_engine.engine.outputs import RequestMetrics
@@ -61,19 +61,21 @@ class Sequence:
     def sampling_spec(self) -> SamplingSpec:
         p = self.params
         banned = self.banned_until_min if len(self.output_token_ids) < p.min_tokens else ()
-        spec = SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        penalties = {}
+        if p.has_penalties:
+            if self._prompt_set is None and p.repetition_penalty != 1.0:
+                self._prompt_set = tuple(sorted(set(self.prompt_token_ids)))
+            for tok in self.output_token_ids[self._counted:]:
+                self._counts[tok] = self._counts.get(tok, 0) + 1
+            self._counted = len(self.output_token_ids)
+            penalties = dict(repetition_penalty=p.repetition_penalty,
+                             presence_penalty=p.presence_penalty,
+                             frequency_penalty=p.frequency_penalty,
+                             prompt_ids=self._prompt_set or (),
+                             output_counts=tuple(self._counts.items()))
+        return SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                             min_p=p.min_p, seed=self.seed, logprobs=p.logprobs or 0,
-                            banned_token_ids=banned)
-        if not p.has_penalties:
-            return spec
-        if self._prompt_set is None and p.repetition_penalty != 1.0:
-            self._prompt_set = tuple(sorted(set(self.prompt_token_ids)))
-        for tok in self.output_token_ids[self._counted:]:
-            self._counts[tok] = self._counts.get(tok, 0) + 1
-        self._counted = len(self.output_token_ids)
-        return replace(spec, repetition_penalty=p.repetition_penalty,
-                       presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                       prompt_ids=self._prompt_set or (), output_counts=tuple(self._counts.items()))
+                            banned_token_ids=banned, **penalties)
 
     def take_text_delta(self) -> str:
         delta = self.text[self._sent_text:]

@@ -34,11 +34,6 @@ class SamplingSpec:
     prompt_ids: tuple[int, ...] = ()
     output_counts: tuple[tuple[int, int], ...] = ()
 
-    @property
-    def has_penalties(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
-
 
 @dataclass(frozen=True)
 class SeqWork:

@@ -46,6 +46,7 @@ class ModelRunner:
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -60,7 +61,6 @@ class ModelRunner:
         """How many blocks this rank can hold: the configured budget, or a fraction of the
         memory left after the weights and a measured activation peak."""
         cc, sc = self.config.cache, self.config.scheduler
-        self.memory_report: dict[str, int] = {"weight_bytes": self.weight_bytes()}
         if cc.num_blocks is not None:
             return cc.num_blocks
         per_block = self.kv_bytes_per_block()
@@ -100,7 +100,7 @@ class ModelRunner:
         work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
                        block_table=tuple(range(1, blocks + 1)), sample=True)
         step = StepInput(step_id=-1, seqs=(work,))
-        kv_written = (blocks + 1) * self.kv_bytes_per_block()
+        kv_written = blocks * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -78,7 +78,7 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
     tokens: list[int] = []
     top: list[tuple[tuple[int, float], ...]] = []
     for i, spec in enumerate(specs):
-        if spec.has_penalties:
+        if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
             apply_penalties(logits[i], spec)
         if spec.banned_token_ids:
             logits[i, list(spec.banned_token_ids)] = float("-inf")

@@ -75,7 +75,7 @@ class ShardWorker:
 
     def cache_info(self) -> dict[str, int]:
         return {"bytes_per_block": self.runner.kv_bytes_per_block(),
-                **getattr(self.runner, "memory_report", {"weight_bytes": self.runner.weight_bytes()})}
+                "weight_bytes": self.runner.weight_bytes(), **self.runner.memory_report}
 
     def init_cache(self, num_blocks: int) -> None:
         self.runner.init_cache(num_blocks)
