@@ -45,6 +45,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # MTP layers shipped at model.layers.{num_hidden_layers + j} (DeepSeek-V3 / GLM-4.5 style)
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -118,6 +120,7 @@ class ModelConfig:
             hidden_act=raw.get("hidden_act", "silu"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
         )
 
 
@@ -193,6 +196,56 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
+CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
+STAGES = ("normed", "raw")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """MTP self-speculative decoding.
+
+    ``model``: a folder holding a grafted MTP layer (``mtp_config.json`` + ``mtp.safetensors``,
+    written by ``dist-engine graft-mtp``); None uses the checkpoint's own MTP layers. The three
+    per-model settings: ``concat_order`` of ``eh_proj``'s input (DeepSeek/GLM put the embedding
+    first, MiMo the hidden state), ``hidden_stage`` of the main model's hidden state that feeds
+    the first draft step (after or before the final norm), and ``feedback``: what a chained
+    step feeds the next (the MTP block's output after ``shared_head.norm``, or before).
+    """
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+    model: str | None = None
+    concat_order: str = "emb_hidden"
+    hidden_stage: str = "normed"
+    feedback: str = "normed"
+    # Draft over only the first ``draft_vocab_size`` ids of the graft's frequency-ranked list
+    # (verification stays full-vocabulary). None: the graft's whole list, or the full vocabulary.
+    draft_vocab_size: int | None = None
+    # Lower K when a step would carry more draft tokens than this (the batch is then compute
+    # bound and drafts cost more than they save); 0: never lower it.
+    max_draft_tokens_per_step: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method != "mtp":
+            raise ValueError(f"speculative method {self.method!r} is not supported; use 'mtp'")
+        if not 1 <= self.num_speculative_tokens <= 8:
+            raise ValueError(f"num_speculative_tokens must be in 1..8, got {self.num_speculative_tokens}")
+        if self.concat_order not in CONCAT_ORDERS:
+            raise ValueError(f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}")
+        for name in ("hidden_stage", "feedback"):
+            if getattr(self, name) not in STAGES:
+                raise ValueError(f"{name} must be one of {STAGES}, got {getattr(self, name)!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.max_draft_tokens_per_step < 0:
+            raise ValueError("max_draft_tokens_per_step must be >= 0")
+
+    @property
+    def num_lookahead_slots(self) -> int:
+        """Slots past the sequence a step may write: K drafts verified, K-1 chained MTP slots."""
+        return 2 * self.num_speculative_tokens - 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -204,6 +257,7 @@ class EngineConfig:
     seed: int = 0
     # Threads per rank for CPU matmuls; None: the cores divided among the local ranks.
     cpu_threads: int | None = None
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -222,6 +276,18 @@ class EngineConfig:
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
                 "some ranks would hold no attention head"
             )
+        spec = self.speculative
+        if spec is not None:
+            if spec.model is None and m.num_nextn_predict_layers == 0:
+                raise ValueError(
+                    f"{m.path} has no MTP layer (num_nextn_predict_layers is 0): graft one with "
+                    "`dist-engine graft-mtp` and pass its folder as the speculative model"
+                )
+            if self.scheduler.num_lookahead_slots < spec.num_lookahead_slots:
+                raise ValueError(
+                    f"speculation with K={spec.num_speculative_tokens} needs "
+                    f"num_lookahead_slots >= {spec.num_lookahead_slots}"
+                )
         if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "

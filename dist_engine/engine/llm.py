@@ -12,6 +12,7 @@ from dist_engine.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from dist_engine.engine.llm_engine import LLMEngine
 from dist_engine.engine.outputs import RequestOutput
@@ -38,9 +39,18 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  executor: str = "auto", ray_address: str | None = None, seed: int = 0,
                  cpu_threads: int | None = None, skip_tokenizer_init: bool = False,
-                 shm_allreduce: bool = True) -> None:
+                 shm_allreduce: bool = True,
+                 speculative_config: dict | SpeculativeConfig | None = None) -> None:
+        """``speculative_config``: e.g. ``{"method": "mtp", "num_speculative_tokens": 3}``
+        (the model's own MTP layers, or the graft shipped for a known model), plus
+        ``"model": DIR`` for a graft folder; see ``SpeculativeConfig`` for the rest."""
         path = resolve_model(model)
         mcfg = ModelConfig.from_pretrained(path)
+        spec = None
+        if speculative_config is not None:
+            from dist_engine.graft.artifact import speculative_config as make_spec
+
+            spec = make_spec(speculative_config, path, model, mcfg.num_nextn_predict_layers > 0)
         max_len = max_model_len or min(mcfg.max_position_embeddings, 8192)
         if max_num_batched_tokens is None:  # a CPU chunk of 512 takes ~1.5 s on the default model
             max_num_batched_tokens = 512 if device == "cpu" else 2048
@@ -53,8 +63,9 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max(max_num_batched_tokens, 1),
-                                      max_model_len=max_len),
-            dtype=dtype, device=device, seed=seed, cpu_threads=cpu_threads,
+                                      max_model_len=max_len,
+                                      num_lookahead_slots=spec.num_lookahead_slots if spec else 0),
+            dtype=dtype, device=device, seed=seed, cpu_threads=cpu_threads, speculative=spec,
         )
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         self.engine = LLMEngine(self.config, self.tokenizer)

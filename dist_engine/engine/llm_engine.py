@@ -10,7 +10,12 @@ from dataclasses import replace
 
 from dist_engine.config import EngineConfig
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
-from dist_engine.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from dist_engine.engine.outputs import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    SpecDecodeStats,
+)
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.engine.scheduler import Scheduler
 from dist_engine.engine.sequence import Sequence
@@ -44,7 +49,11 @@ class LLMEngine:
         self.executor.init_cache(num_blocks)
         info = self.executor.cache_info()
         bs = config.cache.block_size
-        self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        spec = config.speculative
+        self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching,
+                                   hash_next_token=spec is not None)
+        self.spec_stats = SpecDecodeStats()
+        self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         per_tok = info["bytes_per_block"] // bs
         mib = 2**20
@@ -147,6 +156,7 @@ class LLMEngine:
             "generation_tokens": self.num_generated_tokens,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
+            "spec_decode": self.spec_stats.as_dict() if self.num_spec_tokens else None,
         }
 
     def has_unfinished(self) -> bool:
@@ -157,7 +167,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        step = StepInput(next(self._step_ids), tuple(Scheduler.work(s) for s in scheduled))
+        k = self._spec_k(sum(s.samples for s in scheduled))
+        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k) for s in scheduled))
         result = self.executor.execute(step)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -169,6 +180,11 @@ class LLMEngine:
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
+            if self.num_spec_tokens:
+                seq.num_computed += sampled.num_accepted  # their K/V were written by verification
+                seq.draft_token_ids = list(sampled.draft_token_ids)
+                self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
+                seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
             before = len(seq.output_token_ids)
             append_tokens(seq, sampled, self.eos_token_ids, now)
             self.num_generated_tokens += len(seq.output_token_ids) - before
@@ -183,6 +199,16 @@ class LLMEngine:
                 del self.requests[req.request_id]
                 self.num_finished += 1
         return outputs
+
+    def _spec_k(self, num_sampling: int) -> int:
+        """Drafts per sequence this step: K, lowered when the batch would carry more than
+        ``max_draft_tokens_per_step`` drafts (a large batch is compute-bound, so drafts there
+        cost about as much as they save; with none, the MTP layer still keeps its cache)."""
+        k = self.num_spec_tokens
+        budget = self.config.speculative.max_draft_tokens_per_step if k else 0
+        if budget and num_sampling * k > budget:
+            k = budget // num_sampling
+        return k
 
     def _output(self, req: Request) -> RequestOutput:
         outs = []

@@ -6,6 +6,59 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative acceptance, per request or engine-wide.
+
+    A verification step with k drafts that accepts a of them emits a + 1 tokens. Mean accepted
+    length = 1 + accepted / steps (tokens per verification step, as TensorRT-LLM and vLLM
+    report it); position j's acceptance = accepted at j / drafted at j.
+    """
+
+    num_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position
+    accepted_at: list[int] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=list)  # steps by number of accepted drafts
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts == 0:
+            return
+        self.num_steps += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for lst, n in ((self.drafted_at, num_drafts), (self.accepted_at, num_accepted),
+                       (self.histogram, num_accepted + 1)):
+            lst.extend([0] * (n - len(lst)))
+        for j in range(num_drafts):
+            self.drafted_at[j] += 1
+        for j in range(num_accepted):
+            self.accepted_at[j] += 1
+        self.histogram[num_accepted] += 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at + [0] * len(self.drafted_at),
+                                                      self.drafted_at)]
+
+    def as_dict(self) -> dict:
+        return {"num_steps": self.num_steps, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "mean_accepted_length": round(self.mean_accepted_length, 4),
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "per_position": [round(x, 4) for x in self.per_position],
+                "histogram": list(self.histogram)}
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -16,6 +69,7 @@ class RequestMetrics:
     num_preemptions: int = 0
     # seconds between consecutive output tokens (a step that yields k tokens adds k gaps of 1/k)
     inter_token_latencies: list[float] = field(default_factory=list)
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
     @property
     def queue_time(self) -> float | None:

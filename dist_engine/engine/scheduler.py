@@ -48,6 +48,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_blocks(seq.block_table)
         seq.block_hashes.clear()
+        seq.draft_token_ids.clear()
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.metrics.num_preemptions += 1
@@ -129,17 +130,32 @@ class Scheduler:
         seq.num_computed = len(seq.block_table) * bs
         seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
 
-    @staticmethod
-    def work(s: ScheduledSeq) -> SeqWork:
+    def work(self, s: ScheduledSeq, num_spec: int = 0) -> SeqWork:
+        """What the workers do for ``s``; with speculation (``num_spec`` = K this step), feed
+        its pending drafts and ask for up to K new ones, within the table, the context limit
+        and the tokens the request may still produce."""
         seq = s.seq
         start = seq.num_computed
+        tokens = seq.token_ids[start:start + s.num_new]
+        drafts, propose, next_token = (), 0, -1
+        if self.config.num_lookahead_slots and s.samples:
+            cap = min(len(seq.block_table) * self.blocks.block_size, self.config.max_model_len)
+            left = seq.params.max_tokens - len(seq.output_token_ids)  # tokens it may still emit
+            k = max(0, min(len(seq.draft_token_ids), num_spec, cap - seq.num_tokens, left - 1))
+            drafts = tuple(seq.draft_token_ids[:k])
+            propose = max(0, min(num_spec, cap - (seq.num_tokens + k) + 1, left - 2))
+        elif self.config.num_lookahead_slots:
+            next_token = seq.token_ids[start + s.num_new]  # the MTP layer reads one token ahead
         return SeqWork(
             seq_id=seq.seq_id,
-            token_ids=tuple(seq.token_ids[start:start + s.num_new]),
+            token_ids=tuple(tokens) + drafts,
             start_pos=start,
             block_table=tuple(seq.block_table),
             sample=s.samples,
             sampling=seq.sampling_spec(),
+            num_drafts=len(drafts),
+            propose=propose,
+            next_token=next_token,
         )
 
     def finish(self, seq: Sequence) -> None:

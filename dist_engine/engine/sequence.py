@@ -40,6 +40,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     banned_until_min: tuple[int, ...] = ()  # stop/EOS ids masked while under min_tokens
     leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks this one shares
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed last step, unverified
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
@@ -75,7 +76,9 @@ class Sequence:
                              output_counts=tuple(self._counts.items()))
         return SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                             min_p=p.min_p, seed=self.seed, logprobs=p.logprobs or 0,
-                            banned_token_ids=banned, **penalties)
+                            banned_token_ids=banned,
+                            banned_for=max(1, p.min_tokens - len(self.output_token_ids)),
+                            **penalties)
 
     def take_text_delta(self) -> str:
         delta = self.text[self._sent_text:]

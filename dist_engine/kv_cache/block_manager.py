@@ -26,8 +26,12 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_next_token: bool = False) -> None:
         self.block_size = block_size
+        # With an MTP layer, slot p of its cache depends on token p + 1: a block's hash then
+        # covers the token after it too, so a prefix hit is valid for that layer as well.
+        self.extra = int(hash_next_token)
         self.num_blocks = num_blocks
         self.prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -71,7 +75,7 @@ class BlockManager:
         parent = None
         max_blocks = (len(token_ids) - 1) // self.block_size
         for b in range(max_blocks):
-            tokens = tuple(token_ids[b * self.block_size:(b + 1) * self.block_size])
+            tokens = tuple(token_ids[b * self.block_size:(b + 1) * self.block_size + self.extra])
             parent = chain_hash(parent, tokens)
             block_id = self.cached.get(parent)
             if block_id is None:
@@ -111,9 +115,10 @@ class BlockManager:
         """
         if not self.prefix_caching:
             return
-        for b in range(len(block_hashes), num_verified // self.block_size):
+        bs = self.block_size
+        for b in range(len(block_hashes), min(num_verified, len(token_ids) - self.extra) // bs):
             parent = block_hashes[-1] if block_hashes else None
-            h = chain_hash(parent, tuple(token_ids[b * self.block_size:(b + 1) * self.block_size]))
+            h = chain_hash(parent, tuple(token_ids[b * bs:(b + 1) * bs + self.extra]))
             block = self.blocks[block_table[b]]
             if block.hash is None:
                 block.hash = h

@@ -103,11 +103,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, return_prenorm: bool = False):
         x = self.embed_tokens(ids)  # [T, hidden]
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(positions, x, kv, meta)
-        return self.norm(x)
+        return (self.norm(x), x) if return_prenorm else self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -134,9 +134,10 @@ class LlamaForCausalLM(nn.Module):
             self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Final-norm hidden states ``[T, hidden]`` of every input token."""
-        return self.model(ids, positions, kv_caches, meta)
+                meta: AttentionMetadata, return_prenorm: bool = False):
+        """Final-norm hidden states ``[T, hidden]`` of every input token (and, if asked, the
+        same before the final norm)."""
+        return self.model(ids, positions, kv_caches, meta, return_prenorm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         return self.lm_head(hidden)

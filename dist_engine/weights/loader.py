@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -47,14 +47,18 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, LazySlice]]:
                 yield name, LazySlice(handle, name)
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Fill ``model``'s parameters from the checkpoint at ``path`` (this rank's slices only)."""
+def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | None = None) -> None:
+    """Fill ``model``'s parameters from the checkpoint at ``path`` (this rank's slices only).
+
+    ``select``: which checkpoint tensors belong to ``model`` (the rest are another module's,
+    e.g. MTP layers stored alongside the main model); default all.
+    """
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_suffixes", ())
     expected = {name for name, _ in model.named_parameters()}
     filled: dict[str, set] = {}
     for name, lazy in iter_checkpoint(path):
-        if name.endswith(ignored):
+        if name.endswith(ignored) or (select is not None and not select(name)):
             continue
         module_path, _, which = name.rpartition(".")
         shard_id = None

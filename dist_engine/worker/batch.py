@@ -19,8 +19,11 @@ class ForwardBatch:
     ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
     meta: AttentionMetadata
-    sample_index: torch.Tensor  # [N] long: token index whose hidden state is sampled from
-    sample_seqs: list[SeqWork]  # the N sequences that sample, in that order
+    # [N] long: token indices whose hidden states are sampled from: the last 1 + num_drafts
+    # fed tokens of each sampling sequence, in order
+    sample_index: torch.Tensor
+    sample_seqs: list[SeqWork]  # the sequences that sample, in that order
+    starts: list[int]  # flat index of each sequence's first token (all sequences, step order)
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -78,7 +81,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
             positions.append(p)
             slots.append(s.block_table[p // block_size] * block_size + p % block_size)
         if s.sample:
-            sample_index.append(len(ids) - 1)
+            sample_index.extend(range(len(ids) - 1 - s.num_drafts, len(ids)))
     small = [k for k, s in enumerate(seqs) if len(s.token_ids) <= SMALL_QUERY]
     large = [k for k, s in enumerate(seqs) if len(s.token_ids) > SMALL_QUERY]
     groups = []
@@ -104,4 +107,5 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         meta=meta,
         sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         sample_seqs=[s for s in seqs if s.sample],
+        starts=starts,
     )

@@ -25,6 +25,7 @@ class SamplingSpec:
     seed: int = 0
     logprobs: int = 0  # number of top logprobs to return (0: none; sampled token's always)
     banned_token_ids: tuple[int, ...] = ()  # never drawn (EOS/stop ids before min_tokens)
+    banned_for: int = 1  # ...for this many upcoming tokens (drafts verified in one step count)
     # Penalties, applied to the raw logits before temperature and masks (as vLLM does). The
     # token context is sent only when a penalty is on: the prompt's distinct ids (repetition
     # penalty) and (id, count) of the generated ids (all three penalties).
@@ -45,6 +46,12 @@ class SeqWork:
     block_table: tuple[int, ...]  # logical block i of the sequence -> block id
     sample: bool  # draw a token after the last fed one (false for a non-final prefill chunk)
     sampling: SamplingSpec = SamplingSpec()
+    # Speculative decoding: the last ``num_drafts`` fed tokens are drafts to verify; the worker
+    # then proposes ``propose`` drafts for the next step. ``next_token`` is the prompt token
+    # after a non-final prefill chunk (the MTP layer at position p reads token p + 1).
+    num_drafts: int = 0
+    propose: int = 0
+    next_token: int = -1
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own
@@ -62,6 +69,12 @@ class SampledTokens:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]  # logprob of each sampled token under the (unmasked) model
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()  # per token: (id, logprob)
+    num_drafts: int = 0  # drafts verified this step; the first len(token_ids) - 1 were accepted
+    draft_token_ids: tuple[int, ...] = ()  # proposed for the next step
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.token_ids) - 1 if self.num_drafts else 0
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "weight_gemv"):
                 add_gemv_copy(module)
+        self.mtp = None
+        if config.speculative is not None:
+            from dist_engine.worker.spec_decode import MTPDecoder
+
+            self.mtp = MTPDecoder(self, config)
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -52,10 +57,16 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """K and V of one block, all layers, this rank."""
         per_token = 2 * self.local_kv_heads * self.head_dim * self.dtype.itemsize
-        return per_token * self.block_size * self.config.model.num_hidden_layers
+        layers = self.config.model.num_hidden_layers + (self.mtp is not None)
+        return per_token * self.block_size * layers
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        params = list(self.model.parameters())
+        if self.mtp is not None:
+            params += list(self.mtp.mtp.parameters())
+            if self.mtp.draft_head is not None:
+                params.append(self.mtp.draft_head.weight)
+        return sum(p.numel() * p.element_size() for p in params)
 
     def available_kv_blocks(self, local_ranks: int) -> int:
         """How many blocks this rank can hold: the configured budget, or a fraction of the
@@ -111,6 +122,8 @@ class ModelRunner:
         else:
             peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
         self.kv_caches = []
+        if self.mtp is not None:
+            self.mtp.kv = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return max(0, int(peak))
@@ -121,18 +134,25 @@ class ModelRunner:
         # Uninitialised (memory is committed as blocks are first written), except block 0:
         # padded key positions gather slot 0, and a masked key must never hold NaN garbage.
         self.kv_caches = []
-        for _ in range(self.config.model.num_hidden_layers):
+        for _ in range(self.config.model.num_hidden_layers + (self.mtp is not None)):
             k = torch.empty(shape, dtype=self.dtype, device=self.device)
             v = torch.empty(shape, dtype=self.dtype, device=self.device)
             k[: self.block_size].zero_()
             v[: self.block_size].zero_()
             self.kv_caches.append((k, v))
+        if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
+            self.mtp.kv = self.kv_caches.pop()
 
     # ---- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         batch = build_batch(step.seqs, self.block_size, self.config.model.sliding_window,
                             self.heads_per_kv, self.dtype, self.device)
+        if self.mtp is not None:
+            raw = self.config.speculative.hidden_stage == "raw"
+            out = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
+            hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
+            return self.mtp.step(step, batch, hidden, prenorm)
         hidden = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta)  # [T, hidden]
         if not batch.sample_seqs:
             return StepOutput(step.step_id, {})

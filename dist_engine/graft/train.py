@@ -1,0 +1,200 @@
+"""``dist-engine graft-mtp``: fit an MTP layer to a frozen base model by self-distillation.
+
+1. Data: the base model's own answers to the prompt set (``data.py``; our batched engine).
+2. Teacher pass (transformers, once): for every position p the base's final-norm hidden state
+   h[p] and its greedy prediction y[p] of token p + 1.
+3. Training, chained through ``depth`` steps as the engine runs them: step 1 reads (h[p],
+   x[p+1]) and must predict y[p+1]; step d reads step d-1's (normed) output and x[p+d] and must
+   predict y[p+d]. Cross-entropy over the draft vocabulary (the most frequent predicted ids);
+   the base stays frozen, the embedding and head are the base's.
+4. Report on held-out answers: teacher-forced top-1 accuracy per depth, against the untrained
+   layer and a repeat-the-last-token baseline; checkpoints after every epoch (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dist_engine.config import ModelConfig
+from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint
+from dist_engine.graft.model import GraftMTP
+from dist_engine.weights.loader import checkpoint_files
+from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
+
+log = logging.getLogger(__name__)
+
+
+def teacher_pass(model_path: str, seqs: list[list[int]], batch_tokens: int = 4096
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for s in tqdm(seqs, desc="teacher pass", unit="seq"):
+            h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
+            out.append((h.clone(), model.lm_head(h).argmax(-1)))
+    return out
+
+
+class Batches:
+    """Right-padded batches of (tokens, hidden, predictions), similar lengths together."""
+
+    def __init__(self, seqs, teach, batch_size: int, shuffle_seed: int | None) -> None:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        self.groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if shuffle_seed is not None:
+            g = torch.Generator().manual_seed(shuffle_seed)
+            self.groups = [self.groups[i] for i in torch.randperm(len(self.groups), generator=g)]
+        self.seqs, self.teach = seqs, teach
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        for idx in self.groups:
+            L = max(len(self.seqs[i]) for i in idx)
+            x = torch.zeros(len(idx), L, dtype=torch.long)
+            y = torch.full((len(idx), L), -1, dtype=torch.long)
+            h = torch.zeros(len(idx), L, self.teach[idx[0]][0].shape[-1])
+            for b, i in enumerate(idx):
+                n = len(self.seqs[i])
+                x[b, :n] = torch.tensor(self.seqs[i])
+                h[b, :n], y[b, :n] = self.teach[i]
+            yield x, h, y
+
+
+def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h, depth: int):
+    """Draft logits ``[B, L - d, V']`` for depths d = 1..depth (position p predicts p + 1 + d)."""
+    B, L = x.shape
+    out = []
+    feed = h[:, : L - 1]
+    for d in range(1, depth + 1):
+        n = L - d
+        if n <= 0:
+            break
+        pos = torch.arange(d - 1, d - 1 + n).expand(B, n)
+        g = mtp(F.embedding(x[:, d:d + n], embed), feed[:, :n], pos)  # [B, n, H]
+        normed = mtp.shared_head_norm(g)
+        out.append(normed @ head.t())  # [B, n, V']
+        feed = normed
+    return out
+
+
+def evaluate(mtp, embed, head, remap, batches, depth: int) -> dict:
+    """Teacher-forced top-1 accuracy per depth on the answers (predictions in the draft vocab)."""
+    hits = [0] * depth
+    total = [0] * depth
+    repeat_hits = total_repeat = 0
+    with torch.no_grad():
+        for x, h, y in batches:
+            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
+                tgt = y[:, d:d + logits.shape[1]]
+                valid = tgt >= 0
+                pred = remap[logits.argmax(-1)]
+                hits[d - 1] += int(((pred == tgt) & valid).sum())
+                total[d - 1] += int(valid.sum())
+            valid = y[:, 1:] >= 0
+            repeat_hits += int(((x[:, 1:] == y[:, 1:]) & valid).sum())
+            total_repeat += int(valid.sum())
+    acc = [hh / max(1, t) for hh, t in zip(hits, total)]
+    expected, run = 1.0, 1.0
+    for a in acc:
+        run *= a
+        expected += run
+    return {"accuracy_per_depth": [round(a, 4) for a in acc],
+            "repeat_last_token_accuracy": round(repeat_hits / max(1, total_repeat), 4),
+            "estimated_mean_accepted_length": round(expected, 3)}
+
+
+def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int]], out_dir: str,
+          *, epochs: int = 4, depth: int = 3, lr: float = 5e-4, batch_size: int = 8,
+          draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
+          extra_meta: dict | None = None) -> dict:
+    cfg = ModelConfig.from_pretrained(model_path)
+    if cfg.qk_norm:
+        raise ValueError("grafting supports Llama/Mistral/Qwen2-style blocks (no q/k norm)")
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed)
+    base = {}
+    for f in checkpoint_files(model_path):
+        base.update(load_file(f))
+    embed = base["model.embed_tokens.weight"].float()
+    full_head = base.get("lm_head.weight", embed).float()
+    teach = teacher_pass(model_path, train_seqs + held_seqs)
+    t_train, t_held = teach[:len(train_seqs)], teach[len(train_seqs):]
+    counts = torch.bincount(torch.cat([y for _, y in t_train]), minlength=cfg.vocab_size)
+    vocab_ids = torch.argsort(counts, descending=True, stable=True)[:draft_vocab_size]
+    coverage = float(counts[vocab_ids].sum() / counts.sum())
+    remap = vocab_ids  # draft index -> token id
+    to_draft = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+    to_draft[vocab_ids] = torch.arange(len(vocab_ids))
+    head = full_head[vocab_ids]  # [V', H]
+    max_len = max(len(s) for s in train_seqs + held_seqs) + depth + 1
+    mtp = GraftMTP(cfg, max_len)
+    mtp.init_from_base(base)
+    held = Batches(held_seqs, t_held, batch_size, None)
+    report = {"untrained": evaluate(mtp, embed, head, remap, held, depth)}
+    opt = torch.optim.AdamW(mtp.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * len(Batches(train_seqs, t_train, batch_size, None))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    ckpt = os.path.join(out_dir, "graft_checkpoint.pt")
+    start_epoch = 0
+    if os.path.isfile(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        mtp.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch = state["epoch"]
+        report = state["report"]
+        log.info("resuming from %s after epoch %d", ckpt, start_epoch)
+    weights = [1.0, 0.8, 0.6, 0.5][:depth] + [0.5] * max(0, depth - 4)
+    t0 = time.time()
+    for epoch in range(start_epoch, epochs):
+        bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch), desc=f"epoch {epoch + 1}/{epochs}")
+        for x, h, y in bar:
+            loss = torch.zeros(())
+            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
+                tgt = to_draft[y[:, d:d + logits.shape[1]].clamp(min=0)]
+                tgt = tgt.masked_fill(y[:, d:d + logits.shape[1]] < 0, -1)
+                loss = loss + weights[d - 1] * F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mtp.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        report[f"epoch_{epoch + 1}"] = evaluate(mtp, embed, head, remap, held, depth)
+        log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
+        torch.save({"model": mtp.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "report": report}, ckpt)
+    tensors = mtp.export(getattr(torch, dtype))
+    tensors[DRAFT_VOCAB_TENSOR] = vocab_ids.contiguous()
+    save_file(tensors, os.path.join(out_dir, GRAFT_WEIGHTS))
+    meta = {
+        "base_model": os.path.basename(os.path.normpath(model_path)),
+        "base_fingerprint": base_fingerprint(model_path),
+        "concat_order": "emb_hidden", "hidden_stage": "normed", "feedback": "normed",
+        "num_nextn_predict_layers": 1, "draft_vocab_size": len(vocab_ids),
+        "draft_vocab_coverage": round(coverage, 4),
+        "training": {"epochs": epochs, "depth": depth, "lr": lr, "batch_size": batch_size,
+                     "train_sequences": len(train_seqs), "train_tokens": sum(map(len, train_seqs)),
+                     "held_out_sequences": len(held_seqs), "seconds": round(time.time() - t0, 1),
+                     "targets": "hard (base greedy predictions)", **(extra_meta or {})},
+        "held_out": report,
+    }
+    with open(os.path.join(out_dir, GRAFT_CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta

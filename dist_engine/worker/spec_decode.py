@@ -1,0 +1,205 @@
+"""MTP self-speculative decoding on a shard worker: verify, accept, catch the MTP layer up, draft.
+
+A step feeds each decoding sequence its last verified token plus the drafts proposed last step.
+The main model's logits at those K + 1 positions are sampled exactly as plain decoding would
+sample them (each row with the preceding drafts in its penalty / min-tokens context, Gumbel
+noise keyed by the position), and drafts are accepted while they equal the sampled tokens. So
+output is identical to plain decoding; rejected positions' K/V are simply not counted (the
+driver advances a sequence by the accepted tokens only, later steps overwrite the rest).
+
+The MTP layer then writes its own K/V for every newly verified position from the main model's
+hidden states (slot p reads h[p] and token p + 1), which yields the first draft, and chains
+itself K - 1 more times on its own output. Drafts use the same Gumbel noise as the verifier
+will at that position, so for sampled requests a draft is accepted whenever the draft and the
+target distributions pick the same token under shared noise. Everything happens in this one
+call: the driver sees one round trip per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from dist_engine.config import EngineConfig
+from dist_engine.layers.linear import add_gemv_copy, project
+from dist_engine.models.mtp import LlamaMTP
+from dist_engine.weights.loader import iter_checkpoint, load_weights
+from dist_engine.worker.batch import ForwardBatch, build_batch
+from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
+from dist_engine.worker.sampler import gumbel_noise, sample
+
+DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
+GRAFT_WEIGHTS = "mtp.safetensors"
+
+
+class DraftHead(nn.Module):
+    """The main lm head restricted to a draft vocabulary (replicated: no collective)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
+        self.vocab_ids = vocab_ids  # [V'] long
+        self.weight_gemv = None
+        add_gemv_copy(self)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
+        return project(self, h).float()
+
+
+def _full_head_weight(runner, cfg: EngineConfig) -> torch.Tensor:
+    """The whole ``[vocab, H]`` head: this rank's copy at TP=1, else read from the checkpoint."""
+    if runner.comm.world_size == 1:
+        return runner.model.lm_head.weight.data
+    want = "model.embed_tokens.weight" if cfg.model.tie_word_embeddings else "lm_head.weight"
+    for name, lazy in iter_checkpoint(cfg.model.path):
+        if name == want:
+            return lazy[:].to(runner.dtype)
+    raise ValueError(f"{cfg.model.path} has no {want}")
+
+
+def row_spec(spec: SamplingSpec, drafts: tuple[int, ...]) -> SamplingSpec:
+    """The spec for the token after ``drafts`` (assumed accepted): penalties count them, the
+    min-tokens ban covers only the first ``banned_for`` tokens."""
+    j = len(drafts)
+    if j == 0:
+        return spec
+    changes = {}
+    if spec.banned_token_ids and j >= spec.banned_for:
+        changes["banned_token_ids"] = ()
+    if spec.repetition_penalty != 1.0 or spec.presence_penalty or spec.frequency_penalty:
+        counts = dict(spec.output_counts)
+        for t in drafts:
+            counts[t] = counts.get(t, 0) + 1
+        changes["output_counts"] = tuple(counts.items())
+    return replace(spec, **changes) if changes else spec
+
+
+class MTPDecoder:
+    def __init__(self, runner, config: EngineConfig) -> None:
+        self.runner = runner
+        self.spec = spec = config.speculative
+        mcfg = config.model
+        with torch.device(runner.device):
+            self.mtp = LlamaMTP(mcfg, runner.comm, runner.dtype, config.scheduler.max_model_len,
+                                emb_first=spec.concat_order == "emb_hidden")
+        prefix = self.mtp.prefix()
+        src = spec.model or mcfg.path
+        load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
+        self.mtp.eval()
+        for module in self.mtp.modules():
+            if hasattr(module, "weight_gemv"):
+                add_gemv_copy(module)
+        self.draft_head: DraftHead | None = None
+        vocab_ids = None
+        if spec.model is not None:
+            for name, lazy in iter_checkpoint(spec.model):
+                if name == DRAFT_VOCAB_TENSOR:
+                    vocab_ids = lazy[:].long()
+        if spec.draft_vocab_size is not None:
+            if vocab_ids is None:  # no frequency list: the lowest ids (byte tokens, merges first)
+                vocab_ids = torch.arange(mcfg.vocab_size)
+            vocab_ids = vocab_ids[: spec.draft_vocab_size]
+        if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
+            weight = _full_head_weight(runner, config)[vocab_ids].clone()
+            self.draft_head = DraftHead(weight.to(runner.device), vocab_ids.to(runner.device))
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- drafting ----------------------------------------------------------------------------
+    def _draft(self, g: torch.Tensor, seqs: list[SeqWork], positions: list[int]) -> list[int]:
+        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``."""
+        normed = self.mtp.layer.shared_head.norm(g)
+        if self.draft_head is not None:
+            logits, ids = self.draft_head(normed), self.draft_head.vocab_ids  # [N, V']
+        else:
+            logits, ids = self.runner.model.compute_logits(normed), None  # [N, V]
+        out = []
+        for i, (s, pos) in enumerate(zip(seqs, positions)):
+            spec = s.sampling
+            if spec.temperature == 0.0:
+                k = int(torch.argmax(logits[i]))
+            else:
+                g_noise = gumbel_noise(spec.seed, pos, self.runner.config.model.vocab_size)
+                g_noise = g_noise.to(logits.device)
+                k = int(torch.argmax(logits[i] / spec.temperature +
+                                     (g_noise if ids is None else g_noise[ids])))
+            out.append(k if ids is None else int(ids[k]))
+        return out
+
+    def _run(self, work: list[SeqWork], hidden: torch.Tensor) -> tuple[torch.Tensor, ForwardBatch]:
+        r = self.runner
+        batch = build_batch(tuple(work), r.block_size, r.config.model.sliding_window,
+                            r.heads_per_kv, r.dtype, r.device)
+        emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
+        g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
+        return g, batch
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
+             prenorm: torch.Tensor | None) -> StepOutput:
+        r = self.runner
+        sampled: dict[int, SampledTokens] = {}
+        if batch.sample_seqs:
+            logits = r.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
+            specs, positions = [], []
+            for s in batch.sample_seqs:
+                drafts = s.token_ids[len(s.token_ids) - s.num_drafts:]
+                for j in range(s.num_drafts + 1):
+                    specs.append(row_spec(s.sampling, drafts[:j]))
+                    positions.append(s.context_len - s.num_drafts + j)
+            tokens, lps, top = sample(logits, specs, positions)
+            row = 0
+            for s in batch.sample_seqs:
+                k = s.num_drafts
+                drafts = s.token_ids[len(s.token_ids) - k:]
+                a = 0
+                while a < k and drafts[a] == tokens[row + a]:
+                    a += 1
+                sampled[s.seq_id] = SampledTokens(
+                    tuple(tokens[row:row + a + 1]), tuple(lps[row:row + a + 1]),
+                    tuple(top[row:row + a + 1]) if any(top[row:row + a + 1]) else (), num_drafts=k)
+                row += k + 1
+        # The MTP layer catches up on every verified position of this step.
+        source = hidden if self.spec.hidden_stage == "normed" else prenorm
+        work, rows, proposers, last_pos = [], [], [], []
+        for s, start in zip(step.seqs, batch.starts):
+            base = len(s.token_ids) - s.num_drafts
+            if s.sample:
+                got = sampled[s.seq_id].token_ids
+                m = base + len(got) - 1
+                toks = s.token_ids[1:m] + (got[-1],)
+            elif s.next_token >= 0:
+                m, toks = base, s.token_ids[1:] + (s.next_token,)
+            else:
+                continue
+            wants = s.sample and s.propose > 0
+            work.append(SeqWork(s.seq_id, toks, s.start_pos, s.block_table, wants, s.sampling))
+            rows.extend(range(start, start + m))
+            if wants:
+                proposers.append(work[-1])
+                last_pos.append(s.start_pos + m - 1)
+        if not work:
+            return StepOutput(step.step_id, sampled)
+        g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
+        if not proposers:
+            return StepOutput(step.step_id, sampled)
+        g = g[mbatch.sample_index]  # [N, H] outputs at each proposer's last position
+        drafts = {s.seq_id: [] for s in proposers}
+        wanted = {s.seq_id: next(x.propose for x in step.seqs if x.seq_id == s.seq_id)
+                  for s in proposers}
+        active, pos = proposers, last_pos
+        while True:
+            new = self._draft(g, active, [p + 2 for p in pos])
+            for s, t in zip(active, new):
+                drafts[s.seq_id].append(t)
+            keep = [i for i, s in enumerate(active) if len(drafts[s.seq_id]) < wanted[s.seq_id]]
+            if not keep:
+                break
+            feed = g if self.spec.feedback == "raw" else self.mtp.layer.shared_head.norm(g)
+            active = [replace(active[i], token_ids=(new[i],), start_pos=pos[i] + 1) for i in keep]
+            pos = [pos[i] + 1 for i in keep]
+            g, _ = self._run(active, feed[torch.tensor(keep, device=g.device)])
+        for sid, d in drafts.items():
+            sampled[sid] = replace(sampled[sid], draft_token_ids=tuple(d))
+        return StepOutput(step.step_id, sampled)
