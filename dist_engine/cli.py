@@ -42,6 +42,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of the memory left after weights and activations given to the KV cache")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+    p.add_argument("--speculative", choices=("auto", "mtp", "none"), default="auto",
+                   help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
+                        "a shipped graft")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step (K, 1-4)")
+    p.add_argument("--speculative-model", default=None,
+                   help="a graft folder from `dist-engine graft-mtp` (default: the model's own "
+                        "MTP layers or the graft shipped for it)")
+
+
+def speculative_arg(a: argparse.Namespace) -> dict | None:
+    if a.speculative == "none":
+        return None
+    spec = {"method": "mtp", "num_speculative_tokens": a.num_speculative_tokens}
+    if a.speculative_model:
+        spec["model"] = a.speculative_model
+    if a.speculative == "auto" and not a.speculative_model:
+        from dist_engine.config import ModelConfig
+        from dist_engine.graft.artifact import shipped_graft
+        from dist_engine.weights.registry import resolve_model
+
+        native = ModelConfig.from_pretrained(resolve_model(a.model)).num_nextn_predict_layers > 0
+        if not native and shipped_graft(a.model) is None:
+            return None
+    return spec
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -50,7 +74,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 block_size=a.block_size, memory_fraction=a.memory_fraction,
                 enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                ray_address=a.ray_address, cpu_threads=a.cpu_threads)
+                ray_address=a.ray_address, cpu_threads=a.cpu_threads,
+                speculative_config=speculative_arg(a))
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -83,13 +108,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
         timings = {"time_to_first_token_s": round(ttft or 0.0, 4), "total_s": round(elapsed, 4),
                    "tokens_per_s": round(n / elapsed, 2) if elapsed else 0.0,
                    "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s else 0.0}
+        spec = final.metrics.spec if llm.config.speculative else None
         if a.json:
             print(json.dumps({"prompt_token_ids": ids, "token_ids": c.token_ids, "text": c.text,
-                              "finish_reason": c.finish_reason, "timings": timings}))
+                              "finish_reason": c.finish_reason, "timings": timings,
+                              "speculative": spec.as_dict() if spec else None}))
         else:
+            accept = (f", MTP K={llm.config.speculative.num_speculative_tokens}: mean accepted length "
+                      f"{spec.mean_accepted_length:.2f}, per position "
+                      f"{'/'.join(f'{x:.0%}' for x in spec.per_position)}" if spec else "")
             print(f"\n[{n} tokens, finish={c.finish_reason}, TTFT {timings['time_to_first_token_s']*1000:.0f} ms, "
-                  f"{timings['tokens_per_s']:.1f} tok/s overall, {timings['decode_tokens_per_s']:.1f} tok/s decode]",
-                  file=sys.stderr)
+                  f"{timings['tokens_per_s']:.1f} tok/s overall, {timings['decode_tokens_per_s']:.1f} tok/s decode"
+                  f"{accept}]", file=sys.stderr)
     finally:
         llm.shutdown()
     return 0
@@ -134,6 +164,35 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_graft(a: argparse.Namespace) -> int:
+    import os
+
+    from dist_engine.graft.data import generate_answers
+    from dist_engine.graft.prompts import split_prompts
+    from dist_engine.graft.train import graft
+    from dist_engine.weights.registry import resolve_model
+
+    path = resolve_model(a.model)
+    train_p, held_p = split_prompts()
+    answers_file = a.answers or os.path.join(a.out, "answers.jsonl")
+    recs = generate_answers(a.model, train_p + held_p, answers_file,
+                            samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
+                            batch=a.batch)
+    held = set(held_p)
+    seqs = {True: [], False: []}
+    for r in recs:
+        seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
+    meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
+                 draft_vocab_size=a.draft_vocab, dtype=a.save_dtype,
+                 extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
+    last = meta["held_out"][f"epoch_{a.epochs}"]
+    print(f"graft written to {a.out}: held-out accuracy per depth {last['accuracy_per_depth']} "
+          f"(untrained {meta['held_out']['untrained']['accuracy_per_depth']}, repeat-last-token "
+          f"{last['repeat_last_token_accuracy']}); draft vocabulary covers "
+          f"{meta['draft_vocab_coverage']:.1%} of predictions")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-engine", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="dist_engine's log level")
@@ -174,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--seed", type=int, default=None)
     cl.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     cl.set_defaults(func=cmd_client)
+
+    gm = sub.add_parser("graft-mtp", help="fit an MTP layer to a model by self-distillation")
+    gm.add_argument("--model", default=DEFAULT_MODEL)
+    gm.add_argument("--out", required=True, help="graft folder (resumes if it holds a checkpoint)")
+    gm.add_argument("--answers", default=None, help="answers file (default OUT/answers.jsonl)")
+    gm.add_argument("--samples-per-prompt", type=int, default=2,
+                    help="answers per prompt: one greedy, the rest sampled at T=0.7")
+    gm.add_argument("--max-tokens", type=int, default=192)
+    gm.add_argument("--batch", type=int, default=96, help="concurrent generations")
+    gm.add_argument("--epochs", type=int, default=4)
+    gm.add_argument("--depth", type=int, default=3, help="chained MTP steps trained")
+    gm.add_argument("--lr", type=float, default=5e-4)
+    gm.add_argument("--draft-vocab", type=int, default=8192,
+                    help="draft over this many most frequent predicted tokens")
+    gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")
+    gm.set_defaults(func=cmd_graft)
 
     c = sub.add_parser("convert", help="convert a Llama-family GGUF file to an HF-format folder")
     c.add_argument("--gguf", required=True)

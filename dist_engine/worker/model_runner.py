@@ -36,7 +36,10 @@ class ModelRunner:
             self.model = model_class(mcfg.architecture)(
                 mcfg, comm, self.dtype, config.scheduler.max_model_len
             )
-        load_weights(self.model, mcfg.path)
+        # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
+        mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
+                           for j in range(mcfg.num_nextn_predict_layers))
+        load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
         for module in self.model.modules():
             if hasattr(module, "weight_gemv"):

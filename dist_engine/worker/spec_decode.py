@@ -76,6 +76,26 @@ def row_spec(spec: SamplingSpec, drafts: tuple[int, ...]) -> SamplingSpec:
     return replace(spec, **changes) if changes else spec
 
 
+def accept_drafts(drafts: tuple[int, ...], targets: list[int]) -> int:
+    """How many leading drafts equal the tokens the verifier drew at their positions."""
+    a = 0
+    while a < len(drafts) and drafts[a] == targets[a]:
+        a += 1
+    return a
+
+
+def pick_draft(logits: torch.Tensor, spec: SamplingSpec, position: int, vocab_size: int,
+               ids: torch.Tensor | None = None) -> int:
+    """A draft from draft logits ``[V']`` (over token ids ``ids``; None: the full vocabulary):
+    greedy, or the Gumbel-max draw with the noise the verifier uses at ``position``."""
+    if spec.temperature == 0.0:
+        k = int(torch.argmax(logits))
+    else:
+        g = gumbel_noise(spec.seed, position, vocab_size).to(logits.device)
+        k = int(torch.argmax(logits / spec.temperature + (g if ids is None else g[ids])))
+    return k if ids is None else int(ids[k])
+
+
 class MTPDecoder:
     def __init__(self, runner, config: EngineConfig) -> None:
         self.runner = runner
@@ -114,18 +134,12 @@ class MTPDecoder:
             logits, ids = self.draft_head(normed), self.draft_head.vocab_ids  # [N, V']
         else:
             logits, ids = self.runner.model.compute_logits(normed), None  # [N, V]
-        out = []
-        for i, (s, pos) in enumerate(zip(seqs, positions)):
-            spec = s.sampling
-            if spec.temperature == 0.0:
-                k = int(torch.argmax(logits[i]))
-            else:
-                g_noise = gumbel_noise(spec.seed, pos, self.runner.config.model.vocab_size)
-                g_noise = g_noise.to(logits.device)
-                k = int(torch.argmax(logits[i] / spec.temperature +
-                                     (g_noise if ids is None else g_noise[ids])))
-            out.append(k if ids is None else int(ids[k]))
-        return out
+        vocab = self.runner.config.model.vocab_size
+        if all(s.sampling.temperature == 0.0 for s in seqs):  # one argmax for the batch
+            best = logits.argmax(-1)
+            return (best if ids is None else ids[best]).tolist()
+        return [pick_draft(logits[i], s.sampling, pos, vocab, ids)
+                for i, (s, pos) in enumerate(zip(seqs, positions))]
 
     def _run(self, work: list[SeqWork], hidden: torch.Tensor) -> tuple[torch.Tensor, ForwardBatch]:
         r = self.runner
@@ -152,10 +166,7 @@ class MTPDecoder:
             row = 0
             for s in batch.sample_seqs:
                 k = s.num_drafts
-                drafts = s.token_ids[len(s.token_ids) - k:]
-                a = 0
-                while a < k and drafts[a] == tokens[row + a]:
-                    a += 1
+                a = accept_drafts(s.token_ids[len(s.token_ids) - k:], tokens[row:row + k])
                 sampled[s.seq_id] = SampledTokens(
                     tuple(tokens[row:row + a + 1]), tuple(lps[row:row + a + 1]),
                     tuple(top[row:row + a + 1]) if any(top[row:row + a + 1]) else (), num_drafts=k)

@@ -1,0 +1,314 @@
+"""MTP self-speculative decoding: identical output to plain decoding, the MTP forward against an
+independent reference, native DeepSeek-named MTP weights, grafting, and exact sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from conftest import hf_model
+from dist_engine import LLM, SamplingParams
+
+ARGS = dict(skip_tokenizer_init=True, max_model_len=160, num_kv_blocks=200, block_size=4)
+rng = random.Random(5)
+PROMPTS = [[1] + [rng.randrange(3, 320) for _ in range(rng.randrange(2, 30))] for _ in range(8)]
+LENS = [rng.randrange(5, 40) for _ in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def grafted(tiny_models, tmp_path_factory):
+    """The tiny Llama with an MTP layer grafted on its own generations (about 20 s)."""
+    from dist_engine.graft.train import graft
+
+    path = tiny_models("llama")
+    r = random.Random(0)
+    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
+    with LLM(path, skip_tokenizer_init=True, max_model_len=128) as llm:
+        outs = llm.generate(prompt_token_ids=prompts,
+                            sampling_params=SamplingParams(max_tokens=40, ignore_eos=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    out = str(tmp_path_factory.mktemp("graft"))
+    meta = graft(path, seqs[:450], seqs[450:], out, epochs=3, depth=3, lr=3e-3, batch_size=16,
+                 draft_vocab_size=320, dtype="float32")
+    return path, out, meta
+
+
+def spec(folder: str, k: int, **kw) -> dict:
+    return {"method": "mtp", "model": folder, "num_speculative_tokens": k, **kw}
+
+
+def mixed_params() -> list[SamplingParams]:
+    """Greedy and seeded sampling with masks, penalties and min_tokens, mixed in one batch."""
+    out = []
+    for i, n in enumerate(LENS):
+        if i % 2 == 0:
+            out.append(SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        else:
+            out.append(SamplingParams(temperature=0.8, top_k=[0, 50, 0, 20][i // 2], top_p=0.9,
+                                      seed=i, max_tokens=n, min_tokens=min(n, 6),
+                                      repetition_penalty=1.3 if i == 3 else 1.0,
+                                      presence_penalty=0.5 if i == 5 else 0.0))
+    return out
+
+
+def run(path: str, params, prompts=PROMPTS, **kw) -> tuple[list[list[int]], LLM]:
+    llm = LLM(path, **{**ARGS, **kw})
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+def test_graft_beats_untrained_and_repeat_baseline(grafted):
+    _, folder, meta = grafted
+    ho = meta["held_out"]
+    trained = ho["epoch_3"]["accuracy_per_depth"]
+    assert trained[0] > ho["untrained"]["accuracy_per_depth"][0] + 0.05
+    assert trained[0] > ho["epoch_3"]["repeat_last_token_accuracy"]
+    assert all(a > u for a, u in zip(trained, ho["untrained"]["accuracy_per_depth"]))
+    cfg = json.load(open(os.path.join(folder, "mtp_config.json")))
+    assert cfg["base_fingerprint"] and cfg["concat_order"] == "emb_hidden"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_speculative_output_identical_to_plain(grafted, k):
+    path, folder, _ = grafted
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    got, llm = run(path, params, speculative_config=spec(folder, k, max_draft_tokens_per_step=0))
+    with llm:
+        assert got == expected
+        stats = llm.engine.spec_stats
+        assert stats.num_accepted_tokens > 0 and len(stats.per_position) == k
+        assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
+
+
+def test_batch_one_and_stats(grafted):
+    path, folder, _ = grafted
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected, llm = run(path, p, prompts=[PROMPTS[0]])
+    llm.shutdown()
+    with LLM(path, **ARGS, speculative_config=spec(folder, 3)) as llm:
+        out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p)[0]
+        assert out.outputs[0].token_ids == expected[0]
+        s = out.metrics.spec
+        # 40 tokens: 1 from the prefill step, the rest from verification steps (the last one or
+        # two steps carry no drafts: nothing is left to speculate on)
+        assert 37 <= s.num_steps + s.num_accepted_tokens <= 39
+        assert s.mean_accepted_length > 1.0 and sum(s.histogram) == s.num_steps
+        assert llm.engine.stats()["spec_decode"]["num_draft_tokens"] == s.num_draft_tokens
+
+
+def test_preemption_prefix_hits_and_n(grafted):
+    path, folder, _ = grafted
+    shared = PROMPTS[0] + [7, 8, 9]
+    prompts = [PROMPTS[0], shared, PROMPTS[2], PROMPTS[0]]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, n=3, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=30, ignore_eos=True)]
+    small = dict(num_kv_blocks=40, max_model_len=64)
+
+    def outputs(llm):
+        return [[c.token_ids for c in o.outputs]
+                for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+    with LLM(path, **{**ARGS, **small}) as llm:
+        expected = outputs(llm)
+    with LLM(path, **{**ARGS, **small}, speculative_config=spec(folder, 3, max_draft_tokens_per_step=0)) as llm:
+        assert outputs(llm) == expected
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.prefix_hit_tokens > 0
+        assert llm.engine.blocks.num_free == 40
+
+
+def test_draft_budget_lowers_k_and_abort_frees(grafted):
+    path, folder, _ = grafted
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    # 8 sequences x K=3 > 8 drafts per step: K drops to 1 while all eight run
+    with LLM(path, **ARGS, speculative_config=spec(folder, 3, max_draft_tokens_per_step=8)) as llm:
+        assert llm.engine._spec_k(8) == 1 and llm.engine._spec_k(2) == 3
+        assert llm.engine._spec_k(9) == 0
+        got = [o.outputs[0].token_ids
+               for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
+        assert got == expected
+        eng = llm.engine
+        eng.add_request("a", PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+        for _ in range(4):
+            eng.step()
+        eng.abort_request("a")
+        assert eng.blocks.num_free == ARGS["num_kv_blocks"]
+
+
+@pytest.mark.distributed
+def test_tp2_speculative_matches_plain(grafted, ray_session):
+    path, folder, _ = grafted
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    got, llm = run(path, params, tensor_parallel_size=2,
+                   speculative_config=spec(folder, 3, max_draft_tokens_per_step=0))
+    with llm:
+        assert got == expected
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+
+
+def _reference_mtp(path: str, folder: str, prompt: list[int], draft1: int):
+    """MTP outputs at the last prompt position and one chained step, written independently
+    with transformers' LlamaDecoderLayer (transformers has no MTP layer)."""
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    base = hf_model(path)
+    cfg = base.config
+    w = {k.split(".", 3)[3]: v.float() for k, v in load_file(os.path.join(folder, "mtp.safetensors")).items()
+         if k.startswith("model.layers.")}
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+    layer.load_state_dict({k: v for k, v in w.items()
+                           if k.startswith(("self_attn", "mlp", "input_", "post_"))})
+
+    def rms(x, weight):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    def step_input(emb_ids, hidden):
+        e = rms(base.model.embed_tokens(torch.tensor(emb_ids)), w["enorm.weight"])
+        return torch.cat([e, rms(hidden, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].t()
+
+    with torch.no_grad():
+        n = len(prompt)
+        h = base.model(torch.tensor([prompt])).last_hidden_state[0]  # [n, H] after the final norm
+        # slot p reads h[p] and token p + 1; the last prompt slot reads the first sampled token
+        first = int(base.lm_head(h[-1]).argmax())
+        x = step_input(prompt[1:] + [first], h)  # [n, H]
+        rope = LlamaRotaryEmbedding(cfg)
+
+        def block(x):
+            pos = torch.arange(x.shape[0]).view(1, -1)
+            mask = torch.full((x.shape[0],) * 2, float("-inf")).triu(1).view(1, 1, *(x.shape[0],) * 2)
+            return layer(x.unsqueeze(0), attention_mask=mask, position_ids=pos,
+                         position_embeddings=rope(x.unsqueeze(0), pos))[0]
+
+        g = block(x)  # [n, H]
+        fed = rms(g[-1], w["shared_head.norm.weight"])  # normed feedback
+        x2 = torch.cat([x, step_input([draft1], fed.unsqueeze(0))])
+        g2 = block(x2)
+    assert g.shape[0] == n
+    return g[-1], g2[-1]
+
+
+def test_mtp_forward_matches_independent_reference(grafted):
+    path, folder, _ = grafted
+    prompt = PROMPTS[0]
+    with LLM(path, **ARGS, speculative_config=spec(folder, 2)) as llm:
+        dec = llm.engine.executor.worker.runner.mtp
+        seen = []
+        original = dec._draft
+
+        def capture(g, seqs, positions):
+            seen.append(g.clone())
+            return original(g, seqs, positions)
+
+        dec._draft = capture
+        eng = llm.engine
+        eng.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        eng.step()  # prefill: first token, then the MTP layer drafts twice
+        draft1 = eng.requests["r"].seqs[0].draft_token_ids[0]
+        ref1, ref2 = _reference_mtp(path, folder, prompt, draft1)
+        torch.testing.assert_close(seen[0][0], ref1, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(seen[1][0], ref2, atol=2e-4, rtol=1e-4)
+
+
+def test_native_deepseek_named_mtp_weights(grafted, tmp_path):
+    """A checkpoint that ships its MTP layer (num_nextn_predict_layers, model.layers.{L}.*,
+    with the embed/head copies DeepSeek-V3 stores) loads and speculates losslessly."""
+    from safetensors.torch import load_file, save_file
+
+    path, folder, _ = grafted
+    native = tmp_path / "native"
+    shutil.copytree(path, native)
+    cfg = json.load(open(native / "config.json"))
+    cfg["num_nextn_predict_layers"] = 1
+    json.dump(cfg, open(native / "config.json", "w"))
+    mtp = {k: v for k, v in load_file(os.path.join(folder, "mtp.safetensors")).items()
+           if k.startswith("model.layers.")}
+    emb = load_file(os.path.join(path, "model.safetensors"))["model.embed_tokens.weight"]
+    mtp["model.layers.2.embed_tokens.weight"] = emb
+    mtp["model.layers.2.shared_head.head.weight"] = emb.clone()
+    save_file(mtp, str(native / "model-mtp.safetensors"))
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    got, llm = run(str(native), params, speculative_config={"num_speculative_tokens": 2})
+    with llm:
+        assert got == expected
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+    with pytest.raises(ValueError, match="no MTP layer"):
+        LLM(path, **ARGS, speculative_config={"num_speculative_tokens": 2})
+
+
+def test_graft_for_other_weights_is_refused(grafted, tiny_models):
+    _, folder, _ = grafted
+    with pytest.raises(ValueError, match="different base model"):
+        LLM(tiny_models("llama1kv"), **ARGS, speculative_config=spec(folder, 2))
+
+
+def test_speculative_sampling_joint_distribution_with_negative_control():
+    """On the sampler alone: draft 3 tokens from q, verify against p with the Gumbel scheme,
+    repeat until 3 tokens are out; their joint distribution is p's (fresh seed per trial).
+    Accepting drafts unchecked (the negative control) gives q's and fails the same test."""
+    from test_sampler import chi_square_p
+
+    from dist_engine.worker.messages import SamplingSpec
+    from dist_engine.worker.sampler import sample
+    from dist_engine.worker.spec_decode import accept_drafts, pick_draft, row_spec
+
+    V, T = 4, 0.9
+    gen = torch.Generator().manual_seed(0)
+    table_p = torch.randn(V, V, generator=gen) * 1.5  # logits of the next token given the last
+    table_q = table_p + torch.randn(V, V, generator=gen) * 1.5  # a different draft model
+
+    def p_joint():
+        probs = {}
+        lp = torch.log_softmax(table_p / T, -1)
+        for a in range(V):
+            for b in range(V):
+                for c in range(V):
+                    probs[(a, b, c)] = float((lp[0, a] + lp[a, b] + lp[b, c]).exp())
+        return probs
+
+    def trial(seed: int, check: bool) -> tuple[int, ...]:
+        spec = SamplingSpec(temperature=T, seed=seed)
+        out, pos = [], 1  # context: token 0 at position 0
+        last = 0
+        while len(out) < 3:
+            drafts, prev = [], last
+            for j in range(3):
+                d = pick_draft(table_q[prev], spec, pos + j, V)
+                drafts.append(d)
+                prev = d
+            ctx = [last] + drafts
+            logits = torch.stack([table_p[ctx[j]] for j in range(4)]).clone()
+            specs = [row_spec(spec, tuple(drafts[:j])) for j in range(4)]
+            targets, _, _ = sample(logits, specs, [pos + j for j in range(4)])
+            a = accept_drafts(tuple(drafts), targets) if check else 3
+            emitted = (targets[:a + 1] if check else drafts)
+            out.extend(emitted)
+            pos += len(emitted)
+            last = out[-1]
+        return tuple(out[:3])
+
+    probs = p_joint()
+    cells = sorted(probs)
+    for check, ok in ((True, True), (False, False)):
+        counts = dict.fromkeys(cells, 0)
+        r = random.Random(1 if check else 2)
+        for _ in range(3000):
+            counts[trial(r.getrandbits(40), check)] += 1
+        p = chi_square_p([counts[c] for c in cells], [probs[c] for c in cells])
+        assert (p > 1e-3) if ok else (p < 1e-6), (check, p)
