@@ -25,15 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    path = tiny_models("llama")
+def start_server(path: str, *extra: str) -> tuple[subprocess.Popen, str, int]:
+    """A ``dist-engine serve`` process on loopback, once its health says SERVING."""
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
          "--no-tokenizer", "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
          "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny",
-         "--metrics-port", str(metrics_port)],
+         "--metrics-port", str(metrics_port), *extra],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     target = f"127.0.0.1:{port}"
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
@@ -47,6 +46,14 @@ def server(tiny_models):
             pass
         assert time.monotonic() < deadline, "server not SERVING within 120 s"
         time.sleep(0.3)
+    return proc, target, metrics_port
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    path = tiny_models("llama")
+    proc, target, metrics_port = start_server(path)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     yield target, path, health, metrics_port
     proc.terminate()
     assert proc.wait(timeout=60) == 0

@@ -312,3 +312,41 @@ def test_speculative_sampling_joint_distribution_with_negative_control():
             counts[trial(r.getrandbits(40), check)] += 1
         p = chi_square_p([counts[c] for c in cells], [probs[c] for c in cells])
         assert (p > 1e-3) if ok else (p < 1e-6), (check, p)
+
+
+@pytest.mark.slow
+def test_grpc_reports_speculation(grafted):
+    """A speculating server: same tokens as plain greedy; acceptance in the final message, the
+    model info, the server stats and the Prometheus metrics."""
+    import urllib.request
+
+    from test_grpc import start_server
+
+    from dist_engine.client import Client
+    from dist_engine.v1 import generation_pb2 as pb
+
+    path, folder, _ = grafted
+    expected, llm = run(path, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        prompts=[PROMPTS[0]])
+    llm.shutdown()
+    proc, target, metrics_port = start_server(path, "--speculative-model", folder,
+                                              "--num-speculative-tokens", "3")
+    try:
+        with Client(target) as c:
+            msgs = list(c.generate(token_ids=PROMPTS[0], temperature=0, max_tokens=30,
+                                   ignore_eos=True))
+            assert [t for m in msgs for t in m.token_ids] == expected[0]
+            final = msgs[-1].speculative
+            assert final.num_draft_tokens > 0 and final.mean_accepted_length > 1.0
+            assert len(final.per_position_acceptance) == 3
+            info = c.stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert (info.speculative_method, info.num_speculative_tokens) == ("mtp", 3)
+            stats = c.stub.GetServerStats(pb.GetServerStatsRequest())
+            assert stats.speculative.num_accepted_tokens >= final.num_accepted_tokens  # + warm-up
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        line = next(x for x in text.splitlines()
+                    if x.startswith("dist_engine:spec_decode_num_accepted_tokens_total "))
+        assert float(line.split()[1]) == stats.speculative.num_accepted_tokens
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

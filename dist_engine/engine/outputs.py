@@ -55,6 +55,7 @@ class SpecDecodeStats:
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
                 "acceptance_rate": round(self.acceptance_rate, 4),
                 "per_position": [round(x, 4) for x in self.per_position],
+                "drafted_at": list(self.drafted_at), "accepted_at": list(self.accepted_at),
                 "histogram": list(self.histogram)}
 
 

@@ -25,6 +25,10 @@ _COUNTERS = (("prefix_cache_queries", "prefix_cache_query_tokens", "Prompt token
              ("request_success", "num_finished", "Requests finished (stop or length)."),
              ("request_aborted", "num_aborted", "Requests aborted (cancel, disconnect, deadline)."))
 
+_SPEC_COUNTERS = (("spec_decode_num_drafts", "num_steps", "Verification steps that carried drafts."),
+                  ("spec_decode_num_draft_tokens", "num_draft_tokens", "Draft tokens verified."),
+                  ("spec_decode_num_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted."))
+
 
 class _EngineCollector:
     def __init__(self, stats) -> None:
@@ -36,6 +40,16 @@ class _EngineCollector:
             yield GaugeMetricFamily(P + name, doc, value=s[key])
         for name, key, doc in _COUNTERS:
             yield CounterMetricFamily(P + name, doc, value=s[key])
+        spec = s.get("spec_decode")
+        if spec:
+            for name, key, doc in _SPEC_COUNTERS:
+                yield CounterMetricFamily(P + name, doc, value=spec[key])
+            per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted drafts at each draft position.",
+                                          labels=["position"])
+            for j, accepted in enumerate(spec["accepted_at"]):
+                per_pos.add_metric([str(j)], accepted)
+            yield per_pos
 
 
 class ServerMetrics:

@@ -51,7 +51,16 @@ def _response(rid: str, out: RequestOutput, c: CompletionOutput, final: bool) ->
                                         time_to_first_token_s=m.time_to_first_token or 0.0,
                                         mean_inter_token_latency_s=m.time_per_output_token or 0.0,
                                         total_s=end - m.arrival_time))
+        if m.spec.num_steps:
+            msg.speculative.CopyFrom(spec_stats(m.spec.as_dict()))
     return msg
+
+
+def spec_stats(d: dict) -> pb.SpeculativeStats:
+    return pb.SpeculativeStats(
+        num_steps=d["num_steps"], num_draft_tokens=d["num_draft_tokens"],
+        num_accepted_tokens=d["num_accepted_tokens"], mean_accepted_length=d["mean_accepted_length"],
+        per_position_acceptance=d["per_position"], accepted_histogram=d["histogram"])
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -117,7 +126,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             max_model_len=cfg.scheduler.max_model_len, vocab_size=cfg.model.vocab_size,
             tensor_parallel_size=cfg.parallel.tensor_parallel_size, dtype=cfg.dtype,
             device=cfg.device, kv_cache_blocks=info["num_blocks"], kv_block_size=info["block_size"],
-            kv_cache_tokens=info["num_blocks"] * info["block_size"])
+            kv_cache_tokens=info["num_blocks"] * info["block_size"],
+            speculative_method=cfg.speculative.method if cfg.speculative else "",
+            num_speculative_tokens=cfg.speculative.num_speculative_tokens if cfg.speculative else 0,
+            speculative_model=(cfg.speculative.model or "") if cfg.speculative else "")
 
     async def GetServerStats(self, request, context) -> pb.ServerStats:
         s = self.llm.stats()
@@ -126,4 +138,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             kv_cache_usage=s["kv_cache_usage"], prefix_cache_query_tokens=s["prefix_cache_query_tokens"],
             prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"], num_preemptions=s["num_preemptions"],
             prompt_tokens_total=s["prompt_tokens_computed"], generation_tokens_total=s["generation_tokens"],
-            requests_finished_total=s["num_finished"], requests_aborted_total=s["num_aborted"])
+            requests_finished_total=s["num_finished"], requests_aborted_total=s["num_aborted"],
+            speculative=spec_stats(s["spec_decode"]) if s["spec_decode"] else None)

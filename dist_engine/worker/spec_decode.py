@@ -17,6 +17,7 @@ call: the driver sees one round trip per step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
@@ -125,6 +126,8 @@ class MTPDecoder:
             weight = _full_head_weight(runner, config)[vocab_ids].clone()
             self.draft_head = DraftHead(weight.to(runner.device), vocab_ids.to(runner.device))
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        # seconds spent per phase (read by the benchmark to show where the time goes)
+        self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0}
 
     # ---- drafting ----------------------------------------------------------------------------
     def _draft(self, g: torch.Tensor, seqs: list[SeqWork], positions: list[int]) -> list[int]:
@@ -153,6 +156,7 @@ class MTPDecoder:
     def step(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
              prenorm: torch.Tensor | None) -> StepOutput:
         r = self.runner
+        t0 = time.perf_counter()
         sampled: dict[int, SampledTokens] = {}
         if batch.sample_seqs:
             logits = r.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
@@ -171,6 +175,8 @@ class MTPDecoder:
                     tuple(tokens[row:row + a + 1]), tuple(lps[row:row + a + 1]),
                     tuple(top[row:row + a + 1]) if any(top[row:row + a + 1]) else (), num_drafts=k)
                 row += k + 1
+        t1 = time.perf_counter()
+        self.seconds["verify"] += t1 - t0
         # The MTP layer catches up on every verified position of this step.
         source = hidden if self.spec.hidden_stage == "normed" else prenorm
         work, rows, proposers, last_pos = [], [], [], []
@@ -193,6 +199,8 @@ class MTPDecoder:
         if not work:
             return StepOutput(step.step_id, sampled)
         g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
+        t2 = time.perf_counter()
+        self.seconds["mtp_catch_up"] += t2 - t1
         if not proposers:
             return StepOutput(step.step_id, sampled)
         g = g[mbatch.sample_index]  # [N, H] outputs at each proposer's last position
@@ -213,4 +221,5 @@ class MTPDecoder:
             g, _ = self._run(active, feed[torch.tensor(keep, device=g.device)])
         for sid, d in drafts.items():
             sampled[sid] = replace(sampled[sid], draft_token_ids=tuple(d))
+        self.seconds["draft_chain"] += time.perf_counter() - t2
         return StepOutput(step.step_id, sampled)
