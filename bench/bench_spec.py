@@ -1,0 +1,146 @@
+"""MTP speculative decoding on the default model: plain vs speculative, batch 1 and 16, one run.
+
+    python bench/bench_spec.py [--tokens 128] [--ks 1,2,3] [--graft DIR]
+
+Batch 1: each held-out graft prompt (never trained on) plus one new prompt, chat template,
+``--tokens`` new tokens (EOS ignored), greedy and temperature 0.7 (seeded). Reports tok/s,
+speed-up over plain decoding, mean accepted length and per-position acceptance for each K, and
+where a speculative step's time goes. Batch 16: throughput of 16 concurrent requests plain,
+with K=3 forced, and with the engine's own draft budget (which lowers K for large batches).
+transformers' batch-1 greedy runs in the same process as the peer reference. Writes JSON +
+Markdown to bench/results/spec.*; compare ratios within one run (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+EXTRA_PROMPT = "Write a haiku about GPUs and explain the imagery."
+
+
+def chat_ids(tok, prompt: str) -> list[int]:
+    out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_dict=True)
+    return list(out["input_ids"])
+
+
+def run_config(path, prompts, n, temps, spec, batch16: bool) -> dict:
+    from dist_engine import LLM, SamplingParams
+
+    llm = LLM(path, max_model_len=1024, speculative_config=spec)
+    res = {}
+    try:
+        llm.generate(prompt_token_ids=[prompts[0]], sampling_params=SamplingParams(max_tokens=8))
+        for temp in temps:
+            tokens = secs = 0.0
+            llm.engine.spec_stats.__init__()
+            dec = llm.engine.executor.worker.runner.mtp
+            if dec is not None:
+                dec.seconds = dict.fromkeys(dec.seconds, 0.0)
+            for i, ids in enumerate(prompts):
+                sp = SamplingParams(temperature=temp, seed=i, max_tokens=n, ignore_eos=True)
+                t = time.perf_counter()
+                out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0]
+                secs += time.perf_counter() - t
+                tokens += len(out.outputs[0].token_ids)
+            st = llm.engine.spec_stats
+            res[f"T={temp}"] = {"tok_s": tokens / secs, "mean_accepted_length": st.mean_accepted_length,
+                                "per_position": [round(x, 3) for x in st.per_position],
+                                "phase_seconds": {k: round(v, 2) for k, v in dec.seconds.items()} if dec else None}
+        if batch16:
+            ids16 = [prompts[i % len(prompts)] for i in range(16)]
+            sps = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _ in ids16]
+            t = time.perf_counter()
+            outs = llm.generate(prompt_token_ids=ids16, sampling_params=sps)
+            res["batch16_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    finally:
+        llm.shutdown()
+    return res
+
+
+def transformers_tok_s(path, ids, n) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+        t = time.perf_counter()
+        model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--graft", default=None, help="graft folder (default: the shipped one)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--ks", default="1,2,3")
+    ap.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one new)")
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from dist_engine.graft.prompts import split_prompts
+    from dist_engine.weights.registry import resolve_model
+
+    path = resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = split_prompts()[1][: a.prompts] + [EXTRA_PROMPT]
+    prompts = [chat_ids(tok, p) for p in texts]
+    temps = (0.0, 0.7)
+    base = {"method": "mtp", **({"model": a.graft} if a.graft else {})}
+    rows = {"plain": run_config(path, prompts, a.tokens, temps, None, True)}
+    for k in map(int, a.ks.split(",")):
+        rows[f"K={k}"] = run_config(path, prompts, a.tokens, temps,
+                                    {**base, "num_speculative_tokens": k}, k == 3)
+    rows["K=3 forced"] = run_config(path, prompts[:1], a.tokens, (), {
+        **base, "num_speculative_tokens": 3, "max_draft_tokens_per_step": 0}, True)
+    hf = transformers_tok_s(path, prompts[0], a.tokens)
+    lines = ["| config | T | tok/s | vs plain | mean accepted length | per-position acceptance |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        for temp in temps:
+            key = f"T={temp}"
+            if key not in r:
+                continue
+            plain = rows["plain"][key]["tok_s"]
+            spec = name != "plain"
+            lines.append(f"| {name} | {temp} | {r[key]['tok_s']:.1f} | {r[key]['tok_s'] / plain:.2f}x | "
+                         f"{r[key]['mean_accepted_length']:.2f} | "
+                         f"{'/'.join(f'{x:.0%}' for x in r[key]['per_position']) if spec else ''} |")
+    b16 = ["| config (16 concurrent, greedy) | tok/s | vs plain |", "|---|---|---|"]
+    for name, r in rows.items():
+        if "batch16_tok_s" in r:
+            b16.append(f"| {name}{' (engine budget)' if name == 'K=3' else ''} | {r['batch16_tok_s']:.1f} | "
+                       f"{r['batch16_tok_s'] / rows['plain']['batch16_tok_s']:.2f}x |")
+    phases = ["| config | T | " + " | ".join(rows["K=3"]["T=0.0"]["phase_seconds"]) + " |",
+              "|---|---|" + "---|" * len(rows["K=3"]["T=0.0"]["phase_seconds"])]
+    for name, r in rows.items():
+        for temp in temps:
+            ph = r.get(f"T={temp}", {}).get("phase_seconds")
+            if ph:
+                phases.append(f"| {name} | {temp} | " + " | ".join(f"{v:.2f}" for v in ph.values()) + " |")
+    text = ("\n".join(lines) + f"\n\ntransformers batch-1 greedy (same weights, fp32): {hf:.1f} tok/s; "
+            f"best speculative greedy vs transformers: "
+            f"{max(r['T=0.0']['tok_s'] for n, r in rows.items() if 'T=0.0' in r) / hf:.2f}x\n\n"
+            + "\n".join(b16) + "\n\nSeconds per phase, summed over the batch-1 prompts:\n\n" + "\n".join(phases))
+    print(text)
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = {"tokens": a.tokens, "prompts": texts, "batch": 1, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "transformers_tok_s": hf}
+    with open(os.path.join(RESULTS, "spec.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    with open(os.path.join(RESULTS, "spec.md"), "w") as f:
+        f.write(f"Default model, fp32, {a.tokens} tokens, {meta['cpus']} CPUs, torch {meta['torch']}, "
+                f"{meta['date']}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
