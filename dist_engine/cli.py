@@ -134,18 +134,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
     kw = engine_kwargs(a)
     kw["skip_tokenizer_init"] = a.no_tokenizer
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    api_key = a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None
     asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds,
-                      a.metrics_port))
+                      a.metrics_port, api_key, a.tls_cert, a.tls_key, a.max_message_bytes))
     return 0
 
 
 def cmd_client(a: argparse.Namespace) -> int:
+    import os
+
     from dist_engine.client import Client
 
     kw = dict(max_tokens=a.max_tokens, temperature=a.temperature)
     if a.seed is not None:
         kw["seed"] = a.seed
-    with Client(a.target) as c:
+    api_key = a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None
+    with Client(a.target, api_key=api_key, tls_ca=a.tls_ca) as c:
         req = ({"prompt": a.prompt} if a.no_chat
                else {"messages": [{"role": "user", "content": a.prompt}]})
         for msg in c.generate(timeout=a.timeout, **req, **kw):
@@ -222,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long running requests may finish")
     s.add_argument("--no-tokenizer", action="store_true", help="token-id input only")
+    s.add_argument("--api-key", default=None,
+                   help="require 'authorization: Bearer KEY' on every call but health "
+                        "(default: $DIST_ENGINE_API_KEY; none: no auth)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
+    s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    s.add_argument("--max-message-bytes", type=parse_bytes, default=16 * 2**20,
+                   help="largest request/response message (default 16MiB)")
     s.set_defaults(func=cmd_serve)
 
     cl = sub.add_parser("client", help="send one prompt to a running server and stream the answer")
@@ -232,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--temperature", type=float, default=0.0)
     cl.add_argument("--seed", type=int, default=None)
     cl.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    cl.add_argument("--api-key", default=None, help="bearer token (default $DIST_ENGINE_API_KEY)")
+    cl.add_argument("--tls-ca", default=None, help="PEM file to trust; enables TLS")
     cl.set_defaults(func=cmd_client)
 
     gm = sub.add_parser("graft-mtp", help="fit an MTP layer to a model by self-distillation")

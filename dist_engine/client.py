@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
-
+from dist_engine.server.security import auth_metadata, open_channel
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 
@@ -32,22 +31,26 @@ def build_request(prompt: str | None = None, *, token_ids: list[int] | None = No
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.insecure_channel(target)
+    """``api_key``: the server's bearer token; ``tls_ca``: PEM file to trust (enables TLS)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 tls_ca: str | None = None) -> None:
+        self.channel = open_channel(target, tls_ca)
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.md = auth_metadata(api_key)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                  **kw) -> Iterator[pb.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, **kw), timeout=timeout)
+        return self.stub.Generate(build_request(prompt, **kw), timeout=timeout, metadata=self.md)
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)
+        return list(self.stub.Tokenize(pb.TokenizeRequest(text=text), metadata=self.md).token_ids)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.md)
 
     def stats(self) -> pb.ServerStats:
-        return self.stub.GetServerStats(pb.GetServerStatsRequest())
+        return self.stub.GetServerStats(pb.GetServerStatsRequest(), metadata=self.md)
 
     def close(self) -> None:
         self.channel.close()
@@ -60,20 +63,23 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 tls_ca: str | None = None) -> None:
+        self.channel = open_channel(target, tls_ca, aio=True)
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.md = auth_metadata(api_key)
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                        **kw) -> AsyncIterator[pb.GenerateResponse]:
-        async for msg in self.stub.Generate(build_request(prompt, **kw), timeout=timeout):
+        async for msg in self.stub.Generate(build_request(prompt, **kw), timeout=timeout,
+                                            metadata=self.md):
             yield msg
 
     async def model_info(self) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest())
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.md)
 
     async def stats(self) -> pb.ServerStats:
-        return await self.stub.GetServerStats(pb.GetServerStatsRequest())
+        return await self.stub.GetServerStats(pb.GetServerStatsRequest(), metadata=self.md)
 
     async def close(self) -> None:
         await self.channel.close()

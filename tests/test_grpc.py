@@ -25,8 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, *extra: str) -> tuple[subprocess.Popen, str, int]:
+def start_server(path: str, *extra: str, tls_ca: str | None = None
+                 ) -> tuple[subprocess.Popen, str, int]:
     """A ``dist-engine serve`` process on loopback, once its health says SERVING."""
+    from dist_engine.server.security import open_channel
+
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
@@ -34,8 +37,8 @@ def start_server(path: str, *extra: str) -> tuple[subprocess.Popen, str, int]:
          "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny",
          "--metrics-port", str(metrics_port), *extra],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    target = f"127.0.0.1:{port}"
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    target = f"{'localhost' if tls_ca else '127.0.0.1'}:{port}"
+    health = health_pb2_grpc.HealthStub(open_channel(target, tls_ca))
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, "server exited during start-up"
@@ -129,3 +132,61 @@ def test_prometheus_metrics(server):
     assert values["dist_engine:time_to_first_token_seconds_count"] >= 1
     assert values["dist_engine:inter_token_latency_seconds_count"] >= 4
     assert values["dist_engine:generation_tokens_total"] >= 5
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = str(folder / "cert.pem"), str(folder / "key.pem")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls_and_bearer_token(tiny_models, tmp_path):
+    """TLS with a self-signed certificate plus a bearer token: health stays open for probes,
+    every other call needs the token, and plaintext clients cannot connect at all."""
+    cert, key = _self_signed(tmp_path)
+    proc, target, _ = start_server(tiny_models("llama"), "--api-key", "s3cret", "--tls-cert", cert,
+                                   "--tls-key", key, tls_ca=cert)
+    try:
+        with Client(target, tls_ca=cert) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.model_info()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.generate(token_ids=PROMPT, max_tokens=4))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(target, tls_ca=cert, api_key="wrong") as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.stats()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(target, tls_ca=cert, api_key="s3cret") as c:
+            msgs = list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=5, ignore_eos=True))
+            assert sum(len(m.token_ids) for m in msgs) == 5 and msgs[-1].finished
+        with Client(target.replace("localhost", "127.0.0.1"), api_key="s3cret") as c:
+            with pytest.raises(grpc.RpcError) as e:  # plaintext against a TLS port
+                c.model_info()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

@@ -1,6 +1,7 @@
 """``dist-engine serve``: load the model, warm up, then serve gRPC until SIGTERM/SIGINT.
 
-Health (``grpc.health.v1``) reports SERVING only after the model is loaded and one warm-up
+Optional bearer-token auth (health stays open for probes), TLS and message size limits come from
+``server/security.py``. Health (``grpc.health.v1``) reports SERVING only after the model is loaded and one warm-up
 generation ran, and NOT_SERVING as soon as draining starts or the engine dies. Server
 reflection lists every service. On SIGTERM the server stops taking new calls, lets running
 ones finish for ``drain_seconds``, then releases the workers.
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.server.metrics import ServerMetrics
+from dist_engine.server.security import BearerAuth, server_credentials
 from dist_engine.server.servicer import GenerationServicer
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
@@ -43,12 +45,20 @@ async def _set_health(health, status) -> None:
 
 async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
                 max_queued_requests: int = 256, drain_seconds: float = 30.0,
-                metrics_port: int | None = None) -> None:
+                metrics_port: int | None = None, api_key: str | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None,
+                max_message_bytes: int = 16 * 2**20) -> None:
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    creds = server_credentials(tls_cert, tls_key) if tls_cert else None
     llm = AsyncLLM(**llm_kwargs)
     metrics = ServerMetrics(llm.stats)
     if metrics_port is not None:
         metrics.serve(host, metrics_port)
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        interceptors=[BearerAuth(api_key)] if api_key else None,
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(llm, served_model_name, max_queued_requests, metrics), server)
     health = health_aio.HealthServicer()
@@ -57,7 +67,8 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
     reflection.enable_server_reflection(
         (GENERATION, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
     if bound == 0:
         raise ValueError(f"cannot listen on {host}:{port}; is the port in use?")
     await server.start()
