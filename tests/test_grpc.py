@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, *extra: str, tls_ca: str | None = None
+def start_server(path: str, *extra: str, tls_ca: str | None = None, tokenizer: bool = False
                  ) -> tuple[subprocess.Popen, str, int]:
     """A ``dist-engine serve`` process on loopback, once its health says SERVING."""
     from dist_engine.server.security import open_channel
@@ -33,7 +33,7 @@ def start_server(path: str, *extra: str, tls_ca: str | None = None
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
-         "--no-tokenizer", "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
+         *([] if tokenizer else ["--no-tokenizer"]), "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
          "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny",
          "--metrics-port", str(metrics_port), *extra],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})

@@ -20,6 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.kserve import grpc_service_pb2 as kpb
+from dist_engine.kserve import grpc_service_pb2_grpc as kpb_grpc
+from dist_engine.server.kserve import KServeServicer
 from dist_engine.server.metrics import ServerMetrics
 from dist_engine.server.security import BearerAuth, server_credentials
 from dist_engine.server.servicer import GenerationServicer
@@ -28,6 +31,7 @@ from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+KSERVE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 async def _warm_up(llm: AsyncLLM) -> None:
@@ -39,7 +43,7 @@ async def _warm_up(llm: AsyncLLM) -> None:
 
 
 async def _set_health(health, status) -> None:
-    for name in ("", GENERATION):
+    for name in ("", GENERATION, KSERVE):
         await health.set(name, status)
 
 
@@ -61,11 +65,15 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(llm, served_model_name, max_queued_requests, metrics), server)
+    state = {"ready": False}
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(llm, served_model_name, max_queued_requests,
+                       lambda: state["ready"] and not llm.is_dead, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (GENERATION, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (GENERATION, KSERVE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     addr = f"{host}:{port}"
     bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
@@ -75,6 +83,7 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
     try:
         await _warm_up(llm)
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        state["ready"] = True
         print(f"dist-engine serving {served_model_name} on {host}:{bound}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -85,6 +94,7 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
             except asyncio.TimeoutError:
                 pass
+        state["ready"] = False
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         if llm.is_dead:
             log.error("the engine died; exiting so an orchestrator restarts the server")

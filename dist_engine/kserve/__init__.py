@@ -1,0 +1,1 @@
+"""Generated KServe v2 / Triton stubs (see protos/dist_engine/kserve/grpc_service.proto)."""
