@@ -197,6 +197,12 @@ def cmd_graft(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from dist_engine.server.loadgen import main as bench_serve
+
+    return bench_serve(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-engine", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="dist_engine's log level")
@@ -262,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draft over this many most frequent predicted tokens")
     gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")
     gm.set_defaults(func=cmd_graft)
+
+    bs = sub.add_parser("bench-serve", help="gRPC load generator: Poisson arrivals at several rates")
+    bs.add_argument("--target", default="127.0.0.1:50051", help="a running server")
+    bs.add_argument("--model", default=None, help="start a server for this model instead")
+    bs.add_argument("--server-args", default="", help="extra `serve` flags when --model is given")
+    bs.add_argument("--rates", default="0.5,1,2,inf", help="offered requests/s (inf: all at once)")
+    bs.add_argument("--requests", type=int, default=32, help="requests per rate")
+    bs.add_argument("--duration", type=float, default=None,
+                    help="seconds per rate instead of a request count (soak)")
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--cancel-fraction", type=float, default=0.0,
+                    help="cancel this share of requests after a random number of tokens")
+    bs.add_argument("--compare-inprocess", action="store_true",
+                    help="first measure batch-1 TPOT in-process vs over gRPC (needs --model)")
+    bs.add_argument("--batch1-requests", type=int, default=5)
+    bs.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--tls-ca", default=None)
+    bs.add_argument("--out", default="bench/results", help="folder for JSON, Markdown and SVG")
+    bs.set_defaults(func=cmd_bench_serve)
 
     c = sub.add_parser("convert", help="convert a Llama-family GGUF file to an HF-format folder")
     c.add_argument("--gguf", required=True)

@@ -1,0 +1,269 @@
+"""``dist-engine bench-serve``: a gRPC load generator for the Generation service.
+
+Requests arrive as a Poisson process at each offered rate (requests/s; ``inf`` sends them all at
+once) with chat prompts from the graft prompt set. Per request it records time to first token,
+time per output token, inter-token latencies, tokens and the outcome; per rate it reports
+p50/p90/p99 of each, request and token throughput, errors, and the server's KV usage once the
+load has drained (anything above zero is a leaked block). ``--cancel-fraction`` cancels that
+share of requests after a random number of tokens (a soak test). With ``--model`` it starts its
+own server, and ``--compare-inprocess`` first measures batch-1 TPOT through the in-process API on
+the same model, so the gRPC overhead is one ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from tqdm import tqdm
+
+from dist_engine.client import build_request
+
+
+@dataclass
+class Result:
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    latency: float = 0.0
+    outcome: str = "ok"  # ok | cancelled | error:<CODE>
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(math.ceil(q / 100 * len(xs))) - 1)]
+
+
+async def one(client, messages, max_tokens: int, cancel_after: int | None, timeout: float) -> Result:
+    r = Result()
+    t0 = last = time.perf_counter()
+    call = None
+    try:
+        req = build_request(messages=messages, max_tokens=max_tokens, temperature=0.0)
+        call = client.stub.Generate(req, timeout=timeout, metadata=client.md)
+        async for msg in call:
+            now = time.perf_counter()
+            k = len(msg.token_ids)
+            if k:
+                if r.ttft is None:
+                    r.ttft = now - t0
+                    r.itl.extend([0.0] * (k - 1))
+                else:
+                    r.itl.extend([(now - last) / k] * k)
+                last = now
+                r.tokens += k
+            if cancel_after is not None and r.tokens >= cancel_after:
+                call.cancel()
+                r.outcome = "cancelled"
+                break
+    except grpc.aio.AioRpcError as e:
+        r.outcome = "cancelled" if e.code() == grpc.StatusCode.CANCELLED else f"error:{e.code().name}"
+    except asyncio.CancelledError:
+        r.outcome = "cancelled"
+    r.latency = time.perf_counter() - t0
+    return r
+
+
+async def run_rate(client, prompts, rate: float, num: int, max_tokens: int, cancel_fraction: float,
+                   seed: int, timeout: float, duration: float | None) -> tuple[list[Result], float]:
+    rng = random.Random(seed)
+    tasks = []
+    bar = tqdm(total=num if duration is None else None, desc=f"rate {rate:g}/s", unit="req", leave=False)
+    t0 = time.perf_counter()
+    i = 0
+    while (duration is None and i < num) or (duration is not None and time.perf_counter() - t0 < duration):
+        msgs = [{"role": "user", "content": prompts[i % len(prompts)]}]
+        cancel = rng.randrange(1, max_tokens) if rng.random() < cancel_fraction else None
+        t = asyncio.create_task(one(client, msgs, max_tokens, cancel, timeout))
+        t.add_done_callback(lambda _: bar.update(1))
+        tasks.append(t)
+        i += 1
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    bar.close()
+    return results, time.perf_counter() - t0
+
+
+def summarize(rate: float, results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.outcome == "ok"]
+    itl = [x for r in ok for x in r.itl]
+    tpot = [sum(r.itl) / len(r.itl) for r in ok if r.itl]
+    row = {"rate": rate, "requests": len(results), "ok": len(ok),
+           "cancelled": sum(r.outcome == "cancelled" for r in results),
+           "errors": sum(r.outcome.startswith("error") for r in results),
+           "error_codes": sorted({r.outcome for r in results if r.outcome.startswith("error")}),
+           "req_per_s": len(ok) / wall, "tok_per_s": sum(r.tokens for r in results) / wall}
+    for name, xs in (("ttft", [r.ttft for r in ok if r.ttft is not None]), ("tpot", tpot),
+                     ("itl", itl), ("latency", [r.latency for r in ok])):
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_ms"] = pct(xs, q) * 1000
+    return row
+
+
+async def leaked_blocks(client, settle_s: float = 10.0) -> float:
+    """KV usage once nothing runs (0.0 means every block came back)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        s = await client.stats()
+        if (s.num_requests_running == 0 and s.kv_cache_usage == 0.0) or time.monotonic() > deadline:
+            return s.kv_cache_usage
+        await asyncio.sleep(0.2)
+
+
+def svg_plot(rows: list[dict], path: str) -> None:
+    """Latency (TTFT and TPOT p50/p99) against achieved throughput, as a small SVG."""
+    W, H, M = 640, 360, 50
+    xs = [r["req_per_s"] for r in rows]
+    series = [("ttft_p50_ms", "#1f77b4"), ("ttft_p99_ms", "#aec7e8"), ("tpot_p50_ms", "#d62728"),
+              ("tpot_p99_ms", "#ff9896")]
+    ys = [r[k] for r in rows for k, _ in series if not math.isnan(r[k])]
+    xmax, ymax = max(xs + [1e-9]) * 1.1, max(ys + [1e-9]) * 1.1
+
+    def pt(x, y):
+        return M + x / xmax * (W - 2 * M), H - M - y / ymax * (H - 2 * M)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-size="11">',
+             f'<line x1="{M}" y1="{H - M}" x2="{W - M}" y2="{H - M}" stroke="black"/>',
+             f'<line x1="{M}" y1="{M}" x2="{M}" y2="{H - M}" stroke="black"/>',
+             f'<text x="{W / 2 - 60}" y="{H - 12}">throughput (requests/s)</text>',
+             f'<text x="8" y="{M - 10}">latency (ms), max {ymax:.0f}</text>']
+    for i, (key, color) in enumerate(series):
+        pts = [pt(x, r[key]) for x, r in zip(xs, rows) if not math.isnan(r[key])]
+        parts.append('<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>'.format(
+            color, " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)))
+        parts.append(f'<text x="{W - M - 90}" y="{M + 14 * i}" fill="{color}">{key}</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def inprocess_tpot(model: str, prompts: list[str], max_tokens: int, n: int, extra: list[str]) -> float:
+    """Median TPOT (ms) of ``n`` sequential requests through AsyncLLM in this process."""
+    from dist_engine.cli import build_parser, engine_kwargs
+    from dist_engine.engine.async_llm import AsyncLLM
+    from dist_engine.engine.sampling_params import SamplingParams
+
+    a = build_parser().parse_args(["serve", "--model", model, *extra])
+    llm = AsyncLLM(**engine_kwargs(a))
+
+    async def go() -> list[float]:
+        out = []
+        for i in range(n):
+            async for o in llm.generate(messages=[{"role": "user", "content": prompts[i % len(prompts)]}],
+                                        sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens)):
+                final = o
+            if final.metrics.time_per_output_token is not None:
+                out.append(final.metrics.time_per_output_token)
+        return out
+
+    try:
+        return pct(asyncio.run(go()), 50) * 1000
+    finally:
+        llm.shutdown()
+
+
+def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+    from dist_engine.client import Client
+
+    proc = subprocess.Popen([sys.executable, "-m", "dist_engine.cli", "serve", "--model", model,
+                             "--port", str(port), *extra])
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with Client(f"127.0.0.1:{port}") as c:
+        health = health_pb2_grpc.HealthStub(c.channel)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not become SERVING within 300 s")
+
+
+def main(a) -> int:
+    from dist_engine.client import AsyncClient
+    from dist_engine.graft.prompts import graft_prompts
+
+    prompts = graft_prompts()
+    rates = [float(x) for x in a.rates.split(",")]
+    extra = a.server_args.split() if a.server_args else []
+    report = {"config": {k: v for k, v in vars(a).items() if k != "func"}}
+    if a.compare_inprocess:
+        if not a.model:
+            raise ValueError("--compare-inprocess needs --model (the bench then starts the server)")
+        report["inprocess_tpot_p50_ms"] = inprocess_tpot(a.model, prompts, a.max_tokens, a.batch1_requests, extra)
+    proc = None
+    target = a.target
+    if a.model:
+        from dist_engine.worker.shard_worker import free_port_and_ip
+
+        port = free_port_and_ip()[1]
+        proc = start_server(a.model, port, extra)
+        target = f"127.0.0.1:{port}"
+    rows = []
+    try:
+        async def go():
+            client = AsyncClient(target, api_key=a.api_key, tls_ca=a.tls_ca)
+            if a.compare_inprocess:
+                await run_rate(client, prompts, float("inf"), 1, 4, 0.0, 0, a.timeout, None)  # warm
+                grpc_tpot = []
+                for i in range(a.batch1_requests):
+                    r = (await run_rate(client, prompts[i:], float("inf"), 1, a.max_tokens, 0.0, i, a.timeout, None))[0][0]
+                    if r.itl:
+                        grpc_tpot.append(sum(r.itl) / len(r.itl))
+                report["grpc_tpot_p50_ms"] = pct(grpc_tpot, 50) * 1000
+                report["grpc_overhead"] = report["grpc_tpot_p50_ms"] / report["inprocess_tpot_p50_ms"] - 1
+            for rate in rates:
+                results, wall = await run_rate(client, prompts, rate, a.requests, a.max_tokens,
+                                               a.cancel_fraction, a.seed, a.timeout, a.duration)
+                row = summarize(rate, results, wall)
+                row["kv_usage_after_drain"] = await leaked_blocks(client)
+                rows.append(row)
+                print(f"rate {rate:g}/s: {row['ok']} ok, {row['cancelled']} cancelled, {row['errors']} errors; "
+                      f"{row['tok_per_s']:.1f} tok/s; TTFT p50 {row['ttft_p50_ms']:.0f} ms; TPOT p50 "
+                      f"{row['tpot_p50_ms']:.0f} ms; KV after drain {row['kv_usage_after_drain']:.3f}",
+                      flush=True)
+            await client.close()
+
+        asyncio.run(go())
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    report["rows"] = rows
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_serve.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    head = ("| rate/s | ok | cancelled | errors | req/s | tok/s | TTFT p50/p90/p99 ms | "
+            "TPOT p50/p90/p99 ms | ITL p50/p99 ms | KV used after drain |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['rate']:g} | {r['ok']} | {r['cancelled']} | {r['errors']} | {r['req_per_s']:.2f} | "
+                     f"{r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                     f"{r['tpot_p50_ms']:.0f} / {r['tpot_p90_ms']:.0f} / {r['tpot_p99_ms']:.0f} | "
+                     f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['kv_usage_after_drain']:.3f} |")
+    text = "\n".join(lines)
+    if "grpc_overhead" in report:
+        text += (f"\n\nBatch 1 TPOT p50: in-process {report['inprocess_tpot_p50_ms']:.1f} ms, over gRPC "
+                 f"{report['grpc_tpot_p50_ms']:.1f} ms ({report['grpc_overhead']:+.1%}).")
+    with open(os.path.join(a.out, "bench_serve.md"), "w") as f:
+        f.write(text + "\n")
+    if rows:
+        svg_plot(rows, os.path.join(a.out, "bench_serve.svg"))
+    print(text)
+    return 1 if any(r["errors"] for r in rows) else 0
