@@ -18,9 +18,10 @@ from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 
 
 def build_request(prompt: str | None = None, *, token_ids: list[int] | None = None,
-                  messages: list[dict] | None = None, request_id: str = "",
+                  messages: list[dict] | None = None, request_id: str = "", model: str = "",
                   **sampling) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingOptions(**sampling))
+    req = pb.GenerateRequest(request_id=request_id, model=model,
+                             sampling=pb.SamplingOptions(**sampling))
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:

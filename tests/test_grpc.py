@@ -87,6 +87,11 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
             dict(token_ids=[1, 99999], max_tokens=4),  # out of vocabulary
             dict(prompt="text needs a tokenizer", max_tokens=4),
             dict(token_ids=[1, 2], top_p=0.0),  # bad sampling value
+            dict(token_ids=[1, 2], temperature=float("nan")),
+            dict(token_ids=[1, 2], temperature=-1.0),
+            dict(token_ids=[1, 2], stop=[f"s{i}" for i in range(40)]),  # too many stop strings
+            dict(token_ids=[1, 2], model="some-other-model"),  # unknown model name
+            dict(token_ids=[]),  # empty prompt
             dict(),  # no input
         ]
         for kw in cases:
@@ -190,3 +195,103 @@ def test_tls_and_bearer_token(tiny_models, tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_32_concurrent_streams_equal_offline_seeded(server):
+    """32 streams at once (more than --max-queued-requests=8 would allow, so in waves of 8):
+    each equals the offline API's output for the same seed."""
+    import asyncio
+
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.client import AsyncClient
+
+    target, path, _, _ = server
+    prompts = [PROMPT[: 3 + i % 9] for i in range(32)]
+    with LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(
+            prompt_token_ids=prompts, sampling_params=[
+                SamplingParams(temperature=0.9, seed=i, max_tokens=12, ignore_eos=True) for i in range(32)])]
+
+    async def go():
+        client = AsyncClient(target)
+        sem = asyncio.Semaphore(8)
+
+        async def one(i):
+            async with sem:
+                toks = []
+                async for m in client.generate(token_ids=prompts[i], temperature=0.9, seed=i,
+                                               max_tokens=12, ignore_eos=True):
+                    toks.extend(m.token_ids)
+                return toks
+
+        out = await asyncio.gather(*(one(i) for i in range(32)))
+        await client.close()
+        return out
+
+    assert asyncio.run(go()) == expected
+
+
+def test_queue_overflow_is_resource_exhausted(server):
+    """--max-queued-requests=8: a burst of 14 long streams gets RESOURCE_EXHAUSTED for the
+    excess, the admitted ones finish, and every block comes back."""
+    import asyncio
+
+    from dist_engine.client import AsyncClient
+
+    target = server[0]
+
+    async def go():
+        client = AsyncClient(target)
+
+        async def one():
+            try:
+                n = 0
+                async for m in client.generate(token_ids=PROMPT, temperature=0, max_tokens=40,
+                                               ignore_eos=True):
+                    n += len(m.token_ids)
+                return n
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+
+        out = await asyncio.gather(*(one() for _ in range(14)))
+        stats = await client.stats()
+        await client.close()
+        return out, stats
+
+    out, _ = asyncio.run(go())
+    assert out.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
+    assert all(x == 40 for x in out if not isinstance(x, grpc.StatusCode))
+    with Client(target) as c:
+        for _ in range(50):
+            if c.stats().kv_cache_usage == 0.0:
+                break
+            time.sleep(0.1)
+        assert c.stats().kv_cache_usage == 0.0
+
+
+def test_sigterm_drains_in_flight_streams(tiny_models):
+    """SIGTERM: health goes NOT_SERVING, new calls are refused, the running stream still
+    finishes whole, and the process exits 0."""
+    import signal
+
+    proc, target, _ = start_server(tiny_models("llama"), "--drain-seconds", "60")
+    with Client(target) as c:
+        stream = c.generate(token_ids=PROMPT, temperature=0, max_tokens=80, ignore_eos=True)
+        got = list(next(stream).token_ids)
+        proc.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(c.channel)
+        for _ in range(50):
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status != 1:
+                    break
+            except grpc.RpcError:
+                break
+            time.sleep(0.05)
+        for m in stream:
+            got.extend(m.token_ids)
+            last = m
+        assert len(got) == 80 and last.finish_reason == "length"
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate(token_ids=PROMPT, max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert proc.wait(timeout=60) == 0

@@ -88,6 +88,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                 f"server busy: {self.max_queued} requests in flight "
                                 "(--max-queued-requests); retry later")
         try:
+            if request.model and request.model != self.name:
+                raise ValueError(f"unknown model {request.model!r}; this server serves {self.name!r}")
             params = sampling_params(request.sampling)
             stream = self.llm.generate(sampling_params=params, request_id=rid, **self._input(request))
             reported: set[int] = set()
