@@ -41,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-fraction", type=float, default=0.5,
                    help="share of the memory left after weights and activations given to the KV cache")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--placement-strategy", default="PACK",
+                   choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="how ranks spread over Ray nodes (STRICT_SPREAD: one rank per node)")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
     p.add_argument("--speculative", choices=("auto", "mtp", "none"), default="auto",
                    help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
@@ -74,7 +77,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 block_size=a.block_size, memory_fraction=a.memory_fraction,
                 enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                ray_address=a.ray_address, cpu_threads=a.cpu_threads,
+                ray_address=a.ray_address, placement_strategy=a.placement_strategy,
+                cpu_threads=a.cpu_threads,
                 speculative_config=speculative_arg(a))
 
 

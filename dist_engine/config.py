@@ -132,6 +132,9 @@ class ParallelConfig:
     # "auto": in-process when world_size == 1, Ray otherwise. "ray" forces Ray even for one rank.
     executor: str = "auto"
     ray_address: str | None = None  # join an existing Ray cluster; None starts a local one
+    # how ranks are placed on Ray nodes: PACK (fill a node first), SPREAD, STRICT_SPREAD (one
+    # rank per node, e.g. to use one GPU on each of several machines)
+    placement_strategy: str = "PACK"
     placement_timeout_s: float = 60.0
     collective_timeout_s: float = 60.0
     # CPU ranks on one host exchange through shared memory instead of gloo (much faster).
@@ -142,6 +145,9 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.executor not in ("auto", "inprocess", "ray"):
             raise ValueError(f"executor must be 'auto', 'inprocess' or 'ray', got {self.executor!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
         if self.executor == "inprocess" and self.world_size > 1:
             raise ValueError("the in-process executor runs one rank; use executor='ray' for TP > 1")
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.worker.executor import EngineDeadError
 
 log = logging.getLogger(__name__)
+HEALTH_EVERY_S = 2.0  # how often an idle engine checks that its workers are alive
 
 
 @dataclass
@@ -157,11 +159,16 @@ class AsyncLLM:
             return cmds
 
     def _run(self) -> None:
+        last_check = time.monotonic()
         try:
             while True:
                 for cmd in self._commands(wait=not self.engine.has_unfinished()):
                     if not self._handle(cmd):
                         return
+                if not self.engine.has_unfinished() and time.monotonic() - last_check > HEALTH_EVERY_S:
+                    # idle: nothing would notice a lost worker until the next request
+                    self.engine.executor.check_health()
+                    last_check = time.monotonic()
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         with self._lock:

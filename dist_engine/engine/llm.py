@@ -37,7 +37,8 @@ class LLM:
                  kv_cache_memory: int | None = None, memory_fraction: float = 0.5,
                  enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 executor: str = "auto", ray_address: str | None = None, seed: int = 0,
+                 executor: str = "auto", ray_address: str | None = None,
+                 placement_strategy: str = "PACK", seed: int = 0,
                  cpu_threads: int | None = None, skip_tokenizer_init: bool = False,
                  shm_allreduce: bool = True,
                  speculative_config: dict | SpeculativeConfig | None = None) -> None:
@@ -57,7 +58,8 @@ class LLM:
         self.config = EngineConfig(
             model=mcfg,
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, executor=executor,
-                                    ray_address=ray_address, shm_allreduce=shm_allreduce),
+                                    ray_address=ray_address, shm_allreduce=shm_allreduce,
+                                    placement_strategy=placement_strategy),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction,
                               enable_prefix_caching=enable_prefix_caching),

@@ -25,6 +25,8 @@ from dist_engine.worker.shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+PING_EVERY_S = 2.0  # during a long call, ping every rank this often...
+PING_TIMEOUT_S = 8.0  # ...and give up on the engine if one stays silent this long
 
 
 def ensure_ray(address: str | None, world_size: int) -> None:
@@ -47,12 +49,13 @@ class RayExecutor(Executor):
         ensure_ray(par.ray_address, world)
         gpu = config.device == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy=par.placement_strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=par.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             raise RuntimeError(
-                f"could not place {world} ranks of {bundle} within {par.placement_timeout_s:.0f}s; "
+                f"could not place {world} ranks of {bundle} ({par.placement_strategy}) within "
+                f"{par.placement_timeout_s:.0f}s; "
                 f"the Ray cluster has {ray.available_resources()} available. Add nodes/GPUs or "
                 "lower --tp"
             )
@@ -79,7 +82,9 @@ class RayExecutor(Executor):
         workers = self.workers if only is None else [self.workers[i] for i in only]
         refs = [call(w) for w in workers]
         pending = list(refs)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        pings: list = []  # (sent at, refs) while a long call runs
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
             for ref in done:
@@ -87,8 +92,21 @@ class RayExecutor(Executor):
                     ray.get(ref)
                 except RayError as e:
                     self._abort(f"a shard worker failed: {type(e).__name__}: {e}")
-            if deadline is not None and time.monotonic() > deadline and pending:
+            now = time.monotonic()
+            if deadline is not None and now > deadline and pending:
                 self._abort(f"shard workers did not answer within {timeout:.0f}s")
+            if pending and self.workers is workers and now - start > PING_EVERY_S:
+                # A long call (big prefill, or a rank stuck in a collective with a lost peer):
+                # every rank must still answer a ping on its second thread, or it is gone.
+                if not pings or now - pings[-1][0] > PING_EVERY_S:
+                    pings.append((now, [w.ping.remote() for w in self.workers]))
+                sent, prefs = pings[0]
+                ready, _ = ray.wait(prefs, num_returns=len(prefs), timeout=0)
+                if len(ready) == len(prefs):
+                    pings.pop(0)
+                elif now - sent > PING_TIMEOUT_S:
+                    self._abort(f"a shard worker stopped answering for {PING_TIMEOUT_S:.0f}s "
+                                "(its node may be lost)")
         return ray.get(refs)
 
     def _abort(self, why: str) -> None:
@@ -126,7 +144,7 @@ class RayExecutor(Executor):
         return outs[0]
 
     def check_health(self) -> None:
-        self._all(lambda w: w.ping.remote(), timeout=10.0)
+        self._all(lambda w: w.ping.remote(), timeout=PING_TIMEOUT_S)
 
     def shutdown(self) -> None:
         if self._dead:
