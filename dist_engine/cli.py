@@ -201,6 +201,30 @@ def cmd_graft(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(a: argparse.Namespace) -> int:
+    from dist_engine.deploy.launch import cmd_launch as launch
+
+    rest = a.serve_args[1:] if a.serve_args[:1] == ["--"] else a.serve_args
+    return launch(a, rest)
+
+
+def cmd_join(a: argparse.Namespace) -> int:
+    from dist_engine.deploy.launch import cmd_join as join
+
+    return join(a)
+
+
+def add_nccl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", default=None, help="GPU indices to use, e.g. 0,1 (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--nccl-p2p-off", action="store_true",
+                   help="NCCL_P2P_DISABLE=1: cards whose peer-to-peer hangs or fails the all-reduce")
+    p.add_argument("--nccl-socket-ifname", default=None,
+                   help="NCCL_SOCKET_IFNAME: the network interface ranks talk over")
+    p.add_argument("--nccl-no-shm", action="store_true",
+                   help="NCCL_SHM_DISABLE=1: containers with a tiny /dev/shm ('Bus error')")
+    p.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO")
+
+
 def cmd_bench_serve(a: argparse.Namespace) -> int:
     from dist_engine.server.loadgen import main as bench_serve
 
@@ -293,6 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--tls-ca", default=None)
     bs.add_argument("--out", default="bench/results", help="folder for JSON, Markdown and SVG")
     bs.set_defaults(func=cmd_bench_serve)
+
+    la = sub.add_parser("launch", help="workstation: preflight, start Ray, serve (args after -- go to serve)")
+    la.add_argument("--model", default=DEFAULT_MODEL)
+    la.add_argument("--tp", type=int, default=1)
+    la.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    la.add_argument("--kv-cache-memory", type=parse_bytes, default=None)
+    la.add_argument("--memory-fraction", type=float, default=0.5)
+    la.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a head")
+    la.add_argument("--ray-port", type=int, default=6379)
+    la.add_argument("--preflight-only", action="store_true", help="check and report, start nothing")
+    la.add_argument("--force", action="store_true", help="start even if a preflight check fails")
+    add_nccl_args(la)
+    la.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then `dist-engine serve` flags")
+    la.set_defaults(func=cmd_launch)
+
+    jo = sub.add_parser("join", help="add this machine to a running Ray cluster (ray start)")
+    jo.add_argument("--address", required=True, help="the head, HOST:6379")
+    jo.add_argument("--num-gpus", type=int, default=None)
+    jo.add_argument("--block", action="store_true", help="stay in the foreground")
+    add_nccl_args(jo)
+    jo.set_defaults(func=cmd_join)
 
     c = sub.add_parser("convert", help="convert a Llama-family GGUF file to an HF-format folder")
     c.add_argument("--gguf", required=True)
