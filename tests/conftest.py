@@ -22,6 +22,10 @@ TINY = {
                                         intermediate_size=96, rope_scaling={
                                             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2yarn": ("Qwen2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=96, rope_scaling={
+                                           "rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 32})),
     "mistral": ("MistralConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                        intermediate_size=96, sliding_window=12)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

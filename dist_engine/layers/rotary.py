@@ -28,7 +28,43 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tu
         out = torch.where(wavelen > low_wl, inv / factor, inv)
         mid = (wavelen <= low_wl) & (wavelen >= high_wl)
         return torch.where(mid, blended, out), 1.0
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind == "yarn":
+        return _yarn(inv, head_dim, theta, scaling)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, "
+                     "llama3, yarn)")
+
+
+def _yarn(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any]
+          ) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): dimensions that rotate many times over the original context keep
+    their frequency, slow ones are divided by ``factor``, a linear ramp in between; cos/sin are
+    scaled by ``0.1 ln(factor) + 1`` (or the mscale ratio DeepSeek configs give)."""
+    factor = scaling["factor"]
+    old_len = scaling.get("original_max_position_embeddings")
+    if old_len is None:
+        raise ValueError("yarn rope_scaling needs original_max_position_embeddings in config.json")
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    att = scaling.get("attention_factor")
+    if att is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        att = mscale(m) / mscale(m_all) if m and m_all else mscale()
+
+    def dim_for(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_for(fast), dim_for(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency (extrapolate), 0: divide by factor
+    return inv / factor * (1 - keep) + inv * keep, float(att)
 
 
 class RotaryEmbedding(nn.Module):
