@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a local HF-format folder or a known name (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Ray actors if > 1)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel ranks: each holds 1/CP of every sequence's KV cache "
+                        "(world = TP x CP Ray actors)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -72,7 +75,8 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(model=a.model, tensor_parallel_size=a.tp, dtype=a.dtype, device=a.device,
+    return dict(model=a.model, tensor_parallel_size=a.tp, context_parallel_size=a.cp,
+                dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
                 block_size=a.block_size, memory_fraction=a.memory_fraction,
                 enable_prefix_caching=not a.no_prefix_caching,

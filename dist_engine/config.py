@@ -126,9 +126,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How ranks are laid out. world_size = tensor_parallel_size (context parallel comes later)."""
+    """How ranks are laid out: world = TP x CP ranks, rank = cp_rank * TP + tp_rank.
+
+    Context parallelism (CP) gives every sequence's KV cache to CP shards (blocks striped over
+    them); each CP rank holds the TP shard of the weights and attends over its own blocks, and
+    partial attentions are merged by log-sum-exp, so the longest context grows with CP.
+    """
 
     tensor_parallel_size: int = 1
+    context_parallel_size: int = 1
     # "auto": in-process when world_size == 1, Ray otherwise. "ray" forces Ray even for one rank.
     executor: str = "auto"
     ray_address: str | None = None  # join an existing Ray cluster; None starts a local one
@@ -143,17 +149,19 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.context_parallel_size < 1:
+            raise ValueError(f"context_parallel_size must be >= 1, got {self.context_parallel_size}")
         if self.executor not in ("auto", "inprocess", "ray"):
             raise ValueError(f"executor must be 'auto', 'inprocess' or 'ray', got {self.executor!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")
         if self.executor == "inprocess" and self.world_size > 1:
-            raise ValueError("the in-process executor runs one rank; use executor='ray' for TP > 1")
+            raise ValueError("the in-process executor runs one rank; use executor='ray' for TP or CP > 1")
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size
+        return self.tensor_parallel_size * self.context_parallel_size
 
     @property
     def use_ray(self) -> bool:
@@ -165,7 +173,8 @@ class CacheConfig:
     """Paged KV cache sizing."""
 
     block_size: int = 16
-    # Exactly this many blocks (tests); otherwise sized from kv_cache_memory or memory_fraction.
+    # Exactly this many blocks per rank (tests); otherwise sized from kv_cache_memory or
+    # memory_fraction. With context parallelism the whole cache holds CP times as many.
     num_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes per rank
     memory_fraction: float = 0.5  # of the memory left after weights and peak activations

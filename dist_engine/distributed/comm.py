@@ -24,6 +24,10 @@ class Communicator:
         """Concatenate each rank's ``x`` along the last dim; rank r contributes ``sizes[r]``."""
         raise NotImplementedError
 
+    def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``x`` (same shape everywhere), in rank order."""
+        raise NotImplementedError
+
     def barrier(self) -> None:
         raise NotImplementedError
 
@@ -37,30 +41,39 @@ class NullCommunicator(Communicator):
     def all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         return x
 
+    def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
     def barrier(self) -> None:
         pass
 
 
 class TorchCommunicator(Communicator):
-    """torch.distributed (NCCL on CUDA, gloo on CPU) over the default process group."""
+    """torch.distributed (NCCL on CUDA, gloo on CPU) over a process group (default: all ranks)."""
 
-    def __init__(self) -> None:
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)  # global rank of rank 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()  # collectives need dense storage
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
+
+    def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts
 
     def all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         # gloo/NCCL gather equal shapes only: pad every piece to the largest, then trim.
         width = max(sizes)
         if x.shape[-1] < width:
             x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        parts = self.gather_all(x)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
     def barrier(self) -> None:
-        dist.barrier()
+        dist.barrier(group=self.group)

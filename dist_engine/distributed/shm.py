@@ -47,8 +47,9 @@ class ShmCommunicator(Communicator):
     @classmethod
     def create(cls, fallback: TorchCommunicator, master: tuple[str, int]) -> Communicator:
         """Collective: every rank calls it. Falls back to ``fallback`` across hosts."""
+        g = fallback.group
         hosts: list[str | None] = [None] * fallback.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
+        dist.all_gather_object(hosts, socket.gethostname(), group=g)
         if len(set(hosts)) != 1 or not os.path.isdir("/dev/shm"):
             return fallback
         # Rank 0 creates the file before announcing its name, so no rank maps it half-made.
@@ -57,13 +58,13 @@ class ShmCommunicator(Communicator):
         if fallback.rank == 0:
             name = [f"/dev/shm/dist_engine_{uuid.uuid4().hex}"]
             comm = cls(fallback, name[0], create=True)
-        dist.broadcast_object_list(name, src=0)
+        dist.broadcast_object_list(name, src=fallback.src, group=g)
         if comm is None:
             comm = cls(fallback, name[0], create=False)
-        dist.barrier()
+        dist.barrier(group=g)
         if fallback.rank == 0:
             os.unlink(name[0])  # stays mapped in every rank; nothing left behind on exit
-        dist.barrier()
+        dist.barrier(group=g)
         return comm
 
     def _exchange(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -100,6 +101,12 @@ class ShmCommunicator(Communicator):
             return self.fallback.all_gather(x[..., : sizes[self.rank]], sizes)
         pieces = [parts[r].view(x.shape)[..., :n] for r, n in enumerate(sizes)]
         return torch.cat(pieces, dim=-1)
+
+    def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        parts = self._exchange(x)
+        if parts is None:
+            return self.fallback.gather_all(x)
+        return [parts[r].view(x.shape).clone() for r in range(self.world_size)]  # slots get reused
 
     def barrier(self) -> None:
         self._exchange(torch.zeros(1))

@@ -32,6 +32,7 @@ class LLM:
     """``LLM(model=..., tensor_parallel_size=..., dtype=..., device=...)``; ``generate(...)``."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", *, tensor_parallel_size: int = 1,
+                 context_parallel_size: int = 1,
                  dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, memory_fraction: float = 0.5,
@@ -57,7 +58,8 @@ class LLM:
             max_num_batched_tokens = 512 if device == "cpu" else 2048
         self.config = EngineConfig(
             model=mcfg,
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, executor=executor,
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                    context_parallel_size=context_parallel_size, executor=executor,
                                     ray_address=ray_address, shm_allreduce=shm_allreduce,
                                     placement_strategy=placement_strategy),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,

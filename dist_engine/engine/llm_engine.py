@@ -45,13 +45,15 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.executor = make_executor(config)
-        num_blocks = self.executor.available_kv_blocks()
-        self.executor.init_cache(num_blocks)
+        shards = config.parallel.context_parallel_size  # KV sequence shards
+        local_blocks = self.executor.available_kv_blocks()
+        self.executor.init_cache(local_blocks)
+        num_blocks = local_blocks * shards
         info = self.executor.cache_info()
         bs = config.cache.block_size
         spec = config.speculative
         self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching,
-                                   hash_next_token=spec is not None)
+                                   hash_next_token=spec is not None, num_shards=shards)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -66,6 +68,9 @@ class LLMEngine:
             num_blocks, bs, num_blocks * bs, per_tok, num_blocks * info["bytes_per_block"] / mib,
             config.scheduler.max_model_len, num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len),
         )
+        log.info("layout TP=%d x CP=%d: %d KV blocks per rank; longest context the cache can hold: "
+                 "%d tokens", config.parallel.tensor_parallel_size, shards, local_blocks,
+                 num_blocks * bs)
         self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs}
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

@@ -6,6 +6,10 @@ its token chain (parent hash + its tokens) and can be shared by any later sequen
 prefix. Unreferenced blocks sit in an LRU free list and keep their hash until they are reused,
 so a prefix can hit even after its sequence finished. Eviction takes the least recently freed
 block first; a freed sequence's blocks enter tail-first, so its prefix outlives its suffix.
+
+Sequence sharding (context parallelism): with S shards, block id b lives on shard ``b mod S``
+and logical block i of every sequence is taken from shard ``i mod S``, so a sequence's blocks are
+striped over the shards and a cached prefix block is always on the shard its position needs.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 hash_next_token: bool = False) -> None:
+                 hash_next_token: bool = False, num_shards: int = 1) -> None:
         self.block_size = block_size
+        self.num_shards = num_shards
         # With an MTP layer, slot p of its cache depends on token p + 1: a block's hash then
         # covers the token after it too, so a prefix hit is valid for that layer as well.
         self.extra = int(hash_next_token)
         self.num_blocks = num_blocks
         self.prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # one LRU free list per shard
+        self.free: list[OrderedDict[int, None]] = [
+            OrderedDict((i, None) for i in range(s, num_blocks, num_shards)) for s in range(num_shards)]
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
@@ -43,7 +50,7 @@ class BlockManager:
     # ---- queries -----------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return sum(len(f) for f in self.free)
 
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
@@ -52,8 +59,8 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # ---- allocation ----------------------------------------------------------------------
-    def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)  # least recently freed
+    def _take_free(self, shard: int) -> int:
+        block_id, _ = self.free[shard].popitem(last=False)  # least recently freed
         block = self.blocks[block_id]
         if block.hash is not None:  # evict its cached content
             if self.cached.get(block.hash) == block_id:
@@ -92,18 +99,20 @@ class BlockManager:
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                del self.free[block_id]
+                del self.free[block_id % self.num_shards][block_id]
             block.ref_count += 1
         return list(block_ids)
 
     def grow(self, block_table: list[int], num_tokens: int) -> bool:
         """Append blocks to ``block_table`` until it holds ``num_tokens``; all or nothing."""
-        need = self.blocks_for(num_tokens) - len(block_table)
-        if need <= 0:
+        first, end = len(block_table), self.blocks_for(num_tokens)
+        if end <= first:
             return True
-        if need > len(self.free):
-            return False
-        block_table.extend(self._take_free() for _ in range(need))
+        S = self.num_shards
+        for s in range(S):
+            if len(range(first + (s - first) % S, end, S)) > len(self.free[s]):
+                return False
+        block_table.extend(self._take_free(i % S) for i in range(first, end))
         return True
 
     def commit(self, block_table: list[int], block_hashes: list[int], token_ids: list[int],
@@ -133,5 +142,5 @@ class BlockManager:
                 raise RuntimeError(f"block {block_id} freed more often than allocated")
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free[block_id] = None
+                self.free[block_id % self.num_shards][block_id] = None
         block_table.clear()

@@ -14,6 +14,7 @@ later) be merged exactly: ``o = Σ exp(lse_i − lse) · o_i`` with ``lse = logs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,15 +37,21 @@ class AttentionGroup:
 @dataclass
 class AttentionMetadata:
     num_tokens: int
-    slot_mapping: torch.Tensor  # [T] long: where each new token's K/V is written
+    slot_mapping: torch.Tensor  # [W] long: where each stored token's K/V is written
     groups: list[AttentionGroup] = field(default_factory=list)
+    # Sequence sharding: the W tokens (of T) whose K/V this rank stores (None: all of them),
+    # and the communicator of the ranks holding the other shards (None: not sharded).
+    write_index: torch.Tensor | None = None
+    cp: Any = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    # caches [S, Hk, D]; k, v [T, Hk, D]; slot_mapping [T]
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+             meta: AttentionMetadata) -> None:
+    # caches [S, Hk, D]; k, v [T, Hk, D]; slot_mapping [W]
+    if meta.write_index is not None:
+        k, v = k[meta.write_index], v[meta.write_index]
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
 
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
@@ -86,8 +93,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32).
 
-    A query with no visible key (possible once keys are sharded) gets out 0 and lse -inf.
+    A query with no visible key gets out 0 and lse -inf. With sequence shards (``meta.cp``)
+    each rank attends over its own keys and the partials of all shards are merged in fp32, in
+    rank order, so every rank gets the same bits.
     """
+    out, lse = _local_attention(q, k_cache, v_cache, meta, scale)
+    if meta.cp is None:
+        return out, lse
+    outs = meta.cp.gather_all(out.float())
+    lses = meta.cp.gather_all(lse)
+    merged, lse = merge_partials(outs, lses)
+    return merged.to(q.dtype), lse
+
+
+def _local_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     Hk = k_cache.shape[1]
     G = Hq // Hk  # query heads per KV head on this rank
@@ -112,6 +132,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             lses.append(lse)
         o, lse = merge_partials(outs, lses)
         lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
+        if meta.cp is not None:  # a query with no key on this shard: 0, never NaN
+            o = o.masked_fill(~g.has_key.expand_as(lse).unsqueeze(-1), 0.0)
         o = o.to(q.dtype).view(B, Hk, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
         lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
         if single:

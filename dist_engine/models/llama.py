@@ -57,7 +57,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        write_kv(kv[0], kv[1], k, v, meta)
         out, _lse = paged_attention(q, kv[0], kv[1], meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
 

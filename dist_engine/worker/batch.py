@@ -31,27 +31,50 @@ def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Te
     return tables.gather(1, pos // block_size) * block_size + pos % block_size
 
 
+def _local_keys(s: SeqWork, block_size: int, shard: int, num_shards: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and cache slots of the keys of ``s`` that live on this shard."""
+    pos = torch.arange(s.context_len)
+    used = (s.context_len + block_size - 1) // block_size
+    blocks = torch.tensor(s.block_table[:used], dtype=torch.long)[pos // block_size]
+    keep = blocks % num_shards == shard
+    pos, blocks = pos[keep], blocks[keep] // num_shards
+    return pos, blocks * block_size + pos % block_size
+
+
 def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int | None,
-           heads_per_kv: int, dtype: torch.dtype, device: torch.device, dense: bool) -> AttentionGroup:
+           heads_per_kv: int, dtype: torch.dtype, device: torch.device, dense: bool,
+           shard: int = 0, num_shards: int = 1) -> AttentionGroup:
     B = len(seqs)
     Q = max(len(s.token_ids) for s in seqs)
-    K = max(s.context_len for s in seqs)
-    n_blocks = (K + block_size - 1) // block_size
-    tables = torch.zeros(B, n_blocks, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        used = (s.context_len + block_size - 1) // block_size
-        tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
     qlen = torch.tensor([len(s.token_ids) for s in seqs]).view(B, 1)
     ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1)
     i = torch.arange(Q).view(1, Q)
-    j = torch.arange(K).view(1, K)
     q_valid = i < qlen  # [B, Q]
     q_pos = ctx - qlen + i  # [B, Q] absolute position of each query
-    kv_slots = _slots(tables, j.expand(B, K), block_size)  # [B, K]
-    kv_slots = kv_slots.masked_fill(j >= ctx, 0)
-    allowed = (j.view(1, 1, K) <= q_pos.unsqueeze(-1)) & q_valid.unsqueeze(-1)  # [B, Q, K]
+    if num_shards == 1:
+        K = max(s.context_len for s in seqs)
+        n_blocks = (K + block_size - 1) // block_size
+        tables = torch.zeros(B, n_blocks, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            used = (s.context_len + block_size - 1) // block_size
+            tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+        j = torch.arange(K).view(1, K)
+        key_pos = j.expand(B, K)  # [B, K]
+        key_valid = j < ctx
+        kv_slots = _slots(tables, key_pos, block_size).masked_fill(~key_valid, 0)
+    else:  # only this shard's keys: [B, K] with K the most any sequence has here
+        keys = [_local_keys(s, block_size, shard, num_shards) for s in seqs]
+        K = max(1, max(len(p) for p, _ in keys))
+        key_pos = torch.zeros(B, K, dtype=torch.long)
+        kv_slots = torch.zeros(B, K, dtype=torch.long)
+        key_valid = torch.zeros(B, K, dtype=torch.bool)
+        for b, (p, sl) in enumerate(keys):
+            key_pos[b, :len(p)], kv_slots[b, :len(p)], key_valid[b, :len(p)] = p, sl, True
+    kp = key_pos.view(B, 1, K)
+    allowed = (kp <= q_pos.unsqueeze(-1)) & q_valid.unsqueeze(-1) & key_valid.view(B, 1, K)  # [B, Q, K]
     if window is not None:
-        allowed &= j.view(1, 1, K) > q_pos.unsqueeze(-1) - window
+        allowed &= kp > q_pos.unsqueeze(-1) - window
     q_index = (torch.tensor(starts).view(B, 1) + i).masked_fill(~q_valid, 0)
     G = heads_per_kv
     allowed = allowed.unsqueeze(1).expand(B, G, Q, K).reshape(B, 1, G * Q, K)
@@ -67,39 +90,54 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
 
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
-                heads_per_kv: int, dtype: torch.dtype, device: torch.device) -> ForwardBatch:
-    """``heads_per_kv``: query heads per KV head on this rank (folded into the mask)."""
+                heads_per_kv: int, dtype: torch.dtype, device: torch.device,
+                shard: int = 0, num_shards: int = 1, cp=None) -> ForwardBatch:
+    """``heads_per_kv``: query heads per KV head on this rank (folded into the mask).
+
+    With ``num_shards`` > 1 (context parallelism) this rank writes only the K/V of tokens whose
+    block lives on its ``shard`` and attends only over its own keys; ``cp`` merges the partials.
+    """
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
+    write: list[int] = []  # token indices whose K/V this rank stores (all when not sharded)
     starts: list[int] = []
     sample_index: list[int] = []
+    S = num_shards
     for s in seqs:
         starts.append(len(ids))
-        ids.extend(s.token_ids)
-        for p in range(s.start_pos, s.context_len):
+        for k, p in enumerate(range(s.start_pos, s.context_len)):
             positions.append(p)
-            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+            block = s.block_table[p // block_size]
+            if block % S == shard:
+                write.append(len(ids) + k)
+                slots.append((block // S) * block_size + p % block_size)
+        ids.extend(s.token_ids)
         if s.sample:
             sample_index.extend(range(len(ids) - 1 - s.num_drafts, len(ids)))
     small = [k for k, s in enumerate(seqs) if len(s.token_ids) <= SMALL_QUERY]
     large = [k for k, s in enumerate(seqs) if len(s.token_ids) > SMALL_QUERY]
     groups = []
     one_group = len(small) == len(seqs) or len(seqs) == 1
+    shard_kw = dict(shard=shard, num_shards=S)
     if one_group:
         dense = len({len(s.token_ids) for s in seqs}) == 1
-        groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device, dense))
+        groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device,
+                             dense, **shard_kw))
     else:
         if small:
             groups.append(_group([seqs[k] for k in small], [starts[k] for k in small],
-                                 block_size, window, heads_per_kv, dtype, device, False))
+                                 block_size, window, heads_per_kv, dtype, device, False, **shard_kw))
         for k in large:
             groups.append(_group([seqs[k]], [starts[k]], block_size, window, heads_per_kv, dtype,
-                                 device, False))
+                                 device, False, **shard_kw))
     meta = AttentionMetadata(
         num_tokens=len(ids),
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         groups=groups,
+        write_index=(None if len(write) == len(ids)
+                     else torch.tensor(write, dtype=torch.long, device=device)),
+        cp=cp if S > 1 else None,
     )
     return ForwardBatch(
         ids=torch.tensor(ids, dtype=torch.long, device=device),

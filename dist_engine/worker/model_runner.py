@@ -13,7 +13,7 @@ from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.linear import add_gemv_copy
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
-from dist_engine.worker.batch import build_batch
+from dist_engine.worker.batch import ForwardBatch, build_batch
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import sample
 
@@ -23,9 +23,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, comm: Communicator, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, comm: Communicator, device: torch.device,
+                 cp_comm: Communicator | None = None) -> None:
         self.config = config
-        self.comm = comm
+        self.comm = comm  # the tensor-parallel group (the model's layers)
+        self.cp_comm = cp_comm if cp_comm is not None and cp_comm.world_size > 1 else None
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
         self.block_size = config.cache.block_size
@@ -55,6 +57,13 @@ class ModelRunner:
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
+
+    def build(self, seqs) -> ForwardBatch:
+        """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
+        cp = self.cp_comm
+        return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
+                           self.heads_per_kv, self.dtype, self.device,
+                           shard=cp.rank if cp else 0, num_shards=cp.world_size if cp else 1, cp=cp)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -132,6 +141,8 @@ class ModelRunner:
         return max(0, int(peak))
 
     def init_cache(self, num_blocks: int) -> None:
+        """``num_blocks`` of this rank (with sequence shards, local block i is global block
+        i * shards + shard)."""
         slots = num_blocks * self.block_size
         shape = (slots, self.local_kv_heads, self.head_dim)  # [num_slots, local_kv_heads, head_dim]
         # Uninitialised (memory is committed as blocks are first written), except block 0:
@@ -149,8 +160,7 @@ class ModelRunner:
     # ---- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        batch = build_batch(step.seqs, self.block_size, self.config.model.sliding_window,
-                            self.heads_per_kv, self.dtype, self.device)
+        batch = self.build(step.seqs)
         if self.mtp is not None:
             raw = self.config.speculative.hidden_stage == "raw"
             t0 = time.perf_counter()

@@ -37,7 +37,9 @@ def ensure_ray(address: str | None, world_size: int) -> None:
         return
     # A local instance: declare at least one logical CPU per rank, so four ranks fit on a
     # two-core machine (each rank sets its own torch thread count).
-    ray.init(num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
+    # address="local": always a fresh instance, even if an earlier `ray start` on this machine
+    # left its address behind in /tmp/ray
+    ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=True, configure_logging=False)
 
 

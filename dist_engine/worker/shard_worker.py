@@ -44,22 +44,36 @@ class ShardWorker:
         return free_port_and_ip()
 
     def init_distributed(self, master: tuple[str, int] | None) -> None:
-        world = self.config.parallel.world_size
+        """Join the world, then build the TP communicator (the model's layers) and the CP one
+        (merging attention over sequence shards): rank = cp_rank * TP + tp_rank."""
+        par = self.config.parallel
+        world, tp, cp = par.world_size, par.tensor_parallel_size, par.context_parallel_size
+        self.comm: Communicator = NullCommunicator()
+        self.cp_comm: Communicator = NullCommunicator()
         if world == 1:
-            comm: Communicator = NullCommunicator()
-        else:
-            backend = "nccl" if self.config.device == "cuda" else "gloo"
-            dist.init_process_group(
-                backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
-                world_size=world,
-                timeout=datetime.timedelta(seconds=self.config.parallel.collective_timeout_s),
-            )
-            comm = TorchCommunicator()
-            if self.config.device == "cpu" and self.config.parallel.shm_allreduce:
-                from dist_engine.distributed.shm import ShmCommunicator
+            return
+        backend = "nccl" if self.config.device == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
+            world_size=world, timeout=datetime.timedelta(seconds=par.collective_timeout_s),
+        )
+        if cp == 1:
+            self.comm = self._wrap(TorchCommunicator(), master)
+            return
+        # every rank creates every group, in the same order
+        tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)]
+        cp_groups = [dist.new_group([c * tp + t for c in range(cp)]) for t in range(tp)]
+        cp_rank, tp_rank = divmod(self.rank, tp)
+        if tp > 1:
+            self.comm = self._wrap(TorchCommunicator(tp_groups[cp_rank]), master)
+        self.cp_comm = self._wrap(TorchCommunicator(cp_groups[tp_rank]), master)
 
-                comm = ShmCommunicator.create(comm, master)
-        self.comm = comm
+    def _wrap(self, comm: TorchCommunicator, master) -> Communicator:
+        if self.config.device == "cpu" and self.config.parallel.shm_allreduce:
+            from dist_engine.distributed.shm import ShmCommunicator
+
+            return ShmCommunicator.create(comm, master)
+        return comm
 
     def load_model(self) -> float:
         if self.config.device == "cuda":
@@ -67,7 +81,7 @@ class ShardWorker:
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        self.runner = ModelRunner(self.config, self.comm, device)
+        self.runner = ModelRunner(self.config, self.comm, device, self.cp_comm)
         return self.runner.load_seconds
 
     def available_kv_blocks(self) -> int:

@@ -27,7 +27,7 @@ from dist_engine.config import EngineConfig
 from dist_engine.layers.linear import add_gemv_copy, project
 from dist_engine.models.mtp import LlamaMTP
 from dist_engine.weights.loader import iter_checkpoint, load_weights
-from dist_engine.worker.batch import ForwardBatch, build_batch
+from dist_engine.worker.batch import ForwardBatch
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import gumbel_noise, sample
 
@@ -146,8 +146,7 @@ class MTPDecoder:
 
     def _run(self, work: list[SeqWork], hidden: torch.Tensor) -> tuple[torch.Tensor, ForwardBatch]:
         r = self.runner
-        batch = build_batch(tuple(work), r.block_size, r.config.model.sliding_window,
-                            r.heads_per_kv, r.dtype, r.device)
+        batch = r.build(work)
         emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
         g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
         return g, batch
