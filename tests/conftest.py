@@ -79,6 +79,27 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def grafted(tiny_models, tmp_path_factory):
+    """The tiny Llama with an MTP layer grafted on its own generations (about 20 s)."""
+    import random
+
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.graft.train import graft
+
+    path = tiny_models("llama")
+    r = random.Random(0)
+    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
+    with LLM(path, skip_tokenizer_init=True, max_model_len=128) as llm:
+        outs = llm.generate(prompt_token_ids=prompts,
+                            sampling_params=SamplingParams(max_tokens=40, ignore_eos=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    out = str(tmp_path_factory.mktemp("graft"))
+    meta = graft(path, seqs[:450], seqs[450:], out, epochs=3, depth=3, lr=3e-3, batch_size=16,
+                 draft_vocab_size=320, dtype="float32")
+    return path, out, meta
+
+
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
 

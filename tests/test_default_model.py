@@ -41,3 +41,27 @@ def test_greedy_matches_transformers_on_gguf(gguf_reference):
         assert out[0].outputs[0].text == tok.decode(ref, skip_special_tokens=True)
     finally:
         llm.shutdown()
+
+
+def test_shipped_mtp_graft_speculates_losslessly():
+    """Acceptance regression for the graft that ships with the default model: held-out prompts,
+    greedy, K=3. Output (text, stop strings, finish reasons) equals plain decoding."""
+    from dist_engine.graft.artifact import shipped_graft
+    from dist_engine.graft.prompts import split_prompts
+
+    assert shipped_graft(DEFAULT_MODEL) is not None
+    prompts = split_prompts()[1][:2]
+    params = [SamplingParams(temperature=0, max_tokens=64),
+              SamplingParams(temperature=0, max_tokens=64, stop=["\n\n"])]
+    kw = dict(max_model_len=512, num_kv_blocks=64)
+
+    def run(spec):
+        with LLM(DEFAULT_MODEL, speculative_config=spec, **kw) as llm:
+            msgs = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            outs = llm.generate(prompt_token_ids=msgs, sampling_params=params)
+            return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs], llm.engine.spec_stats
+
+    plain, _ = run(None)
+    spec_out, stats = run({"method": "mtp", "num_speculative_tokens": 3})
+    assert spec_out == plain
+    assert stats.mean_accepted_length >= MIN_MEAN_ACCEPTED_LENGTH, stats.as_dict()

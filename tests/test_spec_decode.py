@@ -20,24 +20,6 @@ PROMPTS = [[1] + [rng.randrange(3, 320) for _ in range(rng.randrange(2, 30))] fo
 LENS = [rng.randrange(5, 40) for _ in PROMPTS]
 
 
-@pytest.fixture(scope="module")
-def grafted(tiny_models, tmp_path_factory):
-    """The tiny Llama with an MTP layer grafted on its own generations (about 20 s)."""
-    from dist_engine.graft.train import graft
-
-    path = tiny_models("llama")
-    r = random.Random(0)
-    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
-    with LLM(path, skip_tokenizer_init=True, max_model_len=128) as llm:
-        outs = llm.generate(prompt_token_ids=prompts,
-                            sampling_params=SamplingParams(max_tokens=40, ignore_eos=True))
-    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
-    out = str(tmp_path_factory.mktemp("graft"))
-    meta = graft(path, seqs[:450], seqs[450:], out, epochs=3, depth=3, lr=3e-3, batch_size=16,
-                 draft_vocab_size=320, dtype="float32")
-    return path, out, meta
-
-
 def spec(folder: str, k: int, **kw) -> dict:
     return {"method": "mtp", "model": folder, "num_speculative_tokens": k, **kw}
 

@@ -1,0 +1,109 @@
+"""Context parallelism: every sequence's KV cache split over CP ranks (blocks striped), partial
+attentions merged by log-sum-exp. Same tokens as one rank; the longest context doubles."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dist_engine import LLM, SamplingParams
+from dist_engine.layers.attention import merge_partials
+
+rng = random.Random(11)
+LONG = [1] + [rng.randrange(3, 320) for _ in range(300)]  # 76 blocks of 4
+PROMPTS = [LONG, LONG[:120] + [5, 6, 7], [1] + [rng.randrange(3, 320) for _ in range(40)], [1, 9]]
+ARGS = dict(skip_tokenizer_init=True, max_model_len=512, block_size=4, max_num_batched_tokens=64)
+
+
+def params() -> list[SamplingParams]:
+    return [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+            SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+
+
+def test_lse_merge_equals_full_softmax_with_empty_shards():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 8), torch.randn(40, 8), torch.randn(40, 8)
+    scores = q @ k.t()  # [5, 40]
+    full = torch.softmax(scores, -1) @ v
+    owner = torch.arange(40) % 3  # three shards, keys striped
+    outs, lses = [], []
+    for s in range(4):  # shard 3 holds nothing
+        mask = owner == s
+        if mask.any():
+            sc = scores[:, mask]
+            lse = torch.logsumexp(sc, -1)
+            outs.append(torch.softmax(sc, -1) @ v[mask])
+        else:
+            lse = torch.full((5,), float("-inf"))
+            outs.append(torch.zeros(5, 8))
+        lses.append(lse)
+    out, lse = merge_partials(outs, lses)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+    empty, lse_e = merge_partials([torch.zeros(2, 8)] * 2, [torch.full((2,), float("-inf"))] * 2)
+    assert not empty.isnan().any() and (empty == 0).all() and torch.isinf(lse_e).all()
+
+
+def _outputs(llm: LLM) -> list:
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params())
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    path = tiny_models("llama")
+    with LLM(path, num_kv_blocks=400, **ARGS) as llm:
+        return path, _outputs(llm)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)], ids=["cp2", "tp2xcp2"])
+def test_cp_matches_single_rank(reference, ray_session, tp, cp):
+    """Long prompts over many blocks, chunked prefill (64 tokens a step), a prefix hit, mixed
+    greedy and seeded sampling: the same tokens, logprobs within 1e-4, no block left behind."""
+    path, ref = reference
+    with LLM(path, tensor_parallel_size=tp, context_parallel_size=cp, num_kv_blocks=200,
+             **ARGS) as llm:
+        got = _outputs(llm)
+        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+        for a, b in zip(got[0].logprobs, ref[0].logprobs):
+            for tok, lp in b.items():
+                assert abs(a[tok] - lp) < 1e-4
+        again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
+        assert again.outputs[0].token_ids == ref[1].token_ids
+        assert again.metrics.prefix_hit_tokens >= 100  # LONG's cached blocks, on both shards
+        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == 200 * cp
+
+
+@pytest.mark.distributed
+def test_cp2_doubles_the_longest_context_and_preempts_cleanly(reference, ray_session):
+    """40 blocks of 4 per rank: one rank cannot hold the 301-token prompt + 24, two can; with
+    all four prompts at once the two ranks also preempt and still match."""
+    path, ref = reference
+    with LLM(path, num_kv_blocks=40, **ARGS) as llm:
+        with pytest.raises(ValueError, match="exceeds the whole KV cache"):
+            llm.generate(prompt_token_ids=[LONG], sampling_params=params()[0])
+    with LLM(path, context_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
+        got = _outputs(llm)
+        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.num_free == 90
+
+
+@pytest.mark.distributed
+def test_cp2_with_mtp_speculation(grafted, ray_session):
+    path, folder, _ = grafted
+    p = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+         SamplingParams(temperature=0.8, seed=2, max_tokens=30, ignore_eos=True)]
+    with LLM(path, num_kv_blocks=400, **ARGS) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)]
+    spec = {"model": folder, "num_speculative_tokens": 3, "max_draft_tokens_per_step": 0}
+    with LLM(path, context_parallel_size=2, num_kv_blocks=200, speculative_config=spec, **ARGS) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)]
+        assert got == expected
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+        assert llm.engine.blocks.num_free == 400
