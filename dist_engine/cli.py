@@ -191,11 +191,14 @@ def cmd_graft(a: argparse.Namespace) -> int:
                             samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
                             batch=a.batch)
     held = set(held_p)
-    seqs = {True: [], False: []}
+    seqs: dict[bool, list] = {True: [], False: []}
+    plens: dict[bool, list] = {True: [], False: []}
     for r in recs:
         seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
+        plens[r["prompt"] in held].append(len(r["prompt_ids"]))
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype,
+                 prompt_lens=plens[False] + plens[True],
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     last = meta["held_out"][f"epoch_{a.epochs}"]
     print(f"graft written to {a.out}: held-out accuracy per depth {last['accuracy_per_depth']} "
@@ -295,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--batch", type=int, default=96, help="concurrent generations")
     gm.add_argument("--epochs", type=int, default=4)
     gm.add_argument("--depth", type=int, default=3, help="chained MTP steps trained")
-    gm.add_argument("--lr", type=float, default=5e-4)
+    gm.add_argument("--lr", type=float, default=2e-3)
     gm.add_argument("--draft-vocab", type=int, default=8192,
                     help="draft over this many most frequent predicted tokens")
     gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")
@@ -325,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="workstation: preflight, start Ray, serve (args after -- go to serve)")
     la.add_argument("--model", default=DEFAULT_MODEL)
     la.add_argument("--tp", type=int, default=1)
+    la.add_argument("--cp", type=int, default=1, help="context-parallel ranks (world = TP x CP)")
     la.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     la.add_argument("--kv-cache-memory", type=parse_bytes, default=None)
     la.add_argument("--memory-fraction", type=float, default=0.5)

@@ -50,8 +50,8 @@ def cmd_launch(a, serve_args: list[str]) -> int:
     env = {**os.environ, **nccl_env(a)}
     os.environ.update(nccl_env(a))  # the preflight's all-reduce runs with the same settings
     path = resolve_model(a.model)
-    report = run_preflight(path, a.tp, a.device, a.kv_cache_memory, a.memory_fraction)
-    print(f"preflight for {a.model} at TP={a.tp} on {a.device}:")
+    report = run_preflight(path, a.tp, a.device, a.kv_cache_memory, a.memory_fraction, a.cp)
+    print(f"preflight for {a.model} at TP={a.tp} x CP={a.cp} on {a.device}:")
     print("\n".join(report.lines), flush=True)
     if report.problems and not a.force:
         print(f"{len(report.problems)} problem(s); fix them or pass --force", file=sys.stderr)
@@ -62,14 +62,14 @@ def cmd_launch(a, serve_args: list[str]) -> int:
     if address is None:
         # `ray start --block` stays in the foreground and stops its own processes on SIGTERM
         # (`ray stop` would stop every Ray on the machine)
-        gpus = ["--num-gpus", str(a.tp)] if a.device == "cuda" else []
+        gpus = ["--num-gpus", str(a.tp * a.cp)] if a.device == "cuda" else []
         head = subprocess.Popen([_ray(), "start", "--head", "--block", "--port", str(a.ray_port),
                                  "--disable-usage-stats", "--include-dashboard", "false",
-                                 "--num-cpus", str(max(a.tp, os.cpu_count() or 1)), *gpus], env=env)
+                                 "--num-cpus", str(max(a.tp * a.cp, os.cpu_count() or 1)), *gpus], env=env)
         address = f"127.0.0.1:{a.ray_port}"
         _wait_for_gcs("127.0.0.1", a.ray_port, head)
     cmd = [sys.executable, "-m", "dist_engine.cli", "serve", "--model", a.model, "--tp", str(a.tp),
-           "--device", a.device, "--ray-address", address, *serve_args]
+           "--cp", str(a.cp), "--device", a.device, "--ray-address", address, *serve_args]
     server = subprocess.Popen(cmd, env=env)
     # SIGTERM/SIGINT go to the server, which drains; Ray stops after it
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -70,41 +70,43 @@ def allreduce_latency(world: int, device: str, nbytes: int = 1 << 20) -> tuple[f
 
 
 def run_preflight(model_path: str, tp: int, device: str, kv_cache_memory: int | None,
-                  memory_fraction: float) -> Report:
+                  memory_fraction: float, cp: int = 1) -> Report:
+    """Checks for ``tp`` x ``cp`` ranks (weights split TP ways; every CP rank holds a copy)."""
     import psutil
 
     r = Report()
+    world = tp * cp
     if device == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        (r.ok if n >= tp else r.bad)(f"{n} CUDA device(s) visible, {tp} needed "
+        (r.ok if n >= world else r.bad)(f"{n} CUDA device(s) visible, {world} needed "
                                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-        for i in range(min(n, tp)):
+        for i in range(min(n, world)):
             free, total = torch.cuda.mem_get_info(i)
             r.ok(f"GPU {i}: {torch.cuda.get_device_name(i)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
     else:
-        r.ok(f"CPU run: {os.cpu_count()} cores for {tp} rank(s)")
-    if tp > 1:
+        r.ok(f"CPU run: {os.cpu_count()} cores for {world} rank(s)")
+    if world > 1:
         try:
-            lat, right = allreduce_latency(tp, device)
+            lat, right = allreduce_latency(world, device)
             r.numbers["allreduce_ms"] = lat * 1000
-            (r.ok if right else r.bad)(f"all-reduce of 1 MiB across {tp} ranks "
+            (r.ok if right else r.bad)(f"all-reduce of 1 MiB across {world} ranks "
                                        f"({'nccl' if device == 'cuda' else 'gloo'}): {lat * 1000:.2f} ms"
                                        + ("" if right else ", WRONG SUM"))
         except RuntimeError as e:
-            r.bad(f"all-reduce across {tp} ranks failed: {e} (try --nccl-p2p-off, or set "
+            r.bad(f"all-reduce across {world} ranks failed: {e} (try --nccl-p2p-off, or set "
                   "--nccl-socket-ifname)")
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
     shm_gib = shm.f_bavail * shm.f_frsize / 2**30 if shm else 0.0
     r.numbers["shm_gib"] = shm_gib
-    (r.ok if shm_gib >= 1.0 or tp == 1 else r.bad)(
+    (r.ok if shm_gib >= 1.0 or world == 1 else r.bad)(
         f"/dev/shm: {shm_gib:.1f} GiB free (NCCL and the CPU all-reduce use it; docker: --shm-size)")
     weights = sum(os.path.getsize(f) for f in checkpoint_files(model_path))
     per_rank = weights / tp
     r.numbers["weights_per_rank_gib"] = per_rank / 2**30
-    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= tp:
-        free = min(torch.cuda.mem_get_info(i)[0] for i in range(tp))
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= world:
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(world))
     else:
-        free = psutil.virtual_memory().available / tp
+        free = psutil.virtual_memory().available / world
     kv = kv_cache_memory if kv_cache_memory is not None else (free - per_rank) * memory_fraction
     r.numbers["kv_cache_gib"] = kv / 2**30
     (r.ok if free > per_rank and kv > 0 else r.bad)(

@@ -33,17 +33,25 @@ from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
 log = logging.getLogger(__name__)
 
 
-def teacher_pass(model_path: str, seqs: list[list[int]], batch_tokens: int = 4096
+def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``)."""
+    """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``);
+    kept in ``cache_file`` so a resumed or repeated run skips it."""
     from transformers import AutoModelForCausalLM
 
+    if cache_file and os.path.isfile(cache_file):
+        cached = torch.load(cache_file, weights_only=True)
+        if cached["seqs"] == seqs:
+            return list(zip(cached["hidden"], cached["pred"]))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     out = []
     with torch.inference_mode():
         for s in tqdm(seqs, desc="teacher pass", unit="seq"):
             h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
             out.append((h.clone(), model.lm_head(h).argmax(-1)))
+    if cache_file:
+        torch.save({"seqs": seqs, "hidden": [h for h, _ in out], "pred": [y for _, y in out]},
+                   cache_file)
     return out
 
 
@@ -118,9 +126,12 @@ def evaluate(mtp, embed, head, remap, batches, depth: int) -> dict:
 
 
 def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int]], out_dir: str,
-          *, epochs: int = 4, depth: int = 3, lr: float = 5e-4, batch_size: int = 8,
+          *, epochs: int = 4, depth: int = 3, lr: float = 2e-3, batch_size: int = 8,
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
-          extra_meta: dict | None = None) -> dict:
+          prompt_lens: list[int] | None = None, extra_meta: dict | None = None) -> dict:
+    """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
+    tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
+    memorised and inflate the score)."""
     cfg = ModelConfig.from_pretrained(model_path)
     if cfg.qk_norm:
         raise ValueError("grafting supports Llama/Mistral/Qwen2-style blocks (no q/k norm)")
@@ -131,9 +142,12 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         base.update(load_file(f))
     embed = base["model.embed_tokens.weight"].float()
     full_head = base.get("lm_head.weight", embed).float()
-    teach = teacher_pass(model_path, train_seqs + held_seqs)
+    teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"))
+    if prompt_lens is not None:  # y[q] predicts token q + 1: keep q + 1 >= prompt length
+        teach = [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
+                 for (h, y), n in zip(teach, prompt_lens)]
     t_train, t_held = teach[:len(train_seqs)], teach[len(train_seqs):]
-    counts = torch.bincount(torch.cat([y for _, y in t_train]), minlength=cfg.vocab_size)
+    counts = torch.bincount(torch.cat([y[y >= 0] for _, y in t_train]), minlength=cfg.vocab_size)
     vocab_ids = torch.argsort(counts, descending=True, stable=True)[:draft_vocab_size]
     coverage = float(counts[vocab_ids].sum() / counts.sum())
     remap = vocab_ids  # draft index -> token id
@@ -159,7 +173,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         start_epoch = state["epoch"]
         report = state["report"]
         log.info("resuming from %s after epoch %d", ckpt, start_epoch)
-    weights = [1.0, 0.8, 0.6, 0.5][:depth] + [0.5] * max(0, depth - 4)
+    weights = [1.0, 0.5, 0.35, 0.25][:depth] + [0.25] * max(0, depth - 4)
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
         bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch), desc=f"epoch {epoch + 1}/{epochs}")
@@ -192,7 +206,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         "training": {"epochs": epochs, "depth": depth, "lr": lr, "batch_size": batch_size,
                      "train_sequences": len(train_seqs), "train_tokens": sum(map(len, train_seqs)),
                      "held_out_sequences": len(held_seqs), "seconds": round(time.time() - t0, 1),
-                     "targets": "hard (base greedy predictions)", **(extra_meta or {})},
+                     "targets": "hard (base greedy predictions)",
+                     "scored_positions": "answer tokens" if prompt_lens else "all", **(extra_meta or {})},
         "held_out": report,
     }
     with open(os.path.join(out_dir, GRAFT_CONFIG), "w") as f:

@@ -126,7 +126,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.ModelInfo(
             served_model_name=self.name, architecture=cfg.model.architecture,
             max_model_len=cfg.scheduler.max_model_len, vocab_size=cfg.model.vocab_size,
-            tensor_parallel_size=cfg.parallel.tensor_parallel_size, dtype=cfg.dtype,
+            tensor_parallel_size=cfg.parallel.tensor_parallel_size,
+            context_parallel_size=cfg.parallel.context_parallel_size, dtype=cfg.dtype,
             device=cfg.device, kv_cache_blocks=info["num_blocks"], kv_block_size=info["block_size"],
             kv_cache_tokens=info["num_blocks"] * info["block_size"],
             speculative_method=cfg.speculative.method if cfg.speculative else "",
