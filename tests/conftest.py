@@ -95,7 +95,7 @@ def grafted(tiny_models, tmp_path_factory):
                             sampling_params=SamplingParams(max_tokens=40, ignore_eos=True))
     seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
     out = str(tmp_path_factory.mktemp("graft"))
-    meta = graft(path, seqs[:450], seqs[450:], out, epochs=3, depth=3, lr=3e-3, batch_size=16,
+    meta = graft(path, seqs[:450], seqs[450:], out, epochs=5, depth=3, lr=3e-3, batch_size=16,
                  draft_vocab_size=320, dtype="float32")
     return path, out, meta
 

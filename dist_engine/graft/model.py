@@ -59,10 +59,18 @@ class GraftMTP(nn.Module):
         self.hnorm.weight.copy_(base_state["model.norm.weight"])
         self.shared_head_norm.weight.copy_(base_state["model.norm.weight"])
 
-    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """emb, hidden ``[B, L, H]`` (tokens p + 1, hidden states of p); positions ``[B, L]``.
-        Returns the raw block output ``[B, L, H]`` (causal over L; pad on the right)."""
+
+        Returns the raw block output ``[B, L, H]`` and this step's keys/values. Without
+        ``context`` attention is causal over this step's own keys (the first MTP step, whose
+        keys are what the engine's cache holds for verified positions). A chained step passes
+        ``context``: the keys/values of step 1 and of the chain's earlier steps; element t then
+        attends step 1's keys up to t (the verified prefix) and element t of each earlier step
+        plus its own (the chain), exactly what it sees in the engine's cache when drafting.
+        """
         B, L, H = emb.shape
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
         h = self.input_layernorm(x)
@@ -71,12 +79,23 @@ class GraftMTP(nn.Module):
         v = self.v_proj(h).view(B, L, self.nk, self.d).transpose(1, 2)
         q, k = self.rotary(positions.reshape(-1), q, k)
         q = q.view(B, L, self.nq, self.d).transpose(1, 2)  # [B, Hq, L, D]
-        k = k.view(B, L, self.nk, self.d).transpose(1, 2)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.nq != self.nk)  # [B, Hq, L, D]
+        k = k.view(B, L, self.nk, self.d).transpose(1, 2)  # [B, Hk, L, D]
+        gqa = self.nq != self.nk
+        if not context:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            (k1, v1), chain = context[0], context[1:]
+            ks = [k1[:, :, :L]] + [c[0][:, :, :L] for c in chain] + [k]
+            vs = [v1[:, :, :L]] + [c[1][:, :, :L] for c in chain] + [v]
+            t = torch.arange(L)
+            causal = t.view(L, 1) >= t.view(1, L)  # step 1: the verified prefix
+            own = t.view(L, 1) == t.view(1, L)  # chain steps: the same element only
+            mask = torch.cat([causal] + [own] * (len(ks) - 1), dim=1)  # [L, n_steps * L]
+            att = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2),
+                                                 attn_mask=mask, enable_gqa=gqa)
         x = x + self.o_proj(att.transpose(1, 2).reshape(B, L, self.nq * self.d))
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), (k, v)
 
     def export(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Tensors under the engine's (DeepSeek-V3) names, ``model.layers.{num_hidden_layers}.*``."""

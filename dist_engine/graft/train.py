@@ -83,16 +83,19 @@ class Batches:
 
 
 def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h, depth: int):
-    """Draft logits ``[B, L - d, V']`` for depths d = 1..depth (position p predicts p + 1 + d)."""
+    """Draft logits ``[B, L - d, V']`` for depths d = 1..depth (element t of depth d sits at
+    position t + d - 1 and predicts the base's token after t + d)."""
     B, L = x.shape
     out = []
     feed = h[:, : L - 1]
+    context: list = []
     for d in range(1, depth + 1):
         n = L - d
         if n <= 0:
             break
         pos = torch.arange(d - 1, d - 1 + n).expand(B, n)
-        g = mtp(F.embedding(x[:, d:d + n], embed), feed[:, :n], pos)  # [B, n, H]
+        g, kv = mtp(F.embedding(x[:, d:d + n], embed), feed[:, :n], pos, context)
+        context.append(kv)
         normed = mtp.shared_head_norm(g)
         out.append(normed @ head.t())  # [B, n, V']
         feed = normed
