@@ -5,7 +5,7 @@
 Batch 1: each held-out graft prompt (never trained on) plus one new prompt, chat template,
 ``--tokens`` new tokens (EOS ignored), greedy and temperature 0.7 (seeded). Reports tok/s,
 speed-up over plain decoding, mean accepted length and per-position acceptance for each K, and
-where a speculative step's time goes. Batch 16: throughput of 16 concurrent requests plain,
+where a speculative step's time goes. Batch 16: throughput of 16 concurrent requests (``--tokens`` / 2 each) plain,
 with K=3 forced, and with the engine's own draft budget (which lowers K for large batches).
 transformers' batch-1 greedy runs in the same process as the peer reference. Writes JSON +
 Markdown to bench/results/spec.*; compare ratios within one run (these machines are noisy).
@@ -56,7 +56,7 @@ def run_config(path, prompts, n, temps, spec, batch16: bool) -> dict:
                                 "phase_seconds": {k: round(v, 2) for k, v in dec.seconds.items()} if dec else None}
         if batch16:
             ids16 = [prompts[i % len(prompts)] for i in range(16)]
-            sps = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _ in ids16]
+            sps = [SamplingParams(temperature=0.0, max_tokens=n // 2, ignore_eos=True) for _ in ids16]
             t = time.perf_counter()
             outs = llm.generate(prompt_token_ids=ids16, sampling_params=sps)
             res["batch16_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--graft", default=None, help="graft folder (default: the shipped one)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--ks", default="1,2,3")
-    ap.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one new)")
+    ap.add_argument("--prompts", type=int, default=2, help="held-out prompts (plus one new)")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
