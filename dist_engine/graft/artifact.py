@@ -43,8 +43,9 @@ def read_graft(folder: str) -> dict[str, Any]:
 
 
 def shipped_graft(model_name: str) -> str | None:
-    """The graft that ships with the package for a known model name, if any."""
-    folder = os.path.join(ASSETS, model_name)
+    """The graft that ships with the package for a known model name (or its converted folder,
+    named after it; the base fingerprint is checked on use anyway), if any."""
+    folder = os.path.join(ASSETS, os.path.basename(os.path.normpath(model_name)))
     return folder if os.path.isfile(os.path.join(folder, GRAFT_CONFIG)) else None
 
 
