@@ -51,7 +51,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=("auto", "mtp", "none"), default="auto",
                    help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
                         "a shipped graft")
-    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step (K, 1-4)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1,
+                   help="drafts per step (K, 1-4; 1 is fastest with the shipped graft, see bench/results/spec.md)")
     p.add_argument("--speculative-model", default=None,
                    help="a graft folder from `dist-engine graft-mtp` (default: the model's own "
                         "MTP layers or the graft shipped for it)")

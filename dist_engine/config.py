@@ -238,7 +238,7 @@ class SpeculativeConfig:
     draft_vocab_size: int | None = None
     # Lower K when a step would carry more draft tokens than this (the batch is then compute
     # bound and drafts cost more than they save); 0: never lower it.
-    max_draft_tokens_per_step: int = 16
+    max_draft_tokens_per_step: int = 8
 
     def __post_init__(self) -> None:
         if self.method != "mtp":
