@@ -32,7 +32,10 @@ Doc = dict[str, Any]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(REPO, "k8s")
-KUBERAY_SCHEMAS = os.path.join(REPO, "..", "shared", "schemas", "kuberay")
+# The project's shared data sits next to the repository (../shared); DIST_ENGINE_SHARED_DIR
+# points elsewhere for a checkout that lives apart from it. Missing schemas fail the test.
+KUBERAY_SCHEMAS = os.path.join(os.environ.get("DIST_ENGINE_SHARED_DIR", os.path.join(REPO, "..", "shared")),
+                               "schemas", "kuberay")
 K8S_VERSION = "1.30.0"  # bundled by kubernetes-validate; gRPC probes are GA since 1.27
 CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "Job"}
 OVERLAY_TP = {"single-gpu": 1, "two-gpu": 2, "large": 4}
