@@ -16,19 +16,12 @@ import uuid
 import grpc
 import psutil
 import pytest
+from test_grpc import free_port
 
 from dist_engine import LLM, SamplingParams
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def two_node_cluster(tmp_path_factory):
     tag = uuid.uuid4().hex
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DIST_ENGINE_TEST_CLUSTER": tag}
     temp = str(tmp_path_factory.mktemp("ray"))
-    port = _free_port()
+    port = free_port()
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     subprocess.run(["ray", "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                     "--temp-dir", temp, "--include-dashboard", "false", "--resources",
@@ -60,6 +53,7 @@ def two_node_cluster(tmp_path_factory):
 RUN = """
 import json, sys, ray
 from dist_engine import LLM, SamplingParams
+from test_grpc import free_port
 llm = LLM(sys.argv[1], tensor_parallel_size=2, ray_address=sys.argv[2], placement_strategy="STRICT_SPREAD",
           skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
 out = llm.generate(prompt_token_ids=[json.loads(sys.argv[3])],
@@ -92,7 +86,7 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
     from dist_engine.client import Client
 
     address, tag, env = two_node_cluster
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", tiny_models("llama"),
          "--port", str(port), "--no-tokenizer", "--tp", "2", "--ray-address", address,

@@ -27,7 +27,7 @@ class SpecDecodeStats:
         self.num_steps += 1
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += num_accepted
-        for lst, n in ((self.drafted_at, num_drafts), (self.accepted_at, num_accepted),
+        for lst, n in ((self.drafted_at, num_drafts), (self.accepted_at, num_drafts),
                        (self.histogram, num_accepted + 1)):
             lst.extend([0] * (n - len(lst)))
         for j in range(num_drafts):
@@ -46,8 +46,7 @@ class SpecDecodeStats:
 
     @property
     def per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_at + [0] * len(self.drafted_at),
-                                                      self.drafted_at)]
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     def as_dict(self) -> dict:
         return {"num_steps": self.num_steps, "num_draft_tokens": self.num_draft_tokens,

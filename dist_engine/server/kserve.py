@@ -181,13 +181,17 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             resp.raw_output_contents.append(encode_bytes([text.encode("utf-8")]))
         return resp
 
-    async def _generate(self, req):
-        """Yield (text delta, finished) for one request; ValueError for bad input."""
+    def _parse(self, req) -> tuple[str, SamplingParams, bool, bool]:
+        """(prompt, params, stream, exclude_input); ValueError for bad input, OverflowError
+        when the server is full."""
         if req.model_name != self.name:
             raise ValueError(f"unknown model {req.model_name!r}; this server serves {self.name!r}")
         if self.llm.num_open_streams >= self.max_queued:
             raise OverflowError(f"server busy: {self.max_queued} requests in flight; retry later")
-        prompt, params, _, _ = request_params(read_inputs(req))
+        return request_params(read_inputs(req))
+
+    async def _generate(self, req, prompt: str, params: SamplingParams):
+        """Yield (text delta, finished) for one parsed request."""
         rid = f"kserve-{req.id or uuid.uuid4().hex}-{uuid.uuid4().hex[:8]}"
         async for out in self.llm.generate(prompt, params, rid):
             c = out.outputs[0]
@@ -197,11 +201,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            _, _, stream, exclude = request_params(read_inputs(request))
+            prompt, params, stream, exclude = self._parse(request)
             if stream:
                 raise ValueError("stream=true needs ModelStreamInfer")
-            text = [] if exclude else [request_params(read_inputs(request))[0]]
-            async for delta, _ in self._generate(request):
+            text = [] if exclude else [prompt]
+            async for delta, _ in self._generate(request, prompt, params):
                 text.append(delta)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -213,12 +217,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, req, out: asyncio.Queue) -> None:
         try:
-            values = read_inputs(req)
-            prompt, _, stream, exclude = request_params(values)
+            prompt, params, stream, exclude = self._parse(req)
             empty_final = req.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in req.parameters else False
             if stream:
-                async for delta, finished in self._generate(req):
+                async for delta, finished in self._generate(req, prompt, params):
                     if finished and empty_final:
                         if delta:
                             await out.put(kpb.ModelStreamInferResponse(
@@ -230,7 +233,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                             infer_response=self._response(req, delta, finished)))
             else:
                 text = [] if exclude else [prompt]
-                async for delta, _ in self._generate(req):
+                async for delta, _ in self._generate(req, prompt, params):
                     text.append(delta)
                 await out.put(kpb.ModelStreamInferResponse(
                     infer_response=self._response(req, "".join(text), True)))

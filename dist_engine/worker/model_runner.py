@@ -166,8 +166,7 @@ class ModelRunner:
             t0 = time.perf_counter()
             out = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
             hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
-            self.mtp.seconds["main_forward"] = self.mtp.seconds.get("main_forward", 0.0) + (
-                time.perf_counter() - t0)
+            self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, prenorm)
         hidden = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta)  # [T, hidden]
         if not batch.sample_seqs:

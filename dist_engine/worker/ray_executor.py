@@ -97,7 +97,7 @@ class RayExecutor(Executor):
             now = time.monotonic()
             if deadline is not None and now > deadline and pending:
                 self._abort(f"shard workers did not answer within {timeout:.0f}s")
-            if pending and self.workers is workers and now - start > PING_EVERY_S:
+            if pending and only is None and now - start > PING_EVERY_S:
                 # A long call (big prefill, or a rank stuck in a collective with a lost peer):
                 # every rank must still answer a ping on its second thread, or it is gone.
                 if not pings or now - pings[-1][0] > PING_EVERY_S:

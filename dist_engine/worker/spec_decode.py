@@ -127,7 +127,7 @@ class MTPDecoder:
             self.draft_head = DraftHead(weight.to(runner.device), vocab_ids.to(runner.device))
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
         # seconds spent per phase (read by the benchmark to show where the time goes)
-        self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0}
+        self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
 
     # ---- drafting ----------------------------------------------------------------------------
     def _draft(self, g: torch.Tensor, seqs: list[SeqWork], positions: list[int]) -> list[int]:
@@ -179,6 +179,7 @@ class MTPDecoder:
         # The MTP layer catches up on every verified position of this step.
         source = hidden if self.spec.hidden_stage == "normed" else prenorm
         work, rows, proposers, last_pos = [], [], [], []
+        wanted: dict[int, int] = {}  # seq id -> drafts to propose
         for s, start in zip(step.seqs, batch.starts):
             base = len(s.token_ids) - s.num_drafts
             if s.sample:
@@ -195,6 +196,7 @@ class MTPDecoder:
             if wants:
                 proposers.append(work[-1])
                 last_pos.append(s.start_pos + m - 1)
+                wanted[s.seq_id] = s.propose
         if not work:
             return StepOutput(step.step_id, sampled)
         g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
@@ -204,8 +206,6 @@ class MTPDecoder:
             return StepOutput(step.step_id, sampled)
         g = g[mbatch.sample_index]  # [N, H] outputs at each proposer's last position
         drafts = {s.seq_id: [] for s in proposers}
-        wanted = {s.seq_id: next(x.propose for x in step.seqs if x.seq_id == s.seq_id)
-                  for s in proposers}
         active, pos = proposers, last_pos
         while True:
             new = self._draft(g, active, [p + 2 for p in pos])
