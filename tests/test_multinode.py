@@ -53,7 +53,6 @@ def two_node_cluster(tmp_path_factory):
 RUN = """
 import json, sys, ray
 from dist_engine import LLM, SamplingParams
-from test_grpc import free_port
 llm = LLM(sys.argv[1], tensor_parallel_size=2, ray_address=sys.argv[2], placement_strategy="STRICT_SPREAD",
           skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4)
 out = llm.generate(prompt_token_ids=[json.loads(sys.argv[3])],
