@@ -5,9 +5,11 @@ once) with chat prompts from the graft prompt set. Per request it records time t
 time per output token, inter-token latencies, tokens and the outcome; per rate it reports
 p50/p90/p99 of each, request and token throughput, errors, and the server's KV usage once the
 load has drained (anything above zero is a leaked block). ``--cancel-fraction`` cancels that
-share of requests after a random number of tokens (a soak test). With ``--model`` it starts its
-own server, and ``--compare-inprocess`` first measures batch-1 TPOT through the in-process API on
-the same model, so the gRPC overhead is one ratio.
+share of requests after a random number of tokens; ``--closed-loop N`` keeps N streams open for
+``--duration`` seconds instead (the soak test). With ``--model`` it starts its own server, and
+``--compare-inprocess`` also loads the model in this process and alternates batch-1 requests
+between the in-process API and gRPC, measuring time per output token the same way on both sides
+(client-observed), so the gRPC overhead is one paired ratio that machine drift does not bias.
 """
 
 from __future__ import annotations
@@ -33,8 +35,16 @@ class Result:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
+    first_chunk: int = 0  # tokens in the first chunk (more than one with speculation)
+    last_token: float = 0.0  # seconds from the start to the last token
     latency: float = 0.0
     outcome: str = "ok"  # ok | cancelled | error:<CODE>
+
+
+def tpot(r: Result) -> float | None:
+    """Time per output token after the first chunk: (last token - first token) / later tokens."""
+    later = r.tokens - r.first_chunk
+    return (r.last_token - r.ttft) / later if r.ttft is not None and later > 0 else None
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -57,11 +67,13 @@ async def one(client, messages, max_tokens: int, cancel_after: int | None, timeo
             if k:
                 if r.ttft is None:
                     r.ttft = now - t0
+                    r.first_chunk = k
                     r.itl.extend([0.0] * (k - 1))
                 else:
                     r.itl.extend([(now - last) / k] * k)
                 last = now
                 r.tokens += k
+                r.last_token = now - t0
             if cancel_after is not None and r.tokens >= cancel_after:
                 call.cancel()
                 r.outcome = "cancelled"
@@ -95,16 +107,41 @@ async def run_rate(client, prompts, rate: float, num: int, max_tokens: int, canc
     return results, time.perf_counter() - t0
 
 
-def summarize(rate: float, results: list[Result], wall: float) -> dict:
+async def run_closed(client, prompts, streams: int, duration: float, max_tokens: int,
+                     cancel_fraction: float, seed: int, timeout: float) -> tuple[list[Result], float]:
+    """``streams`` clients, each sending its next request as soon as the last one ends, until
+    ``duration`` seconds have passed; a ``cancel_fraction`` share is cancelled part-way."""
+    rng = random.Random(seed)
+    results: list[Result] = []
+    bar = tqdm(total=round(duration), desc=f"{streams} streams", leave=False,
+               bar_format="{desc}: {bar} {n}/{total} s {postfix}")
+    t0 = time.perf_counter()
+    counter = iter(range(10**9))
+
+    async def worker():
+        while time.perf_counter() - t0 < duration:
+            i = next(counter)
+            cancel = rng.randrange(1, max_tokens) if rng.random() < cancel_fraction else None
+            msgs = [{"role": "user", "content": prompts[i % len(prompts)]}]
+            results.append(await one(client, msgs, max_tokens, cancel, timeout))
+            bar.n = min(round(duration), round(time.perf_counter() - t0))
+            bar.set_postfix(requests=len(results), refresh=True)
+
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    bar.close()
+    return results, time.perf_counter() - t0
+
+
+def summarize(label: str, results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.outcome == "ok"]
     itl = [x for r in ok for x in r.itl]
-    tpot = [sum(r.itl) / len(r.itl) for r in ok if r.itl]
-    row = {"rate": rate, "requests": len(results), "ok": len(ok),
+    tpots = [t for t in map(tpot, ok) if t is not None]
+    row = {"load": label, "requests": len(results), "ok": len(ok),
            "cancelled": sum(r.outcome == "cancelled" for r in results),
            "errors": sum(r.outcome.startswith("error") for r in results),
            "error_codes": sorted({r.outcome for r in results if r.outcome.startswith("error")}),
            "req_per_s": len(ok) / wall, "tok_per_s": sum(r.tokens for r in results) / wall}
-    for name, xs in (("ttft", [r.ttft for r in ok if r.ttft is not None]), ("tpot", tpot),
+    for name, xs in (("ttft", [r.ttft for r in ok if r.ttft is not None]), ("tpot", tpots),
                      ("itl", itl), ("latency", [r.latency for r in ok])):
         for q in (50, 90, 99):
             row[f"{name}_p{q}_ms"] = pct(xs, q) * 1000
@@ -148,29 +185,51 @@ def svg_plot(rows: list[dict], path: str) -> None:
         f.write("\n".join(parts))
 
 
-def inprocess_tpot(model: str, prompts: list[str], max_tokens: int, n: int, extra: list[str]) -> float:
-    """Median TPOT (ms) of ``n`` sequential requests through AsyncLLM in this process."""
+def inprocess_engine(model: str, extra: list[str]):
+    """The same engine the server runs, in this process (KV capped at 1 GiB unless given)."""
     from dist_engine.cli import build_parser, engine_kwargs
     from dist_engine.engine.async_llm import AsyncLLM
+
+    if "--kv-cache-memory" not in extra:
+        extra = [*extra, "--kv-cache-memory", "1GiB"]
+    return AsyncLLM(**engine_kwargs(build_parser().parse_args(["serve", "--model", model, *extra])))
+
+
+async def one_inprocess(llm, messages, max_tokens: int) -> Result:
+    """One request through AsyncLLM, timed exactly as ``one`` times a gRPC stream."""
     from dist_engine.engine.sampling_params import SamplingParams
 
-    a = build_parser().parse_args(["serve", "--model", model, *extra])
-    llm = AsyncLLM(**engine_kwargs(a))
+    r = Result()
+    t0 = time.perf_counter()
+    async for o in llm.generate(messages=messages, sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens)):
+        k = len(o.outputs[0].token_ids_delta)
+        if k:
+            now = time.perf_counter()
+            if r.ttft is None:
+                r.ttft, r.first_chunk = now - t0, k
+            r.tokens += k
+            r.last_token = now - t0
+    r.latency = time.perf_counter() - t0
+    return r
 
-    async def go() -> list[float]:
-        out = []
-        for i in range(n):
-            async for o in llm.generate(messages=[{"role": "user", "content": prompts[i % len(prompts)]}],
-                                        sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens)):
-                final = o
-            if final.metrics.time_per_output_token is not None:
-                out.append(final.metrics.time_per_output_token)
-        return out
 
-    try:
-        return pct(asyncio.run(go()), 50) * 1000
-    finally:
-        llm.shutdown()
+async def paired_batch1(client, llm, prompts, max_tokens: int, n: int) -> dict:
+    """Alternate one in-process and one gRPC request ``n`` times (same prompt per pair); the
+    overhead is the median of the per-pair TPOT ratios."""
+    await one_inprocess(llm, [{"role": "user", "content": prompts[0]}], 4)  # warm both paths
+    await one(client, [{"role": "user", "content": prompts[0]}], 4, None, 600)
+    local, remote, ratios = [], [], []
+    for i in tqdm(range(n), desc="batch 1 pairs", leave=False):
+        msgs = [{"role": "user", "content": prompts[i % len(prompts)]}]
+        a = tpot(await one_inprocess(llm, msgs, max_tokens))
+        b = tpot(await one(client, msgs, max_tokens, None, 600))
+        if a and b:
+            local.append(a)
+            remote.append(b)
+            ratios.append(b / a)
+    return {"inprocess_tpot_p50_ms": pct(local, 50) * 1000, "grpc_tpot_p50_ms": pct(remote, 50) * 1000,
+            "grpc_overhead": pct(ratios, 50) - 1, "pairs": len(ratios),
+            "grpc_overhead_per_pair": [x - 1 for x in ratios]}
 
 
 def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
@@ -203,10 +262,8 @@ def main(a) -> int:
     rates = [float(x) for x in a.rates.split(",")]
     extra = a.server_args.split() if a.server_args else []
     report = {"config": {k: v for k, v in vars(a).items() if k != "func"}}
-    if a.compare_inprocess:
-        if not a.model:
-            raise ValueError("--compare-inprocess needs --model (the bench then starts the server)")
-        report["inprocess_tpot_p50_ms"] = inprocess_tpot(a.model, prompts, a.max_tokens, a.batch1_requests, extra)
+    if a.compare_inprocess and not a.model:
+        raise ValueError("--compare-inprocess needs --model (the bench then starts the server)")
     proc = None
     target = a.target
     if a.model:
@@ -220,21 +277,27 @@ def main(a) -> int:
         async def go():
             client = AsyncClient(target, api_key=a.api_key, tls_ca=a.tls_ca)
             if a.compare_inprocess:
-                await run_rate(client, prompts, float("inf"), 1, 4, 0.0, 0, a.timeout, None)  # warm
-                grpc_tpot = []
-                for i in range(a.batch1_requests):
-                    r = (await run_rate(client, prompts[i:], float("inf"), 1, a.max_tokens, 0.0, i, a.timeout, None))[0][0]
-                    if r.itl:
-                        grpc_tpot.append(sum(r.itl) / len(r.itl))
-                report["grpc_tpot_p50_ms"] = pct(grpc_tpot, 50) * 1000
-                report["grpc_overhead"] = report["grpc_tpot_p50_ms"] / report["inprocess_tpot_p50_ms"] - 1
-            for rate in rates:
-                results, wall = await run_rate(client, prompts, rate, a.requests, a.max_tokens,
-                                               a.cancel_fraction, a.seed, a.timeout, a.duration)
-                row = summarize(rate, results, wall)
+                llm = inprocess_engine(a.model, extra)
+                try:
+                    report.update(await paired_batch1(client, llm, prompts, a.max_tokens, a.batch1_requests))
+                finally:
+                    llm.shutdown()
+                print(f"batch 1 TPOT p50: in-process {report['inprocess_tpot_p50_ms']:.1f} ms, gRPC "
+                      f"{report['grpc_tpot_p50_ms']:.1f} ms; paired overhead {report['grpc_overhead']:+.1%}",
+                      flush=True)
+            loads = ([(f"closed {a.closed_loop}", None)] if a.closed_loop else
+                     [(f"{r:g}/s", r) for r in rates])
+            for label, rate in loads:
+                if rate is None:
+                    results, wall = await run_closed(client, prompts, a.closed_loop, a.duration or 60.0,
+                                                     a.max_tokens, a.cancel_fraction, a.seed, a.timeout)
+                else:
+                    results, wall = await run_rate(client, prompts, rate, a.requests, a.max_tokens,
+                                                   a.cancel_fraction, a.seed, a.timeout, a.duration)
+                row = summarize(label, results, wall)
                 row["kv_usage_after_drain"] = await leaked_blocks(client)
                 rows.append(row)
-                print(f"rate {rate:g}/s: {row['ok']} ok, {row['cancelled']} cancelled, {row['errors']} errors; "
+                print(f"{label}: {row['ok']} ok, {row['cancelled']} cancelled, {row['errors']} errors; "
                       f"{row['tok_per_s']:.1f} tok/s; TTFT p50 {row['ttft_p50_ms']:.0f} ms; TPOT p50 "
                       f"{row['tpot_p50_ms']:.0f} ms; KV after drain {row['kv_usage_after_drain']:.3f}",
                       flush=True)
@@ -249,18 +312,19 @@ def main(a) -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_serve.json"), "w") as f:
         json.dump(report, f, indent=2)
-    head = ("| rate/s | ok | cancelled | errors | req/s | tok/s | TTFT p50/p90/p99 ms | "
+    head = ("| load | ok | cancelled | errors | req/s | tok/s | TTFT p50/p90/p99 ms | "
             "TPOT p50/p90/p99 ms | ITL p50/p99 ms | KV used after drain |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['rate']:g} | {r['ok']} | {r['cancelled']} | {r['errors']} | {r['req_per_s']:.2f} | "
+        lines.append(f"| {r['load']} | {r['ok']} | {r['cancelled']} | {r['errors']} | {r['req_per_s']:.2f} | "
                      f"{r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
                      f"{r['tpot_p50_ms']:.0f} / {r['tpot_p90_ms']:.0f} / {r['tpot_p99_ms']:.0f} | "
                      f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['kv_usage_after_drain']:.3f} |")
     text = "\n".join(lines)
     if "grpc_overhead" in report:
-        text += (f"\n\nBatch 1 TPOT p50: in-process {report['inprocess_tpot_p50_ms']:.1f} ms, over gRPC "
-                 f"{report['grpc_tpot_p50_ms']:.1f} ms ({report['grpc_overhead']:+.1%}).")
+        text += (f"\n\nBatch 1 TPOT p50 over {report['pairs']} alternating pairs: in-process "
+                 f"{report['inprocess_tpot_p50_ms']:.1f} ms, over gRPC {report['grpc_tpot_p50_ms']:.1f} ms; "
+                 f"median paired overhead {report['grpc_overhead']:+.1%}.")
     with open(os.path.join(a.out, "bench_serve.md"), "w") as f:
         f.write(text + "\n")
     if rows:
