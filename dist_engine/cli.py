@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from dist_engine.config import DTYPES
+from dist_engine.config import DTYPES, KV_CACHE_DTYPES
 from dist_engine.weights.registry import DEFAULT_MODEL
 
 
@@ -30,12 +30,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel ranks: each holds 1/CP of every sequence's KV cache "
                         "(world = TP x CP Ray actors)")
+    p.add_argument("--dcp", type=int, default=1,
+                   help="decode context parallel: inside the TP group, ranks that would duplicate "
+                        "the same KV heads hold disjoint parts of each sequence instead (divides "
+                        "TP / KV heads)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit in tokens (default: the model's, at most 8192)")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache bytes per rank, e.g. 2GiB or 500MB (default: from --memory-fraction)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="K/V storage: auto (the model dtype) or fp8_e4m3 (half the bytes of "
+                        "bfloat16, per-layer scales calibrated at start-up)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -77,9 +84,10 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, tensor_parallel_size=a.tp, context_parallel_size=a.cp,
+                decode_context_parallel_size=a.dcp,
                 dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
-                block_size=a.block_size, memory_fraction=a.memory_fraction,
+                block_size=a.block_size, kv_cache_dtype=a.kv_cache_dtype, memory_fraction=a.memory_fraction,
                 enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 ray_address=a.ray_address, placement_strategy=a.placement_strategy,
@@ -312,13 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--rates", default="0.5,1,2,inf", help="offered requests/s (inf: all at once)")
     bs.add_argument("--requests", type=int, default=32, help="requests per rate")
     bs.add_argument("--duration", type=float, default=None,
-                    help="seconds per rate instead of a request count (soak)")
+                    help="seconds per rate instead of a request count; with --closed-loop the "
+                         "soak length (default 60)")
+    bs.add_argument("--closed-loop", type=int, default=None, metavar="N",
+                    help="keep N streams open (each sends its next request when one ends) for "
+                         "--duration seconds instead of the Poisson rates")
     bs.add_argument("--max-tokens", type=int, default=64)
     bs.add_argument("--cancel-fraction", type=float, default=0.0,
                     help="cancel this share of requests after a random number of tokens")
     bs.add_argument("--compare-inprocess", action="store_true",
-                    help="first measure batch-1 TPOT in-process vs over gRPC (needs --model)")
-    bs.add_argument("--batch1-requests", type=int, default=5)
+                    help="first alternate batch-1 requests in-process and over gRPC, reporting "
+                         "the paired TPOT overhead (needs --model)")
+    bs.add_argument("--batch1-requests", type=int, default=10, help="pairs for --compare-inprocess")
     bs.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--api-key", default=None)

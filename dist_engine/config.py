@@ -135,6 +135,9 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     context_parallel_size: int = 1
+    # Decode context parallelism: inside each TP group, DCP consecutive ranks that would hold
+    # the same (replicated) KV heads hold disjoint blocks of the sequence instead; no extra ranks.
+    decode_context_parallel_size: int = 1
     # "auto": in-process when world_size == 1, Ray otherwise. "ray" forces Ray even for one rank.
     executor: str = "auto"
     ray_address: str | None = None  # join an existing Ray cluster; None starts a local one
@@ -151,6 +154,10 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.context_parallel_size < 1:
             raise ValueError(f"context_parallel_size must be >= 1, got {self.context_parallel_size}")
+        dcp, tp = self.decode_context_parallel_size, self.tensor_parallel_size
+        if dcp < 1 or tp % dcp:
+            raise ValueError(f"decode_context_parallel_size={dcp} must be >= 1 and divide "
+                             f"tensor_parallel_size={tp} (its ranks are part of the TP group)")
         if self.executor not in ("auto", "inprocess", "ray"):
             raise ValueError(f"executor must be 'auto', 'inprocess' or 'ray', got {self.executor!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -164,8 +171,16 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.context_parallel_size
 
     @property
+    def num_kv_shards(self) -> int:
+        """Sequence shards of the KV cache: logical block b lives on shard b mod this."""
+        return self.context_parallel_size * self.decode_context_parallel_size
+
+    @property
     def use_ray(self) -> bool:
         return self.executor == "ray" or (self.executor == "auto" and self.world_size > 1)
+
+
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -179,8 +194,14 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes per rank
     memory_fraction: float = 0.5  # of the memory left after weights and peak activations
     enable_prefix_caching: bool = True
+    # storage of K/V: "auto" (the model dtype), a float dtype, or "fp8_e4m3" (one byte per
+    # element with per-layer scales calibrated at start-up; half the bytes of bfloat16)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -286,6 +307,18 @@ class EngineConfig:
                 f"not a multiple of it, so KV heads cannot be replicated evenly; use TP <= "
                 f"{m.num_key_value_heads} or a multiple of it"
             )
+        dcp = self.parallel.decode_context_parallel_size
+        if dcp > 1:
+            replicas = tp // m.num_key_value_heads if tp > m.num_key_value_heads else 1
+            if replicas % dcp:
+                raise ValueError(
+                    f"decode_context_parallel_size={dcp} needs KV heads replicated a multiple of {dcp} "
+                    f"times, but TP={tp} over {m.num_key_value_heads} KV heads replicates them "
+                    f"{replicas}x; use --dcp dividing {replicas} (or --cp for more sequence shards)")
+            if (m.num_attention_heads // m.num_key_value_heads) % replicas:
+                raise ValueError(
+                    f"decode_context_parallel_size needs the {m.num_attention_heads // m.num_key_value_heads} "
+                    f"query heads per KV head to split evenly over its {replicas} replicas (TP={tp})")
         if tp > m.num_attention_heads:
             raise ValueError(
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "

@@ -107,3 +107,53 @@ def test_cp2_with_mtp_speculation(grafted, ray_session):
         assert got == expected
         assert llm.engine.spec_stats.num_accepted_tokens > 0
         assert llm.engine.blocks.num_free == 400
+
+
+@pytest.fixture(scope="module")
+def one_kv_head(tiny_models):
+    """A 1-KV-head model (the MLA-like case): at TP=2 its KV head would be stored twice."""
+    path = tiny_models("llama1kv")
+    with LLM(path, num_kv_blocks=400, **ARGS) as llm:
+        return path, _outputs(llm)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cp", [1, 2], ids=["tp2dcp2", "tp2dcp2xcp2"])
+def test_dcp_inside_tp_matches_single_rank(one_kv_head, ray_session, cp):
+    """TP=2 ranks that would duplicate the one KV head hold alternate blocks instead: the same
+    tokens and logprobs as one rank, twice (or, with CP=2, four times) the blocks, none leaked."""
+    path, ref = one_kv_head
+    with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, context_parallel_size=cp,
+             num_kv_blocks=100, **ARGS) as llm:
+        got = _outputs(llm)
+        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+        for a, b in zip(got[0].logprobs, ref[0].logprobs):
+            for tok, lp in b.items():
+                assert abs(a[tok] - lp) < 1e-4
+        again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
+        assert again.outputs[0].token_ids == ref[1].token_ids
+        assert again.metrics.prefix_hit_tokens >= 100
+        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == 100 * 2 * cp
+
+
+@pytest.mark.distributed
+def test_dcp2_doubles_the_longest_context(one_kv_head, ray_session):
+    """45 blocks of 4 per rank: TP=2 alone cannot hold the 301-token prompt (both ranks store the
+    same KV head), TP=2 + DCP=2 can, and preempts and recovers with all four prompts."""
+    path, ref = one_kv_head
+    with LLM(path, tensor_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
+        with pytest.raises(ValueError, match="exceeds the whole KV cache"):
+            llm.generate(prompt_token_ids=[LONG], sampling_params=params()[0])
+    with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
+        got = _outputs(llm)
+        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.num_free == 90
+
+
+def test_dcp_needs_replicated_kv_heads(tiny_models):
+    # 3 KV heads at TP=2 are split, not replicated: nothing for DCP to share
+    with pytest.raises(ValueError, match="replicated a multiple of 2"):
+        LLM(tiny_models("llama"), tensor_parallel_size=2, decode_context_parallel_size=2, **ARGS)
+    with pytest.raises(ValueError, match="divide tensor_parallel_size"):
+        LLM(tiny_models("llama1kv"), tensor_parallel_size=1, decode_context_parallel_size=2, **ARGS)

@@ -76,3 +76,26 @@ def test_tritonclient_streams_through_model_stream_infer(triton_python):
     assert len(r["stream_errors"]) == 1 and "temperature" in r["stream_errors"][0]
     assert r["unary_text"] == PROMPT + expected  # unary echoes the prompt, like vLLM's backend
     assert r["unknown_model_error"] == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.slow
+def test_bench_serve_soak_cancels_without_errors_or_leaks(tmp_path):
+    """The load generator's closed-loop soak against a real server: half the requests cancelled
+    mid-stream, none failing, and every KV block back once the load drains."""
+    from test_grpc import start_server
+
+    proc, target, _ = start_server(DEFAULT_MODEL, "--speculative", "none", "--kv-cache-memory",
+                                   "64MiB", tokenizer=True)
+    try:
+        out = subprocess.run([sys.executable, "-m", "dist_engine.cli", "bench-serve", "--target", target,
+                              "--closed-loop", "4", "--duration", "8", "--max-tokens", "10",
+                              "--cancel-fraction", "0.5", "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    row = json.load(open(tmp_path / "bench_serve.json"))["rows"][0]
+    assert row["errors"] == 0 and row["cancelled"] > 0 and row["ok"] > 0
+    assert row["kv_usage_after_drain"] == 0.0
+    assert (tmp_path / "bench_serve.md").read_text().startswith("| load |")

@@ -12,6 +12,7 @@ from conftest import TINY, hf_greedy, hf_model
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import NullCommunicator
+from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker.batch import build_batch
@@ -28,8 +29,8 @@ def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int 
     load_weights(model, path)
     attn = model.model.layers[0].self_attn
     blocks = 32
-    caches = [(torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim),
-               torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim))
+    caches = [LayerKV(torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim),
+                      torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim))
               for _ in range(cfg.num_hidden_layers)]
     table = tuple(reversed(range(1, blocks)))  # non-trivial block ids
     out, start = [], 0

@@ -12,10 +12,19 @@ import torch.distributed as dist
 
 
 class Communicator:
-    """Interface. Collectives are called by every rank of the group in the same order."""
+    """Interface. Collectives are called by every rank of the group in the same order.
+
+    ``bytes_sent`` / ``num_calls`` count what this rank contributed to collectives (the traffic
+    benchmark reads them; barriers are not counted)."""
 
     rank: int = 0
     world_size: int = 1
+    bytes_sent: int = 0
+    num_calls: int = 0
+
+    def count(self, x: torch.Tensor) -> None:
+        self.bytes_sent += x.numel() * x.element_size()
+        self.num_calls += 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # sum; may work in place
         raise NotImplementedError
@@ -58,11 +67,13 @@ class TorchCommunicator(Communicator):
         self.src = 0 if group is None else dist.get_global_rank(group, 0)  # global rank of rank 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.count(x)
         x = x.contiguous()  # collectives need dense storage
         dist.all_reduce(x, group=self.group)
         return x
 
     def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.count(x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return parts

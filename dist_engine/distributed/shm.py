@@ -84,6 +84,7 @@ class ShmCommunicator(Communicator):
         return buf[:, :nbytes].view(x.dtype).view(self.world_size, -1)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.count(x)
         parts = self._exchange(x)
         if parts is None:
             return self.fallback.all_reduce(x)
@@ -96,6 +97,7 @@ class ShmCommunicator(Communicator):
         width = max(sizes)
         if x.shape[-1] < width:
             x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+        self.count(x)
         parts = self._exchange(x)
         if parts is None:
             return self.fallback.all_gather(x[..., : sizes[self.rank]], sizes)
@@ -103,6 +105,7 @@ class ShmCommunicator(Communicator):
         return torch.cat(pieces, dim=-1)
 
     def gather_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.count(x)
         parts = self._exchange(x)
         if parts is None:
             return self.fallback.gather_all(x)

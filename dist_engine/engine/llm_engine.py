@@ -45,7 +45,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.executor = make_executor(config)
-        shards = config.parallel.context_parallel_size  # KV sequence shards
+        shards = config.parallel.num_kv_shards  # KV sequence shards (CP x DCP)
         local_blocks = self.executor.available_kv_blocks()
         self.executor.init_cache(local_blocks)
         num_blocks = local_blocks * shards
@@ -62,15 +62,14 @@ class LLMEngine:
         measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
                     f"{info['kv_budget_bytes'] / mib:.0f} MiB" if "activation_peak_bytes" in info else "")
         log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / mib, measured)
-        log.info(
-            "KV cache: %d blocks x %d tokens = %d tokens per rank, %d bytes/token, %.1f MiB; "
-            "max concurrent sequences at max_model_len=%d: %d",
-            num_blocks, bs, num_blocks * bs, per_tok, num_blocks * info["bytes_per_block"] / mib,
-            config.scheduler.max_model_len, num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len),
-        )
-        log.info("layout TP=%d x CP=%d: %d KV blocks per rank; longest context the cache can hold: "
-                 "%d tokens", config.parallel.tensor_parallel_size, shards, local_blocks,
-                 num_blocks * bs)
+        par = config.parallel
+        log.info("KV cache per rank: %d blocks x %d tokens, %d bytes/token (%s), %.1f MiB",
+                 local_blocks, bs, per_tok, config.cache.kv_cache_dtype, local_blocks * info["bytes_per_block"] / mib)
+        log.info("layout TP=%d x CP=%d (DCP=%d inside TP): %d sequence shards of %d blocks; longest "
+                 "context the cache can hold: %d tokens; max concurrent sequences at max_model_len=%d: %d",
+                 par.tensor_parallel_size, par.context_parallel_size, par.decode_context_parallel_size,
+                 shards, local_blocks, num_blocks * bs, config.scheduler.max_model_len,
+                 num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len))
         self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs}
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

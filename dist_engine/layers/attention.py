@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, returning the output *and* its log-sum-exp.
 
-The cache of one layer on one rank is ``[num_slots, num_kv_heads, head_dim]`` for K and V, where
-slot = block_id * block_size + offset. Sequences are attended in groups: each group is a padded
+The cache of one layer on one rank is a ``LayerKV``: ``[num_slots, num_kv_heads, head_dim]`` for K
+and V (model dtype or FP8), slot = block_id * block_size + offset. Sequences are attended in groups: each group is a padded
 batch ``[B, Q]`` of query tokens against ``[B, K]`` gathered key slots with a precomputed
 allowed-mask (causal by absolute position, sliding window, padding). Prefill chunks form their
 own groups; decode and verification tokens (a few per sequence) share one. The metadata is built
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dist_engine.layers.kv_cache import LayerKV
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
 MAX_SCORE_ELEMENTS = 1 << 24
@@ -40,18 +42,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [W] long: where each stored token's K/V is written
     groups: list[AttentionGroup] = field(default_factory=list)
     # Sequence sharding: the W tokens (of T) whose K/V this rank stores (None: all of them),
-    # and the communicator of the ranks holding the other shards (None: not sharded).
+    # the communicator of the ranks holding the other shards (None: not sharded), and inside a
+    # TP group the ranks that share this rank's KV heads (DCP; None: none).
     write_index: torch.Tensor | None = None
     cp: Any = None
+    dcp: Any = None
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             meta: AttentionMetadata) -> None:
-    # caches [S, Hk, D]; k, v [T, Hk, D]; slot_mapping [W]
+def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    # k, v [T, Hk, D]; slot_mapping [W]
+    if kv.observe:
+        kv.note(k, v)
     if meta.write_index is not None:
         k, v = k[meta.write_index], v[meta.write_index]
-    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    kv.write(meta.slot_mapping, k, v)
 
 
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
@@ -89,27 +93,34 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32).
 
     A query with no visible key gets out 0 and lse -inf. With sequence shards (``meta.cp``)
     each rank attends over its own keys and the partials of all shards are merged in fp32, in
-    rank order, so every rank gets the same bits.
+    rank order, so every rank gets the same bits. With DCP (``meta.dcp``) the ranks sharing
+    this rank's KV heads first gather their query heads, attend all of them over their own
+    keys, and after the merge each keeps its own heads.
     """
-    out, lse = _local_attention(q, k_cache, v_cache, meta, scale)
-    if meta.cp is None:
-        return out, lse
-    outs = meta.cp.gather_all(out.float())
-    lses = meta.cp.gather_all(lse)
-    merged, lse = merge_partials(outs, lses)
-    return merged.to(q.dtype), lse
+    Hq = q.shape[1]
+    if meta.dcp is not None:
+        q = torch.cat(meta.dcp.gather_all(q.contiguous()), dim=1)  # [T, DCP * Hq, D]
+    out, lse = _local_attention(q, kv, meta, scale)
+    if meta.cp is not None:
+        outs = meta.cp.gather_all(out.float())
+        lses = meta.cp.gather_all(lse)
+        out, lse = merge_partials(outs, lses)
+        out = out.to(q.dtype)
+    if meta.dcp is not None:
+        own = slice(meta.dcp.rank * Hq, (meta.dcp.rank + 1) * Hq)
+        out, lse = out[:, own].contiguous(), lse[:, own].contiguous()
+    return out, lse
 
 
-def _local_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
-    Hk = k_cache.shape[1]
+    Hk = kv.num_kv_heads
     G = Hq // Hk  # query heads per KV head on this rank
     single = len(meta.groups) == 1 and meta.groups[0].dense
     out = None if single else q.new_zeros(T, Hq, D)
@@ -125,8 +136,8 @@ def _local_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         outs, lses = [], []
         for k0 in range(0, K, tile):
             slots = g.kv_slots[:, k0:k0 + tile]
-            kg = k_cache[slots].to(q.dtype).transpose(1, 2)  # [B, Hk, k, D]
-            vg = v_cache[slots].to(q.dtype).transpose(1, 2)
+            kg, vg = kv.gather(slots, q.dtype)  # [B, k, Hk, D] each
+            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, Hk, k, D]
             o, lse = _attend(qg, kg, vg, g.bias[..., k0:k0 + tile], scale)
             outs.append(o)
             lses.append(lse)

@@ -16,11 +16,12 @@ from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import HeadPartition, split_range
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import RowParallelLinear, merged_column, qkv_column
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_slots, local_kv_heads, head_dim] each
+KVCache = LayerKV  # K, V: [num_slots, local_kv_heads, head_dim] each (model dtype or FP8)
 
 
 class LlamaAttention(nn.Module):
@@ -57,8 +58,8 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        write_kv(kv[0], kv[1], k, v, meta)
-        out, _lse = paged_attention(q, kv[0], kv[1], meta, self.scale)  # [T, Hq, D]
+        write_kv(kv, k, v, meta)
+        out, _lse = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
 
 

@@ -177,7 +177,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("served_model_name", "architecture", "max_model_len", "vocab_size", "tensor_parallel_size", "dtype", "device", "kv_cache_blocks", "kv_block_size", "kv_cache_tokens", "speculative_method", "num_speculative_tokens", "speculative_model", "context_parallel_size")
+    __slots__ = ("served_model_name", "architecture", "max_model_len", "vocab_size", "tensor_parallel_size", "dtype", "device", "kv_cache_blocks", "kv_block_size", "kv_cache_tokens", "speculative_method", "num_speculative_tokens", "speculative_model", "context_parallel_size", "decode_context_parallel_size", "kv_cache_dtype")
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class ModelInfo(_message.Message):
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONTEXT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     served_model_name: str
     architecture: str
     max_model_len: int
@@ -206,7 +208,9 @@ class ModelInfo(_message.Message):
     num_speculative_tokens: int
     speculative_model: str
     context_parallel_size: int
-    def __init__(self, served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., speculative_model: _Optional[str] = ..., context_parallel_size: _Optional[int] = ...) -> None: ...
+    decode_context_parallel_size: int
+    kv_cache_dtype: str
+    def __init__(self, served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., speculative_method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., speculative_model: _Optional[str] = ..., context_parallel_size: _Optional[int] = ..., decode_context_parallel_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class GetServerStatsRequest(_message.Message):
     __slots__ = ()

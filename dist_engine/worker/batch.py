@@ -91,11 +91,12 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
-                shard: int = 0, num_shards: int = 1, cp=None) -> ForwardBatch:
-    """``heads_per_kv``: query heads per KV head on this rank (folded into the mask).
+                shard: int = 0, num_shards: int = 1, cp=None, dcp=None) -> ForwardBatch:
+    """``heads_per_kv``: query heads per KV head attended together (folded into the mask).
 
-    With ``num_shards`` > 1 (context parallelism) this rank writes only the K/V of tokens whose
-    block lives on its ``shard`` and attends only over its own keys; ``cp`` merges the partials.
+    With ``num_shards`` > 1 (sequence shards: CP x DCP) this rank writes only the K/V of tokens
+    whose block lives on its ``shard`` and attends only over its own keys; ``cp`` (the shard
+    group) merges the partials, ``dcp`` gathers the query heads of ranks sharing KV heads.
     """
     ids: list[int] = []
     positions: list[int] = []
@@ -138,6 +139,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         write_index=(None if len(write) == len(ids)
                      else torch.tensor(write, dtype=torch.long, device=device)),
         cp=cp if S > 1 else None,
+        dcp=dcp,
     )
     return ForwardBatch(
         ids=torch.tensor(ids, dtype=torch.long, device=device),

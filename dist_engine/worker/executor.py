@@ -42,6 +42,10 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None: ...
 
+    @abstractmethod
+    def comm_stats(self) -> list[dict[str, dict[str, int]]]:
+        """Per rank: bytes and calls each of its collective groups has sent so far."""
+
 
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
@@ -64,6 +68,9 @@ class InProcessExecutor(Executor):
 
     def check_health(self) -> None:
         pass
+
+    def comm_stats(self) -> list[dict[str, dict[str, int]]]:
+        return [self.worker.comm_stats()]
 
     def shutdown(self) -> None:
         self.worker.shutdown()

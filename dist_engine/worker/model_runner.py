@@ -10,6 +10,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import add_gemv_copy
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
@@ -24,12 +25,17 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, comm: Communicator, device: torch.device,
-                 cp_comm: Communicator | None = None) -> None:
+                 seq_comm: Communicator | None = None, dcp_comm: Communicator | None = None) -> None:
         self.config = config
         self.comm = comm  # the tensor-parallel group (the model's layers)
-        self.cp_comm = cp_comm if cp_comm is not None and cp_comm.world_size > 1 else None
+        # the ranks holding the other sequence shards of this rank's KV heads (CP x DCP), and
+        # the DCP ranks of this TP group that share those heads (query heads gathered over it)
+        self.seq_comm = seq_comm if seq_comm is not None and seq_comm.world_size > 1 else None
+        self.dcp_comm = dcp_comm if dcp_comm is not None and dcp_comm.world_size > 1 else None
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
+        self.kv_dtype = storage_dtype(config.cache.kv_cache_dtype, self.dtype)
+        self.kv_scales: list[tuple[float, float]] | None = None  # FP8: per layer, calibrated once
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
         mcfg = config.model
@@ -54,21 +60,23 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-        self.heads_per_kv = attn.num_heads // attn.num_kv_heads
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # query heads per KV head that attention folds together (the whole DCP group's)
+        self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
+        self.kv_caches: list[LayerKV] = []
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     def build(self, seqs) -> ForwardBatch:
         """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
-        cp = self.cp_comm
+        sc = self.seq_comm
         return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
                            self.heads_per_kv, self.dtype, self.device,
-                           shard=cp.rank if cp else 0, num_shards=cp.world_size if cp else 1, cp=cp)
+                           shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
+                           dcp=self.dcp_comm)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         """K and V of one block, all layers, this rank."""
-        per_token = 2 * self.local_kv_heads * self.head_dim * self.dtype.itemsize
+        per_token = 2 * self.local_kv_heads * self.head_dim * self.kv_dtype.itemsize
         layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         return per_token * self.block_size * layers
 
@@ -142,20 +150,44 @@ class ModelRunner:
 
     def init_cache(self, num_blocks: int) -> None:
         """``num_blocks`` of this rank (with sequence shards, local block i is global block
-        i * shards + shard)."""
-        slots = num_blocks * self.block_size
-        shape = (slots, self.local_kv_heads, self.head_dim)  # [num_slots, local_kv_heads, head_dim]
-        # Uninitialised (memory is committed as blocks are first written), except block 0:
-        # padded key positions gather slot 0, and a masked key must never hold NaN garbage.
-        self.kv_caches = []
-        for _ in range(self.config.model.num_hidden_layers + (self.mtp is not None)):
-            k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.dtype, device=self.device)
-            k[: self.block_size].zero_()
-            v[: self.block_size].zero_()
-            self.kv_caches.append((k, v))
+        i * shards + shard). FP8 caches get their scales from a calibration pass first."""
+        if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
+            self.kv_scales = self.calibrate_kv_scales()
+        self._make_caches(num_blocks, self.kv_dtype, self.kv_scales)
+
+    def _make_caches(self, num_blocks: int, dtype: torch.dtype,
+                     scales: list[tuple[float, float]] | None) -> None:
+        n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
+        self.kv_caches = [
+            LayerKV.empty(num_blocks * self.block_size, self.local_kv_heads, self.head_dim, dtype,
+                          self.device, zero_slots=self.block_size,
+                          scales=scales[i] if scales else (1.0, 1.0))
+            for i in range(n_layers)]
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
+
+    def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
+        """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
+        tokens (the same on every rank, so sequence shards of one tensor agree)."""
+        n = min(num_tokens, self.config.scheduler.max_model_len)
+        blocks = (n + self.block_size - 1) // self.block_size
+        self._make_caches(blocks + 1, self.dtype, None)
+        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        for kv in caches:
+            kv.observe = True
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
+        work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
+                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        self.execute(StepInput(step_id=-1, seqs=(work,)))
+        scales = [kv.calibrated_scales() for kv in caches]
+        self.kv_caches = []
+        if self.mtp is not None:
+            self.mtp.kv = None
+        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
+                 min(k for k, _ in scales), max(k for k, _ in scales),
+                 min(v for _, v in scales), max(v for _, v in scales))
+        return scales
 
     # ---- one engine step ---------------------------------------------------------------------
     @torch.inference_mode()

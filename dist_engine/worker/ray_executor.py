@@ -148,6 +148,9 @@ class RayExecutor(Executor):
     def check_health(self) -> None:
         self._all(lambda w: w.ping.remote(), timeout=PING_TIMEOUT_S)
 
+    def comm_stats(self) -> list[dict[str, dict[str, int]]]:
+        return self._all(lambda w: w.comm_stats.remote())
+
     def shutdown(self) -> None:
         if self._dead:
             return

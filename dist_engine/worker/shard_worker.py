@@ -44,12 +44,16 @@ class ShardWorker:
         return free_port_and_ip()
 
     def init_distributed(self, master: tuple[str, int] | None) -> None:
-        """Join the world, then build the TP communicator (the model's layers) and the CP one
-        (merging attention over sequence shards): rank = cp_rank * TP + tp_rank."""
+        """Join the world, then build three communicators: TP (the model's layers), DCP (the
+        ranks of a TP group that share KV heads, gathering query heads) and the sequence-shard
+        group (CP x DCP ranks whose attention partials are merged). rank = cp_rank * TP + tp_rank;
+        shard = cp_rank * DCP + dcp_rank."""
         par = self.config.parallel
         world, tp, cp = par.world_size, par.tensor_parallel_size, par.context_parallel_size
+        dcp = par.decode_context_parallel_size
         self.comm: Communicator = NullCommunicator()
-        self.cp_comm: Communicator = NullCommunicator()
+        self.dcp_comm: Communicator = NullCommunicator()
+        self.seq_comm: Communicator = NullCommunicator()
         if world == 1:
             return
         backend = "nccl" if self.config.device == "cuda" else "gloo"
@@ -57,16 +61,26 @@ class ShardWorker:
             backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
             world_size=world, timeout=datetime.timedelta(seconds=par.collective_timeout_s),
         )
-        if cp == 1:
-            self.comm = self._wrap(TorchCommunicator(), master)
-            return
-        # every rank creates every group, in the same order
-        tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)]
-        cp_groups = [dist.new_group([c * tp + t for c in range(cp)]) for t in range(tp)]
         cp_rank, tp_rank = divmod(self.rank, tp)
+        g, dcp_rank = divmod(tp_rank, dcp)
+        # every rank creates every group, in the same order
+        tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)] if cp > 1 else None
+        dcp_groups = ([[dist.new_group([c * tp + h * dcp + j for j in range(dcp)]) for h in range(tp // dcp)]
+                       for c in range(cp)] if dcp > 1 and tp > dcp else None)
+        seq_groups = ([dist.new_group([c * tp + h * dcp + j for c in range(cp) for j in range(dcp)])
+                       for h in range(tp // dcp)] if cp > 1 and cp * dcp < world else None)
         if tp > 1:
-            self.comm = self._wrap(TorchCommunicator(tp_groups[cp_rank]), master)
-        self.cp_comm = self._wrap(TorchCommunicator(cp_groups[tp_rank]), master)
+            self.comm = self._wrap(TorchCommunicator(tp_groups[cp_rank] if tp_groups else None), master)
+        if dcp > 1:
+            self.dcp_comm = (self.comm if dcp_groups is None
+                             else self._wrap(TorchCommunicator(dcp_groups[cp_rank][g]), master))
+        if cp * dcp > 1:
+            if cp == 1:
+                self.seq_comm = self.dcp_comm
+            elif seq_groups is None:  # the sequence shards are the whole world
+                self.seq_comm = self._wrap(TorchCommunicator(), master)
+            else:
+                self.seq_comm = self._wrap(TorchCommunicator(seq_groups[g]), master)
 
     def _wrap(self, comm: TorchCommunicator, master) -> Communicator:
         if self.config.device == "cpu" and self.config.parallel.shm_allreduce:
@@ -81,7 +95,7 @@ class ShardWorker:
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        self.runner = ModelRunner(self.config, self.comm, device, self.cp_comm)
+        self.runner = ModelRunner(self.config, self.comm, device, self.seq_comm, self.dcp_comm)
         return self.runner.load_seconds
 
     def available_kv_blocks(self) -> int:
@@ -96,6 +110,19 @@ class ShardWorker:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
+
+    def comm_stats(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank has sent into collectives so far, per group (tp, dcp, seq); a group
+        that is the same communicator as an earlier one is reported once."""
+        out, seen = {}, set()
+        for name in ("comm", "dcp_comm", "seq_comm"):
+            c = getattr(self, name, None)
+            if c is None or c.world_size == 1 or id(c) in seen:
+                continue
+            seen.add(id(c))
+            out[{"comm": "tp", "dcp_comm": "dcp", "seq_comm": "seq"}[name]] = {
+                "bytes": c.bytes_sent, "calls": c.num_calls}
+        return out
 
     def ping(self) -> int:
         return self.rank

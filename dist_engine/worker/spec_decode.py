@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dist_engine.config import EngineConfig
+from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import add_gemv_copy, project
 from dist_engine.models.mtp import LlamaMTP
 from dist_engine.weights.loader import iter_checkpoint, load_weights
@@ -125,7 +126,7 @@ class MTPDecoder:
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
             weight = _full_head_weight(runner, config)[vocab_ids].clone()
             self.draft_head = DraftHead(weight.to(runner.device), vocab_ids.to(runner.device))
-        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
         # seconds spent per phase (read by the benchmark to show where the time goes)
         self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
 
