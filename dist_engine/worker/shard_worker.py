@@ -112,17 +112,16 @@ class ShardWorker:
         return self.runner.execute(step)
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
-        """Bytes this rank has sent into collectives so far, per group (tp, dcp, seq); a group
-        that is the same communicator as an earlier one is reported once."""
-        out, seen = {}, set()
-        for name in ("comm", "dcp_comm", "seq_comm"):
-            c = getattr(self, name, None)
-            if c is None or c.world_size == 1 or id(c) in seen:
-                continue
-            seen.add(id(c))
-            out[{"comm": "tp", "dcp_comm": "dcp", "seq_comm": "seq"}[name]] = {
-                "bytes": c.bytes_sent, "calls": c.num_calls}
-        return out
+        """Bytes this rank has sent into collectives so far, per group; one communicator serving
+        several roles (e.g. TP=DCP=2: the TP group is also the DCP and shard group) is reported
+        once under the joined names, e.g. ``tp+dcp+seq``."""
+        roles: dict[int, tuple[Communicator, list[str]]] = {}
+        for attr, role in (("comm", "tp"), ("dcp_comm", "dcp"), ("seq_comm", "seq")):
+            c = getattr(self, attr, None)
+            if c is not None and c.world_size > 1:
+                roles.setdefault(id(c), (c, []))[1].append(role)
+        return {"+".join(names): {"bytes": c.bytes_sent, "calls": c.num_calls}
+                for c, names in roles.values()}
 
     def ping(self) -> int:
         return self.rank
