@@ -140,16 +140,45 @@ def sweep(path: str, name: str, kw: dict, contexts: list[int]) -> list[dict]:
     return rows
 
 
+def prefill_scaling(path: str, ctx: int) -> list[dict]:
+    """Prefill of one ``ctx``-token prompt with one CPU thread per rank: CP=1 vs CP=2 (each CP
+    rank computes the tokens it stores, so two ranks on two cores split the work)."""
+    from dist_engine import LLM
+
+    rows = []
+    for cp in (1, 2):
+        with LLM(path, skip_tokenizer_init=True, max_model_len=ctx + NEW + 16, cpu_threads=1,
+                 num_kv_blocks=(ctx + NEW + 15) // 16 + 4, enable_prefix_caching=False,
+                 max_num_batched_tokens=1024, context_parallel_size=cp,
+                 executor="ray") as llm:
+            from dist_engine import SamplingParams
+
+            eng = llm.engine
+            eng.add_request("p", prompt(ctx, 7), SamplingParams(temperature=0, max_tokens=1))
+            t0 = time.perf_counter()
+            while eng.has_unfinished():
+                eng.step()
+            rows.append({"cp": cp, "context": ctx, "prefill_s": time.perf_counter() - t0})
+        print(f"prefill {ctx} tokens, CP={cp}, 1 thread per rank: {rows[-1]['prefill_s']:.1f} s", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-blocks", type=int, default=64)
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--prefill-context", type=int, default=16384,
+                    help="prompt length for the CP=1 vs CP=2 prefill comparison (0: skip)")
+    ap.add_argument("--only-prefill", action="store_true")
     a = ap.parse_args()
     contexts = [int(x) for x in a.contexts.split(",")]
     layouts = a.layouts.split(",")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    path = make_model(tempfile.mkdtemp(prefix="longctx-"), max(contexts) + 2 * NEW + 32)
+    path = make_model(tempfile.mkdtemp(prefix="longctx-"), max(contexts + [a.prefill_context]) + 2 * NEW + 32)
+    prefill = prefill_scaling(path, a.prefill_context) if a.prefill_context else []
+    if a.only_prefill:
+        return
     cap_len = 4 * a.budget_blocks * 16
     caps = [capacity(path, name, LAYOUTS[name], a.budget_blocks, cap_len) for name in layouts]
     for c in caps:
@@ -159,7 +188,7 @@ def main() -> None:
               f"transformers: {c['matches_transformers']}", flush=True)
     rows = [r for name in layouts for r in sweep(path, name, LAYOUTS[name], contexts)]
     base = {c["layout"]: c["longest_prompt"] for c in caps}
-    report = {"budget_blocks": a.budget_blocks, "capacity": caps, "sweep": rows}
+    report = {"budget_blocks": a.budget_blocks, "capacity": caps, "sweep": rows, "prefill": prefill}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "long_context.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -177,6 +206,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['layout']} | {r['context']} | {r['prefill_s']:.1f} | {r['prefill_tok_per_s']:.0f} | "
                      f"{r['decode_tok_per_s']:.1f} | {r['collective_bytes_per_step']:.0f} |")
+    if len(prefill) == 2:
+        lines += ["", f"Prefill of a {prefill[0]['context']}-token prompt, one CPU thread per rank: CP=1 "
+                  f"{prefill[0]['prefill_s']:.1f} s, CP=2 {prefill[1]['prefill_s']:.1f} s "
+                  f"({prefill[0]['prefill_s'] / prefill[1]['prefill_s']:.2f}x faster)."]
     text = "\n".join(lines)
     with open(os.path.join(RESULTS, "long_context.md"), "w") as f:
         f.write(text + "\n")

@@ -53,6 +53,13 @@ def _outputs(llm: LLM) -> list:
     return [o.outputs[0] for o in outs]
 
 
+def split_steps(llm: LLM) -> list[int]:
+    import ray
+
+    return ray.get([w.__ray_call__.remote(lambda self: self.runner.num_split_steps)
+                    for w in llm.engine.executor.workers])
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_models):
     path = tiny_models("llama")
@@ -77,6 +84,8 @@ def test_cp_matches_single_rank(reference, ray_session, tp, cp):
         assert again.outputs[0].token_ids == ref[1].token_ids
         assert again.metrics.prefix_hit_tokens >= 100  # LONG's cached blocks, on both shards
         assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == 200 * cp
+        # the prefill chunks were split over the CP ranks (each computed only its own tokens)
+        assert min(split_steps(llm)) > 0
 
 
 @pytest.mark.distributed

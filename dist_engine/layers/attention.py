@@ -47,6 +47,11 @@ class AttentionMetadata:
     write_index: torch.Tensor | None = None
     cp: Any = None
     dcp: Any = None
+    # Split prefill over CP: this rank computes only the tokens it stores (``split_own``, of the
+    # step's T); ``split_tokens[r]`` are shard r's. Queries are gathered before attention and
+    # each rank keeps its own rows of the merged output. None: every rank computes every token.
+    split_tokens: list[torch.Tensor] | None = None
+    split_own: torch.Tensor | None = None
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -103,6 +108,8 @@ def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale
     keys, and after the merge each keeps its own heads.
     """
     Hq = q.shape[1]
+    if meta.split_tokens is not None:
+        q = _gather_split_queries(q, meta)  # [T, Hq, D]
     if meta.dcp is not None:
         q = torch.cat(meta.dcp.gather_all(q.contiguous()), dim=1)  # [T, DCP * Hq, D]
     out, lse = _local_attention(q, kv, meta, scale)
@@ -114,7 +121,20 @@ def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale
     if meta.dcp is not None:
         own = slice(meta.dcp.rank * Hq, (meta.dcp.rank + 1) * Hq)
         out, lse = out[:, own].contiguous(), lse[:, own].contiguous()
+    if meta.split_tokens is not None:
+        out, lse = out[meta.split_own], lse[meta.split_own]
     return out, lse
+
+
+def _gather_split_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Own queries ``[W, Hq, D]`` -> every token's ``[T, Hq, D]``, from all CP ranks."""
+    width = max(len(ix) for ix in meta.split_tokens)
+    padded = q.new_zeros(width, *q.shape[1:])
+    padded[: q.shape[0]] = q
+    full = q.new_empty(meta.num_tokens, *q.shape[1:])
+    for ix, part in zip(meta.split_tokens, meta.cp.gather_all(padded)):
+        full[ix] = part[: len(ix)]
+    return full
 
 
 def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float

@@ -24,6 +24,8 @@ class ForwardBatch:
     sample_index: torch.Tensor
     sample_seqs: list[SeqWork]  # the sequences that sample, in that order
     starts: list[int]  # flat index of each sequence's first token (all sequences, step order)
+    # sequence shards: the token indices each shard stores (its blocks), in token order
+    shard_tokens: list[torch.Tensor] | None = None
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -102,6 +104,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     positions: list[int] = []
     slots: list[int] = []
     write: list[int] = []  # token indices whose K/V this rank stores (all when not sharded)
+    owner: list[int] = []  # shard storing each token
     starts: list[int] = []
     sample_index: list[int] = []
     S = num_shards
@@ -110,6 +113,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         for k, p in enumerate(range(s.start_pos, s.context_len)):
             positions.append(p)
             block = s.block_table[p // block_size]
+            owner.append(block % S)
             if block % S == shard:
                 write.append(len(ids) + k)
                 slots.append((block // S) * block_size + p % block_size)
@@ -148,4 +152,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         sample_seqs=[s for s in seqs if s.sample],
         starts=starts,
+        shard_tokens=(None if S == 1 else
+                      [torch.tensor([t for t, o in enumerate(owner) if o == r], dtype=torch.long,
+                                    device=device) for r in range(S)]),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,6 +20,10 @@ from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepO
 from dist_engine.worker.sampler import sample
 
 log = logging.getLogger(__name__)
+
+# CP ranks split a step's tokens (each computes the ones it stores) from this many tokens on;
+# fewer (decode) are computed on every rank, which saves the query and hidden-state exchange.
+SPLIT_MIN_TOKENS = 32
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +68,7 @@ class ModelRunner:
         # query heads per KV head that attention folds together (the whole DCP group's)
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         self.kv_caches: list[LayerKV] = []
+        self.num_split_steps = 0  # steps whose tokens were split over CP ranks
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     def build(self, seqs) -> ForwardBatch:
@@ -190,17 +196,35 @@ class ModelRunner:
         return scales
 
     # ---- one engine step ---------------------------------------------------------------------
+    def _forward(self, batch: ForwardBatch, raw: bool = False):
+        """Hidden states of every token of the step ``[T, hidden]`` (and pre-norm ones if
+        ``raw``). Long steps under CP: each rank runs only the tokens it stores through the
+        layers, then the rows are summed over the CP group (each row has one non-zero owner,
+        so every rank gets the owner's exact bits)."""
+        split = _split_meta(self, batch)
+        if split is None:
+            return self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
+        own = split.split_own
+        self.num_split_steps += 1
+        out = self.model(batch.ids[own], batch.positions[own], self.kv_caches, split, raw)
+        full = []
+        for x in (out if raw else (out,)):  # [W, hidden] -> [T, hidden]
+            rows = x.new_zeros(batch.meta.num_tokens, x.shape[-1])
+            rows[own] = x
+            full.append(self.seq_comm.all_reduce(rows))
+        return tuple(full) if raw else full[0]
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         batch = self.build(step.seqs)
         if self.mtp is not None:
             raw = self.config.speculative.hidden_stage == "raw"
             t0 = time.perf_counter()
-            out = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
+            out = self._forward(batch, raw)
             hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
             self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, prenorm)
-        hidden = self.model(batch.ids, batch.positions, self.kv_caches, batch.meta)  # [T, hidden]
+        hidden = self._forward(batch)  # [T, hidden]
         if not batch.sample_seqs:
             return StepOutput(step.step_id, {})
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [N, vocab] fp32
@@ -211,6 +235,17 @@ class ModelRunner:
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(batch.sample_seqs, tokens, lps, top)
         })
+
+
+def _split_meta(runner: ModelRunner, batch: ForwardBatch):
+    """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
+    token on every rank (short steps, DCP, or a shard that would get no token)."""
+    sc = runner.seq_comm
+    if (sc is None or runner.dcp_comm is not None or batch.meta.num_tokens < SPLIT_MIN_TOKENS
+            or min(len(ix) for ix in batch.shard_tokens) == 0):
+        return None
+    return dataclasses.replace(batch.meta, write_index=None, split_tokens=batch.shard_tokens,
+                               split_own=batch.shard_tokens[sc.rank])
 
 
 def _rss_peak_during(fn) -> int:
