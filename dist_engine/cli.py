@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     s.add_argument("--max-message-bytes", type=parse_bytes, default=16 * 2**20,
-                   help="largest request/response message (default 16MiB)")
+                   help="largest request/response message (default 16MiB); a larger request "
+                        "gets INVALID_ARGUMENT (beyond twice this, grpc's RESOURCE_EXHAUSTED)")
     s.set_defaults(func=cmd_serve)
 
     cl = sub.add_parser("client", help="send one prompt to a running server and stream the answer")

@@ -55,7 +55,7 @@ def start_server(path: str, *extra: str, tls_ca: str | None = None, tokenizer: b
 @pytest.fixture(scope="module")
 def server(tiny_models):
     path = tiny_models("llama")
-    proc, target, metrics_port = start_server(path)
+    proc, target, metrics_port = start_server(path, "--max-message-bytes", "64KiB")
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     yield target, path, health, metrics_port
     proc.terminate()
@@ -99,6 +99,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
                 list(c.generate(**kw))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
             assert err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # ~80 KB of token ids, over --max-message-bytes
+            list(c.generate(token_ids=[300] * 40000, max_tokens=4))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-message-bytes" in err.value.details()
         ok = list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=3, ignore_eos=True))
         assert ok[-1].finish_reason == "length"
     assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1

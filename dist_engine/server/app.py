@@ -61,14 +61,14 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
         metrics.serve(host, metrics_port)
     server = grpc.aio.server(
         interceptors=[BearerAuth(api_key)] if api_key else None,
-        options=[("grpc.max_receive_message_length", max_message_bytes),
+        options=[("grpc.max_receive_message_length", 2 * max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(llm, served_model_name, max_queued_requests, metrics), server)
+        GenerationServicer(llm, served_model_name, max_queued_requests, metrics, max_message_bytes), server)
     state = {"ready": False}
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeServicer(llm, served_model_name, max_queued_requests,
-                       lambda: state["ready"] and not llm.is_dead, metrics), server)
+                       lambda: state["ready"] and not llm.is_dead, metrics, max_message_bytes), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -24,6 +24,7 @@ from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.kserve import grpc_service_pb2 as kpb
 from dist_engine.kserve import grpc_service_pb2_grpc as kpb_grpc
 from dist_engine.server.metrics import ServerMetrics
+from dist_engine.server.security import check_request_size
 from dist_engine.worker.executor import EngineDeadError
 
 _INPUTS = (("text_input", "BYTES", kpb.TYPE_STRING, [1], False),
@@ -130,9 +131,10 @@ def request_params(values: dict) -> tuple[str, SamplingParams, bool, bool]:
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, llm: AsyncLLM, name: str, max_queued: int, ready,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, max_request_bytes: int | None = None) -> None:
         self.llm, self.name, self.max_queued, self.ready, self.metrics = (
             llm, name, max_queued, ready, metrics)
+        self.max_request_bytes = max_request_bytes
 
     # ---- health and metadata ---------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -184,6 +186,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def _parse(self, req) -> tuple[str, SamplingParams, bool, bool]:
         """(prompt, params, stream, exclude_input); ValueError for bad input, OverflowError
         when the server is full."""
+        check_request_size(req, self.max_request_bytes)
         if req.model_name != self.name:
             raise ValueError(f"unknown model {req.model_name!r}; this server serves {self.name!r}")
         if self.llm.num_open_streams >= self.max_queued:

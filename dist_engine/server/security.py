@@ -72,3 +72,12 @@ def open_channel(target: str, tls_ca: str | None = None, aio: bool = False,
     with open(tls_ca, "rb") as f:
         creds = grpc.ssl_channel_credentials(root_certificates=f.read())
     return mod.secure_channel(target, creds, options=options)
+
+
+def check_request_size(request, limit: int | None) -> None:
+    """ValueError (sent as INVALID_ARGUMENT) for a request over ``--max-message-bytes``. The
+    transport accepts up to twice the limit, so such a request reaches this check and gets an
+    actionable message; beyond that grpc itself refuses it with RESOURCE_EXHAUSTED."""
+    if limit is not None and (size := request.ByteSize()) > limit:
+        raise ValueError(f"the request is {size} bytes, over this server's limit of {limit} bytes "
+                         "(--max-message-bytes); send a shorter prompt or raise the limit")

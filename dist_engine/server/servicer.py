@@ -15,6 +15,7 @@ from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.outputs import CompletionOutput, RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.server.metrics import ServerMetrics
+from dist_engine.server.security import check_request_size
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 from dist_engine.worker.executor import EngineDeadError
@@ -65,8 +66,9 @@ def spec_stats(d: dict) -> pb.SpeculativeStats:
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, llm: AsyncLLM, served_model_name: str, max_queued_requests: int,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, max_request_bytes: int | None = None) -> None:
         self.llm = llm
+        self.max_request_bytes = max_request_bytes
         self.metrics = metrics
         self.name = served_model_name
         self.max_queued = max_queued_requests
@@ -88,6 +90,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                 f"server busy: {self.max_queued} requests in flight "
                                 "(--max-queued-requests); retry later")
         try:
+            check_request_size(request, self.max_request_bytes)
             if request.model and request.model != self.name:
                 raise ValueError(f"unknown model {request.model!r}; this server serves {self.name!r}")
             params = sampling_params(request.sampling)
@@ -111,6 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
+            check_request_size(request, self.max_request_bytes)
             which = request.WhichOneof("input")
             if which is None:
                 raise ValueError("the request has no input: set text or chat")
