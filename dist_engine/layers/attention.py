@@ -29,11 +29,13 @@ class AttentionGroup:
     q_index: torch.Tensor  # [B, Q] long: flat token index of each query (padding -> 0)
     q_valid: torch.Tensor  # [B, Q] bool
     kv_slots: torch.Tensor  # [B, K] long: cache slot of each key (padding -> 0)
-    # Additive mask (0 allowed, -inf not) with the G query heads that share a KV head folded
-    # into the query axis: [B, 1, G*Q, K] in the model dtype.
+    # Additive mask (0 allowed, -inf not) in the model dtype. Folded (few queries: decode,
+    # verification): the G query heads sharing a KV head folded into the query axis,
+    # [B, 1, G*Q, K]. Not folded (long prefill chunks): [B, 1, Q, K], shared by every head.
     bias: torch.Tensor
-    has_key: torch.Tensor  # [B, 1, G*Q] bool: the query attends at least one key
+    has_key: torch.Tensor  # [B, 1, G*Q] or [B, 1, Q] bool: the query attends at least one key
     dense: bool  # q_index is exactly arange(B*Q): reshape instead of gather/scatter
+    folded: bool = True
 
 
 @dataclass
@@ -137,6 +139,32 @@ def _gather_split_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Ten
     return full
 
 
+def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float, Hk: int, G: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qg ``[B, Hk, G*Q, D]`` (folded) or ``[B, Hq, Q, D]`` -> (out like qg, lse ``qg[..., 0]``).
+
+    The explicit path materialises scores, so long contexts are tiled over keys and merged by
+    LSE. Unfolded, each KV head's K/V is broadcast to its G query heads without a copy."""
+    B, K = g.kv_slots.shape
+    tile = K if _CPU_FLASH is not None and qg.device.type == "cpu" else max(
+        1, MAX_SCORE_ELEMENTS // max(1, qg.shape[1] * qg.shape[2] * B))
+    outs, lses = [], []
+    for k0 in range(0, K, tile):
+        kg, vg = kv.gather(g.kv_slots[:, k0:k0 + tile], qg.dtype)  # [B, k, Hk, D] each
+        kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, Hk, k, D]
+        bias = g.bias[..., k0:k0 + tile]
+        if g.folded:
+            o, lse = _attend(qg, kg, vg, bias, scale)
+        else:  # one call per KV head, its K/V expanded (a view) over its G query heads
+            parts = [_attend(qg[:, j * G:(j + 1) * G], kg[:, j:j + 1].expand(-1, G, -1, -1),
+                             vg[:, j:j + 1].expand(-1, G, -1, -1), bias, scale) for j in range(Hk)]
+            o = torch.cat([p[0] for p in parts], dim=1)
+            lse = torch.cat([p[1] for p in parts], dim=1)
+        outs.append(o)
+        lses.append(lse)
+    return merge_partials(outs, lses)
+
+
 def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
@@ -148,25 +176,19 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
     for g in meta.groups:
         B, Q = g.q_index.shape
         qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]
-        qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Q, D)
-        K = g.kv_slots.shape[1]
-        # the explicit path materialises scores: tile long contexts over keys, merge by LSE
-        tile = K if _CPU_FLASH is not None and q.device.type == "cpu" else max(
-            1, MAX_SCORE_ELEMENTS // max(1, B * Hq * Q))
-        outs, lses = [], []
-        for k0 in range(0, K, tile):
-            slots = g.kv_slots[:, k0:k0 + tile]
-            kg, vg = kv.gather(slots, q.dtype)  # [B, k, Hk, D] each
-            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, Hk, k, D]
-            o, lse = _attend(qg, kg, vg, g.bias[..., k0:k0 + tile], scale)
-            outs.append(o)
-            lses.append(lse)
-        o, lse = merge_partials(outs, lses)
+        if g.folded:
+            qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Q, D)
+        else:
+            qg = qg.permute(0, 2, 1, 3)  # [B, Hq, Q, D]
+        o, lse = _attend_tiled(qg, kv, g, scale, Hk, G)
         lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
         if meta.cp is not None:  # a query with no key on this shard: 0, never NaN
             o = o.masked_fill(~g.has_key.expand_as(lse).unsqueeze(-1), 0.0)
-        o = o.to(q.dtype).view(B, Hk, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
-        lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
+        if g.folded:
+            o = o.to(q.dtype).view(B, Hk, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
+            lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
+        else:
+            o, lse = o.to(q.dtype).permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, Q, Hq, (D)]
         if single:
             return o.reshape(T, Hq, D), lse.reshape(T, Hq)
         idx = g.q_index[g.q_valid]

@@ -12,6 +12,7 @@ from dist_engine.worker.messages import SeqWork
 # Sequences feeding at most this many tokens are attended together in one padded group
 # (decode, speculative verification); longer prefill chunks get a group each.
 SMALL_QUERY = 16
+UNFOLD_MIN_KEYS = 4096
 
 
 @dataclass
@@ -49,6 +50,11 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
            shard: int = 0, num_shards: int = 1) -> AttentionGroup:
     B = len(seqs)
     Q = max(len(s.token_ids) for s in seqs)
+    # Few queries per sequence (decode, verification) or a short context: fold the G query heads
+    # of a KV head into the query axis (one attention call per group). Long chunks over long
+    # contexts: one [Q, K] mask shared by all heads, as a G-times folded mask costs more to build
+    # than the attention itself there (and the per-KV-head calls cost more than it saves below).
+    folded = Q <= SMALL_QUERY or max(s.context_len for s in seqs) < UNFOLD_MIN_KEYS
     qlen = torch.tensor([len(s.token_ids) for s in seqs]).view(B, 1)
     ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1)
     i = torch.arange(Q).view(1, Q)
@@ -78,7 +84,7 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
     if window is not None:
         allowed &= kp > q_pos.unsqueeze(-1) - window
     q_index = (torch.tensor(starts).view(B, 1) + i).masked_fill(~q_valid, 0)
-    G = heads_per_kv
+    G = heads_per_kv if folded else 1
     allowed = allowed.unsqueeze(1).expand(B, G, Q, K).reshape(B, 1, G * Q, K)
     bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return AttentionGroup(
@@ -88,6 +94,7 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
         bias=bias.to(device),
         has_key=allowed.any(-1).to(device),
         dense=dense,
+        folded=folded,
     )
 
 
