@@ -18,6 +18,9 @@ TINY = {
                                    intermediate_size=100, tie_word_embeddings=True)),
     "llama1kv": ("LlamaConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                       intermediate_size=96)),
+    # the same shape with room for prompts of thousands of tokens
+    "llama1kv_long": ("LlamaConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                           intermediate_size=96, max_position_embeddings=6144)),
     "llama3rope": ("LlamaConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                         intermediate_size=96, rope_scaling={
                                             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -39,9 +42,9 @@ def make_tiny(name: str, path: str, seed: int = 0) -> str:
     import transformers
 
     cls_name, kw = TINY[name]
-    cfg = getattr(transformers, cls_name)(
-        vocab_size=320, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, **kw)
+    cfg = getattr(transformers, cls_name)(**{
+        "vocab_size": 320, "num_hidden_layers": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "bos_token_id": 1, "eos_token_id": 2, **kw})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger-than-default weights so logits are far from uniform

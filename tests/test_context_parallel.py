@@ -101,6 +101,15 @@ def test_cp2_doubles_the_longest_context_and_preempts_cleanly(reference, ray_ses
         assert [c.token_ids for c in got] == [c.token_ids for c in ref]
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.blocks.num_free == 90
+        # aborted mid-generation: its blocks go back to their own shards
+        eng = llm.engine
+        eng.add_request("x", LONG, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        while not any(o.outputs[0].token_ids for o in eng.step()):
+            pass
+        assert eng.blocks.num_free < 90
+        eng.abort_request("x")
+        assert eng.blocks.num_free == 90
+        assert all(len(f) == 45 for f in eng.blocks.free)  # every shard's free list is whole
 
 
 @pytest.mark.distributed
@@ -158,6 +167,42 @@ def test_dcp2_doubles_the_longest_context(one_kv_head, ray_session):
         assert [c.token_ids for c in got] == [c.token_ids for c in ref]
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.blocks.num_free == 90
+        # aborted mid-generation: its blocks go back to their own shards
+        eng = llm.engine
+        eng.add_request("x", LONG, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        while not any(o.outputs[0].token_ids for o in eng.step()):
+            pass
+        assert eng.blocks.num_free < 90
+        eng.abort_request("x")
+        assert eng.blocks.num_free == 90
+        assert all(len(f) == 45 for f in eng.blocks.free)  # every shard's free list is whole
+
+
+@pytest.mark.distributed
+def test_dcp2_with_mtp_speculation(one_kv_head, ray_session, tmp_path):
+    """A 1-KV-head model with a (briefly) grafted MTP layer: speculative output at TP=2 + DCP=2
+    equals plain decoding on one rank, greedy and seeded; the MTP layer's cache is sharded too."""
+    from dist_engine.graft.train import graft
+
+    path, _ = one_kv_head
+    r = random.Random(1)
+    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(120)]
+    with LLM(path, num_kv_blocks=400, **ARGS) as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=30, ignore_eos=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    graft(path, seqs[:100], seqs[100:], str(tmp_path), epochs=3, depth=2, lr=3e-3, batch_size=16,
+          draft_vocab_size=320, dtype="float32")
+    p = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+         SamplingParams(temperature=0.8, seed=2, max_tokens=30, ignore_eos=True)]
+    with LLM(path, num_kv_blocks=400, **ARGS) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)]
+    spec = {"model": str(tmp_path), "num_speculative_tokens": 2, "max_draft_tokens_per_step": 0}
+    with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, num_kv_blocks=200,
+             speculative_config=spec, **ARGS) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)]
+        assert got == expected
+        assert llm.engine.spec_stats.num_draft_tokens > 0
+        assert llm.engine.blocks.num_free == 400
 
 
 def test_dcp_needs_replicated_kv_heads(tiny_models):
@@ -166,3 +211,31 @@ def test_dcp_needs_replicated_kv_heads(tiny_models):
         LLM(tiny_models("llama"), tensor_parallel_size=2, decode_context_parallel_size=2, **ARGS)
     with pytest.raises(ValueError, match="divide tensor_parallel_size"):
         LLM(tiny_models("llama1kv"), tensor_parallel_size=1, decode_context_parallel_size=2, **ARGS)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(context_parallel_size=2),
+                                    dict(tensor_parallel_size=2, decode_context_parallel_size=2)],
+                         ids=["cp2", "tp2dcp2"])
+def test_thousands_of_tokens_match_transformers(tiny_models, ray_session, layout):
+    """A 4500-token prompt (282 blocks of 16) in 512-token chunks, split over the CP ranks or
+    sharded inside the TP group, with the long-context attention layout: transformers' greedy
+    tokens, and logprobs within 1e-4 of one rank."""
+    from conftest import hf_greedy
+
+    path = tiny_models("llama1kv_long")
+    r = random.Random(5)
+    prompt = [1] + [r.randrange(3, 320) for _ in range(4499)]
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    kw = dict(skip_tokenizer_init=True, max_model_len=4600, max_num_batched_tokens=512)
+    with LLM(path, num_kv_blocks=300, **kw) as llm:
+        ref = llm.generate(prompt_token_ids=[prompt], sampling_params=p)[0].outputs[0]
+    assert ref.token_ids == hf_greedy(path, prompt, 8)
+    with LLM(path, num_kv_blocks=150, **layout, **kw) as llm:
+        got = llm.generate(prompt_token_ids=[prompt], sampling_params=p)[0].outputs[0]
+        assert llm.engine.blocks.num_free == 300
+    assert got.token_ids == ref.token_ids
+    for a, b in zip(got.logprobs, ref.logprobs):
+        for tok, lp in b.items():
+            assert abs(a[tok] - lp) < 1e-4
