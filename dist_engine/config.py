@@ -17,6 +17,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +48,29 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # MTP layers shipped at model.layers.{num_hidden_layers + j} (DeepSeek-V3 / GLM-4.5 style)
     num_nextn_predict_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V3): set when kv_lora_rank is. The cache holds one
+    # latent "head" of kv_lora_rank + qk_rope_head_dim per token (num_key_value_heads is 1).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    # Mixture of experts (DeepSeek-V3): layers from first_k_dense_replace on route each token to
+    # num_experts_per_tok of n_routed_experts (sigmoid scores, grouped top-k) plus shared experts.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -59,6 +83,13 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
             )
+        if self.n_routed_experts:
+            if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group="
+                                 f"{self.n_group} groups and 0 < topk_group={self.topk_group} <= n_group")
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                 f"[1, n_routed_experts={self.n_routed_experts}]")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -99,6 +130,24 @@ class ModelConfig:
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        mla = {}
+        if raw.get("kv_lora_rank"):
+            if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
+                raise ValueError("only DeepSeek-V3 routing (sigmoid scores, noaux_tc grouped top-k) is supported")
+            mla = dict(
+                q_lora_rank=raw.get("q_lora_rank"), kv_lora_rank=raw["kv_lora_rank"],
+                qk_nope_head_dim=raw["qk_nope_head_dim"], qk_rope_head_dim=raw["qk_rope_head_dim"],
+                v_head_dim=raw["v_head_dim"], rope_interleave=raw.get("rope_interleave", True),
+                n_routed_experts=raw.get("n_routed_experts") or 0,
+                num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+                n_shared_experts=raw.get("n_shared_experts") or 0,
+                moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+                n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+                norm_topk_prob=raw.get("norm_topk_prob", True),
+                first_k_dense_replace=raw.get("first_k_dense_replace", 0),
+                # the cache's one latent head; RoPE runs over the rope part of q/k only
+                num_key_value_heads=1, head_dim=raw["qk_rope_head_dim"])
         return cls(
             path=path,
             architecture=arch,
@@ -107,8 +156,8 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=n_heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
-            head_dim=raw.get("head_dim") or hidden // n_heads,
+            **({} if mla else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+                                   head_dim=raw.get("head_dim") or hidden // n_heads)),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
@@ -121,6 +170,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
+            **mla,
         )
 
 

@@ -29,6 +29,22 @@ TINY = {
                                        intermediate_size=96, rope_scaling={
                                            "rope_type": "yarn", "factor": 4.0,
                                            "original_max_position_embeddings": 32})),
+    # MLA (q LoRA, interleaved RoPE, YaRN with DeepSeek's mscale) + MoE (8 experts in 2 groups,
+    # 2 per token, a shared expert) after one dense layer
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=24,
+        v_head_dim=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, rope_interleave=True,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})),
+    # no q LoRA, plain RoPE, ungrouped routing without normalisation
+    "deepseek_v3_plain": ("DeepseekV3Config", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=6, n_shared_experts=2, num_experts_per_tok=3, n_group=1,
+        topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False, first_k_dense_replace=0,
+        rope_interleave=False)),
     "mistral": ("MistralConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                        intermediate_size=96, sliding_window=12)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -36,6 +52,9 @@ TINY = {
     "qwen3": ("Qwen3Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                    head_dim=24, intermediate_size=96)),
 }
+
+# architectures the parity and TP tests sweep ("_long" variants only add positions)
+ARCHS = sorted(name for name in TINY if not name.endswith("_long"))
 
 
 def make_tiny(name: str, path: str, seed: int = 0) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, hf_greedy, hf_model
+from conftest import ARCHS, hf_greedy, hf_model
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import NullCommunicator
@@ -50,7 +50,7 @@ def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
         return hf_model(path)(torch.tensor([tokens])).logits[0].float()
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(tiny_models, arch):
     path = tiny_models(arch)
     ref = hf_logits(path, PROMPT)
@@ -60,7 +60,7 @@ def test_logits_match_transformers(tiny_models, arch):
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["cpu-flash", "explicit-tiled"])
 @pytest.mark.parametrize("unfold", [False, True], ids=["folded", "unfolded"])
-@pytest.mark.parametrize("arch", ["llama", "llama1kv", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama1kv", "mistral", "qwen3", "deepseek_v3"])
 def test_attention_layouts_match(tiny_models, monkeypatch, arch, unfold, explicit):
     """Both mask layouts (G query heads folded into the query axis, or one mask shared by all
     heads, used for long chunks over long contexts) and both kernels (PyTorch's fused CPU one,
@@ -88,7 +88,7 @@ def test_chunked_prefill_and_decode_match(tiny_models, arch):
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_match_transformers(tiny_models, arch):
     path = tiny_models(arch)
     expected = hf_greedy(path, PROMPT, 32)

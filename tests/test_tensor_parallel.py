@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, hf_greedy, hf_model
+from conftest import ARCHS, hf_greedy, hf_model
 from dist_engine import LLM, SamplingParams
 from dist_engine.worker.executor import EngineDeadError
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33, 42, 19, 260, 4]
 
 
-@pytest.mark.parametrize("arch,shm", [(a, True) for a in sorted(TINY)] + [("llama", False)])
+@pytest.mark.parametrize("arch,shm", [(a, True) for a in ARCHS] + [("llama", False)])
 def test_tp2_matches_transformers(tiny_models, ray_session, arch, shm):
     """9 query / 3 KV heads split 6+3 / 2+1; one KV head replicated on both ranks."""
     path = tiny_models(arch)

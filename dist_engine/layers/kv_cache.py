@@ -47,15 +47,20 @@ class LayerKV:
 
     @classmethod
     def empty(cls, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device, zero_slots: int, scales: tuple[float, float] = (1.0, 1.0)
-              ) -> LayerKV:
+              device: torch.device, zero_slots: int, scales: tuple[float, float] = (1.0, 1.0),
+              shared: bool = False) -> LayerKV:
         """Uninitialised storage (pages are committed as blocks are first written), except the
-        first ``zero_slots``: padded key positions gather slot 0 and must never hold NaN."""
+        first ``zero_slots``: padded key positions gather slot 0 and must never hold NaN.
+        ``shared``: V is the same tensor as K (MLA's latent serves as both)."""
         k = torch.empty(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
-        v = torch.empty_like(k)
+        v = k if shared else torch.empty_like(k)
         k[:zero_slots].view(torch.uint8 if dtype == FP8 else dtype).zero_()
         v[:zero_slots].view(torch.uint8 if dtype == FP8 else dtype).zero_()
-        return cls(k, v, *scales)
+        return cls(k, v, scales[0], scales[0] if shared else scales[1])
+
+    @property
+    def shared(self) -> bool:
+        return self.v is self.k
 
     @property
     def is_fp8(self) -> bool:
@@ -73,25 +78,29 @@ class LayerKV:
             self.v_amax = max(self.v_amax, v.abs().max().item())
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        # slots [W]; k, v [W, Hk, D]
+        # slots [W]; k, v [W, Hk, D] (v ignored when it shares K's storage)
+        pairs = ((self.k, k, self.k_scale),) if self.shared else (
+            (self.k, k, self.k_scale), (self.v, v, self.v_scale))
         if not self.is_fp8:
-            self.k.index_copy_(0, slots, k.to(self.k.dtype))
-            self.v.index_copy_(0, slots, v.to(self.v.dtype))
+            for cache, x, _ in pairs:
+                cache.index_copy_(0, slots, x.to(cache.dtype))
             return
         # no fp8 index_copy on every backend: move the bytes
-        for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
+        for cache, x, scale in pairs:
             q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
             cache.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of ``slots`` (any shape ``[...]``) as ``[..., Hk, D]`` in ``dtype``."""
         if not self.is_fp8:
-            return self.k[slots].to(dtype), self.v[slots].to(dtype)
+            k = self.k[slots].to(dtype)
+            return k, (k if self.shared else self.v[slots].to(dtype))
         k = self.k.view(torch.uint8)[slots].view(FP8).to(dtype) * self.k_scale
-        v = self.v.view(torch.uint8)[slots].view(FP8).to(dtype) * self.v_scale
-        return k, v
+        if self.shared:
+            return k, k
+        return k, self.v.view(torch.uint8)[slots].view(FP8).to(dtype) * self.v_scale
 
-    def calibrated_scales(self) -> tuple[float, float]:
+    def calibrated_scales(self) -> tuple[float, float]:  # (K, V); shared storage uses K's
         """FP8 scales from the maxima seen while observing (1.0 for an all-zero tensor)."""
         return tuple(max(a, 1e-6) * HEADROOM / FP8_MAX if a > 0 else 1.0
                      for a in (self.k_amax, self.v_amax))

@@ -117,10 +117,13 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_range: tuple[int, int], out_features: int, comm: Communicator,
-                 bias: bool, dtype: torch.dtype) -> None:
+                 bias: bool, dtype: torch.dtype, reduce: bool = True) -> None:
         super().__init__()
+        if bias and not reduce:
+            raise ValueError("an unreduced row-parallel output cannot take a bias")
         self.in_start, self.local_in = in_range
         self.comm = comm
+        self.reduce = reduce  # False: return this rank's partial; the caller reduces it
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.weight_gemv: torch.Tensor | None = None
@@ -134,5 +137,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError("checkpoint has a bias this layer does not use")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, local_in] -> [T, out]
+        if not self.reduce:
+            return project(self, x)
         y = self.comm.all_reduce(project(self, x))
         return y if self.bias is None else y + self.bias

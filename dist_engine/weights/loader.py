@@ -55,10 +55,11 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
     """
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_suffixes", ())
+    skip = getattr(model, "skip_tensor", None)  # another rank's tensor (e.g. routed experts)
     expected = {name for name, _ in model.named_parameters()}
     filled: dict[str, set] = {}
     for name, lazy in iter_checkpoint(path):
-        if name.endswith(ignored) or (select is not None and not select(name)):
+        if name.endswith(ignored) or (select is not None and not select(name)) or (skip and skip(name)):
             continue
         module_path, _, which = name.rpartition(".")
         shard_id = None

@@ -65,6 +65,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # query heads per KV head that attention folds together (the whole DCP group's)
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         self.kv_caches: list[LayerKV] = []
@@ -82,7 +83,7 @@ class ModelRunner:
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         """K and V of one block, all layers, this rank."""
-        per_token = 2 * self.local_kv_heads * self.head_dim * self.kv_dtype.itemsize
+        per_token = (1 if self.latent_cache else 2) * self.local_kv_heads * self.head_dim * self.kv_dtype.itemsize
         layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         return per_token * self.block_size * layers
 
@@ -167,7 +168,7 @@ class ModelRunner:
         self.kv_caches = [
             LayerKV.empty(num_blocks * self.block_size, self.local_kv_heads, self.head_dim, dtype,
                           self.device, zero_slots=self.block_size,
-                          scales=scales[i] if scales else (1.0, 1.0))
+                          scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
             for i in range(n_layers)]
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()

@@ -1,0 +1,131 @@
+"""Mixture-of-experts pieces with DeepSeek-V3's routing; experts are sharded across TP ranks.
+
+Routing (``TopkRouter``): sigmoid scores of a replicated fp32 gate; a per-expert correction bias
+is added for *choosing* only; experts are split into ``n_group`` groups, each scored by the sum
+of its two best biased scores, the best ``topk_group`` groups stay eligible, and the top
+``num_experts_per_tok`` experts among them are chosen. Their weights are the unbiased scores,
+optionally normalised to sum to one, times ``routed_scaling_factor``.
+
+Expert parallelism: rank r holds the contiguous expert range ``split_range(E, tp, r)`` with full
+weights per expert and computes, for every token, the weighted outputs of its own experts only;
+the model sums the ranks' partials with one all-reduce. Other ranks' experts have no module here,
+and the model tells the loader to skip them, so their tensors are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_engine.distributed.comm import Communicator
+from dist_engine.distributed.partition import split_range
+from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear, merged_column
+from dist_engine.layers.loading import copy_checked
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                 norm_topk_prob: bool, scaling: float) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)  # fp32
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(getattr(self, which).data, full[:])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, hidden]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]``)."""
+        T, E = x.shape[0], self.weight.shape[0]
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        groups = choice.view(T, self.n_group, E // self.n_group)
+        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+class Expert(nn.Module):
+    """One expert's SwiGLU MLP with full (unsharded) weights: gate and up in one matmul."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False, dtype)
+        self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype
+                  ) -> nn.ModuleDict:
+    """This rank's experts ``[first, first + count)`` keyed by expert id, so that checkpoint
+    names (``experts.{id}.gate_proj``) resolve directly."""
+    first, count = expert_range
+    return nn.ModuleDict({str(e): Expert(hidden, inter, dtype) for e in range(first, first + count)})
+
+
+def run_experts(experts: nn.ModuleDict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                ) -> torch.Tensor:
+    """Sum over the experts in ``experts`` (this rank's) of weight x expert(x): ``[T, hidden]``,
+    a partial that the ranks' all-reduce completes. x ``[T, hidden]``; weights, ids ``[T, k]``."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():  # ascending, the same order on every rank
+        expert = experts[str(e)] if str(e) in experts else None
+        if expert is None:
+            continue
+        token, slot = torch.where(ids == e)
+        y = expert(x[token]) * weights[token, slot].unsqueeze(-1).to(x.dtype)
+        out.index_add_(0, token, y)
+    return out
+
+
+class SharedExperts(nn.Module):
+    """The always-on experts as one SwiGLU MLP, intermediate dim split over TP ranks; returns
+    this rank's partial (the MoE block reduces it together with the routed experts)."""
+
+    def __init__(self, hidden: int, inter: int, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = merged_column(hidden, [inter, inter], comm, dtype)
+        self.down_proj = RowParallelLinear(split_range(inter, comm.world_size, comm.rank), hidden,
+                                           comm, False, dtype, reduce=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    """DeepSeek-V3's MoE block under HF's names (``gate``, ``experts.{id}``, ``shared_experts``):
+    routed experts sharded by expert over TP ranks, shared experts by intermediate dim, one
+    all-reduce for both."""
+
+    def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
+                 n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
+                 comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.comm = comm
+        self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
+        self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling)
+        self.experts = local_experts(hidden, inter, self.expert_range, dtype)
+        self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype) if num_shared else None
+
+    def owns_expert(self, expert: int) -> bool:
+        first, count = self.expert_range
+        return first <= expert < first + count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+        weights, ids = self.gate(x)  # [T, k] each, identical on every rank
+        y = run_experts(self.experts, x, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return self.comm.all_reduce(y)

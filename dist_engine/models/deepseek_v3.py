@@ -1,0 +1,171 @@
+"""DeepSeek-V3 (``DeepseekV3ForCausalLM``): multi-head latent attention and mixture of experts,
+under Hugging Face module names. No collectives here: they live in the layers.
+
+MLA caches one latent per token, ``[kv_lora_rank + qk_rope_head_dim]``: the normalised compressed
+KV ``c`` and the shared rotated key ``k_pe``. The up-projection ``kv_b_proj`` is absorbed instead
+of expanding the cache: per head, ``q_nope`` is mapped into the latent space by ``W_UK`` so that
+``q_nope . k_nope = (q_nope W_UK) . c``; attention runs as one-KV-head attention of
+``[q_nope W_UK, q_pe]`` over ``[c, k_pe]`` with the latent as the value as well; the first
+``kv_lora_rank`` output dims are mapped back by ``W_UV``. The same path serves prefill and decode.
+Heads are split over TP ranks; the latent is replicated (DCP shards it by sequence instead).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from dist_engine.config import ModelConfig
+from dist_engine.distributed.comm import Communicator
+from dist_engine.distributed.partition import split_range
+from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
+from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_engine.layers.kv_cache import LayerKV
+from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
+from dist_engine.layers.moe import SparseMoE
+from dist_engine.layers.norm import RMSNorm
+from dist_engine.layers.rotary import RotaryEmbedding
+from dist_engine.models.llama import LlamaMLP
+
+LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers uses its default)
+
+
+def replicated(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> ColumnParallelLinear:
+    return ColumnParallelLinear(in_features, {None: (0, out_features, 0)}, bias, dtype)
+
+
+def by_heads(in_features: int, per_head: int, heads: tuple[int, int], dtype: torch.dtype) -> ColumnParallelLinear:
+    start, n = heads
+    return ColumnParallelLinear(in_features, {None: (start * per_head, n * per_head, 0)}, False, dtype)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(q/k head dim), times mscale(mscale_all_dim)^2 under YaRN, as DeepSeek defines it."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    rs = cfg.rope_scaling_dict or {}
+    if rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim") and rs["factor"] > 1:
+        m = 0.1 * rs["mscale_all_dim"] * math.log(rs["factor"]) + 1.0
+        scale *= m * m
+    return scale
+
+
+class DeepseekV3Attention(nn.Module):
+    latent_cache = True  # the cache holds one latent per token; K and V share it
+
+    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        H, hidden = cfg.num_attention_heads, cfg.hidden_size
+        self.Dn, self.Dr, self.Dv, self.L = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                             cfg.v_head_dim, cfg.kv_lora_rank)
+        heads = split_range(H, comm.world_size, comm.rank)
+        self.num_heads = heads[1]
+        self.num_kv_heads, self.head_dim = 1, self.L + self.Dr  # the cache's shape per token
+        qk = self.Dn + self.Dr
+        self.q_lora = cfg.q_lora_rank is not None
+        if self.q_lora:
+            self.q_a_proj = replicated(hidden, cfg.q_lora_rank, cfg.attention_bias, dtype)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, dtype)
+            self.q_b_proj = by_heads(cfg.q_lora_rank, qk, heads, dtype)
+        else:
+            self.q_proj = by_heads(hidden, qk, heads, dtype)
+        self.kv_a_proj_with_mqa = replicated(hidden, self.L + self.Dr, cfg.attention_bias, dtype)
+        self.kv_a_layernorm = RMSNorm(self.L, LORA_NORM_EPS, dtype)
+        self.kv_b_proj = by_heads(self.L, self.Dn + self.Dv, heads, dtype)
+        self.o_proj = RowParallelLinear((heads[0] * self.Dv, heads[1] * self.Dv), hidden, comm,
+                                        cfg.attention_bias, dtype)
+        self.rotary_emb = rotary
+        self.interleaved = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+
+    def _rope(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
+        if self.interleaved:  # pairs (x0, x1), (x2, x3)... -> halves, as transformers does
+            q_pe = torch.cat((q_pe[..., 0::2], q_pe[..., 1::2]), dim=-1)
+            k_pe = torch.cat((k_pe[..., 0::2], k_pe[..., 1::2]), dim=-1)
+        return self.rotary_emb(positions, q_pe, k_pe)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: LayerKV,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T, h = x.shape[0], self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q_nope, q_pe = q.view(T, h, self.Dn + self.Dr).split([self.Dn, self.Dr], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.L, self.Dr], dim=-1)  # [T, L], [T, Dr]
+        q_pe, k_pe = self._rope(positions, q_pe, k_pe.view(T, 1, self.Dr))
+        latent = torch.cat((self.kv_a_layernorm(c).view(T, 1, self.L), k_pe), dim=-1)  # [T, 1, L+Dr]
+        w = self.kv_b_proj.weight.view(h, self.Dn + self.Dv, self.L)
+        w_uk, w_uv = w[:, :self.Dn], w[:, self.Dn:]  # [h, Dn, L], [h, Dv, L]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, L]
+        write_kv(kv, latent, latent, meta)
+        out, _lse = paged_attention(torch.cat((q_lat, q_pe), dim=-1), kv, meta, self.scale)  # [T, h, L+Dr]
+        o = torch.bmm(out[..., :self.L].transpose(0, 1), w_uv.transpose(1, 2))  # [h, T, Dv]
+        return self.o_proj(o.transpose(0, 1).reshape(T, h * self.Dv))
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(cfg, comm, rotary, dtype)
+        if cfg.n_routed_experts and layer >= cfg.first_k_dense_replace:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
+                                 cfg.n_shared_experts, cfg.num_experts_per_tok, cfg.n_group,
+                                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, comm, dtype)
+        else:
+            self.mlp = LlamaMLP(cfg, comm, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: LayerKV,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(cfg.qk_rope_head_dim, max_positions, cfg.rope_theta,
+                                 cfg.rope_scaling_dict, dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, i, comm, rotary, dtype)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
+                meta: AttentionMetadata, return_prenorm: bool = False):
+        x = self.embed_tokens(ids)  # [T, hidden]
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv, meta)
+        return (self.norm(x), x) if return_prenorm else self.norm(x)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    ignored_suffixes = ("rotary_emb.inv_freq",)
+    _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg, comm, dtype, max_positions)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
+        if cfg.tie_word_embeddings:
+            self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
+
+    def skip_tensor(self, name: str) -> bool:
+        """Another rank's routed expert: never read from the checkpoint on this rank."""
+        m = self._EXPERT.match(name)
+        if m is None or int(m.group(1)) >= len(self.model.layers):
+            return False
+        return not self.model.layers[int(m.group(1))].mlp.owns_expert(int(m.group(2)))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
+                meta: AttentionMetadata, return_prenorm: bool = False):
+        return self.model(ids, positions, kv_caches, meta, return_prenorm)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        return self.lm_head(hidden)
