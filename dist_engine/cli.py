@@ -76,8 +76,7 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
         from dist_engine.graft.artifact import shipped_graft
         from dist_engine.weights.registry import resolve_model
 
-        mcfg = ModelConfig.from_pretrained(resolve_model(a.model))
-        native = mcfg.num_nextn_predict_layers > 0 and not mcfg.is_mla  # DeepSeek MTP: not yet
+        native = ModelConfig.from_pretrained(resolve_model(a.model)).num_nextn_predict_layers > 0
         if not native and shipped_graft(a.model) is None:
             return None
     return spec

@@ -49,9 +49,6 @@ class LLM:
         path = resolve_model(model)
         mcfg = ModelConfig.from_pretrained(path)
         spec = None
-        if speculative_config is not None and mcfg.is_mla:
-            raise ValueError("MTP speculation for DeepseekV3ForCausalLM is not supported yet; "
-                             "run with --speculative none (speculative_config=None)")
         if speculative_config is not None:
             from dist_engine.graft.artifact import speculative_config as make_spec
 

@@ -1,4 +1,5 @@
-"""DeepSeek-V3-style multi-token-prediction (MTP) layer around a Llama-family decoder block.
+"""DeepSeek-V3-style multi-token-prediction (MTP) layer around the model's own decoder block
+(a Llama-family block, or DeepSeek-V3's MLA + MoE block).
 
 One MTP step at position p reads the main model's hidden state of p and the embedding of token
 p + 1, and its output predicts token p + 2::
@@ -24,6 +25,7 @@ from dist_engine.layers.attention import AttentionMetadata
 from dist_engine.layers.linear import ColumnParallelLinear
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
+from dist_engine.models.deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3ForCausalLM
 from dist_engine.models.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -33,30 +35,49 @@ class SharedHead(nn.Module):
         self.norm = RMSNorm(hidden, eps, dtype)
 
 
+def _add_mtp_inputs(layer: nn.Module, cfg: ModelConfig, dtype: torch.dtype, emb_first: bool) -> None:
+    H = cfg.hidden_size
+    layer.enorm = RMSNorm(H, cfg.rms_norm_eps, dtype)
+    layer.hnorm = RMSNorm(H, cfg.rms_norm_eps, dtype)
+    layer.eh_proj = ColumnParallelLinear(2 * H, {None: (0, H, 0)}, False, dtype)  # replicated
+    layer.shared_head = SharedHead(H, cfg.rms_norm_eps, dtype)
+    layer.emb_first = emb_first
+
+
+def _mtp_input(layer: nn.Module, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """emb ``[T, H]`` of tokens p + 1, hidden ``[T, H]`` of positions p -> the block's input."""
+    e, h = layer.enorm(emb), layer.hnorm(hidden)
+    return layer.eh_proj(torch.cat([e, h] if layer.emb_first else [h, e], dim=-1))  # [T, H]
+
+
 class LlamaMTPLayer(LlamaDecoderLayer):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
                  dtype: torch.dtype, emb_first: bool) -> None:
         super().__init__(cfg, comm, rotary, dtype)
-        H = cfg.hidden_size
-        self.enorm = RMSNorm(H, cfg.rms_norm_eps, dtype)
-        self.hnorm = RMSNorm(H, cfg.rms_norm_eps, dtype)
-        self.eh_proj = ColumnParallelLinear(2 * H, {None: (0, H, 0)}, False, dtype)  # replicated
-        self.shared_head = SharedHead(H, cfg.rms_norm_eps, dtype)
-        self.emb_first = emb_first
+        _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
                 kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        """emb ``[T, H]`` of tokens p + 1, hidden ``[T, H]`` of positions p -> raw output ``[T, H]``."""
-        e, h = self.enorm(emb), self.hnorm(hidden)
-        x = self.eh_proj(torch.cat([e, h] if self.emb_first else [h, e], dim=-1))  # [T, H]
-        return super().forward(positions, x, kv, meta)
+        return super().forward(positions, _mtp_input(self, emb, hidden), kv, meta)  # raw [T, H]
 
 
-class LlamaMTP(nn.Module):
+class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
+    """DeepSeek-V3's MTP block: MLA and (past first_k_dense_replace) MoE, as in its checkpoints."""
+
+    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, emb_first: bool) -> None:
+        super().__init__(cfg, cfg.num_hidden_layers, comm, rotary, dtype)
+        _add_mtp_inputs(self, cfg, dtype, emb_first)
+
+    def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
+                kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        return super().forward(positions, _mtp_input(self, emb, hidden), kv, meta)  # raw [T, H]
+
+
+class MTPModel(nn.Module):
     """Holds MTP layer 0 under its checkpoint name, ``model.layers.{num_hidden_layers}``
     (chained steps reuse it, as engines do for DeepSeek-V3)."""
 
-    packed_modules = LlamaForCausalLM.packed_modules
     ignored_suffixes = ("embed_tokens.weight", "shared_head.head.weight", "rotary_emb.inv_freq")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
@@ -64,13 +85,23 @@ class LlamaMTP(nn.Module):
         super().__init__()
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
+        main, block = ((DeepseekV3ForCausalLM, DeepseekV3MTPLayer) if cfg.is_mla
+                       else (LlamaForCausalLM, LlamaMTPLayer))
+        self.packed_modules = main.packed_modules
         self.layer_index = cfg.num_hidden_layers
         self.model = nn.Module()
-        self.model.layers = nn.ModuleDict(
-            {str(self.layer_index): LlamaMTPLayer(cfg, comm, rotary, dtype, emb_first)})
+        self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first)})
+
+    def skip_tensor(self, name: str) -> bool:
+        """Another rank's routed expert of an MoE MTP block."""
+        head = f"{self.prefix()}mlp.experts."
+        expert = name[len(head):].split(".")[0]
+        if not name.startswith(head) or not expert.isdigit() or not hasattr(self.layer.mlp, "owns_expert"):
+            return False
+        return not self.layer.mlp.owns_expert(int(expert))
 
     @property
-    def layer(self) -> LlamaMTPLayer:
+    def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer:
         return self.model.layers[str(self.layer_index)]
 
     def prefix(self) -> str:

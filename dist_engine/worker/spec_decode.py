@@ -26,7 +26,7 @@ from torch import nn
 from dist_engine.config import EngineConfig
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import add_gemv_copy, project
-from dist_engine.models.mtp import LlamaMTP
+from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
@@ -104,7 +104,7 @@ class MTPDecoder:
         self.spec = spec = config.speculative
         mcfg = config.model
         with torch.device(runner.device):
-            self.mtp = LlamaMTP(mcfg, runner.comm, runner.dtype, config.scheduler.max_model_len,
+            self.mtp = MTPModel(mcfg, runner.comm, runner.dtype, config.scheduler.max_model_len,
                                 emb_first=spec.concat_order == "emb_hidden")
         prefix = self.mtp.prefix()
         src = spec.model or mcfg.path
