@@ -67,6 +67,8 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 0
+    # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
+    fp8_block: tuple[int, int] | None = None
 
     @property
     def is_mla(self) -> bool:
@@ -83,6 +85,9 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
             )
+        if self.fp8_block is not None and not self.is_mla:
+            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepseekV3ForCausalLM only, "
+                             f"not {self.architecture}; use a bf16/fp32 checkpoint")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group="
@@ -130,6 +135,13 @@ class ModelConfig:
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        quant = raw.get("quantization_config")
+        fp8_block = None
+        if quant:
+            if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+                raise ValueError(f"{path}/config.json: quantization_config {quant.get('quant_method')!r} "
+                                 "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
+            fp8_block = tuple(quant["weight_block_size"])
         mla = {}
         if raw.get("kv_lora_rank"):
             if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -170,6 +182,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
+            fp8_block=fp8_block,
             **mla,
         )
 

@@ -4,6 +4,7 @@ across CP ranks, all giving transformers' greedy tokens."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -112,3 +113,65 @@ def test_native_mtp_layer_drives_speculation_losslessly(with_mtp_layer, ray_sess
         assert got == expected
         assert llm.engine.spec_stats.num_draft_tokens > 0
         assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def _fp8_pair(src: str, out_fp8: str, out_f32: str, block: tuple[int, int]) -> None:
+    """The tiny model with every decoder projection quantized to FP8 in ``block`` tiles
+    (``weight`` + ``weight_scale_inv``, DeepSeek's format), and the same dequantized weights
+    as a float32 checkpoint."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    quantized, plain = {}, {}
+    for name, w in load_file(f"{src}/model.safetensors").items():
+        if ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight")):
+            br, bc = block
+            rows, cols = -(-w.shape[0] // br), -(-w.shape[1] // bc)
+            pad = torch.zeros(rows * br, cols * bc)
+            pad[:w.shape[0], :w.shape[1]] = w
+            tiles = pad.view(rows, br, cols, bc)
+            scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0  # [rows, cols]
+            q = (tiles / scale[:, None, :, None]).view(rows * br, cols * bc)[:w.shape[0], :w.shape[1]]
+            q = q.to(torch.float8_e4m3fn)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale
+            full = scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:w.shape[0], :w.shape[1]]
+            plain[name] = q.float() * full
+        else:
+            quantized[name] = plain[name] = w
+    for out, tensors, quant in ((out_fp8, quantized, True), (out_f32, plain, False)):
+        os.makedirs(out, exist_ok=True)
+        for f in os.listdir(src):
+            if not f.endswith(".safetensors"):
+                shutil.copy(f"{src}/{f}", out)
+        save_file(tensors, f"{out}/model.safetensors")
+        if quant:
+            with open(f"{out}/config.json") as f:
+                c = json.load(f)
+            c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(block)}
+            with open(f"{out}/config.json", "w") as f:
+                json.dump(c, f)
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_fp8_block_scaled_checkpoint_matches_its_float32_weights(tiny_models, ray_session, tmp_path, tp):
+    """32 x 32 tiles: at TP=2 head and column slices start mid-tile (q_b_proj splits at row 80,
+    o_proj at column 48). Weights stay FP8 in memory; logits equal the float32 checkpoint's."""
+    fp8, f32 = str(tmp_path / "fp8"), str(tmp_path / "f32")
+    _fp8_pair(tiny_models("deepseek_v3"), fp8, f32, (32, 32))
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=4)
+    with LLM(f32, num_kv_blocks=64, **ARGS) as llm:
+        ref = llm.generate(prompt_token_ids=[PROMPT], sampling_params=p)[0].outputs[0]
+    with LLM(fp8, tensor_parallel_size=tp, num_kv_blocks=64, **ARGS) as llm:
+        got = llm.generate(prompt_token_ids=[PROMPT], sampling_params=p)[0].outputs[0]
+        if tp == 1:
+            attn = llm.engine.executor.worker.runner.model.model.layers[1].self_attn
+            assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+            assert llm.engine.cache_info["weight_bytes"] < 0.6 * os.path.getsize(f"{f32}/model.safetensors")
+    assert got.token_ids == ref.token_ids
+    for a, b in zip(got.logprobs, ref.logprobs):
+        for tok, lp in b.items():
+            assert abs(a[tok] - lp) < 1e-4

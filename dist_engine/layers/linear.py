@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
+from dist_engine.layers.fp8 import FP8, dequantized, load_scale_rows, make_fp8
 from dist_engine.layers.loading import copy_checked
 
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
@@ -34,6 +35,8 @@ def add_gemv_copy(module: nn.Module) -> None:
 
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x Wᵀ + b`` for ``x`` ``[T, in]``, with the fastest CPU formulation for T."""
+    if module.weight.dtype == FP8:  # block-scaled: dequantize this layer's weight for this call
+        return F.linear(x, dequantized(module, x.dtype), bias)
     if module.weight_gemv is not None:  # CPU fp32
         rows = x.shape[0]
         if rows <= GEMV_MAX_ROWS:
@@ -55,7 +58,8 @@ class ColumnParallelLinear(nn.Module):
     local weight (q/k/v, gate/up): ``shards`` says where each one's slice goes.
     """
 
-    def __init__(self, in_features: int, shards: ShardMap, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, shards: ShardMap, bias: bool, dtype: torch.dtype,
+                 quant_block: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.shards = shards
@@ -65,6 +69,8 @@ class ColumnParallelLinear(nn.Module):
             nn.Parameter(torch.zeros(self.local_out, dtype=dtype), requires_grad=False) if bias else None
         )
         self.weight_gemv: torch.Tensor | None = None
+        if quant_block is not None:  # FP8 block-scaled weights (layers/fp8.py)
+            make_fp8(self, quant_block, 0, in_features)
 
     @classmethod
     def split(cls, in_features: int, out_features: int, comm: Communicator, bias: bool,
@@ -75,6 +81,10 @@ class ColumnParallelLinear(nn.Module):
     def load(self, which: str, full, shard_id: object = None) -> None:
         """Copy this rank's rows of ``full`` (a tensor or lazy safetensors slice) into place."""
         src, n, dst = self.shards[shard_id]
+        if which == "weight_scale_inv":
+            return load_scale_rows(self, full, src, n, dst)
+        if which == "weight":
+            _check_fp8(self.weight, full)
         param = self.weight if which == "weight" else self.bias
         if param is None:
             raise ValueError(f"checkpoint has a {which} this layer does not use")
@@ -85,7 +95,7 @@ class ColumnParallelLinear(nn.Module):
 
 
 def merged_column(in_features: int, out_features: list[int], comm: Communicator,
-                  dtype: torch.dtype) -> ColumnParallelLinear:
+                  dtype: torch.dtype, quant_block: tuple[int, int] | None = None) -> ColumnParallelLinear:
     """Several column-parallel outputs of one input in one matmul (gate_proj + up_proj)."""
     shards: ShardMap = {}
     offset = 0
@@ -93,7 +103,7 @@ def merged_column(in_features: int, out_features: list[int], comm: Communicator,
         start, n = split_range(full, comm.world_size, comm.rank)
         shards[i] = (start, n, offset)
         offset += n
-    return ColumnParallelLinear(in_features, shards, False, dtype)
+    return ColumnParallelLinear(in_features, shards, False, dtype, quant_block)
 
 
 def qkv_column(hidden: int, head_dim: int, q_heads: tuple[int, int], kv_heads: tuple[int, int],
@@ -117,7 +127,8 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_range: tuple[int, int], out_features: int, comm: Communicator,
-                 bias: bool, dtype: torch.dtype, reduce: bool = True) -> None:
+                 bias: bool, dtype: torch.dtype, reduce: bool = True,
+                 quant_block: tuple[int, int] | None = None) -> None:
         super().__init__()
         if bias and not reduce:
             raise ValueError("an unreduced row-parallel output cannot take a bias")
@@ -127,9 +138,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.weight_gemv: torch.Tensor | None = None
+        if quant_block is not None:  # FP8 block-scaled weights (layers/fp8.py)
+            make_fp8(self, quant_block, self.in_start, self.local_in)
 
     def load(self, which: str, full, shard_id: object = None) -> None:
-        if which == "weight":
+        if which == "weight_scale_inv":
+            load_scale_rows(self, full, 0, self.weight.shape[0], 0)
+        elif which == "weight":
+            _check_fp8(self.weight, full)
             copy_checked(self.weight.data, full[:, self.in_start:self.in_start + self.local_in])
         elif self.bias is not None:
             copy_checked(self.bias.data, full[:])
@@ -141,3 +157,11 @@ class RowParallelLinear(nn.Module):
             return project(self, x)
         y = self.comm.all_reduce(project(self, x))
         return y if self.bias is None else y + self.bias
+
+
+def _check_fp8(param: torch.Tensor, full) -> None:
+    """An FP8 layer takes only FP8 checkpoint weights (a cast would drop their scales)."""
+    dtype = full.dtype if isinstance(full, torch.Tensor) else getattr(full, "dtype", None)
+    if param.dtype == FP8 and dtype is not None and dtype != FP8:
+        raise ValueError(f"the checkpoint stores this weight as {dtype}, but its config declares "
+                         "FP8 block-scaled weights for it")

@@ -56,22 +56,23 @@ class TopkRouter(nn.Module):
 class Expert(nn.Module):
     """One expert's SwiGLU MLP with full (unsharded) weights: gate and up in one matmul."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, quant: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False, dtype)
-        self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype)
+        self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False,
+                                                 dtype, quant)
+        self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
-def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype
-                  ) -> nn.ModuleDict:
+def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype,
+                  quant: tuple[int, int] | None = None) -> nn.ModuleDict:
     """This rank's experts ``[first, first + count)`` keyed by expert id, so that checkpoint
     names (``experts.{id}.gate_proj``) resolve directly."""
     first, count = expert_range
-    return nn.ModuleDict({str(e): Expert(hidden, inter, dtype) for e in range(first, first + count)})
+    return nn.ModuleDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)})
 
 
 def run_experts(experts: nn.ModuleDict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
@@ -93,11 +94,12 @@ class SharedExperts(nn.Module):
     """The always-on experts as one SwiGLU MLP, intermediate dim split over TP ranks; returns
     this rank's partial (the MoE block reduces it together with the routed experts)."""
 
-    def __init__(self, hidden: int, inter: int, comm: Communicator, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, inter: int, comm: Communicator, dtype: torch.dtype,
+                 quant: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = merged_column(hidden, [inter, inter], comm, dtype)
+        self.gate_up_proj = merged_column(hidden, [inter, inter], comm, dtype, quant)
         self.down_proj = RowParallelLinear(split_range(inter, comm.world_size, comm.rank), hidden,
-                                           comm, False, dtype, reduce=False)
+                                           comm, False, dtype, reduce=False, quant_block=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -111,13 +113,13 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
-                 comm: Communicator, dtype: torch.dtype) -> None:
+                 comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
         self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling)
-        self.experts = local_experts(hidden, inter, self.expert_range, dtype)
-        self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype) if num_shared else None
+        self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant)
+        self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
 
     def owns_expert(self, expert: int) -> bool:
         first, count = self.expert_range

@@ -23,6 +23,7 @@ from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_engine.layers.fp8 import FP8, dequantized
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from dist_engine.layers.moe import SparseMoE
@@ -33,13 +34,15 @@ from dist_engine.models.llama import LlamaMLP
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers uses its default)
 
 
-def replicated(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> ColumnParallelLinear:
-    return ColumnParallelLinear(in_features, {None: (0, out_features, 0)}, bias, dtype)
+def replicated(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+               quant: tuple[int, int] | None) -> ColumnParallelLinear:
+    return ColumnParallelLinear(in_features, {None: (0, out_features, 0)}, bias, dtype, quant)
 
 
-def by_heads(in_features: int, per_head: int, heads: tuple[int, int], dtype: torch.dtype) -> ColumnParallelLinear:
+def by_heads(in_features: int, per_head: int, heads: tuple[int, int], dtype: torch.dtype,
+             quant: tuple[int, int] | None) -> ColumnParallelLinear:
     start, n = heads
-    return ColumnParallelLinear(in_features, {None: (start * per_head, n * per_head, 0)}, False, dtype)
+    return ColumnParallelLinear(in_features, {None: (start * per_head, n * per_head, 0)}, False, dtype, quant)
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
@@ -64,19 +67,19 @@ class DeepseekV3Attention(nn.Module):
         heads = split_range(H, comm.world_size, comm.rank)
         self.num_heads = heads[1]
         self.num_kv_heads, self.head_dim = 1, self.L + self.Dr  # the cache's shape per token
-        qk = self.Dn + self.Dr
+        qk, quant = self.Dn + self.Dr, cfg.fp8_block
         self.q_lora = cfg.q_lora_rank is not None
         if self.q_lora:
-            self.q_a_proj = replicated(hidden, cfg.q_lora_rank, cfg.attention_bias, dtype)
+            self.q_a_proj = replicated(hidden, cfg.q_lora_rank, cfg.attention_bias, dtype, quant)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, dtype)
-            self.q_b_proj = by_heads(cfg.q_lora_rank, qk, heads, dtype)
+            self.q_b_proj = by_heads(cfg.q_lora_rank, qk, heads, dtype, quant)
         else:
-            self.q_proj = by_heads(hidden, qk, heads, dtype)
-        self.kv_a_proj_with_mqa = replicated(hidden, self.L + self.Dr, cfg.attention_bias, dtype)
+            self.q_proj = by_heads(hidden, qk, heads, dtype, quant)
+        self.kv_a_proj_with_mqa = replicated(hidden, self.L + self.Dr, cfg.attention_bias, dtype, quant)
         self.kv_a_layernorm = RMSNorm(self.L, LORA_NORM_EPS, dtype)
-        self.kv_b_proj = by_heads(self.L, self.Dn + self.Dv, heads, dtype)
+        self.kv_b_proj = by_heads(self.L, self.Dn + self.Dv, heads, dtype, quant)
         self.o_proj = RowParallelLinear((heads[0] * self.Dv, heads[1] * self.Dv), hidden, comm,
-                                        cfg.attention_bias, dtype)
+                                        cfg.attention_bias, dtype, quant_block=quant)
         self.rotary_emb = rotary
         self.interleaved = cfg.rope_interleave
         self.scale = softmax_scale(cfg)
@@ -95,7 +98,8 @@ class DeepseekV3Attention(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.L, self.Dr], dim=-1)  # [T, L], [T, Dr]
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.view(T, 1, self.Dr))
         latent = torch.cat((self.kv_a_layernorm(c).view(T, 1, self.L), k_pe), dim=-1)  # [T, 1, L+Dr]
-        w = self.kv_b_proj.weight.view(h, self.Dn + self.Dv, self.L)
+        w = self.kv_b_proj.weight
+        w = (dequantized(self.kv_b_proj, x.dtype) if w.dtype == FP8 else w).view(h, self.Dn + self.Dv, self.L)
         w_uk, w_uv = w[:, :self.Dn], w[:, self.Dn:]  # [h, Dn, L], [h, Dv, L]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, L]
         write_kv(kv, latent, latent, meta)
@@ -112,7 +116,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         if cfg.n_routed_experts and layer >= cfg.first_k_dense_replace:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
                                  cfg.n_shared_experts, cfg.num_experts_per_tok, cfg.n_group,
-                                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, comm, dtype)
+                                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, comm, dtype,
+                                 cfg.fp8_block)
         else:
             self.mlp = LlamaMLP(cfg, comm, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)

@@ -67,9 +67,10 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = merged_column(cfg.hidden_size, [inter, inter], comm, dtype)
+        # fp8_block: DeepSeek-V3's dense layers (config rejects it for Llama-family attention)
+        self.gate_up_proj = merged_column(cfg.hidden_size, [inter, inter], comm, dtype, cfg.fp8_block)
         self.down_proj = RowParallelLinear(split_range(inter, comm.world_size, comm.rank),
-                                           cfg.hidden_size, comm, False, dtype)
+                                           cfg.hidden_size, comm, False, dtype, quant_block=cfg.fp8_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, local_inter] each

@@ -16,13 +16,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F32": torch.float32}
+
 
 class LazySlice:
-    """A checkpoint tensor read on indexing; ``shape`` without reading any data."""
+    """A checkpoint tensor read on indexing; ``shape`` and ``dtype`` without reading any data."""
 
     def __init__(self, handle, name: str) -> None:
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
+        self.dtype = _DTYPES.get(self._slice.get_dtype())
 
     def __getitem__(self, idx) -> torch.Tensor:
         return self._slice[idx]
