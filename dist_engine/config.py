@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "DeepseekV3ForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,12 +68,22 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 0
+    moe_scoring: str = "sigmoid"  # DeepSeek-V3; "softmax": Qwen3-MoE
+    decoder_sparse_step: int = 1  # Qwen3-MoE: every this-many-th layer is MoE...
+    mlp_only_layers: tuple[int, ...] = ()  # ...except these
     # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
     fp8_block: tuple[int, int] | None = None
 
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if not self.n_routed_experts or layer in self.mlp_only_layers:
+            return False
+        if self.moe_scoring == "softmax":
+            return (layer + 1) % self.decoder_sparse_step == 0
+        return layer >= self.first_k_dense_replace
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -131,7 +142,7 @@ class ModelConfig:
         sliding = raw.get("sliding_window")
         if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
             sliding = None  # Qwen2 configs carry a window they do not use unless asked to
-        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and not raw.get("use_sliding_window"):
+        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and not raw.get("use_sliding_window"):
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -142,15 +153,15 @@ class ModelConfig:
                 raise ValueError(f"{path}/config.json: quantization_config {quant.get('quant_method')!r} "
                                  "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
             fp8_block = tuple(quant["weight_block_size"])
-        mla = {}
+        family = {}  # architecture-specific fields (MLA/MoE)
         if raw.get("kv_lora_rank"):
             if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
                 raise ValueError("only DeepSeek-V3 routing (sigmoid scores, noaux_tc grouped top-k) is supported")
-            mla = dict(
+            family = dict(
                 q_lora_rank=raw.get("q_lora_rank"), kv_lora_rank=raw["kv_lora_rank"],
                 qk_nope_head_dim=raw["qk_nope_head_dim"], qk_rope_head_dim=raw["qk_rope_head_dim"],
                 v_head_dim=raw["v_head_dim"], rope_interleave=raw.get("rope_interleave", True),
-                n_routed_experts=raw.get("n_routed_experts") or 0,
+                n_routed_experts=raw.get("n_routed_experts") or raw.get("num_local_experts") or 0,
                 num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
                 n_shared_experts=raw.get("n_shared_experts") or 0,
                 moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
@@ -160,6 +171,14 @@ class ModelConfig:
                 first_k_dense_replace=raw.get("first_k_dense_replace", 0),
                 # the cache's one latent head; RoPE runs over the rope part of q/k only
                 num_key_value_heads=1, head_dim=raw["qk_rope_head_dim"])
+        if arch == "Qwen3MoeForCausalLM":
+            family = dict(n_routed_experts=raw.get("num_experts") or raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+                       moe_intermediate_size=raw["moe_intermediate_size"],
+                       norm_topk_prob=raw.get("norm_topk_prob", False), moe_scoring="softmax",
+                       decoder_sparse_step=raw.get("decoder_sparse_step", 1),
+                       mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+                       num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+                       head_dim=raw.get("head_dim") or hidden // n_heads)
         return cls(
             path=path,
             architecture=arch,
@@ -168,14 +187,14 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=n_heads,
-            **({} if mla else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+            **({} if family else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
                                    head_dim=raw.get("head_dim") or hidden // n_heads)),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=sliding,
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             hidden_act=raw.get("hidden_act", "silu"),
@@ -183,7 +202,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
             fp8_block=fp8_block,
-            **mla,
+            **family,
         )
 
 

@@ -45,6 +45,12 @@ TINY = {
         v_head_dim=16, n_routed_experts=6, n_shared_experts=2, num_experts_per_tok=3, n_group=1,
         topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False, first_k_dense_replace=0,
         rope_interleave=False)),
+    # Qwen3 attention with softmax-routed MoE (8 experts, 2 per token, renormalised) in every
+    # second layer
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=2)),
     "mistral": ("MistralConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                        intermediate_size=96, sliding_window=12)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -14,6 +14,8 @@ and the model tells the loader to skip them, so their tensors are never read.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,13 +27,17 @@ from dist_engine.layers.loading import copy_checked
 
 
 class TopkRouter(nn.Module):
+    """``scoring="sigmoid"``: DeepSeek-V3's routing above. ``"softmax"`` (Qwen3-MoE): softmax
+    over all experts, the top ``top_k`` (optionally renormalised); no groups, no bias."""
+
     def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
-                 norm_topk_prob: bool, scaling: float) -> None:
+                 norm_topk_prob: bool, scaling: float, scoring: str = "sigmoid") -> None:
         super().__init__()
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
+        self.norm_topk_prob, self.scaling, self.scoring = norm_topk_prob, scaling, scoring
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)  # fp32
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+        self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+                                        if scoring == "sigmoid" else None)
 
     def load(self, which: str, full, shard_id: object = None) -> None:
         copy_checked(getattr(self, which).data, full[:])
@@ -39,6 +45,11 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[T, hidden]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]``)."""
         T, E = x.shape[0], self.weight.shape[0]
+        if self.scoring == "softmax":
+            weights, ids = F.linear(x.float(), self.weight).softmax(-1).topk(self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
+            return weights * self.scaling, ids
         scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         groups = choice.view(T, self.n_group, E // self.n_group)
@@ -107,17 +118,18 @@ class SharedExperts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """DeepSeek-V3's MoE block under HF's names (``gate``, ``experts.{id}``, ``shared_experts``):
+    """The MoE block of DeepSeek-V3 and Qwen3-MoE under HF's names (``gate``, ``experts.{id}``, ``shared_experts``):
     routed experts sharded by expert over TP ranks, shared experts by intermediate dim, one
     all-reduce for both."""
 
     def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
-                 comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None) -> None:
+                 comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None,
+                 scoring: str = "sigmoid") -> None:
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
-        self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling)
+        self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling, scoring)
         self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant)
         self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
 
@@ -131,3 +143,21 @@ class SparseMoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return self.comm.all_reduce(y)
+
+    @classmethod
+    def from_config(cls, cfg, comm: Communicator, dtype: torch.dtype) -> SparseMoE:
+        return cls(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts,
+                   cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                   cfg.routed_scaling_factor, comm, dtype, cfg.fp8_block, cfg.moe_scoring)
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def foreign_expert(layers: nn.ModuleList, name: str) -> bool:
+    """``name`` is a routed expert another rank holds (so this rank never reads it)."""
+    m = _EXPERT.match(name)
+    if m is None or int(m.group(1)) >= len(layers):
+        return False
+    mlp = layers[int(m.group(1))].mlp
+    return isinstance(mlp, SparseMoE) and not mlp.owns_expert(int(m.group(2)))

@@ -13,7 +13,6 @@ Heads are split over TP ranks; the latent is replicated (DCP shards it by sequen
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.fp8 import FP8, dequantized
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
-from dist_engine.layers.moe import SparseMoE
+from dist_engine.layers.moe import SparseMoE, foreign_expert
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 from dist_engine.models.llama import LlamaMLP
@@ -113,11 +112,8 @@ class DeepseekV3DecoderLayer(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.self_attn = DeepseekV3Attention(cfg, comm, rotary, dtype)
-        if cfg.n_routed_experts and layer >= cfg.first_k_dense_replace:
-            self.mlp = SparseMoE(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
-                                 cfg.n_shared_experts, cfg.num_experts_per_tok, cfg.n_group,
-                                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, comm, dtype,
-                                 cfg.fp8_block)
+        if cfg.is_moe_layer(layer):
+            self.mlp = SparseMoE.from_config(cfg, comm, dtype)
         else:
             self.mlp = LlamaMLP(cfg, comm, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -150,7 +146,6 @@ class DeepseekV3Model(nn.Module):
 class DeepseekV3ForCausalLM(nn.Module):
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     ignored_suffixes = ("rotary_emb.inv_freq",)
-    _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
@@ -163,10 +158,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def skip_tensor(self, name: str) -> bool:
         """Another rank's routed expert: never read from the checkpoint on this rank."""
-        m = self._EXPERT.match(name)
-        if m is None or int(m.group(1)) >= len(self.model.layers):
-            return False
-        return not self.model.layers[int(m.group(1))].mlp.owns_expert(int(m.group(2)))
+        return foreign_expert(self.model.layers, name)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
                 meta: AttentionMetadata, return_prenorm: bool = False):

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face module names.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE) with Hugging Face module names.
 
 Differences between the family members are config flags: qkv bias (Qwen2), per-head q/k RMSNorm
 (Qwen3), sliding window (Mistral), explicit head_dim, tied embeddings. Tensor parallelism lives in
@@ -18,6 +18,7 @@ from dist_engine.layers.attention import AttentionMetadata, paged_attention, wri
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import RowParallelLinear, merged_column, qkv_column
+from dist_engine.layers.moe import SparseMoE, foreign_expert
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 
@@ -79,10 +80,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, layer: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, comm, rotary, dtype)
-        self.mlp = LlamaMLP(cfg, comm, dtype)
+        # Qwen3-MoE: a sparse MoE block in the layers its config names
+        self.mlp = SparseMoE.from_config(cfg, comm, dtype) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, comm, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -100,7 +102,7 @@ class LlamaModel(nn.Module):
                                  cfg.rope_scaling_dict, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, comm, rotary, dtype) for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -134,6 +136,10 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             # Some tied checkpoints still store lm_head.weight (a copy of the embedding).
             self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
+
+    def skip_tensor(self, name: str) -> bool:
+        """Another rank's routed expert (Qwen3-MoE): never read from the checkpoint here."""
+        return foreign_expert(self.model.layers, name)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, return_prenorm: bool = False):
