@@ -106,6 +106,13 @@ class ModelConfig:
             if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                 raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                                  f"[1, n_routed_experts={self.n_routed_experts}]")
+            per_group = self.n_routed_experts // self.n_group
+            if self.moe_scoring == "sigmoid" and per_group < 2:
+                raise ValueError(f"grouped routing scores each group by its two best experts, but "
+                                 f"n_group={self.n_group} leaves {per_group} expert per group")
+            if self.moe_scoring == "sigmoid" and self.topk_group * per_group < self.num_experts_per_tok:
+                raise ValueError(f"topk_group={self.topk_group} groups of {per_group} experts cannot "
+                                 f"supply num_experts_per_tok={self.num_experts_per_tok}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

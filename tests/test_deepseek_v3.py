@@ -175,3 +175,16 @@ def test_fp8_block_scaled_checkpoint_matches_its_float32_weights(tiny_models, ra
     for a, b in zip(got.logprobs, ref.logprobs):
         for tok, lp in b.items():
             assert abs(a[tok] - lp) < 1e-4
+
+
+def test_routing_config_errors_are_actionable(tiny_models):
+    import json
+
+    from dist_engine.config import ModelConfig
+
+    with open(f"{tiny_models('deepseek_v3')}/config.json") as f:
+        raw = json.load(f)
+    with pytest.raises(ValueError, match="two best experts"):
+        ModelConfig.from_dict({**raw, "n_group": 8}, "x")  # one expert per group
+    with pytest.raises(ValueError, match="cannot supply"):
+        ModelConfig.from_dict({**raw, "num_experts_per_tok": 5}, "x")  # 1 group of 4 experts

@@ -89,11 +89,16 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    # q [B, Hk, L, D] (L = G*Q); k, v [B, Hk, K, D]; bias [B, 1, L, K]
-    if q.device.type == "cpu" and _CPU_FLASH is not None:
+    # q [B, Hk, L, D]; k, v [B, Hk, K, D]; bias [B, 1, L, K], or [B, 1, Q, K] shared by the
+    # L / Q query heads folded into L (a long-chunk mask; explicit path only)
+    if q.device.type == "cpu" and _CPU_FLASH is not None and bias.shape[-2] == q.shape[-2]:
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse.float()
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias.float()  # [B, Hk, L, K]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hk, L, K]
+    B, Hk, L, K = scores.shape
+    Qb = bias.shape[-2]
+    scores = (scores + bias.float() if Qb == L
+              else (scores.view(B, Hk, L // Qb, Qb, K) + bias.float().unsqueeze(2)).view(B, Hk, L, K))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, L]
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe.unsqueeze(-1))  # masked entries -> exactly 0
@@ -144,7 +149,9 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
     """qg ``[B, Hk, G*Q, D]`` (folded) or ``[B, Hq, Q, D]`` -> (out like qg, lse ``qg[..., 0]``).
 
     The explicit path materialises scores, so long contexts are tiled over keys and merged by
-    LSE. Unfolded, each KV head's K/V is broadcast to its G query heads without a copy."""
+    LSE. Unfolded, the CPU kernel gets each KV head's K/V broadcast to its G query heads (a view,
+    no copy); the explicit path folds the G heads into the query axis and broadcasts the
+    [Q, K] mask over them instead, so K/V are never repeated either."""
     B, K = g.kv_slots.shape
     tile = K if _CPU_FLASH is not None and qg.device.type == "cpu" else max(
         1, MAX_SCORE_ELEMENTS // max(1, qg.shape[1] * qg.shape[2] * B))
@@ -155,6 +162,10 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
         bias = g.bias[..., k0:k0 + tile]
         if g.folded:
             o, lse = _attend(qg, kg, vg, bias, scale)
+        elif _CPU_FLASH is None or qg.device.type != "cpu":  # heads of a KV head are adjacent
+            Hq, Q, D = qg.shape[1:]
+            o, lse = _attend(qg.reshape(B, Hk, G * Q, D), kg, vg, bias, scale)
+            o, lse = o.view(B, Hq, Q, D), lse.view(B, Hq, Q)
         else:  # one call per KV head, its K/V expanded (a view) over its G query heads
             parts = [_attend(qg[:, j * G:(j + 1) * G], kg[:, j:j + 1].expand(-1, G, -1, -1),
                              vg[:, j:j + 1].expand(-1, G, -1, -1), bias, scale) for j in range(Hk)]

@@ -17,6 +17,10 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint tensor of the right shape but the wrong encoding (dtype, scale grid)."""
+
+
 def make_fp8(layer: nn.Module, block: tuple[int, int], in_start: int, local_in: int) -> None:
     """Turn ``layer`` (a column/row-parallel linear just built) into its FP8 form."""
     br, bc = block
@@ -26,8 +30,9 @@ def make_fp8(layer: nn.Module, block: tuple[int, int], in_start: int, local_in: 
     layer.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=FP8), requires_grad=False)
     layer.weight_scale_inv = nn.Parameter(torch.empty(layer.weight.shape[0], last - first + 1),
                                           requires_grad=False)
-    # [local_in] local column -> local column block
-    layer.register_buffer("col_block", (in_start + torch.arange(local_in)) // bc - first, persistent=False)
+    # local column ranges of each local column block (the first and last may be partial tiles)
+    edges = [0] + [b * bc - in_start for b in range(first + 1, last + 1)] + [local_in]
+    layer.col_ranges = list(zip(edges[:-1], edges[1:]))
 
 
 def load_scale_rows(layer: nn.Module, full, row_start: int, rows: int, dst: int) -> None:
@@ -38,13 +43,17 @@ def load_scale_rows(layer: nn.Module, full, row_start: int, rows: int, dst: int)
     ncols = layer.weight_scale_inv.shape[1]
     grid = full[g0:g1, layer.col_first:layer.col_first + ncols]  # the tiles this slice touches
     if tuple(grid.shape) != (g1 - g0, ncols):
-        raise ValueError(f"weight_scale_inv grid {tuple(full.shape)} does not cover rows "
+        raise CheckpointFormatError(f"weight_scale_inv grid {tuple(full.shape)} does not cover rows "
                          f"[{row_start}, {row_start + rows}) in blocks of {layer.block}")
     index = (row_start + torch.arange(rows)) // br - g0
     layer.weight_scale_inv.data[dst:dst + rows] = grid.float()[index]
 
 
 def dequantized(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's weight in ``dtype``, ``[local_out, local_in]``, computed now."""
-    scale = layer.weight_scale_inv[:, layer.col_block]  # [local_out, local_in]
-    return (layer.weight.float() * scale).to(dtype)
+    """The layer's weight in ``dtype``, ``[local_out, local_in]``, computed now: one fp32 copy
+    scaled in place tile column by tile column (plus the cast when ``dtype`` is narrower)."""
+    w = layer.weight.to(torch.float32)
+    scale = layer.weight_scale_inv
+    for b, (c0, c1) in enumerate(layer.col_ranges):
+        w[:, c0:c1].mul_(scale[:, b:b + 1])
+    return w if dtype == torch.float32 else w.to(dtype)

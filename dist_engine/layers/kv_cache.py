@@ -9,8 +9,8 @@ ones saturate rather than overflow to NaN.
 
 Error bound of ``fp8_e4m3`` (3 mantissa bits): a stored element in the normal range is within
 2^-4 (6.25%) of its value relative to itself; below ``2^-6 * scale`` (subnormals) the absolute
-error is at most ``2^-10 * scale``. docs/long_context.md has the
-measured effect on logits.
+error is at most ``2^-10 * scale``; dequantizing into bf16/fp16 adds that format's rounding.
+docs/long_context.md has the measured effect on logits.
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ from torch import nn
 
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
-from dist_engine.layers.fp8 import FP8, dequantized, load_scale_rows, make_fp8
+from dist_engine.layers.fp8 import (
+    FP8,
+    CheckpointFormatError,
+    dequantized,
+    load_scale_rows,
+    make_fp8,
+)
 from dist_engine.layers.loading import copy_checked
 
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
@@ -163,5 +169,5 @@ def _check_fp8(param: torch.Tensor, full) -> None:
     """An FP8 layer takes only FP8 checkpoint weights (a cast would drop their scales)."""
     dtype = full.dtype if isinstance(full, torch.Tensor) else getattr(full, "dtype", None)
     if param.dtype == FP8 and dtype is not None and dtype != FP8:
-        raise ValueError(f"the checkpoint stores this weight as {dtype}, but its config declares "
+        raise CheckpointFormatError(f"the checkpoint stores this weight as {dtype}, but its config declares "
                          "FP8 block-scaled weights for it")

@@ -53,7 +53,7 @@ def _mtp_input(layer: nn.Module, emb: torch.Tensor, hidden: torch.Tensor) -> tor
 class LlamaMTPLayer(LlamaDecoderLayer):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
                  dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, comm, rotary, dtype)
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)  # its checkpoint index
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,

@@ -52,6 +52,8 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
                 metrics_port: int | None = None, api_key: str | None = None,
                 tls_cert: str | None = None, tls_key: str | None = None,
                 max_message_bytes: int = 16 * 2**20) -> None:
+    if not 0 < max_message_bytes < 2**31:
+        raise ValueError(f"--max-message-bytes must be between 1 byte and 2GiB, got {max_message_bytes}")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     creds = server_credentials(tls_cert, tls_key) if tls_cert else None
@@ -61,7 +63,7 @@ async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
         metrics.serve(host, metrics_port)
     server = grpc.aio.server(
         interceptors=[BearerAuth(api_key)] if api_key else None,
-        options=[("grpc.max_receive_message_length", 2 * max_message_bytes),
+        options=[("grpc.max_receive_message_length", min(2 * max_message_bytes, 2**31 - 1)),
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(llm, served_model_name, max_queued_requests, metrics, max_message_bytes), server)

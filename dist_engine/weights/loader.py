@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from dist_engine.layers.fp8 import CheckpointFormatError
+
 _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
            "F32": torch.float32}
 
@@ -81,6 +83,8 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
             raise ValueError(f"checkpoint tensor {name!r} has no parameter to load into")
         try:
             module.load(which, lazy, shard_id)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"checkpoint tensor {name!r}: {e}") from None
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r} has shape {lazy.shape}, which does not "
                              f"match the model config ({e})") from None

@@ -47,14 +47,15 @@ def _local_keys(s: SeqWork, block_size: int, shard: int, num_shards: int
 
 def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int | None,
            heads_per_kv: int, dtype: torch.dtype, device: torch.device, dense: bool,
-           shard: int = 0, num_shards: int = 1) -> AttentionGroup:
+           shard: int = 0, num_shards: int = 1, fold: bool = True) -> AttentionGroup:
     B = len(seqs)
     Q = max(len(s.token_ids) for s in seqs)
     # Few queries per sequence (decode, verification) or a short context: fold the G query heads
     # of a KV head into the query axis (one attention call per group). Long chunks over long
     # contexts: one [Q, K] mask shared by all heads, as a G-times folded mask costs more to build
     # than the attention itself there (and the per-KV-head calls cost more than it saves below).
-    folded = Q <= SMALL_QUERY or max(s.context_len for s in seqs) < UNFOLD_MIN_KEYS
+    # Never with one KV head per rank (MLA, DCP): nothing to fold, and G can be 128 heads.
+    folded = fold and (Q <= SMALL_QUERY or max(s.context_len for s in seqs) < UNFOLD_MIN_KEYS)
     qlen = torch.tensor([len(s.token_ids) for s in seqs]).view(B, 1)
     ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1)
     i = torch.arange(Q).view(1, Q)
@@ -100,8 +101,9 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
-                shard: int = 0, num_shards: int = 1, cp=None, dcp=None) -> ForwardBatch:
-    """``heads_per_kv``: query heads per KV head attended together (folded into the mask).
+                shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True) -> ForwardBatch:
+    """``heads_per_kv``: query heads per KV head attended together (folded into the mask for
+    short query groups when ``fold``; pass False with one KV head per rank).
 
     With ``num_shards`` > 1 (sequence shards: CP x DCP) this rank writes only the K/V of tokens
     whose block lives on its ``shard`` and attends only over its own keys; ``cp`` (the shard
@@ -131,7 +133,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     large = [k for k, s in enumerate(seqs) if len(s.token_ids) > SMALL_QUERY]
     groups = []
     one_group = len(small) == len(seqs) or len(seqs) == 1
-    shard_kw = dict(shard=shard, num_shards=S)
+    shard_kw = dict(shard=shard, num_shards=S, fold=fold)
     if one_group:
         dense = len({len(s.token_ids) for s in seqs}) == 1
         groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device,

@@ -70,6 +70,7 @@ class ModelRunner:
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         self.kv_caches: list[LayerKV] = []
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
+        self._calibrating = False
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     def build(self, seqs) -> ForwardBatch:
@@ -78,7 +79,7 @@ class ModelRunner:
         return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
                            self.heads_per_kv, self.dtype, self.device,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm)
+                           dcp=self.dcp_comm, fold=self.local_kv_heads > 1)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -138,7 +139,9 @@ class ModelRunner:
         work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
                        block_table=tuple(range(1, blocks + 1)), sample=True)
         step = StepInput(step_id=-1, seqs=(work,))
-        kv_written = blocks * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
+        sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
+        own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
+        kv_written = own * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -182,11 +185,15 @@ class ModelRunner:
         caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
         for kv in caches:
             kv.observe = True
+        self._calibrating = True  # every rank runs every token, so CP shards see the same maxima
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
         work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
                        block_table=tuple(range(1, blocks + 1)), sample=True)
-        self.execute(StepInput(step_id=-1, seqs=(work,)))
+        try:
+            self.execute(StepInput(step_id=-1, seqs=(work,)))
+        finally:
+            self._calibrating = False
         scales = [kv.calibrated_scales() for kv in caches]
         self.kv_caches = []
         if self.mtp is not None:
@@ -242,7 +249,8 @@ def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
     token on every rank (short steps, DCP, or a shard that would get no token)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or batch.meta.num_tokens < SPLIT_MIN_TOKENS
+    if (sc is None or runner.dcp_comm is not None or runner._calibrating
+            or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None
     return dataclasses.replace(batch.meta, write_index=None, split_tokens=batch.shard_tokens,
