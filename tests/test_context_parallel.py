@@ -88,20 +88,18 @@ def test_cp_matches_single_rank(reference, ray_session, tp, cp):
         assert min(split_steps(llm)) > 0
 
 
-@pytest.mark.distributed
-def test_cp2_doubles_the_longest_context_and_preempts_cleanly(reference, ray_session):
-    """40 blocks of 4 per rank: one rank cannot hold the 301-token prompt + 24, two can; with
-    all four prompts at once the two ranks also preempt and still match."""
-    path, ref = reference
-    with LLM(path, num_kv_blocks=40, **ARGS) as llm:
+def _doubles_preempts_and_aborts(path: str, ref: list, single: dict, sharded: dict) -> None:
+    """``single`` refuses the 301-token prompt; two sequence shards of 45 blocks serve all four
+    prompts (preempting) with the reference tokens, and an abort mid-generation returns its
+    blocks to their own shards."""
+    with LLM(path, **single, **ARGS) as llm:
         with pytest.raises(ValueError, match="exceeds the whole KV cache"):
             llm.generate(prompt_token_ids=[LONG], sampling_params=params()[0])
-    with LLM(path, context_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
+    with LLM(path, **sharded, **ARGS) as llm:
         got = _outputs(llm)
         assert [c.token_ids for c in got] == [c.token_ids for c in ref]
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.blocks.num_free == 90
-        # aborted mid-generation: its blocks go back to their own shards
         eng = llm.engine
         eng.add_request("x", LONG, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         while not any(o.outputs[0].token_ids for o in eng.step()):
@@ -110,6 +108,15 @@ def test_cp2_doubles_the_longest_context_and_preempts_cleanly(reference, ray_ses
         eng.abort_request("x")
         assert eng.blocks.num_free == 90
         assert all(len(f) == 45 for f in eng.blocks.free)  # every shard's free list is whole
+
+
+@pytest.mark.distributed
+def test_cp2_doubles_the_longest_context_and_preempts_cleanly(reference, ray_session):
+    """40 blocks of 4 per rank: one rank cannot hold the 301-token prompt + 24, two can; with
+    all four prompts at once the two ranks also preempt and still match."""
+    path, ref = reference
+    _doubles_preempts_and_aborts(path, ref, dict(num_kv_blocks=40),
+                                 dict(context_parallel_size=2, num_kv_blocks=45))
 
 
 @pytest.mark.distributed
@@ -159,23 +166,8 @@ def test_dcp2_doubles_the_longest_context(one_kv_head, ray_session):
     """45 blocks of 4 per rank: TP=2 alone cannot hold the 301-token prompt (both ranks store the
     same KV head), TP=2 + DCP=2 can, and preempts and recovers with all four prompts."""
     path, ref = one_kv_head
-    with LLM(path, tensor_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
-        with pytest.raises(ValueError, match="exceeds the whole KV cache"):
-            llm.generate(prompt_token_ids=[LONG], sampling_params=params()[0])
-    with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, num_kv_blocks=45, **ARGS) as llm:
-        got = _outputs(llm)
-        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.engine.blocks.num_free == 90
-        # aborted mid-generation: its blocks go back to their own shards
-        eng = llm.engine
-        eng.add_request("x", LONG, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-        while not any(o.outputs[0].token_ids for o in eng.step()):
-            pass
-        assert eng.blocks.num_free < 90
-        eng.abort_request("x")
-        assert eng.blocks.num_free == 90
-        assert all(len(f) == 45 for f in eng.blocks.free)  # every shard's free list is whole
+    _doubles_preempts_and_aborts(path, ref, dict(tensor_parallel_size=2, num_kv_blocks=45),
+                                 dict(tensor_parallel_size=2, decode_context_parallel_size=2, num_kv_blocks=45))
 
 
 @pytest.mark.distributed

@@ -21,14 +21,13 @@ from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
-from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.fp8 import FP8, dequantized
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
-from dist_engine.layers.moe import SparseMoE, foreign_expert
+from dist_engine.layers.moe import SparseMoE
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
-from dist_engine.models.llama import LlamaMLP
+from dist_engine.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
 
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers uses its default)
 
@@ -108,8 +107,8 @@ class DeepseekV3Attention(nn.Module):
 
 
 class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, layer: int) -> None:
         super().__init__()
         self.self_attn = DeepseekV3Attention(cfg, comm, rotary, dtype)
         if cfg.is_moe_layer(layer):
@@ -125,44 +124,15 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
-        super().__init__()
-        rotary = RotaryEmbedding(cfg.qk_rope_head_dim, max_positions, cfg.rope_theta,
-                                 cfg.rope_scaling_dict, dtype)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, i, comm, rotary, dtype)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+class DeepseekV3Model(LlamaModel):
+    """Embedding, DeepSeek-V3 decoder layers, final norm; the forward pass is the Llama one."""
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
-                meta: AttentionMetadata, return_prenorm: bool = False):
-        x = self.embed_tokens(ids)  # [T, hidden]
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv, meta)
-        return (self.norm(x), x) if return_prenorm else self.norm(x)
+    decoder_layer = DeepseekV3DecoderLayer
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(LlamaForCausalLM):
+    """The Llama wrapper (LM head, tied embeddings, expert skipping) around DeepseekV3Model;
+    only gate/up are stacked (its attention projections load as they are)."""
+
+    model_class = DeepseekV3Model
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    ignored_suffixes = ("rotary_emb.inv_freq",)
-
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = DeepseekV3Model(cfg, comm, dtype, max_positions)
-        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
-        if cfg.tie_word_embeddings:
-            self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
-
-    def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert: never read from the checkpoint on this rank."""
-        return foreign_expert(self.model.layers, name)
-
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
-                meta: AttentionMetadata, return_prenorm: bool = False):
-        return self.model(ids, positions, kv_caches, meta, return_prenorm)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        return self.lm_head(hidden)

@@ -95,14 +95,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer  # (cfg, comm, rotary, dtype, layer index)
+
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
                  max_positions: int) -> None:
         super().__init__()
+        # head_dim is the rotated part of a head (for MLA, qk_rope_head_dim)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
+            self.decoder_layer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -115,6 +118,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class: type[nn.Module] = LlamaModel
     # checkpoint name -> (our module, shard id) where several tensors share one matmul
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -130,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
                  max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, comm, dtype, max_positions)
+        self.model = self.model_class(cfg, comm, dtype, max_positions)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
         if cfg.tie_word_embeddings:
@@ -138,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
             self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
 
     def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert (Qwen3-MoE): never read from the checkpoint here."""
+        """Another rank's routed expert (MoE models): never read from the checkpoint here."""
         return foreign_expert(self.model.layers, name)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],

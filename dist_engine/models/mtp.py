@@ -66,7 +66,7 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
                  dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, cfg.num_hidden_layers, comm, rotary, dtype)
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,

@@ -39,6 +39,20 @@ class Result:
     last_token: float = 0.0  # seconds from the start to the last token
     latency: float = 0.0
     outcome: str = "ok"  # ok | cancelled | error:<CODE>
+    start: float = field(default_factory=time.perf_counter)
+
+    def chunk(self, k: int) -> None:
+        """``k`` tokens arrived now: TTFT, inter-token latencies and the last-token time."""
+        if not k:
+            return
+        now = time.perf_counter() - self.start
+        if self.ttft is None:
+            self.ttft, self.first_chunk = now, k
+            self.itl.extend([0.0] * (k - 1))
+        else:
+            self.itl.extend([(now - self.last_token) / k] * k)
+        self.tokens += k
+        self.last_token = now
 
 
 def tpot(r: Result) -> float | None:
@@ -56,24 +70,12 @@ def pct(xs: list[float], q: float) -> float:
 
 async def one(client, messages, max_tokens: int, cancel_after: int | None, timeout: float) -> Result:
     r = Result()
-    t0 = last = time.perf_counter()
     call = None
     try:
         req = build_request(messages=messages, max_tokens=max_tokens, temperature=0.0)
         call = client.stub.Generate(req, timeout=timeout, metadata=client.md)
         async for msg in call:
-            now = time.perf_counter()
-            k = len(msg.token_ids)
-            if k:
-                if r.ttft is None:
-                    r.ttft = now - t0
-                    r.first_chunk = k
-                    r.itl.extend([0.0] * (k - 1))
-                else:
-                    r.itl.extend([(now - last) / k] * k)
-                last = now
-                r.tokens += k
-                r.last_token = now - t0
+            r.chunk(len(msg.token_ids))
             if cancel_after is not None and r.tokens >= cancel_after:
                 call.cancel()
                 r.outcome = "cancelled"
@@ -82,7 +84,7 @@ async def one(client, messages, max_tokens: int, cancel_after: int | None, timeo
         r.outcome = "cancelled" if e.code() == grpc.StatusCode.CANCELLED else f"error:{e.code().name}"
     except asyncio.CancelledError:
         r.outcome = "cancelled"
-    r.latency = time.perf_counter() - t0
+    r.latency = time.perf_counter() - r.start
     return r
 
 
@@ -196,20 +198,13 @@ def inprocess_engine(model: str, extra: list[str]):
 
 
 async def one_inprocess(llm, messages, max_tokens: int) -> Result:
-    """One request through AsyncLLM, timed exactly as ``one`` times a gRPC stream."""
+    """One request through AsyncLLM, timed by the same ``Result.chunk`` as a gRPC stream."""
     from dist_engine.engine.sampling_params import SamplingParams
 
     r = Result()
-    t0 = time.perf_counter()
     async for o in llm.generate(messages=messages, sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens)):
-        k = len(o.outputs[0].token_ids_delta)
-        if k:
-            now = time.perf_counter()
-            if r.ttft is None:
-                r.ttft, r.first_chunk = now - t0, k
-            r.tokens += k
-            r.last_token = now - t0
-    r.latency = time.perf_counter() - t0
+        r.chunk(len(o.outputs[0].token_ids_delta))
+    r.latency = time.perf_counter() - r.start
     return r
 
 

@@ -112,19 +112,17 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    write: list[int] = []  # token indices whose K/V this rank stores (all when not sharded)
     owner: list[int] = []  # shard storing each token
     starts: list[int] = []
     sample_index: list[int] = []
     S = num_shards
     for s in seqs:
         starts.append(len(ids))
-        for k, p in enumerate(range(s.start_pos, s.context_len)):
+        for p in range(s.start_pos, s.context_len):
             positions.append(p)
             block = s.block_table[p // block_size]
             owner.append(block % S)
             if block % S == shard:
-                write.append(len(ids) + k)
                 slots.append((block // S) * block_size + p % block_size)
         ids.extend(s.token_ids)
         if s.sample:
@@ -145,12 +143,17 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         for k in large:
             groups.append(_group([seqs[k]], [starts[k]], block_size, window, heads_per_kv, dtype,
                                  device, False, **shard_kw))
+    # the token indices each shard stores, in token order (this rank writes its own)
+    shard_tokens = None
+    if S > 1:
+        owners = torch.tensor(owner, dtype=torch.long)
+        shard_tokens = [torch.nonzero(owners == r).flatten().to(device) for r in range(S)]
+    write = None if shard_tokens is None or len(shard_tokens[shard]) == len(ids) else shard_tokens[shard]
     meta = AttentionMetadata(
         num_tokens=len(ids),
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         groups=groups,
-        write_index=(None if len(write) == len(ids)
-                     else torch.tensor(write, dtype=torch.long, device=device)),
+        write_index=write,
         cp=cp if S > 1 else None,
         dcp=dcp,
     )
@@ -161,7 +164,5 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         sample_seqs=[s for s in seqs if s.sample],
         starts=starts,
-        shard_tokens=(None if S == 1 else
-                      [torch.tensor([t for t, o in enumerate(owner) if o == r], dtype=torch.long,
-                                    device=device) for r in range(S)]),
+        shard_tokens=shard_tokens,
     )
