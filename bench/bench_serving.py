@@ -5,7 +5,9 @@
 The workload (fixed seed): chat prompts of mixed length (about 20-130 tokens) and output lengths
 drawn from 16-64 tokens, sampled at temperature 0.8 with a seed per request, EOS ignored so
 every engine produces the same number of tokens. Ours runs closed-loop: C requests in flight,
-a new one joins as one finishes, 2C requests in all (at least 4). transformers runs the same
+a new one joins as one finishes, 4C requests in all (8 to 128; every level draws from one
+list, so they share the mix) and the table reports the time-averaged number in flight.
+transformers runs the same
 requests as padded batches of C with ``generate`` (each batch runs to its longest request;
 only requested tokens count). llama.cpp joins where llama-cpp-python is installed (sequential:
 it has no batching API). Then TTFT with a shared ~500-token system prompt, prefix caching on
@@ -51,13 +53,19 @@ def run_ours(llm, reqs: list[tuple[list[int], int]], concurrency: int) -> dict:
     eng = llm.engine
     pending = list(enumerate(reqs))
     done, tokens = [], 0
-    t0 = time.perf_counter()
+    in_flight = 0.0  # request-seconds, for the time-averaged number of requests in flight
+    t0 = last = time.perf_counter()
     while pending or eng.has_unfinished():
         while pending and len(eng.requests) < concurrency:
             i, (ids, n) = pending.pop(0)
             eng.add_request(f"r{i}", ids, SamplingParams(temperature=0.8, seed=i, max_tokens=n,
                                                          ignore_eos=True))
-        for out in eng.step():
+        running = len(eng.requests)
+        outs = eng.step()
+        now = time.perf_counter()
+        in_flight += running * (now - last)
+        last = now
+        for out in outs:
             if out.finished:
                 done.append(out)
                 tokens += len(out.outputs[0].token_ids)
@@ -65,6 +73,7 @@ def run_ours(llm, reqs: list[tuple[list[int], int]], concurrency: int) -> dict:
     ttft = [o.metrics.time_to_first_token for o in done]
     tpot = [o.metrics.time_per_output_token for o in done if o.metrics.time_per_output_token]
     return {"tok_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
+            "mean_in_flight": in_flight / elapsed,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
             "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
 
@@ -131,6 +140,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--max-requests", type=int, default=128, help="requests per level at most")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,7 +157,10 @@ def main() -> None:
     gguf = fetch_gguf(a.model) if a.model in KNOWN_MODELS else None
     try:
         for c in levels:
-            reqs = workload(tok, max(2 * c, 4), seed=c)
+            # the same request mix at every level (level C runs the first n of one list); 4C
+            # requests (8 at least, 128 at most) so that the ramp-up and the final drain, when
+            # fewer than C are left, weigh little in the C-concurrent rate
+            reqs = workload(tok, max(8, min(4 * c, a.max_requests)), seed=0)
             ours = run_ours(llm, reqs, c)
             row = {"concurrency": c, "requests": len(reqs), "dist_engine": ours}
             if hf is not None:
@@ -165,13 +178,15 @@ def main() -> None:
     finally:
         llm.shutdown()
     base = next((r["dist_engine"]["tok_s"] for r in rows if r["concurrency"] == 1), None)
-    lines = ["| concurrent | ours tok/s | vs our C=1 | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-             "transformers tok/s | ours vs transformers |", "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrent | requests | mean in flight | ours tok/s | vs our C=1 | TTFT p50 / p99 ms | "
+             "TPOT p50 / p99 ms | transformers tok/s | ours vs transformers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["dist_engine"]
         t = r.get("transformers")
         lines.append(
-            f"| {r['concurrency']} | {o['tok_s']:.1f} | {o['tok_s'] / base:.2f}x | "
+            f"| {r['concurrency']} | {r['requests']} | {o['mean_in_flight']:.1f} | {o['tok_s']:.1f} | "
+            f"{o['tok_s'] / base:.2f}x | "
             f"{o['ttft_p50'] * 1e3:.0f} / {o['ttft_p99'] * 1e3:.0f} | "
             f"{o['tpot_p50'] * 1e3:.0f} / {o['tpot_p99'] * 1e3:.0f} | "
             + (f"{t['tok_s']:.1f} | {o['tok_s'] / t['tok_s']:.2f}x |" if t else "| |"))

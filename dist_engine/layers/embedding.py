@@ -56,7 +56,7 @@ class ParallelLMHead(nn.Module):
             self.weight = tied.weight
         else:
             self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype), requires_grad=False)
-        self.weight_gemv: torch.Tensor | None = None
+        self.weight_packed: torch.Tensor | None = None
 
     def load(self, which: str, full, shard_id: object = None) -> None:
         copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])

@@ -92,13 +92,17 @@ class LayerKV:
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of ``slots`` (any shape ``[...]``) as ``[..., Hk, D]`` in ``dtype``."""
+        flat = slots.reshape(-1)
+        shape = (*slots.shape, *self.k.shape[1:])
+        # index_select on the flattened slots: 3-4x faster on CPU than advanced indexing
         if not self.is_fp8:
-            k = self.k[slots].to(dtype)
-            return k, (k if self.shared else self.v[slots].to(dtype))
-        k = self.k.view(torch.uint8)[slots].view(FP8).to(dtype) * self.k_scale
+            k = self.k.index_select(0, flat).view(shape).to(dtype)
+            return k, (k if self.shared else self.v.index_select(0, flat).view(shape).to(dtype))
+        k = self.k.view(torch.uint8).index_select(0, flat).view(FP8).view(shape).to(dtype) * self.k_scale
         if self.shared:
             return k, k
-        return k, self.v.view(torch.uint8)[slots].view(FP8).to(dtype) * self.v_scale
+        v = self.v.view(torch.uint8).index_select(0, flat).view(FP8).view(shape).to(dtype)
+        return k, v * self.v_scale
 
     def calibrated_scales(self) -> tuple[float, float]:  # (K, V); shared storage uses K's
         """FP8 scales from the maxima seen while observing (1.0 for an all-zero tensor)."""

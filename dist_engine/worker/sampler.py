@@ -19,11 +19,13 @@ def noise_seed(seed: int, position: int) -> int:
     return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
-def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank and every run."""
-    gen = torch.Generator().manual_seed(noise_seed(seed, position))
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
-    return (-torch.log(-torch.log(u))).float()
+def gumbel_noise(seed: int, position: int, vocab: int, out: torch.Tensor | None = None,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank and every run (written into
+    ``out``, a float64 ``[vocab]`` scratch row, when given)."""
+    gen = (gen or torch.Generator()).manual_seed(noise_seed(seed, position))
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64, out=out).clamp_(min=1e-300)
+    return u.log_().neg_().log_().neg_().float()  # -log(-log u)
 
 
 def apply_penalties(logits: torch.Tensor, spec: SamplingSpec) -> None:
@@ -72,28 +74,48 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
     """Draw one token per row of ``logits`` ``[N, V]`` (fp32).
 
     Returns token ids, their logprobs under the raw model distribution (before penalties and
-    masks), and top-n logprobs.
+    masks), and top-n logprobs. Rows are independent: a row's token depends only on its own
+    logits, spec and position, whatever else is in the batch (batched ops here are elementwise
+    or per-row reductions).
     """
-    logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
-    tokens: list[int] = []
+    N, V = logits.shape
+    logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw distribution
+    if any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
+        logits = logits.clone()  # penalised and banned rows: the caller's logits stay raw
+        for i, spec in enumerate(specs):
+            if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
+                apply_penalties(logits[i], spec)
+            if spec.banned_token_ids:
+                logits[i, list(spec.banned_token_ids)] = float("-inf")
+    drawn = [i for i, spec in enumerate(specs) if spec.temperature != 0.0]
+    tokens = (logits.argmax(dim=-1) if len(drawn) < N  # [N]: greedy rows keep this
+              else torch.empty(N, dtype=torch.long, device=logits.device))
+    if drawn:
+        # plain tempered rows in one batch; rows with top-k / top-p / min-p masks one by one
+        plain = [i for i in drawn if not _masked(specs[i], V)]
+        x = torch.empty(len(drawn), V, dtype=logits.dtype, device=logits.device)
+        if plain:
+            rows = torch.tensor(plain, device=logits.device)
+            temps = torch.tensor([specs[i].temperature for i in plain], dtype=logits.dtype,
+                                 device=logits.device)
+            x[: len(plain)] = logits.index_select(0, rows) / temps.view(-1, 1)
+        order = plain + [i for i in drawn if _masked(specs[i], V)]
+        for j in range(len(plain), len(order)):
+            x[j] = apply_masks(logits[order[j]], specs[order[j]])
+        scratch, gen = torch.empty(V, dtype=torch.float64), torch.Generator()
+        for j, i in enumerate(order):  # per-row noise: its own generator, keyed by the row
+            x[j] += gumbel_noise(specs[i].seed, positions[i], V, scratch, gen).to(x.device)
+        tokens[torch.tensor(order, device=logits.device)] = x.argmax(dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1)
     top: list[tuple[tuple[int, float], ...]] = []
     for i, spec in enumerate(specs):
-        if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
-            apply_penalties(logits[i], spec)
-        if spec.banned_token_ids:
-            logits[i, list(spec.banned_token_ids)] = float("-inf")
-    greedy = logits.argmax(dim=-1).tolist()
-    for i, spec in enumerate(specs):
-        if spec.temperature == 0.0:
-            tokens.append(greedy[i])
-        else:
-            x = apply_masks(logits[i], spec)
-            g = gumbel_noise(spec.seed, positions[i], x.shape[-1]).to(x.device)
-            tokens.append(int(torch.argmax(x + g)))
         if spec.logprobs:
             vals, ids = torch.topk(logprobs[i], spec.logprobs)
             top.append(tuple(zip(ids.tolist(), vals.tolist())))
         else:
             top.append(())
-    chosen = logprobs.gather(1, torch.tensor(tokens).view(-1, 1).to(logits.device))
-    return tokens, chosen.view(-1).tolist(), top
+    return tokens.tolist(), chosen.tolist(), top
+
+
+def _masked(spec: SamplingSpec, vocab: int) -> bool:
+    return bool(spec.top_k and spec.top_k < vocab) or spec.min_p > 0.0 or spec.top_p < 1.0

@@ -25,7 +25,7 @@ from torch import nn
 
 from dist_engine.config import EngineConfig
 from dist_engine.layers.kv_cache import LayerKV
-from dist_engine.layers.linear import add_gemv_copy, project
+from dist_engine.layers.linear import pack_weight, project
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch
@@ -43,8 +43,8 @@ class DraftHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
         self.vocab_ids = vocab_ids  # [V'] long
-        self.weight_gemv = None
-        add_gemv_copy(self)
+        self.weight_packed = None
+        pack_weight(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
         return project(self, h).float()
@@ -111,8 +111,8 @@ class MTPDecoder:
         load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
         self.mtp.eval()
         for module in self.mtp.modules():
-            if hasattr(module, "weight_gemv"):
-                add_gemv_copy(module)
+            if hasattr(module, "weight_packed"):
+                pack_weight(module)
         self.draft_head: DraftHead | None = None
         vocab_ids = None
         if spec.model is not None:
