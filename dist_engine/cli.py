@@ -206,6 +206,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
         seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
         plens[r["prompt"] in held].append(len(r["prompt_ids"]))
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
+                 batch_size=a.batch_size, targets=a.targets,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype,
                  prompt_lens=plens[False] + plens[True],
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
@@ -306,9 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answers per prompt: one greedy, the rest sampled at T=0.7")
     gm.add_argument("--max-tokens", type=int, default=192)
     gm.add_argument("--batch", type=int, default=96, help="concurrent generations")
-    gm.add_argument("--epochs", type=int, default=4)
+    gm.add_argument("--epochs", type=int, default=8)
     gm.add_argument("--depth", type=int, default=3, help="chained MTP steps trained")
-    gm.add_argument("--lr", type=float, default=2e-3)
+    gm.add_argument("--lr", type=float, default=1e-3)
+    gm.add_argument("--batch-size", type=int, default=2,
+                    help="answers per optimiser step (small batches: more steps per epoch)")
+    gm.add_argument("--targets", choices=("soft", "hard"), default="soft",
+                    help="soft: the base's distribution over the draft vocabulary plus its greedy "
+                         "token; hard: the greedy token only")
     gm.add_argument("--draft-vocab", type=int, default=8192,
                     help="draft over this many most frequent predicted tokens")
     gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")

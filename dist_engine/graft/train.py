@@ -128,13 +128,35 @@ def evaluate(mtp, embed, head, remap, batches, depth: int) -> dict:
             "estimated_mean_accepted_length": round(expected, 3)}
 
 
+def step_loss(logits, h, y, d: int, head, to_draft, targets: str) -> torch.Tensor:
+    """Loss of depth ``d``'s draft logits ``[B, n, V']``: element t predicts the base's token
+    after position t + d, whose final-norm hidden state ``h[:, t + d]`` also gives the base's
+    full distribution there (``soft``)."""
+    n = logits.shape[1]
+    yd = y[:, d:d + n]
+    valid = yd >= 0  # [B, n]
+    lp = torch.log_softmax(logits[valid], dim=-1)  # [N, V']
+    tgt = to_draft[yd[valid]]
+    hard = F.nll_loss(lp, tgt.clamp(min=0), reduction="none").masked_fill(tgt < 0, 0.0).mean()
+    if targets == "hard":
+        return hard
+    with torch.no_grad():
+        p = torch.softmax(h[:, d:d + n][valid] @ head.t(), dim=-1)  # base over the draft vocab
+    return 0.5 * hard - 0.5 * (p * lp).sum(-1).mean()
+
+
 def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int]], out_dir: str,
           *, epochs: int = 4, depth: int = 3, lr: float = 2e-3, batch_size: int = 8,
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
+          targets: str = "soft",
           prompt_lens: list[int] | None = None, extra_meta: dict | None = None) -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
     tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
-    memorised and inflate the score)."""
+    memorised and inflate the score). ``targets``: ``hard`` = cross-entropy against the base's
+    greedy token; ``soft`` = against the base's whole distribution over the draft vocabulary
+    (its logits come free from the cached hidden states) plus the hard term."""
+    if targets not in ("soft", "hard"):
+        raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
     cfg = ModelConfig.from_pretrained(model_path)
     if cfg.qk_norm:
         raise ValueError("grafting supports Llama/Mistral/Qwen2-style blocks (no q/k norm)")
@@ -183,10 +205,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         for x, h, y in bar:
             loss = torch.zeros(())
             for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
-                tgt = to_draft[y[:, d:d + logits.shape[1]].clamp(min=0)]
-                tgt = tgt.masked_fill(y[:, d:d + logits.shape[1]] < 0, -1)
-                loss = loss + weights[d - 1] * F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1)
+                loss = loss + weights[d - 1] * step_loss(logits, h, y, d, head, to_draft, targets)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mtp.parameters(), 1.0)
@@ -209,7 +228,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         "training": {"epochs": epochs, "depth": depth, "lr": lr, "batch_size": batch_size,
                      "train_sequences": len(train_seqs), "train_tokens": sum(map(len, train_seqs)),
                      "held_out_sequences": len(held_seqs), "seconds": round(time.time() - t0, 1),
-                     "targets": "hard (base greedy predictions)",
+                     "targets": ("soft + hard (base distribution over the draft vocabulary and "
+                                 "its greedy token)" if targets == "soft" else
+                                 "hard (base greedy predictions)"),
                      "scored_positions": "answer tokens" if prompt_lens else "all", **(extra_meta or {})},
         "held_out": report,
     }
