@@ -85,11 +85,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [T]; q [T, Hq, D]; k [T, Hk, D]
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``x`` ``[T, H, D]`` (any heads: q and k side by side rotate in one call)."""
         if self._cached is None or self._cached[0] is not positions:
             # every layer of one forward passes the same positions tensor: index once per step
             self._cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         _, cos, sin = self._cached  # [T, 1, D/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

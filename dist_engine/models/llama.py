@@ -52,13 +52,15 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = qkv[:, :q_size + kv_size].split([q_size, kv_size], dim=-1)
+            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary_emb(positions, q, k)
+        else:  # q and k heads are adjacent in qkv: rotate them in one call
+            qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(kv, k, v, meta)
         out, _lse = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))

