@@ -60,6 +60,20 @@ def split_steps(llm: LLM) -> list[int]:
                     for w in llm.engine.executor.workers])
 
 
+def _matches_reference(llm: LLM, ref: list, blocks: int) -> None:
+    """The reference tokens, logprobs within 1e-4, a prefix hit on LONG's cached blocks (on every
+    shard), and all ``blocks`` free afterwards."""
+    got = _outputs(llm)
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    for a, b in zip(got[0].logprobs, ref[0].logprobs):
+        for tok, lp in b.items():
+            assert abs(a[tok] - lp) < 1e-4
+    again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
+    assert again.outputs[0].token_ids == ref[1].token_ids
+    assert again.metrics.prefix_hit_tokens >= 100
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == blocks
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_models):
     path = tiny_models("llama")
@@ -75,15 +89,7 @@ def test_cp_matches_single_rank(reference, ray_session, tp, cp):
     path, ref = reference
     with LLM(path, tensor_parallel_size=tp, context_parallel_size=cp, num_kv_blocks=200,
              **ARGS) as llm:
-        got = _outputs(llm)
-        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-        for a, b in zip(got[0].logprobs, ref[0].logprobs):
-            for tok, lp in b.items():
-                assert abs(a[tok] - lp) < 1e-4
-        again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
-        assert again.outputs[0].token_ids == ref[1].token_ids
-        assert again.metrics.prefix_hit_tokens >= 100  # LONG's cached blocks, on both shards
-        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == 200 * cp
+        _matches_reference(llm, ref, blocks=200 * cp)
         # the prefill chunks were split over the CP ranks (each computed only its own tokens)
         assert min(split_steps(llm)) > 0
 
@@ -150,15 +156,7 @@ def test_dcp_inside_tp_matches_single_rank(one_kv_head, ray_session, cp):
     path, ref = one_kv_head
     with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, context_parallel_size=cp,
              num_kv_blocks=100, **ARGS) as llm:
-        got = _outputs(llm)
-        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-        for a, b in zip(got[0].logprobs, ref[0].logprobs):
-            for tok, lp in b.items():
-                assert abs(a[tok] - lp) < 1e-4
-        again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
-        assert again.outputs[0].token_ids == ref[1].token_ids
-        assert again.metrics.prefix_hit_tokens >= 100
-        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == 100 * 2 * cp
+        _matches_reference(llm, ref, blocks=100 * 2 * cp)
 
 
 @pytest.mark.distributed

@@ -27,8 +27,9 @@ ShardMap = dict[object, tuple[int, int, int]]
 # CPU fp32 products go through oneDNN with the weight reordered once into its blocked layout
 # (the op PyTorch's own CPU compiler uses). Measured on 2 AVX2 cores, all 121 products of the
 # default model (docs/performance.md): 1 row ~15% faster than MKL's matrix-vector product on a
-# column-major copy, 16-160 rows 10-20% faster than MKL's ``(W @ xᵀ)ᵀ``, and one copy of the
-# weight instead of two.
+# column-major copy, 16-160 rows 10-20% faster than MKL's ``(W @ xᵀ)ᵀ``. The packed copy sits
+# next to the dense weight (as the column-major copy did): some layers read ``weight`` directly
+# (MLA's absorbed ``kv_b_proj``, a tied embedding).
 try:
     _PACK = torch.ops.mkldnn._reorder_linear_weight
     _PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise
@@ -46,11 +47,18 @@ def pack_weight(module: nn.Module) -> None:
     module.weight_packed = _PACK(w.detach(), PACK_BATCH_HINT)
 
 
+def pack_weights(root: nn.Module) -> None:
+    """``pack_weight`` every layer under ``root`` that projects through ``project``."""
+    for module in root.modules():
+        if hasattr(module, "weight_packed"):
+            pack_weight(module)
+
+
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x Wᵀ + b`` for ``x`` ``[T, in]``, through the packed weight where there is one."""
     if module.weight.dtype == FP8:  # block-scaled: dequantize this layer's weight for this call
         return F.linear(x, dequantized(module, x.dtype), bias)
-    if module.weight_packed is not None and x.shape[0] > 0:
+    if module.weight_packed is not None:
         return _PACKED_LINEAR(x.contiguous(), module.weight_packed, bias, "none", [], "")
     return F.linear(x, module.weight, bias)
 

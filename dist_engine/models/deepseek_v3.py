@@ -24,10 +24,9 @@ from dist_engine.layers.attention import AttentionMetadata, paged_attention, wri
 from dist_engine.layers.fp8 import FP8, dequantized
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
-from dist_engine.layers.moe import SparseMoE
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
-from dist_engine.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
+from dist_engine.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers uses its default)
 
@@ -106,22 +105,10 @@ class DeepseekV3Attention(nn.Module):
         return self.o_proj(o.transpose(0, 1).reshape(T, h * self.Dv))
 
 
-class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, layer: int) -> None:
-        super().__init__()
-        self.self_attn = DeepseekV3Attention(cfg, comm, rotary, dtype)
-        if cfg.is_moe_layer(layer):
-            self.mlp = SparseMoE.from_config(cfg, comm, dtype)
-        else:
-            self.mlp = LlamaMLP(cfg, comm, dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+class DeepseekV3DecoderLayer(LlamaDecoderLayer):
+    """MLA attention; a dense MLP or the sparse MoE block per the config (the Llama layer)."""
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: LayerKV,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    attention_class = DeepseekV3Attention
 
 
 class DeepseekV3Model(LlamaModel):

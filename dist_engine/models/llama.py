@@ -81,10 +81,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class: type[nn.Module] = LlamaAttention  # (cfg, comm, rotary, dtype)
+
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
                  dtype: torch.dtype, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, comm, rotary, dtype)
+        self.self_attn = self.attention_class(cfg, comm, rotary, dtype)
         # Qwen3-MoE: a sparse MoE block in the layers its config names
         self.mlp = SparseMoE.from_config(cfg, comm, dtype) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, comm, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)

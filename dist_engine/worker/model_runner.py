@@ -12,7 +12,7 @@ import torch
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
-from dist_engine.layers.linear import pack_weight
+from dist_engine.layers.linear import pack_weights
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker.batch import ForwardBatch, build_batch
@@ -54,9 +54,7 @@ class ModelRunner:
                            for j in range(mcfg.num_nextn_predict_layers))
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
-        for module in self.model.modules():
-            if hasattr(module, "weight_packed"):
-                pack_weight(module)
+        pack_weights(self.model)
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder

@@ -25,7 +25,7 @@ from torch import nn
 
 from dist_engine.config import EngineConfig
 from dist_engine.layers.kv_cache import LayerKV
-from dist_engine.layers.linear import pack_weight, project
+from dist_engine.layers.linear import pack_weight, pack_weights, project
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch
@@ -110,9 +110,7 @@ class MTPDecoder:
         src = spec.model or mcfg.path
         load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
         self.mtp.eval()
-        for module in self.mtp.modules():
-            if hasattr(module, "weight_packed"):
-                pack_weight(module)
+        pack_weights(self.mtp)
         self.draft_head: DraftHead | None = None
         vocab_ids = None
         if spec.model is not None:
