@@ -7,6 +7,8 @@ Batch 1: each held-out graft prompt (never trained on) plus one new prompt, chat
 speed-up over plain decoding, mean accepted length and per-position acceptance for each K, and
 where a speculative step's time goes. Batch 16: throughput of 16 concurrent requests (``--tokens`` / 2 each) plain,
 with K=3 forced, and with the engine's own draft budget (which lowers K for large batches).
+All configurations are loaded at once and take turns on every prompt (``--reps`` rounds), so
+the machine's drifts in speed hit them alike.
 transformers' batch-1 greedy runs in the same process as the peer reference. Writes JSON +
 Markdown to bench/results/spec.*; compare ratios within one run (these machines are noisy).
 """
@@ -31,38 +33,66 @@ def chat_ids(tok, prompt: str) -> list[int]:
     return list(out["input_ids"])
 
 
-def run_config(path, prompts, n, temps, spec, batch16: bool) -> dict:
+def make_llms(path, ks, graft) -> dict:
+    """One engine per configuration, all alive at once so that runs can alternate."""
     from dist_engine import LLM, SamplingParams
 
-    llm = LLM(path, max_model_len=1024, speculative_config=spec)
-    res = {}
-    try:
-        llm.generate(prompt_token_ids=[prompts[0]], sampling_params=SamplingParams(max_tokens=8))
-        for temp in temps:
-            tokens = secs = 0.0
+    base = {"method": "mtp", **({"model": graft} if graft else {})}
+    specs = {"plain": None, **{f"K={k}": {**base, "num_speculative_tokens": k} for k in ks},
+             "K=3 forced": {**base, "num_speculative_tokens": 3, "max_draft_tokens_per_step": 0}}
+    llms = {}
+    for name, spec in specs.items():
+        llms[name] = LLM(path, max_model_len=1024, kv_cache_memory=256 << 20, speculative_config=spec)
+        llms[name].generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=8))
+    return llms
+
+
+def batch1(llms: dict, prompts, n, temps, reps: int) -> dict:
+    """Per configuration and temperature: tok/s over all prompts and rounds (the configurations
+    take turns on every prompt, so drifts of the machine's speed hit them alike), acceptance
+    statistics and the seconds per speculative phase."""
+    from dist_engine import SamplingParams
+
+    res = {name: {} for name in llms}
+    for temp in temps:
+        acc = {name: [0, 0.0] for name in llms}
+        for llm in llms.values():
             llm.engine.spec_stats.__init__()
             dec = llm.engine.executor.worker.runner.mtp
             if dec is not None:
                 dec.seconds = dict.fromkeys(dec.seconds, 0.0)
+        for _ in range(reps):
             for i, ids in enumerate(prompts):
-                sp = SamplingParams(temperature=temp, seed=i, max_tokens=n, ignore_eos=True)
-                t = time.perf_counter()
-                out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0]
-                secs += time.perf_counter() - t
-                tokens += len(out.outputs[0].token_ids)
+                for name, llm in llms.items():
+                    sp = SamplingParams(temperature=temp, seed=i, max_tokens=n, ignore_eos=True)
+                    t = time.perf_counter()
+                    out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0]
+                    acc[name][1] += time.perf_counter() - t
+                    acc[name][0] += len(out.outputs[0].token_ids)
+        for name, llm in llms.items():
             st = llm.engine.spec_stats
-            res[f"T={temp}"] = {"tok_s": tokens / secs, "mean_accepted_length": st.mean_accepted_length,
-                                "per_position": [round(x, 3) for x in st.per_position],
-                                "phase_seconds": {k: round(v, 2) for k, v in dec.seconds.items()} if dec else None}
-        if batch16:
-            ids16 = [prompts[i % len(prompts)] for i in range(16)]
-            sps = [SamplingParams(temperature=0.0, max_tokens=n // 2, ignore_eos=True) for _ in ids16]
+            dec = llm.engine.executor.worker.runner.mtp
+            res[name][f"T={temp}"] = {
+                "tok_s": acc[name][0] / acc[name][1], "mean_accepted_length": st.mean_accepted_length,
+                "per_position": [round(x, 3) for x in st.per_position],
+                "phase_seconds": {k: round(v, 2) for k, v in dec.seconds.items()} if dec else None}
+    return res
+
+
+def batch16(llms: dict, prompts, n, reps: int) -> dict:
+    """16 concurrent greedy requests of ``n`` tokens; configurations take turns each round."""
+    from dist_engine import SamplingParams
+
+    ids16 = [prompts[i % len(prompts)] for i in range(16)]
+    acc = {name: [0, 0.0] for name in llms}
+    for _ in range(reps):
+        for name, llm in llms.items():
+            sps = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _ in ids16]
             t = time.perf_counter()
             outs = llm.generate(prompt_token_ids=ids16, sampling_params=sps)
-            res["batch16_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
-    finally:
-        llm.shutdown()
-    return res
+            acc[name][1] += time.perf_counter() - t
+            acc[name][0] += sum(len(o.outputs[0].token_ids) for o in outs)
+    return {name: tokens / secs for name, (tokens, secs) in acc.items()}
 
 
 def transformers_tok_s(path, ids, n) -> float:
@@ -83,6 +113,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--ks", default="1,2,3")
     ap.add_argument("--prompts", type=int, default=2, help="held-out prompts (plus one new)")
+    ap.add_argument("--reps", type=int, default=2, help="rounds over the prompts")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -94,13 +125,16 @@ def main() -> None:
     texts = split_prompts()[1][: a.prompts] + [EXTRA_PROMPT]
     prompts = [chat_ids(tok, p) for p in texts]
     temps = (0.0, 0.7)
-    base = {"method": "mtp", **({"model": a.graft} if a.graft else {})}
-    rows = {"plain": run_config(path, prompts, a.tokens, temps, None, True)}
-    for k in map(int, a.ks.split(",")):
-        rows[f"K={k}"] = run_config(path, prompts, a.tokens, temps,
-                                    {**base, "num_speculative_tokens": k}, k == 3)
-    rows["K=3 forced"] = run_config(path, prompts[:1], a.tokens, (), {
-        **base, "num_speculative_tokens": 3, "max_draft_tokens_per_step": 0}, True)
+    llms = make_llms(path, [int(k) for k in a.ks.split(",")], a.graft)
+    forced = llms.pop("K=3 forced")
+    try:
+        rows = batch1(llms, prompts, a.tokens, temps, a.reps)
+        b16 = {k: llms[k] for k in ("plain", "K=3") if k in llms}
+        for name, tok_s in batch16({**b16, "K=3 forced": forced}, prompts, a.tokens // 2, a.reps + 1).items():
+            rows.setdefault(name, {})["batch16_tok_s"] = tok_s
+    finally:
+        for llm in [*llms.values(), forced]:
+            llm.shutdown()
     hf = transformers_tok_s(path, prompts[0], a.tokens)
     lines = ["| config | T | tok/s | vs plain | mean accepted length | per-position acceptance |",
              "|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache, returning the output *and* its log-sum-exp.
+"""Attention over the paged KV cache (and, for merging partials, its log-sum-exp).
 
 The cache of one layer on one rank is a ``LayerKV``: ``[num_slots, num_kv_heads, head_dim]`` for K
 and V (model dtype or FP8), slot = block_id * block_size + offset. Sequences are attended in groups: each group is a padded
@@ -32,10 +32,14 @@ class AttentionGroup:
     # Additive mask (0 allowed, -inf not) in the model dtype. Folded (few queries: decode,
     # verification): the G query heads sharing a KV head folded into the query axis,
     # [B, 1, G*Q, K]. Not folded (long prefill chunks): [B, 1, Q, K], shared by every head.
-    bias: torch.Tensor
+    # None: every query sees every key (one decode token).
+    bias: torch.Tensor | None
     has_key: torch.Tensor  # [B, 1, G*Q] or [B, 1, Q] bool: the query attends at least one key
     dense: bool  # q_index is exactly arange(B*Q): reshape instead of gather/scatter
     folded: bool = True
+    # B == 1 and the keys sit in consecutive slots kv_start, kv_start + 1, ...: attention reads
+    # a view of the cache instead of gathering (the usual case for a lone sequence)
+    kv_start: int | None = None
 
 
 @dataclass
@@ -87,28 +91,29 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     # q [B, Hk, L, D]; k, v [B, Hk, K, D]; bias [B, 1, L, K], or [B, 1, Q, K] shared by the
-    # L / Q query heads folded into L (a long-chunk mask; explicit path only)
-    if q.device.type == "cpu" and _CPU_FLASH is not None and bias.shape[-2] == q.shape[-2]:
+    # L / Q query heads folded into L (a long-chunk mask; explicit path only), or None
+    if q.device.type == "cpu" and _CPU_FLASH is not None and (bias is None or bias.shape[-2] == q.shape[-2]):
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse.float()
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hk, L, K]
     B, Hk, L, K = scores.shape
-    Qb = bias.shape[-2]
-    scores = (scores + bias.float() if Qb == L
-              else (scores.view(B, Hk, L // Qb, Qb, K) + bias.float().unsqueeze(2)).view(B, Hk, L, K))
+    if bias is not None:
+        Qb = bias.shape[-2]
+        scores = (scores + bias.float() if Qb == L else
+                  (scores.view(B, Hk, L // Qb, Qb, K) + bias.float().unsqueeze(2)).view(B, Hk, L, K))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, L]
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe.unsqueeze(-1))  # masked entries -> exactly 0
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
-def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q ``[T, Hq, D]`` against the cache -> (out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32).
+def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q ``[T, Hq, D]`` against the cache -> out ``[T, Hq, D]``.
 
-    A query with no visible key gets out 0 and lse -inf. With sequence shards (``meta.cp``)
+    With sequence shards (``meta.cp``)
     each rank attends over its own keys and the partials of all shards are merged in fp32, in
     rank order, so every rank gets the same bits. With DCP (``meta.dcp``) the ranks sharing
     this rank's KV heads first gather their query heads, attend all of them over their own
@@ -119,18 +124,16 @@ def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale
         q = _gather_split_queries(q, meta)  # [T, Hq, D]
     if meta.dcp is not None:
         q = torch.cat(meta.dcp.gather_all(q.contiguous()), dim=1)  # [T, DCP * Hq, D]
-    out, lse = _local_attention(q, kv, meta, scale)
-    if meta.cp is not None:
+    out, lse = _local_attention(q, kv, meta, scale, need_lse=meta.cp is not None)
+    if meta.cp is not None:  # a query with no key on a shard has out 0 and lse -inf there
         outs = meta.cp.gather_all(out.float())
         lses = meta.cp.gather_all(lse)
-        out, lse = merge_partials(outs, lses)
-        out = out.to(q.dtype)
+        out = merge_partials(outs, lses)[0].to(q.dtype)
     if meta.dcp is not None:
-        own = slice(meta.dcp.rank * Hq, (meta.dcp.rank + 1) * Hq)
-        out, lse = out[:, own].contiguous(), lse[:, own].contiguous()
+        out = out[:, meta.dcp.rank * Hq:(meta.dcp.rank + 1) * Hq].contiguous()
     if meta.split_tokens is not None:
-        out, lse = out[meta.split_own], lse[meta.split_own]
-    return out, lse
+        out = out[meta.split_own]
+    return out
 
 
 def _gather_split_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -157,9 +160,13 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
         1, MAX_SCORE_ELEMENTS // max(1, qg.shape[1] * qg.shape[2] * B))
     outs, lses = [], []
     for k0 in range(0, K, tile):
-        kg, vg = kv.gather(g.kv_slots[:, k0:k0 + tile], qg.dtype)  # [B, k, Hk, D] each
+        if g.kv_start is not None:
+            kg, vg = kv.window(g.kv_start + k0, min(tile, K - k0), qg.dtype)
+            kg, vg = kg.unsqueeze(0), vg.unsqueeze(0)
+        else:
+            kg, vg = kv.gather(g.kv_slots[:, k0:k0 + tile], qg.dtype)  # [B, k, Hk, D] each
         kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, Hk, k, D]
-        bias = g.bias[..., k0:k0 + tile]
+        bias = None if g.bias is None else g.bias[..., k0:k0 + tile]
         if g.folded:
             o, lse = _attend(qg, kg, vg, bias, scale)
         elif _CPU_FLASH is None or qg.device.type != "cpu":  # heads of a KV head are adjacent
@@ -176,14 +183,16 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
     return merge_partials(outs, lses)
 
 
-def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float,
+                     need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32 or None unless ``need_lse``); a query with no
+    visible key gets lse -inf (and, when merging, out 0)."""
     T, Hq, D = q.shape
     Hk = kv.num_kv_heads
     G = Hq // Hk  # query heads per KV head on this rank
     single = len(meta.groups) == 1 and meta.groups[0].dense
     out = None if single else q.new_zeros(T, Hq, D)
-    lse_out = None if single else torch.full((T, Hq), float("-inf"), device=q.device)
+    lse_out = None if single or not need_lse else torch.full((T, Hq), float("-inf"), device=q.device)
     for g in meta.groups:
         B, Q = g.q_index.shape
         qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]
@@ -192,17 +201,22 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
         else:
             qg = qg.permute(0, 2, 1, 3)  # [B, Hq, Q, D]
         o, lse = _attend_tiled(qg, kv, g, scale, Hk, G)
-        lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
-        if meta.cp is not None:  # a query with no key on this shard: 0, never NaN
+        if need_lse:
+            lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
+            # a query with no key on this shard: 0, never NaN
             o = o.masked_fill(~g.has_key.expand_as(lse).unsqueeze(-1), 0.0)
         if g.folded:
             o = o.to(q.dtype).view(B, Hk, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, Hq, D)
-            lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
+            if need_lse:
+                lse = lse.view(B, Hk, G, Q).permute(0, 3, 1, 2).reshape(B, Q, Hq)
         else:
-            o, lse = o.to(q.dtype).permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, Q, Hq, (D)]
+            o = o.to(q.dtype).permute(0, 2, 1, 3)  # [B, Q, Hq, D]
+            if need_lse:
+                lse = lse.permute(0, 2, 1)  # [B, Q, Hq]
         if single:
-            return o.reshape(T, Hq, D), lse.reshape(T, Hq)
+            return o.reshape(T, Hq, D), (lse.reshape(T, Hq) if need_lse else None)
         idx = g.q_index[g.q_valid]
         out[idx] = o[g.q_valid]
-        lse_out[idx] = lse[g.q_valid]
+        if need_lse:
+            lse_out[idx] = lse[g.q_valid]
     return out, lse_out

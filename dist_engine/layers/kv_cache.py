@@ -104,6 +104,16 @@ class LayerKV:
         v = self.v.view(torch.uint8).index_select(0, flat).view(FP8).view(shape).to(dtype)
         return k, v * self.v_scale
 
+    def window(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the consecutive slots ``[start, start + length)`` as ``[length, Hk, D]`` in
+        ``dtype``: views of the cache when it is stored in ``dtype``, no gather."""
+        k = self.k[start:start + length]
+        v = self.v[start:start + length]
+        if not self.is_fp8:
+            return k.to(dtype), (k.to(dtype) if self.shared else v.to(dtype))
+        k = k.view(torch.uint8).view(FP8).to(dtype) * self.k_scale
+        return k, (k if self.shared else v.view(torch.uint8).view(FP8).to(dtype) * self.v_scale)
+
     def calibrated_scales(self) -> tuple[float, float]:  # (K, V); shared storage uses K's
         """FP8 scales from the maxima seen while observing (1.0 for an all-zero tensor)."""
         return tuple(max(a, 1e-6) * HEADROOM / FP8_MAX if a > 0 else 1.0

@@ -100,7 +100,7 @@ class DeepseekV3Attention(nn.Module):
         w_uk, w_uv = w[:, :self.Dn], w[:, self.Dn:]  # [h, Dn, L], [h, Dv, L]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, L]
         write_kv(kv, latent, latent, meta)
-        out, _lse = paged_attention(torch.cat((q_lat, q_pe), dim=-1), kv, meta, self.scale)  # [T, h, L+Dr]
+        out = paged_attention(torch.cat((q_lat, q_pe), dim=-1), kv, meta, self.scale)  # [T, h, L+Dr]
         o = torch.bmm(out[..., :self.L].transpose(0, 1), w_uv.transpose(1, 2))  # [h, T, Dv]
         return self.o_proj(o.transpose(0, 1).reshape(T, h * self.Dv))
 

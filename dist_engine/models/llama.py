@@ -62,7 +62,7 @@ class LlamaAttention(nn.Module):
             qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
             q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(kv, k, v, meta)
-        out, _lse = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
+        out = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
 
 

@@ -87,16 +87,26 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
     q_index = (torch.tensor(starts).view(B, 1) + i).masked_fill(~q_valid, 0)
     G = heads_per_kv if folded else 1
     allowed = allowed.unsqueeze(1).expand(B, G, Q, K).reshape(B, 1, G * Q, K)
-    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    bias = None  # every query sees every key (a lone decode token): no mask at all
+    if not bool(allowed.all()):
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
     return AttentionGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
         kv_slots=kv_slots.to(device),
-        bias=bias.to(device),
+        bias=bias,
         has_key=allowed.any(-1).to(device),
         dense=dense,
         folded=folded,
+        kv_start=_consecutive_start(kv_slots) if B == 1 and num_shards == 1 else None,
     )
+
+
+def _consecutive_start(kv_slots: torch.Tensor) -> int | None:
+    """The first slot when ``kv_slots`` ``[1, K]`` are exactly consecutive, else None."""
+    row = kv_slots[0]
+    start = int(row[0])
+    return start if bool((row == torch.arange(start, start + row.numel())).all()) else None
 
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
