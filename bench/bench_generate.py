@@ -3,8 +3,9 @@
     python bench/bench_generate.py [--tokens 128] [--dtypes float32,bfloat16] [--tp 1,2]
 
 Same weights (the default model's converted folder), same chat prompt, greedy, fixed number of
-new tokens (EOS ignored). Prints tok/s per engine and the ratios; writes a JSON + Markdown table
-to bench/results/. These machines are noisy: compare ratios within one run, not absolute times.
+new tokens (EOS ignored). Every engine of a dtype is loaded at once and they take turns for
+``--reps`` rounds, each keeping its best. Prints tok/s per engine and the ratios; writes a JSON
++ Markdown table to bench/results/. These machines are noisy: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -21,40 +22,41 @@ PROMPT = "Write a Python function that checks whether a number is prime."
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def bench_ours(path: str, ids: list[int], n: int, dtype: str, tp: int, reps: int) -> float:
+def ours(path: str, ids: list[int], n: int, dtype: str, tp: int):
+    """(one timed generation -> tok/s, shutdown) for our engine, loaded and warmed up."""
     from dist_engine import LLM, SamplingParams
 
     llm = LLM(path, tensor_parallel_size=tp, dtype=dtype, max_model_len=1024,
               enable_prefix_caching=False)
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    try:
-        llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=4))
-        best = 0.0
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)
-            dt = time.perf_counter() - t
-            assert len(out[0].outputs[0].token_ids) == n
-            best = max(best, n / dt)
-        return best
-    finally:
-        llm.shutdown()
+    llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=4))
+
+    def run() -> float:
+        t = time.perf_counter()
+        out = llm.generate(prompt_token_ids=[ids], sampling_params=sp)
+        dt = time.perf_counter() - t
+        assert len(out[0].outputs[0].token_ids) == n
+        return n / dt
+
+    return run, llm.shutdown
 
 
-def bench_transformers(path: str, ids: list[int], n: int, dtype: str, reps: int) -> float:
+def transformers(path: str, ids: list[int], n: int, dtype: str):
+    """(one timed ``generate`` -> tok/s, cleanup) for transformers, loaded and warmed up."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     x = torch.tensor([ids])
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
     with torch.inference_mode():
         model.generate(x, max_new_tokens=4, do_sample=False)
-        best = 0.0
-        for _ in range(reps):
+
+    def run() -> float:
+        with torch.inference_mode():
             t = time.perf_counter()
-            model.generate(x, **kw)
-            best = max(best, n / (time.perf_counter() - t))
-    return best
+            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return n / (time.perf_counter() - t)
+
+    return run, lambda: None
 
 
 def bench_llamacpp(gguf: str, prompt_ids: list[int], n: int, reps: int) -> float | None:
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--tp", default="1,2")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="rounds; each engine keeps its best")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -97,12 +99,23 @@ def main() -> None:
                                            add_generation_prompt=True, return_dict=True)["input_ids"])
     rows = []
     for dtype in a.dtypes.split(","):
-        hf = bench_transformers(path, ids, a.tokens, dtype, a.reps)
-        rows.append({"engine": "transformers", "dtype": dtype, "tp": 1, "tok_s": hf})
+        # every engine loaded at once; they take turns each round and keep their best, so the
+        # machine's drifts in speed hit them alike
+        runners = {("transformers", 1): transformers(path, ids, a.tokens, dtype)}
         for tp in map(int, a.tp.split(",")):
-            ours = bench_ours(path, ids, a.tokens, dtype, tp, a.reps)
-            rows.append({"engine": "dist_engine", "dtype": dtype, "tp": tp, "tok_s": ours,
-                         "vs_transformers": ours / hf})
+            runners[("dist_engine", tp)] = ours(path, ids, a.tokens, dtype, tp)
+        best = dict.fromkeys(runners, 0.0)
+        try:
+            for _ in range(a.reps):
+                for key, (run, _close) in runners.items():
+                    best[key] = max(best[key], run())
+        finally:
+            for _run, close in runners.values():
+                close()
+        hf = best[("transformers", 1)]
+        for (engine, tp), tok_s in best.items():
+            rows.append({"engine": engine, "dtype": dtype, "tp": tp, "tok_s": tok_s,
+                         **({"vs_transformers": tok_s / hf} if engine == "dist_engine" else {})})
     if a.model in KNOWN_MODELS:
         lc = bench_llamacpp(fetch_gguf(a.model), ids, a.tokens, a.reps)
         if lc is not None:

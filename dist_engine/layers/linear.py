@@ -27,9 +27,9 @@ ShardMap = dict[object, tuple[int, int, int]]
 # CPU fp32 products go through oneDNN with the weight reordered once into its blocked layout
 # (the op PyTorch's own CPU compiler uses). Measured on 2 AVX2 cores, all 121 products of the
 # default model (docs/performance.md): 1 row ~15% faster than MKL's matrix-vector product on a
-# column-major copy, 16-160 rows 10-20% faster than MKL's ``(W @ xᵀ)ᵀ``. The packed copy sits
-# next to the dense weight (as the column-major copy did): some layers read ``weight`` directly
-# (MLA's absorbed ``kv_b_proj``, a tied embedding).
+# column-major copy, 16-160 rows 10-20% faster than MKL's ``(W @ xᵀ)ᵀ``. The packed copy replaces
+# the dense weight, so fp32 weights are held once; a layer whose weight is read directly (MLA's
+# absorbed ``kv_b_proj``) sets ``keep_dense`` and is not packed.
 try:
     _PACK = torch.ops.mkldnn._reorder_linear_weight
     _PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise
@@ -39,12 +39,16 @@ PACK_BATCH_HINT = 128  # the layout oneDNN picks for this many rows served 1-512
 
 
 def pack_weight(module: nn.Module) -> None:
-    """Give ``module`` a oneDNN-packed copy of its weight (CPU fp32 only; else a no-op)."""
+    """Replace ``module``'s dense weight by a oneDNN-packed copy (CPU fp32 only; else a no-op).
+
+    The dense parameter becomes empty (same dtype), so a stray direct read fails loudly; a tied
+    embedding keeps its own reference to the shared tensor."""
     w = module.weight
     if (_PACK is None or w.device.type != "cpu" or w.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()):
+            or not torch.backends.mkldnn.is_available() or getattr(module, "keep_dense", False)):
         return
     module.weight_packed = _PACK(w.detach(), PACK_BATCH_HINT)
+    module.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
 
 
 def pack_weights(root: nn.Module) -> None:
@@ -52,6 +56,12 @@ def pack_weights(root: nn.Module) -> None:
     for module in root.modules():
         if hasattr(module, "weight_packed"):
             pack_weight(module)
+
+
+def weight_bytes(root: nn.Module) -> int:
+    """Bytes of ``root``'s parameters plus its packed weights."""
+    packed = [m.weight_packed for m in root.modules() if getattr(m, "weight_packed", None) is not None]
+    return sum(t.numel() * t.element_size() for t in [*root.parameters(), *packed])
 
 
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

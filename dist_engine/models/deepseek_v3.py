@@ -75,6 +75,7 @@ class DeepseekV3Attention(nn.Module):
         self.kv_a_proj_with_mqa = replicated(hidden, self.L + self.Dr, cfg.attention_bias, dtype, quant)
         self.kv_a_layernorm = RMSNorm(self.L, LORA_NORM_EPS, dtype)
         self.kv_b_proj = by_heads(self.L, self.Dn + self.Dv, heads, dtype, quant)
+        self.kv_b_proj.keep_dense = True  # absorbed: its weight is read directly, never packed
         self.o_proj = RowParallelLinear((heads[0] * self.Dv, heads[1] * self.Dv), hidden, comm,
                                         cfg.attention_bias, dtype, quant_block=quant)
         self.rotary_emb = rotary

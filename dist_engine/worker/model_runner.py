@@ -12,7 +12,7 @@ import torch
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
-from dist_engine.layers.linear import pack_weights
+from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker.batch import ForwardBatch, build_batch
@@ -87,12 +87,12 @@ class ModelRunner:
         return per_token * self.block_size * layers
 
     def weight_bytes(self) -> int:
-        params = list(self.model.parameters())
+        roots = [self.model]
         if self.mtp is not None:
-            params += list(self.mtp.mtp.parameters())
+            roots.append(self.mtp.mtp)
             if self.mtp.draft_head is not None:
-                params.append(self.mtp.draft_head.weight)
-        return sum(p.numel() * p.element_size() for p in params)
+                roots.append(self.mtp.draft_head)
+        return sum(weight_bytes(r) for r in roots)
 
     def available_kv_blocks(self, local_ranks: int) -> int:
         """How many blocks this rank can hold: the configured budget, or a fraction of the
