@@ -21,7 +21,9 @@ LENS = [rng.randrange(5, 40) for _ in PROMPTS]
 
 
 def spec(folder: str, k: int, **kw) -> dict:
-    return {"method": "mtp", "model": folder, "num_speculative_tokens": k, **kw}
+    """K drafts every step unless a test asks for the adaptive depth (test_draft_depth_*)."""
+    return {"method": "mtp", "model": folder, "num_speculative_tokens": k,
+            "min_draft_acceptance": 0.0, **kw}
 
 
 def mixed_params() -> list[SamplingParams]:
@@ -115,8 +117,8 @@ def test_draft_budget_lowers_k_and_abort_frees(grafted):
     llm.shutdown()
     # 8 sequences x K=3 > 8 drafts per step: K drops to 1 while all eight run
     with LLM(path, **ARGS, speculative_config=spec(folder, 3, max_draft_tokens_per_step=8)) as llm:
-        assert llm.engine._spec_k(8) == 1 and llm.engine._spec_k(2) == 3
-        assert llm.engine._spec_k(9) == 0
+        assert llm.engine._spec_k(8) == (1, 1) and llm.engine._spec_k(2) == (3, 3)
+        assert llm.engine._spec_k(9) == (0, 0)
         got = [o.outputs[0].token_ids
                for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
         assert got == expected
@@ -332,3 +334,41 @@ def test_grpc_reports_speculation(grafted):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_draft_depth_follows_acceptance():
+    from dist_engine.engine.draft_depth import DraftDepth
+
+    d = DraftDepth(3, 0.1, probe_every=4)
+    r = random.Random(0)
+    for _ in range(60):  # the first draft is taken 40% of the time, never the later ones
+        d.record(3, 1 if r.random() < 0.4 else 0)
+    limits = [d.limit() for _ in range(8)]
+    assert limits == [1, 1, 1, 3, 1, 1, 1, 3]  # every 4th step probes all three positions
+    for _ in range(60):  # now everything is accepted: the depth comes back
+        d.record(3, 3)
+    assert [d.limit() for _ in range(3)] == [3, 3, 3]
+    for _ in range(60):
+        d.record(1, 0)
+    assert [d.limit() for _ in range(4)] == [3, 0, 0, 0]  # the 12th call probes
+    assert DraftDepth(3, 0.0).limit() == 3
+    with pytest.raises(ValueError, match="min_acceptance"):
+        DraftDepth(3, 1.5)
+
+
+def test_draft_depth_in_engine_is_lossless(grafted):
+    """An acceptance bar no position clears: the engine stops proposing (except every 16th
+    step's probe) and output is still plain decoding's."""
+    path, folder, _ = grafted
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    forced, llm = run(path, params, speculative_config=spec(folder, 3, max_draft_tokens_per_step=0))
+    forced_drafts = llm.engine.spec_stats.num_draft_tokens
+    llm.shutdown()
+    got, llm = run(path, params, speculative_config=spec(
+        folder, 3, max_draft_tokens_per_step=0, min_draft_acceptance=0.99))
+    with llm:
+        assert got == expected == forced
+        assert 0 < llm.engine.spec_stats.num_draft_tokens < forced_drafts / 2
+        assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]

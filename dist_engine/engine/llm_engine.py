@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from dist_engine.config import EngineConfig
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
+from dist_engine.engine.draft_depth import DraftDepth
 from dist_engine.engine.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -56,6 +57,7 @@ class LLMEngine:
                                    hash_next_token=spec is not None, num_shards=shards)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
+        self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         per_tok = info["bytes_per_block"] // bs
         mib = 2**20
@@ -171,8 +173,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        k = self._spec_k(sum(s.samples for s in scheduled))
-        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k) for s in scheduled))
+        k, propose = self._spec_k(sum(s.samples for s in scheduled))
+        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled))
         result = self.executor.execute(step)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -188,6 +190,7 @@ class LLMEngine:
                 seq.num_computed += sampled.num_accepted  # their K/V were written by verification
                 seq.draft_token_ids = list(sampled.draft_token_ids)
                 self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
+                self.draft_depth.record(sampled.num_drafts, sampled.num_accepted)
                 seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
             before = len(seq.output_token_ids)
             append_tokens(seq, sampled, self.eos_token_ids, now)
@@ -204,15 +207,17 @@ class LLMEngine:
                 self.num_finished += 1
         return outputs
 
-    def _spec_k(self, num_sampling: int) -> int:
-        """Drafts per sequence this step: K, lowered when the batch would carry more than
-        ``max_draft_tokens_per_step`` drafts (a large batch is compute-bound, so drafts there
-        cost about as much as they save; with none, the MTP layer still keeps its cache)."""
+    def _spec_k(self, num_sampling: int) -> tuple[int, int]:
+        """(drafts fed, drafts proposed) per sequence this step. Both are K, lowered when the
+        batch would carry more than ``max_draft_tokens_per_step`` drafts (a large batch is
+        compute-bound, so drafts there cost about as much as they save; with none, the MTP
+        layer still keeps its cache). Proposals are further limited to the positions recent
+        steps accepted often enough (``DraftDepth``); whatever was proposed is fed."""
         k = self.num_spec_tokens
         budget = self.config.speculative.max_draft_tokens_per_step if k else 0
         if budget and num_sampling * k > budget:
             k = budget // num_sampling
-        return k
+        return k, (min(k, self.draft_depth.limit()) if self.draft_depth else 0)
 
     def _output(self, req: Request) -> RequestOutput:
         outs = []

@@ -130,10 +130,10 @@ class Scheduler:
         seq.num_computed = len(seq.block_table) * bs
         seq.metrics.prefix_hit_tokens = max(seq.metrics.prefix_hit_tokens, seq.num_computed)
 
-    def work(self, s: ScheduledSeq, num_spec: int = 0) -> SeqWork:
-        """What the workers do for ``s``; with speculation (``num_spec`` = K this step), feed
-        its pending drafts and ask for up to K new ones, within the table, the context limit
-        and the tokens the request may still produce."""
+    def work(self, s: ScheduledSeq, num_spec: int = 0, num_propose: int | None = None) -> SeqWork:
+        """What the workers do for ``s``; with speculation, feed up to ``num_spec`` of its
+        pending drafts and ask for up to ``num_propose`` (default ``num_spec``) new ones, within
+        the table, the context limit and the tokens the request may still produce."""
         seq = s.seq
         start = seq.num_computed
         tokens = seq.token_ids[start:start + s.num_new]
@@ -143,7 +143,8 @@ class Scheduler:
             left = seq.params.max_tokens - len(seq.output_token_ids)  # tokens it may still emit
             k = max(0, min(len(seq.draft_token_ids), num_spec, cap - seq.num_tokens, left - 1))
             drafts = tuple(seq.draft_token_ids[:k])
-            propose = max(0, min(num_spec, cap - (seq.num_tokens + k) + 1, left - 2))
+            want = num_spec if num_propose is None else num_propose
+            propose = max(0, min(want, cap - (seq.num_tokens + k) + 1, left - 2))
         elif self.config.num_lookahead_slots:
             next_token = seq.token_ids[start + s.num_new]  # the MTP layer reads one token ahead
         return SeqWork(
