@@ -372,3 +372,28 @@ def test_draft_depth_in_engine_is_lossless(grafted):
         assert got == expected == forced
         assert 0 < llm.engine.spec_stats.num_draft_tokens < forced_drafts / 2
         assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
+
+
+def test_large_batch_catch_up_shortcut_matches_general_path(grafted, monkeypatch):
+    """While a large batch drafts nothing, the MTP layer catches up with the main pass's own
+    metadata; drafting resumes as the batch shrinks, and every draft is what the general path
+    (metadata rebuilt for the catch-up) proposes."""
+    import dist_engine.worker.spec_decode as sd
+
+    path, folder, _ = grafted
+    prompts = PROMPTS + PROMPTS[:4]  # 12 sequences x K=2 > 8 drafts per step: K=0 at first
+    params = [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(12)]
+    expected, llm = run(path, params, prompts=prompts)
+    llm.shutdown()
+    stats, taken = [], []
+    same = sd._same_shape
+    monkeypatch.setattr(sd, "_same_shape", lambda *a: taken.append(same(*a)) or taken[-1])
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(sd, "_same_shape", lambda *a: False)
+        got, llm = run(path, params, prompts=prompts, speculative_config=spec(folder, 2, max_draft_tokens_per_step=8))
+        with llm:
+            assert got == expected
+            stats.append(llm.engine.spec_stats.as_dict())
+    assert sum(taken) >= 4  # the shortcut served the steps without drafts
+    assert stats[0]["num_draft_tokens"] > 0 and stats[0] == stats[1]

@@ -80,6 +80,12 @@ def row_spec(spec: SamplingSpec, drafts: tuple[int, ...]) -> SamplingSpec:
     return replace(spec, **changes) if changes else spec
 
 
+def _same_shape(work: list[SeqWork], fed: tuple[SeqWork, ...]) -> bool:
+    """Every fed sequence catches up on exactly the positions it fed."""
+    return len(work) == len(fed) and all(
+        w.start_pos == s.start_pos and len(w.token_ids) == len(s.token_ids) for w, s in zip(work, fed))
+
+
 def accept_drafts(drafts: tuple[int, ...], targets: list[int]) -> int:
     """How many leading drafts equal the tokens the verifier drew at their positions."""
     a = 0
@@ -199,6 +205,13 @@ class MTPDecoder:
                 last_pos.append(s.start_pos + m - 1)
                 wanted[s.seq_id] = s.propose
         if not work:
+            return StepOutput(step.step_id, sampled)
+        if not proposers and _same_shape(work, step.seqs):
+            # no drafts fed or wanted (a large batch): the same positions and slots as the main
+            # pass, so its metadata serves as is, with the tokens shifted by one
+            ids = torch.tensor([t for w in work for t in w.token_ids], device=hidden.device)
+            self.mtp.layer(batch.positions, r.model.model.embed_tokens(ids), source, self.kv, batch.meta)
+            self.seconds["mtp_catch_up"] += time.perf_counter() - t1
             return StepOutput(step.step_id, sampled)
         g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
         t2 = time.perf_counter()
