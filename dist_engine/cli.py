@@ -59,7 +59,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
                         "a shipped graft")
     p.add_argument("--num-speculative-tokens", type=int, default=1,
-                   help="drafts per step (K, 1-4; 1 is fastest with the shipped graft, see bench/results/spec.md)")
+                   help="drafts per step (K, 1-4; with the shipped graft K=1 and K=3 with the adaptive "
+                        "depth are within noise of each other, see bench/results/spec.md)")
+    p.add_argument("--min-draft-acceptance", type=float, default=0.1,
+                   help="propose a draft position only while recent steps accepted it at least this "
+                        "often (every 16th step probes all K); 0 drafts K every step")
     p.add_argument("--speculative-model", default=None,
                    help="a graft folder from `dist-engine graft-mtp` (default: the model's own "
                         "MTP layers or the graft shipped for it)")
@@ -68,7 +72,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def speculative_arg(a: argparse.Namespace) -> dict | None:
     if a.speculative == "none":
         return None
-    spec = {"method": "mtp", "num_speculative_tokens": a.num_speculative_tokens}
+    spec = {"method": "mtp", "num_speculative_tokens": a.num_speculative_tokens,
+            "min_draft_acceptance": a.min_draft_acceptance}
     if a.speculative_model:
         spec["model"] = a.speculative_model
     if a.speculative == "auto" and not a.speculative_model:
