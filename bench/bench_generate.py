@@ -101,11 +101,12 @@ def main() -> None:
     for dtype in a.dtypes.split(","):
         # every engine loaded at once; they take turns each round and keep their best, so the
         # machine's drifts in speed hit them alike
-        runners = {("transformers", 1): transformers(path, ids, a.tokens, dtype)}
-        for tp in map(int, a.tp.split(",")):
-            runners[("dist_engine", tp)] = ours(path, ids, a.tokens, dtype, tp)
-        best = dict.fromkeys(runners, 0.0)
+        runners = {}
         try:
+            runners[("transformers", 1)] = transformers(path, ids, a.tokens, dtype)
+            for tp in dict.fromkeys(map(int, a.tp.split(","))):
+                runners[("dist_engine", tp)] = ours(path, ids, a.tokens, dtype, tp)
+            best = dict.fromkeys(runners, 0.0)
             for _ in range(a.reps):
                 for key, (run, _close) in runners.items():
                     best[key] = max(best[key], run())

@@ -1,12 +1,14 @@
 """Serving throughput and latency at 1/4/16/64 concurrent requests, and prefix-cache TTFT.
 
-    python bench/bench_serving.py [--concurrency 1,4,16,64] [--skip-transformers]
+    python bench/bench_serving.py [--concurrency 1,4,16,64] [--rounds 2] [--skip-transformers]
 
 The workload (fixed seed): chat prompts of mixed length (about 20-130 tokens) and output lengths
 drawn from 16-64 tokens, sampled at temperature 0.8 with a seed per request, EOS ignored so
 every engine produces the same number of tokens. Ours runs closed-loop: C requests in flight,
 a new one joins as one finishes, 4C requests in all (8 to 128; every level draws from one
-list, so they share the mix) and the table reports the time-averaged number in flight.
+list, so they share the mix) and the table reports the time-averaged number in flight. The
+levels take turns for ``--rounds`` rounds (rates are tokens over seconds of all rounds), so the
+machine's drifts in speed hit them alike.
 transformers runs the same
 requests as padded batches of C with ``generate`` (each batch runs to its longest request;
 only requested tokens count). llama.cpp joins where llama-cpp-python is installed (sequential:
@@ -70,10 +72,20 @@ def run_ours(llm, reqs: list[tuple[list[int], int]], concurrency: int) -> dict:
                 done.append(out)
                 tokens += len(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - t0
-    ttft = [o.metrics.time_to_first_token for o in done]
-    tpot = [o.metrics.time_per_output_token for o in done if o.metrics.time_per_output_token]
-    return {"tok_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
-            "mean_in_flight": in_flight / elapsed,
+    return {"tokens": tokens, "seconds": elapsed, "in_flight_seconds": in_flight,
+            "ttft": [o.metrics.time_to_first_token for o in done],
+            "tpot": [o.metrics.time_per_output_token for o in done if o.metrics.time_per_output_token]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One level's rounds together: tokens over seconds, the time-averaged number in flight,
+    latency percentiles over every request."""
+    tokens, secs = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    ttft = [x for r in runs for x in r["ttft"]]
+    tpot = [x for r in runs for x in r["tpot"]]
+    return {"tok_s": tokens / secs, "tokens": tokens, "seconds": secs, "rounds": len(runs),
+            "tok_s_per_round": [round(r["tokens"] / r["seconds"], 2) for r in runs],
+            "mean_in_flight": sum(r["in_flight_seconds"] for r in runs) / secs,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
             "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
 
@@ -141,6 +153,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--max-requests", type=int, default=128, help="requests per level at most")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds in which the levels take turns")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,19 +168,27 @@ def main() -> None:
     hf = None if a.skip_transformers else AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32).eval()
     gguf = fetch_gguf(a.model) if a.model in KNOWN_MODELS else None
+    # the same request mix at every level (level C runs the first n of one list); 4C requests
+    # (8 at least, 128 at most) so that the ramp-up and the final drain, when fewer than C are
+    # left, weigh little in the C-concurrent rate
+    reqs = {c: workload(tok, max(8, min(4 * c, a.max_requests)), seed=0) for c in levels}
+    runs: dict[int, list[dict]] = {c: [] for c in levels}
     try:
+        # the levels take turns for --rounds rounds, so a drift of the machine's speed hits
+        # them alike (the vs-C=1 ratios are the point)
+        for rnd in range(a.rounds):
+            for c in levels:
+                runs[c].append(run_ours(llm, reqs[c], c))
+                r = runs[c][-1]
+                print(f"round {rnd + 1} C={c}: ours {r['tokens'] / r['seconds']:.1f} tok/s", flush=True)
         for c in levels:
-            # the same request mix at every level (level C runs the first n of one list); 4C
-            # requests (8 at least, 128 at most) so that the ramp-up and the final drain, when
-            # fewer than C are left, weigh little in the C-concurrent rate
-            reqs = workload(tok, max(8, min(4 * c, a.max_requests)), seed=0)
-            ours = run_ours(llm, reqs, c)
-            row = {"concurrency": c, "requests": len(reqs), "dist_engine": ours}
+            ours = summarize(runs[c])
+            row = {"concurrency": c, "requests": len(reqs[c]), "dist_engine": ours}
             if hf is not None:
                 torch.manual_seed(0)
-                row["transformers"] = run_transformers(hf, tok, reqs, c)
+                row["transformers"] = run_transformers(hf, tok, reqs[c], c)
             if gguf is not None and c == 1:
-                lc = run_llamacpp(gguf, reqs)
+                lc = run_llamacpp(gguf, reqs[c])
                 if lc is not None:
                     row["llama.cpp"] = lc
             rows.append(row)
@@ -192,6 +213,12 @@ def main() -> None:
             + (f"{t['tok_s']:.1f} | {o['tok_s'] / t['tok_s']:.2f}x |" if t else "| |"))
     on, off = prefix_ttft(path, tok, True), prefix_ttft(path, tok, False)
     cut = statistics.median(off[1:]) / statistics.median(on[1:])
+    if base is not None and len(runs[levels[0]]) > 1:
+        one = next(r["dist_engine"]["tok_s_per_round"] for r in rows if r["concurrency"] == 1)
+        lines.append("\nPer round, vs C=1 of the same round: " + "; ".join(
+            f"C={r['concurrency']} " + " / ".join(f"{x / b:.2f}x" for x, b in
+                                                  zip(r["dist_engine"]["tok_s_per_round"], one))
+            for r in rows if r["concurrency"] != 1))
     table = "\n".join(lines)
     prefix_line = (f"Shared ~500-token system prompt, 6 later requests: TTFT p50 "
                    f"{statistics.median(on[1:]) * 1e3:.0f} ms with prefix caching vs "

@@ -45,9 +45,14 @@ def make_llms(path, ks, graft) -> dict:
              "K=3 adaptive": {**base, "num_speculative_tokens": 3},  # the engine's defaults
              "K=3 forced": {**fixed, "num_speculative_tokens": 3, "max_draft_tokens_per_step": 0}}
     llms = {}
-    for name, spec in specs.items():
-        llms[name] = LLM(path, max_model_len=1024, kv_cache_memory=256 << 20, speculative_config=spec)
-        llms[name].generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=8))
+    try:
+        for name, spec in specs.items():
+            llms[name] = LLM(path, max_model_len=1024, kv_cache_memory=256 << 20, speculative_config=spec)
+            llms[name].generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=8))
+    except BaseException:
+        for llm in llms.values():
+            llm.shutdown()
+        raise
     return llms
 
 
@@ -62,6 +67,9 @@ def batch1(llms: dict, prompts, n, temps, reps: int) -> dict:
         acc = {name: [0, 0.0] for name in llms}
         for llm in llms.values():
             llm.engine.spec_stats.__init__()
+            depth = llm.engine.draft_depth
+            if depth is not None:  # each temperature learns its own adaptive depth
+                depth.__init__(depth.k, depth.min_acceptance)
             dec = llm.engine.executor.worker.runner.mtp
             if dec is not None:
                 dec.seconds = dict.fromkeys(dec.seconds, 0.0)

@@ -212,12 +212,14 @@ class LLMEngine:
         batch would carry more than ``max_draft_tokens_per_step`` drafts (a large batch is
         compute-bound, so drafts there cost about as much as they save; with none, the MTP
         layer still keeps its cache). Proposals are further limited to the positions recent
-        steps accepted often enough (``DraftDepth``); whatever was proposed is fed."""
+        steps accepted often enough (``DraftDepth``, consulted only on steps that can propose);
+        the depth never cuts what is fed, so a probe's drafts are verified unless the budget
+        falls in between."""
         k = self.num_spec_tokens
         budget = self.config.speculative.max_draft_tokens_per_step if k else 0
         if budget and num_sampling * k > budget:
             k = budget // num_sampling
-        return k, (min(k, self.draft_depth.limit()) if self.draft_depth else 0)
+        return k, (min(k, self.draft_depth.limit()) if k and num_sampling else k)
 
     def _output(self, req: Request) -> RequestOutput:
         outs = []

@@ -110,7 +110,8 @@ class LayerKV:
         k = self.k[start:start + length]
         v = self.v[start:start + length]
         if not self.is_fp8:
-            return k.to(dtype), (k.to(dtype) if self.shared else v.to(dtype))
+            k = k.to(dtype)
+            return k, (k if self.shared else v.to(dtype))
         k = k.view(torch.uint8).view(FP8).to(dtype) * self.k_scale
         return k, (k if self.shared else v.view(torch.uint8).view(FP8).to(dtype) * self.v_scale)
 

@@ -44,7 +44,8 @@ def pack_weight(module: nn.Module) -> None:
     The dense parameter becomes empty (same dtype), so a stray direct read fails loudly; a tied
     embedding keeps its own reference to the shared tensor."""
     w = module.weight
-    if (_PACK is None or w.device.type != "cpu" or w.dtype != torch.float32
+    if (_PACK is None or getattr(module, "weight_packed", None) is not None
+            or w.device.type != "cpu" or w.dtype != torch.float32
             or not torch.backends.mkldnn.is_available() or getattr(module, "keep_dense", False)):
         return
     module.weight_packed = _PACK(w.detach(), PACK_BATCH_HINT)

@@ -51,11 +51,14 @@ class DraftHead(nn.Module):
 
 
 def _full_head_weight(runner, cfg: EngineConfig) -> torch.Tensor:
-    """The whole ``[vocab, H]`` head: this rank's dense copy at TP=1 if it keeps one (a tied
-    embedding), else read from the checkpoint."""
-    head = runner.model.lm_head.weight
-    if runner.comm.world_size == 1 and head.numel():
-        return head.data
+    """The whole ``[vocab, H]`` head: at TP=1 this rank's dense copy if one is kept (the head's
+    own when unpacked, the embedding's when tied), else read from the checkpoint."""
+    if runner.comm.world_size == 1:
+        head = runner.model.lm_head.weight
+        if head.numel():
+            return head.data
+        if cfg.model.tie_word_embeddings:
+            return runner.model.model.embed_tokens.weight.data
     want = "model.embed_tokens.weight" if cfg.model.tie_word_embeddings else "lm_head.weight"
     for name, lazy in iter_checkpoint(cfg.model.path):
         if name == want:
