@@ -154,9 +154,16 @@ class MTPDecoder:
         return [pick_draft(logits[i], s.sampling, pos, vocab, ids)
                 for i, (s, pos) in enumerate(zip(seqs, positions))]
 
-    def _run(self, work: list[SeqWork], hidden: torch.Tensor) -> tuple[torch.Tensor, ForwardBatch]:
+    def _run(self, work: list[SeqWork], hidden: torch.Tensor, same_as: ForwardBatch | None = None
+             ) -> tuple[torch.Tensor, ForwardBatch]:
+        """MTP layer over ``work``; ``same_as``: a batch with exactly these positions and slots
+        (the main pass's, when no drafts are fed or wanted), whose metadata is reused."""
         r = self.runner
-        batch = r.build(work)
+        if same_as is None:
+            batch = r.build(work)
+        else:
+            ids = torch.tensor([t for w in work for t in w.token_ids], device=hidden.device)
+            batch = replace(same_as, ids=ids)
         emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
         g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
         return g, batch
@@ -210,13 +217,11 @@ class MTPDecoder:
         if not work:
             return StepOutput(step.step_id, sampled)
         if not proposers and _same_shape(work, step.seqs):
-            # no drafts fed or wanted (a large batch): the same positions and slots as the main
-            # pass, so its metadata serves as is, with the tokens shifted by one
-            ids = torch.tensor([t for w in work for t in w.token_ids], device=hidden.device)
-            self.mtp.layer(batch.positions, r.model.model.embed_tokens(ids), source, self.kv, batch.meta)
-            self.seconds["mtp_catch_up"] += time.perf_counter() - t1
-            return StepOutput(step.step_id, sampled)
-        g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
+            # no drafts fed or wanted (a large batch): the main pass's positions and slots, its
+            # rows in order; only the tokens are shifted by one
+            g, mbatch = self._run(work, source, same_as=batch)
+        else:
+            g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
         t2 = time.perf_counter()
         self.seconds["mtp_catch_up"] += t2 - t1
         if not proposers:
