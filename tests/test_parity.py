@@ -22,8 +22,10 @@ ATOL = 1e-4
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33, 42, 19, 260, 4]
 
 
-def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int = 4) -> torch.Tensor:
-    """Logits of every position, feeding ``tokens`` in chunks through the paged cache."""
+def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int = 4,
+               paged: bool = False) -> torch.Tensor:
+    """Logits of every position, feeding ``tokens`` in chunks through the paged cache
+    (``paged``: chunks of up to 16 tokens through the C kernel over block tables)."""
     cfg = ModelConfig.from_pretrained(path)
     model = model_class(cfg.architecture)(cfg, NullCommunicator(), torch.float32, 512)
     load_weights(model, path)
@@ -38,7 +40,8 @@ def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int 
         for n in chunks:
             work = SeqWork(0, tuple(tokens[start:start + n]), start, table, True)
             b = build_batch((work,), block_size, cfg.sliding_window,
-                            attn.num_heads // attn.num_kv_heads, torch.float32, torch.device("cpu"))
+                            attn.num_heads // attn.num_kv_heads, torch.float32, torch.device("cpu"),
+                            paged=paged)
             hidden = model(b.ids, b.positions, caches, b.meta)
             out.append(model.compute_logits(hidden))
             start += n

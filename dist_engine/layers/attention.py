@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dist_engine.kernels import paged_attention as paged_kernel
+from dist_engine.kernels.paged_attention import PagedGroup
 from dist_engine.layers.kv_cache import LayerKV
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
@@ -46,7 +48,9 @@ class AttentionGroup:
 class AttentionMetadata:
     num_tokens: int
     slot_mapping: torch.Tensor  # [W] long: where each stored token's K/V is written
-    groups: list[AttentionGroup] = field(default_factory=list)
+    # padded groups for PyTorch's kernel, or (decode / verification on CPU) one PagedGroup for
+    # the C kernel over block tables
+    groups: list[AttentionGroup | PagedGroup] = field(default_factory=list)
     # Sequence sharding: the W tokens (of T) whose K/V this rank stores (None: all of them),
     # the communicator of the ranks holding the other shards (None: not sharded), and inside a
     # TP group the ranks that share this rank's KV heads (DCP; None: none).
@@ -190,10 +194,18 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
     T, Hq, D = q.shape
     Hk = kv.num_kv_heads
     G = Hq // Hk  # query heads per KV head on this rank
+    first = meta.groups[0]
+    if isinstance(first, PagedGroup) and first.covers_all:  # (never with sequence shards)
+        out = q.new_empty(T, Hq, D)
+        paged_kernel.attend(q, kv.k, kv.v, first, scale, out)
+        return out, None
     single = len(meta.groups) == 1 and meta.groups[0].dense
     out = None if single else q.new_zeros(T, Hq, D)
     lse_out = None if single or not need_lse else torch.full((T, Hq), float("-inf"), device=q.device)
     for g in meta.groups:
+        if isinstance(g, PagedGroup):
+            paged_kernel.attend(q, kv.k, kv.v, g, scale, out)
+            continue
         B, Q = g.q_index.shape
         qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]
         if g.folded:

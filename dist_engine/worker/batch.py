@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
 from dist_engine.worker.messages import SeqWork
 
@@ -111,9 +112,12 @@ def _consecutive_start(kv_slots: torch.Tensor) -> int | None:
 
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
-                shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True) -> ForwardBatch:
+                shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True,
+                paged: bool = False) -> ForwardBatch:
     """``heads_per_kv``: query heads per KV head attended together (folded into the mask for
-    short query groups when ``fold``; pass False with one KV head per rank).
+    short query groups when ``fold``; pass False with one KV head per rank). ``paged``: the
+    sequences feeding few tokens go to the C kernel over block tables instead (a ``PagedGroup``;
+    the caller checks that it applies: CPU, one shard, a full-precision cache of separate K/V).
 
     With ``num_shards`` > 1 (sequence shards: CP x DCP) this rank writes only the K/V of tokens
     whose block lives on its ``shard`` and attends only over its own keys; ``cp`` (the shard
@@ -142,12 +146,18 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     groups = []
     one_group = len(small) == len(seqs) or len(seqs) == 1
     shard_kw = dict(shard=shard, num_shards=S, fold=fold)
-    if one_group:
+    paged = paged and S == 1 and bool(small)
+    if paged and len(small) == len(seqs):
+        groups.append(make_group(seqs, starts, block_size, window, len(ids)))
+    elif one_group:
         dense = len({len(s.token_ids) for s in seqs}) == 1
         groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device,
                              dense, **shard_kw))
     else:
-        if small:
+        if small and paged:
+            groups.append(make_group([seqs[k] for k in small], [starts[k] for k in small],
+                                     block_size, window, len(ids)))
+        elif small:
             groups.append(_group([seqs[k] for k in small], [starts[k] for k in small],
                                  block_size, window, heads_per_kv, dtype, device, False, **shard_kw))
         for k in large:

@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
@@ -66,6 +67,11 @@ class ModelRunner:
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # query heads per KV head that attention folds together (the whole DCP group's)
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
+        # decode / verification attention through the C kernel over block tables (CPU, one
+        # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
+        self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
+                                 and not self.latent_cache and self.seq_comm is None
+                                 and self.dcp_comm is None and paged_kernel_available(self.dtype))
         self.kv_caches: list[LayerKV] = []
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
         self._calibrating = False
@@ -77,7 +83,8 @@ class ModelRunner:
         return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
                            self.heads_per_kv, self.dtype, self.device,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm, fold=self.local_kv_heads > 1)
+                           dcp=self.dcp_comm, fold=self.local_kv_heads > 1,
+                           paged=self.use_paged_kernel)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

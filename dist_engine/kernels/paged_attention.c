@@ -1,0 +1,263 @@
+/* Decode / verification attention straight over the paged KV cache (CPU, fp32 or bf16).
+ *
+ * Built on first use by dist_engine/kernels/build.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes with tensor data pointers. One task per (sequence, KV head): the task
+ * reads that head's keys and values once, slot by slot through the block table, for all G query
+ * heads sharing it and all of the sequence's query tokens. No gather into a padded batch, no
+ * mask tensor: query token i of a sequence with context length L and Q queries sits at position
+ * L - Q + i and sees keys 0 .. L - Q + i (and, with a sliding window W, only the last W of them).
+ * A task's result depends only on its own sequence, never on what else is in the batch.
+ *
+ * Layouts (element strides):
+ *   q     [T, Hq, D], row stride q_row (the [Hq, D] part contiguous)
+ *   out   [T, Hq, D], contiguous
+ *   k, v  [num_slots, Hk, D], contiguous; slot = block * block_size + offset
+ *   q_start, q_len, ctx  [B]: first query token, number of queries, context length
+ *   tables [B, max_blocks]: block ids
+ * Scores and softmax in fp32; bf16 inputs are widened, outputs rounded to nearest even.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_float(bf16 x) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)x << 16;
+    return c.f;
+}
+
+static inline bf16 float_to_bf16(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40); /* quiet NaN */
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);
+    return (bf16)(c.u >> 16);
+}
+
+/* one row of D elements -> float */
+static inline void load_row(const void *base, int64_t index, int64_t D, int is_bf16, float *dst) {
+    if (is_bf16) {
+        const bf16 *src = (const bf16 *)base + index;
+        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_float(src[d]);
+    } else {
+        memcpy(dst, (const float *)base + index, (size_t)D * sizeof(float));
+    }
+}
+
+#define TILE 8
+typedef float vec8 __attribute__((vector_size(32))); /* AVX on x86, two NEON registers on ARM */
+
+static inline vec8 load8(const float *p) {
+    vec8 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+/* dots[t] = a . b[t] for TILE rows b[t] of D floats: TILE independent accumulators */
+static inline void dot_tile(const float *a, const float *const *b, int64_t D, float *dots) {
+    if (D % 8 == 0) {
+        vec8 acc[TILE] = {0};
+        for (int64_t d = 0; d < D; d += 8) {
+            const vec8 x = load8(a + d);
+            for (int t = 0; t < TILE; t++) acc[t] += x * load8(b[t] + d);
+        }
+        for (int t = 0; t < TILE; t++) {
+            const vec8 v = acc[t];
+            dots[t] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+        }
+        return;
+    }
+    for (int t = 0; t < TILE; t++) {
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; d++) s += a[d] * b[t][d];
+        dots[t] = s;
+    }
+}
+
+/* Keys are split into chunks of this many (a property of the sequence alone, so a sequence's
+ * result never depends on the rest of the batch); chunks run in parallel and are merged. */
+#define KEY_CHUNK 256
+
+typedef struct {
+    const void *q, *k, *v;
+    void *out;
+    int64_t q_row, Hq, Hk, D, bs, window;
+    float scale;
+    int is_bf16;
+} Args;
+
+/* Partial attention of all query rows of one sequence over keys [j0, j1): per row the running
+ * max m, the sum of exp(score - m) and the unnormalised output acc = sum exp(score - m) v.
+ * Rows are (query token, query head), token major. Returns -1 when out of memory. */
+static inline __attribute__((always_inline)) int attend_chunk(
+        const Args *a, int is_bf16, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
+        int64_t j0, int64_t j1, float *m_out, float *s_out, float *acc) {
+    const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
+    const int64_t n = j1 - j0;
+    float *qf = malloc((size_t)(R * D + R * n + D + TILE * D) * sizeof(float));
+    if (qf == NULL) return -1;
+    float *scores = qf + R * D; /* [R, n] */
+    float *row = scores + R * n; /* [D]: one widened value */
+    float *kbuf = row + D;       /* [TILE, D]: widened keys */
+    for (int64_t i = 0; i < Q; i++)
+        for (int64_t hq = 0; hq < Hq; hq++) {
+            float *dst = qf + (i * Hq + hq) * D;
+            load_row(a->q, (qs + i) * a->q_row + hq * D, D, is_bf16, dst);
+            for (int64_t d = 0; d < D; d++) dst[d] *= a->scale;
+        }
+    /* scores: TILE keys at a time per KV head (independent accumulators) */
+    for (int64_t t0 = j0; t0 < j1; t0 += TILE) {
+        const int64_t nt = j1 - t0 < TILE ? j1 - t0 : TILE;
+        for (int64_t h = 0; h < Hk; h++) {
+            const float *kp[TILE];
+            for (int64_t t = 0; t < TILE; t++) {
+                const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
+                const int64_t at = ((table[j / bs] * bs + j % bs) * Hk + h) * D;
+                if (is_bf16) {
+                    load_row(a->k, at, D, 1, kbuf + t * D);
+                    kp[t] = kbuf + t * D;
+                } else {
+                    kp[t] = (const float *)a->k + at;
+                }
+            }
+            for (int64_t i = 0; i < Q; i++) {
+                const int64_t pos = L - Q + i; /* this query's position */
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t r = i * Hq + h * G + g;
+                    float dots[TILE];
+                    dot_tile(qf + r * D, kp, D, dots);
+                    for (int64_t t = 0; t < nt; t++) {
+                        const int64_t j = t0 + t;
+                        const int visible = j <= pos && (a->window <= 0 || j > pos - a->window);
+                        scores[r * n + (j - j0)] = visible ? dots[t] : -INFINITY;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        float m = -INFINITY, s = 0.0f;
+        float *sr = scores + r * n;
+        for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
+        const float base = m == -INFINITY ? 0.0f : m; /* no visible key: every weight is 0 */
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < n; j++) {
+            sr[j] = expf(sr[j] - base);
+            s += sr[j];
+        }
+        m_out[r] = m;
+        s_out[r] = s;
+    }
+    memset(acc, 0, (size_t)(R * D) * sizeof(float));
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t slot = table[j / bs] * bs + j % bs;
+        for (int64_t h = 0; h < Hk; h++) {
+            const int64_t at = (slot * Hk + h) * D;
+            const float *vr = row;
+            if (is_bf16) load_row(a->v, at, D, 1, row);
+            else vr = (const float *)a->v + at;
+            for (int64_t i = 0; i < Q; i++)
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t r = i * Hq + h * G + g;
+                    const float w = scores[r * n + (j - j0)];
+                    if (w == 0.0f) continue;
+                    float *o = acc + r * D;
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++) o[d] += w * vr[d];
+                }
+        }
+    }
+    free(qf);
+    return 0;
+}
+
+/* Returns 0 on success, -1 if a task could not allocate its scratch memory. */
+static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const void *v, void *out,
+               const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
+               const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,
+               int64_t D, int64_t bs, int64_t window, float scale) {
+    const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16};
+    /* task list: (sequence, key chunk); partial results at per-task offsets */
+    int64_t *first = malloc((size_t)(B + 1) * 2 * sizeof(int64_t)); /* first task, first row */
+    if (first == NULL) return -1;
+    int64_t *row0 = first + B + 1;
+    first[0] = row0[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t chunks = ctx[b] > 0 ? (ctx[b] + KEY_CHUNK - 1) / KEY_CHUNK : 1;
+        first[b + 1] = first[b] + chunks;
+        row0[b + 1] = row0[b] + chunks * q_len[b] * Hq;
+    }
+    const int64_t tasks = first[B], rows = row0[B];
+    float *part = malloc((size_t)(rows * (D + 2)) * sizeof(float));
+    if (part == NULL) {
+        free(first);
+        return -1;
+    }
+    float *pm = part, *ps = part + rows, *pacc = part + 2 * rows;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t b = 0;
+            while (first[b + 1] <= t) b++;
+            const int64_t c = t - first[b], R = q_len[b] * Hq, r = row0[b] + c * R;
+            const int64_t j0 = c * KEY_CHUNK, j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
+            failed |= attend_chunk(&a, is_bf16, q_start[b], q_len[b], ctx[b],
+                                   tables + b * max_blocks, j0, j1, pm + r, ps + r,
+                                   pacc + r * D) != 0;
+        }
+        /* merge each sequence's chunks in chunk order and normalise */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t C = first[b + 1] - first[b], R = q_len[b] * Hq;
+            for (int64_t r = 0; r < R; r++) {
+                float M = -INFINITY;
+                for (int64_t c = 0; c < C; c++) M = pm[row0[b] + c * R + r] > M ? pm[row0[b] + c * R + r] : M;
+                float total = 0.0f;
+                float *o = pacc + (row0[b] + r) * D; /* chunk 0's row collects the sum */
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t pr = row0[b] + c * R + r;
+                    const float f = M == -INFINITY ? 0.0f : expf(pm[pr] - M);
+                    total += f * ps[pr];
+                    if (c == 0) {
+                        for (int64_t d = 0; d < D; d++) o[d] *= f;
+                    } else {
+                        const float *x = pacc + pr * D;
+                        for (int64_t d = 0; d < D; d++) o[d] += f * x[d];
+                    }
+                }
+                const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+                const int64_t i = r / Hq, hq = r % Hq, at = ((q_start[b] + i) * Hq + hq) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    const float x = o[d] * inv;
+                    if (is_bf16) ((bf16 *)out)[at + d] = float_to_bf16(x);
+                    else ((float *)out)[at + d] = x;
+                }
+            }
+        }
+    }
+    free(part);
+    free(first);
+    return failed ? -1 : 0;
+}
+
+int paged_attention_f32(const float *q, int64_t q_row, const float *k, const float *v, float *out,
+                        const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
+                        const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
+                        int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale) {
+    return run(0, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
+               window, scale);
+}
+
+int paged_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, const bf16 *v, bf16 *out,
+                         const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
+                         const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
+                         int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale) {
+    return run(1, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
+               window, scale);
+}

@@ -1,0 +1,89 @@
+"""Python side of ``paged_attention.c``: decode and verification attention over block tables.
+
+``PagedGroup`` is the per-step metadata (built once by ``worker/batch.py``, shared by every
+layer); ``attend`` runs one layer. Eligible: CPU tensors, fp32 or bf16 cache in the query's
+dtype, separate K and V (not MLA's shared latent), no sequence shards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from dist_engine.kernels import load
+
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+         ctypes.c_int64, ctypes.c_float]
+
+
+@dataclass
+class PagedGroup:
+    """Sequences attended by the C kernel (few query tokens each: decode, verification)."""
+
+    q_start: torch.Tensor  # [B] int64: flat index of each sequence's first query token
+    q_len: torch.Tensor  # [B] int64: its query tokens (the last q_len positions of its context)
+    ctx: torch.Tensor  # [B] int64: context length, the queries' own tokens included
+    tables: torch.Tensor  # [B, max_blocks] int64: block ids (padding never read)
+    block_size: int
+    window: int  # sliding window in tokens, 0 for none
+    covers_all: bool  # the group's queries are every token of the step
+
+
+def _functions():
+    lib = load("paged_attention")
+    if lib is None:
+        return None
+    fns = {}
+    for dtype, name in ((torch.float32, "paged_attention_f32"), (torch.bfloat16, "paged_attention_bf16")):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _ARGS, ctypes.c_int
+        fns[dtype] = fn
+    return fns
+
+
+_FNS: dict | None | bool = False  # False: not loaded yet
+
+
+def available(dtype: torch.dtype) -> bool:
+    global _FNS
+    if _FNS is False:
+        _FNS = _functions()
+    return _FNS is not None and dtype in _FNS
+
+
+def make_group(seqs, starts: list[int], block_size: int, window: int | None,
+               num_tokens: int) -> PagedGroup:
+    """Metadata for ``seqs`` (``SeqWork``s, each feeding its last ``len(token_ids)`` positions)."""
+    used = [(s.context_len + block_size - 1) // block_size for s in seqs]
+    width = max(used)
+    tables = [list(s.block_table[:n]) + [0] * (width - n) for s, n in zip(seqs, used)]
+    q_len = [len(s.token_ids) for s in seqs]
+    return PagedGroup(
+        q_start=torch.tensor(starts, dtype=torch.int64),
+        q_len=torch.tensor(q_len, dtype=torch.int64),
+        ctx=torch.tensor([s.context_len for s in seqs], dtype=torch.int64),
+        tables=torch.tensor(tables, dtype=torch.int64),
+        block_size=block_size,
+        window=window or 0,
+        covers_all=sum(q_len) == num_tokens,
+    )
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup,
+           scale: float, out: torch.Tensor) -> None:
+    """Write the group's rows of ``out`` ``[T, Hq, D]`` (contiguous, q's dtype): attention of q
+    ``[T, Hq, D]`` over the cache ``[num_slots, Hk, D]`` (same dtype)."""
+    T, Hq, D = q.shape
+    if q.stride(2) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    fn = _FNS[q.dtype]
+    B, width = g.tables.shape
+    rc = fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            g.q_start.data_ptr(), g.q_len.data_ptr(), g.ctx.data_ptr(), g.tables.data_ptr(),
+            width, B, Hq, k_cache.shape[1], D, g.block_size, g.window, scale)
+    if rc != 0:
+        raise MemoryError("paged attention kernel: out of memory for its score buffers")

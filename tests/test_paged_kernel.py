@@ -1,0 +1,122 @@
+"""The C decode / verification attention over block tables (dist_engine/kernels).
+
+Checked against a direct softmax attention written here (GQA, several query tokens per sequence,
+sliding windows, contexts spanning several key chunks, fp32 and bf16, head sizes with and
+without the vector path), against transformers through the model, and the engine's greedy
+output with the kernel switched on and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_parity import PROMPT, hf_logits, our_logits
+
+from conftest import hf_greedy
+from dist_engine import LLM, SamplingParams
+from dist_engine.kernels import paged_attention as pk
+from dist_engine.worker.messages import SeqWork
+
+# (context length, query tokens): decode, verification, a lone key, and contexts over several
+# 256-key chunks (the kernel's split), one ending exactly on a chunk boundary
+SEQS = [(150, 1), (17, 1), (1, 1), (64, 4), (200, 16), (33, 3), (700, 4), (513, 1), (256, 2)]
+
+
+def reference(q, k_cache, v_cache, seqs, starts, block_size, window, scale):
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    G = q.shape[1] // k_cache.shape[1]
+    for s, st in zip(seqs, starts):
+        Q, L = len(s.token_ids), s.context_len
+        slots = torch.tensor([s.block_table[j // block_size] * block_size + j % block_size for j in range(L)])
+        k = k_cache[slots].float().repeat_interleave(G, dim=1)  # [L, Hq, D]
+        v = v_cache[slots].float().repeat_interleave(G, dim=1)
+        for i in range(Q):
+            pos = L - Q + i
+            keys = torch.arange(L)
+            visible = (keys <= pos) & ((keys > pos - window) if window else True)
+            scores = torch.einsum("hd,lhd->hl", q[st + i].float(), k) * scale
+            scores[:, ~visible] = float("-inf")
+            out[st + i] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((4, 4), 24)], ids=["gqa-d64", "mha-d24"])
+@pytest.mark.parametrize("window", [None, 20, 300])
+def test_kernel_matches_reference(dtype, atol, heads, head_dim, window):
+    assert pk.available(dtype), "the C kernel did not build (see the log for the compiler error)"
+    gen = torch.Generator().manual_seed(0)
+    Hq, Hk = heads
+    block_size, slots = 16, 4096
+    k_cache = torch.randn(slots, Hk, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, Hk, head_dim, generator=gen).to(dtype)
+    free = torch.randperm(slots // block_size, generator=gen).tolist()  # scattered blocks
+    seqs, starts, T = [], [], 0
+    for ctx, Q in SEQS:
+        n = (ctx + block_size - 1) // block_size
+        seqs.append(SeqWork(0, (0,) * Q, ctx - Q, tuple(free[:n]), True))
+        free = free[n:]
+        starts.append(T)
+        T += Q
+    # q as attention gets it: a view into a wider [T, Hq + Hk, D] tensor (rows strided)
+    q = torch.randn(T, Hq + Hk, head_dim, generator=gen).to(dtype)[:, :Hq]
+    group = pk.make_group(seqs, starts, block_size, window, T)
+    out = torch.full((T, Hq, head_dim), float("nan"), dtype=dtype)
+    pk.attend(q, k_cache, v_cache, group, 0.125, out)
+    ref = reference(q, k_cache, v_cache, seqs, starts, block_size, window, 0.125)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+
+
+def test_kernel_result_does_not_depend_on_the_batch():
+    """A sequence's rows are bitwise the same alone and among others."""
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(2048, 2, 32, generator=gen) for _ in range(2))
+    seqs = [SeqWork(0, (0,), 299, tuple(range(i * 20, i * 20 + 19)), True) for i in range(4)]
+    q = torch.randn(4, 6, 32, generator=gen)
+    together = torch.empty(4, 6, 32)
+    pk.attend(q, k_cache, v_cache, pk.make_group(seqs, [0, 1, 2, 3], 16, None, 4), 0.2, together)
+    for i, s in enumerate(seqs):
+        alone = torch.empty(1, 6, 32)
+        pk.attend(q[i:i + 1], k_cache, v_cache, pk.make_group([s], [0], 16, None, 1), 0.2, alone)
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama1kv", "mistral", "qwen3"])
+def test_paged_kernel_logits_match_transformers(tiny_models, arch):
+    """Decode and verification-sized chunks through the kernel, a long chunk through PyTorch's
+    (mistral's window of 12 is crossed)."""
+    path = tiny_models(arch)
+    ours = our_logits(path, PROMPT, [3, 1, 1, 4, 1, 1, 8, 1], paged=True)
+    torch.testing.assert_close(ours, hf_logits(path, PROMPT), atol=1e-4, rtol=0)
+
+
+def test_engine_greedy_same_with_and_without_kernel(tiny_models):
+    path = tiny_models("llama")
+    prompts = [PROMPT, [1, 5, 6], PROMPT[:11], [1, 300]]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    with LLM(path, skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=64, block_size=4) as llm:
+        runner = llm.engine.executor.worker.runner
+        assert runner.use_paged_kernel
+        outs = {}
+        for flag in (True, False):
+            runner.use_paged_kernel = flag
+            res = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            outs[flag] = [r.outputs[0].token_ids for r in res]
+    assert outs[True] == outs[False]
+    assert outs[True][0] == hf_greedy(path, PROMPT, 20)
+
+
+def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path):
+    from dist_engine import kernels
+
+    monkeypatch.setenv("DIST_ENGINE_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load("paged_attention") is None
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        assert kernels.load("paged_attention") is None
+    finally:
+        kernels.load.cache_clear()
