@@ -1,16 +1,17 @@
 """Token sampling on the workers (every rank draws identically from the same full logits).
 
 Greedy is argmax. Random sampling is the Gumbel-max trick with noise keyed by (seed, position):
-``argmax(log_softmax(masked_logits / T) + g)`` with ``g = -log(-log(u))``, ``u`` drawn from a
-generator seeded by the request's seed and the position being sampled. That is an exact draw
-from the tempered, masked distribution, and reproducible whatever else is in the batch.
+``argmax(masked_logits / T + g)`` with ``g = -log(-log(u))``, ``u`` from a counter-based
+generator keyed by the request's seed and the position being sampled (``kernels/gumbel.py``).
+That is an exact draw from the tempered, masked distribution, and reproducible whatever else is
+in the batch.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from dist_engine.kernels.gumbel import noise_rows
 from dist_engine.worker.messages import SamplingSpec
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, position)
@@ -23,13 +24,11 @@ def noise_seed(seed: int, position: int) -> int:
 def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
     """``[vocab]`` fp32 Gumbel(0, 1) noise, the same on every rank, device and run.
 
-    Uniforms are float64 (53 random bits, so the noise reaches ~37 and no token's tail
-    probability is cut off at any realistic logit gap) from numpy's SFC64 generator seeded by
-    (seed, position): 2.5x faster than torch's CPU Mersenne Twister for a 49k vocabulary.
+    Uniforms carry 52 random bits (the noise reaches ~36.7, so no token's tail probability is
+    cut off at any realistic logit gap); the C kernel computes a 49k-token row in ~0.2 ms, about
+    3x faster than numpy's SFC64 uniforms and two float64 logarithms.
     """
-    u = np.random.Generator(np.random.SFC64(noise_seed(seed, position))).random(vocab)
-    t = torch.from_numpy(u).clamp_(min=1e-300)
-    return t.log_().neg_().log_().neg_().float()  # -log(-log u)
+    return noise_rows([noise_seed(seed, position)], vocab)[0]
 
 
 def apply_penalties(logits: torch.Tensor, spec: SamplingSpec) -> None:
@@ -83,7 +82,8 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
     or per-row reductions).
     """
     N, V = logits.shape
-    logprobs = torch.log_softmax(logits, dim=-1)  # [N, V], raw distribution
+    raw = logits
+    lse = torch.logsumexp(raw, dim=-1)  # [N]: log-normaliser of the raw distribution
     if any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
         logits = logits.clone()  # penalised and banned rows: the caller's logits stay raw
         for i, spec in enumerate(specs):
@@ -106,15 +106,16 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
         order = plain + [i for i in drawn if _masked(specs[i], V)]
         for j in range(len(plain), len(order)):
             x[j] = apply_masks(logits[order[j]], specs[order[j]])
-        for j, i in enumerate(order):  # per-row noise: its own generator, keyed by the row
-            x[j] += gumbel_noise(specs[i].seed, positions[i], V).to(x.device)
+        # each row's noise keyed by its own (seed, position), all rows in one call
+        keys = [noise_seed(specs[i].seed, positions[i]) for i in order]
+        x += noise_rows(keys, V).to(x.device)
         tokens[torch.tensor(order, device=logits.device)] = x.argmax(dim=-1)
-    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1)
+    chosen = raw.gather(1, tokens.view(-1, 1)).view(-1) - lse
     top: list[tuple[tuple[int, float], ...]] = []
     for i, spec in enumerate(specs):
         if spec.logprobs:
-            vals, ids = torch.topk(logprobs[i], spec.logprobs)
-            top.append(tuple(zip(ids.tolist(), vals.tolist())))
+            vals, ids = torch.topk(raw[i], spec.logprobs)
+            top.append(tuple(zip(ids.tolist(), (vals - lse[i]).tolist())))
         else:
             top.append(())
     return tokens.tolist(), chosen.tolist(), top
