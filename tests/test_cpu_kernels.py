@@ -71,6 +71,7 @@ def test_kernel_matches_reference(dtype, atol, heads, head_dim, window):
 
 def test_kernel_result_does_not_depend_on_the_batch():
     """A sequence's rows are bitwise the same alone and among others."""
+    assert pk.available(torch.float32)
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache = (torch.randn(2048, 2, 32, generator=gen) for _ in range(2))
     seqs = [SeqWork(0, (0,), 299, tuple(range(i * 20, i * 20 + 19)), True) for i in range(4)]
@@ -87,6 +88,7 @@ def test_kernel_result_does_not_depend_on_the_batch():
 def test_paged_kernel_logits_match_transformers(tiny_models, arch):
     """Decode and verification-sized chunks through the kernel, a long chunk through PyTorch's
     (mistral's window of 12 is crossed)."""
+    assert pk.available(torch.float32)
     path = tiny_models(arch)
     ours = our_logits(path, PROMPT, [3, 1, 1, 4, 1, 1, 8, 1], paged=True)
     torch.testing.assert_close(ours, hf_logits(path, PROMPT), atol=1e-4, rtol=0)
@@ -115,7 +117,7 @@ def test_gumbel_noise_kernel_equals_numpy_fallback_and_is_gumbel():
     keys = [0, 1, 12345, 2**63 - 1]
     fast = gumbel.noise_rows(keys, 50_000)
     slow = gumbel.noise_rows(keys, 50_000, use_kernel=False)
-    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)  # a last-bit log rounding at most
     assert fast.isfinite().all()
     # one row alone equals its row in a batch; rows with different keys differ
     assert torch.equal(gumbel.noise_rows(keys[2:3], 50_000)[0], fast[2])
@@ -134,7 +136,13 @@ def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path):
     try:
         assert kernels.load("paged_attention") is None
         monkeypatch.delenv("CC")
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        monkeypatch.setenv("DIST_ENGINE_CACHE", str(blocker / "cache"))  # cannot be created
+        kernels.load.cache_clear()
+        assert kernels.load("paged_attention") is None
         monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        kernels.load.cache_clear()
         assert kernels.load("paged_attention") is None
     finally:
         kernels.load.cache_clear()

@@ -6,7 +6,8 @@ into a padded batch and builds a mask before the fused kernel runs. The few kern
 steps directly. Each is a plain C file next to this module, compiled once per machine with the
 system C compiler (``cc -O3 -march=native -fopenmp``) into ``$DIST_ENGINE_CACHE/kernels`` and
 keyed by its source, flags and CPU, so editing a kernel or moving the cache to another CPU
-rebuilds it. Torch is imported first, so the kernels share PyTorch's OpenMP runtime and threads.
+rebuilds it. Each call passes ``torch.get_num_threads()``, so a kernel uses as many threads as
+the rank's PyTorch operators (shared runtime when torch's libgomp is the system's soname).
 
 Without a compiler (or with ``DIST_ENGINE_CPU_KERNELS=0``) ``load`` returns None and callers
 keep their PyTorch path; the tests check both paths against each other.
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "DIST_ENGINE_CPU_KERNELS"  # "0": never build or use the C kernels
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+LIBS = {"sampling": ("-lmvec", "-lm")}  # glibc's vector math; other kernels only -lm
 
 
 def enabled() -> bool:
@@ -57,31 +59,42 @@ def _kernel_dir() -> Path:
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled library of ``<name>.c`` in this folder, building it if needed; None when
-    kernels are switched off or cannot be built here (logged once)."""
+    kernels are switched off or cannot be built or loaded here (logged once)."""
     if not enabled():
         return None
     wanted = os.environ.get("CC", "cc")
     cc = shutil.which(wanted) or (None if "CC" in os.environ else shutil.which("gcc"))
-    src = Path(__file__).with_name(f"{name}.c")
     if cc is None:
-        log.warning("no C compiler (%s): %s runs through PyTorch operators instead; install "
+        log.warning("no C compiler (%s): %s runs through PyTorch / numpy instead; install "
                     "gcc (Debian: build-essential) for the faster kernel", wanted, name)
         return None
-    key = hashlib.sha256(src.read_bytes() + " ".join((cc, *FLAGS)).encode() + _cpu_signature())
+    try:
+        return ctypes.CDLL(str(_build(name, cc)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip()[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+        log.warning("could not build or load the %s kernel with %s (%s); using PyTorch / numpy",
+                    name, cc, detail)
+        return None
+
+
+def _build(name: str, cc: str) -> Path:
+    src = Path(__file__).with_name(f"{name}.c")
+    cmd_flags = (*FLAGS, *LIBS.get(name, ("-lm",)))
+    key = hashlib.sha256(src.read_bytes() + " ".join((cc, *cmd_flags)).encode() + _cpu_signature())
     out_dir = _kernel_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
-    if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / f"{name}.lock", "w") as lock:  # ranks starting together build once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not lib.exists():
-                tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-                res = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), "-lmvec", "-lm"],
-                                     capture_output=True, text=True)
-                if res.returncode != 0:
-                    log.warning("could not compile %s with %s (%s); using PyTorch operators",
-                                src.name, cc, res.stderr.strip()[-500:])
-                    return None
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.lock", "w") as lock:  # ranks starting together build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not lib.exists():
+            tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+            try:
+                subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), *LIBS.get(name, ("-lm",))],
+                               capture_output=True, text=True, check=True)
                 os.replace(tmp, lib)
-                log.info("built %s", lib)
-    return ctypes.CDLL(str(lib))
+            finally:
+                tmp.unlink(missing_ok=True)
+            log.info("built %s", lib)
+    return lib

@@ -27,7 +27,8 @@ def _kernel():
             _FN = False
         else:
             _FN = lib.gumbel_noise
-            _FN.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            _FN.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_int64]
             _FN.restype = None
     return _FN
 
@@ -38,7 +39,7 @@ def noise_rows(keys: list[int], vocab: int, use_kernel: bool = True) -> torch.Te
     if fn:
         k = torch.tensor(keys, dtype=torch.int64)
         out = torch.empty(len(keys), vocab, dtype=torch.float32)
-        fn(k.data_ptr(), len(keys), vocab, out.data_ptr())
+        fn(k.data_ptr(), len(keys), vocab, out.data_ptr(), torch.get_num_threads())
         return out
     with np.errstate(over="ignore"):
         idx = np.arange(1, vocab + 1, dtype=np.uint64)

@@ -1,10 +1,11 @@
 /* Decode / verification attention straight over the paged KV cache (CPU, fp32 or bf16).
  *
- * Built on first use by dist_engine/kernels/build.py (cc -O3 -march=native -fopenmp) and
- * called through ctypes with tensor data pointers. One task per (sequence, KV head): the task
- * reads that head's keys and values once, slot by slot through the block table, for all G query
- * heads sharing it and all of the sequence's query tokens. No gather into a padded batch, no
- * mask tensor: query token i of a sequence with context length L and Q queries sits at position
+ * Built on first use by dist_engine/kernels/__init__.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes with tensor data pointers. One task per (sequence, chunk of 256 keys):
+ * the task reads each slot of its chunk once through the block table (all KV heads of the slot)
+ * for all of the sequence's query tokens and query heads; chunks merge by log-sum-exp. Chunks
+ * wholly outside a sliding window are skipped (they would add nothing). No gather into a
+ * padded batch, no mask tensor: query token i of a sequence with context length L and Q queries sits at position
  * L - Q + i and sees keys 0 .. L - Q + i (and, with a sliding window W, only the last W of them).
  * A task's result depends only on its own sequence, never on what else is in the batch.
  *
@@ -175,11 +176,18 @@ static inline __attribute__((always_inline)) int attend_chunk(
     return 0;
 }
 
+/* Leading key chunks no query of the sequence can see (sliding window): the first visible key
+ * of the earliest query (position L - Q) is L - Q - window + 1. */
+static inline int64_t skipped(int64_t L, int64_t Q, int64_t window) {
+    if (window <= 0 || L - Q - window + 1 <= 0) return 0;
+    return (L - Q - window + 1) / KEY_CHUNK;
+}
+
 /* Returns 0 on success, -1 if a task could not allocate its scratch memory. */
 static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const void *v, void *out,
                const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
                const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,
-               int64_t D, int64_t bs, int64_t window, float scale) {
+               int64_t D, int64_t bs, int64_t window, float scale, int64_t threads) {
     const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16};
     /* task list: (sequence, key chunk); partial results at per-task offsets */
     int64_t *first = malloc((size_t)(B + 1) * 2 * sizeof(int64_t)); /* first task, first row */
@@ -187,7 +195,8 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
     int64_t *row0 = first + B + 1;
     first[0] = row0[0] = 0;
     for (int64_t b = 0; b < B; b++) {
-        const int64_t chunks = ctx[b] > 0 ? (ctx[b] + KEY_CHUNK - 1) / KEY_CHUNK : 1;
+        const int64_t all = ctx[b] > 0 ? (ctx[b] + KEY_CHUNK - 1) / KEY_CHUNK : 1;
+        const int64_t chunks = all - skipped(ctx[b], q_len[b], window);
         first[b + 1] = first[b] + chunks;
         row0[b + 1] = row0[b] + chunks * q_len[b] * Hq;
     }
@@ -199,14 +208,15 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
     }
     float *pm = part, *ps = part + rows, *pacc = part + 2 * rows;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t b = 0;
             while (first[b + 1] <= t) b++;
             const int64_t c = t - first[b], R = q_len[b] * Hq, r = row0[b] + c * R;
-            const int64_t j0 = c * KEY_CHUNK, j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
+            const int64_t j0 = (c + skipped(ctx[b], q_len[b], window)) * KEY_CHUNK;
+            const int64_t j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
             failed |= attend_chunk(&a, is_bf16, q_start[b], q_len[b], ctx[b],
                                    tables + b * max_blocks, j0, j1, pm + r, ps + r,
                                    pacc + r * D) != 0;
@@ -249,15 +259,17 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
 int paged_attention_f32(const float *q, int64_t q_row, const float *k, const float *v, float *out,
                         const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
                         const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
-                        int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale) {
+                        int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
+                        int64_t threads) {
     return run(0, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
-               window, scale);
+               window, scale, threads);
 }
 
 int paged_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, const bf16 *v, bf16 *out,
                          const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
                          const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
-                         int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale) {
+                         int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
+                         int64_t threads) {
     return run(1, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
-               window, scale);
+               window, scale, threads);
 }

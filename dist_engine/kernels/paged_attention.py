@@ -17,7 +17,7 @@ from dist_engine.kernels import load
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int64, ctypes.c_float]
+         ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
 
 
 @dataclass
@@ -78,12 +78,22 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Pag
     """Write the group's rows of ``out`` ``[T, Hq, D]`` (contiguous, q's dtype): attention of q
     ``[T, Hq, D]`` over the cache ``[num_slots, Hk, D]`` (same dtype)."""
     T, Hq, D = q.shape
+    if not available(q.dtype):
+        raise RuntimeError(f"the paged attention kernel is not built for {q.dtype} here")
+    if not (q.device.type == k_cache.device.type == out.device.type == "cpu"
+            and k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+            and out.shape == q.shape and k_cache.shape == v_cache.shape
+            and k_cache.shape[2] == D and Hq % k_cache.shape[1] == 0):
+        raise ValueError("paged attention kernel: q, out [T, Hq, D] and contiguous K/V caches "
+                         "[slots, Hk, D] must be CPU tensors of one dtype")
     if q.stride(2) != 1 or q.stride(1) != D:
         q = q.contiguous()
     fn = _FNS[q.dtype]
     B, width = g.tables.shape
     rc = fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             g.q_start.data_ptr(), g.q_len.data_ptr(), g.ctx.data_ptr(), g.tables.data_ptr(),
-            width, B, Hq, k_cache.shape[1], D, g.block_size, g.window, scale)
+            width, B, Hq, k_cache.shape[1], D, g.block_size, g.window, scale,
+            torch.get_num_threads())
     if rc != 0:
         raise MemoryError("paged attention kernel: out of memory for its score buffers")

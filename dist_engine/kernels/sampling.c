@@ -26,9 +26,9 @@ static inline double uniform(uint64_t key, uint64_t k) {
     return c.d - (1.0 - 0x1.0p-53);
 }
 
-/* out [N, V]: the noise of rows with keys[N] */
-void gumbel_noise(const uint64_t *keys, int64_t N, int64_t V, float *out) {
-#pragma omp parallel for collapse(2) schedule(static)
+/* out [N, V]: the noise of rows with keys[N], on up to `threads` threads */
+void gumbel_noise(const uint64_t *keys, int64_t N, int64_t V, float *out, int64_t threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t r = 0; r < N; r++)
         for (int64_t c = 0; c < V; c += 4096) {
             const int64_t end = c + 4096 < V ? c + 4096 : V;

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_engine.kernels.paged_attention import available as paged_available
 from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
 from dist_engine.worker.messages import SeqWork
@@ -146,7 +147,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     groups = []
     one_group = len(small) == len(seqs) or len(seqs) == 1
     shard_kw = dict(shard=shard, num_shards=S, fold=fold)
-    paged = paged and S == 1 and bool(small)
+    paged = paged and S == 1 and bool(small) and paged_available(dtype)
     if paged and len(small) == len(seqs):
         groups.append(make_group(seqs, starts, block_size, window, len(ids)))
     elif one_group:
