@@ -256,20 +256,15 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
     return failed ? -1 : 0;
 }
 
-int paged_attention_f32(const float *q, int64_t q_row, const float *k, const float *v, float *out,
-                        const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
-                        const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
-                        int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
-                        int64_t threads) {
-    return run(0, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
-               window, scale, threads);
-}
+/* The exported entry points, one per element type (arguments as in the header comment). */
+#define ENTRY(NAME, T, IS_BF16)                                                                   \
+    int NAME(const T *q, int64_t q_row, const T *k, const T *v, T *out, const int64_t *q_start,  \
+             const int64_t *q_len, const int64_t *ctx, const int64_t *tables, int64_t max_blocks, \
+             int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window,           \
+             float scale, int64_t threads) {                                                      \
+        return run(IS_BF16, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, \
+                   Hk, D, bs, window, scale, threads);                                            \
+    }
 
-int paged_attention_bf16(const bf16 *q, int64_t q_row, const bf16 *k, const bf16 *v, bf16 *out,
-                         const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
-                         const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq,
-                         int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
-                         int64_t threads) {
-    return run(1, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs,
-               window, scale, threads);
-}
+ENTRY(paged_attention_f32, float, 0)
+ENTRY(paged_attention_bf16, bf16, 1)
