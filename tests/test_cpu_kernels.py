@@ -127,6 +127,29 @@ def test_gumbel_noise_kernel_equals_numpy_fallback_and_is_gumbel():
     assert abs(x.var().item() - 1.6449341) < 0.03
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_kernel_matches_the_pytorch_path(dtype):
+    from dist_engine.kernels.rms_norm import rms_norm
+    from dist_engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(96, 1e-5, dtype)
+    norm.weight.data = (torch.randn(96, generator=torch.Generator().manual_seed(0)) + 1).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    for x in (torch.randn(1, 96, generator=gen), torch.randn(40, 96, generator=gen),  # rows
+              torch.randn(5, 3, 96, generator=gen),  # heads (qk_norm)
+              torch.randn(7, 200, generator=gen)[:, 10:106]):  # a strided view
+        x = x.to(dtype)
+        assert rms_norm(x, norm.weight, norm.eps) is not None
+        norm.use_kernel = True
+        fast = norm(x)
+        norm.use_kernel = False
+        slow = norm(x)
+        assert fast.shape == x.shape
+        torch.testing.assert_close(fast, slow, atol=1e-6 if dtype == torch.float32 else 8e-3,
+                                   rtol=1e-6 if dtype == torch.float32 else 0)
+    assert rms_norm(torch.randn(4, 8, 96)[:, ::2], norm.weight.float(), 1e-5) is None  # no view
+
+
 def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path):
     from dist_engine import kernels
 
