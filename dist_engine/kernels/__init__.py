@@ -80,7 +80,9 @@ def load(name: str) -> ctypes.CDLL | None:
 def _build(name: str, cc: str) -> Path:
     src = Path(__file__).with_name(f"{name}.c")
     cmd_flags = (*FLAGS, *LIBS.get(name, ("-lm",)))
-    key = hashlib.sha256(src.read_bytes() + " ".join((cc, *cmd_flags)).encode() + _cpu_signature())
+    headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))  # shared helpers
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *cmd_flags)).encode()
+                         + _cpu_signature())
     out_dir = _kernel_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -98,3 +100,17 @@ def _build(name: str, cc: str) -> Path:
                 tmp.unlink(missing_ok=True)
             log.info("built %s", lib)
     return lib
+
+
+def bind(name: str, symbols: dict, argtypes: list, restype=None) -> dict | None:
+    """``{key: function}`` for the exported ``symbols`` (``{key: symbol name}``) of kernel
+    ``name``, all with the same signature; None when the kernel is not available here."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fns = {}
+    for key, symbol in symbols.items():
+        fn = getattr(lib, symbol)
+        fn.argtypes, fn.restype = argtypes, restype
+        fns[key] = fn
+    return fns

@@ -23,27 +23,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float bf16_to_float(bf16 x) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)x << 16;
-    return c.f;
-}
-
-static inline bf16 float_to_bf16(float f) {
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40); /* quiet NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (bf16)(c.u >> 16);
-}
+#include "bf16.h"
 
 /* one row of D elements -> float */
 static inline void load_row(const void *base, int64_t index, int64_t D, int is_bf16, float *dst) {
     if (is_bf16) {
         const bf16 *src = (const bf16 *)base + index;
-        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_float(src[d]);
+        for (int64_t d = 0; d < D; d++) dst[d] = widen(src[d]);
     } else {
         memcpy(dst, (const float *)base + index, (size_t)D * sizeof(float));
     }
@@ -245,7 +231,7 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
                 const int64_t i = r / Hq, hq = r % Hq, at = ((q_start[b] + i) * Hq + hq) * D;
                 for (int64_t d = 0; d < D; d++) {
                     const float x = o[d] * inv;
-                    if (is_bf16) ((bf16 *)out)[at + d] = float_to_bf16(x);
+                    if (is_bf16) ((bf16 *)out)[at + d] = narrow(x);
                     else ((float *)out)[at + d] = x;
                 }
             }

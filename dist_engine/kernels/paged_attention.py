@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_engine.kernels import load
+from dist_engine.kernels import bind
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -33,25 +33,14 @@ class PagedGroup:
     covers_all: bool  # the group's queries are every token of the step
 
 
-def _functions():
-    lib = load("paged_attention")
-    if lib is None:
-        return None
-    fns = {}
-    for dtype, name in ((torch.float32, "paged_attention_f32"), (torch.bfloat16, "paged_attention_bf16")):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _ARGS, ctypes.c_int
-        fns[dtype] = fn
-    return fns
-
-
 _FNS: dict | None | bool = False  # False: not loaded yet
 
 
 def available(dtype: torch.dtype) -> bool:
     global _FNS
     if _FNS is False:
-        _FNS = _functions()
+        _FNS = bind("paged_attention", {torch.float32: "paged_attention_f32",
+                                        torch.bfloat16: "paged_attention_bf16"}, _ARGS, ctypes.c_int)
     return _FNS is not None and dtype in _FNS
 
 

@@ -10,46 +10,36 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef uint16_t bf16;
+#include "bf16.h"
 
-static inline float widen(bf16 x) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)x << 16;
-    return c.f;
-}
-
-static inline bf16 narrow(float f) {
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40); /* quiet NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (bf16)(c.u >> 16);
-}
-
-void rms_norm_f32(const float *x, int64_t x_row, const float *w, float *out, int64_t T, int64_t H,
-                  float eps, int64_t threads) {
-#pragma omp parallel for num_threads(threads) if (T >= 32) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *xr = x + t * x_row;
-        float s = 0.0f;
+/* One row; is_bf16 is a constant at each call site, so each entry point gets its own loop. */
+static inline __attribute__((always_inline)) void norm_row(
+        int is_bf16, const void *x, const void *w, void *out, int64_t H, float eps) {
+    float s = 0.0f;
+    if (is_bf16) {
+        for (int64_t h = 0; h < H; h++) s += widen(((const bf16 *)x)[h]) * widen(((const bf16 *)x)[h]);
+    } else {
 #pragma omp simd reduction(+ : s)
-        for (int64_t h = 0; h < H; h++) s += xr[h] * xr[h];
-        const float inv = 1.0f / sqrtf(s / (float)H + eps);
-        float *o = out + t * H;
+        for (int64_t h = 0; h < H; h++) s += ((const float *)x)[h] * ((const float *)x)[h];
+    }
+    const float inv = 1.0f / sqrtf(s / (float)H + eps);
+    if (is_bf16) {
+        const bf16 *xr = x, *wr = w;
+        for (int64_t h = 0; h < H; h++)
+            ((bf16 *)out)[h] = narrow(widen(wr[h]) * widen(narrow(widen(xr[h]) * inv)));
+    } else {
+        const float *xr = x, *wr = w;
 #pragma omp simd
-        for (int64_t h = 0; h < H; h++) o[h] = w[h] * (xr[h] * inv);
+        for (int64_t h = 0; h < H; h++) ((float *)out)[h] = wr[h] * (xr[h] * inv);
     }
 }
 
-void rms_norm_bf16(const bf16 *x, int64_t x_row, const bf16 *w, bf16 *out, int64_t T, int64_t H,
-                   float eps, int64_t threads) {
-#pragma omp parallel for num_threads(threads) if (T >= 32) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const bf16 *xr = x + t * x_row;
-        float s = 0.0f;
-        for (int64_t h = 0; h < H; h++) s += widen(xr[h]) * widen(xr[h]);
-        const float inv = 1.0f / sqrtf(s / (float)H + eps);
-        bf16 *o = out + t * H;
-        for (int64_t h = 0; h < H; h++) o[h] = narrow(widen(w[h]) * widen(narrow(widen(xr[h]) * inv)));
+#define ENTRY(NAME, T, IS_BF16)                                                                 \
+    void NAME(const T *x, int64_t x_row, const T *w, T *out, int64_t T_, int64_t H, float eps,  \
+              int64_t threads) {                                                                \
+        _Pragma("omp parallel for num_threads(threads) if (T_ >= 32) schedule(static)")        \
+        for (int64_t t = 0; t < T_; t++) norm_row(IS_BF16, x + t * x_row, w, out + t * H, H, eps); \
     }
-}
+
+ENTRY(rms_norm_f32, float, 0)
+ENTRY(rms_norm_bf16, bf16, 1)

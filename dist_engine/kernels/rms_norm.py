@@ -6,23 +6,11 @@ import ctypes
 
 import torch
 
-from dist_engine.kernels import load
+from dist_engine.kernels import bind
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
 _FNS: dict | None | bool = False  # False: not loaded yet; None: no kernel here
-
-
-def _functions() -> dict | None:
-    lib = load("rms_norm")
-    if lib is None:
-        return None
-    fns = {}
-    for dtype, name in ((torch.float32, "rms_norm_f32"), (torch.bfloat16, "rms_norm_bf16")):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _ARGS, None
-        fns[dtype] = fn
-    return fns
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -30,7 +18,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     not apply (not CPU, another dtype, rows not evenly strided, no kernel built)."""
     global _FNS
     if _FNS is False:
-        _FNS = _functions()
+        _FNS = bind("rms_norm", {torch.float32: "rms_norm_f32", torch.bfloat16: "rms_norm_bf16"},
+                    _ARGS)
     fn = _FNS.get(x.dtype) if _FNS else None
     if (fn is None or x.device.type != "cpu" or weight.dtype != x.dtype or x.stride(-1) != 1
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
