@@ -79,9 +79,9 @@ def load(name: str) -> ctypes.CDLL | None:
 
 def _build(name: str, cc: str) -> Path:
     src = Path(__file__).with_name(f"{name}.c")
-    cmd_flags = (*FLAGS, *LIBS.get(name, ("-lm",)))
+    libs = LIBS.get(name, ("-lm",))
     headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))  # shared helpers
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *cmd_flags)).encode()
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *FLAGS, *libs)).encode()
                          + _cpu_signature())
     out_dir = _kernel_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
@@ -93,7 +93,7 @@ def _build(name: str, cc: str) -> Path:
         if not lib.exists():
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             try:
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), *LIBS.get(name, ("-lm",))],
+                subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), *libs],
                                capture_output=True, text=True, check=True)
                 os.replace(tmp, lib)
             finally:
@@ -102,15 +102,16 @@ def _build(name: str, cc: str) -> Path:
     return lib
 
 
-def bind(name: str, symbols: dict, argtypes: list, restype=None) -> dict | None:
-    """``{key: function}`` for the exported ``symbols`` (``{key: symbol name}``) of kernel
-    ``name``, all with the same signature; None when the kernel is not available here."""
+def bind(name: str, symbols: tuple, argtypes: tuple, restype=None) -> dict | None:
+    """``{key: function}`` for the exported ``symbols`` (``((key, symbol name), ...)``) of
+    kernel ``name``, all with the signature ``argtypes -> restype``; None when the kernel is not
+    available here."""
     lib = load(name)
     if lib is None:
         return None
     fns = {}
-    for key, symbol in symbols.items():
+    for key, symbol in symbols:
         fn = getattr(lib, symbol)
-        fn.argtypes, fn.restype = argtypes, restype
+        fn.argtypes, fn.restype = list(argtypes), restype
         fns[key] = fn
     return fns

@@ -10,32 +10,26 @@ same uniforms bit for bit; its logarithm may round differently in rare last bits
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 import torch
 
-from dist_engine.kernels import load
+from dist_engine.kernels import bind
 
-_FN = None  # False: no kernel here
+_ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
 
+@functools.cache
 def _kernel():
-    global _FN
-    if _FN is None:
-        lib = load("sampling")
-        if lib is None:
-            _FN = False
-        else:
-            _FN = lib.gumbel_noise
-            _FN.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                           ctypes.c_int64]
-            _FN.restype = None
-    return _FN
+    """The C function, or None where the kernel is not available."""
+    fns = bind("sampling", ((None, "gumbel_noise"),), _ARGS)
+    return fns[None] if fns else None
 
 
 def noise_rows(keys: list[int], vocab: int, use_kernel: bool = True) -> torch.Tensor:
     """``[len(keys), vocab]`` float32 Gumbel(0, 1) noise; keys are in [0, 2^63)."""
-    fn = _kernel() if use_kernel else False
+    fn = _kernel() if use_kernel else None
     if fn:
         k = torch.tensor(keys, dtype=torch.int64)
         out = torch.empty(len(keys), vocab, dtype=torch.float32)

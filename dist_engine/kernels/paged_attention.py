@@ -8,16 +8,17 @@ dtype, separate K and V (not MLA's shared latent), no sequence shards.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from dist_engine.kernels import bind
 
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+_ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
+         ctypes.c_int64, ctypes.c_float, ctypes.c_int64)
 
 
 @dataclass
@@ -33,15 +34,15 @@ class PagedGroup:
     covers_all: bool  # the group's queries are every token of the step
 
 
-_FNS: dict | None | bool = False  # False: not loaded yet
+@functools.cache
+def _fns() -> dict | None:
+    return bind("paged_attention", ((torch.float32, "paged_attention_f32"),
+                                    (torch.bfloat16, "paged_attention_bf16")), _ARGS, ctypes.c_int)
 
 
 def available(dtype: torch.dtype) -> bool:
-    global _FNS
-    if _FNS is False:
-        _FNS = bind("paged_attention", {torch.float32: "paged_attention_f32",
-                                        torch.bfloat16: "paged_attention_bf16"}, _ARGS, ctypes.c_int)
-    return _FNS is not None and dtype in _FNS
+    fns = _fns()
+    return fns is not None and dtype in fns
 
 
 def make_group(seqs, starts: list[int], block_size: int, window: int | None,
@@ -78,7 +79,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Pag
                          "[slots, Hk, D] must be CPU tensors of one dtype")
     if q.stride(2) != 1 or q.stride(1) != D:
         q = q.contiguous()
-    fn = _FNS[q.dtype]
+    fn = _fns()[q.dtype]
     B, width = g.tables.shape
     rc = fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             g.q_start.data_ptr(), g.q_len.data_ptr(), g.ctx.data_ptr(), g.tables.data_ptr(),

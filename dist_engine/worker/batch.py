@@ -118,7 +118,8 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     """``heads_per_kv``: query heads per KV head attended together (folded into the mask for
     short query groups when ``fold``; pass False with one KV head per rank). ``paged``: the
     sequences feeding few tokens go to the C kernel over block tables instead (a ``PagedGroup``;
-    the caller checks that it applies: CPU, one shard, a full-precision cache of separate K/V).
+    the caller checks CPU and a full-precision cache of separate K/V, one shard and a built
+    kernel are checked here).
 
     With ``num_shards`` > 1 (sequence shards: CP x DCP) this rank writes only the K/V of tokens
     whose block lives on its ``shard`` and attends only over its own keys; ``cp`` (the shard
