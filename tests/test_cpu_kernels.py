@@ -1,10 +1,12 @@
-"""The C kernels (dist_engine/kernels): Gumbel noise for sampling, and decode / verification
-attention over block tables.
+"""The C kernels (dist_engine/kernels): Gumbel noise for sampling, decode / verification
+attention over block tables, RMSNorm and dense products.
 
-The noise equals its numpy fallback and has Gumbel(0, 1) moments. The attention is checked against a direct softmax attention written here (GQA, several query tokens per sequence,
+The noise equals its numpy fallback and has Gumbel(0, 1) moments. The attention is checked
+against a direct softmax attention written here (GQA, several query tokens per sequence,
 sliding windows, contexts spanning several key chunks, fp32 and bf16, head sizes with and
 without the vector path), against transformers through the model, and the engine's greedy
-output with the kernel switched on and off.
+output with the kernel switched on and off. RMSNorm is checked against its PyTorch path, the
+products against ``F.linear`` in double precision, each row also computed alone.
 """
 
 from __future__ import annotations
@@ -169,3 +171,42 @@ def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path):
         assert kernels.load("paged_attention") is None
     finally:
         kernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_kernel_matches_pytorch_and_ignores_the_batch(dtype):
+    """Row counts across the 6-row tile and the 240-row block, outputs not a multiple of the
+    16-row panel, bias or none, a strided input; every row bitwise equal computed alone."""
+    from dist_engine.kernels import linear as cl
+
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(83, 72, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(83, generator=gen).to(dtype)
+    packed = cl.pack(w)
+    assert packed is not None, "the C kernel did not build (see the log for the compiler error)"
+    assert packed.panels.shape == (6, 72, 16)
+    for rows in (1, 5, 6, 7, 13, 250):
+        x = torch.randn(rows, 90, generator=gen).to(dtype)[:, 9:81]  # rows strided
+        for bias in (None, b):
+            y = cl.linear(x, packed, bias)
+            ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
+            torch.testing.assert_close(y.double(), ref, **tol)
+            for i in {0, rows // 2, rows - 1}:
+                assert torch.equal(cl.linear(x[i:i + 1], packed, bias)[0], y[i])
+    with pytest.raises(ValueError, match="in_features 72"):
+        cl.linear(torch.zeros(2, 71, dtype=dtype), packed)
+    assert cl.pack(w.half()) is None  # no fp16 kernel: the caller keeps PyTorch
+
+
+def test_packed_projection_through_a_layer_is_the_dense_one():
+    from dist_engine.layers.linear import ColumnParallelLinear, pack_weight, weight_bytes
+
+    layer = ColumnParallelLinear(24, {None: (0, 40, 0)}, bias=True, dtype=torch.float32)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    dense, x = layer.weight.data.clone(), torch.randn(3, 24)
+    pack_weight(layer)
+    assert layer.weight.numel() == 0  # held once, as panels (3 of 16 rows) plus the bias
+    assert weight_bytes(layer) == (48 * 24 + 40) * 4
+    torch.testing.assert_close(layer(x), x @ dense.T + layer.bias, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_engine.distributed.comm import Communicator
+from dist_engine.kernels import linear as cpu_linear
 from dist_engine.distributed.partition import split_range
 from dist_engine.layers.fp8 import (
     FP8,
@@ -24,31 +25,42 @@ from dist_engine.layers.loading import copy_checked
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
 ShardMap = dict[object, tuple[int, int, int]]
 
-# CPU fp32 products go through oneDNN with the weight reordered once into its blocked layout
-# (the op PyTorch's own CPU compiler uses). Measured on 2 AVX2 cores, all 121 products of the
-# default model (docs/performance.md): 1 row ~15% faster than MKL's matrix-vector product on a
-# column-major copy, 16-160 rows 10-20% faster than MKL's ``(W @ xᵀ)ᵀ``. The packed copy replaces
-# the dense weight, so fp32 weights are held once; a layer whose weight is read directly (MLA's
-# absorbed ``kv_b_proj``) sets ``keep_dense`` and is not packed.
+# CPU products run through ``kernels/linear.c`` from a weight repacked once into 16-row panels
+# (fp32 and bf16). Measured on 2 AVX2 cores over all 121 products of the default model
+# (docs/performance.md): 1 row ~1.6x faster than oneDNN's packed fp32 product, 16-64 rows
+# 1.3-1.5x, 256 rows on par; bf16 1.2x faster than PyTorch at 1 row and 5x at 16 rows. Every
+# row's result is independent of the batch. Without a C compiler, fp32 weights are reordered
+# into oneDNN's blocked layout (the op PyTorch's own CPU compiler uses) and bf16 stays dense.
+# The packed copy replaces the dense weight, so weights are held once; a layer whose weight is
+# read directly (MLA's absorbed ``kv_b_proj``) sets ``keep_dense`` and is not packed.
 try:
-    _PACK = torch.ops.mkldnn._reorder_linear_weight
-    _PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise
+    _ONEDNN_PACK = torch.ops.mkldnn._reorder_linear_weight
+    _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise
 except (AttributeError, RuntimeError):  # a torch build without oneDNN: plain F.linear
-    _PACK = _PACKED_LINEAR = None
-PACK_BATCH_HINT = 128  # the layout oneDNN picks for this many rows served 1-512 rows best here
+    _ONEDNN_PACK = _ONEDNN_LINEAR = None
+ONEDNN_BATCH_HINT = 128  # the layout oneDNN picks for this many rows served 1-512 rows best here
+
+
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    if (_ONEDNN_PACK is None or w.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    return _ONEDNN_PACK(w.detach(), ONEDNN_BATCH_HINT)
 
 
 def pack_weight(module: nn.Module) -> None:
-    """Replace ``module``'s dense weight by a oneDNN-packed copy (CPU fp32 only; else a no-op).
+    """Replace ``module``'s dense CPU weight by a packed copy (a no-op where none applies).
 
     The dense parameter becomes empty (same dtype), so a stray direct read fails loudly; a tied
     embedding keeps its own reference to the shared tensor."""
     w = module.weight
-    if (_PACK is None or getattr(module, "weight_packed", None) is not None
-            or w.device.type != "cpu" or w.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available() or getattr(module, "keep_dense", False)):
+    if (getattr(module, "weight_packed", None) is not None or w.device.type != "cpu"
+            or getattr(module, "keep_dense", False)):
         return
-    module.weight_packed = _PACK(w.detach(), PACK_BATCH_HINT)
+    packed = cpu_linear.pack(w) or _onednn_pack(w)
+    if packed is None:
+        return
+    module.weight_packed = packed
     module.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
 
 
@@ -59,19 +71,26 @@ def pack_weights(root: nn.Module) -> None:
             pack_weight(module)
 
 
+def _nbytes(packed) -> int:
+    return packed.nbytes if isinstance(packed, cpu_linear.PanelWeight) else packed.numel() * packed.element_size()
+
+
 def weight_bytes(root: nn.Module) -> int:
     """Bytes of ``root``'s parameters plus its packed weights."""
     packed = [m.weight_packed for m in root.modules() if getattr(m, "weight_packed", None) is not None]
-    return sum(t.numel() * t.element_size() for t in [*root.parameters(), *packed])
+    return sum(t.numel() * t.element_size() for t in root.parameters()) + sum(map(_nbytes, packed))
 
 
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x Wᵀ + b`` for ``x`` ``[T, in]``, through the packed weight where there is one."""
     if module.weight.dtype == FP8:  # block-scaled: dequantize this layer's weight for this call
         return F.linear(x, dequantized(module, x.dtype), bias)
-    if module.weight_packed is not None:
-        return _PACKED_LINEAR(x.contiguous(), module.weight_packed, bias, "none", [], "")
-    return F.linear(x, module.weight, bias)
+    packed = module.weight_packed
+    if packed is None:
+        return F.linear(x, module.weight, bias)
+    if isinstance(packed, cpu_linear.PanelWeight):
+        return cpu_linear.linear(x, packed, bias)
+    return _ONEDNN_LINEAR(x.contiguous(), packed, bias, "none", [], "")
 
 
 class ColumnParallelLinear(nn.Module):

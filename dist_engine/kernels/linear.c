@@ -1,0 +1,130 @@
+/* Dense products y = x W^T (+ b) on CPU for fp32 and bf16 weights, from a panel layout.
+ *
+ * The weight [N, K] is repacked once (linear.py) into panels of 16 output rows stored k-major:
+ * panel p holds W[16p .. 16p+15, k] contiguously for k = 0, 1, ..., so one sequential stream
+ * feeds 16 outputs. bf16 panels store the 16 values of one k pair-interleaved (n0, n8, n1, n9,
+ * ...): read as eight 32-bit words, a left shift by 16 gives rows 0-7 as fp32 and masking the
+ * low half gives rows 8-15, two instructions for sixteen conversions.
+ *
+ * A tile is up to 6 rows of x against one panel: 12 accumulators of 8 lanes, each k adds
+ * x[m, k] * W[n, k] into output (m, n). Every output is one fp32 sum in k order, whatever the
+ * number of rows, the tile it falls in or the thread that computes it, so a row's result does
+ * not depend on the batch it is in. Threads split the panels; rows come in blocks of ROW_BLOCK
+ * so the activations of a block stay in cache while the weight streams through once.
+ *
+ * Written with GCC vector extensions (no intrinsics): with -march=native this compiles to AVX2
+ * FMA on x86 and NEON on ARM. At one row the product streams the weight at close to memory
+ * bandwidth (~15 GB/s on two Zen 3 cores against ~11 GB/s for oneDNN's matrix-vector path);
+ * at 16-64 rows it runs 1.3-1.5x faster than oneDNN fp32 and at 256+ rows within ~10%.
+ * x [M, K] with row stride x_row; bias [N] or NULL (the weight's dtype); y [M, N] contiguous.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+#define PANEL 16
+#define ROW_BLOCK 240 /* rows of x per pass over the weight (a multiple of the tile's 6) */
+
+/* Sixteen weights of one k as two fp32 vectors (rows 0-7, rows 8-15 of the panel). */
+static inline __attribute__((always_inline)) void load_k(int is_bf16, const void *panel,
+                                                        int64_t k, v8f *lo, v8f *hi) {
+    if (is_bf16) {
+        v8u v;
+        memcpy(&v, (const bf16 *)panel + k * PANEL, sizeof v);
+        *lo = (v8f)(v << 16);
+        *hi = (v8f)(v & 0xffff0000u);
+    } else {
+        memcpy(lo, (const float *)panel + k * PANEL, sizeof *lo);
+        memcpy(hi, (const float *)panel + k * PANEL + 8, sizeof *hi);
+    }
+}
+
+/* Output row m of a tile: add the bias, narrow for bf16, store the panel's valid columns. */
+static inline __attribute__((always_inline)) void store_row(int is_bf16, v8f lo, v8f hi,
+        const void *bias, void *y_row, int64_t n0, int64_t valid) {
+    float o[PANEL];
+    memcpy(o, &lo, sizeof lo);
+    memcpy(o + 8, &hi, sizeof hi);
+    if (bias)
+        for (int64_t j = 0; j < valid; j++)
+            o[j] += is_bf16 ? widen(((const bf16 *)bias)[n0 + j]) : ((const float *)bias)[n0 + j];
+    if (is_bf16)
+        for (int64_t j = 0; j < valid; j++) ((bf16 *)y_row)[n0 + j] = narrow(o[j]);
+    else
+        memcpy((float *)y_row + n0, o, valid * sizeof(float));
+}
+
+/* Rows x[0 .. MR) (fp32, stride xs) against one panel; MR is a constant at each call site. The
+ * accumulators are named variables, not an array, so the compiler keeps all twelve in
+ * registers (an array of vectors is written back to the stack every k). */
+#define ROW(m, A, B)                                                                          \
+    if (MR > m) {                                                                             \
+        const float xv = x[m * xs + k];                                                       \
+        A += lo * xv;                                                                         \
+        B += hi * xv;                                                                         \
+    }
+#define OUT(m, A, B) \
+    if (MR > m) store_row(is_bf16, A, B, bias, (char *)y + m * y_row_bytes, n0, valid);
+
+static inline __attribute__((always_inline)) void tile(int is_bf16, int MR, const float *x,
+        int64_t xs, const void *panel, int64_t K, const void *bias, void *y,
+        int64_t y_row_bytes, int64_t n0, int64_t valid) {
+    v8f a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0};
+    v8f a3 = {0}, b3 = {0}, a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        v8f lo, hi;
+        load_k(is_bf16, panel, k, &lo, &hi);
+        ROW(0, a0, b0) ROW(1, a1, b1) ROW(2, a2, b2) ROW(3, a3, b3) ROW(4, a4, b4) ROW(5, a5, b5)
+    }
+    OUT(0, a0, b0) OUT(1, a1, b1) OUT(2, a2, b2) OUT(3, a3, b3) OUT(4, a4, b4) OUT(5, a5, b5)
+}
+
+/* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
+static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, const float *x,
+        int64_t xs, const void *panels, const void *bias, void *y, int64_t m0, int64_t m1,
+        int64_t N, int64_t K, int64_t p) {
+    const int64_t esz = is_bf16 ? 2 : 4, n0 = p * PANEL, valid = N - n0 < PANEL ? N - n0 : PANEL;
+    const void *panel = (const char *)panels + p * K * PANEL * esz;
+    int64_t m = m0;
+#define TILE(MR) tile(is_bf16, MR, x + m * xs, xs, panel, K, bias, (char *)y + m * N * esz, N * esz, n0, valid)
+    for (; m + 6 <= m1; m += 6) TILE(6);
+    switch (m1 - m) {
+    case 5: TILE(5); break;
+    case 4: TILE(4); break;
+    case 3: TILE(3); break;
+    case 2: TILE(2); break;
+    case 1: TILE(1); break;
+    }
+#undef TILE
+}
+
+#define PRODUCT(IS_BF16, X, XS)                                                                 \
+    const int64_t n_panels = (N + PANEL - 1) / PANEL;                                           \
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                             \
+        const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M;                             \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if (n_panels >= 4)")   \
+        for (int64_t p = 0; p < n_panels; p++)                                                  \
+            rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p);                     \
+    }
+
+void linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
+                int64_t M, int64_t N, int64_t K, int64_t threads) {
+    PRODUCT(0, x, x_row)
+}
+
+/* bf16 activations are widened once into an fp32 copy (exact), then broadcast like fp32. */
+int linear_bf16(const bf16 *x, int64_t x_row, const bf16 *panels, const bf16 *bias, bf16 *y,
+                int64_t M, int64_t N, int64_t K, int64_t threads) {
+    float *xf = malloc(sizeof(float) * M * K);
+    if (!xf) return 1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(x[m * x_row + k]);
+    PRODUCT(1, xf, K)
+    free(xf);
+    return 0;
+}
