@@ -1,12 +1,13 @@
 """The C kernels (dist_engine/kernels): Gumbel noise for sampling, decode / verification
-attention over block tables, RMSNorm and dense products.
+attention over block tables, RMSNorm, dense products and a layer's fused element-wise steps.
 
 The noise equals its numpy fallback and has Gumbel(0, 1) moments. The attention is checked
 against a direct softmax attention written here (GQA, several query tokens per sequence,
 sliding windows, contexts spanning several key chunks, fp32 and bf16, head sizes with and
 without the vector path), against transformers through the model, and the engine's greedy
 output with the kernel switched on and off. RMSNorm is checked against its PyTorch path, the
-products against ``F.linear`` in double precision, each row also computed alone.
+products against ``F.linear`` in double precision, each row also computed alone; the fused
+steps against the PyTorch operators they replace.
 """
 
 from __future__ import annotations
@@ -176,24 +177,27 @@ def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linear_kernel_matches_pytorch_and_ignores_the_batch(dtype):
     """Row counts across the 6-row tile and the 240-row block, outputs not a multiple of the
-    16-row panel, bias or none, a strided input; every row bitwise equal computed alone."""
+    16-row panel (123: a lone row takes panels four at a time, the partial one among them),
+    bias or none, a strided input; every row bitwise equal computed alone."""
     from dist_engine.kernels import linear as cl
 
     gen = torch.Generator().manual_seed(2)
-    w = (torch.randn(83, 72, generator=gen) * 0.1).to(dtype)
-    b = torch.randn(83, generator=gen).to(dtype)
-    packed = cl.pack(w)
-    assert packed is not None, "the C kernel did not build (see the log for the compiler error)"
-    assert packed.panels.shape == (6, 72, 16)
-    for rows in (1, 5, 6, 7, 13, 250):
-        x = torch.randn(rows, 90, generator=gen).to(dtype)[:, 9:81]  # rows strided
-        for bias in (None, b):
-            y = cl.linear(x, packed, bias)
-            ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
-            tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
-            torch.testing.assert_close(y.double(), ref, **tol)
-            for i in {0, rows // 2, rows - 1}:
-                assert torch.equal(cl.linear(x[i:i + 1], packed, bias)[0], y[i])
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
+    for out in (83, 123):
+        w = (torch.randn(out, 72, generator=gen) * 0.1).to(dtype)
+        b = torch.randn(out, generator=gen).to(dtype)
+        packed = cl.pack(w)
+        assert packed is not None, "the C kernel did not build (see the log for the compiler error)"
+        assert packed.panels.shape == ((out + 15) // 16, 72, 16)
+        for rows in (1, 5, 6, 7, 13, 250):
+            x = torch.randn(rows, 90, generator=gen).to(dtype)[:, 9:81]  # rows strided
+            for bias in (None, b):
+                y = cl.linear(x, packed, bias)
+                ref = torch.nn.functional.linear(x.double(), w.double(),
+                                                 None if bias is None else bias.double())
+                torch.testing.assert_close(y.double(), ref, **tol)
+                for i in {0, rows // 2, rows - 1}:
+                    assert torch.equal(cl.linear(x[i:i + 1], packed, bias)[0], y[i])
     with pytest.raises(ValueError, match="in_features 72"):
         cl.linear(torch.zeros(2, 71, dtype=dtype), packed)
     assert cl.pack(w.half()) is None  # no fp16 kernel: the caller keeps PyTorch
@@ -210,3 +214,45 @@ def test_packed_projection_through_a_layer_is_the_dense_one():
     assert layer.weight.numel() == 0  # held once, as panels (3 of 16 rows) plus the bias
     assert weight_bytes(layer) == (48 * 24 + 40) * 4
     torch.testing.assert_close(layer(x), x @ dense.T + layer.bias, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_layer_steps_match_the_pytorch_operators(dtype):
+    """Rotary + K/V store and the residual add are bitwise PyTorch's; SiLU x up and the norm
+    after the add within a last-bit rounding."""
+    from dist_engine.kernels import fused
+    from dist_engine.layers.norm import RMSNorm
+    from dist_engine.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(3)
+    T, Hq, Hk, D = 5, 6, 2, 16
+    rot = RotaryEmbedding(D, 64, 10000.0, None, dtype)
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D + 8, generator=gen).to(dtype)[:, :-8]  # rows strided
+    positions = torch.tensor([0, 7, 8, 63, 30])
+    slots = torch.tensor([11, 3, 40, 0, 25])
+    k_cache, v_cache = torch.zeros(48, Hk, D, dtype=dtype), torch.zeros(48, Hk, D, dtype=dtype)
+    q = fused.rope_store(qkv, Hq, Hk, D, positions, rot.cos, rot.sin, slots, k_cache, v_cache)
+    assert q is not None, "the C kernel did not build (see the log for the compiler error)"
+    qk = rot.rotate(positions, qkv[:, :(Hq + Hk) * D].reshape(T, Hq + Hk, D))
+    assert torch.equal(q, qk[:, :Hq])
+    assert torch.equal(k_cache[slots], qk[:, Hq:])
+    assert torch.equal(v_cache[slots], qkv[:, (Hq + Hk) * D:].reshape(T, Hk, D))
+    untouched = torch.ones(48, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+    gate_up = torch.randn(T, 2 * 40, generator=gen).to(dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)
+    torch.testing.assert_close(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)
+
+    norm = RMSNorm(40, 1e-5, dtype)
+    norm.weight.data = (torch.randn(40, generator=gen) + 1).to(dtype)
+    x, delta = (torch.randn(T, 40, generator=gen).to(dtype) for _ in range(2))
+    total, normed = norm.add_forward(x, delta)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, norm(x + delta), **tol)
+    norm.use_kernel = False  # the PyTorch path gives the same pair
+    total2, normed2 = norm.add_forward(x, delta)
+    assert torch.equal(total2, total)
+    torch.testing.assert_close(normed2, normed, **tol)

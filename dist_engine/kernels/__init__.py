@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "DIST_ENGINE_CPU_KERNELS"  # "0": never build or use the C kernels
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 LIBS = {"sampling": ("-lmvec", "-lm")}  # glibc's vector math; other kernels only -lm
+EXTRA_FLAGS = {"fused": ("-ffp-contract=off",)}  # round a*b - c*d as PyTorch does (no FMA)
 
 
 def enabled() -> bool:
@@ -80,8 +81,9 @@ def load(name: str) -> ctypes.CDLL | None:
 def _build(name: str, cc: str) -> Path:
     src = Path(__file__).with_name(f"{name}.c")
     libs = LIBS.get(name, ("-lm",))
+    flags = (*FLAGS, *EXTRA_FLAGS.get(name, ()))
     headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))  # shared helpers
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *FLAGS, *libs)).encode()
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *flags, *libs)).encode()
                          + _cpu_signature())
     out_dir = _kernel_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
@@ -93,7 +95,7 @@ def _build(name: str, cc: str) -> Path:
         if not lib.exists():
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             try:
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), *libs],
+                subprocess.run([cc, *flags, str(src), "-o", str(tmp), *libs],
                                capture_output=True, text=True, check=True)
                 os.replace(tmp, lib)
             finally:

@@ -18,6 +18,7 @@
  * at 16-64 rows it runs 1.3-1.5x faster than oneDNN fp32 and at 256+ rows within ~10%.
  * x [M, K] with row stride x_row; bias [N] or NULL (the weight's dtype); y [M, N] contiguous.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,30 @@ static inline __attribute__((always_inline)) void tile(int is_bf16, int MR, cons
     OUT(0, a0, b0) OUT(1, a1, b1) OUT(2, a2, b2) OUT(3, a3, b3) OUT(4, a4, b4) OUT(5, a5, b5)
 }
 
+/* One row of x against four consecutive panels: eight accumulators and four weight streams
+ * in flight instead of two and one, which lets a lone row (batch-1 decode) pull the weight
+ * ~10% faster. The arithmetic of each output is the same as in tile(). */
+static inline __attribute__((always_inline)) void row_x4(int is_bf16, const float *x,
+        const void *panel, int64_t K, const void *bias, void *y, int64_t N, int64_t n0) {
+    const int64_t stride = K * PANEL * (is_bf16 ? 2 : 4);
+    const char *p0 = panel, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+    v8f a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        v8f lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
+        load_k(is_bf16, p0, k, &lo0, &hi0);
+        load_k(is_bf16, p1, k, &lo1, &hi1);
+        load_k(is_bf16, p2, k, &lo2, &hi2);
+        load_k(is_bf16, p3, k, &lo3, &hi3);
+        const float xv = x[k];
+        a0 += lo0 * xv; b0 += hi0 * xv; a1 += lo1 * xv; b1 += hi1 * xv;
+        a2 += lo2 * xv; b2 += hi2 * xv; a3 += lo3 * xv; b3 += hi3 * xv;
+    }
+    store_row(is_bf16, a0, b0, bias, y, n0, PANEL);
+    store_row(is_bf16, a1, b1, bias, y, n0 + PANEL, PANEL);
+    store_row(is_bf16, a2, b2, bias, y, n0 + 2 * PANEL, PANEL);
+    store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
+}
+
 /* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
 static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, const float *x,
         int64_t xs, const void *panels, const void *bias, void *y, int64_t m0, int64_t m1,
@@ -103,13 +128,23 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 #undef TILE
 }
 
+/* Each thread takes a contiguous run of panels (a balanced split, so small products use both
+ * cores evenly); a single row goes four panels at a time. */
 #define PRODUCT(IS_BF16, X, XS)                                                                 \
-    const int64_t n_panels = (N + PANEL - 1) / PANEL;                                           \
+    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = IS_BF16 ? 2 : 4;                    \
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                             \
         const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M;                             \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) if (n_panels >= 4)")   \
-        for (int64_t p = 0; p < n_panels; p++)                                                  \
-            rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p);                     \
+        _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                       \
+        {                                                                                       \
+            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                  \
+            int64_t p = n_panels * t / T;                                                       \
+            const int64_t end = n_panels * (t + 1) / T;                                         \
+            if (m1 - m0 == 1)                                                                   \
+                for (; p + 4 <= end; p += 4)                                                    \
+                    row_x4(IS_BF16, X + m0 * XS, (const char *)panels + p * K * PANEL * esz,    \
+                           K, bias, (char *)y + m0 * N * esz, N, p * PANEL);                    \
+            for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p); \
+        }                                                                                       \
     }
 
 void linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,

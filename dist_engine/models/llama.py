@@ -14,6 +14,7 @@ from torch import nn
 from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import HeadPartition, split_range
+from dist_engine.kernels import fused
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.kv_cache import LayerKV
@@ -58,12 +59,26 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim))
             q, k = self.rotary_emb(positions, q, k)
-        else:  # q and k heads are adjacent in qkv: rotate them in one call
+        else:
+            q = self._rope_and_store(positions, qkv, kv, meta)
+            if q is not None:  # one C call rotated q and k and stored K and V
+                return self.o_proj(paged_attention(q, kv, meta, self.scale).reshape(T, q_size))
+            # q and k heads are adjacent in qkv: rotate them in one call
             qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
             q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(kv, k, v, meta)
         out = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
+
+    def _rope_and_store(self, positions: torch.Tensor, qkv: torch.Tensor, kv: KVCache,
+                        meta: AttentionMetadata) -> torch.Tensor | None:
+        """Rotated q ``[T, Hq, D]`` with K and V already in the cache (kernels/fused.c), or None
+        where the kernel does not apply: FP8 or shared caches, calibration, sequence shards."""
+        if kv.observe or kv.is_fp8 or kv.shared or meta.write_index is not None:
+            return None
+        rot = self.rotary_emb
+        return fused.rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim, positions,
+                                rot.cos, rot.sin, meta.slot_mapping, kv.k, kv.v)
 
 
 class LlamaMLP(nn.Module):
@@ -76,8 +91,12 @@ class LlamaMLP(nn.Module):
                                            cfg.hidden_size, comm, False, dtype, quant_block=cfg.fp8_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, local_inter] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * local_inter]
+        act = fused.silu_mul(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)  # [T, local_inter] each
+            act = F.silu(gate) * up
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,8 +113,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(positions, self.input_layernorm(x), kv, meta)
+        x, h = self.post_attention_layernorm.add_forward(x, h)  # x + h and its norm
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
