@@ -109,6 +109,39 @@ static inline __attribute__((always_inline)) void row_x4(int is_bf16, const floa
     store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
 }
 
+/* Up to three rows of x (MR) against two consecutive panels: up to twelve accumulators and two
+ * weight streams, for the few-row products (2-6 rows, three at a time) of speculative
+ * verification and small batches. */
+#define ROW2(m, A0, B0, A1, B1)                                                               \
+    if (MR > m) {                                                                             \
+        const float xv = x[m * xs + k];                                                       \
+        A0 += lo0 * xv;                                                                       \
+        B0 += hi0 * xv;                                                                       \
+        A1 += lo1 * xv;                                                                       \
+        B1 += hi1 * xv;                                                                       \
+    }
+#define OUT2(m, A0, B0, A1, B1)                                                               \
+    if (MR > m) {                                                                             \
+        store_row(is_bf16, A0, B0, bias, (char *)y + m * y_row_bytes, n0, PANEL);             \
+        store_row(is_bf16, A1, B1, bias, (char *)y + m * y_row_bytes, n0 + PANEL, valid1);    \
+    }
+
+static inline __attribute__((always_inline)) void rows_x2(int is_bf16, int MR, const float *x,
+        int64_t xs, const void *panel, int64_t K, const void *bias, void *y,
+        int64_t y_row_bytes, int64_t N, int64_t n0) {
+    const char *p0 = panel, *p1 = p0 + K * PANEL * (is_bf16 ? 2 : 4);
+    const int64_t valid1 = N - n0 - PANEL < PANEL ? N - n0 - PANEL : PANEL;
+    v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0};
+    v8f a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        v8f lo0, hi0, lo1, hi1;
+        load_k(is_bf16, p0, k, &lo0, &hi0);
+        load_k(is_bf16, p1, k, &lo1, &hi1);
+        ROW2(0, a0, b0, c0, d0) ROW2(1, a1, b1, c1, d1) ROW2(2, a2, b2, c2, d2)
+    }
+    OUT2(0, a0, b0, c0, d0) OUT2(1, a1, b1, c1, d1) OUT2(2, a2, b2, c2, d2)
+}
+
 /* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
 static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, const float *x,
         int64_t xs, const void *panels, const void *bias, void *y, int64_t m0, int64_t m1,
@@ -129,7 +162,7 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 }
 
 /* Each thread takes a contiguous run of panels (a balanced split, so small products use both
- * cores evenly); a single row goes four panels at a time. */
+ * cores evenly); a single row goes four panels at a time, 2-6 rows two panels at a time. */
 #define PRODUCT(IS_BF16, X, XS)                                                                 \
     const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = IS_BF16 ? 2 : 4;                    \
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                             \
@@ -139,10 +172,23 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                  \
             int64_t p = n_panels * t / T;                                                       \
             const int64_t end = n_panels * (t + 1) / T;                                         \
+            const char *at = (const char *)panels, *x0 = (const char *)(X + m0 * XS);        \
+            char *y0 = (char *)y + m0 * N * esz;                                                \
             if (m1 - m0 == 1)                                                                   \
                 for (; p + 4 <= end; p += 4)                                                    \
-                    row_x4(IS_BF16, X + m0 * XS, (const char *)panels + p * K * PANEL * esz,    \
-                           K, bias, (char *)y + m0 * N * esz, N, p * PANEL);                    \
+                    row_x4(IS_BF16, (const float *)x0, at + p * K * PANEL * esz, K, bias, y0, N, \
+                           p * PANEL);                                                          \
+            if (m1 - m0 >= 2 && m1 - m0 <= 6)                                                   \
+                for (; p + 2 <= end; p += 2)                                                    \
+                    for (int64_t m = m0; m < m1; m += 3) {                                      \
+                        const int64_t r = m1 - m < 3 ? m1 - m : 3;                              \
+                        const float *xm = X + m * XS;                                           \
+                        char *ym = (char *)y + m * N * esz;                                     \
+                        const char *pp = at + p * K * PANEL * esz;                              \
+                        if (r == 3) rows_x2(IS_BF16, 3, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                        else if (r == 2) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                        else rows_x2(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                    }                                                                           \
             for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p); \
         }                                                                                       \
     }
