@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "DIST_ENGINE_CPU_KERNELS"  # "0": never build or use the C kernels
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # glibc's vector math (libmvec) where a kernel vectorises log / exp; other kernels only -lm
-LIBS = {"sampling": ("-lmvec", "-lm"), "paged_attention": ("-lmvec", "-lm")}
+LIBS = {name: ("-lmvec", "-lm") for name in ("sampling", "paged_attention", "fused")}
 EXTRA_FLAGS = {"fused": ("-ffp-contract=off",)}  # round a*b - c*d as PyTorch does (no FMA)
 
 

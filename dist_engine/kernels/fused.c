@@ -6,7 +6,7 @@
  * arithmetic, so they are done here in three calls. Every result equals the PyTorch operators'
  * bit for bit where those are exactly rounded (products, sums, copies): bf16 rounds after each
  * operation as PyTorch does, and this file is compiled without FMA contraction so that a*b - c*d
- * rounds each product as PyTorch does. SiLU uses the C library's expf, which may differ from
+ * rounds each product as PyTorch does. SiLU uses glibc's vector expf, which may differ from
  * PyTorch's vectorised exp in the last bit.
  */
 #include <math.h>
@@ -14,6 +14,10 @@
 #include <string.h>
 
 #include "bf16.h"
+
+/* glibc's vector expf (libmvec) for the SiLU loop, declared without -ffast-math (which would
+ * change the process's floating-point mode when the library loads) */
+__attribute__((__simd__("notinbranch"))) float expf(float);
 
 /* Element access for either dtype; is_bf16 is a constant at every call site. */
 #define GET(is_bf16, p, i) ((is_bf16) ? widen(((const bf16 *)(p))[i]) : ((const float *)(p))[i])
@@ -67,6 +71,7 @@ static inline __attribute__((always_inline)) void silu_mul(int is_bf16, const vo
         const char *g = (const char *)gate_up + t * 2 * I * (is_bf16 ? 2 : 4);
         const char *u = g + I * (is_bf16 ? 2 : 4);
         void *o = (char *)out + t * I * (is_bf16 ? 2 : 4);
+#pragma omp simd
         for (int64_t i = 0; i < I; i++) {
             const float x = GET(is_bf16, g, i);
             const float s = ROUND(is_bf16, x / (1.0f + expf(-x)));
