@@ -109,9 +109,11 @@ static inline __attribute__((always_inline)) void row_x4(int is_bf16, const floa
     store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
 }
 
-/* Up to three rows of x (MR) against two consecutive panels: up to twelve accumulators and two
- * weight streams, for the few-row products (2-6 rows, three at a time) of speculative
- * verification and small batches. */
+/* One or two rows of x (MR) against two consecutive panels: eight accumulators and two weight
+ * streams, for few-row products (speculative verification, small batches). Measured against
+ * one panel at a time, all products of the default model: fp32 2-4 rows 8-15% faster (5-6
+ * rows slower: the extra passes over each panel pair cost more than the second stream gains),
+ * bf16 2 rows 12% faster (3+ rows slower: every pass widens the panel again). */
 #define ROW2(m, A0, B0, A1, B1)                                                               \
     if (MR > m) {                                                                             \
         const float xv = x[m * xs + k];                                                       \
@@ -132,14 +134,13 @@ static inline __attribute__((always_inline)) void rows_x2(int is_bf16, int MR, c
     const char *p0 = panel, *p1 = p0 + K * PANEL * (is_bf16 ? 2 : 4);
     const int64_t valid1 = N - n0 - PANEL < PANEL ? N - n0 - PANEL : PANEL;
     v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0};
-    v8f a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1;
         load_k(is_bf16, p0, k, &lo0, &hi0);
         load_k(is_bf16, p1, k, &lo1, &hi1);
-        ROW2(0, a0, b0, c0, d0) ROW2(1, a1, b1, c1, d1) ROW2(2, a2, b2, c2, d2)
+        ROW2(0, a0, b0, c0, d0) ROW2(1, a1, b1, c1, d1)
     }
-    OUT2(0, a0, b0, c0, d0) OUT2(1, a1, b1, c1, d1) OUT2(2, a2, b2, c2, d2)
+    OUT2(0, a0, b0, c0, d0) OUT2(1, a1, b1, c1, d1)
 }
 
 /* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
@@ -162,7 +163,8 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 }
 
 /* Each thread takes a contiguous run of panels (a balanced split, so small products use both
- * cores evenly); a single row goes four panels at a time, 2-6 rows two panels at a time. */
+ * cores evenly); a single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs)
+ * two panels at a time. */
 #define PRODUCT(IS_BF16, X, XS)                                                                 \
     const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = IS_BF16 ? 2 : 4;                    \
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                             \
@@ -178,15 +180,13 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
                 for (; p + 4 <= end; p += 4)                                                    \
                     row_x4(IS_BF16, (const float *)x0, at + p * K * PANEL * esz, K, bias, y0, N, \
                            p * PANEL);                                                          \
-            if (m1 - m0 >= 2 && m1 - m0 <= 6)                                                   \
+            if (m1 - m0 >= 2 && m1 - m0 <= (IS_BF16 ? 2 : 4))                                  \
                 for (; p + 2 <= end; p += 2)                                                    \
-                    for (int64_t m = m0; m < m1; m += 3) {                                      \
-                        const int64_t r = m1 - m < 3 ? m1 - m : 3;                              \
+                    for (int64_t m = m0; m < m1; m += 2) {                                      \
                         const float *xm = X + m * XS;                                           \
                         char *ym = (char *)y + m * N * esz;                                     \
                         const char *pp = at + p * K * PANEL * esz;                              \
-                        if (r == 3) rows_x2(IS_BF16, 3, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                        else if (r == 2) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                        if (m + 2 <= m1) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
                         else rows_x2(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
                     }                                                                           \
             for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p); \
