@@ -46,11 +46,14 @@ def rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:
     """Rotary embedding on q and k of ``qkv`` ``[T, (Hq + 2 Hk) * D]`` (halves rotated, tables
     ``[P, D/2]`` read at ``positions``); K and V stored at cache ``slots`` ``[T]``. Returns
-    the rotated q ``[T, Hq, D]``."""
+    the rotated q ``[T, Hq, D]``. Shapes are checked; the values of ``positions`` (< P) and
+    ``slots`` (< cache slots) are the engine's own and trusted (no per-layer range scan)."""
     fn = _fn("rope_store", qkv, cos, sin, k_cache, v_cache)
     T = qkv.shape[0]
     if (fn is None or qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2
             or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim
+            or k_cache.shape[1:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape
+            or cos.shape != sin.shape or cos.shape[1:] != (head_dim // 2,)
             or not (cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous()
                     and v_cache.is_contiguous())
             or positions.dtype != torch.int64 or slots.dtype != torch.int64

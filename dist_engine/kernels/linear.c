@@ -162,50 +162,58 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 #undef TILE
 }
 
-/* Each thread takes a contiguous run of panels (a balanced split, so small products use both
- * cores evenly); a single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs)
- * two panels at a time. */
-#define PRODUCT(IS_BF16, X, XS)                                                                 \
-    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = IS_BF16 ? 2 : 4;                    \
-    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                             \
-        const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M;                             \
-        _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                       \
-        {                                                                                       \
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                  \
-            int64_t p = n_panels * t / T;                                                       \
-            const int64_t end = n_panels * (t + 1) / T;                                         \
-            const char *at = (const char *)panels, *x0 = (const char *)(X + m0 * XS);        \
-            char *y0 = (char *)y + m0 * N * esz;                                                \
-            if (m1 - m0 == 1)                                                                   \
-                for (; p + 4 <= end; p += 4)                                                    \
-                    row_x4(IS_BF16, (const float *)x0, at + p * K * PANEL * esz, K, bias, y0, N, \
-                           p * PANEL);                                                          \
-            if (m1 - m0 >= 2 && m1 - m0 <= (IS_BF16 ? 2 : 4))                                  \
-                for (; p + 2 <= end; p += 2)                                                    \
-                    for (int64_t m = m0; m < m1; m += 2) {                                      \
-                        const float *xm = X + m * XS;                                           \
-                        char *ym = (char *)y + m * N * esz;                                     \
-                        const char *pp = at + p * K * PANEL * esz;                              \
-                        if (m + 2 <= m1) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                        else rows_x2(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                    }                                                                           \
-            for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, y, m0, m1, N, K, p); \
-        }                                                                                       \
+/* Rows [0, rows) of x (at most ROW_BLOCK) against every panel, into y. Each thread takes a
+ * contiguous run of panels (a balanced split, so small products use both cores evenly); a
+ * single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs) two panels at a
+ * time, more rows in six-row tiles against one panel. */
+#define BLOCK(IS_BF16, X, XS, rows, Y)                                                          \
+    _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                           \
+    {                                                                                           \
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                      \
+        const int64_t end = n_panels * (t + 1) / T;                                             \
+        int64_t p = n_panels * t / T;                                                           \
+        if (rows == 1)                                                                          \
+            for (; p + 4 <= end; p += 4)                                                        \
+                row_x4(IS_BF16, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);         \
+        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4))                                             \
+            for (; p + 2 <= end; p += 2)                                                        \
+                for (int64_t m = 0; m < rows; m += 2) {                                         \
+                    const float *xm = X + m * XS;                                               \
+                    char *ym = (char *)Y + m * N * esz;                                         \
+                    const char *pp = at + p * K * PANEL * esz;                                  \
+                    if (m + 2 <= rows) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                    else rows_x2(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);   \
+                }                                                                               \
+        for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
     }
 
 void linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
                 int64_t M, int64_t N, int64_t K, int64_t threads) {
-    PRODUCT(0, x, x_row)
+    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 4;
+    const char *at = (const char *)panels;
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+        const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
+        const float *xb = x + m0 * x_row;
+        float *yb = y + m0 * N;
+        BLOCK(0, xb, x_row, rows, yb)
+    }
 }
 
-/* bf16 activations are widened once into an fp32 copy (exact), then broadcast like fp32. */
+/* bf16 activations are widened a block of rows at a time into an fp32 copy (exact), then
+ * broadcast like fp32. Returns 1 when that copy cannot be allocated. */
 int linear_bf16(const bf16 *x, int64_t x_row, const bf16 *panels, const bf16 *bias, bf16 *y,
                 int64_t M, int64_t N, int64_t K, int64_t threads) {
-    float *xf = malloc(sizeof(float) * M * K);
+    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 2;
+    const char *at = (const char *)panels;
+    float *xf = malloc(sizeof(float) * (size_t)(M < ROW_BLOCK ? M : ROW_BLOCK) * (size_t)K);
     if (!xf) return 1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(x[m * x_row + k]);
-    PRODUCT(1, xf, K)
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+        const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
+        for (int64_t m = 0; m < rows; m++)
+            for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(x[(m0 + m) * x_row + k]);
+        bf16 *yb = y + m0 * N;
+        BLOCK(1, xf, K, rows, yb)
+    }
     free(xf);
     return 0;
 }

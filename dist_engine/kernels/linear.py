@@ -11,8 +11,6 @@ import torch
 from dist_engine.kernels import bind
 
 PANEL = 16
-# within one k of a bf16 panel: rows 0, 8, 1, 9, ..., 7, 15 (see linear.c)
-_BF16_ORDER = torch.tensor([j // 2 + (PANEL // 2) * (j % 2) for j in range(PANEL)])
 _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
@@ -38,17 +36,31 @@ class PanelWeight:
 
 def pack(weight: torch.Tensor) -> PanelWeight | None:
     """``weight`` in the kernel's layout, or None where the kernel does not apply (not CPU,
-    not fp32 / bf16, no kernel built here)."""
+    not fp32 / bf16, no kernel built here). Written in one copy: loading holds the dense weight
+    and its panels at once, nothing more."""
     fns = _fns()
     if fns is None or weight.device.type != "cpu" or weight.dtype not in fns or weight.dim() != 2:
         return None
     n, k = weight.shape
-    padded = torch.zeros((n + PANEL - 1) // PANEL * PANEL, k, dtype=weight.dtype)
-    padded[:n] = weight.detach()
-    panels = padded.view(-1, PANEL, k)  # [P, 16, K]
-    if weight.dtype == torch.bfloat16:
-        panels = panels[:, _BF16_ORDER]
-    return PanelWeight(panels.transpose(1, 2).contiguous(), n)  # [P, K, 16]
+    full, tail = divmod(n, PANEL)
+    panels = torch.zeros(full + (tail > 0), k, PANEL, dtype=weight.dtype)
+    w = weight.detach()
+    if tail:  # the last, partial panel through a zero-padded copy of its rows (< 16 rows)
+        last = torch.zeros(PANEL, k, dtype=weight.dtype)
+        last[:tail] = w[full * PANEL:]
+        _fill(panels[full:], last)
+    _fill(panels[:full], w[:full * PANEL])
+    return PanelWeight(panels, n)
+
+
+def _fill(panels: torch.Tensor, rows: torch.Tensor) -> None:
+    """``panels`` ``[P, K, 16]`` from ``rows`` ``[16 P, K]``; bf16 panels pair-interleaved
+    (the 32-bit word j of a k holds rows j and j + 8)."""
+    P, K = panels.shape[:2]
+    if panels.dtype == torch.bfloat16:  # [P, 2, 8, K] -> [P, K, 8, 2]
+        panels.view(P, K, PANEL // 2, 2).copy_(rows.view(P, 2, PANEL // 2, K).permute(0, 3, 2, 1))
+    else:
+        panels.copy_(rows.view(P, PANEL, K).transpose(1, 2))
 
 
 def linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

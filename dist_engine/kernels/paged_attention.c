@@ -113,7 +113,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
         int64_t j0, int64_t j1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
-    float *qf = malloc((size_t)(R * D + R * n + D + TILE * D) * sizeof(float) + (size_t)n * sizeof(int64_t));
+    const int64_t floats = (R * D + R * n + D + TILE * D + 1) / 2 * 2; /* even: the slots align */
+    float *qf = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(int64_t));
     if (qf == NULL) return -1;
     float *scores = qf + R * D; /* [R, n] */
     float *row = scores + R * n; /* [D]: one widened value */
@@ -171,7 +172,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */
-    int64_t *slot = (int64_t *)(kbuf + TILE * D); /* [n]: cache slot of each key */
+    int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t r = 0; r < R; r++) {
         const int64_t h = (r % Hq) / G;
