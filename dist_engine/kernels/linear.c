@@ -13,9 +13,10 @@
  * so the activations of a block stay in cache while the weight streams through once.
  *
  * Written with GCC vector extensions (no intrinsics): with -march=native this compiles to AVX2
- * FMA on x86 and NEON on ARM. At one row the product streams the weight at close to memory
- * bandwidth (~15 GB/s on two Zen 3 cores against ~11 GB/s for oneDNN's matrix-vector path);
- * at 16-64 rows it runs 1.3-1.5x faster than oneDNN fp32 and at 256+ rows within ~10%.
+ * FMA on x86 and NEON on ARM. At one row the product streams the weight at memory bandwidth
+ * (17-26 GB/s on two Zen 3 cores, all 121 products of the default model, against 7-12 GB/s for
+ * oneDNN's packed fp32 product); at 16-64 rows it runs 1.3-1.5x faster than oneDNN and at 256
+ * rows on par (docs/performance.md has the table).
  * x [M, K] with row stride x_row; bias [N] or NULL (the weight's dtype); y [M, N] contiguous.
  */
 #include <omp.h>

@@ -27,8 +27,8 @@ ShardMap = dict[object, tuple[int, int, int]]
 
 # CPU products run through ``kernels/linear.c`` from a weight repacked once into 16-row panels
 # (fp32 and bf16). Measured on 2 AVX2 cores over all 121 products of the default model
-# (docs/performance.md): 1 row ~1.6x faster than oneDNN's packed fp32 product, 16-64 rows
-# 1.3-1.5x, 256 rows on par; bf16 1.2x faster than PyTorch at 1 row and 5x at 16 rows. Every
+# (docs/performance.md): 1 row ~2x faster than oneDNN's packed fp32 product, 16-64 rows
+# 1.3-1.5x, 256 rows on par; bf16 1.3-1.6x faster than PyTorch at 1 row and 5x at 16 rows. Every
 # row's result is independent of the batch. Without a C compiler, fp32 weights are reordered
 # into oneDNN's blocked layout (the op PyTorch's own CPU compiler uses) and bf16 stays dense.
 # The packed copy replaces the dense weight, so weights are held once; a layer whose weight is
