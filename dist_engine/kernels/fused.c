@@ -2,8 +2,8 @@
  *
  * Between its products a Llama-family layer runs a dozen small PyTorch operators: rotary
  * embedding (chunk, four multiplies, a subtract, an add, a concatenation), the K/V cache
- * writes, SiLU times up, residual adds. At decode each costs more in dispatch than in
- * arithmetic, so they are done here in three calls. Every result equals the PyTorch operators'
+ * writes, SiLU times up. At decode each costs more in dispatch than in arithmetic, so they are
+ * done here in two calls (the residual add joins the norm after it in rms_norm.c). Every result equals the PyTorch operators'
  * bit for bit where those are exactly rounded (products, sums, copies): bf16 rounds after each
  * operation as PyTorch does, and this file is compiled without FMA contraction so that a*b - c*d
  * rounds each product as PyTorch does. SiLU uses glibc's vector expf, which may differ from
@@ -43,57 +43,37 @@ static inline __attribute__((always_inline)) void rotate_head(int is_bf16, const
     }
 }
 
-/* qkv [T, (Hq + 2 Hk) * D] (row stride qkv_row): q heads, k heads, v heads. Rotates q into
- * q_out [T, Hq, D]; rotates k and copies v into the caches [num_slots, Hk, D] at slots[t].
+/* Token t of qkv [T, (Hq + 2 Hk) * D] (row stride qkv_row): q heads, k heads, v heads. Rotates q
+ * into q_out [T, Hq, D]; rotates k and copies v into the caches [num_slots, Hk, D] at slots[t].
  * cos, sin: [positions, D/2] tables in the same dtype, read at positions[t]. */
 static inline __attribute__((always_inline)) void rope_store(int is_bf16, const void *qkv,
         int64_t qkv_row, int64_t t, int64_t Hq, int64_t Hk, int64_t D, const int64_t *positions,
         const void *cos, const void *sin, const int64_t *slots, void *k_cache, void *v_cache,
         void *q_out) {
     const int64_t esz = is_bf16 ? 2 : 4, half = D / 2;
-    {
-        const char *row = (const char *)qkv + t * qkv_row * esz;
-        const char *cs = (const char *)cos + positions[t] * half * esz;
-        const char *sn = (const char *)sin + positions[t] * half * esz;
-        char *kc = (char *)k_cache + slots[t] * Hk * D * esz;
-        for (int64_t h = 0; h < Hq; h++)
-            rotate_head(is_bf16, row + h * D * esz, (char *)q_out + (t * Hq + h) * D * esz, cs, sn, D);
-        for (int64_t h = 0; h < Hk; h++)
-            rotate_head(is_bf16, row + (Hq + h) * D * esz, kc + h * D * esz, cs, sn, D);
-        memcpy((char *)v_cache + slots[t] * Hk * D * esz, row + (Hq + Hk) * D * esz, Hk * D * esz);
-    }
+    const char *row = (const char *)qkv + t * qkv_row * esz;
+    const char *cs = (const char *)cos + positions[t] * half * esz;
+    const char *sn = (const char *)sin + positions[t] * half * esz;
+    char *kc = (char *)k_cache + slots[t] * Hk * D * esz;
+    for (int64_t h = 0; h < Hq; h++)
+        rotate_head(is_bf16, row + h * D * esz, (char *)q_out + (t * Hq + h) * D * esz, cs, sn, D);
+    for (int64_t h = 0; h < Hk; h++)
+        rotate_head(is_bf16, row + (Hq + h) * D * esz, kc + h * D * esz, cs, sn, D);
+    memcpy((char *)v_cache + slots[t] * Hk * D * esz, row + (Hq + Hk) * D * esz, Hk * D * esz);
 }
 
-/* gate_up [T, 2 I] (gate then up) -> out [T, I] = silu(gate) * up, silu rounded first. */
+/* Row t: gate_up [T, 2 I] (gate then up) -> out [T, I] = silu(gate) * up, silu rounded first. */
 static inline __attribute__((always_inline)) void silu_mul(int is_bf16, const void *gate_up,
         void *out, int64_t t, int64_t I) {
-    {
-        const char *g = (const char *)gate_up + t * 2 * I * (is_bf16 ? 2 : 4);
-        const char *u = g + I * (is_bf16 ? 2 : 4);
-        void *o = (char *)out + t * I * (is_bf16 ? 2 : 4);
+    const int64_t esz = is_bf16 ? 2 : 4;
+    const char *g = (const char *)gate_up + t * 2 * I * esz, *u = g + I * esz;
+    void *o = (char *)out + t * I * esz;
 #pragma omp simd
-        for (int64_t i = 0; i < I; i++) {
-            const float x = GET(is_bf16, g, i);
-            const float s = ROUND(is_bf16, x / (1.0f + expf(-x)));
-            PUT(is_bf16, o, i, s * GET(is_bf16, u, i));
-        }
+    for (int64_t i = 0; i < I; i++) {
+        const float x = GET(is_bf16, g, i);
+        const float s = ROUND(is_bf16, x / (1.0f + expf(-x)));
+        PUT(is_bf16, o, i, s * GET(is_bf16, u, i));
     }
-}
-
-/* sum = x + delta (rounded like PyTorch's add), out = RMSNorm(sum), rows [T, H] contiguous:
- * statistics in fp32; bf16 rounds the normalised row before the weight multiplies it. */
-static inline __attribute__((always_inline)) void add_rms_norm(int is_bf16, const void *x,
-        const void *delta, const void *w, void *sum, void *out, int64_t t, int64_t H, float eps) {
-    const int64_t at = t * H;
-    float s = 0.0f;
-    for (int64_t h = 0; h < H; h++) {
-        const float v = ROUND(is_bf16, GET(is_bf16, x, at + h) + GET(is_bf16, delta, at + h));
-        PUT(is_bf16, sum, at + h, v);
-        s += v * v;
-    }
-    const float inv = 1.0f / sqrtf(s / (float)H + eps);
-    for (int64_t h = 0; h < H; h++)
-        PUT(is_bf16, out, at + h, GET(is_bf16, w, h) * ROUND(is_bf16, GET(is_bf16, sum, at + h) * inv));
 }
 
 /* Rows (tokens) are independent: long prefill chunks spread them over the threads. */
@@ -110,10 +90,6 @@ static inline __attribute__((always_inline)) void add_rms_norm(int is_bf16, cons
     }                                                                                             \
     void silu_mul_##SUFFIX(const T_ *gate_up, T_ *out, int64_t T, int64_t I, int64_t threads) {   \
         ROWS(T) silu_mul(IS_BF16, gate_up, out, t, I);                                            \
-    }                                                                                             \
-    void add_rms_norm_##SUFFIX(const T_ *x, const T_ *delta, const T_ *w, T_ *sum, T_ *out,      \
-                               int64_t T, int64_t H, float eps, int64_t threads) {                \
-        ROWS(T) add_rms_norm(IS_BF16, x, delta, w, sum, out, t, H, eps);                          \
     }
 
 ENTRIES(f32, float, 0)

@@ -1,6 +1,6 @@
-"""Python side of ``fused.c``: rotary + K/V store, SiLU x up, residual add + RMSNorm in one call
-each. Every function returns None where the kernel does not apply (not CPU, not fp32 / bf16,
-mixed dtypes, no kernel built here, autograd); the caller then runs its PyTorch operators."""
+"""Python side of ``fused.c``: rotary + K/V store, and SiLU x up, in one call each. Every
+function returns None where the kernel does not apply (not CPU, not fp32 / bf16, mixed dtypes,
+no kernel built here, autograd); the caller then runs its PyTorch operators."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch
 
 from dist_engine.kernels import bind
 
-P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+P, I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "rope_store": (P, I64, I64, I64, I64, I64, P, P, P, P, P, P, P, I64),
     "silu_mul": (P, P, I64, I64, I64),
-    "add_rms_norm": (P, P, P, P, P, I64, I64, F32, I64),
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -76,16 +75,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(T, I, dtype=gate_up.dtype)
     fn(gate_up.data_ptr(), out.data_ptr(), T, I, torch.get_num_threads())
     return out
-
-
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(x + delta, RMSNorm(x + delta))`` for ``[T, H]`` rows, as new tensors."""
-    fn = _fn("add_rms_norm", x, delta, weight)
-    if (fn is None or x.dim() != 2 or x.shape != delta.shape or not x.is_contiguous()
-            or not delta.is_contiguous() or not weight.is_contiguous() or weight.shape != x.shape[1:]):
-        return None
-    total, out = torch.empty_like(x), torch.empty_like(x)
-    fn(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(),
-       x.shape[0], x.shape[1], eps, torch.get_num_threads())
-    return total, out

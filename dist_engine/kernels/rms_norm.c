@@ -43,3 +43,29 @@ static inline __attribute__((always_inline)) void norm_row(
 
 ENTRY(rms_norm_f32, float, 0)
 ENTRY(rms_norm_bf16, bf16, 1)
+
+/* The residual add and the norm after it: sum = x + delta (rounded as PyTorch's add rounds),
+ * out = RMSNorm(sum) by the same row function as above; x, delta, sum, out [T, H] contiguous. */
+static inline __attribute__((always_inline)) void add_row(int is_bf16, const void *x,
+        const void *delta, void *sum, int64_t H) {
+    if (is_bf16) {
+        const bf16 *a = x, *b = delta;
+        for (int64_t h = 0; h < H; h++) ((bf16 *)sum)[h] = narrow(widen(a[h]) + widen(b[h]));
+    } else {
+        const float *a = x, *b = delta;
+        for (int64_t h = 0; h < H; h++) ((float *)sum)[h] = a[h] + b[h];
+    }
+}
+
+#define ADD_ENTRY(NAME, T, IS_BF16)                                                               \
+    void NAME(const T *x, const T *delta, const T *w, T *sum, T *out, int64_t T_, int64_t H,     \
+              float eps, int64_t threads) {                                                       \
+        _Pragma("omp parallel for num_threads(threads) if (T_ >= 32) schedule(static)")          \
+        for (int64_t t = 0; t < T_; t++) {                                                        \
+            add_row(IS_BF16, x + t * H, delta + t * H, sum + t * H, H);                           \
+            norm_row(IS_BF16, sum + t * H, w, out + t * H, H, eps);                               \
+        }                                                                                         \
+    }
+
+ADD_ENTRY(add_rms_norm_f32, float, 0)
+ADD_ENTRY(add_rms_norm_bf16, bf16, 1)

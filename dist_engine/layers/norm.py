@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_engine.kernels import fused
-from dist_engine.kernels.rms_norm import rms_norm
+from dist_engine.kernels.rms_norm import add_rms_norm, rms_norm
 from dist_engine.layers.loading import copy_checked
 
 
@@ -33,9 +32,9 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + delta, norm(x + delta))``: a residual add and the norm after it, one C call
-        on CPU (kernels/fused.c) with the add rounded as PyTorch rounds it."""
+        on CPU (kernels/rms_norm.c) with the add rounded as PyTorch rounds it."""
         if self.use_kernel:
-            both = fused.add_rms_norm(x, delta, self.weight, self.eps)
+            both = add_rms_norm(x, delta, self.weight, self.eps)
             if both is not None:
                 return both
         x = x + delta
