@@ -188,8 +188,9 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
         for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
     }
 
-void linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
-                int64_t M, int64_t N, int64_t K, int64_t threads) {
+/* Both entry points return 0, or 1 when scratch memory cannot be allocated (bf16 only). */
+int linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t threads) {
     const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 4;
     const char *at = (const char *)panels;
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
@@ -198,6 +199,7 @@ void linear_f32(const float *x, int64_t x_row, const float *panels, const float 
         float *yb = y + m0 * N;
         BLOCK(0, xb, x_row, rows, yb)
     }
+    return 0;
 }
 
 /* bf16 activations are widened a block of rows at a time into an fp32 copy (exact), then

@@ -17,9 +17,8 @@ _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctyp
 
 @functools.cache
 def _fns() -> dict | None:
-    fns = bind("linear", ((torch.float32, "linear_f32"),), _ARGS)
-    bf16 = bind("linear", ((torch.bfloat16, "linear_bf16"),), _ARGS, ctypes.c_int)
-    return None if fns is None or bf16 is None else {**fns, **bf16}
+    return bind("linear", ((torch.float32, "linear_f32"), (torch.bfloat16, "linear_bf16")), _ARGS,
+                ctypes.c_int)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
     float *scores = qf + R * D; /* [R, n] */
     float *row = scores + R * n; /* [D]: one widened value */
     float *kbuf = row + D;       /* [TILE, D]: widened keys */
+    int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
+    for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
         for (int64_t hq = 0; hq < Hq; hq++) {
             float *dst = qf + (i * Hq + hq) * D;
@@ -132,7 +134,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
             const float *kp[TILE];
             for (int64_t t = 0; t < TILE; t++) {
                 const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
-                const int64_t at = ((table[j / bs] * bs + j % bs) * Hk + h) * D;
+                const int64_t at = (slot[j - j0] * Hk + h) * D;
                 if (is_bf16) {
                     load_row(a->k, at, D, 1, kbuf + t * D);
                     kp[t] = kbuf + t * D;
@@ -172,8 +174,6 @@ static inline __attribute__((always_inline)) int attend_chunk(
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */
-    int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key */
-    for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t r = 0; r < R; r++) {
         const int64_t h = (r % Hq) / G;
         const float *w = scores + r * n;

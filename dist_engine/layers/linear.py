@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_engine.distributed.comm import Communicator
-from dist_engine.kernels import linear as cpu_linear
 from dist_engine.distributed.partition import split_range
+from dist_engine.kernels import linear as cpu_linear
 from dist_engine.layers.fp8 import (
     FP8,
     CheckpointFormatError,
@@ -71,14 +71,10 @@ def pack_weights(root: nn.Module) -> None:
             pack_weight(module)
 
 
-def _nbytes(packed) -> int:
-    return packed.nbytes if isinstance(packed, cpu_linear.PanelWeight) else packed.numel() * packed.element_size()
-
-
 def weight_bytes(root: nn.Module) -> int:
     """Bytes of ``root``'s parameters plus its packed weights."""
     packed = [m.weight_packed for m in root.modules() if getattr(m, "weight_packed", None) is not None]
-    return sum(t.numel() * t.element_size() for t in root.parameters()) + sum(map(_nbytes, packed))
+    return sum(t.nbytes for t in root.parameters()) + sum(p.nbytes for p in packed)
 
 
 def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,14 +59,13 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim))
             q, k = self.rotary_emb(positions, q, k)
-        else:
+            write_kv(kv, k, v, meta)
+        else:  # one C call rotates q and k and stores K and V where it applies
             q = self._rope_and_store(positions, qkv, kv, meta)
-            if q is not None:  # one C call rotated q and k and stored K and V
-                return self.o_proj(paged_attention(q, kv, meta, self.scale).reshape(T, q_size))
-            # q and k heads are adjacent in qkv: rotate them in one call
-            qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
-        write_kv(kv, k, v, meta)
+            if q is None:  # q and k heads are adjacent in qkv: rotate them in one call
+                qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
+                q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+                write_kv(kv, k, v, meta)
         out = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
 
