@@ -212,7 +212,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
         plens[r["prompt"] in held].append(len(r["prompt_ids"]))
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  batch_size=a.batch_size, targets=a.targets,
-                 draft_vocab_size=a.draft_vocab, dtype=a.save_dtype,
+                 draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
                  prompt_lens=plens[False] + plens[True],
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     last = meta["held_out"][f"epoch_{a.epochs}"]
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--draft-vocab", type=int, default=8192,
                     help="draft over this many most frequent predicted tokens")
     gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")
+    gm.add_argument("--init", default=None, metavar="GRAFT_DIR",
+                    help="start from this graft (same base) instead of a copy of the base's last "
+                         "layer, e.g. to continue training on more answers")
     gm.set_defaults(func=cmd_graft)
 
     bs = sub.add_parser("bench-serve", help="gRPC load generator: Poisson arrivals at several rates")

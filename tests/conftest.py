@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -125,6 +126,8 @@ def grafted(tiny_models, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("graft"))
     meta = graft(path, seqs[:450], seqs[450:], out, epochs=5, depth=3, lr=3e-3, batch_size=16,
                  draft_vocab_size=320, dtype="float32")
+    with open(os.path.join(out, "seqs.json"), "w") as f:  # for a test that continues the graft
+        json.dump(seqs, f)
     return path, out, meta
 
 

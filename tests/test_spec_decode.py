@@ -57,6 +57,27 @@ def test_graft_beats_untrained_and_repeat_baseline(grafted):
     assert cfg["base_fingerprint"] and cfg["concat_order"] == "emb_hidden"
 
 
+def test_graft_continues_from_a_graft_of_the_same_base(grafted, tmp_path):
+    from dist_engine.graft.train import graft
+
+    path, folder, meta = grafted
+    seqs = json.load(open(os.path.join(folder, "seqs.json")))
+    kw = dict(epochs=1, depth=3, lr=1e-3, batch_size=16, draft_vocab_size=320, dtype="float32")
+    more = graft(path, seqs[:450], seqs[450:], str(tmp_path / "more"), init_from=folder, **kw)
+    ho = more["held_out"]
+    # starts exactly where the first graft ended (same data, vocabulary and fp32 weights)
+    assert ho["initial"]["accuracy_per_depth"] == meta["held_out"]["epoch_5"]["accuracy_per_depth"]
+    assert ho["initial"]["accuracy_per_depth"][0] > ho["untrained"]["accuracy_per_depth"][0] + 0.05
+    assert len(ho["epoch_1"]["train_subset_accuracy_per_depth"]) == 3
+    assert more["training"]["initialised_from"]["epochs"] == 5
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    cfg = json.load(open(other / "mtp_config.json"))
+    json.dump({**cfg, "base_fingerprint": "0" * 64}, open(other / "mtp_config.json", "w"))
+    with pytest.raises(ValueError, match="different base model"):
+        graft(path, seqs[:450], seqs[450:], str(tmp_path / "refused"), init_from=str(other), **kw)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_speculative_output_identical_to_plain(grafted, k):
     path, folder, _ = grafted

@@ -97,18 +97,37 @@ class GraftMTP(nn.Module):
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), (k, v)
 
+    def _export_names(self) -> dict[str, str]:
+        """Our module name -> its DeepSeek-V3 name under ``model.layers.{num_hidden_layers}.``."""
+        return {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
+                "shared_head_norm": "shared_head.norm", "input_layernorm": "input_layernorm",
+                "post_attention_layernorm": "post_attention_layernorm",
+                **{n: f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                **{n: f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}}
+
     def export(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Tensors under the engine's (DeepSeek-V3) names, ``model.layers.{num_hidden_layers}.*``."""
         pre = f"model.layers.{self.cfg.num_hidden_layers}."
-        names = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
-                 "shared_head_norm": "shared_head.norm", "input_layernorm": "input_layernorm",
-                 "post_attention_layernorm": "post_attention_layernorm",
-                 **{n: f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                 **{n: f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}}
         out = {}
-        for ours, theirs in names.items():
+        for ours, theirs in self._export_names().items():
             mod = getattr(self, ours)
             out[f"{pre}{theirs}.weight"] = mod.weight.detach().to(dtype).contiguous()
             if getattr(mod, "bias", None) is not None:
                 out[f"{pre}{theirs}.bias"] = mod.bias.detach().to(dtype).contiguous()
         return out
+
+    @torch.no_grad()
+    def load_exported(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`export`: start from a graft written earlier (same base shapes)."""
+        pre = f"model.layers.{self.cfg.num_hidden_layers}."
+        for ours, theirs in self._export_names().items():
+            mod = getattr(self, ours)
+            for attr in ("weight", "bias"):
+                param = getattr(mod, attr, None)
+                if param is None:
+                    continue
+                t = tensors.get(f"{pre}{theirs}.{attr}")
+                if t is None or t.shape != param.shape:
+                    raise ValueError(f"the graft to start from has no {pre}{theirs}.{attr} of shape "
+                                     f"{tuple(param.shape)}: it was made for another base model")
+                param.copy_(t.float())

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dist_engine.config import ModelConfig
-from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint
+from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint, read_graft
 from dist_engine.graft.model import GraftMTP
 from dist_engine.weights.loader import checkpoint_files
 from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
@@ -36,20 +36,23 @@ log = logging.getLogger(__name__)
 def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``);
-    kept in ``cache_file`` so a resumed or repeated run skips it."""
+    kept in ``cache_file``, so a repeated run, or one on more answers, only computes the
+    sequences the cache does not hold."""
     from transformers import AutoModelForCausalLM
 
+    known: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     if cache_file and os.path.isfile(cache_file):
         cached = torch.load(cache_file, weights_only=True)
-        if cached["seqs"] == seqs:
-            return list(zip(cached["hidden"], cached["pred"]))
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    out = []
-    with torch.inference_mode():
-        for s in tqdm(seqs, desc="teacher pass", unit="seq"):
-            h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
-            out.append((h.clone(), model.lm_head(h).argmax(-1)))
-    if cache_file:
+        known = {tuple(s): (h, y) for s, h, y in zip(cached["seqs"], cached["hidden"], cached["pred"])}
+    todo = [s for s in seqs if tuple(s) not in known]
+    if todo:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            for s in tqdm(todo, desc="teacher pass", unit="seq"):
+                h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
+                known[tuple(s)] = (h.clone(), model.lm_head(h).argmax(-1))
+    out = [known[tuple(s)] for s in seqs]
+    if cache_file and todo:
         torch.save({"seqs": seqs, "hidden": [h for h, _ in out], "pred": [y for _, y in out]},
                    cache_file)
     return out
@@ -128,10 +131,17 @@ def evaluate(mtp, embed, head, remap, batches, depth: int) -> dict:
             "estimated_mean_accepted_length": round(expected, 3)}
 
 
-def step_loss(logits, h, y, d: int, head, to_draft, targets: str) -> torch.Tensor:
+def base_probs(h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The base's distribution over the draft vocabulary at every position ``[B, L, V']``, from
+    its cached final-norm hidden states (computed once per batch, shared by all depths)."""
+    with torch.no_grad():
+        return torch.softmax(h @ head.t(), dim=-1)
+
+
+def step_loss(logits, probs, y, d: int, to_draft, targets: str) -> torch.Tensor:
     """Loss of depth ``d``'s draft logits ``[B, n, V']``: element t predicts the base's token
-    after position t + d, whose final-norm hidden state ``h[:, t + d]`` also gives the base's
-    full distribution there (``soft``)."""
+    after position t + d; ``probs`` (:func:`base_probs`, ``soft`` only) holds the base's whole
+    distribution there."""
     n = logits.shape[1]
     yd = y[:, d:d + n]
     valid = yd >= 0  # [B, n]
@@ -140,21 +150,21 @@ def step_loss(logits, h, y, d: int, head, to_draft, targets: str) -> torch.Tenso
     hard = F.nll_loss(lp, tgt.clamp(min=0), reduction="none").masked_fill(tgt < 0, 0.0).mean()
     if targets == "hard":
         return hard
-    with torch.no_grad():
-        p = torch.softmax(h[:, d:d + n][valid] @ head.t(), dim=-1)  # base over the draft vocab
-    return 0.5 * hard - 0.5 * (p * lp).sum(-1).mean()
+    return 0.5 * hard - 0.5 * (probs[:, d:d + n][valid] * lp).sum(-1).mean()
 
 
 def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int]], out_dir: str,
           *, epochs: int = 4, depth: int = 3, lr: float = 2e-3, batch_size: int = 8,
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
-          targets: str = "soft",
+          targets: str = "soft", init_from: str | None = None,
           prompt_lens: list[int] | None = None, extra_meta: dict | None = None) -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
     tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
     memorised and inflate the score). ``targets``: ``hard`` = cross-entropy against the base's
     greedy token; ``soft`` = against the base's whole distribution over the draft vocabulary
-    (its logits come free from the cached hidden states) plus the hard term."""
+    (its logits come free from the cached hidden states) plus the hard term. ``init_from``: a
+    graft folder for the same base to start from (e.g. to continue on more answers) instead of
+    the copy of the base's last layer."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
     cfg = ModelConfig.from_pretrained(model_path)
@@ -184,6 +194,18 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     mtp.init_from_base(base)
     held = Batches(held_seqs, t_held, batch_size, None)
     report = {"untrained": evaluate(mtp, embed, head, remap, held, depth)}
+    if init_from is not None:
+        start = read_graft(init_from)
+        if start.get("base_fingerprint") != base_fingerprint(model_path):
+            raise ValueError(f"the graft in {init_from} was trained on a different base model; "
+                             "start from the base's own last layer instead (no init)")
+        mtp.load_exported(load_file(os.path.join(init_from, GRAFT_WEIGHTS)))
+        report["initial"] = evaluate(mtp, embed, head, remap, held, depth)
+    # a fixed slice of the training answers, scored like the held-out ones: the gap shows
+    # whether more answers (over-fitting) or a larger layer (under-fitting) would help
+    every = max(1, len(train_seqs) // max(1, len(held_seqs)))
+    seen = Batches(train_seqs[::every][:len(held_seqs)], t_train[::every][:len(held_seqs)],
+                   batch_size, None)
     opt = torch.optim.AdamW(mtp.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * len(Batches(train_seqs, t_train, batch_size, None))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -204,8 +226,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch), desc=f"epoch {epoch + 1}/{epochs}")
         for x, h, y in bar:
             loss = torch.zeros(())
+            probs = base_probs(h, head) if targets == "soft" else None
             for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
-                loss = loss + weights[d - 1] * step_loss(logits, h, y, d, head, to_draft, targets)
+                loss = loss + weights[d - 1] * step_loss(logits, probs, y, d, to_draft, targets)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mtp.parameters(), 1.0)
@@ -213,6 +236,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         report[f"epoch_{epoch + 1}"] = evaluate(mtp, embed, head, remap, held, depth)
+        report[f"epoch_{epoch + 1}"]["train_subset_accuracy_per_depth"] = evaluate(
+            mtp, embed, head, remap, seen, depth)["accuracy_per_depth"]
         log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
         torch.save({"model": mtp.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "report": report}, ckpt)
@@ -231,7 +256,10 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
                      "targets": ("soft + hard (base distribution over the draft vocabulary and "
                                  "its greedy token)" if targets == "soft" else
                                  "hard (base greedy predictions)"),
-                     "scored_positions": "answer tokens" if prompt_lens else "all", **(extra_meta or {})},
+                     "scored_positions": "answer tokens" if prompt_lens else "all",
+                     "initialised_from": (read_graft(init_from)["training"] if init_from
+                                          else "the base's last decoder layer"),
+                     **(extra_meta or {})},
         "held_out": report,
     }
     with open(os.path.join(out_dir, GRAFT_CONFIG), "w") as f:
