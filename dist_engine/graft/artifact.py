@@ -42,6 +42,20 @@ def read_graft(folder: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def read_graft_for(folder: str, model_path: str, fingerprint: str | None = None) -> dict[str, Any]:
+    """A graft folder's settings, refused unless it was trained on ``model_path``'s exact
+    weights (``fingerprint``: that model's, when the caller has it already)."""
+    meta = read_graft(folder)
+    fp = fingerprint or base_fingerprint(model_path)
+    if meta.get("base_fingerprint") != fp:
+        raise ValueError(
+            f"the MTP graft in {folder} was trained on a different base model "
+            f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}..., this one {fp[:12]}...); "
+            "graft it again for these weights"
+        )
+    return meta
+
+
 def shipped_graft(model_name: str) -> str | None:
     """The graft that ships with the package for a known model name (or its converted folder,
     named after it; the base fingerprint is checked on use anyway), if any."""
@@ -63,14 +77,7 @@ def speculative_config(spec: dict[str, Any] | SpeculativeConfig, model_path: str
             raise ValueError(f"{model_path} has no MTP layer and no graft ships for it: graft one "
                              "with `dist-engine graft-mtp` and pass speculative_config={'model': DIR}")
     if folder is not None:
-        meta = read_graft(folder)
-        fp = base_fingerprint(model_path)
-        if meta.get("base_fingerprint") != fp:
-            raise ValueError(
-                f"the MTP graft in {folder} was trained on a different base model "
-                f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}..., this one {fp[:12]}...); "
-                "graft it again for these weights"
-            )
+        meta = read_graft_for(folder, model_path)
         for key in SETTINGS:
             spec.setdefault(key, meta[key])
         spec["model"] = folder

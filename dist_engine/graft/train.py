@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dist_engine.config import ModelConfig
-from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint, read_graft
+from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint, read_graft_for
 from dist_engine.graft.model import GraftMTP
 from dist_engine.weights.loader import checkpoint_files
 from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
@@ -170,6 +170,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     cfg = ModelConfig.from_pretrained(model_path)
     if cfg.qk_norm:
         raise ValueError("grafting supports Llama/Mistral/Qwen2-style blocks (no q/k norm)")
+    fingerprint = base_fingerprint(model_path)
+    # a graft to start from is checked before the (long) teacher pass
+    start = read_graft_for(init_from, model_path, fingerprint) if init_from is not None else None
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     base = {}
@@ -195,10 +198,6 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     held = Batches(held_seqs, t_held, batch_size, None)
     report = {"untrained": evaluate(mtp, embed, head, remap, held, depth)}
     if init_from is not None:
-        start = read_graft(init_from)
-        if start.get("base_fingerprint") != base_fingerprint(model_path):
-            raise ValueError(f"the graft in {init_from} was trained on a different base model; "
-                             "start from the base's own last layer instead (no init)")
         mtp.load_exported(load_file(os.path.join(init_from, GRAFT_WEIGHTS)))
         report["initial"] = evaluate(mtp, embed, head, remap, held, depth)
     # a fixed slice of the training answers, scored like the held-out ones: the gap shows
@@ -246,7 +245,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     save_file(tensors, os.path.join(out_dir, GRAFT_WEIGHTS))
     meta = {
         "base_model": os.path.basename(os.path.normpath(model_path)),
-        "base_fingerprint": base_fingerprint(model_path),
+        "base_fingerprint": fingerprint,
         "concat_order": "emb_hidden", "hidden_stage": "normed", "feedback": "normed",
         "num_nextn_predict_layers": 1, "draft_vocab_size": len(vocab_ids),
         "draft_vocab_coverage": round(coverage, 4),
@@ -257,7 +256,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
                                  "its greedy token)" if targets == "soft" else
                                  "hard (base greedy predictions)"),
                      "scored_positions": "answer tokens" if prompt_lens else "all",
-                     "initialised_from": (read_graft(init_from)["training"] if init_from
+                     "initialised_from": (start["training"] if start
                                           else "the base's last decoder layer"),
                      **(extra_meta or {})},
         "held_out": report,
