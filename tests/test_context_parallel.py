@@ -3,11 +3,13 @@ attentions merged by log-sum-exp. Same tokens as one rank; the longest context d
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
+from conftest import hf_model
 from dist_engine import LLM, SamplingParams
 from dist_engine.layers.attention import merge_partials
 
@@ -71,6 +73,14 @@ def _matches_reference(llm: LLM, ref: list, blocks: int) -> None:
     again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=params()[1])[0]
     assert again.outputs[0].token_ids == ref[1].token_ids
     assert again.metrics.prefix_hit_tokens >= 100
+    # hidden states asked for: every position runs again (split over the ranks), rank 0's rows
+    full = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=dataclasses.replace(
+        params()[1], return_hidden_states=True))[0]
+    assert full.metrics.prefix_hit_tokens == 0 and full.outputs[0].token_ids == ref[1].token_ids
+    seq = PROMPTS[1] + ref[1].token_ids
+    with torch.inference_mode():
+        h = hf_model(llm.engine.config.model.path).model(torch.tensor([seq[:-1]])).last_hidden_state[0]
+    torch.testing.assert_close(full.outputs[0].hidden_states, h, atol=1e-4, rtol=1e-4)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks == blocks
 
 

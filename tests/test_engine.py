@@ -61,6 +61,44 @@ def test_prefix_cache_hits_are_counted(reference):
         assert out[0].outputs[0].token_ids == expected[3]
 
 
+def test_hidden_states_match_transformers(tiny_models):
+    """``return_hidden_states``: the final-norm hidden state of every fed position, as
+    transformers computes it, through chunked prefill and preemption; such a request skips
+    prefix-cache hits (and n > 1 prompt sharing) so every position runs."""
+    import torch
+
+    from conftest import hf_model
+
+    path = tiny_models("llama")
+    model = hf_model(path)
+
+    def check(outs):
+        for o in outs:
+            for c in o.outputs:
+                seq = o.prompt_token_ids + c.token_ids
+                with torch.inference_mode():
+                    ref = model.model(torch.tensor([seq[:-1]])).last_hidden_state[0]
+                assert c.hidden_states.shape == ref.shape
+                torch.testing.assert_close(c.hidden_states, ref, atol=1e-4, rtol=1e-4)
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, return_hidden_states=True)
+              for n in LENS]
+    with LLM(path, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=14, block_size=4,
+             max_num_batched_tokens=7) as llm:
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+        assert llm.engine.scheduler.num_preemptions > 0
+        check(outs)
+        assert llm.engine.blocks.num_free == 14
+    with LLM(path, **ARGS) as llm:
+        llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(LENS[0]))  # cached
+        n2 = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=6, return_hidden_states=True)
+        outs = llm.generate(prompt_token_ids=[PROMPTS[3], PROMPTS[3]], sampling_params=[params[3], n2])
+        assert outs[0].metrics.prefix_hit_tokens == 0 and len(outs[1].outputs) == 2
+        check(outs)
+        plain = llm.generate(prompt_token_ids=[PROMPTS[3]], sampling_params=greedy(LENS[3]))[0]
+        assert plain.outputs[0].hidden_states is None and plain.metrics.prefix_hit_tokens == 16
+
+
 def test_requests_that_cannot_fit_are_rejected_up_front(tiny_models):
     with LLM(tiny_models("llama"), skip_tokenizer_init=True, max_model_len=32, num_kv_blocks=4,
               block_size=4) as llm:

@@ -183,6 +183,8 @@ class LLMEngine:
             seq = s.seq
             self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
+            if seq.seq_id in result.hidden:
+                seq.hidden_chunks.append(result.hidden[seq.seq_id])
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
@@ -230,6 +232,7 @@ class LLMEngine:
                 logprobs=s.logprobs if s.params.logprobs is not None else None,
                 cumulative_logprob=s.cumulative_logprob,
                 text_delta=s.take_text_delta(), token_ids_delta=s.take_token_delta(),
+                hidden_states=s.hidden_states() if s.finished and s.params.return_hidden_states else None,
             ))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              req.finished, req.seqs[0].metrics)

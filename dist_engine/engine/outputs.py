@@ -107,6 +107,9 @@ class CompletionOutput:
     # streaming: what was added since the previous RequestOutput of this request
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
+    # SamplingParams.return_hidden_states, final output only: torch tensor [P, H], the final-norm
+    # hidden state at positions 0..P-1 of prompt + output (P = all tokens but the last)
+    hidden_states: object | None = None
 
     @property
     def finished(self) -> bool:

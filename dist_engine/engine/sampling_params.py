@@ -27,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token
     skip_special_tokens: bool = True
+    # the final-norm hidden state of every position whose token was fed to the model, on the
+    # final output (``CompletionOutput.hidden_states``); such a request skips prefix-cache hits
+    return_hidden_states: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,7 @@ class Scheduler:
         self.blocks.free_blocks(seq.block_table)
         seq.block_hashes.clear()
         seq.draft_token_ids.clear()
+        seq.hidden_chunks.clear()  # recomputed from the start
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.metrics.num_preemptions += 1
@@ -118,7 +119,9 @@ class Scheduler:
         """Start from blocks already computed: the leader's prompt blocks, or prefix-cache hits."""
         bs = self.blocks.block_size
         lead = seq.leader
-        if lead is not None and lead.status == SeqStatus.RUNNING:
+        if seq.params.return_hidden_states:
+            pass  # every position must run through the model to have its hidden state
+        elif lead is not None and lead.status == SeqStatus.RUNNING:
             # full prompt blocks only, and never the last prompt token: its logits are needed
             k = (len(seq.prompt_token_ids) - 1) // bs
             seq.block_table.extend(self.blocks.share(lead.block_table[:k]))
@@ -157,6 +160,7 @@ class Scheduler:
             num_drafts=len(drafts),
             propose=propose,
             next_token=next_token,
+            return_hidden=seq.params.return_hidden_states,
         )
 
     def finish(self, seq: Sequence) -> None:

@@ -9,7 +9,7 @@ import torch
 from dist_engine.kernels.paged_attention import available as paged_available
 from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
-from dist_engine.worker.messages import SeqWork
+from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput
 
 # Sequences feeding at most this many tokens are attended together in one padded group
 # (decode, speculative verification); longer prefill chunks get a group each.
@@ -188,3 +188,17 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         starts=starts,
         shard_tokens=shard_tokens,
     )
+
+
+def hidden_rows(step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
+                sampled: dict[int, SampledTokens]) -> dict[int, tuple[int, torch.Tensor]]:
+    """The final-norm hidden states ``hidden`` ``[T, H]`` of the positions this step verified,
+    for the sequences that asked for them: every fed token but rejected drafts."""
+    out = {}
+    for s, start in zip(step.seqs, batch.starts):
+        if s.return_hidden:
+            n = len(s.token_ids) - s.num_drafts
+            if s.num_drafts and s.seq_id in sampled:
+                n += sampled[s.seq_id].num_accepted
+            out[s.seq_id] = (s.start_pos, hidden[start:start + n].clone())
+    return out

@@ -1,12 +1,16 @@
 """Typed messages between the engine (driver) and the shard workers.
 
 Only token ids, positions, block tables and sampling settings go to the workers; only sampled
-token ids (and small stats) come back. Hidden states, logits and KV stay on the workers.
+token ids (and small stats) come back. Hidden states, logits and KV stay on the workers, except
+the final-norm hidden states a request asks for (``SamplingParams.return_hidden_states``; the
+self-distillation data of ``dist-engine graft-mtp``), which rank 0 sends back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class SeqWork:
     num_drafts: int = 0
     propose: int = 0
     next_token: int = -1
+    return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own
@@ -81,3 +86,6 @@ class SampledTokens:
 class StepOutput:
     step_id: int
     sampled: dict[int, SampledTokens]  # seq_id -> tokens drawn this step
+    # seq_id -> (position of the first row, final-norm hidden states [n, H]) of the positions
+    # verified this step, for sequences fed with ``return_hidden`` (rank 0 only)
+    hidden: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)

@@ -16,7 +16,7 @@ from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
-from dist_engine.worker.batch import ForwardBatch, build_batch
+from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import sample
 
@@ -239,7 +239,7 @@ class ModelRunner:
             return self.mtp.step(step, batch, hidden, prenorm)
         hidden = self._forward(batch)  # [T, hidden]
         if not batch.sample_seqs:
-            return StepOutput(step.step_id, {})
+            return StepOutput(step.step_id, {}, hidden_rows(step, batch, hidden, {}))
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [N, vocab] fp32
         specs = [s.sampling for s in batch.sample_seqs]
         positions = [s.context_len for s in batch.sample_seqs]  # position of the drawn token
@@ -247,7 +247,7 @@ class ModelRunner:
         return StepOutput(step.step_id, {
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(batch.sample_seqs, tokens, lps, top)
-        })
+        }, hidden_rows(step, batch, hidden, {}))
 
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,10 @@ class ShardWorker:
         self.runner.init_cache(num_blocks)
 
     def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(step)
+        out = self.runner.execute(step)
+        if out.hidden and self.rank != 0:  # every rank has them; the driver reads rank 0's
+            out = replace(out, hidden={})
+        return out
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
         """Bytes this rank has sent into collectives so far, per group; one communicator serving

@@ -28,7 +28,7 @@ from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import pack_weight, pack_weights, project
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
-from dist_engine.worker.batch import ForwardBatch
+from dist_engine.worker.batch import ForwardBatch, hidden_rows
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import gumbel_noise, sample
 
@@ -214,8 +214,9 @@ class MTPDecoder:
                 proposers.append(work[-1])
                 last_pos.append(s.start_pos + m - 1)
                 wanted[s.seq_id] = s.propose
+        rows_out = hidden_rows(step, batch, hidden, sampled)
         if not work:
-            return StepOutput(step.step_id, sampled)
+            return StepOutput(step.step_id, sampled, rows_out)
         if not proposers and _same_shape(work, step.seqs):
             # no drafts fed or wanted (a large batch): the main pass's positions and slots, its
             # rows in order; only the tokens are shifted by one
@@ -225,7 +226,7 @@ class MTPDecoder:
         t2 = time.perf_counter()
         self.seconds["mtp_catch_up"] += t2 - t1
         if not proposers:
-            return StepOutput(step.step_id, sampled)
+            return StepOutput(step.step_id, sampled, rows_out)
         g = g[mbatch.sample_index]  # [N, H] outputs at each proposer's last position
         drafts = {s.seq_id: [] for s in proposers}
         active, pos = proposers, last_pos
@@ -243,4 +244,4 @@ class MTPDecoder:
         for sid, d in drafts.items():
             sampled[sid] = replace(sampled[sid], draft_token_ids=tuple(d))
         self.seconds["draft_chain"] += time.perf_counter() - t2
-        return StepOutput(step.step_id, sampled)
+        return StepOutput(step.step_id, sampled, rows_out)
