@@ -201,9 +201,10 @@ def cmd_graft(a: argparse.Namespace) -> int:
     path = resolve_model(a.model)
     train_p, held_p = split_prompts()
     answers_file = a.answers or os.path.join(a.out, "answers.jsonl")
+    hidden_dir = os.path.join(os.path.dirname(os.path.abspath(answers_file)), "hidden")
     recs = generate_answers(a.model, train_p + held_p, answers_file,
                             samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
-                            batch=a.batch)
+                            batch=a.batch, hidden_dir=hidden_dir)
     held = set(held_p)
     seqs: dict[bool, list] = {True: [], False: []}
     plens: dict[bool, list] = {True: [], False: []}
@@ -213,7 +214,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  batch_size=a.batch_size, targets=a.targets,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
-                 prompt_lens=plens[False] + plens[True],
+                 prompt_lens=plens[False] + plens[True], hidden_dir=hidden_dir,
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     last = meta["held_out"][f"epoch_{a.epochs}"]
     print(f"graft written to {a.out}: held-out accuracy per depth {last['accuracy_per_depth']} "

@@ -114,18 +114,21 @@ def grafted(tiny_models, tmp_path_factory):
     import random
 
     from dist_engine import LLM, SamplingParams
+    from dist_engine.graft.data import save_hidden
     from dist_engine.graft.train import graft
 
     path = tiny_models("llama")
     r = random.Random(0)
     prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
     with LLM(path, skip_tokenizer_init=True, max_model_len=128) as llm:
-        outs = llm.generate(prompt_token_ids=prompts,
-                            sampling_params=SamplingParams(max_tokens=40, ignore_eos=True))
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            max_tokens=40, ignore_eos=True, return_hidden_states=True))
     seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
     out = str(tmp_path_factory.mktemp("graft"))
+    # the teacher signal as graft-mtp gets it: hidden states the engine returned while generating
+    save_hidden(os.path.join(out, "hidden"), "0", seqs, [o.outputs[0].hidden_states for o in outs])
     meta = graft(path, seqs[:450], seqs[450:], out, epochs=5, depth=3, lr=3e-3, batch_size=16,
-                 draft_vocab_size=320, dtype="float32")
+                 draft_vocab_size=320, dtype="float32", hidden_dir=os.path.join(out, "hidden"))
     with open(os.path.join(out, "seqs.json"), "w") as f:  # for a test that continues the graft
         json.dump(seqs, f)
     return path, out, meta

@@ -3,6 +3,7 @@ independent reference, native DeepSeek-named MTP weights, grafting, and exact sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -63,6 +64,7 @@ def test_graft_continues_from_a_graft_of_the_same_base(grafted, tmp_path):
     path, folder, meta = grafted
     seqs = json.load(open(os.path.join(folder, "seqs.json")))
     kw = dict(epochs=1, depth=3, lr=1e-3, batch_size=16, draft_vocab_size=320, dtype="float32")
+    kw["hidden_dir"] = os.path.join(folder, "hidden")  # the same teacher signal as the first graft
     more = graft(path, seqs[:450], seqs[450:], str(tmp_path / "more"), init_from=folder, **kw)
     ho = more["held_out"]
     # starts exactly where the first graft ended (same data, vocabulary and fp32 weights)
@@ -76,6 +78,46 @@ def test_graft_continues_from_a_graft_of_the_same_base(grafted, tmp_path):
     json.dump({**cfg, "base_fingerprint": "0" * 64}, open(other / "mtp_config.json", "w"))
     with pytest.raises(ValueError, match="different base model"):
         graft(path, seqs[:450], seqs[450:], str(tmp_path / "refused"), init_from=str(other), **kw)
+
+
+def test_teacher_signal_matches_transformers(grafted):
+    """graft-mtp's teacher signal, saved while the engine generated the answers or taken from a
+    prefill of them, equals transformers' pass over the answers: hidden states to fp32 rounding
+    and the same greedy predictions (while generating, an answer's last token is never run: no
+    target there)."""
+    from dist_engine.graft.train import teacher_pass
+
+    path, folder, _ = grafted
+    seqs = json.load(open(os.path.join(folder, "seqs.json")))[:20]
+    saved = teacher_pass(path, seqs, None, os.path.join(folder, "hidden"))
+    prefilled = teacher_pass(path, seqs)
+    model = hf_model(path)
+    for s, (hs, ys), (hp, yp) in zip(seqs, saved, prefilled):
+        with torch.inference_mode():
+            h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
+            y = model.lm_head(h).argmax(-1)
+        assert hs.shape == hp.shape == h.shape == (len(s), h.shape[-1])
+        torch.testing.assert_close(hp, h, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hs[:-1], h[:-1], atol=1e-4, rtol=1e-4)
+        assert torch.equal(yp, y) and torch.equal(ys[:-1], y[:-1]) and ys[-1] == -1
+
+
+def test_hidden_states_with_speculation_equal_plain(grafted):
+    """Rows of rejected drafts are dropped: a speculative request gets the same hidden states
+    as plain decoding gives it, greedy and seeded."""
+    path, folder, _ = grafted
+    params = [dataclasses.replace(p, return_hidden_states=True) for p in mixed_params()]
+
+    def outputs(**kw):
+        with LLM(path, **ARGS, **kw) as llm:
+            return [o.outputs[0] for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
+
+    plain = outputs()
+    fast = outputs(speculative_config=spec(folder, 3, max_draft_tokens_per_step=0))
+    for p, a, b in zip(PROMPTS, plain, fast):
+        assert a.token_ids == b.token_ids
+        assert a.hidden_states.shape[0] == len(p) + len(a.token_ids) - 1
+        torch.testing.assert_close(b.hidden_states, a.hidden_states, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

@@ -1,19 +1,27 @@
 """Self-distillation data: the base model's own answers to the graft prompts, made with our
-batched engine and kept in a JSON-lines file (one object per answer), so a run can resume."""
+batched engine and kept in a JSON-lines file (one object per answer), so a run can resume.
+
+The engine also returns the final-norm hidden state of every position it ran (the teacher
+signal the graft trains on); they are saved next to the answers, one file per batch, so the
+teacher pass only has to compute what is missing."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
+import torch
 from tqdm import tqdm
 
 
 def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_per_prompt: int = 1,
                      temperature: float = 0.7, max_tokens: int = 256, dtype: str = "float32",
-                     batch: int = 64) -> list[dict]:
+                     batch: int = 64, hidden_dir: str | None = None) -> list[dict]:
     """Answer every prompt ``samples_per_prompt`` times (answer 0 greedy, the rest sampled at
-    ``temperature`` with fixed seeds); append to ``out_file``, skipping answers already there."""
+    ``temperature`` with fixed seeds); append to ``out_file``, skipping answers already there.
+    ``hidden_dir``: also save each answer's final-norm hidden states (``[L - 1, H]`` for its L
+    prompt + answer tokens) there, a file per batch (see :func:`load_hidden`)."""
     from dist_engine import LLM, SamplingParams
 
     done = load_answers(out_file)
@@ -27,13 +35,20 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p, _ in chunk]
-            params = [SamplingParams(max_tokens=max_tokens) if k == 0 else
-                      SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1000 * k + j)
+            keep = hidden_dir is not None
+            params = [SamplingParams(max_tokens=max_tokens, return_hidden_states=keep) if k == 0 else
+                      SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1000 * k + j,
+                                     return_hidden_states=keep)
                       for j, (_, k) in enumerate(chunk)]
+            seqs, hidden = [], []
             for (p, k), pid, out in zip(chunk, ids, llm.generate(prompt_token_ids=ids, sampling_params=params)):
                 rec = {"prompt": p, "sample": k, "prompt_ids": pid, "output_ids": out.outputs[0].token_ids}
                 f.write(json.dumps(rec) + "\n")
                 done.append(rec)
+                seqs.append(pid + rec["output_ids"])
+                hidden.append(out.outputs[0].hidden_states)
+            if keep:
+                save_hidden(hidden_dir, f"{len(done):07d}", seqs, hidden)
             f.flush()
             bar.update(len(chunk))
     return done
@@ -44,3 +59,21 @@ def load_answers(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def save_hidden(hidden_dir: str, name: str, seqs: list[list[int]], hidden: list[torch.Tensor]) -> None:
+    """One batch of sequences and their final-norm hidden states ``[L - 1, H]`` (fp32)."""
+    os.makedirs(hidden_dir, exist_ok=True)
+    torch.save({"seqs": seqs, "hidden": [h.float() for h in hidden]},
+               os.path.join(hidden_dir, f"{name}.pt"))
+
+
+def load_hidden(hidden_dir: str | None) -> dict[tuple[int, ...], torch.Tensor]:
+    """Sequence -> final-norm hidden states ``[L - 1, H]`` saved by :func:`generate_answers`."""
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    if not hidden_dir:
+        return out
+    for path in sorted(glob.glob(os.path.join(hidden_dir, "*.pt"))):
+        part = torch.load(path, weights_only=True)
+        out.update((tuple(s), h) for s, h in zip(part["seqs"], part["hidden"]))
+    return out

@@ -1,8 +1,9 @@
 """``dist-engine graft-mtp``: fit an MTP layer to a frozen base model by self-distillation.
 
 1. Data: the base model's own answers to the prompt set (``data.py``; our batched engine).
-2. Teacher pass (transformers, once): for every position p the base's final-norm hidden state
-   h[p] and its greedy prediction y[p] of token p + 1.
+2. Teacher signal (once, cached): for every position p the base's final-norm hidden state
+   h[p] and its greedy prediction y[p] of token p + 1, as our engine computed them while
+   generating the answers, or from a prefill of them.
 3. Training, chained through ``depth`` steps as the engine runs them: step 1 reads (h[p],
    x[p+1]) and must predict y[p+1]; step d reads step d-1's (normed) output and x[p+d] and must
    predict y[p+d]. Cross-entropy over the draft vocabulary (the most frequent predicted ids);
@@ -33,29 +34,55 @@ from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
 log = logging.getLogger(__name__)
 
 
-def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None = None
+def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None = None,
+                 hidden_dir: str | None = None, head: torch.Tensor | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``);
     kept in ``cache_file``, so a repeated run, or one on more answers, only computes the
-    sequences the cache does not hold."""
-    from transformers import AutoModelForCausalLM
+    sequences the cache does not hold. Predictions come from ``head`` ``[vocab, H]`` (default:
+    the base's). Hidden states the engine returned while generating (``hidden_dir``, see
+    ``data.generate_answers``) are used as they are; they lack the last position, which gets no
+    target (-1). What is left is prefilled by our engine, which returns every position's hidden
+    state (``return_hidden_states``)."""
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.graft.data import load_hidden
+
+    if head is None:
+        head = base_head(model_path)
 
     known: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     if cache_file and os.path.isfile(cache_file):
         cached = torch.load(cache_file, weights_only=True)
         known = {tuple(s): (h, y) for s, h, y in zip(cached["seqs"], cached["hidden"], cached["pred"])}
     todo = [s for s in seqs if tuple(s) not in known]
-    if todo:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            for s in tqdm(todo, desc="teacher pass", unit="seq"):
-                h = model.model(torch.tensor([s])).last_hidden_state[0]  # [L, H]
-                known[tuple(s)] = (h.clone(), model.lm_head(h).argmax(-1))
+    engine_rows = load_hidden(hidden_dir) if todo and hidden_dir else {}
+    for s in todo:
+        h = engine_rows.get(tuple(s))
+        if h is not None and len(h) == len(s) - 1:
+            y = torch.cat([(h @ head.t()).argmax(-1), torch.tensor([-1])])
+            known[tuple(s)] = (torch.cat([h, h.new_zeros(1, h.shape[-1])]), y)
+    todo = [s for s in todo if tuple(s) not in known]
+    if todo:  # each sequence as a prompt: its whole prefill's rows, [L, H]
+        params = SamplingParams(temperature=0, max_tokens=1, return_hidden_states=True)
+        with LLM(model_path, dtype="float32", skip_tokenizer_init=True, max_num_seqs=16,
+                 max_num_batched_tokens=2048, max_model_len=max(map(len, todo)) + 1) as llm:
+            outs = llm.generate(prompt_token_ids=todo, sampling_params=params, use_tqdm=True)
+        for s, o in zip(todo, outs):
+            h = o.outputs[0].hidden_states.float()
+            known[tuple(s)] = (h, (h @ head.t()).argmax(-1))
     out = [known[tuple(s)] for s in seqs]
-    if cache_file and todo:
+    if cache_file and (todo or engine_rows):
         torch.save({"seqs": seqs, "hidden": [h for h, _ in out], "pred": [y for _, y in out]},
                    cache_file)
     return out
+
+
+def base_head(model_path: str) -> torch.Tensor:
+    """The base's lm head ``[vocab, H]`` in fp32 (the embedding when they are tied)."""
+    base = {}
+    for f in checkpoint_files(model_path):
+        base.update(load_file(f))
+    return base.get("lm_head.weight", base["model.embed_tokens.weight"]).float()
 
 
 class Batches:
@@ -157,14 +184,16 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
           *, epochs: int = 4, depth: int = 3, lr: float = 2e-3, batch_size: int = 8,
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
           targets: str = "soft", init_from: str | None = None,
-          prompt_lens: list[int] | None = None, extra_meta: dict | None = None) -> dict:
+          prompt_lens: list[int] | None = None, hidden_dir: str | None = None,
+          extra_meta: dict | None = None) -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
     tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
     memorised and inflate the score). ``targets``: ``hard`` = cross-entropy against the base's
     greedy token; ``soft`` = against the base's whole distribution over the draft vocabulary
     (its logits come free from the cached hidden states) plus the hard term. ``init_from``: a
     graft folder for the same base to start from (e.g. to continue on more answers) instead of
-    the copy of the base's last layer."""
+    the copy of the base's last layer. ``hidden_dir``: the base's hidden states saved while
+    generating the answers (:func:`teacher_pass` computes only the rest)."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
     cfg = ModelConfig.from_pretrained(model_path)
@@ -180,7 +209,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         base.update(load_file(f))
     embed = base["model.embed_tokens.weight"].float()
     full_head = base.get("lm_head.weight", embed).float()
-    teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"))
+    teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"),
+                         hidden_dir, full_head)
     if prompt_lens is not None:  # y[q] predicts token q + 1: keep q + 1 >= prompt length
         teach = [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
                  for (h, y), n in zip(teach, prompt_lens)]
