@@ -54,14 +54,14 @@ def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None 
     if cache_file and os.path.isfile(cache_file):
         cached = torch.load(cache_file, weights_only=True)
         known = {tuple(s): (h, y) for s, h, y in zip(cached["seqs"], cached["hidden"], cached["pred"])}
-    todo = [s for s in seqs if tuple(s) not in known]
-    engine_rows = load_hidden(hidden_dir) if todo and hidden_dir else {}
-    for s in todo:
+    missing = [s for s in seqs if tuple(s) not in known]
+    engine_rows = load_hidden(hidden_dir) if missing else {}
+    for s in missing:
         h = engine_rows.get(tuple(s))
         if h is not None and len(h) == len(s) - 1:
             y = torch.cat([(h @ head.t()).argmax(-1), torch.tensor([-1])])
             known[tuple(s)] = (torch.cat([h, h.new_zeros(1, h.shape[-1])]), y)
-    todo = [s for s in todo if tuple(s) not in known]
+    todo = [s for s in missing if tuple(s) not in known]
     if todo:  # each sequence as a prompt: its whole prefill's rows, [L, H]
         params = SamplingParams(temperature=0, max_tokens=1, return_hidden_states=True)
         with LLM(model_path, dtype="float32", skip_tokenizer_init=True, max_num_seqs=16,
@@ -71,17 +71,23 @@ def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None 
             h = o.outputs[0].hidden_states.float()
             known[tuple(s)] = (h, (h @ head.t()).argmax(-1))
     out = [known[tuple(s)] for s in seqs]
-    if cache_file and (todo or engine_rows):
+    if cache_file and missing:
         torch.save({"seqs": seqs, "hidden": [h for h, _ in out], "pred": [y for _, y in out]},
                    cache_file)
     return out
 
 
-def base_head(model_path: str) -> torch.Tensor:
-    """The base's lm head ``[vocab, H]`` in fp32 (the embedding when they are tied)."""
+def load_base(model_path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the base checkpoint."""
     base = {}
     for f in checkpoint_files(model_path):
         base.update(load_file(f))
+    return base
+
+
+def base_head(model_path: str, base: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The base's lm head ``[vocab, H]`` in fp32 (the embedding when they are tied)."""
+    base = base if base is not None else load_base(model_path)
     return base.get("lm_head.weight", base["model.embed_tokens.weight"]).float()
 
 
@@ -204,11 +210,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     start = read_graft_for(init_from, model_path, fingerprint) if init_from is not None else None
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
-    base = {}
-    for f in checkpoint_files(model_path):
-        base.update(load_file(f))
+    base = load_base(model_path)
     embed = base["model.embed_tokens.weight"].float()
-    full_head = base.get("lm_head.weight", embed).float()
+    full_head = base_head(model_path, base)
     teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"),
                          hidden_dir, full_head)
     if prompt_lens is not None:  # y[q] predicts token q + 1: keep q + 1 >= prompt length
