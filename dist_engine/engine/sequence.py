@@ -41,7 +41,7 @@ class Sequence:
     banned_until_min: tuple[int, ...] = ()  # stop/EOS ids masked while under min_tokens
     leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks this one shares
     draft_token_ids: list[int] = field(default_factory=list)  # proposed last step, unverified
-    hidden_chunks: list = field(default_factory=list)  # (first position, [n, H] tensor)
+    hidden_chunks: list = field(default_factory=list)  # (first position, [n, H] tensor), in order
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
@@ -83,21 +83,14 @@ class Sequence:
 
     def hidden_states(self):
         """``[P, H]``: the final-norm hidden state of positions 0..P-1, every position whose
-        token was fed (all but the last token), from the rows the workers sent back. A
-        recomputed position (after preemption) takes its latest rows."""
+        token was fed (all but the last token). Steps send contiguous rows from the first
+        uncomputed position on, and a preemption drops them all, so the rows simply join; an
+        aborted request gets the prefix it ran."""
         import torch
 
-        n = self.num_tokens - 1
-        if not self.hidden_chunks or n <= 0:
+        if not self.hidden_chunks:
             return None
-        out = self.hidden_chunks[0][1].new_zeros(n, self.hidden_chunks[0][1].shape[-1])
-        seen = torch.zeros(n, dtype=torch.bool)
-        for pos, rows in self.hidden_chunks:
-            rows = rows[: max(0, n - pos)]
-            out[pos:pos + len(rows)] = rows
-            seen[pos:pos + len(rows)] = True
-        missing = (~seen).nonzero()
-        return out if not len(missing) else out[: int(missing[0])]  # an aborted request: the prefix
+        return torch.cat([rows for _, rows in self.hidden_chunks])[: self.num_tokens - 1]
 
     def take_text_delta(self) -> str:
         delta = self.text[self._sent_text:]
