@@ -64,6 +64,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-draft-acceptance", type=float, default=0.1,
                    help="propose a draft position only while recent steps accepted it at least this "
                         "often (every 16th step probes all K); 0 drafts K every step")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
+                   help="requests admitted while more than this many sequences are in the engine "
+                        "run without speculation (default: 8, where the draft budget leaves no "
+                        "draft; 0: never)")
     p.add_argument("--speculative-model", default=None,
                    help="a graft folder from `dist-engine graft-mtp` (default: the model's own "
                         "MTP layers or the graft shipped for it)")
@@ -74,6 +78,8 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
         return None
     spec = {"method": "mtp", "num_speculative_tokens": a.num_speculative_tokens,
             "min_draft_acceptance": a.min_draft_acceptance}
+    if a.speculative_disable_by_batch_size is not None:
+        spec["disable_by_batch_size"] = a.speculative_disable_by_batch_size
     if a.speculative_model:
         spec["model"] = a.speculative_model
     if a.speculative == "auto" and not a.speculative_model:

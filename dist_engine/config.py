@@ -353,6 +353,11 @@ class SpeculativeConfig:
     # accepted too) is at least this: the j-th draft adds that many tokens per step and costs a
     # chained MTP step plus a verified row (~5-10% of a step on CPU). 0: always draft K.
     min_draft_acceptance: float = 0.1
+    # A sequence admitted while more than this many sequences are in the engine (running and
+    # waiting, itself included) runs without speculation for its whole life: no drafts, and the
+    # MTP layer skips it (its cache is kept only for sequences that may draft). None: the batch
+    # size from which ``max_draft_tokens_per_step`` leaves no draft at all; 0: never.
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method != "mtp":
@@ -370,6 +375,15 @@ class SpeculativeConfig:
             raise ValueError("max_draft_tokens_per_step must be >= 0")
         if not 0.0 <= self.min_draft_acceptance < 1.0:
             raise ValueError(f"min_draft_acceptance must be in [0, 1), got {self.min_draft_acceptance}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 0:
+            raise ValueError(f"disable_by_batch_size must be >= 0 (0: never), got {self.disable_by_batch_size}")
+
+    @property
+    def speculate_up_to(self) -> int:
+        """Sequences in the engine up to which a new one speculates (0: any number)."""
+        if self.disable_by_batch_size is not None:
+            return self.disable_by_batch_size
+        return self.max_draft_tokens_per_step
 
     @property
     def num_lookahead_slots(self) -> int:

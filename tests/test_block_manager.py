@@ -48,6 +48,21 @@ def test_prefix_hits_share_blocks_and_keep_one_token_uncached():
     assert bm.prefix_hit_tokens >= 16
 
 
+def test_salted_blocks_are_shared_only_under_the_same_salt():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(10, 22))
+    a: list[int] = []
+    ha: list[int] = []
+    bm.grow(a, len(tokens))
+    bm.commit(a, ha, tokens, len(tokens), salt="without-mtp-cache")
+    assert bm.match_prefix(tokens) == ([], [])  # unsalted lookups do not see them
+    hits, _ = bm.match_prefix(tokens, salt="without-mtp-cache")
+    assert hits == a[:2]
+    bm.free_blocks(hits)
+    bm.free_blocks(a)
+    assert bm.num_free == 8
+
+
 def test_eviction_least_recently_freed_first():
     bm = BlockManager(num_blocks=4, block_size=2)
     seqs = []

@@ -419,6 +419,40 @@ def test_draft_depth_follows_acceptance():
         DraftDepth(3, 1.5)
 
 
+def test_speculation_off_for_sequences_admitted_under_load(grafted):
+    """Sequences admitted while more than ``disable_by_batch_size`` are in the engine run plain:
+    no drafts, no MTP catch-up, no lookahead blocks, and prefix-cache blocks that only such
+    sequences share (theirs lack the MTP layer's K/V). A request admitted alone speculates."""
+    from dist_engine.config import SpeculativeConfig
+
+    path, folder, _ = grafted
+    params = mixed_params()
+    expected, llm = run(path, params)
+    llm.shutdown()
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    alone, llm = run(path, p, prompts=[PROMPTS[1]])
+    llm.shutdown()
+    with LLM(path, **ARGS, speculative_config=spec(folder, 2, disable_by_batch_size=4)) as llm:
+        eng, dec = llm.engine, llm.engine.executor.worker.runner.mtp
+        before = dict(dec.seconds)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
+        assert got == expected
+        assert eng.stats()["spec_decode"]["num_seqs_without_speculation"] == 8
+        assert eng.spec_stats.num_draft_tokens == 0
+        assert dec.seconds["mtp_catch_up"] == before["mtp_catch_up"]
+        assert eng.blocks.num_free == ARGS["num_kv_blocks"]
+        hits = eng.blocks.prefix_hit_tokens
+        # PROMPTS[1] was computed above without the MTP layer: no hit for a speculating request
+        out = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=p)[0]
+        assert out.outputs[0].token_ids == alone[0]
+        assert out.metrics.spec.num_draft_tokens > 0 and eng.blocks.prefix_hit_tokens == hits
+        assert eng.stats()["spec_decode"]["num_seqs_without_speculation"] == 8
+        llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=p)  # its own blocks do hit
+        assert eng.blocks.prefix_hit_tokens > hits
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        SpeculativeConfig(disable_by_batch_size=-1)
+
+
 def test_draft_depth_in_engine_is_lossless(grafted):
     """An acceptance bar no position clears: the engine stops proposing (except every 16th
     step's probe) and output is still plain decoding's."""
@@ -454,7 +488,8 @@ def test_large_batch_catch_up_shortcut_matches_general_path(grafted, monkeypatch
     for shortcut in (True, False):
         if not shortcut:
             monkeypatch.setattr(sd, "_same_shape", lambda *a: False)
-        got, llm = run(path, params, prompts=prompts, speculative_config=spec(folder, 2, max_draft_tokens_per_step=8))
+        got, llm = run(path, params, prompts=prompts, speculative_config=spec(
+            folder, 2, max_draft_tokens_per_step=8, disable_by_batch_size=0))
         with llm:
             assert got == expected
             stats.append(llm.engine.spec_stats.as_dict())

@@ -58,7 +58,8 @@ class LLMEngine:
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks,
+                                   spec.speculate_up_to if spec else None)
         per_tok = info["bytes_per_block"] // bs
         mib = 2**20
         measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
@@ -162,7 +163,9 @@ class LLMEngine:
             "generation_tokens": self.num_generated_tokens,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
-            "spec_decode": self.spec_stats.as_dict() if self.num_spec_tokens else None,
+            "spec_decode": {**self.spec_stats.as_dict(),
+                            "num_seqs_without_speculation": sch.num_without_speculation}
+            if self.num_spec_tokens else None,
         }
 
     def has_unfinished(self) -> bool:
@@ -173,7 +176,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        k, propose = self._spec_k(sum(s.samples for s in scheduled))
+        k, propose = self._spec_k(sum(s.samples and bool(s.seq.speculate) for s in scheduled))
         step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled))
         result = self.executor.execute(step)
         now = time.monotonic()
@@ -197,7 +200,8 @@ class LLMEngine:
             before = len(seq.output_token_ids)
             append_tokens(seq, sampled, self.eos_token_ids, now)
             self.num_generated_tokens += len(seq.output_token_ids) - before
-            self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed)
+            self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
+                               seq.hash_salt)
             if seq.finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -32,9 +32,14 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 speculate_up_to: int | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        # with an MTP layer: sequences in the engine up to which a newly admitted one speculates
+        # (0: always); None: no speculation
+        self.speculate_up_to = speculate_up_to
+        self.num_without_speculation = 0  # sequences admitted with speculation off
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,6 +85,9 @@ class Scheduler:
                 break
             if self._wait_for_leader(seq):
                 continue
+            if seq.speculate is None and self.speculate_up_to is not None:
+                seq.speculate = self._may_speculate(seq)
+                self.num_without_speculation += not seq.speculate
             if not seq.block_table:
                 self._attach_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, budget)
@@ -103,9 +111,18 @@ class Scheduler:
     def _needed(self, seq: Sequence, num_new: int) -> int:
         """Tokens the block table must hold this step: lookahead slots too if it samples."""
         end = seq.num_computed + num_new
-        if end == seq.num_tokens:
+        if end == seq.num_tokens and seq.speculate is not False:
             end = min(end + self.config.num_lookahead_slots, self.config.max_model_len)
         return end
+
+    def _may_speculate(self, seq: Sequence) -> bool:
+        """Speculate unless the engine holds more sequences than ``speculate_up_to`` (a batch
+        that large gets no drafts, so the MTP layer's upkeep would be pure cost). Completions
+        of one request agree: they share the leader's prompt blocks."""
+        if seq.leader is not None and seq.leader.speculate is not None:
+            return seq.leader.speculate
+        limit = self.speculate_up_to
+        return not limit or len(self.running) + len(self.waiting) <= limit
 
     @staticmethod
     def _wait_for_leader(seq: Sequence) -> bool:
@@ -127,7 +144,7 @@ class Scheduler:
             seq.block_table.extend(self.blocks.share(lead.block_table[:k]))
             seq.block_hashes.extend(lead.block_hashes[:k])
         else:
-            hits, hashes = self.blocks.match_prefix(seq.token_ids)
+            hits, hashes = self.blocks.match_prefix(seq.token_ids, seq.hash_salt)
             seq.block_table.extend(hits)
             seq.block_hashes.extend(hashes)
         seq.num_computed = len(seq.block_table) * bs
@@ -141,14 +158,15 @@ class Scheduler:
         start = seq.num_computed
         tokens = seq.token_ids[start:start + s.num_new]
         drafts, propose, next_token = (), 0, -1
-        if self.config.num_lookahead_slots and s.samples:
+        mtp = bool(self.config.num_lookahead_slots) and seq.speculate is not False
+        if mtp and s.samples:
             cap = min(len(seq.block_table) * self.blocks.block_size, self.config.max_model_len)
             left = seq.params.max_tokens - len(seq.output_token_ids)  # tokens it may still emit
             k = max(0, min(len(seq.draft_token_ids), num_spec, cap - seq.num_tokens, left - 1))
             drafts = tuple(seq.draft_token_ids[:k])
             want = num_spec if num_propose is None else num_propose
             propose = max(0, min(want, cap - (seq.num_tokens + k) + 1, left - 2))
-        elif self.config.num_lookahead_slots:
+        elif mtp:
             next_token = seq.token_ids[start + s.num_new]  # the MTP layer reads one token ahead
         return SeqWork(
             seq_id=seq.seq_id,
@@ -160,6 +178,7 @@ class Scheduler:
             num_drafts=len(drafts),
             propose=propose,
             next_token=next_token,
+            mtp=mtp,
             return_hidden=seq.params.return_hidden_states,
         )
 

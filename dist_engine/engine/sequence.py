@@ -11,6 +11,9 @@ from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.worker.messages import SamplingSpec
 
 
+NO_MTP_SALT = "without-mtp-cache"
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,6 +44,9 @@ class Sequence:
     banned_until_min: tuple[int, ...] = ()  # stop/EOS ids masked while under min_tokens
     leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks this one shares
     draft_token_ids: list[int] = field(default_factory=list)  # proposed last step, unverified
+    # with an MTP layer: whether this sequence drafts and keeps the layer's cache; decided when
+    # it is first admitted (None before), kept over preemption
+    speculate: bool | None = None
     hidden_chunks: list = field(default_factory=list)  # (first position, [n, H] tensor), in order
     _sent_text: int = 0
     _sent_tokens: int = 0
@@ -55,6 +61,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def hash_salt(self) -> str | None:
+        """Prefix-cache namespace: blocks of a sequence the MTP layer skipped lack that layer's
+        K/V, so only such sequences may share them."""
+        return NO_MTP_SALT if self.speculate is False else None
 
     @property
     def finished(self) -> bool:

@@ -25,7 +25,7 @@ class Block:
     hash: int | None = None  # set once the block is full of verified tokens
 
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+def chain_hash(parent: int | str | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
@@ -69,17 +69,18 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], list[int]]:
         """Take references on the cached blocks that start ``token_ids`` (full blocks only).
 
         At least one token is always left uncached: the step that computes it yields the logits
-        the next token is drawn from.
+        the next token is drawn from. ``salt`` starts the hash chain: blocks committed under one
+        salt are found only under the same one.
         """
         if not self.prefix_caching:
             return [], []
         hits: list[int] = []
         hashes: list[int] = []
-        parent = None
+        parent: int | str | None = salt
         max_blocks = (len(token_ids) - 1) // self.block_size
         for b in range(max_blocks):
             tokens = tuple(token_ids[b * self.block_size:(b + 1) * self.block_size + self.extra])
@@ -116,7 +117,7 @@ class BlockManager:
         return True
 
     def commit(self, block_table: list[int], block_hashes: list[int], token_ids: list[int],
-               num_verified: int) -> None:
+               num_verified: int, salt: str | None = None) -> None:
         """Hash the full blocks among the first ``num_verified`` tokens so others can share them.
 
         ``block_hashes`` (the sequence's chain so far) is extended in place, so each block is
@@ -126,7 +127,7 @@ class BlockManager:
             return
         bs = self.block_size
         for b in range(len(block_hashes), min(num_verified, len(token_ids) - self.extra) // bs):
-            parent = block_hashes[-1] if block_hashes else None
+            parent = block_hashes[-1] if block_hashes else salt
             h = chain_hash(parent, tuple(token_ids[b * bs:(b + 1) * bs + self.extra]))
             block = self.blocks[block_table[b]]
             if block.hash is None:

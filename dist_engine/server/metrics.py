@@ -27,7 +27,9 @@ _COUNTERS = (("prefix_cache_queries", "prefix_cache_query_tokens", "Prompt token
 
 _SPEC_COUNTERS = (("spec_decode_num_drafts", "num_steps", "Verification steps that carried drafts."),
                   ("spec_decode_num_draft_tokens", "num_draft_tokens", "Draft tokens verified."),
-                  ("spec_decode_num_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted."))
+                  ("spec_decode_num_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted."),
+                  ("spec_decode_num_seqs_disabled", "num_seqs_without_speculation",
+                   "Sequences admitted under load, run without speculation."))
 
 
 class _EngineCollector:

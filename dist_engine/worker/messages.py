@@ -56,6 +56,7 @@ class SeqWork:
     num_drafts: int = 0
     propose: int = 0
     next_token: int = -1
+    mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
 
     @property

@@ -199,6 +199,8 @@ class MTPDecoder:
         wanted: dict[int, int] = {}  # seq id -> drafts to propose
         for s, start in zip(step.seqs, batch.starts):
             base = len(s.token_ids) - s.num_drafts
+            if not s.mtp:  # runs without speculation: its MTP cache is never read
+                continue
             if s.sample:
                 got = sampled[s.seq_id].token_ids
                 m = base + len(got) - 1
