@@ -10,7 +10,6 @@ from dist_engine.engine.outputs import RequestMetrics
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.worker.messages import SamplingSpec
 
-
 NO_MTP_SALT = "without-mtp-cache"
 
 
