@@ -93,12 +93,14 @@ def batch1(llms: dict, prompts, n, temps, reps: int) -> dict:
 
 
 def batch16(llms: dict, prompts, n, reps: int) -> dict:
-    """16 concurrent greedy requests of ``n`` tokens; configurations take turns each round."""
+    """16 concurrent greedy requests of ``n`` tokens; configurations take turns each round.
+    Each request starts with a token of its own (per round), so no configuration gets prefix
+    hits from earlier runs: requests without speculation share blocks only among themselves."""
     from dist_engine import SamplingParams
 
-    ids16 = [prompts[i % len(prompts)] for i in range(16)]
     acc = {name: [0, 0.0] for name in llms}
-    for _ in range(reps):
+    for r in range(reps):
+        ids16 = [[1000 + 16 * r + i] + prompts[i % len(prompts)] for i in range(16)]
         for name, llm in llms.items():
             sps = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _ in ids16]
             t = time.perf_counter()
@@ -143,7 +145,7 @@ def main() -> None:
     try:
         rows = batch1(llms, prompts, a.tokens, temps, a.reps)
         b16 = {k: llms[k] for k in ("plain", "K=3 adaptive") if k in llms}
-        for name, tok_s in batch16({**b16, "K=3 forced": forced}, prompts, a.tokens // 2, a.reps + 1).items():
+        for name, tok_s in batch16({**b16, "K=3 forced": forced}, prompts, a.tokens // 2, 2 * a.reps + 1).items():
             rows.setdefault(name, {})["batch16_tok_s"] = tok_s
     finally:
         for llm in [*llms.values(), forced]:
