@@ -11,7 +11,7 @@ from dist_engine import LLM, SamplingParams
 from dist_engine.weights.registry import DEFAULT_MODEL, fetch_gguf
 
 pytestmark = pytest.mark.slow
-MIN_MEAN_ACCEPTED_LENGTH = 1.45  # regression floor (this test measured 1.62; K=3 in bench/results/spec.md: 1.85)
+MIN_MEAN_ACCEPTED_LENGTH = 1.55  # regression floor (this test measured 1.74 with graft stage 4; K=3 in bench/results/spec.md: 2.08)
 
 
 @pytest.fixture(scope="module")
