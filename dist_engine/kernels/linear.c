@@ -203,6 +203,18 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 #undef TILE
 }
 
+/* Rows [0, rows) in pairs (the last one alone when rows is odd) against NP panels at a time
+ * through FN (rows_x2 or rows_x3), from panel p while NP more fit before end. */
+#define PAIRS(FN, NP, IS_BF16, X, XS, rows, Y)                                                  \
+    for (; p + NP <= end; p += NP)                                                              \
+        for (int64_t m = 0; m < rows; m += 2) {                                                 \
+            const float *xm = X + m * XS;                                                       \
+            char *ym = (char *)Y + m * N * esz;                                                 \
+            const char *pp = at + p * K * PANEL * esz;                                          \
+            if (m + 2 <= rows) FN(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);  \
+            else FN(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);                \
+        }
+
 /* Rows [0, rows) of x (at most ROW_BLOCK) against every panel, into y. Each thread takes a
  * contiguous run of panels (a balanced split, so small products use both cores evenly); a
  * single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs) three panels at a
@@ -216,24 +228,10 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
         if (rows == 1)                                                                          \
             for (; p + 4 <= end; p += 4)                                                        \
                 row_x4(IS_BF16, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);         \
-        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4))                                             \
-            for (; p + 3 <= end; p += 3)                                                        \
-                for (int64_t m = 0; m < rows; m += 2) {                                         \
-                    const float *xm = X + m * XS;                                               \
-                    char *ym = (char *)Y + m * N * esz;                                         \
-                    const char *pp = at + p * K * PANEL * esz;                                  \
-                    if (m + 2 <= rows) rows_x3(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                    else rows_x3(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);   \
-                }                                                                               \
-        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4))                                             \
-            for (; p + 2 <= end; p += 2)                                                        \
-                for (int64_t m = 0; m < rows; m += 2) {                                         \
-                    const float *xm = X + m * XS;                                               \
-                    char *ym = (char *)Y + m * N * esz;                                         \
-                    const char *pp = at + p * K * PANEL * esz;                                  \
-                    if (m + 2 <= rows) rows_x2(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                    else rows_x2(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);   \
-                }                                                                               \
+        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4)) {                                           \
+            PAIRS(rows_x3, 3, IS_BF16, X, XS, rows, Y)                                          \
+            PAIRS(rows_x2, 2, IS_BF16, X, XS, rows, Y)                                          \
+        }                                                                                       \
         for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
     }
 
