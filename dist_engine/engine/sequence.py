@@ -46,7 +46,7 @@ class Sequence:
     # with an MTP layer: whether this sequence drafts and keeps the layer's cache; decided when
     # it is first admitted (None before), kept over preemption
     speculate: bool | None = None
-    hidden_chunks: list = field(default_factory=list)  # (first position, [n, H] tensor), in order
+    hidden_chunks: list = field(default_factory=list)  # [n, H] tensors of consecutive positions
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
@@ -101,7 +101,7 @@ class Sequence:
 
         if not self.hidden_chunks:
             return None
-        return torch.cat([rows for _, rows in self.hidden_chunks])[: self.num_tokens - 1]
+        return torch.cat(self.hidden_chunks)[: self.num_tokens - 1]
 
     def take_text_delta(self) -> str:
         delta = self.text[self._sent_text:]

@@ -191,7 +191,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
 
 
 def hidden_rows(step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
-                sampled: dict[int, SampledTokens]) -> dict[int, tuple[int, torch.Tensor]]:
+                sampled: dict[int, SampledTokens]) -> dict[int, torch.Tensor]:
     """The final-norm hidden states ``hidden`` ``[T, H]`` of the positions this step verified,
     for the sequences that asked for them: every fed token but rejected drafts."""
     out = {}
@@ -200,5 +200,5 @@ def hidden_rows(step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
             n = len(s.token_ids) - s.num_drafts
             if s.num_drafts and s.seq_id in sampled:
                 n += sampled[s.seq_id].num_accepted
-            out[s.seq_id] = (s.start_pos, hidden[start:start + n].clone())
+            out[s.seq_id] = hidden[start:start + n].clone()
     return out

@@ -87,6 +87,6 @@ class SampledTokens:
 class StepOutput:
     step_id: int
     sampled: dict[int, SampledTokens]  # seq_id -> tokens drawn this step
-    # seq_id -> (position of the first row, final-norm hidden states [n, H]) of the positions
-    # verified this step, for sequences fed with ``return_hidden`` (rank 0 only)
-    hidden: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    # seq_id -> final-norm hidden states [n, H] of the positions verified this step, from the
+    # first one fed on, for sequences fed with ``return_hidden`` (rank 0 only)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)

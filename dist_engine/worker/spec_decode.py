@@ -198,9 +198,9 @@ class MTPDecoder:
         work, rows, proposers, last_pos = [], [], [], []
         wanted: dict[int, int] = {}  # seq id -> drafts to propose
         for s, start in zip(step.seqs, batch.starts):
-            base = len(s.token_ids) - s.num_drafts
             if not s.mtp:  # runs without speculation: its MTP cache is never read
                 continue
+            base = len(s.token_ids) - s.num_drafts
             if s.sample:
                 got = sampled[s.seq_id].token_ids
                 m = base + len(got) - 1
