@@ -110,45 +110,13 @@ static inline __attribute__((always_inline)) void row_x4(int is_bf16, const floa
     store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
 }
 
-/* One or two rows of x (MR) against two consecutive panels: eight accumulators and two weight
- * streams, for few-row products (speculative verification, small batches). Measured against
- * one panel at a time, all products of the default model: fp32 2-4 rows 8-15% faster (5-6
- * rows slower: the extra passes over each panel pair cost more than the second stream gains),
- * bf16 2 rows 12% faster (3+ rows slower: every pass widens the panel again). */
-#define ROW2(m, A0, B0, A1, B1)                                                               \
-    if (MR > m) {                                                                             \
-        const float xv = x[m * xs + k];                                                       \
-        A0 += lo0 * xv;                                                                       \
-        B0 += hi0 * xv;                                                                       \
-        A1 += lo1 * xv;                                                                       \
-        B1 += hi1 * xv;                                                                       \
-    }
-#define OUT2(m, A0, B0, A1, B1)                                                               \
-    if (MR > m) {                                                                             \
-        store_row(is_bf16, A0, B0, bias, (char *)y + m * y_row_bytes, n0, PANEL);             \
-        store_row(is_bf16, A1, B1, bias, (char *)y + m * y_row_bytes, n0 + PANEL, valid1);    \
-    }
-
-static inline __attribute__((always_inline)) void rows_x2(int is_bf16, int MR, const float *x,
-        int64_t xs, const void *panel, int64_t K, const void *bias, void *y,
-        int64_t y_row_bytes, int64_t N, int64_t n0) {
-    const char *p0 = panel, *p1 = p0 + K * PANEL * (is_bf16 ? 2 : 4);
-    const int64_t valid1 = N - n0 - PANEL < PANEL ? N - n0 - PANEL : PANEL;
-    v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0};
-    for (int64_t k = 0; k < K; k++) {
-        v8f lo0, hi0, lo1, hi1;
-        load_k(is_bf16, p0, k, &lo0, &hi0);
-        load_k(is_bf16, p1, k, &lo1, &hi1);
-        ROW2(0, a0, b0, c0, d0) ROW2(1, a1, b1, c1, d1)
-    }
-    OUT2(0, a0, b0, c0, d0) OUT2(1, a1, b1, c1, d1)
-}
-
 /* One or two rows of x against three consecutive panels: twelve accumulators and three weight
- * streams (sixteen vector registers on AVX2 hold no more). Verification of 1-3 drafts feeds
- * 2-4 rows per sequence; against rows_x2, best of 16-30 alternating passes over all products
- * of the default model (fp32, two Zen 3 cores): 2 rows 29.9 vs 31.4 ms (1 row: 29.1 ms),
- * 3 rows 33.8 vs 37.0, 4 rows 34.6 vs 37.3; bf16 2 rows 18.3 vs 19.4 ms. */
+ * streams (sixteen vector registers on AVX2 hold no more), for few-row products: verifying
+ * 1-3 drafts feeds 2-4 rows per sequence. Against two panels at a time, best of 16-30
+ * alternating passes over all products of the default model (fp32, two Zen 3 cores): 2 rows
+ * 29.9 vs 31.4 ms (1 row: 29.1 ms), 3 rows 33.8 vs 37.0, 4 rows 34.6 vs 37.3; bf16 2 rows
+ * 18.3 vs 19.4 ms. Each pair of rows is one more pass over the panels (and for bf16 one more
+ * widening), which measured slower than six-row tiles from 5 rows on (bf16: from 3). */
 #define ROW3(m, A0, B0, A1, B1, A2, B2)                                                       \
     if (MR > m) {                                                                             \
         const float xv = x[m * xs + k];                                                       \
@@ -203,22 +171,10 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 #undef TILE
 }
 
-/* Rows [0, rows) in pairs (the last one alone when rows is odd) against NP panels at a time
- * through FN (rows_x2 or rows_x3), from panel p while NP more fit before end. */
-#define PAIRS(FN, NP, IS_BF16, X, XS, rows, Y)                                                  \
-    for (; p + NP <= end; p += NP)                                                              \
-        for (int64_t m = 0; m < rows; m += 2) {                                                 \
-            const float *xm = X + m * XS;                                                       \
-            char *ym = (char *)Y + m * N * esz;                                                 \
-            const char *pp = at + p * K * PANEL * esz;                                          \
-            if (m + 2 <= rows) FN(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);  \
-            else FN(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);                \
-        }
-
 /* Rows [0, rows) of x (at most ROW_BLOCK) against every panel, into y. Each thread takes a
  * contiguous run of panels (a balanced split, so small products use both cores evenly); a
  * single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs) three panels at a
- * time and two for a leftover pair, more rows in six-row tiles against one panel. */
+ * time, more rows and the panels left over in six-row tiles against one panel. */
 #define BLOCK(IS_BF16, X, XS, rows, Y)                                                          \
     _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                           \
     {                                                                                           \
@@ -228,10 +184,15 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
         if (rows == 1)                                                                          \
             for (; p + 4 <= end; p += 4)                                                        \
                 row_x4(IS_BF16, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);         \
-        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4)) {                                           \
-            PAIRS(rows_x3, 3, IS_BF16, X, XS, rows, Y)                                          \
-            PAIRS(rows_x2, 2, IS_BF16, X, XS, rows, Y)                                          \
-        }                                                                                       \
+        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4))                                             \
+            for (; p + 3 <= end; p += 3)                                                        \
+                for (int64_t m = 0; m < rows; m += 2) {                                         \
+                    const float *xm = X + m * XS;                                               \
+                    char *ym = (char *)Y + m * N * esz;                                         \
+                    const char *pp = at + p * K * PANEL * esz;                                  \
+                    if (m + 2 <= rows) rows_x3(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
+                    else rows_x3(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);   \
+                }                                                                               \
         for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
     }
 
