@@ -30,7 +30,7 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define PANEL 16
-#define ROW_BLOCK 240 /* rows of x per pass over the weight (a multiple of the tile's 6) */
+#define ROW_BLOCK 240 /* rows of x per pass over the weight (a multiple of 4 and of 6) */
 
 /* Sixteen weights of one k as two fp32 vectors (rows 0-7, rows 8-15 of the panel). */
 static inline __attribute__((always_inline)) void load_k(int is_bf16, const void *panel,
@@ -110,13 +110,25 @@ static inline __attribute__((always_inline)) void row_x4(int is_bf16, const floa
     store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
 }
 
-/* One or two rows of x against three consecutive panels: twelve accumulators and three weight
- * streams (sixteen vector registers on AVX2 hold no more), for few-row products: verifying
- * 1-3 drafts feeds 2-4 rows per sequence. Against two panels at a time, best of 16-30
- * alternating passes over all products of the default model (fp32, two Zen 3 cores): 2 rows
- * 29.9 vs 31.4 ms (1 row: 29.1 ms), 3 rows 33.8 vs 37.0, 4 rows 34.6 vs 37.3; bf16 2 rows
- * 18.3 vs 19.4 ms. Each pair of rows is one more pass over the panels (and for bf16 one more
- * widening), which measured slower than six-row tiles from 5 rows on (bf16: from 3). */
+/* Up to GROUP_ROWS rows of x against three consecutive panels, for few-row products
+ * (verifying 1-3 drafts feeds 2-4 rows per sequence): three weight streams and six
+ * accumulators per row. With AVX2's sixteen vector registers a group is two rows (twelve
+ * accumulators); against two panels at a time, best of 16-30 alternating passes over all
+ * products of the default model (fp32, two Zen 3 cores): 2 rows 29.9 vs 31.4 ms (1 row: 29.1
+ * ms), 3 rows 33.8 vs 37.0, 4 rows 34.6 vs 37.3; bf16 2 rows 18.3 vs 19.4 ms. There each pair of
+ * rows is one more pass over the panels, slower than six-row tiles from 5 rows on (bf16: 3).
+ * With AVX-512's thirty-two registers a group is four rows (24 accumulators), and groups of
+ * four beat the six-row tiles at every row count: median of 20 alternating passes over the same
+ * products (fp32, two Sapphire Rapids vCPUs), rows 3 / 4 / 8 / 16 / 128: 32.1 vs 38.1, 33.6 vs
+ * 42.0, 37.9 vs 53.7, 55.2 vs 70.5, 311 vs 381 ms (1 row: 28 ms); bf16 rows 3 / 4 / 8: 17.7 vs
+ * 26.0, 17.9 vs 27.1, 29.1 vs 38.2 ms, on par from 64 rows. */
+#if defined(__AVX512VL__)
+#define GROUP_ROWS 4
+#define GROUPED_MAX(IS_BF16) ROW_BLOCK
+#else
+#define GROUP_ROWS 2
+#define GROUPED_MAX(IS_BF16) ((IS_BF16) ? 2 : 4)
+#endif
 #define ROW3(m, A0, B0, A1, B1, A2, B2)                                                       \
     if (MR > m) {                                                                             \
         const float xv = x[m * xs + k];                                                       \
@@ -142,14 +154,43 @@ static inline __attribute__((always_inline)) void rows_x3(int is_bf16, int MR, c
     const int64_t valid2 = N - n0 - 2 * PANEL < PANEL ? N - n0 - 2 * PANEL : PANEL;
     v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, e0 = {0}, f0 = {0};
     v8f a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0}, e1 = {0}, f1 = {0};
+#if GROUP_ROWS > 2
+    v8f a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0}, e2 = {0}, f2 = {0};
+    v8f a3 = {0}, b3 = {0}, c3 = {0}, d3 = {0}, e3 = {0}, f3 = {0};
+#endif
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2;
         load_k(is_bf16, p0, k, &lo0, &hi0);
         load_k(is_bf16, p1, k, &lo1, &hi1);
         load_k(is_bf16, p2, k, &lo2, &hi2);
         ROW3(0, a0, b0, c0, d0, e0, f0) ROW3(1, a1, b1, c1, d1, e1, f1)
+#if GROUP_ROWS > 2
+        ROW3(2, a2, b2, c2, d2, e2, f2) ROW3(3, a3, b3, c3, d3, e3, f3)
+#endif
     }
     OUT3(0, a0, b0, c0, d0, e0, f0) OUT3(1, a1, b1, c1, d1, e1, f1)
+#if GROUP_ROWS > 2
+    OUT3(2, a2, b2, c2, d2, e2, f2) OUT3(3, a3, b3, c3, d3, e3, f3)
+#endif
+}
+
+/* Rows [0, rows) of x against three panels, a group of GROUP_ROWS at a time. */
+static inline __attribute__((always_inline)) void rows_x3_groups(int is_bf16, const float *x,
+        int64_t xs, const void *panel, int64_t K, const void *bias, void *y, int64_t N,
+        int64_t n0, int64_t rows) {
+    const int64_t y_row_bytes = N * (is_bf16 ? 2 : 4);
+    for (int64_t m = 0; m < rows; m += GROUP_ROWS) {
+        const float *xm = x + m * xs;
+        char *ym = (char *)y + m * y_row_bytes;
+        switch (rows - m) { /* a constant row count at each call, so the accumulators stay registers */
+        case 1: rows_x3(is_bf16, 1, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+#if GROUP_ROWS > 2
+        case 2: rows_x3(is_bf16, 2, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+        case 3: rows_x3(is_bf16, 3, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+#endif
+        default: rows_x3(is_bf16, GROUP_ROWS, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0);
+        }
+    }
 }
 
 /* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
@@ -173,8 +214,9 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
 
 /* Rows [0, rows) of x (at most ROW_BLOCK) against every panel, into y. Each thread takes a
  * contiguous run of panels (a balanced split, so small products use both cores evenly); a
- * single row goes four panels at a time, two rows (fp32: 2-4 rows, in pairs) three panels at a
- * time, more rows and the panels left over in six-row tiles against one panel. */
+ * single row goes four panels at a time; more rows go three panels at a time in groups of
+ * GROUP_ROWS (AVX2: only up to 4 rows, bf16 2), other rows and the panels left over in six-row
+ * tiles against one panel. */
 #define BLOCK(IS_BF16, X, XS, rows, Y)                                                          \
     _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                           \
     {                                                                                           \
@@ -184,15 +226,9 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
         if (rows == 1)                                                                          \
             for (; p + 4 <= end; p += 4)                                                        \
                 row_x4(IS_BF16, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);         \
-        if (rows >= 2 && rows <= (IS_BF16 ? 2 : 4))                                             \
+        if (rows >= 2 && rows <= GROUPED_MAX(IS_BF16))                                          \
             for (; p + 3 <= end; p += 3)                                                        \
-                for (int64_t m = 0; m < rows; m += 2) {                                         \
-                    const float *xm = X + m * XS;                                               \
-                    char *ym = (char *)Y + m * N * esz;                                         \
-                    const char *pp = at + p * K * PANEL * esz;                                  \
-                    if (m + 2 <= rows) rows_x3(IS_BF16, 2, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL); \
-                    else rows_x3(IS_BF16, 1, xm, XS, pp, K, bias, ym, N * esz, N, p * PANEL);   \
-                }                                                                               \
+                rows_x3_groups(IS_BF16, X, XS, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL, rows); \
         for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
     }
 
