@@ -453,6 +453,27 @@ def test_speculation_off_for_sequences_admitted_under_load(grafted):
         SpeculativeConfig(disable_by_batch_size=-1)
 
 
+def test_reduced_draft_head_is_16_bit_by_default(grafted):
+    """With an fp32 model the reduced draft head holds bf16 weights unless told otherwise: the
+    output is the same, and drafts only differ in near-ties."""
+    from dist_engine.config import SpeculativeConfig
+
+    path, folder, _ = grafted
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, accepted = {}, {}
+    for name, dtype in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        cfg = spec(folder, 3, draft_vocab_size=200, draft_head_dtype=name)
+        with LLM(path, **ARGS, speculative_config=cfg) as llm:
+            assert llm.engine.executor.worker.runner.mtp.draft_head.dtype == dtype
+            outs[name] = [o.outputs[0].token_ids for o in llm.generate(
+                prompt_token_ids=PROMPTS[:4], sampling_params=p)]
+            accepted[name] = llm.engine.spec_stats.mean_accepted_length
+    assert outs["auto"] == outs["float32"]
+    assert accepted["float32"] > 1.2 and abs(accepted["auto"] - accepted["float32"]) < 0.1
+    with pytest.raises(ValueError, match="draft_head_dtype"):
+        SpeculativeConfig(draft_head_dtype="int8")
+
+
 def test_draft_depth_in_engine_is_lossless(grafted):
     """An acceptance bar no position clears: the engine stops proposing (except every 16th
     step's probe) and output is still plain decoding's."""

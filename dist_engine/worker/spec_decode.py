@@ -37,17 +37,26 @@ GRAFT_WEIGHTS = "mtp.safetensors"
 
 
 class DraftHead(nn.Module):
-    """The main lm head restricted to a draft vocabulary (replicated: no collective)."""
+    """The main lm head restricted to a draft vocabulary (replicated: no collective), with its
+    weights in their own dtype (16-bit by default: a draft only needs the top token)."""
 
     def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
+        self.dtype = weight.dtype
         self.vocab_ids = vocab_ids  # [V'] long
         self.weight_packed = None
         pack_weight(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
-        return project(self, h).float()
+        return project(self, h.to(self.dtype)).float()
+
+
+def draft_head_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """``SpeculativeConfig.draft_head_dtype`` as a torch dtype ("auto": 16-bit)."""
+    if name != "auto":
+        return getattr(torch, name)
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _full_head_weight(runner, cfg: EngineConfig) -> torch.Tensor:
@@ -133,8 +142,9 @@ class MTPDecoder:
                 vocab_ids = torch.arange(mcfg.vocab_size)
             vocab_ids = vocab_ids[: spec.draft_vocab_size]
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
-            weight = _full_head_weight(runner, config)[vocab_ids].clone()
-            self.draft_head = DraftHead(weight.to(runner.device), vocab_ids.to(runner.device))
+            dtype = draft_head_dtype(spec.draft_head_dtype, runner.dtype)
+            weight = _full_head_weight(runner, config)[vocab_ids].to(runner.device, dtype)
+            self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device))
         self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
         # seconds spent per phase (read by the benchmark to show where the time goes)
         self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
