@@ -63,7 +63,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "depth are within noise of each other, see bench/results/spec.md)")
     p.add_argument("--min-draft-acceptance", type=float, default=0.1,
                    help="propose a draft position only while recent steps accepted it at least this "
-                        "often (every 16th step probes all K); 0 drafts K every step")
+                        "often (every 8th step probes all K); 0 drafts K every step")
     p.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
                    help="requests admitted while more than this many sequences are in the engine "
                         "run without speculation (default: 8, where the draft budget leaves no "

@@ -402,7 +402,7 @@ def test_grpc_reports_speculation(grafted):
 def test_draft_depth_follows_acceptance():
     from dist_engine.engine.draft_depth import DraftDepth
 
-    d = DraftDepth(3, 0.1, probe_every=4)
+    d = DraftDepth(3, 0.1, alpha=0.1, probe_every=4)
     r = random.Random(0)
     for _ in range(60):  # the first draft is taken 40% of the time, never the later ones
         d.record(3, 1 if r.random() < 0.4 else 0)
@@ -415,6 +415,15 @@ def test_draft_depth_follows_acceptance():
         d.record(1, 0)
     assert [d.limit() for _ in range(4)] == [3, 0, 0, 0]  # the 12th call probes
     assert DraftDepth(3, 0.0).limit() == 3
+    # a third draft accepted ~20% of the time, then a run of 8 misses: the default slow
+    # average keeps it, a fast one (0.1) would switch it off until a probe hits
+    for alpha, want in ((0.03, 3), (0.1, 2)):
+        d = DraftDepth(3, 0.1, alpha=alpha)
+        d.rate = [0.6, 0.3, 0.2]
+        for _ in range(8):
+            d.record(3, 2)
+        assert [d.limit() for _ in range(7)] == [want] * 7
+    assert (DraftDepth(3, 0.1).alpha, DraftDepth(3, 0.1).probe_every) == (0.03, 8)
     with pytest.raises(ValueError, match="min_acceptance"):
         DraftDepth(3, 1.5)
 
