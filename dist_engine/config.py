@@ -323,7 +323,7 @@ class SchedulerConfig:
 
 CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
 STAGES = ("normed", "raw")
-DRAFT_HEAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -347,10 +347,11 @@ class SpeculativeConfig:
     # Draft over only the first ``draft_vocab_size`` ids of the graft's frequency-ranked list
     # (verification stays full-vocabulary). None: the graft's whole list, or the full vocabulary.
     draft_vocab_size: int | None = None
-    # Weights of that reduced draft head: "auto" is 16-bit (the model's dtype when it is 16-bit,
-    # else bfloat16), which halves what a draft streams and only ever changes which token is
-    # drafted in a near-tie (verification uses the model's own head and dtype).
-    draft_head_dtype: str = "auto"
+    # Weights of the draft path: the reduced draft head, and on CPU (the product kernel) the
+    # MTP layer's linear weights; "auto" is 16-bit (the model's dtype when it is 16-bit, else
+    # bfloat16). Activations stay in the model's dtype. It halves what drafting streams and
+    # only changes which token is drafted in a near-tie (verification is the model's own).
+    draft_dtype: str = "auto"
     # Lower K when a step would carry more draft tokens than this (the batch is then compute
     # bound and drafts cost more than they save); 0: never lower it.
     max_draft_tokens_per_step: int = 8
@@ -376,8 +377,8 @@ class SpeculativeConfig:
                 raise ValueError(f"{name} must be one of {STAGES}, got {getattr(self, name)!r}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
-        if self.draft_head_dtype not in DRAFT_HEAD_DTYPES:
-            raise ValueError(f"draft_head_dtype must be one of {DRAFT_HEAD_DTYPES}, got {self.draft_head_dtype!r}")
+        if self.draft_dtype not in DRAFT_DTYPES:
+            raise ValueError(f"draft_dtype must be one of {DRAFT_DTYPES}, got {self.draft_dtype!r}")
         if self.max_draft_tokens_per_step < 0:
             raise ValueError("max_draft_tokens_per_step must be >= 0")
         if not 0.0 <= self.min_draft_acceptance < 1.0:

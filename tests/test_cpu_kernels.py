@@ -203,6 +203,32 @@ def test_linear_kernel_matches_pytorch_and_ignores_the_batch(dtype):
     assert cl.pack(w.half()) is None  # no fp16 kernel: the caller keeps PyTorch
 
 
+def test_fp32_activations_against_bf16_panels_equal_the_fp32_product_of_rounded_weights():
+    """The mixed product (fp32 x and output, bf16 panels: the draft path of an fp32 model) is
+    bitwise the fp32 product of the weight rounded to bf16, for every row-count path, and a
+    layer packed that way keeps fp32 in and out."""
+    from dist_engine.kernels import linear as cl
+    from dist_engine.layers.linear import ColumnParallelLinear, pack_weight, weight_bytes
+
+    gen = torch.Generator().manual_seed(3)
+    for out in (83, 200):
+        w = torch.randn(out, 72, generator=gen) * 0.1
+        b = torch.randn(out, generator=gen)
+        mixed, rounded = cl.pack(w, torch.bfloat16), cl.pack(w.bfloat16().float())
+        assert mixed.panels.dtype == torch.bfloat16
+        for rows in (1, 2, 3, 4, 5, 9, 250):
+            x = torch.randn(rows, 72, generator=gen)
+            for bias in (None, b):
+                y = cl.linear(x, mixed, bias)
+                assert y.dtype == torch.float32 and torch.equal(y, cl.linear(x, rounded, bias))
+    layer = ColumnParallelLinear(24, {None: (0, 40, 0)}, bias=True, dtype=torch.float32)
+    layer.weight.data.normal_()
+    dense, x = layer.weight.data.clone(), torch.randn(3, 24)
+    pack_weight(layer, torch.bfloat16)
+    assert weight_bytes(layer) == (48 * 24) * 2 + 40 * 4
+    torch.testing.assert_close(layer(x), x @ dense.bfloat16().float().T + layer.bias, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_projection_through_a_layer_is_the_dense_one():
     from dist_engine.layers.linear import ColumnParallelLinear, pack_weight, weight_bytes
 

@@ -252,7 +252,8 @@ def _reference_mtp(path: str, folder: str, prompt: list[int], draft1: int):
 def test_mtp_forward_matches_independent_reference(grafted):
     path, folder, _ = grafted
     prompt = PROMPTS[0]
-    with LLM(path, **ARGS, speculative_config=spec(folder, 2)) as llm:
+    # fp32 weights on the draft path, as in the reference (by default they are bf16)
+    with LLM(path, **ARGS, speculative_config=spec(folder, 2, draft_dtype="float32")) as llm:
         dec = llm.engine.executor.worker.runner.mtp
         seen = []
         original = dec._draft
@@ -462,25 +463,28 @@ def test_speculation_off_for_sequences_admitted_under_load(grafted):
         SpeculativeConfig(disable_by_batch_size=-1)
 
 
-def test_reduced_draft_head_is_16_bit_by_default(grafted):
-    """With an fp32 model the reduced draft head holds bf16 weights unless told otherwise: the
-    output is the same, and drafts only differ in near-ties."""
+def test_draft_path_is_16_bit_by_default(grafted):
+    """With an fp32 model the reduced draft head and (CPU kernel) the MTP layer's products hold
+    bf16 weights unless told otherwise: the output is the same, and drafts only differ in
+    near-ties."""
     from dist_engine.config import SpeculativeConfig
 
     path, folder, _ = grafted
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outs, accepted = {}, {}
     for name, dtype in (("auto", torch.bfloat16), ("float32", torch.float32)):
-        cfg = spec(folder, 3, draft_vocab_size=200, draft_head_dtype=name)
+        cfg = spec(folder, 3, draft_vocab_size=200, draft_dtype=name)
         with LLM(path, **ARGS, speculative_config=cfg) as llm:
-            assert llm.engine.executor.worker.runner.mtp.draft_head.dtype == dtype
+            dec = llm.engine.executor.worker.runner.mtp
+            assert dec.draft_head.dtype == dtype
+            assert dec.mtp.layer.mlp.gate_up_proj.weight_packed.panels.dtype == dtype
             outs[name] = [o.outputs[0].token_ids for o in llm.generate(
                 prompt_token_ids=PROMPTS[:4], sampling_params=p)]
             accepted[name] = llm.engine.spec_stats.mean_accepted_length
     assert outs["auto"] == outs["float32"]
     assert accepted["float32"] > 1.2 and abs(accepted["auto"] - accepted["float32"]) < 0.1
-    with pytest.raises(ValueError, match="draft_head_dtype"):
-        SpeculativeConfig(draft_head_dtype="int8")
+    with pytest.raises(ValueError, match="draft_dtype"):
+        SpeculativeConfig(draft_dtype="int8")
 
 
 def test_draft_depth_in_engine_is_lossless(grafted):

@@ -30,6 +30,14 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define PANEL 16
+/* What a product reads and writes: bit 0 set for bf16 weight panels, bit 1 for bf16 output and
+ * bias. fp32 is F32, bf16 is BF16, and MIXED reads bf16 panels into fp32 activations and output
+ * (the arithmetic is fp32 in every mode; bf16 activations are widened first). */
+#define F32 0
+#define MIXED 1
+#define BF16 3
+#define W16(mode) ((mode) & 1)
+#define Y16(mode) ((mode) >> 1)
 #define ROW_BLOCK 240 /* rows of x per pass over the weight (a multiple of 4 and of 6) */
 
 /* Sixteen weights of one k as two fp32 vectors (rows 0-7, rows 8-15 of the panel). */
@@ -71,16 +79,16 @@ static inline __attribute__((always_inline)) void store_row(int is_bf16, v8f lo,
         B += hi * xv;                                                                         \
     }
 #define OUT(m, A, B) \
-    if (MR > m) store_row(is_bf16, A, B, bias, (char *)y + m * y_row_bytes, n0, valid);
+    if (MR > m) store_row(Y16(mode), A, B, bias, (char *)y + m * y_row_bytes, n0, valid);
 
-static inline __attribute__((always_inline)) void tile(int is_bf16, int MR, const float *x,
+static inline __attribute__((always_inline)) void tile(int mode, int MR, const float *x,
         int64_t xs, const void *panel, int64_t K, const void *bias, void *y,
         int64_t y_row_bytes, int64_t n0, int64_t valid) {
     v8f a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0};
     v8f a3 = {0}, b3 = {0}, a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo, hi;
-        load_k(is_bf16, panel, k, &lo, &hi);
+        load_k(W16(mode), panel, k, &lo, &hi);
         ROW(0, a0, b0) ROW(1, a1, b1) ROW(2, a2, b2) ROW(3, a3, b3) ROW(4, a4, b4) ROW(5, a5, b5)
     }
     OUT(0, a0, b0) OUT(1, a1, b1) OUT(2, a2, b2) OUT(3, a3, b3) OUT(4, a4, b4) OUT(5, a5, b5)
@@ -89,25 +97,25 @@ static inline __attribute__((always_inline)) void tile(int is_bf16, int MR, cons
 /* One row of x against four consecutive panels: eight accumulators and four weight streams
  * in flight instead of two and one, which lets a lone row (batch-1 decode) pull the weight
  * ~10% faster. The arithmetic of each output is the same as in tile(). */
-static inline __attribute__((always_inline)) void row_x4(int is_bf16, const float *x,
+static inline __attribute__((always_inline)) void row_x4(int mode, const float *x,
         const void *panel, int64_t K, const void *bias, void *y, int64_t N, int64_t n0) {
-    const int64_t stride = K * PANEL * (is_bf16 ? 2 : 4);
+    const int64_t stride = K * PANEL * (W16(mode) ? 2 : 4);
     const char *p0 = panel, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
     v8f a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
-        load_k(is_bf16, p0, k, &lo0, &hi0);
-        load_k(is_bf16, p1, k, &lo1, &hi1);
-        load_k(is_bf16, p2, k, &lo2, &hi2);
-        load_k(is_bf16, p3, k, &lo3, &hi3);
+        load_k(W16(mode), p0, k, &lo0, &hi0);
+        load_k(W16(mode), p1, k, &lo1, &hi1);
+        load_k(W16(mode), p2, k, &lo2, &hi2);
+        load_k(W16(mode), p3, k, &lo3, &hi3);
         const float xv = x[k];
         a0 += lo0 * xv; b0 += hi0 * xv; a1 += lo1 * xv; b1 += hi1 * xv;
         a2 += lo2 * xv; b2 += hi2 * xv; a3 += lo3 * xv; b3 += hi3 * xv;
     }
-    store_row(is_bf16, a0, b0, bias, y, n0, PANEL);
-    store_row(is_bf16, a1, b1, bias, y, n0 + PANEL, PANEL);
-    store_row(is_bf16, a2, b2, bias, y, n0 + 2 * PANEL, PANEL);
-    store_row(is_bf16, a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
+    store_row(Y16(mode), a0, b0, bias, y, n0, PANEL);
+    store_row(Y16(mode), a1, b1, bias, y, n0 + PANEL, PANEL);
+    store_row(Y16(mode), a2, b2, bias, y, n0 + 2 * PANEL, PANEL);
+    store_row(Y16(mode), a3, b3, bias, y, n0 + 3 * PANEL, N - n0 - 3 * PANEL < PANEL ? N - n0 - 3 * PANEL : PANEL);
 }
 
 /* Up to GROUP_ROWS rows of x against three consecutive panels, for few-row products
@@ -141,15 +149,15 @@ static inline __attribute__((always_inline)) void row_x4(int is_bf16, const floa
     }
 #define OUT3(m, A0, B0, A1, B1, A2, B2)                                                       \
     if (MR > m) {                                                                             \
-        store_row(is_bf16, A0, B0, bias, (char *)y + m * y_row_bytes, n0, PANEL);             \
-        store_row(is_bf16, A1, B1, bias, (char *)y + m * y_row_bytes, n0 + PANEL, PANEL);     \
-        store_row(is_bf16, A2, B2, bias, (char *)y + m * y_row_bytes, n0 + 2 * PANEL, valid2); \
+        store_row(Y16(mode), A0, B0, bias, (char *)y + m * y_row_bytes, n0, PANEL);             \
+        store_row(Y16(mode), A1, B1, bias, (char *)y + m * y_row_bytes, n0 + PANEL, PANEL);     \
+        store_row(Y16(mode), A2, B2, bias, (char *)y + m * y_row_bytes, n0 + 2 * PANEL, valid2); \
     }
 
-static inline __attribute__((always_inline)) void rows_x3(int is_bf16, int MR, const float *x,
+static inline __attribute__((always_inline)) void rows_x3(int mode, int MR, const float *x,
         int64_t xs, const void *panel, int64_t K, const void *bias, void *y,
         int64_t y_row_bytes, int64_t N, int64_t n0) {
-    const int64_t stride = K * PANEL * (is_bf16 ? 2 : 4);
+    const int64_t stride = K * PANEL * (W16(mode) ? 2 : 4);
     const char *p0 = panel, *p1 = p0 + stride, *p2 = p1 + stride;
     const int64_t valid2 = N - n0 - 2 * PANEL < PANEL ? N - n0 - 2 * PANEL : PANEL;
     v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, e0 = {0}, f0 = {0};
@@ -160,9 +168,9 @@ static inline __attribute__((always_inline)) void rows_x3(int is_bf16, int MR, c
 #endif
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2;
-        load_k(is_bf16, p0, k, &lo0, &hi0);
-        load_k(is_bf16, p1, k, &lo1, &hi1);
-        load_k(is_bf16, p2, k, &lo2, &hi2);
+        load_k(W16(mode), p0, k, &lo0, &hi0);
+        load_k(W16(mode), p1, k, &lo1, &hi1);
+        load_k(W16(mode), p2, k, &lo2, &hi2);
         ROW3(0, a0, b0, c0, d0, e0, f0) ROW3(1, a1, b1, c1, d1, e1, f1)
 #if GROUP_ROWS > 2
         ROW3(2, a2, b2, c2, d2, e2, f2) ROW3(3, a3, b3, c3, d3, e3, f3)
@@ -175,32 +183,33 @@ static inline __attribute__((always_inline)) void rows_x3(int is_bf16, int MR, c
 }
 
 /* Rows [0, rows) of x against three panels, a group of GROUP_ROWS at a time. */
-static inline __attribute__((always_inline)) void rows_x3_groups(int is_bf16, const float *x,
+static inline __attribute__((always_inline)) void rows_x3_groups(int mode, const float *x,
         int64_t xs, const void *panel, int64_t K, const void *bias, void *y, int64_t N,
         int64_t n0, int64_t rows) {
-    const int64_t y_row_bytes = N * (is_bf16 ? 2 : 4);
+    const int64_t y_row_bytes = N * (Y16(mode) ? 2 : 4);
     for (int64_t m = 0; m < rows; m += GROUP_ROWS) {
         const float *xm = x + m * xs;
         char *ym = (char *)y + m * y_row_bytes;
         switch (rows - m) { /* a constant row count at each call, so the accumulators stay registers */
-        case 1: rows_x3(is_bf16, 1, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+        case 1: rows_x3(mode, 1, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
 #if GROUP_ROWS > 2
-        case 2: rows_x3(is_bf16, 2, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
-        case 3: rows_x3(is_bf16, 3, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+        case 2: rows_x3(mode, 2, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
+        case 3: rows_x3(mode, 3, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
 #endif
-        default: rows_x3(is_bf16, GROUP_ROWS, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0);
+        default: rows_x3(mode, GROUP_ROWS, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0);
         }
     }
 }
 
 /* Rows [m0, m1) of x against panel p: full tiles of six, then one tile for the rest. */
-static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, const float *x,
+static inline __attribute__((always_inline)) void rows_x_panel(int mode, const float *x,
         int64_t xs, const void *panels, const void *bias, void *y, int64_t m0, int64_t m1,
         int64_t N, int64_t K, int64_t p) {
-    const int64_t esz = is_bf16 ? 2 : 4, n0 = p * PANEL, valid = N - n0 < PANEL ? N - n0 : PANEL;
-    const void *panel = (const char *)panels + p * K * PANEL * esz;
+    const int64_t wsz = W16(mode) ? 2 : 4, ysz = Y16(mode) ? 2 : 4;
+    const int64_t n0 = p * PANEL, valid = N - n0 < PANEL ? N - n0 : PANEL;
+    const void *panel = (const char *)panels + p * K * PANEL * wsz;
     int64_t m = m0;
-#define TILE(MR) tile(is_bf16, MR, x + m * xs, xs, panel, K, bias, (char *)y + m * N * esz, N * esz, n0, valid)
+#define TILE(MR) tile(mode, MR, x + m * xs, xs, panel, K, bias, (char *)y + m * N * ysz, N * ysz, n0, valid)
     for (; m + 6 <= m1; m += 6) TILE(6);
     switch (m1 - m) {
     case 5: TILE(5); break;
@@ -217,22 +226,22 @@ static inline __attribute__((always_inline)) void rows_x_panel(int is_bf16, cons
  * single row goes four panels at a time; more rows go three panels at a time in groups of
  * GROUP_ROWS (AVX2: only up to 4 rows, bf16 2), other rows and the panels left over in six-row
  * tiles against one panel. */
-#define BLOCK(IS_BF16, X, XS, rows, Y)                                                          \
-    _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                           \
+#define BLOCK(MODE, X, XS, rows, Y)                                                             \
+    _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                            \
     {                                                                                           \
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                      \
         const int64_t end = n_panels * (t + 1) / T;                                             \
         int64_t p = n_panels * t / T;                                                           \
         if (rows == 1)                                                                          \
             for (; p + 4 <= end; p += 4)                                                        \
-                row_x4(IS_BF16, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);         \
-        if (rows >= 2 && rows <= GROUPED_MAX(IS_BF16))                                          \
+                row_x4(MODE, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);            \
+        if (rows >= 2 && rows <= GROUPED_MAX(W16(MODE)))                                        \
             for (; p + 3 <= end; p += 3)                                                        \
-                rows_x3_groups(IS_BF16, X, XS, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL, rows); \
-        for (; p < end; p++) rows_x_panel(IS_BF16, X, XS, panels, bias, Y, 0, rows, N, K, p);   \
+                rows_x3_groups(MODE, X, XS, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL, rows); \
+        for (; p < end; p++) rows_x_panel(MODE, X, XS, panels, bias, Y, 0, rows, N, K, p);      \
     }
 
-/* Both entry points return 0, or 1 when scratch memory cannot be allocated (bf16 only). */
+/* The entry points return 0, or 1 when scratch memory cannot be allocated (bf16 only). */
 int linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
                int64_t M, int64_t N, int64_t K, int64_t threads) {
     const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 4;
@@ -241,7 +250,7 @@ int linear_f32(const float *x, int64_t x_row, const float *panels, const float *
         const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
         const float *xb = x + m0 * x_row;
         float *yb = y + m0 * N;
-        BLOCK(0, xb, x_row, rows, yb)
+        BLOCK(F32, xb, x_row, rows, yb)
     }
     return 0;
 }
@@ -259,8 +268,23 @@ int linear_bf16(const bf16 *x, int64_t x_row, const bf16 *panels, const bf16 *bi
         for (int64_t m = 0; m < rows; m++)
             for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(x[(m0 + m) * x_row + k]);
         bf16 *yb = y + m0 * N;
-        BLOCK(1, xf, K, rows, yb)
+        BLOCK(BF16, xf, K, rows, yb)
     }
     free(xf);
+    return 0;
+}
+
+/* fp32 activations against bf16 panels, fp32 output and bias: half the weight bytes of an fp32
+ * product with fp32 activations (the MTP layer and draft head of an fp32 model). */
+int linear_f32_bf16w(const float *x, int64_t x_row, const bf16 *panels, const float *bias,
+                     float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 2;
+    const char *at = (const char *)panels;
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+        const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
+        const float *xb = x + m0 * x_row;
+        float *yb = y + m0 * N;
+        BLOCK(MIXED, xb, x_row, rows, yb)
+    }
     return 0;
 }

@@ -17,8 +17,10 @@ _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctyp
 
 @functools.cache
 def _fns() -> dict | None:
-    return bind("linear", ((torch.float32, "linear_f32"), (torch.bfloat16, "linear_bf16")), _ARGS,
-                ctypes.c_int)
+    # keyed by (activation dtype, weight dtype)
+    return bind("linear", (((torch.float32, torch.float32), "linear_f32"),
+                           ((torch.bfloat16, torch.bfloat16), "linear_bf16"),
+                           ((torch.float32, torch.bfloat16), "linear_f32_bf16w")), _ARGS, ctypes.c_int)
 
 
 @dataclass(frozen=True)
@@ -33,19 +35,23 @@ class PanelWeight:
         return self.panels.numel() * self.panels.element_size()
 
 
-def pack(weight: torch.Tensor) -> PanelWeight | None:
+def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> PanelWeight | None:
     """``weight`` in the kernel's layout, or None where the kernel does not apply (not CPU,
     not fp32 / bf16, no kernel built here). Written in one copy: loading holds the dense weight
-    and its panels at once, nothing more."""
+    and its panels at once, nothing more. ``dtype``: the panels' dtype when not the weight's
+    (bf16 panels of an fp32 weight serve fp32 activations at half the bytes)."""
     fns = _fns()
-    if fns is None or weight.device.type != "cpu" or weight.dtype not in fns or weight.dim() != 2:
+    dtype = dtype or weight.dtype
+    if (fns is None or weight.device.type != "cpu" or weight.dim() != 2
+            or weight.dtype not in (torch.float32, torch.bfloat16)
+            or dtype not in (torch.float32, torch.bfloat16)):
         return None
     n, k = weight.shape
     full, tail = divmod(n, PANEL)
-    panels = torch.zeros(full + (tail > 0), k, PANEL, dtype=weight.dtype)
-    w = weight.detach()
+    panels = torch.zeros(full + (tail > 0), k, PANEL, dtype=dtype)
+    w = weight.detach().to(dtype)
     if tail:  # the last, partial panel through a zero-padded copy of its rows (< 16 rows)
-        last = torch.zeros(PANEL, k, dtype=weight.dtype)
+        last = torch.zeros(PANEL, k, dtype=dtype)
         last[:tail] = w[full * PANEL:]
         _fill(panels[full:], last)
     _fill(panels[:full], w[:full * PANEL])
@@ -63,11 +69,13 @@ def _fill(panels: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 def linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x Wᵀ + b`` for ``x`` ``[T, in]`` (the weight's dtype): ``[T, out]``."""
-    dtype = weight.panels.dtype
-    if x.dtype != dtype or x.dim() != 2 or x.shape[1] != weight.panels.shape[1]:
-        raise ValueError(f"packed {dtype} product of in_features {weight.panels.shape[1]} got "
-                         f"input {tuple(x.shape)} {x.dtype}")
+    """``x Wᵀ + b`` for ``x`` ``[T, in]`` (the panels' dtype, or fp32 against bf16 panels):
+    ``[T, out]`` in x's dtype."""
+    dtype = x.dtype
+    fn = _fns().get((dtype, weight.panels.dtype))
+    if fn is None or x.dim() != 2 or x.shape[1] != weight.panels.shape[1]:
+        raise ValueError(f"packed {weight.panels.dtype} product of in_features "
+                         f"{weight.panels.shape[1]} got input {tuple(x.shape)} {x.dtype}")
     if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
         bias = bias.to(dtype).contiguous()
     if x.stride(1) != 1:
@@ -75,9 +83,9 @@ def linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None = Non
     rows = x.shape[0]
     y = torch.empty(rows, weight.out_features, dtype=dtype)
     if rows:
-        failed = _fns()[dtype](x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
-                               None if bias is None else bias.data_ptr(), y.data_ptr(), rows,
-                               weight.out_features, x.shape[1], torch.get_num_threads())
+        failed = fn(x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), rows,
+                    weight.out_features, x.shape[1], torch.get_num_threads())
         if failed:
             raise MemoryError(f"linear kernel: no memory for a {rows} x {x.shape[1]} fp32 copy")
     return y

@@ -48,27 +48,29 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     return _ONEDNN_PACK(w.detach(), ONEDNN_BATCH_HINT)
 
 
-def pack_weight(module: nn.Module) -> None:
+def pack_weight(module: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Replace ``module``'s dense CPU weight by a packed copy (a no-op where none applies).
 
     The dense parameter becomes empty (same dtype), so a stray direct read fails loudly; a tied
-    embedding keeps its own reference to the shared tensor."""
+    embedding keeps its own reference to the shared tensor. ``dtype``: panels of another dtype
+    than the weight's (bf16 panels of an fp32 weight, read by fp32 activations); only the C
+    kernel does that, so where it cannot the weight is packed in its own dtype."""
     w = module.weight
     if (getattr(module, "weight_packed", None) is not None or w.device.type != "cpu"
             or getattr(module, "keep_dense", False)):
         return
-    packed = cpu_linear.pack(w) or _onednn_pack(w)
+    packed = (dtype not in (None, w.dtype) and cpu_linear.pack(w, dtype)) or cpu_linear.pack(w) or _onednn_pack(w)
     if packed is None:
         return
     module.weight_packed = packed
     module.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
 
 
-def pack_weights(root: nn.Module) -> None:
+def pack_weights(root: nn.Module, dtype: torch.dtype | None = None) -> None:
     """``pack_weight`` every layer under ``root`` that projects through ``project``."""
     for module in root.modules():
         if hasattr(module, "weight_packed"):
-            pack_weight(module)
+            pack_weight(module, dtype)
 
 
 def weight_bytes(root: nn.Module) -> int:

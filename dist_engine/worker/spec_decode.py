@@ -38,22 +38,29 @@ GRAFT_WEIGHTS = "mtp.safetensors"
 
 class DraftHead(nn.Module):
     """The main lm head restricted to a draft vocabulary (replicated: no collective), with its
-    weights in their own dtype (16-bit by default: a draft only needs the top token)."""
+    weights in ``dtype`` (16-bit by default: a draft only needs the top token). On CPU the
+    product kernel reads bf16 panels straight into fp32 activations (other dtypes it packs in
+    the weight's own); on other devices the weight and the input are cast."""
 
-    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
-        self.dtype = weight.dtype
         self.vocab_ids = vocab_ids  # [V'] long
         self.weight_packed = None
-        pack_weight(self)
+        pack_weight(self, dtype)
+        if self.weight_packed is None and weight.dtype != dtype:
+            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        packed = self.weight_packed
+        self.dtype = packed.panels.dtype if hasattr(packed, "panels") else self.weight.dtype
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
-        return project(self, h.to(self.dtype)).float()
+        if self.weight_packed is None:
+            h = h.to(self.weight.dtype)
+        return project(self, h).float()
 
 
-def draft_head_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """``SpeculativeConfig.draft_head_dtype`` as a torch dtype ("auto": 16-bit)."""
+def draft_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """``SpeculativeConfig.draft_dtype`` as a torch dtype ("auto": 16-bit)."""
     if name != "auto":
         return getattr(torch, name)
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -130,7 +137,10 @@ class MTPDecoder:
         src = spec.model or mcfg.path
         load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
         self.mtp.eval()
-        pack_weights(self.mtp)
+        self.draft_dtype = draft_dtype(spec.draft_dtype, runner.dtype)
+        # On CPU the MTP layer's products read 16-bit panels (the kernel's fp32-activation path):
+        # activations, norms, attention and its cache keep the model's dtype.
+        pack_weights(self.mtp, self.draft_dtype)
         self.draft_head: DraftHead | None = None
         vocab_ids = None
         if spec.model is not None:
@@ -142,9 +152,8 @@ class MTPDecoder:
                 vocab_ids = torch.arange(mcfg.vocab_size)
             vocab_ids = vocab_ids[: spec.draft_vocab_size]
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
-            dtype = draft_head_dtype(spec.draft_head_dtype, runner.dtype)
-            weight = _full_head_weight(runner, config)[vocab_ids].to(runner.device, dtype)
-            self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device))
+            weight = _full_head_weight(runner, config)[vocab_ids].to(runner.device)
+            self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device), self.draft_dtype)
         self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
         # seconds spent per phase (read by the benchmark to show where the time goes)
         self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
