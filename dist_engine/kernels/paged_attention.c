@@ -3,10 +3,12 @@
  * Built on first use by dist_engine/kernels/__init__.py (cc -O3 -march=native -fopenmp) and
  * called through ctypes with tensor data pointers. One task per (sequence, chunk of 256 keys):
  * the task reads each slot of its chunk once through the block table (all KV heads of the slot)
- * for all of the sequence's query tokens and query heads; chunks merge by log-sum-exp. Chunks
- * wholly outside a sliding window are skipped (they would add nothing). No gather into a
- * padded batch, no mask tensor: query token i of a sequence with context length L and Q queries sits at position
- * L - Q + i and sees keys 0 .. L - Q + i (and, with a sliding window W, only the last W of them).
+ * for all of the sequence's query tokens and query heads; chunks merge by log-sum-exp. With
+ * fewer such pairs than threads (a lone sequence) each pair's KV heads are split over tasks.
+ * Chunks wholly outside a sliding window are skipped (they would add nothing). No gather into a
+ * padded batch, no mask tensor: query token i of a sequence with context length L and Q queries
+ * sits at position L - Q + i and sees keys 0 .. L - Q + i (and, with a sliding window W, only
+ * the last W of them).
  * A task's result depends only on its own sequence, never on what else is in the batch.
  *
  * Layouts (element strides):
@@ -105,12 +107,13 @@ typedef struct {
         __VA_ARGS__                                                                              \
     }
 
-/* Partial attention of all query rows of one sequence over keys [j0, j1): per row the running
- * max m, the sum of exp(score - m) and the unnormalised output acc = sum exp(score - m) v.
- * Rows are (query token, query head), token major. Returns -1 when out of memory. */
+/* Partial attention of the query rows of one sequence whose KV head is in [h0, h1) over keys
+ * [j0, j1): per row the running max m, the sum of exp(score - m) and the unnormalised output
+ * acc = sum exp(score - m) v. Rows are (query token, query head), token major; other rows are
+ * left alone. Returns -1 when out of memory. */
 static inline __attribute__((always_inline)) int attend_chunk(
         const Args *a, int is_bf16, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
-        int64_t j0, int64_t j1, float *m_out, float *s_out, float *acc) {
+        int64_t j0, int64_t j1, int64_t h0, int64_t h1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
     const int64_t floats = (R * D + R * n + D + TILE * D + 1) / 2 * 2; /* even: the slots align */
@@ -122,7 +125,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
     int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
-        for (int64_t hq = 0; hq < Hq; hq++) {
+        for (int64_t hq = h0 * G; hq < h1 * G; hq++) {
             float *dst = qf + (i * Hq + hq) * D;
             load_row(a->q, (qs + i) * a->q_row + hq * D, D, is_bf16, dst);
             for (int64_t d = 0; d < D; d++) dst[d] *= a->scale;
@@ -130,7 +133,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
     /* scores: TILE keys at a time per KV head (independent accumulators) */
     for (int64_t t0 = j0; t0 < j1; t0 += TILE) {
         const int64_t nt = j1 - t0 < TILE ? j1 - t0 : TILE;
-        for (int64_t h = 0; h < Hk; h++) {
+        for (int64_t h = h0; h < h1; h++) {
             const float *kp[TILE];
             for (int64_t t = 0; t < TILE; t++) {
                 const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
@@ -158,6 +161,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
         }
     }
     for (int64_t r = 0; r < R; r++) {
+        if ((r % Hq) / G < h0 || (r % Hq) / G >= h1) continue;
         float m = -INFINITY, s = 0.0f;
         float *sr = scores + r * n;
 #pragma omp simd reduction(max : m)
@@ -176,6 +180,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */
     for (int64_t r = 0; r < R; r++) {
         const int64_t h = (r % Hq) / G;
+        if (h < h0 || h >= h1) continue;
         const float *w = scores + r * n;
         float *o = acc + r * D;
         if (D % 8) { /* odd head sizes: plain loop */
@@ -223,7 +228,7 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
                const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,
                int64_t D, int64_t bs, int64_t window, float scale, int64_t threads) {
     const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16};
-    /* task list: (sequence, key chunk); partial results at per-task offsets */
+    /* task list: (sequence, key chunk[, KV heads]); partial results at per-pair offsets */
     int64_t *first = malloc((size_t)(B + 1) * 2 * sizeof(int64_t)); /* first task, first row */
     if (first == NULL) return -1;
     int64_t *row0 = first + B + 1;
@@ -234,7 +239,10 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
         first[b + 1] = first[b] + chunks;
         row0[b + 1] = row0[b] + chunks * q_len[b] * Hq;
     }
-    const int64_t tasks = first[B], rows = row0[B];
+    /* fewer (sequence, chunk) pairs than threads (a lone sequence's decode or verification):
+     * each pair's KV heads split over tasks too. A row's arithmetic is the same either way. */
+    const int64_t split = first[B] < threads ? Hk : 1;
+    const int64_t tasks = first[B] * split, rows = row0[B];
     float *part = malloc((size_t)(rows * (D + 2)) * sizeof(float));
     if (part == NULL) {
         free(first);
@@ -246,13 +254,15 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++) {
+            const int64_t pair = t / split, part_h = t % split;
             int64_t b = 0;
-            while (first[b + 1] <= t) b++;
-            const int64_t c = t - first[b], R = q_len[b] * Hq, r = row0[b] + c * R;
+            while (first[b + 1] <= pair) b++;
+            const int64_t c = pair - first[b], R = q_len[b] * Hq, r = row0[b] + c * R;
+            const int64_t h0 = part_h * Hk / split, h1 = (part_h + 1) * Hk / split;
             const int64_t j0 = (c + skipped(ctx[b], q_len[b], window)) * KEY_CHUNK;
             const int64_t j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
             failed |= attend_chunk(&a, is_bf16, q_start[b], q_len[b], ctx[b],
-                                   tables + b * max_blocks, j0, j1, pm + r, ps + r,
+                                   tables + b * max_blocks, j0, j1, h0, h1, pm + r, ps + r,
                                    pacc + r * D) != 0;
         }
         /* merge each sequence's chunks in chunk order and normalise */
