@@ -11,7 +11,10 @@ from dist_engine import LLM, SamplingParams
 from dist_engine.weights.registry import DEFAULT_MODEL, fetch_gguf
 
 pytestmark = pytest.mark.slow
-MIN_MEAN_ACCEPTED_LENGTH = 1.55  # regression floor (this test measured 1.74 with graft stage 4; K=3 in bench/results/spec.md: 2.08)
+# regression floor: this test measured 1.74 with graft stage 4 and fp32 draft weights, 1.69 with
+# the default 16-bit draft path (a near-tie or two in ~70 steps; over 100 held-out prompts both
+# give 1.94); K=3 in bench/results/spec.md: 2.05
+MIN_MEAN_ACCEPTED_LENGTH = 1.55
 
 
 @pytest.fixture(scope="module")
