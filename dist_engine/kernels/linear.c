@@ -132,10 +132,10 @@ static inline __attribute__((always_inline)) void row_x4(int mode, const float *
  * 26.0, 17.9 vs 27.1, 29.1 vs 38.2 ms, on par from 64 rows. */
 #if defined(__AVX512VL__)
 #define GROUP_ROWS 4
-#define GROUPED_MAX(IS_BF16) ROW_BLOCK
+#define GROUPED_MAX(W_BF16) ROW_BLOCK
 #else
 #define GROUP_ROWS 2
-#define GROUPED_MAX(IS_BF16) ((IS_BF16) ? 2 : 4)
+#define GROUPED_MAX(W_BF16) ((W_BF16) ? 2 : 4)
 #endif
 #define ROW3(m, A0, B0, A1, B1, A2, B2)                                                       \
     if (MR > m) {                                                                             \

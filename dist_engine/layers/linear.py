@@ -59,7 +59,8 @@ def pack_weight(module: nn.Module, dtype: torch.dtype | None = None) -> None:
     if (getattr(module, "weight_packed", None) is not None or w.device.type != "cpu"
             or getattr(module, "keep_dense", False)):
         return
-    packed = (dtype not in (None, w.dtype) and cpu_linear.pack(w, dtype)) or cpu_linear.pack(w) or _onednn_pack(w)
+    packed = dtype not in (None, w.dtype) and cpu_linear.pack(w, dtype)
+    packed = packed or cpu_linear.pack(w) or _onednn_pack(w)
     if packed is None:
         return
     module.weight_packed = packed
