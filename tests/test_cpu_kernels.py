@@ -85,6 +85,22 @@ def test_kernel_result_does_not_depend_on_the_batch():
         alone = torch.empty(1, 6, 32)
         pk.attend(q[i:i + 1], k_cache, v_cache, pk.make_group([s], [0], 16, None, 1), 0.2, alone)
         assert torch.equal(alone[0], together[i])
+    # short sequences (one key chunk) with 3 queries: alone, a sequence's KV heads split over
+    # the threads; among others they do not
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seqs = [SeqWork(0, (0, 0, 0), 117, tuple(range(i * 20, i * 20 + 8)), True) for i in range(4)]
+        q = torch.randn(12, 6, 32, generator=gen)
+        together = torch.empty(12, 6, 32)
+        pk.attend(q, k_cache, v_cache, pk.make_group(seqs, [0, 3, 6, 9], 16, None, 12), 0.2, together)
+        for i, s in enumerate(seqs):
+            alone = torch.empty(3, 6, 32)
+            pk.attend(q[3 * i:3 * i + 3], k_cache, v_cache, pk.make_group([s], [0], 16, None, 3),
+                      0.2, alone)
+            assert torch.equal(alone, together[3 * i:3 * i + 3])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama1kv", "mistral", "qwen3"])
@@ -227,6 +243,14 @@ def test_fp32_activations_against_bf16_panels_equal_the_fp32_product_of_rounded_
     pack_weight(layer, torch.bfloat16)
     assert weight_bytes(layer) == (48 * 24) * 2 + 40 * 4
     torch.testing.assert_close(layer(x), x @ dense.bfloat16().float().T + layer.bias, atol=1e-5, rtol=1e-5)
+    # no kernel reads bf16 activations against fp32 panels: a bf16 layer asked for fp32 panels
+    # keeps its own dtype
+    assert cl.pack(dense.bfloat16(), torch.float32) is None
+    layer16 = ColumnParallelLinear(24, {None: (0, 40, 0)}, bias=False, dtype=torch.bfloat16)
+    layer16.weight.data.copy_(dense)
+    pack_weight(layer16, torch.float32)
+    assert layer16.weight_packed.panels.dtype == torch.bfloat16
+    assert layer16(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_packed_projection_through_a_layer_is_the_dense_one():

@@ -488,7 +488,7 @@ def test_draft_path_is_16_bit_by_default(grafted):
 
 
 def test_draft_depth_in_engine_is_lossless(grafted):
-    """An acceptance bar no position clears: the engine stops proposing (except every 16th
+    """An acceptance bar no position clears: the engine stops proposing (except every 8th
     step's probe) and output is still plain decoding's."""
     path, folder, _ = grafted
     params = mixed_params()

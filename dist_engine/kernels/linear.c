@@ -17,7 +17,7 @@
  * (17-26 GB/s on two Zen 3 cores, all 121 products of the default model, against 7-12 GB/s for
  * oneDNN's packed fp32 product); at 16-64 rows it runs 1.3-1.5x faster than oneDNN and at 256
  * rows on par (docs/performance.md has the table).
- * x [M, K] with row stride x_row; bias [N] or NULL (the weight's dtype); y [M, N] contiguous.
+ * x [M, K] with row stride x_row; bias [N] or NULL (the output's dtype); y [M, N] contiguous.
  */
 #include <omp.h>
 #include <stdint.h>

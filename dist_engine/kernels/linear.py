@@ -42,9 +42,9 @@ def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> PanelWeight 
     (bf16 panels of an fp32 weight serve fp32 activations at half the bytes)."""
     fns = _fns()
     dtype = dtype or weight.dtype
+    # panels for activations of the weight's dtype, or bf16 panels for fp32 activations
     if (fns is None or weight.device.type != "cpu" or weight.dim() != 2
-            or weight.dtype not in (torch.float32, torch.bfloat16)
-            or dtype not in (torch.float32, torch.bfloat16)):
+            or (weight.dtype, dtype) not in fns):
         return None
     n, k = weight.shape
     full, tail = divmod(n, PANEL)
