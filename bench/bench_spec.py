@@ -1,6 +1,6 @@
 """MTP speculative decoding on the default model: plain vs speculative, batch 1 and 16, one run.
 
-    python bench/bench_spec.py [--tokens 128] [--ks 1,2,3] [--graft DIR]
+    python bench/bench_spec.py [--tokens 128] [--ks 1,2,3] [--graft DIR] [--prompts 2] [--reps 3] [--name spec]
 
 Batch 1: each held-out graft prompt (never trained on) plus one new prompt, chat template,
 ``--tokens`` new tokens (EOS ignored), greedy and temperature 0.7 (seeded). Reports tok/s,
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,3")
     ap.add_argument("--prompts", type=int, default=2, help="held-out prompts (plus one new)")
     ap.add_argument("--reps", type=int, default=3, help="rounds over the prompts")
+    ap.add_argument("--name", default="spec", help="results file stem in bench/results/")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -217,11 +218,11 @@ def main() -> None:
     meta = {"tokens": a.tokens, "prompts": texts, "batch": 1, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "transformers": hf}
-    with open(os.path.join(RESULTS, "spec.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    with open(os.path.join(RESULTS, "spec.md"), "w") as f:
-        f.write(f"Default model, fp32, {a.tokens} tokens, {meta['cpus']} CPUs, torch {meta['torch']}, "
-                f"{meta['date']}\n\n{text}\n")
+    with open(os.path.join(RESULTS, f"{a.name}.md"), "w") as f:
+        f.write(f"Default model, fp32, {a.tokens} tokens, {len(prompts)} prompts x {a.reps} rounds, "
+                f"{meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}\n\n{text}\n")
 
 
 if __name__ == "__main__":
