@@ -241,18 +241,26 @@ static inline __attribute__((always_inline)) void rows_x_panel(int mode, const f
         for (; p < end; p++) rows_x_panel(MODE, X, XS, panels, bias, Y, 0, rows, N, K, p);      \
     }
 
-/* The entry points return 0, or 1 when scratch memory cannot be allocated (bf16 only). */
-int linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
-               int64_t M, int64_t N, int64_t K, int64_t threads) {
-    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 4;
+/* fp32 activations and output against fp32 (F32) or bf16 (MIXED) panels; the mode is a
+ * constant at each entry point below, so each gets its own specialised loops. */
+static inline __attribute__((always_inline)) int f32_rows(int mode, const float *x, int64_t x_row,
+        const void *panels, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+        int64_t threads) {
+    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = W16(mode) ? 2 : 4;
     const char *at = (const char *)panels;
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
         const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
         const float *xb = x + m0 * x_row;
         float *yb = y + m0 * N;
-        BLOCK(F32, xb, x_row, rows, yb)
+        BLOCK(mode, xb, x_row, rows, yb)
     }
     return 0;
+}
+
+/* The entry points return 0, or 1 when scratch memory cannot be allocated (bf16 only). */
+int linear_f32(const float *x, int64_t x_row, const float *panels, const float *bias, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t threads) {
+    return f32_rows(F32, x, x_row, panels, bias, y, M, N, K, threads);
 }
 
 /* bf16 activations are widened a block of rows at a time into an fp32 copy (exact), then
@@ -278,13 +286,5 @@ int linear_bf16(const bf16 *x, int64_t x_row, const bf16 *panels, const bf16 *bi
  * product with fp32 activations (the MTP layer and draft head of an fp32 model). */
 int linear_f32_bf16w(const float *x, int64_t x_row, const bf16 *panels, const float *bias,
                      float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-    const int64_t n_panels = (N + PANEL - 1) / PANEL, esz = 2;
-    const char *at = (const char *)panels;
-    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-        const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
-        const float *xb = x + m0 * x_row;
-        float *yb = y + m0 * N;
-        BLOCK(MIXED, xb, x_row, rows, yb)
-    }
-    return 0;
+    return f32_rows(MIXED, x, x_row, panels, bias, y, M, N, K, threads);
 }
