@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dist_engine.config import EngineConfig
+from dist_engine.kernels.linear import PanelWeight
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import pack_weight, pack_weights, project
 from dist_engine.models.mtp import MTPModel
@@ -48,10 +49,14 @@ class DraftHead(nn.Module):
         self.vocab_ids = vocab_ids  # [V'] long
         self.weight_packed = None
         pack_weight(self, dtype)
-        if self.weight_packed is None and weight.dtype != dtype:
+        if self.weight_packed is None:  # no CPU product kernel: a dense weight of that dtype
             self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the head's weights are held in."""
         packed = self.weight_packed
-        self.dtype = packed.panels.dtype if hasattr(packed, "panels") else self.weight.dtype
+        return packed.panels.dtype if isinstance(packed, PanelWeight) else self.weight.dtype
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
         if self.weight_packed is None:
