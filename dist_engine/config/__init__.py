@@ -1,0 +1,19 @@
+"""Frozen, validated configuration objects, one module per concern:
+``model`` (a checkpoint's config.json), ``runtime`` (ranks, KV cache, scheduler),
+``speculative`` (MTP drafting) and ``engine`` (all of them, checked together).
+
+Every config checks itself in ``__post_init__`` and raises ``ValueError`` with a message that says
+what to change. Configs cross process boundaries (they are pickled to Ray actors), so they hold
+only plain data.
+"""
+
+from dist_engine.config.engine import EngineConfig
+from dist_engine.config.model import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
+from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.speculative import CONCAT_ORDERS, DRAFT_DTYPES, STAGES, SpeculativeConfig
+
+__all__ = [
+    "CONCAT_ORDERS", "DRAFT_DTYPES", "DTYPES", "KV_CACHE_DTYPES", "STAGES", "SUPPORTED_ARCHITECTURES",
+    "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig",
+    "SpeculativeConfig",
+]

@@ -1,0 +1,70 @@
+"""The whole engine's configuration, checked across its parts (``EngineConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dist_engine.config.model import DTYPES, ModelConfig
+from dist_engine.config.runtime import CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.speculative import SpeculativeConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    # Threads per rank for CPU matmuls; None: the cores divided among the local ranks.
+    cpu_threads: int | None = None
+    speculative: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        m, tp = self.model, self.parallel.tensor_parallel_size
+        if tp > m.num_key_value_heads and tp % m.num_key_value_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds num_key_value_heads={m.num_key_value_heads} and is "
+                f"not a multiple of it, so KV heads cannot be replicated evenly; use TP <= "
+                f"{m.num_key_value_heads} or a multiple of it"
+            )
+        dcp = self.parallel.decode_context_parallel_size
+        if dcp > 1:
+            replicas = tp // m.num_key_value_heads if tp > m.num_key_value_heads else 1
+            if replicas % dcp:
+                raise ValueError(
+                    f"decode_context_parallel_size={dcp} needs KV heads replicated a multiple of {dcp} "
+                    f"times, but TP={tp} over {m.num_key_value_heads} KV heads replicates them "
+                    f"{replicas}x; use --dcp dividing {replicas} (or --cp for more sequence shards)")
+            if (m.num_attention_heads // m.num_key_value_heads) % replicas:
+                raise ValueError(
+                    f"decode_context_parallel_size needs the {m.num_attention_heads // m.num_key_value_heads} "
+                    f"query heads per KV head to split evenly over its {replicas} replicas (TP={tp})")
+        if tp > m.num_attention_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
+                "some ranks would hold no attention head"
+            )
+        spec = self.speculative
+        if spec is not None:
+            if spec.model is None and m.num_nextn_predict_layers == 0:
+                raise ValueError(
+                    f"{m.path} has no MTP layer (num_nextn_predict_layers is 0): graft one with "
+                    "`dist-engine graft-mtp` and pass its folder as the speculative model"
+                )
+            if self.scheduler.num_lookahead_slots < spec.num_lookahead_slots:
+                raise ValueError(
+                    f"speculation with K={spec.num_speculative_tokens} needs "
+                    f"num_lookahead_slots >= {spec.num_lookahead_slots}"
+                )
+        if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
+            raise ValueError(
+                f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
+                f"max_position_embeddings={m.max_position_embeddings}; lower --max-model-len"
+            )

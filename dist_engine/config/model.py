@@ -1,0 +1,208 @@
+"""A checkpoint's architecture, read from its config.json (``ModelConfig``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture hyper-parameters of a checkpoint, read from its config.json."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on per-head q and k (Qwen3)
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of HF's dict
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # MTP layers shipped at model.layers.{num_hidden_layers + j} (DeepSeek-V3 / GLM-4.5 style)
+    num_nextn_predict_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V3): set when kv_lora_rank is. The cache holds one
+    # latent "head" of kv_lora_rank + qk_rope_head_dim per token (num_key_value_heads is 1).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    # Mixture of experts (DeepSeek-V3): layers from first_k_dense_replace on route each token to
+    # num_experts_per_tok of n_routed_experts (sigmoid scores, grouped top-k) plus shared experts.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    moe_scoring: str = "sigmoid"  # DeepSeek-V3; "softmax": Qwen3-MoE
+    decoder_sparse_step: int = 1  # Qwen3-MoE: every this-many-th layer is MoE...
+    mlp_only_layers: tuple[int, ...] = ()  # ...except these
+    # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
+    fp8_block: tuple[int, int] | None = None
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if not self.n_routed_experts or layer in self.mlp_only_layers:
+            return False
+        if self.moe_scoring == "softmax":
+            return (layer + 1) % self.decoder_sparse_step == 0
+        return layer >= self.first_k_dense_replace
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} in {self.path}/config.json is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        if self.fp8_block is not None and not self.is_mla:
+            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepseekV3ForCausalLM only, "
+                             f"not {self.architecture}; use a bf16/fp32 checkpoint")
+        if self.n_routed_experts:
+            if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group="
+                                 f"{self.n_group} groups and 0 < topk_group={self.topk_group} <= n_group")
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                 f"[1, n_routed_experts={self.n_routed_experts}]")
+            per_group = self.n_routed_experts // self.n_group
+            if self.moe_scoring == "sigmoid" and per_group < 2:
+                raise ValueError(f"grouped routing scores each group by its two best experts, but "
+                                 f"n_group={self.n_group} leaves {per_group} expert per group")
+            if self.moe_scoring == "sigmoid" and self.topk_group * per_group < self.num_experts_per_tok:
+                raise ValueError(f"topk_group={self.topk_group} groups of {per_group} experts cannot "
+                                 f"supply num_experts_per_tok={self.num_experts_per_tok}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ValueError(f"{path} has no config.json: pass an HF-format model folder or a known name")
+        with open(cfg_file) as f:
+            return cls.from_dict(json.load(f), path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str = "<dict>") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}/config.json lists no 'architectures'")
+        arch = archs[0]
+        n_heads = raw["num_attention_heads"]
+        hidden = raw["hidden_size"]
+        # transformers 5 moved rope settings into "rope_parameters"; older files keep them flat.
+        rope = dict(raw.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling") or rope
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        sliding = raw.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+            sliding = None  # Qwen2 configs carry a window they do not use unless asked to
+        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and not raw.get("use_sliding_window"):
+            sliding = None
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        quant = raw.get("quantization_config")
+        fp8_block = None
+        if quant:
+            if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+                raise ValueError(f"{path}/config.json: quantization_config {quant.get('quant_method')!r} "
+                                 "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
+            fp8_block = tuple(quant["weight_block_size"])
+        family = {}  # architecture-specific fields (MLA/MoE)
+        if raw.get("kv_lora_rank"):
+            if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
+                raise ValueError("only DeepSeek-V3 routing (sigmoid scores, noaux_tc grouped top-k) is supported")
+            family = dict(
+                q_lora_rank=raw.get("q_lora_rank"), kv_lora_rank=raw["kv_lora_rank"],
+                qk_nope_head_dim=raw["qk_nope_head_dim"], qk_rope_head_dim=raw["qk_rope_head_dim"],
+                v_head_dim=raw["v_head_dim"], rope_interleave=raw.get("rope_interleave", True),
+                n_routed_experts=raw.get("n_routed_experts") or raw.get("num_local_experts") or 0,
+                num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+                n_shared_experts=raw.get("n_shared_experts") or 0,
+                moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+                n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+                norm_topk_prob=raw.get("norm_topk_prob", True),
+                first_k_dense_replace=raw.get("first_k_dense_replace", 0),
+                # the cache's one latent head; RoPE runs over the rope part of q/k only
+                num_key_value_heads=1, head_dim=raw["qk_rope_head_dim"])
+        if arch == "Qwen3MoeForCausalLM":
+            family = dict(n_routed_experts=raw.get("num_experts") or raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+                       moe_intermediate_size=raw["moe_intermediate_size"],
+                       norm_topk_prob=raw.get("norm_topk_prob", False), moe_scoring="softmax",
+                       decoder_sparse_step=raw.get("decoder_sparse_step", 1),
+                       mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+                       num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+                       head_dim=raw.get("head_dim") or hidden // n_heads)
+        return cls(
+            path=path,
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            **({} if family else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+                                   head_dim=raw.get("head_dim") or hidden // n_heads)),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            attention_bias=raw.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            sliding_window=sliding,
+            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            hidden_act=raw.get("hidden_act", "silu"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
+            fp8_block=fp8_block,
+            **family,
+        )

@@ -1,0 +1,84 @@
+"""MTP speculative decoding settings (``SpeculativeConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_engine.config.model import DTYPES
+
+CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
+STAGES = ("normed", "raw")
+DRAFT_DTYPES = ("auto", *DTYPES)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """MTP self-speculative decoding.
+
+    ``model``: a folder holding a grafted MTP layer (``mtp_config.json`` + ``mtp.safetensors``,
+    written by ``dist-engine graft-mtp``); None uses the checkpoint's own MTP layers. The three
+    per-model settings: ``concat_order`` of ``eh_proj``'s input (DeepSeek/GLM put the embedding
+    first, MiMo the hidden state), ``hidden_stage`` of the main model's hidden state that feeds
+    the first draft step (after or before the final norm), and ``feedback``: what a chained
+    step feeds the next (the MTP block's output after ``shared_head.norm``, or before).
+    """
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+    model: str | None = None
+    concat_order: str = "emb_hidden"
+    hidden_stage: str = "normed"
+    feedback: str = "normed"
+    # Draft over only the first ``draft_vocab_size`` ids of the graft's frequency-ranked list
+    # (verification stays full-vocabulary). None: the graft's whole list, or the full vocabulary.
+    draft_vocab_size: int | None = None
+    # Weights of the draft path: the reduced draft head, and on CPU (the product kernel) the
+    # MTP layer's linear weights; "auto" is 16-bit (the model's dtype when it is 16-bit, else
+    # bfloat16). Activations stay in the model's dtype. It halves what drafting streams and
+    # only changes which token is drafted in a near-tie (verification is the model's own).
+    draft_dtype: str = "auto"
+    # Lower K when a step would carry more draft tokens than this (the batch is then compute
+    # bound and drafts cost more than they save); 0: never lower it.
+    max_draft_tokens_per_step: int = 8
+    # Draft position j only while the recent share of steps accepting it (all drafts before it
+    # accepted too) is at least this: the j-th draft adds that many tokens per step and costs a
+    # chained MTP step plus a verified row (~5-10% of a step on CPU). 0: always draft K.
+    min_draft_acceptance: float = 0.1
+    # A sequence admitted while more than this many sequences are in the engine (running and
+    # waiting, itself included) runs without speculation for its whole life: no drafts, and the
+    # MTP layer skips it (its cache is kept only for sequences that may draft). None: the batch
+    # size from which ``max_draft_tokens_per_step`` leaves no draft at all; 0: never.
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "mtp":
+            raise ValueError(f"speculative method {self.method!r} is not supported; use 'mtp'")
+        if not 1 <= self.num_speculative_tokens <= 8:
+            raise ValueError(f"num_speculative_tokens must be in 1..8, got {self.num_speculative_tokens}")
+        if self.concat_order not in CONCAT_ORDERS:
+            raise ValueError(f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}")
+        for name in ("hidden_stage", "feedback"):
+            if getattr(self, name) not in STAGES:
+                raise ValueError(f"{name} must be one of {STAGES}, got {getattr(self, name)!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.draft_dtype not in DRAFT_DTYPES:
+            raise ValueError(f"draft_dtype must be one of {DRAFT_DTYPES}, got {self.draft_dtype!r}")
+        if self.max_draft_tokens_per_step < 0:
+            raise ValueError("max_draft_tokens_per_step must be >= 0")
+        if not 0.0 <= self.min_draft_acceptance < 1.0:
+            raise ValueError(f"min_draft_acceptance must be in [0, 1), got {self.min_draft_acceptance}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 0:
+            raise ValueError(f"disable_by_batch_size must be >= 0 (0: never), got {self.disable_by_batch_size}")
+
+    @property
+    def speculate_up_to(self) -> int:
+        """Sequences in the engine up to which a new one speculates (0: any number)."""
+        if self.disable_by_batch_size is not None:
+            return self.disable_by_batch_size
+        return self.max_draft_tokens_per_step
+
+    @property
+    def num_lookahead_slots(self) -> int:
+        """Slots past the sequence a step may write: K drafts verified, K-1 chained MTP slots."""
+        return 2 * self.num_speculative_tokens - 1
