@@ -1,12 +1,18 @@
-"""GPU check for a lent machine (torch on CUDA, no Ray, in-process executor only).
+"""GPU check for a lent machine (torch on CUDA, no Ray: the in-process executor).
 
-    python bench/gpu_check.py [--out bench/results/gpu_check.json]
+    python bench/gpu_check.py [--device cuda] [--quick] [--out DIR]
 
-1. Parity with transformers on CUDA: a tiny random Llama (9 query / 3 KV heads), fp32 logits and
-   32 greedy tokens.
-2. Decode tok/s, batch 1, bf16, on random weights of the default model's shape (135M) and of a
-   ~1B Llama shape, against the HBM-bandwidth limit (weight bytes / bandwidth per token).
-Needs only torch, transformers and safetensors; makes its checkpoints in a temp folder.
+1. Parity with transformers: tiny random models of every architecture the tests sweep
+   (tests/conftest.py), fp32 on the device; 24 greedy tokens must be identical and our top-5
+   logprobs at each step must match transformers' forward over the same tokens.
+2. Speculation is lossless on the device: the tiny Llama's answers generated there (with hidden
+   states), an MTP layer grafted on them, then a mixed batch of 8 (greedy and seeded sampling with
+   penalties) and batch 1 must equal plain decoding for K = 1..4.
+3. Speed, bf16 random weights of the default model's shape and a ~1B Llama shape: batch-1 decode
+   tok/s against transformers' generate and against the HBM limit (weight bytes per token),
+   16 concurrent requests, and the cost of a K=3 speculative step (a native-style MTP layer: a
+   copy of the last decoder layer, drafting every step) relative to a plain step.
+Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 SHAPES = {
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -33,70 +41,214 @@ SHAPES = {
 HBM_BYTES_PER_S = 4.8e12  # H200
 
 
-def make(path: str, **kw) -> str:
+def guarded(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a failed part is a result too
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def parity(tmp: str, dev: str, arch: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+
+    path = make_tiny(arch, os.path.join(tmp, arch))
+    prompt = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
+    n = 24
+    with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64) as llm:
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=dev)
+        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        full = torch.tensor([prompt + out.token_ids], device=dev)
+        ref_lp = torch.log_softmax(hf(full).logits[0].float(), -1)[len(prompt) - 1:]
+    err = max(abs(lp - ref_lp[i, t].item()) for i, step in enumerate(out.logprobs) for t, lp in step.items())
+    return {"greedy_identical": out.token_ids == ref, "max_logprob_err": err}
+
+
+def speculation(tmp: str, dev: str) -> dict:
+    import random
+
+    from test_spec_decode import ARGS, LENS, PROMPTS, mixed_params, spec
+
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.graft.data import save_hidden
+    from dist_engine.graft.train import graft
+
+    path = make_tiny("llama", os.path.join(tmp, "spec_llama"))
+    r = random.Random(0)
+    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
+    with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=128) as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            max_tokens=40, ignore_eos=True, return_hidden_states=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    folder = os.path.join(tmp, "spec_graft")
+    save_hidden(os.path.join(folder, "hidden"), "0", seqs, [o.outputs[0].hidden_states.cpu() for o in outs])
+    meta = graft(path, seqs[:450], seqs[450:], folder, epochs=5, depth=3, lr=3e-3, batch_size=16,
+                 draft_vocab_size=320, dtype="float32", hidden_dir=os.path.join(folder, "hidden"))
+
+    def run(params, prompts, **kw):
+        with LLM(path, device=dev, **{**ARGS, **kw}) as llm:
+            got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+            return got, llm.engine.spec_stats.mean_accepted_length
+
+    res = {"graft_held_out": meta.get("held_out"), "identical": {}, "mean_accepted_length": {}}
+    one = SamplingParams(temperature=0, max_tokens=max(LENS), ignore_eos=True)
+    plain_mixed, _ = run(mixed_params(), PROMPTS)
+    plain_one, _ = run(one, PROMPTS[:1])
+    for k in (1, 2, 3, 4):
+        got, mal = run(mixed_params(), PROMPTS, speculative_config=spec(folder, k))
+        got1, _ = run(one, PROMPTS[:1], speculative_config=spec(folder, k))
+        res["identical"][k] = got == plain_mixed and got1 == plain_one
+        res["mean_accepted_length"][k] = mal
+    return res
+
+
+def make_shape(tmp: str, name: str, kw: dict, dev: str, mtp: bool) -> str:
+    """Random bf16 weights of a shape; ``mtp`` adds a native-style MTP layer (DeepSeek naming)."""
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    path = os.path.join(tmp, name)
     cfg = LlamaConfig(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, **kw)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    if mtp:
+        n, h = cfg.num_hidden_layers, cfg.hidden_size
+        state = model.state_dict()
+        last = f"model.layers.{n - 1}."
+        w = {f"model.layers.{n}.{k[len(last):]}": v.clone() for k, v in state.items() if k.startswith(last)}
+        one = torch.ones(h, dtype=torch.bfloat16, device=dev)
+        w.update({f"model.layers.{n}.enorm.weight": one.clone(), f"model.layers.{n}.hnorm.weight": one.clone(),
+                  f"model.layers.{n}.shared_head.norm.weight": one.clone(),
+                  f"model.layers.{n}.eh_proj.weight": torch.randn(h, 2 * h, device=dev).mul(0.02).bfloat16(),
+                  f"model.layers.{n}.embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
+                  f"model.layers.{n}.shared_head.head.weight": state["model.embed_tokens.weight"].clone()})
+        save_file({k: v.contiguous().cpu() for k, v in w.items()}, os.path.join(path, "model-mtp.safetensors"))
+        c = json.load(open(os.path.join(path, "config.json")))
+        json.dump({**c, "num_nextn_predict_layers": 1}, open(os.path.join(path, "config.json"), "w"))
+    del model
     return path
 
 
-def parity(tmp: str) -> dict:
+def timed_generate(llm, prompts, params, dev: str) -> float:
+    sync(dev)
+    t = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    sync(dev)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+
+def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dist_engine import LLM, SamplingParams
 
-    path = make(os.path.join(tmp, "tiny"), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                num_attention_heads=9, num_key_value_heads=3, vocab_size=320)
-    prompt = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    with torch.inference_mode():
-        ids = torch.tensor([prompt], device="cuda")
-        ref = hf.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
-        ref_lp = torch.log_softmax(hf(ids).logits[0, -1].float(), -1)
-    llm = LLM(path, device="cuda", skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64)
-    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
-        temperature=0, max_tokens=32, ignore_eos=True, logprobs=5))[0].outputs[0]
-    llm.shutdown()
-    err = max(abs(lp - ref_lp[t].item()) for t, lp in out.logprobs[0].items())
-    return {"greedy_identical": out.token_ids == ref, "max_logprob_err": err}
-
-
-def decode_speed(tmp: str, name: str, kw: dict, tokens: int = 128) -> dict:
-    from dist_engine import LLM, SamplingParams
-
-    path = make(os.path.join(tmp, name), **kw)
-    llm = LLM(path, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
-              num_kv_blocks=256)
+    path = make_shape(tmp, name, kw, dev, mtp=True)
+    prompt = [[1] + [(7 * i) % 1000 + 3 for i in range(31)]]
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    llm.generate(prompt_token_ids=[[1] * 32], sampling_params=SamplingParams(temperature=0, max_tokens=8))
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    llm.generate(prompt_token_ids=[[1] * 32], sampling_params=sp)
-    torch.cuda.synchronize()
-    tok_s = tokens / (time.perf_counter() - t)
-    weight_bytes = llm.engine.executor.cache_info()["weight_bytes"]
-    llm.shutdown()
-    limit = HBM_BYTES_PER_S / weight_bytes
-    return {"tok_s": tok_s, "weight_bytes": weight_bytes, "hbm_limit_tok_s": limit,
-            "fraction_of_limit": tok_s / limit}
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    res = {}
+    args = dict(device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024, num_kv_blocks=2048)
+    with LLM(path, **args) as llm:
+        llm.generate(prompt_token_ids=prompt, sampling_params=warm)
+        res["plain_tok_s"] = max(timed_generate(llm, prompt, sp, dev) for _ in range(2))
+        res["weight_bytes"] = llm.engine.executor.cache_info()["weight_bytes"]
+        res["c16_tok_s"] = timed_generate(llm, [[1, 5 + i] + prompt[0][2:] for i in range(16)], sp, dev)
+    with LLM(path, speculative_config={"num_speculative_tokens": 3, "min_draft_acceptance": 0.0,
+                                       "max_draft_tokens_per_step": 0}, **args) as llm:
+        llm.generate(prompt_token_ids=prompt, sampling_params=warm)
+        before = llm.engine.spec_stats.as_dict()
+        res["k3_tok_s"] = timed_generate(llm, prompt, sp, dev)
+        after = llm.engine.spec_stats.as_dict()
+    steps = after["num_steps"] - before["num_steps"]
+    res["k3_mean_accepted_length"] = (tokens - 1) / max(steps, 1)
+    # a K=3 step's time over a plain step's: (tokens per K=3 step / K=3 tok/s) / (1 / plain tok/s)
+    res["k3_step_cost_vs_plain"] = res["k3_mean_accepted_length"] * res["plain_tok_s"] / res["k3_tok_s"]
+    res["hbm_limit_tok_s"] = HBM_BYTES_PER_S / res["weight_bytes"]
+    res["fraction_of_limit"] = res["plain_tok_s"] / res["hbm_limit_tok_s"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
+    ids = torch.tensor(prompt, device=dev)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        best = 0.0
+        for _ in range(2):
+            sync(dev)
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            sync(dev)
+            best = max(best, tokens / (time.perf_counter() - t))
+    res["transformers_tok_s"] = best
+    res["vs_transformers"] = res["plain_tok_s"] / best
+    del hf
+    return res
+
+
+def report(res: dict) -> str:
+    lines = [f"# GPU check: {res['device']}, torch {res['torch']}", "", "## Parity (fp32, 24 greedy tokens)", "",
+             "| arch | greedy identical | max top-5 logprob error |", "|---|---|---|"]
+    for arch, r in res.get("parity", {}).items():
+        lines.append(f"| {arch} | {r.get('greedy_identical', r.get('error'))} | {r.get('max_logprob_err', '')} |")
+    s = res.get("speculation", {})
+    lines += ["", "## Speculation on the device (tiny Llama grafted on its own answers generated there)", "",
+              f"- identical to plain (mixed batch of 8 and batch 1) per K: {s.get('identical', s.get('error'))}",
+              f"- mean accepted length per K: {s.get('mean_accepted_length')}", "",
+              "## Decode speed, bf16 random weights, batch 1 unless said", "",
+              "| shape | ours tok/s | transformers tok/s | ratio | HBM limit | 16 concurrent tok/s "
+              "| K=3 step / plain step |", "|---|---|---|---|---|---|---|"]
+    for name in SHAPES:
+        r = res.get(name) or {}
+        if "plain_tok_s" in r:
+            lines.append(f"| {name} | {r['plain_tok_s']:.0f} | {r['transformers_tok_s']:.0f} | "
+                         f"{r['vs_transformers']:.2f}x | {r['hbm_limit_tok_s']:.0f} | {r['c16_tok_s']:.0f} | "
+                         f"{r['k3_step_cost_vs_plain']:.2f} |")
+        elif r:
+            lines.append(f"| {name} | {r.get('error')} | | | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu_check.json"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    from conftest import ARCHS
+
+    dev = a.device
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__}
+    t0 = time.time()
+
+    def save(part: str) -> None:
+        print(part, json.dumps(res[part]), f"{time.time() - t0:.0f}s", flush=True)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        with open(os.path.join(a.out, "gpu_check.md"), "w") as f:
+            f.write(report(res))
+
     with tempfile.TemporaryDirectory() as tmp:
-        res["parity"] = parity(tmp)
-        print(res["parity"], flush=True)
-        for name, kw in SHAPES.items():
-            res[name] = decode_speed(tmp, name, kw)
-            print(name, res[name], flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
+        res["parity"] = {arch: guarded(parity, tmp, dev, arch) for arch in (ARCHS[:2] if a.quick else ARCHS)}
+        save("parity")
+        res["speculation"] = guarded(speculation, tmp, dev)
+        save("speculation")
+        for name, kw in list(SHAPES.items())[: 1 if a.quick else 2]:
+            res[name] = guarded(speed, tmp, dev, name, kw, 16 if a.quick else 128)
+            save(name)
 
 
 if __name__ == "__main__":
