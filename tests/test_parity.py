@@ -61,21 +61,23 @@ def test_logits_match_transformers(tiny_models, arch):
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("explicit", [False, True], ids=["cpu-flash", "explicit-tiled"])
+@pytest.mark.parametrize("kernel", ["cpu-flash", "explicit-tiled", "explicit"])
 @pytest.mark.parametrize("unfold", [False, True], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("arch", ["llama", "llama1kv", "mistral", "qwen3", "deepseek_v3"])
-def test_attention_layouts_match(tiny_models, monkeypatch, arch, unfold, explicit):
+def test_attention_layouts_match(tiny_models, monkeypatch, arch, unfold, kernel):
     """Both mask layouts (G query heads folded into the query axis, or one mask shared by all
     heads, used for long chunks over long contexts) and both kernels (PyTorch's fused CPU one,
-    and the explicit one CUDA runs, here tiled over a few keys at a time) give transformers' logits,
-    with cached context under the long chunk."""
+    and the explicit one CUDA runs: tiled over a few keys at a time and merged by log-sum-exp, or
+    in one tile with a plain softmax, decode tokens included) give transformers' logits, with
+    cached context under the long chunk."""
     from dist_engine.layers import attention
     from dist_engine.worker import batch
 
     if unfold:
         monkeypatch.setattr(batch, "UNFOLD_MIN_KEYS", 0)
-    if explicit:
+    if kernel != "cpu-flash":
         monkeypatch.setattr(attention, "_CPU_FLASH", None)
+    if kernel == "explicit-tiled":
         monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 5 * 18 * 4 * 3)
     path = tiny_models(arch)
     ours = our_logits(path, PROMPT, [2, 17, 1])

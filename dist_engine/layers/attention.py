@@ -96,9 +96,11 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float, need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     # q [B, Hk, L, D]; k, v [B, Hk, K, D]; bias [B, 1, L, K], or [B, 1, Q, K] shared by the
-    # L / Q query heads folded into L (a long-chunk mask; explicit path only), or None
+    # L / Q query heads folded into L (a long-chunk mask; explicit path only), or None.
+    # Without ``need_lse`` the explicit path takes one softmax instead of the log-sum-exp's
+    # dozen small operators (on a GPU each is a kernel launch; decode is launch-bound there).
     if q.device.type == "cpu" and _CPU_FLASH is not None and (bias is None or bias.shape[-2] == q.shape[-2]):
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse.float()
@@ -108,6 +110,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         Qb = bias.shape[-2]
         scores = (scores + bias.float() if Qb == L else
                   (scores.view(B, Hk, L // Qb, Qb, K) + bias.float().unsqueeze(2)).view(B, Hk, L, K))
+    if not need_lse:  # a query that sees no key (a padding row) gets 0, not NaN
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul((probs if bias is None else probs.nan_to_num(0.0)).to(v.dtype), v), None
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, L]
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe.unsqueeze(-1))  # masked entries -> exactly 0
@@ -151,9 +156,10 @@ def _gather_split_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Ten
     return full
 
 
-def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float, Hk: int, G: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """qg ``[B, Hk, G*Q, D]`` (folded) or ``[B, Hq, Q, D]`` -> (out like qg, lse ``qg[..., 0]``).
+def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float, Hk: int, G: int,
+                  need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """qg ``[B, Hk, G*Q, D]`` (folded) or ``[B, Hq, Q, D]`` -> (out like qg, lse ``qg[..., 0]``;
+    None when not ``need_lse`` and the keys fit one tile).
 
     The explicit path materialises scores, so long contexts are tiled over keys and merged by
     LSE. Unfolded, the CPU kernel gets each KV head's K/V broadcast to its G query heads (a view,
@@ -162,6 +168,7 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
     B, K = g.kv_slots.shape
     tile = K if _CPU_FLASH is not None and qg.device.type == "cpu" else max(
         1, MAX_SCORE_ELEMENTS // max(1, qg.shape[1] * qg.shape[2] * B))
+    need_lse = need_lse or tile < K  # tiles are merged by their log-sum-exp
     outs, lses = [], []
     for k0 in range(0, K, tile):
         if g.kv_start is not None:
@@ -172,11 +179,11 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
         kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, Hk, k, D]
         bias = None if g.bias is None else g.bias[..., k0:k0 + tile]
         if g.folded:
-            o, lse = _attend(qg, kg, vg, bias, scale)
+            o, lse = _attend(qg, kg, vg, bias, scale, need_lse)
         elif _CPU_FLASH is None or qg.device.type != "cpu":  # heads of a KV head are adjacent
             Hq, Q, D = qg.shape[1:]
-            o, lse = _attend(qg.reshape(B, Hk, G * Q, D), kg, vg, bias, scale)
-            o, lse = o.view(B, Hq, Q, D), lse.view(B, Hq, Q)
+            o, lse = _attend(qg.reshape(B, Hk, G * Q, D), kg, vg, bias, scale, need_lse)
+            o, lse = o.view(B, Hq, Q, D), (lse.view(B, Hq, Q) if need_lse else None)
         else:  # one call per KV head, its K/V expanded (a view) over its G query heads
             parts = [_attend(qg[:, j * G:(j + 1) * G], kg[:, j:j + 1].expand(-1, G, -1, -1),
                              vg[:, j:j + 1].expand(-1, G, -1, -1), bias, scale) for j in range(Hk)]
@@ -212,7 +219,7 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
             qg = qg.view(B, Q, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Q, D)
         else:
             qg = qg.permute(0, 2, 1, 3)  # [B, Hq, Q, D]
-        o, lse = _attend_tiled(qg, kv, g, scale, Hk, G)
+        o, lse = _attend_tiled(qg, kv, g, scale, Hk, G, need_lse)
         if need_lse:
             lse = lse.masked_fill(~g.has_key.expand_as(lse), float("-inf"))
             # a query with no key on this shard: 0, never NaN

@@ -26,9 +26,9 @@ class RMSNorm(nn.Module):
                 return y.view(x.shape)
         if x.dtype == torch.float32:
             return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # 16-bit: normalise in fp32, round, then scale, as Hugging Face does (one fused
+        # normalisation instead of five operators: each is a kernel launch on a GPU)
+        return self.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + delta, norm(x + delta))``: a residual add and the norm after it, one C call
