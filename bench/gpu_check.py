@@ -164,11 +164,23 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     res = {}
     args = dict(device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024, num_kv_blocks=2048)
-    with LLM(path, **args) as llm:
-        llm.generate(prompt_token_ids=prompt, sampling_params=warm)
-        res["plain_tok_s"] = max(timed_generate(llm, prompt, sp, dev) for _ in range(2))
-        res["weight_bytes"] = llm.engine.executor.cache_info()["weight_bytes"]
-        res["c16_tok_s"] = timed_generate(llm, [[1, 5 + i] + prompt[0][2:] for i in range(16)], sp, dev)
+    many = [[1, 5 + i] + prompt[0][2:] for i in range(16)]
+    tokens_of = {}
+    for eager in (False, True):  # CUDA graphs for decode, then every step eager
+        with LLM(path, enforce_eager=eager, **args) as llm:
+            llm.generate(prompt_token_ids=prompt, sampling_params=warm)
+            key = "eager_" if eager else ""
+            res[f"{key}plain_tok_s"] = max(timed_generate(llm, prompt, sp, dev) for _ in range(2))
+            res[f"{key}c16_tok_s"] = timed_generate(llm, many, sp, dev)
+            res["weight_bytes"] = llm.engine.executor.cache_info()["weight_bytes"]
+            graphs = llm.engine.executor.worker.runner.graphs
+            if graphs is not None:
+                res["graph_steps"], res["graphs_recorded"] = graphs.num_steps, len(graphs.graphs)
+            tokens_of[eager] = llm.generate(prompt_token_ids=prompt, sampling_params=sp)[0].outputs[0].token_ids
+    # bf16 on random weights: near-ties are common, so report where the two first differ
+    same = [a == b for a, b in zip(tokens_of[False], tokens_of[True])]
+    res["graph_vs_eager_first_difference"] = same.index(False) if False in same else None
+    res["graph_speedup"] = res["plain_tok_s"] / res["eager_plain_tok_s"]
     with LLM(path, speculative_config={"num_speculative_tokens": 3, "min_draft_acceptance": 0.0,
                                        "max_draft_tokens_per_step": 0}, **args) as llm:
         llm.generate(prompt_token_ids=prompt, sampling_params=warm)
@@ -178,7 +190,7 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     steps = after["num_steps"] - before["num_steps"]
     res["k3_mean_accepted_length"] = (tokens - 1) / max(steps, 1)
     # a K=3 step's time over a plain step's: (tokens per K=3 step / K=3 tok/s) / (1 / plain tok/s)
-    res["k3_step_cost_vs_plain"] = res["k3_mean_accepted_length"] * res["plain_tok_s"] / res["k3_tok_s"]
+    res["k3_step_cost_vs_plain"] = res["k3_mean_accepted_length"] * res["eager_plain_tok_s"] / res["k3_tok_s"]
     res["hbm_limit_tok_s"] = HBM_BYTES_PER_S / res["weight_bytes"]
     res["fraction_of_limit"] = res["plain_tok_s"] / res["hbm_limit_tok_s"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
@@ -208,14 +220,15 @@ def report(res: dict) -> str:
               f"- identical to plain (mixed batch of 8 and batch 1) per K: {s.get('identical', s.get('error'))}",
               f"- mean accepted length per K: {s.get('mean_accepted_length')}", "",
               "## Decode speed, bf16 random weights, batch 1 unless said", "",
-              "| shape | ours tok/s | transformers tok/s | ratio | HBM limit | 16 concurrent tok/s "
-              "| K=3 step / plain step |", "|---|---|---|---|---|---|---|"]
+              "| shape | ours tok/s (graphs / eager) | transformers tok/s | ratio | HBM limit "
+              "| 16 concurrent tok/s (graphs / eager) | K=3 step / plain step (eager) |",
+              "|---|---|---|---|---|---|---|"]
     for name in SHAPES:
         r = res.get(name) or {}
         if "plain_tok_s" in r:
-            lines.append(f"| {name} | {r['plain_tok_s']:.0f} | {r['transformers_tok_s']:.0f} | "
-                         f"{r['vs_transformers']:.2f}x | {r['hbm_limit_tok_s']:.0f} | {r['c16_tok_s']:.0f} | "
-                         f"{r['k3_step_cost_vs_plain']:.2f} |")
+            lines.append(f"| {name} | {r['plain_tok_s']:.0f} / {r['eager_plain_tok_s']:.0f} | "
+                         f"{r['transformers_tok_s']:.0f} | {r['vs_transformers']:.2f}x | {r['hbm_limit_tok_s']:.0f} | "
+                         f"{r['c16_tok_s']:.0f} / {r['eager_c16_tok_s']:.0f} | {r['k3_step_cost_vs_plain']:.2f} |")
         elif r:
             lines.append(f"| {name} | {r.get('error')} | | | | | |")
     return "\n".join(lines) + "\n"
@@ -225,6 +238,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
+    ap.add_argument("--parts", default="parity,speculation,speed", help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
     from conftest import ARCHS
@@ -242,11 +256,14 @@ def main() -> None:
             f.write(report(res))
 
     with tempfile.TemporaryDirectory() as tmp:
-        res["parity"] = {arch: guarded(parity, tmp, dev, arch) for arch in (ARCHS[:2] if a.quick else ARCHS)}
-        save("parity")
-        res["speculation"] = guarded(speculation, tmp, dev)
-        save("speculation")
-        for name, kw in list(SHAPES.items())[: 1 if a.quick else 2]:
+        parts = a.parts.split(",")
+        if "parity" in parts:
+            res["parity"] = {arch: guarded(parity, tmp, dev, arch) for arch in (ARCHS[:2] if a.quick else ARCHS)}
+            save("parity")
+        if "speculation" in parts:
+            res["speculation"] = guarded(speculation, tmp, dev)
+            save("speculation")
+        for name, kw in list(SHAPES.items())[: 0 if "speed" not in parts else 1 if a.quick else 2]:
             res[name] = guarded(speed, tmp, dev, name, kw, 16 if a.quick else 128)
             save(name)
 

@@ -22,6 +22,7 @@ from gpu_check import SHAPES, make_shape, sync  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     from dist_engine import LLM, SamplingParams
@@ -29,7 +30,8 @@ def main() -> None:
     dev, out = a.device, []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_shape(tmp, "s", SHAPES["smollm2-135m-shape"], dev, mtp=False)
-        llm = LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024)
+        llm = LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
+                  enforce_eager=a.eager)
         prompt = [[1] + list(range(3, 34))]
 
         def gen(n):
@@ -42,7 +44,9 @@ def main() -> None:
 
         gen(8)
         t64, t1 = gen(65), gen(1)
-        out.append(f"decode step: {(t64 - t1) / 64 * 1000:.2f} ms (prefill+1: {t1 * 1000:.1f} ms)")
+        graphs = llm.engine.executor.worker.runner.graphs
+        out.append(f"decode step: {(t64 - t1) / 64 * 1000:.2f} ms (prefill+1: {t1 * 1000:.1f} ms); "
+                   f"graph steps {graphs.num_steps if graphs else 0}")
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
@@ -65,7 +69,7 @@ def main() -> None:
     text = "\n\n".join(out)
     print(text[:3000])
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "gpu_profile.txt"), "w") as f:
+    with open(os.path.join(a.out, f"gpu_profile{'_eager' if a.eager else ''}.txt"), "w") as f:
         f.write(text)
 
 

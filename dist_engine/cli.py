@@ -55,6 +55,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="how ranks spread over Ray nodes (STRICT_SPREAD: one rank per node)")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--speculative", choices=("auto", "mtp", "none"), default="auto",
                    help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
                         "a shipped graft")
@@ -102,7 +104,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 enable_prefix_caching=not a.no_prefix_caching,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 ray_address=a.ray_address, placement_strategy=a.placement_strategy,
-                cpu_threads=a.cpu_threads,
+                cpu_threads=a.cpu_threads, enforce_eager=a.enforce_eager,
                 speculative_config=speculative_arg(a))
 
 

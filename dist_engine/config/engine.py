@@ -21,6 +21,8 @@ class EngineConfig:
     # Threads per rank for CPU matmuls; None: the cores divided among the local ranks.
     cpu_threads: int | None = None
     speculative: SpeculativeConfig | None = None
+    # CUDA: run decode steps eagerly instead of replaying CUDA graphs (worker/cuda_graph.py)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -41,7 +41,7 @@ class LLM:
                  executor: str = "auto", ray_address: str | None = None,
                  placement_strategy: str = "PACK", seed: int = 0,
                  cpu_threads: int | None = None, skip_tokenizer_init: bool = False,
-                 shm_allreduce: bool = True,
+                 shm_allreduce: bool = True, enforce_eager: bool = False,
                  speculative_config: dict | SpeculativeConfig | None = None) -> None:
         """``speculative_config``: e.g. ``{"method": "mtp", "num_speculative_tokens": 3}``
         (the model's own MTP layers, or the graft shipped for a known model), plus
@@ -73,6 +73,7 @@ class LLM:
                                       max_model_len=max_len,
                                       num_lookahead_slots=spec.num_lookahead_slots if spec else 0),
             dtype=dtype, device=device, seed=seed, cpu_threads=cpu_threads, speculative=spec,
+            enforce_eager=enforce_eager,
         )
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         self.engine = LLMEngine(self.config, self.tokenizer)

@@ -45,12 +45,25 @@ class AttentionGroup:
 
 
 @dataclass
+class StaticDecodeGroup:
+    """One query per sequence against up to ``K`` keys with every shape fixed, so a CUDA graph
+    can replay it (worker/cuda_graph.py): the key slots and the mask come from block tables and
+    context lengths on the device, not from a mask built per step."""
+    block_tables: torch.Tensor  # [B, NB] long (NB * block_size >= K)
+    context_lens: torch.Tensor  # [B] long: keys 0..context_len-1 are the sequence's
+    key_block: torch.Tensor  # [K] long: j // block_size for key j
+    key_offset: torch.Tensor  # [K] long: j % block_size
+    block_size: int
+    window: int | None  # sliding window (keys within the last ``window`` positions)
+
+
+@dataclass
 class AttentionMetadata:
     num_tokens: int
     slot_mapping: torch.Tensor  # [W] long: where each stored token's K/V is written
     # padded groups for PyTorch's kernel, or (decode / verification on CPU) one PagedGroup for
-    # the C kernel over block tables
-    groups: list[AttentionGroup | PagedGroup] = field(default_factory=list)
+    # the C kernel over block tables, or (decode in a CUDA graph) one StaticDecodeGroup
+    groups: list[AttentionGroup | PagedGroup | StaticDecodeGroup] = field(default_factory=list)
     # Sequence sharding: the W tokens (of T) whose K/V this rank stores (None: all of them),
     # the communicator of the ranks holding the other shards (None: not sharded), and inside a
     # TP group the ranks that share this rank's KV heads (DCP; None: none).
@@ -202,6 +215,8 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
     Hk = kv.num_kv_heads
     G = Hq // Hk  # query heads per KV head on this rank
     first = meta.groups[0]
+    if isinstance(first, StaticDecodeGroup):  # (never with sequence shards)
+        return _static_decode(q, kv, first, scale), None
     if isinstance(first, PagedGroup) and first.covers_all:  # (never with sequence shards)
         out = q.new_empty(T, Hq, D)
         paged_kernel.attend(q, kv.k, kv.v, first, scale, out)
@@ -239,3 +254,24 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
         if need_lse:
             lse_out[idx] = lse[g.q_valid]
     return out, lse_out
+
+
+def _static_decode(q: torch.Tensor, kv: LayerKV, g: StaticDecodeGroup, scale: float) -> torch.Tensor:
+    """q ``[B, Hq, D]`` (one query per sequence, at position context_len - 1) -> ``[B, Hq, D]``.
+    Keys past a sequence's length read slot 0 (finite: zeroed, then only ever real K/V) and are
+    masked; every sequence sees at least its own token, so no row is empty."""
+    B, Hq, D = q.shape
+    Hk = kv.num_kv_heads
+    K = g.key_block.shape[0]
+    pos = g.key_block * g.block_size + g.key_offset  # [K]: key positions 0..K-1
+    ctx = g.context_lens.view(B, 1)
+    allowed = pos.view(1, K) < ctx  # [B, K]
+    if g.window is not None:
+        allowed &= pos.view(1, K) > ctx - 1 - g.window
+    slots = (g.block_tables.index_select(1, g.key_block) * g.block_size + g.key_offset).masked_fill(~allowed, 0)
+    k, v = kv.gather(slots, q.dtype)  # [B, K, Hk, D] each
+    qf = q.view(B, Hk, Hq // Hk, D)  # the query heads of each KV head together
+    scores = torch.matmul(qf, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, K]
+    scores = scores.masked_fill(~allowed.view(B, 1, 1, K), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(B, Hq, D)  # [B, Hk, G, D] -> [B, Hq, D]

@@ -16,6 +16,7 @@ from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
+from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import sample
@@ -73,6 +74,12 @@ class ModelRunner:
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
         self.kv_caches: list[LayerKV] = []
+        # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
+        # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
+        self.graphs = None
+        cuda = device.type == "cuda" and not config.enforce_eager
+        if (cuda or cuda_graph.STATIC_DECODE_ON_CPU) and cuda_graph.DecodeGraphs.supported(self):
+            self.graphs = cuda_graph.DecodeGraphs(self, capture=cuda)
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
         self._calibrating = False
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
@@ -173,13 +180,16 @@ class ModelRunner:
     def _make_caches(self, num_blocks: int, dtype: torch.dtype,
                      scales: list[tuple[float, float]] | None) -> None:
         n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
+        scratch = self.graphs is not None  # one more block, for the padding rows of graphs
         self.kv_caches = [
-            LayerKV.empty(num_blocks * self.block_size, self.local_kv_heads, self.head_dim, dtype,
+            LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_kv_heads, self.head_dim, dtype,
                           self.device, zero_slots=self.block_size,
                           scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
             for i in range(n_layers)]
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
+        if scratch:
+            self.graphs.bind(num_blocks)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
         """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
@@ -229,6 +239,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        if self.graphs is not None and self.graphs.eligible(step.seqs):
+            return self._sample(step, step.seqs, self.graphs.forward(step.seqs), {})  # [B, hidden]
         batch = self.build(step.seqs)
         if self.mtp is not None:
             raw = self.config.speculative.hidden_stage == "raw"
@@ -238,16 +250,20 @@ class ModelRunner:
             self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, prenorm)
         hidden = self._forward(batch)  # [T, hidden]
+        rows = hidden_rows(step, batch, hidden, {})
         if not batch.sample_seqs:
-            return StepOutput(step.step_id, {}, hidden_rows(step, batch, hidden, {}))
-        logits = self.model.compute_logits(hidden[batch.sample_index])  # [N, vocab] fp32
-        specs = [s.sampling for s in batch.sample_seqs]
-        positions = [s.context_len for s in batch.sample_seqs]  # position of the drawn token
-        tokens, lps, top = sample(logits, specs, positions)
+            return StepOutput(step.step_id, {}, rows)
+        return self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+
+    def _sample(self, step: StepInput, seqs, hidden: torch.Tensor, rows: dict) -> StepOutput:
+        """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""
+        logits = self.model.compute_logits(hidden)  # [N, vocab] fp32
+        positions = [s.context_len for s in seqs]  # position of the drawn token
+        tokens, lps, top = sample(logits, [s.sampling for s in seqs], positions)
         return StepOutput(step.step_id, {
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
-            for s, t, lp, tp in zip(batch.sample_seqs, tokens, lps, top)
-        }, hidden_rows(step, batch, hidden, {}))
+            for s, t, lp, tp in zip(seqs, tokens, lps, top)
+        }, rows)
 
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):

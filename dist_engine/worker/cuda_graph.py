@@ -1,0 +1,144 @@
+"""CUDA graphs for decode steps.
+
+On a GPU a small model's decode step is bound by kernel launches, not by the GPU: each layer
+issues dozens of small kernels and Python issues them one by one (~27 ms of CPU time for 2.6 ms
+of kernels on the default model, H200). A CUDA graph records the forward once per shape and
+replays it with one launch.
+
+Shapes are fixed per graph: the batch is padded up to a size from ``BATCH_SIZES`` and the keys
+up to a power of two (at least ``MIN_KEYS``, at most ``max_model_len``), and attention reads the
+key slots through block tables on the device (``StaticDecodeGroup``). Padding rows feed token 0
+at position 0, attend slot 0 and write their K/V into a scratch block past the ones the block
+manager owns, so they never touch a sequence's cache. Graphs are captured when a shape is first
+needed and share one memory pool. Steps that do not fit (prefill chunks, speculative
+verification, hidden states asked for, TP or sequence shards, MoE routing, MLA) run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dist_engine.layers.attention import AttentionMetadata, StaticDecodeGroup
+from dist_engine.layers.moe import SparseMoE
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_KEYS = 256
+# Run the static-shape decode path (eagerly) on CPU too: lets tests check it without a GPU.
+STATIC_DECODE_ON_CPU = False
+
+log = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    """``capture=False`` runs the same static-shape forward eagerly (how CPU tests check it)."""
+
+    def __init__(self, runner, capture: bool = True) -> None:
+        self.runner = runner
+        self.capture = capture
+        sc = runner.config.scheduler
+        bs = self.block_size = runner.block_size
+        self.max_batch = min(sc.max_num_seqs, BATCH_SIZES[-1])
+        self.sizes = [b for b in BATCH_SIZES if b < self.max_batch] + [self.max_batch]
+        self.max_keys = -(-sc.max_model_len // bs) * bs
+        self.window = runner.config.model.sliding_window
+        dev, n = runner.device, self.max_batch
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(n, self.max_keys // bs, dtype=torch.long, device=dev)
+        keys = torch.arange(self.max_keys, device=dev)
+        self.key_block, self.key_offset = keys // bs, keys % bs
+        self.scratch_slot = 0  # set by ``bind`` once the cache exists
+        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self.pool = None
+        self.failed = False  # a capture failed: every step runs eagerly from then on
+        self.num_steps = 0  # decode steps that took this path
+
+    @staticmethod
+    def supported(runner) -> bool:
+        return (runner.comm.world_size == 1 and runner.seq_comm is None and runner.dcp_comm is None
+                and not runner.latent_cache and runner.mtp is None
+                and not any(isinstance(m, SparseMoE) for m in runner.model.modules()))
+
+    def bind(self, num_blocks: int) -> None:
+        """The cache was (re)made with ``num_blocks`` managed blocks plus one scratch block:
+        recorded graphs point at the old tensors, so they are dropped."""
+        self.scratch_slot = num_blocks * self.block_size
+        self.graphs.clear()
+
+    def eligible(self, seqs) -> bool:
+        return (not self.failed and 0 < len(seqs) <= self.max_batch and not self.runner._calibrating
+                and all(len(s.token_ids) == 1 and s.sample and not s.num_drafts and not s.return_hidden
+                        for s in seqs))
+
+    def _key_bucket(self, keys: int) -> int:
+        k = MIN_KEYS
+        while k < keys:
+            k *= 2
+        return min(-(-k // self.block_size) * self.block_size, self.max_keys)
+
+    def forward(self, seqs) -> torch.Tensor:
+        """Final-norm hidden states ``[B, hidden]`` of the one token each sequence feeds."""
+        B = len(seqs)
+        Bp = next(b for b in self.sizes if b >= B)
+        Kp = self._key_bucket(max(s.start_pos + 1 for s in seqs))
+        nb = Kp // self.block_size
+        pad = Bp - B
+        bs = self.block_size
+        self.num_steps += 1
+        cols = [[s.token_ids[0] for s in seqs] + [0] * pad,
+                [s.start_pos for s in seqs] + [0] * pad,
+                [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs] + [self.scratch_slot] * pad,
+                [s.start_pos + 1 for s in seqs] + [1] * pad]
+        host = torch.tensor(cols, dtype=torch.long)  # [4, Bp]
+        for buf, row in zip((self.ids, self.positions, self.slots, self.context_lens), host):
+            buf[:Bp].copy_(row, non_blocking=True)
+        tables = torch.zeros(Bp, nb, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            used = min(nb, s.start_pos // bs + 1)
+            tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+        self.tables[:Bp, :nb].copy_(tables, non_blocking=True)
+        if not self.capture:
+            return self._run(Bp, Kp)[:B]
+        entry = self.graphs.get((Bp, Kp))
+        if entry is None:
+            try:
+                entry = self.graphs[(Bp, Kp)] = self._record(Bp, Kp)
+            except RuntimeError as e:  # keep serving: this step and the rest run eagerly
+                log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
+                self.failed = True
+                return self._run(Bp, Kp)[:B]
+        entry[0].replay()
+        return entry[1][:B]
+
+    def _run(self, Bp: int, Kp: int) -> torch.Tensor:
+        r, nb = self.runner, Kp // self.block_size
+        group = StaticDecodeGroup(self.tables[:Bp, :nb], self.context_lens[:Bp], self.key_block[:Kp],
+                                  self.key_offset[:Kp], self.block_size, self.window)
+        meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
+        return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
+
+    def _record(self, Bp: int, Kp: int):
+        """Warm up once on a side stream (lazy initialisation stays out of the graph), then
+        record. The warm-up writes this step's K/V, which the replay writes again (same values)."""
+        self._forget_caches()
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run(Bp, Kp)
+        torch.cuda.current_stream().wait_stream(side)
+        self._forget_caches()  # what a layer caches per positions tensor must be recorded too
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._run(Bp, Kp)
+        self.pool = graph.pool()
+        self._forget_caches()
+        return graph, out
+
+    def _forget_caches(self) -> None:
+        for m in self.runner.model.modules():
+            if getattr(m, "_cached", None) is not None:
+                m._cached = None
