@@ -84,13 +84,20 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
         spec["disable_by_batch_size"] = a.speculative_disable_by_batch_size
     if a.speculative_model:
         spec["model"] = a.speculative_model
-    if a.speculative == "auto" and not a.speculative_model:
+    if a.speculative == "auto":
         from dist_engine.config import ModelConfig
         from dist_engine.graft.artifact import shipped_graft
         from dist_engine.weights.registry import resolve_model
 
-        native = ModelConfig.from_pretrained(resolve_model(a.model)).num_nextn_predict_layers > 0
-        if not native and shipped_graft(a.model) is None:
+        cfg = ModelConfig.from_pretrained(resolve_model(a.model))
+        if not a.speculative_model and not cfg.num_nextn_predict_layers and shipped_graft(a.model) is None:
+            return None
+        if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager and a.tp == a.cp == a.dcp == 1 and not cfg.is_mla
+                and not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))):
+            # plain decode replays CUDA graphs there and speculation's steps run eagerly: an
+            # eager K=3 step costs ~9x a replayed plain one (H200), more than drafts win back
+            print("speculation off: on CUDA plain decode runs in CUDA graphs, speculative steps "
+                  "do not yet (--speculative mtp forces it)", file=sys.stderr)
             return None
     return spec
 

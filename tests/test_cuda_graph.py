@@ -55,3 +55,27 @@ def test_not_used_where_it_does_not_apply(tiny_models, monkeypatch):
         llm.generate(prompt_token_ids=[[1, 5, 9]], sampling_params=SamplingParams(
             max_tokens=6, ignore_eos=True, return_hidden_states=True))
         assert llm.engine.executor.worker.runner.graphs.num_steps == 0
+
+
+
+def test_cli_auto_speculation_off_where_decode_is_graphed(tiny_models, grafted, tmp_path):
+    """On CUDA with graphs, `--speculative auto` leaves a model's MTP layer unused (its steps
+    would run eagerly against graphed plain decode); eager, TP=2, explicit, or on CPU it is used."""
+    import json
+    import shutil
+
+    from dist_engine.cli import build_parser, speculative_arg
+
+    native = tmp_path / "native"  # a checkpoint announcing an MTP layer (only its config is read)
+    shutil.copytree(tiny_models("llama"), native)
+    cfg = json.load(open(native / "config.json"))
+    json.dump({**cfg, "num_nextn_predict_layers": 1}, open(native / "config.json", "w"))
+    base = ["generate", "x", "--model", str(native)]
+    parse = build_parser().parse_args
+    assert speculative_arg(parse(base)) is not None  # CPU
+    assert speculative_arg(parse(base + ["--device", "cuda"])) is None
+    for extra in (["--enforce-eager"], ["--speculative", "mtp"], ["--tp", "2"]):
+        assert speculative_arg(parse(base + ["--device", "cuda", *extra])) is not None, extra
+    path, folder, _ = grafted  # a graft named explicitly is used
+    assert speculative_arg(parse(["generate", "x", "--model", path, "--device", "cuda",
+                                  "--speculative-model", folder])) is not None
