@@ -12,6 +12,7 @@
    tok/s against transformers' generate and against the HBM limit (weight bytes per token),
    16 concurrent requests, and the cost of a K=3 speculative step (a native-style MTP layer: a
    copy of the last decoder layer, drafting every step) relative to a plain step.
+4. Long context through CUDA graphs against eager decode (see ``long_context``).
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -113,6 +114,35 @@ def speculation(tmp: str, dev: str) -> dict:
         got1, _ = run(one, PROMPTS[:1], speculative_config=spec(folder, k))
         res["identical"][k] = got == plain_mixed and got1 == plain_one
         res["mean_accepted_length"][k] = mal
+    return res
+
+
+def long_context(tmp: str, dev: str) -> dict:
+    """Decode at a long context through graphs against eager: the tiny long-context Llama in
+    fp32 (a 3000-token prompt, 32 greedy tokens and their top-5 logprobs), and the 1B shape in
+    bf16 (tok/s at a 3500-token context)."""
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+
+    path = make_tiny("llama1kv_long", os.path.join(tmp, "long"))
+    prompt = [[1] + [(37 * i) % 300 + 3 for i in range(3000)]]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    outs = {}
+    for eager in (False, True):
+        with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=6144, enforce_eager=eager) as llm:
+            outs[eager] = llm.generate(prompt_token_ids=prompt, sampling_params=sp)[0].outputs[0]
+    g, e = outs[False], outs[True]
+    res = {"tiny_identical": g.token_ids == e.token_ids,
+           "tiny_max_logprob_diff": max(abs(a[t] - b[t]) for a, b in zip(g.logprobs, e.logprobs) for t in a)}
+    path = os.path.join(tmp, "llama-1b-shape")
+    if os.path.isdir(path):
+        long = [[1] + [(7 * i) % 1000 + 3 for i in range(3500)]]
+        sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        for eager in (False, True):
+            with LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=4096,
+                     num_kv_blocks=2048, enforce_eager=eager) as llm:
+                llm.generate(prompt_token_ids=long, sampling_params=SamplingParams(max_tokens=4))
+                res[f"1b_ctx3500_{'eager' if eager else 'graphs'}_tok_s"] = timed_generate(llm, long, sp, dev)
     return res
 
 
@@ -231,6 +261,8 @@ def report(res: dict) -> str:
                          f"{r['c16_tok_s']:.0f} / {r['eager_c16_tok_s']:.0f} | {r['k3_step_cost_vs_plain']:.2f} |")
         elif r:
             lines.append(f"| {name} | {r.get('error')} | | | | | |")
+    if "long_context" in res:
+        lines += ["", "## Long context, CUDA graphs vs eager", "", f"`{json.dumps(res['long_context'])}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +270,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed", help="comma-separated")
+    ap.add_argument("--parts", default="parity,speculation,speed,long", help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
     from conftest import ARCHS
@@ -266,6 +298,9 @@ def main() -> None:
         for name, kw in list(SHAPES.items())[: 0 if "speed" not in parts else 1 if a.quick else 2]:
             res[name] = guarded(speed, tmp, dev, name, kw, 16 if a.quick else 128)
             save(name)
+        if "long" in parts:
+            res["long_context"] = guarded(long_context, tmp, dev)
+            save("long_context")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from dist_engine import LLM, SamplingParams
 from dist_engine.worker import cuda_graph
@@ -43,6 +44,30 @@ def test_static_decode_matches_normal_path(tiny_models, monkeypatch, arch):
     # batch 1 (no padding)
     alone, _ = run(path, prompts[2:3], params[2:3], True, monkeypatch)
     assert alone[0][0] == expected[2][0]
+
+
+def test_large_steps_and_failed_capture_run_eagerly(tiny_models, monkeypatch):
+    """A step whose K/V gather would exceed MAX_GATHER_ELEMENTS runs eagerly; a capture that
+    fails (out of memory, say) leaves that step and every later one eager, output unchanged."""
+    path = tiny_models("llama")
+    prompts = [[1, 5, 9, 33], [1, 7]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected, _ = run(path, prompts, params, False, monkeypatch)
+    monkeypatch.setattr(cuda_graph, "MAX_GATHER_ELEMENTS", 10)
+    got, steps = run(path, prompts, params, True, monkeypatch)
+    assert got == expected and steps == 0
+    monkeypatch.setattr(cuda_graph, "MAX_GATHER_ELEMENTS", 1 << 26)
+
+    def fail(self, Bp, Kp):
+        raise torch.OutOfMemoryError("no memory for the graph")
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "_record", fail)
+    with LLM(path, **ARGS) as llm:
+        graphs = llm.engine.executor.worker.runner.graphs
+        graphs.capture = True  # as on a GPU: the first decode step records, and fails
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs] == expected
+        assert graphs.failed and graphs.num_steps == 1
 
 
 def test_not_used_where_it_does_not_apply(tiny_models, monkeypatch):

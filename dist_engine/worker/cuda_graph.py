@@ -10,8 +10,10 @@ up to a power of two (at least ``MIN_KEYS``, at most ``max_model_len``), and att
 key slots through block tables on the device (``StaticDecodeGroup``). Padding rows feed token 0
 at position 0, attend slot 0 and write their K/V into a scratch block past the ones the block
 manager owns, so they never touch a sequence's cache. Graphs are captured when a shape is first
-needed and share one memory pool. Steps that do not fit (prefill chunks, speculative
-verification, hidden states asked for, TP or sequence shards, MoE routing, MLA) run eagerly.
+needed (that step pays the capture, tens of milliseconds) and share one memory pool. Steps that
+do not fit (prefill chunks, speculative verification, hidden states asked for, TP or sequence
+shards, MoE routing, MLA, more than ``MAX_GATHER_ELEMENTS`` gathered K/V elements) run eagerly,
+and so does every step after a capture fails (out of memory, say).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from dist_engine.layers.moe import SparseMoE
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_KEYS = 256
+# A graph gathers every sequence's K and V over the whole key bucket in one piece (no key tiles)
+# and keeps its peak in the pool for good: steps above this many gathered elements run eagerly.
+MAX_GATHER_ELEMENTS = 1 << 26
 # Run the static-shape decode path (eagerly) on CPU too: lets tests check it without a GPU.
 STATIC_DECODE_ON_CPU = False
 
@@ -68,11 +73,22 @@ class DecodeGraphs:
         recorded graphs point at the old tensors, so they are dropped."""
         self.scratch_slot = num_blocks * self.block_size
         self.graphs.clear()
+        self.pool = None
 
     def eligible(self, seqs) -> bool:
-        return (not self.failed and 0 < len(seqs) <= self.max_batch and not self.runner._calibrating
-                and all(len(s.token_ids) == 1 and s.sample and not s.num_drafts and not s.return_hidden
-                        for s in seqs))
+        r = self.runner
+        if (self.failed or not 0 < len(seqs) <= self.max_batch or r._calibrating
+                or not all(len(s.token_ids) == 1 and s.sample and not s.num_drafts and not s.return_hidden
+                           for s in seqs)):
+            return False
+        Bp, Kp = self._shape(seqs)
+        per_key = max(r.local_kv_heads * r.head_dim, r.local_kv_heads * r.heads_per_kv)  # K/V, scores
+        return Bp * Kp * per_key <= MAX_GATHER_ELEMENTS
+
+    def _shape(self, seqs) -> tuple[int, int]:
+        """(padded batch, padded key count) of the graph a step replays."""
+        return (next(b for b in self.sizes if b >= len(seqs)),
+                self._key_bucket(max(s.start_pos + 1 for s in seqs)))
 
     def _key_bucket(self, keys: int) -> int:
         k = MIN_KEYS
@@ -80,11 +96,11 @@ class DecodeGraphs:
             k *= 2
         return min(-(-k // self.block_size) * self.block_size, self.max_keys)
 
-    def forward(self, seqs) -> torch.Tensor:
-        """Final-norm hidden states ``[B, hidden]`` of the one token each sequence feeds."""
+    def forward(self, seqs) -> torch.Tensor | None:
+        """Final-norm hidden states ``[B, hidden]`` of the one token each sequence feeds, or
+        None when recording its graph failed (the caller runs the step eagerly)."""
         B = len(seqs)
-        Bp = next(b for b in self.sizes if b >= B)
-        Kp = self._key_bucket(max(s.start_pos + 1 for s in seqs))
+        Bp, Kp = self._shape(seqs)
         nb = Kp // self.block_size
         pad = Bp - B
         bs = self.block_size
@@ -107,10 +123,11 @@ class DecodeGraphs:
         if entry is None:
             try:
                 entry = self.graphs[(Bp, Kp)] = self._record(Bp, Kp)
-            except RuntimeError as e:  # keep serving: this step and the rest run eagerly
+            except RuntimeError as e:  # out of memory, say: keep serving, every step eager
                 log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
                 self.failed = True
-                return self._run(Bp, Kp)[:B]
+                self._forget_caches()
+                return None
         entry[0].replay()
         return entry[1][:B]
 
