@@ -95,7 +95,7 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
         if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager and a.tp == a.cp == a.dcp == 1 and not cfg.is_mla
                 and not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))):
             # plain decode replays CUDA graphs there and speculation's steps run eagerly: an
-            # eager K=3 step costs ~9x a replayed plain one (H200), more than drafts win back
+            # eager K=3 step costs ~8x a replayed plain one (H200), more than drafts win back
             print("speculation off: on CUDA plain decode runs in CUDA graphs, speculative steps "
                   "do not yet (--speculative mtp forces it)", file=sys.stderr)
             return None
