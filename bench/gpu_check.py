@@ -79,26 +79,14 @@ def parity(tmp: str, dev: str, arch: str) -> dict:
 
 
 def speculation(tmp: str, dev: str) -> dict:
-    import random
-
     from test_spec_decode import ARGS, LENS, PROMPTS, mixed_params, spec
 
-    from conftest import make_tiny
+    from conftest import graft_tiny, make_tiny
     from dist_engine import LLM, SamplingParams
-    from dist_engine.graft.data import save_hidden
-    from dist_engine.graft.train import graft
 
     path = make_tiny("llama", os.path.join(tmp, "spec_llama"))
-    r = random.Random(0)
-    prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
-    with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=128) as llm:
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-            max_tokens=40, ignore_eos=True, return_hidden_states=True))
-    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
     folder = os.path.join(tmp, "spec_graft")
-    save_hidden(os.path.join(folder, "hidden"), "0", seqs, [o.outputs[0].hidden_states.cpu() for o in outs])
-    meta = graft(path, seqs[:450], seqs[450:], folder, epochs=5, depth=3, lr=3e-3, batch_size=16,
-                 draft_vocab_size=320, dtype="float32", hidden_dir=os.path.join(folder, "hidden"))
+    meta = graft_tiny(path, folder, dev)  # answers generated on the device
 
     def run(params, prompts, **kw):
         with LLM(path, device=dev, **{**ARGS, **kw}) as llm:

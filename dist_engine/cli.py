@@ -92,8 +92,10 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
         cfg = ModelConfig.from_pretrained(resolve_model(a.model))
         if not a.speculative_model and not cfg.num_nextn_predict_layers and shipped_graft(a.model) is None:
             return None
-        if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager and a.tp == a.cp == a.dcp == 1 and not cfg.is_mla
-                and not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))):
+        from dist_engine.worker.cuda_graph import graphs_apply
+
+        if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager
+                and graphs_apply(cfg, a.tp, a.cp, a.dcp)):
             # plain decode replays CUDA graphs there and speculation's steps run eagerly: an
             # eager K=3 step costs ~8x a replayed plain one (H200), more than drafts win back
             print("speculation off: on CUDA plain decode runs in CUDA graphs, speculative steps "

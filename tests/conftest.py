@@ -108,30 +108,36 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def grafted(tiny_models, tmp_path_factory):
-    """The tiny Llama with an MTP layer grafted on its own generations (about 20 s)."""
+def graft_tiny(path: str, out: str, device: str = "cpu") -> dict:
+    """Graft an MTP layer onto the tiny model at ``path`` from its own generations (made on
+    ``device``), into ``out``; returns graft's report. About 20 s on CPU."""
     import random
 
     from dist_engine import LLM, SamplingParams
     from dist_engine.graft.data import save_hidden
     from dist_engine.graft.train import graft
 
-    path = tiny_models("llama")
     r = random.Random(0)
     prompts = [[1] + [r.randrange(3, 320) for _ in range(r.randrange(4, 12))] for _ in range(500)]
-    with LLM(path, skip_tokenizer_init=True, max_model_len=128) as llm:
+    with LLM(path, device=device, skip_tokenizer_init=True, max_model_len=128) as llm:
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
             max_tokens=40, ignore_eos=True, return_hidden_states=True))
     seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
-    out = str(tmp_path_factory.mktemp("graft"))
     # the teacher signal as graft-mtp gets it: hidden states the engine returned while generating
-    save_hidden(os.path.join(out, "hidden"), "0", seqs, [o.outputs[0].hidden_states for o in outs])
+    save_hidden(os.path.join(out, "hidden"), "0", seqs, [o.outputs[0].hidden_states.cpu() for o in outs])
     meta = graft(path, seqs[:450], seqs[450:], out, epochs=5, depth=3, lr=3e-3, batch_size=16,
                  draft_vocab_size=320, dtype="float32", hidden_dir=os.path.join(out, "hidden"))
     with open(os.path.join(out, "seqs.json"), "w") as f:  # for a test that continues the graft
         json.dump(seqs, f)
-    return path, out, meta
+    return meta
+
+
+@pytest.fixture(scope="session")
+def grafted(tiny_models, tmp_path_factory):
+    """The tiny Llama with an MTP layer grafted on its own generations (about 20 s)."""
+    path = tiny_models("llama")
+    out = str(tmp_path_factory.mktemp("graft"))
+    return path, out, graft_tiny(path, out)
 
 
 def hf_model(path: str):

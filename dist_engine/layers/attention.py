@@ -46,15 +46,10 @@ class AttentionGroup:
 
 @dataclass
 class StaticDecodeGroup:
-    """One query per sequence against up to ``K`` keys with every shape fixed, so a CUDA graph
-    can replay it (worker/cuda_graph.py): the key slots and the mask come from block tables and
-    context lengths on the device, not from a mask built per step."""
-    block_tables: torch.Tensor  # [B, NB] long (NB * block_size >= K)
-    context_lens: torch.Tensor  # [B] long: keys 0..context_len-1 are the sequence's
-    key_block: torch.Tensor  # [K] long: j // block_size for key j
-    key_offset: torch.Tensor  # [K] long: j % block_size
-    block_size: int
-    window: int | None  # sliding window (keys within the last ``window`` positions)
+    """One query per sequence against ``K`` keys with every shape fixed, so a CUDA graph can
+    replay it (worker/cuda_graph.py computes both tensors on the device, once per step)."""
+    kv_slots: torch.Tensor  # [B, K] long: cache slot of each key (masked keys -> slot 0)
+    masked: torch.Tensor  # [B, 1, 1, K] bool: the key is not the sequence's (or out of window)
 
 
 @dataclass
@@ -258,20 +253,13 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
 
 def _static_decode(q: torch.Tensor, kv: LayerKV, g: StaticDecodeGroup, scale: float) -> torch.Tensor:
     """q ``[B, Hq, D]`` (one query per sequence, at position context_len - 1) -> ``[B, Hq, D]``.
-    Keys past a sequence's length read slot 0 (finite: zeroed, then only ever real K/V) and are
-    masked; every sequence sees at least its own token, so no row is empty."""
+    Masked keys read slot 0 (finite: zeroed, then only ever real K/V); every sequence sees at
+    least its own token, so no row is empty."""
     B, Hq, D = q.shape
     Hk = kv.num_kv_heads
-    K = g.key_block.shape[0]
-    pos = g.key_block * g.block_size + g.key_offset  # [K]: key positions 0..K-1
-    ctx = g.context_lens.view(B, 1)
-    allowed = pos.view(1, K) < ctx  # [B, K]
-    if g.window is not None:
-        allowed &= pos.view(1, K) > ctx - 1 - g.window
-    slots = (g.block_tables.index_select(1, g.key_block) * g.block_size + g.key_offset).masked_fill(~allowed, 0)
-    k, v = kv.gather(slots, q.dtype)  # [B, K, Hk, D] each
+    k, v = kv.gather(g.kv_slots, q.dtype)  # [B, K, Hk, D] each
     qf = q.view(B, Hk, Hq // Hk, D)  # the query heads of each KV head together
     scores = torch.matmul(qf, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, K]
-    scores = scores.masked_fill(~allowed.view(B, 1, 1, K), float("-inf"))
+    scores = scores.masked_fill(g.masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(B, Hq, D)  # [B, Hk, G, D] -> [B, Hq, D]

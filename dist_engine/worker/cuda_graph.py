@@ -22,8 +22,8 @@ import logging
 
 import torch
 
+from dist_engine.config import ModelConfig
 from dist_engine.layers.attention import AttentionMetadata, StaticDecodeGroup
-from dist_engine.layers.moe import SparseMoE
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_KEYS = 256
@@ -34,6 +34,13 @@ MAX_GATHER_ELEMENTS = 1 << 26
 STATIC_DECODE_ON_CPU = False
 
 log = logging.getLogger(__name__)
+
+
+def graphs_apply(model: ModelConfig, tp: int, cp: int, dcp: int) -> bool:
+    """Whether this model's decode steps on this layout can be graphed (speculation aside):
+    one rank (no collectives in the graph), no MLA, no MoE routing (data-dependent shapes)."""
+    return (tp == cp == dcp == 1 and not model.is_mla
+            and not any(model.is_moe_layer(i) for i in range(model.num_hidden_layers)))
 
 
 class DecodeGraphs:
@@ -54,8 +61,7 @@ class DecodeGraphs:
         self.slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n, self.max_keys // bs, dtype=torch.long, device=dev)
-        keys = torch.arange(self.max_keys, device=dev)
-        self.key_block, self.key_offset = keys // bs, keys % bs
+        self.key_pos = torch.arange(self.max_keys, device=dev)
         self.scratch_slot = 0  # set by ``bind`` once the cache exists
         self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self.pool = None
@@ -64,9 +70,9 @@ class DecodeGraphs:
 
     @staticmethod
     def supported(runner) -> bool:
-        return (runner.comm.world_size == 1 and runner.seq_comm is None and runner.dcp_comm is None
-                and not runner.latent_cache and runner.mtp is None
-                and not any(isinstance(m, SparseMoE) for m in runner.model.modules()))
+        p = runner.config.parallel
+        return runner.mtp is None and graphs_apply(runner.config.model, p.tensor_parallel_size,
+                                                   p.context_parallel_size, p.decode_context_parallel_size)
 
     def bind(self, num_blocks: int) -> None:
         """The cache was (re)made with ``num_blocks`` managed blocks plus one scratch block:
@@ -75,20 +81,18 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
 
-    def eligible(self, seqs) -> bool:
+    def _shape(self, seqs) -> tuple[int, int] | None:
+        """(padded batch, padded key count) of the graph a step replays, or None when the step
+        does not fit one."""
         r = self.runner
         if (self.failed or not 0 < len(seqs) <= self.max_batch or r._calibrating
                 or not all(len(s.token_ids) == 1 and s.sample and not s.num_drafts and not s.return_hidden
                            for s in seqs)):
-            return False
-        Bp, Kp = self._shape(seqs)
+            return None
+        Bp = next(b for b in self.sizes if b >= len(seqs))
+        Kp = self._key_bucket(max(s.start_pos + 1 for s in seqs))
         per_key = max(r.local_kv_heads * r.head_dim, r.local_kv_heads * r.heads_per_kv)  # K/V, scores
-        return Bp * Kp * per_key <= MAX_GATHER_ELEMENTS
-
-    def _shape(self, seqs) -> tuple[int, int]:
-        """(padded batch, padded key count) of the graph a step replays."""
-        return (next(b for b in self.sizes if b >= len(seqs)),
-                self._key_bucket(max(s.start_pos + 1 for s in seqs)))
+        return (Bp, Kp) if Bp * Kp * per_key <= MAX_GATHER_ELEMENTS else None
 
     def _key_bucket(self, keys: int) -> int:
         k = MIN_KEYS
@@ -98,9 +102,12 @@ class DecodeGraphs:
 
     def forward(self, seqs) -> torch.Tensor | None:
         """Final-norm hidden states ``[B, hidden]`` of the one token each sequence feeds, or
-        None when recording its graph failed (the caller runs the step eagerly)."""
-        B = len(seqs)
-        Bp, Kp = self._shape(seqs)
+        None when the step does not fit a graph or recording one failed (the caller runs the
+        step eagerly)."""
+        shape = self._shape(seqs)
+        if shape is None:
+            return None
+        B, (Bp, Kp) = len(seqs), shape
         nb = Kp // self.block_size
         pad = Bp - B
         bs = self.block_size
@@ -132,9 +139,15 @@ class DecodeGraphs:
         return entry[1][:B]
 
     def _run(self, Bp: int, Kp: int) -> torch.Tensor:
-        r, nb = self.runner, Kp // self.block_size
-        group = StaticDecodeGroup(self.tables[:Bp, :nb], self.context_lens[:Bp], self.key_block[:Kp],
-                                  self.key_offset[:Kp], self.block_size, self.window)
+        """The forward from the buffers; key slots and mask are computed once for all layers."""
+        r, bs = self.runner, self.block_size
+        pos = self.key_pos[:Kp].view(1, Kp)
+        ctx = self.context_lens[:Bp].view(Bp, 1)
+        allowed = pos < ctx  # [Bp, Kp]
+        if self.window is not None:
+            allowed &= pos > ctx - 1 - self.window
+        slots = self.tables[:Bp, :Kp // bs].index_select(1, self.key_pos[:Kp] // bs) * bs + self.key_pos[:Kp] % bs
+        group = StaticDecodeGroup(slots.masked_fill(~allowed, 0), (~allowed).view(Bp, 1, 1, Kp))
         meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
         return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
 

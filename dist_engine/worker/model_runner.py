@@ -239,10 +239,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        if self.graphs is not None and self.graphs.eligible(step.seqs):
-            hidden = self.graphs.forward(step.seqs)  # [B, hidden]
-            if hidden is not None:
-                return self._sample(step, step.seqs, hidden, {})
+        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [B, hidden]
+        if hidden is not None:
+            return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
         if self.mtp is not None:
             raw = self.config.speculative.hidden_stage == "raw"
