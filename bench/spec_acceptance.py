@@ -1,10 +1,13 @@
 """Acceptance of an MTP layer on held-out prompts (prompts graft-mtp never trains on).
 
     python bench/spec_acceptance.py [--graft DIR] [--prompts 100] [--k 3] [--max-tokens 96]
+                                    [--modes greedy,t0.7,t0.7-unseeded]
 
 Drafts K tokens at every step (no adaptive depth, no draft budget, speculation kept on under
 load), all prompts in one batch (acceptance does not depend on batching: each sequence's drafts
-and verification are its own). Greedy, then T=0.7 with seed i for prompt i. Prints the mean
+and verification are its own). Modes (``--modes``): greedy; ``t0.7``, T=0.7 with seed i for
+prompt i (the shared-noise scheme: tokens identical to plain decoding); ``t0.7-unseeded``, T=0.7
+without a seed (rejection sampling; seeds drawn from the engine's seed 0). Prints the mean
 accepted length, per-position acceptance and wall time; ``--json`` appends a record.
 """
 
@@ -25,7 +28,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def measure(model: str, graft: str | None, prompts: list[str], k: int, max_tokens: int,
-            dtype: str) -> dict:
+            dtype: str, modes: list[str]) -> dict:
     spec = {"method": "mtp", "num_speculative_tokens": k, "min_draft_acceptance": 0.0,
             "max_draft_tokens_per_step": 0, "disable_by_batch_size": 0}
     if graft:
@@ -34,10 +37,10 @@ def measure(model: str, graft: str | None, prompts: list[str], k: int, max_token
     with LLM(model, dtype=dtype, max_model_len=1024, max_num_seqs=len(prompts),
              speculative_config=spec) as llm:
         ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-        for name, params in (
-                ("greedy", [SamplingParams(temperature=0, max_tokens=max_tokens)] * len(ids)),
-                ("t0.7", [SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens)
-                          for i in range(len(ids))])):
+        for name in modes:
+            params = [SamplingParams(temperature=0.0 if name == "greedy" else 0.7,
+                                     seed=i if name == "t0.7" else None, max_tokens=max_tokens)
+                      for i in range(len(ids))]
             before = llm.engine.spec_stats.as_dict()
             t = time.perf_counter()
             outs = llm.generate(prompt_token_ids=ids, sampling_params=params)
@@ -63,10 +66,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--modes", default="greedy,t0.7,t0.7-unseeded")
     ap.add_argument("--json", help="append a record to this JSON-lines file")
     a = ap.parse_args()
+    modes = a.modes.split(",")
+    if not set(modes) <= {"greedy", "t0.7", "t0.7-unseeded"}:
+        ap.error(f"unknown mode in {a.modes!r}")
     prompts = split_prompts()[1][: a.prompts]
-    res = measure(a.model, a.graft, prompts, a.k, a.max_tokens, a.dtype)
+    res = measure(a.model, a.graft, prompts, a.k, a.max_tokens, a.dtype, modes)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps({"graft": a.graft or "shipped", "prompts": len(prompts), "k": a.k,

@@ -45,6 +45,28 @@ def test_empirical_distribution_converges_with_negative_control():
     assert chi_square_p(counts, wrong) < 1e-6
 
 
+def test_draws_of_neighbouring_seeds_and_positions_are_independent():
+    """Completions of an ``n > 1`` request use seeds s, s + 1, ...: on a flat distribution over
+    V tokens their draws must agree, or sit one token apart, only ~1/V of the time (noise keys
+    linear in the seed once gave seed s + 1 seed s's noise shifted by one token). The pairs'
+    joint counts pass a chi-square test of independence."""
+    V, n = 16, 4000
+    flat = torch.zeros(V)
+    a = [draws(SamplingSpec(temperature=1.0, seed=s), 1, flat)[0] for s in range(n)]
+    b = [draws(SamplingSpec(temperature=1.0, seed=s + 1), 1, flat)[0] for s in range(n)]
+    for shift in (0, 1, -1):
+        same = sum((x - y) % V == shift % V for x, y in zip(a, b)) / n
+        assert abs(same - 1 / V) < 5 * math.sqrt(1 / V / n), (shift, same)
+    cells = [0] * (V * V)
+    for x, y in zip(a, b):
+        cells[x * V + y] += 1
+    assert chi_square_p(cells, [1 / V / V] * (V * V)) > 1e-3
+    by_pos = sample(flat.expand(n, -1).clone(), [SamplingSpec(temperature=1.0, seed=9)] * n, list(range(n)))[0]
+    assert chi_square_p([sum(x == t for x in by_pos) for t in range(V)], [1 / V] * V) > 1e-3
+    same_next = sum(x == (y + 1) % V for x, y in zip(by_pos, by_pos[1:])) / (n - 1)
+    assert abs(same_next - 1 / V) < 5 * math.sqrt(1 / V / n)
+
+
 def test_top_k_top_p_min_p_masks_respected():
     assert set(draws(SamplingSpec(temperature=1.5, top_k=2, seed=1), 2000)) == {0, 1}
     # probabilities 0.561, 0.206, 0.125, 0.076, ...; cumulative 0.561, 0.767, 0.892

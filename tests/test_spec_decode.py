@@ -306,60 +306,163 @@ def test_graft_for_other_weights_is_refused(grafted, tiny_models):
         LLM(tiny_models("llama1kv"), **ARGS, speculative_config=spec(folder, 2))
 
 
-def test_speculative_sampling_joint_distribution_with_negative_control():
-    """On the sampler alone: draft 3 tokens from q, verify against p with the Gumbel scheme,
-    repeat until 3 tokens are out; their joint distribution is p's (fresh seed per trial).
-    Accepting drafts unchecked (the negative control) gives q's and fails the same test."""
-    from test_sampler import chi_square_p
+V_TOY, T_TOY = 4, 0.9
+_gen = torch.Generator().manual_seed(0)
+TABLE_P = torch.randn(V_TOY, V_TOY, generator=_gen) * 1.5  # next-token logits given the last
+TABLE_Q = TABLE_P + torch.randn(V_TOY, V_TOY, generator=_gen) * 1.5  # a different draft model
 
+
+def toy_step(scheme: str, seed: int, last: int, pos: int, k: int, check: bool = True) -> list[int]:
+    """One speculative step on the sampler alone: k drafts chained from TABLE_Q after token
+    ``last``, verified against TABLE_P; returns the emitted tokens (``check=False``: the drafts
+    accepted unchecked, the negative control)."""
     from dist_engine.worker.messages import SamplingSpec
+    from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
     from dist_engine.worker.sampler import sample
     from dist_engine.worker.spec_decode import accept_drafts, pick_draft, row_spec
 
-    V, T = 4, 0.9
-    gen = torch.Generator().manual_seed(0)
-    table_p = torch.randn(V, V, generator=gen) * 1.5  # logits of the next token given the last
-    table_q = table_p + torch.randn(V, V, generator=gen) * 1.5  # a different draft model
+    spec = SamplingSpec(temperature=T_TOY, seed=seed, seeded=scheme == "gumbel")
+    pending = PendingDrafts(pos, [], [], [])
+    prev = last
+    for j in range(k):
+        if scheme == "gumbel":
+            d = pick_draft(TABLE_Q[prev], spec, pos + j, V_TOY)
+        else:
+            (d,), q = draw_drafts(TABLE_Q[prev].view(1, -1), [spec], [pos + j])
+            pending.index.append(d)
+            pending.q.append(q[0])
+        pending.tokens.append(d)
+        prev = d
+    drafts = tuple(pending.tokens)
+    if not check:
+        return list(drafts)
+    ctx = [last, *drafts]
+    logits = torch.stack([TABLE_P[ctx[j]] for j in range(k + 1)]).clone()
+    specs = [row_spec(spec, drafts[:j]) for j in range(k + 1)]
+    targets, _, _ = sample(logits, specs, [pos + j for j in range(k + 1)])
+    if scheme == "gumbel":
+        a = accept_drafts(drafts, targets)
+        return targets[:a + 1]
+    a, tok = verify(pending, drafts, target_logits(logits[:k], specs[:k]), spec, None)
+    return [*drafts[:a], tok if tok is not None else targets[k]]
 
-    def p_joint():
-        probs = {}
-        lp = torch.log_softmax(table_p / T, -1)
-        for a in range(V):
-            for b in range(V):
-                for c in range(V):
-                    probs[(a, b, c)] = float((lp[0, a] + lp[a, b] + lp[b, c]).exp())
-        return probs
 
-    def trial(seed: int, check: bool) -> tuple[int, ...]:
-        spec = SamplingSpec(temperature=T, seed=seed)
-        out, pos = [], 1  # context: token 0 at position 0
-        last = 0
-        while len(out) < 3:
-            drafts, prev = [], last
-            for j in range(3):
-                d = pick_draft(table_q[prev], spec, pos + j, V)
-                drafts.append(d)
-                prev = d
-            ctx = [last] + drafts
-            logits = torch.stack([table_p[ctx[j]] for j in range(4)]).clone()
-            specs = [row_spec(spec, tuple(drafts[:j])) for j in range(4)]
-            targets, _, _ = sample(logits, specs, [pos + j for j in range(4)])
-            a = accept_drafts(tuple(drafts), targets) if check else 3
-            emitted = (targets[:a + 1] if check else drafts)
-            out.extend(emitted)
-            pos += len(emitted)
-            last = out[-1]
-        return tuple(out[:3])
+@pytest.mark.parametrize("scheme", ["gumbel", "rejection"])
+def test_speculative_sampling_joint_distribution_with_negative_control(scheme):
+    """On the sampler alone: draft 3 tokens from q, verify against p (the Gumbel scheme of seeded
+    requests, or rejection sampling), repeat until 3 tokens are out; their joint distribution is
+    p's (fresh seed per trial). Accepting drafts unchecked (the negative control) gives q's and
+    fails the same test."""
+    from test_sampler import chi_square_p
 
-    probs = p_joint()
+    lp = torch.log_softmax(TABLE_P / T_TOY, -1)
+    probs = {(a, b, c): float((lp[0, a] + lp[a, b] + lp[b, c]).exp())
+             for a in range(V_TOY) for b in range(V_TOY) for c in range(V_TOY)}
     cells = sorted(probs)
     for check, ok in ((True, True), (False, False)):
         counts = dict.fromkeys(cells, 0)
         r = random.Random(1 if check else 2)
         for _ in range(3000):
-            counts[trial(r.getrandbits(40), check)] += 1
+            seed, out, pos = r.getrandbits(40), [0], 1  # context: token 0 at position 0
+            while len(out) < 4:
+                emitted = toy_step(scheme, seed, out[-1], pos, 3, check)
+                out.extend(emitted)
+                pos += len(emitted)
+            counts[tuple(out[1:4])] += 1
         p = chi_square_p([counts[c] for c in cells], [probs[c] for c in cells])
         assert (p > 1e-3) if ok else (p < 1e-6), (check, p)
+
+
+def gumbel_coupling_acceptance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """P(argmax(log p + g) == argmax(log q + g)) for shared Gumbel noise g: token i wins both
+    when every g_j - g_i stays below min(log(p_i / p_j), log(q_i / q_j)), which is token i
+    winning a Gumbel race with weights max(p_j / p_i, q_j / q_i); so sum_i 1 / sum_j of those."""
+    ratios = torch.maximum(p.view(1, -1) / p.view(-1, 1), q.view(1, -1) / q.view(-1, 1))  # [i, j]
+    return float((1.0 / ratios.sum(-1)).sum())
+
+
+def test_rejection_sampling_acceptance_is_sum_of_min_p_q():
+    """A first draft is accepted with probability sum_v min(p(v), q(v)) under rejection sampling,
+    and with the (never larger) coupling probability under the Gumbel scheme."""
+    n = 4000
+    for last in range(V_TOY):
+        p = torch.softmax(TABLE_P[last] / T_TOY, -1)
+        q = torch.softmax(TABLE_Q[last] / T_TOY, -1)
+        expected = {"rejection": float(torch.minimum(p, q).sum()),
+                    "gumbel": gumbel_coupling_acceptance(p, q)}
+        assert expected["gumbel"] <= expected["rejection"] + 1e-6
+        for scheme, want in expected.items():
+            r = random.Random(last)
+            hits = sum(len(toy_step(scheme, r.getrandbits(40), last, 1, 1)) == 2 for _ in range(n))
+            se = (want * (1 - want) / n) ** 0.5
+            assert abs(hits / n - want) < 4 * se, (scheme, last, hits / n, want)
+
+
+def test_unseeded_requests_use_rejection_sampling(grafted, monkeypatch):
+    """Unseeded sampled requests are verified by rejection sampling (over a reduced draft
+    vocabulary here); greedy and seeded requests in the same batch still equal plain decoding.
+    With ``unseeded_acceptance="gumbel"`` unseeded requests give exactly the plain tokens of
+    their admission seeds (same engine seed)."""
+    from dist_engine.worker import spec_decode
+
+    path, folder, _ = grafted
+    params = [dataclasses.replace(p, seed=None) if i in (1, 5) else p for i, p in enumerate(mixed_params())]
+    expected, llm = run(path, params, seed=7)
+    llm.shutdown()
+    calls = []
+    real_verify = spec_decode.verify
+
+    def counting_verify(*a, **kw):
+        out = real_verify(*a, **kw)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(spec_decode, "verify", counting_verify)
+    cfg = spec(folder, 3, max_draft_tokens_per_step=0, draft_vocab_size=100)
+    got, llm = run(path, params, seed=7, speculative_config=cfg)
+    with llm:
+        assert [g for i, g in enumerate(got) if i not in (1, 5)] == [
+            e for i, e in enumerate(expected) if i not in (1, 5)]
+        assert [len(got[i]) for i in (1, 5)] == [LENS[1], LENS[5]]
+        assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
+    assert calls and any(tok is not None for _, tok in calls) and any(a > 0 for a, _ in calls)
+    got, llm = run(path, params, seed=7, speculative_config={**cfg, "unseeded_acceptance": "gumbel"})
+    llm.shutdown()
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_rejection_sampling_in_engine_gives_the_target_distribution(grafted):
+    """The engine's whole rejection path (drafts drawn over a reduced vocabulary, accepted with
+    p / q, residual draws): the second token of 3000 unseeded completions of one prompt follows
+    the plain model's marginal sum_t1 p(t1) p(t2 | t1) (computed with transformers), and fails
+    a wrong temperature's (the negative control)."""
+    from test_sampler import chi_square_p
+
+    path, folder, _ = grafted
+    prompt, temp, n = PROMPTS[3][:8], 0.8, 3000
+    model = hf_model(path)
+    with torch.inference_mode():
+        first = model(torch.tensor([prompt])).logits[0, -1]  # [V]
+        V = len(first)
+        nxt = model(torch.tensor([prompt + [t] for t in range(V)])).logits[:, -1]  # [V, V]
+
+    def marginal(t: float) -> torch.Tensor:  # [V]: P(token 2) at temperature t
+        return torch.softmax(first / t, -1) @ torch.softmax(nxt / t, -1)
+
+    cfg = spec(folder, 2, max_draft_tokens_per_step=0, disable_by_batch_size=0, draft_vocab_size=100)
+    with LLM(path, **{**ARGS, "num_kv_blocks": 6000}, speculative_config=cfg) as llm:
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            temperature=temp, n=n, max_tokens=3, ignore_eos=True))[0]
+        stats = llm.engine.stats()["spec_decode"]
+    assert stats["num_accepted_tokens"] > 0
+    counts = torch.bincount(torch.tensor([c.token_ids[1] for c in out.outputs]), minlength=V)
+    for t, ok in ((temp, True), (temp * 1.5, False)):
+        probs = marginal(t)
+        big = probs * n >= 5  # cells expected fewer than 5 times are pooled into one
+        p = chi_square_p(counts[big].tolist() + [int(counts[~big].sum())],
+                         probs[big].tolist() + [float(probs[~big].sum())])
+        assert (p > 1e-3) if ok else (p < 1e-6), (t, p)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from dist_engine.config.model import DTYPES
 CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
 STAGES = ("normed", "raw")
 DRAFT_DTYPES = ("auto", *DTYPES)
+ACCEPTANCE = ("rejection", "gumbel")
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,15 @@ class SpeculativeConfig:
     # MTP layer skips it (its cache is kept only for sequences that may draft). None: the batch
     # size from which ``max_draft_tokens_per_step`` leaves no draft at all; 0: never.
     disable_by_batch_size: int | None = None
+    # How drafts of sampled requests without a seed are verified: "rejection" (speculative
+    # sampling: accept with probability min(1, p/q), else draw from the residual; exact in
+    # distribution, the highest acceptance) or "gumbel" (the shared-noise scheme seeded requests
+    # always use: the exact tokens plain sampling with the admission seed would give).
+    unseeded_acceptance: str = "rejection"
 
     def __post_init__(self) -> None:
+        if self.unseeded_acceptance not in ACCEPTANCE:
+            raise ValueError(f"unseeded_acceptance must be one of {ACCEPTANCE}, got {self.unseeded_acceptance!r}")
         if self.method != "mtp":
             raise ValueError(f"speculative method {self.method!r} is not supported; use 'mtp'")
         if not 1 <= self.num_speculative_tokens <= 8:

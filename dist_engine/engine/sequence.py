@@ -87,7 +87,7 @@ class Sequence:
                              prompt_ids=self._prompt_set or (),
                              output_counts=tuple(self._counts.items()))
         return SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                            min_p=p.min_p, seed=self.seed, logprobs=p.logprobs or 0,
+                            min_p=p.min_p, seed=self.seed, seeded=p.seed is not None, logprobs=p.logprobs or 0,
                             banned_token_ids=banned,
                             banned_for=max(1, p.min_tokens - len(self.output_token_ids)),
                             **penalties)

@@ -27,6 +27,10 @@ class SamplingSpec:
     top_k: int = 0  # 0: off
     min_p: float = 0.0
     seed: int = 0
+    # The request named its seed: speculation must repeat plain seeded sampling token for token
+    # (Gumbel verification). False: drafts may be verified by rejection sampling (same
+    # distribution, higher acceptance; ``worker/rejection.py``).
+    seeded: bool = True
     logprobs: int = 0  # number of top logprobs to return (0: none; sampled token's always)
     banned_token_ids: tuple[int, ...] = ()  # never drawn (EOS/stop ids before min_tokens)
     banned_for: int = 1  # ...for this many upcoming tokens (drafts verified in one step count)

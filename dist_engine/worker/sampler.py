@@ -14,11 +14,23 @@ import torch
 from dist_engine.kernels.gumbel import noise_rows
 from dist_engine.worker.messages import SamplingSpec
 
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread (seed, position)
+_M64 = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection on 64-bit ints that scatters nearby inputs."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def noise_seed(seed: int, position: int) -> int:
-    return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+    """The noise key in [0, 2^63) of (seed, position). Hashed, not linear: the generator gives
+    token k of key K the value at counter K + (k + 1) * 0x9E3779B97F4A7C15, so two keys that
+    differ by a multiple of that step share shifted noise (seeds s and s + 1 did, making the
+    completions of an ``n > 1`` request, which use consecutive seeds, draw correlated tokens)."""
+    return mix64(mix64(seed * 0xD6E8FEB86659FD93 + 1) ^ position) >> 1
 
 
 def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:

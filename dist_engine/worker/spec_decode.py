@@ -9,10 +9,11 @@ driver advances a sequence by the accepted tokens only, later steps overwrite th
 
 The MTP layer then writes its own K/V for every newly verified position from the main model's
 hidden states (slot p reads h[p] and token p + 1), which yields the first draft, and chains
-itself K - 1 more times on its own output. Drafts use the same Gumbel noise as the verifier
-will at that position, so for sampled requests a draft is accepted whenever the draft and the
-target distributions pick the same token under shared noise. Everything happens in this one
-call: the driver sees one round trip per step.
+itself K - 1 more times on its own output. Drafts of seeded requests use the same Gumbel noise
+as the verifier will at that position, so a draft is accepted whenever the draft and the target
+distributions pick the same token under shared noise. Requests without a seed are verified by
+rejection sampling instead (``rejection.py``: same distribution, higher acceptance). Everything
+happens in this one call: the driver sees one round trip per step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch, hidden_rows
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
+from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
 from dist_engine.worker.sampler import gumbel_noise, sample
 
 DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
@@ -159,13 +161,21 @@ class MTPDecoder:
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
             weight = _full_head_weight(runner, config)[vocab_ids].to(runner.device)
             self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device), self.draft_dtype)
+        self._vocab_ids = None if self.draft_head is None else self.draft_head.vocab_ids
+        # drafts proposed last step for rejection sampling: seq id -> their distributions
+        self._pending: dict[int, PendingDrafts] = {}
         self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
         # seconds spent per phase (read by the benchmark to show where the time goes)
         self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
 
     # ---- drafting ----------------------------------------------------------------------------
+    def _rejects(self, spec: SamplingSpec) -> bool:
+        """Whether this request's drafts are drawn from q and verified by rejection sampling."""
+        return spec.temperature != 0.0 and not spec.seeded and self.spec.unseeded_acceptance == "rejection"
+
     def _draft(self, g: torch.Tensor, seqs: list[SeqWork], positions: list[int]) -> list[int]:
-        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``."""
+        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``; a request
+        verified by rejection sampling also leaves the draft's distribution in ``_pending``."""
         normed = self.mtp.layer.shared_head.norm(g)
         if self.draft_head is not None:
             logits, ids = self.draft_head(normed), self.draft_head.vocab_ids  # [N, V']
@@ -175,8 +185,18 @@ class MTPDecoder:
         if all(s.sampling.temperature == 0.0 for s in seqs):  # one argmax for the batch
             best = logits.argmax(-1)
             return (best if ids is None else ids[best]).tolist()
-        return [pick_draft(logits[i], s.sampling, pos, vocab, ids)
-                for i, (s, pos) in enumerate(zip(seqs, positions))]
+        out = [-1 if self._rejects(s.sampling) else pick_draft(logits[i], s.sampling, pos, vocab, ids)
+               for i, (s, pos) in enumerate(zip(seqs, positions))]
+        rej = [i for i, t in enumerate(out) if t < 0]
+        if rej:
+            index, q = draw_drafts(logits[rej], [seqs[i].sampling for i in rej], [positions[i] for i in rej])
+            for n, (i, k) in enumerate(zip(rej, index)):
+                out[i] = k if ids is None else int(ids[k])
+                entry = self._pending.setdefault(seqs[i].seq_id, PendingDrafts(positions[i], [], [], []))
+                entry.tokens.append(out[i])
+                entry.index.append(k)
+                entry.q.append(q[n])
+        return out
 
     def _run(self, work: list[SeqWork], hidden: torch.Tensor, same_as: ForwardBatch | None = None
              ) -> tuple[torch.Tensor, ForwardBatch]:
@@ -207,10 +227,24 @@ class MTPDecoder:
                     specs.append(row_spec(s.sampling, drafts[:j]))
                     positions.append(s.context_len - s.num_drafts + j)
             tokens, lps, top = sample(logits, specs, positions)
+            pending, self._pending = self._pending, {}
             row = 0
             for s in batch.sample_seqs:
                 k = s.num_drafts
-                a = accept_drafts(s.token_ids[len(s.token_ids) - k:], tokens[row:row + k])
+                drafts = s.token_ids[len(s.token_ids) - k:]
+                entry = pending.get(s.seq_id) if k and self._rejects(s.sampling) else None
+                if entry is not None and entry.matches(drafts, s.context_len - k):
+                    target = target_logits(logits[row:row + k], specs[row:row + k])
+                    a, tok = verify(entry, drafts, target, s.sampling, self._vocab_ids)
+                    # accepted drafts, then the residual's draw at the rejected row (all
+                    # accepted: the verifier's own draw at the last row is the bonus)
+                    emitted = drafts[:a] + ((tok,) if tok is not None else ())
+                    if emitted:
+                        lp = torch.log_softmax(logits[row:row + len(emitted)], -1)
+                        for j, t in enumerate(emitted):
+                            tokens[row + j], lps[row + j] = t, float(lp[j, t])
+                else:  # seeded, greedy, or drafts this worker did not draw: the Gumbel scheme
+                    a = accept_drafts(drafts, tokens[row:row + k])
                 sampled[s.seq_id] = SampledTokens(
                     tuple(tokens[row:row + a + 1]), tuple(lps[row:row + a + 1]),
                     tuple(top[row:row + a + 1]) if any(top[row:row + a + 1]) else (), num_drafts=k)
