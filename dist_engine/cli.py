@@ -229,7 +229,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
         seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
         plens[r["prompt"] in held].append(len(r["prompt_ids"]))
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
-                 batch_size=a.batch_size, targets=a.targets,
+                 batch_size=a.batch_size, targets=a.targets, feedback=a.feedback,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
                  prompt_lens=plens[False] + plens[True], hidden_dir=hidden_dir,
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--targets", choices=("soft", "hard"), default="soft",
                     help="soft: the base's distribution over the draft vocabulary plus its greedy "
                          "token; hard: the greedy token only")
+    gm.add_argument("--feedback", choices=("normed", "raw"), default="normed",
+                    help="what a chained MTP step feeds the next: its output after "
+                         "shared_head.norm, or the raw output")
     gm.add_argument("--draft-vocab", type=int, default=8192,
                     help="draft over this many most frequent predicted tokens")
     gm.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")

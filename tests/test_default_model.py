@@ -11,10 +11,10 @@ from dist_engine import LLM, SamplingParams
 from dist_engine.weights.registry import DEFAULT_MODEL, fetch_gguf
 
 pytestmark = pytest.mark.slow
-# regression floor: this test measured 1.74 with graft stage 4 and fp32 draft weights, 1.69 with
-# the default 16-bit draft path (a near-tie or two in ~70 steps; over 100 held-out prompts both
-# give 1.94); K=3 in bench/results/spec.md: 2.05
-MIN_MEAN_ACCEPTED_LENGTH = 1.55
+# regression floor: this test measured 1.69 with graft stage 4 and 2.00 with stage 5 (default
+# 16-bit draft path; near-ties move it by a few hundredths; over 100 held-out prompts the two
+# stages give 1.94 and 1.98)
+MIN_MEAN_ACCEPTED_LENGTH = 1.75
 
 
 @pytest.fixture(scope="module")

@@ -118,9 +118,11 @@ class Batches:
             yield x, h, y
 
 
-def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h, depth: int):
+def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h, depth: int,
+                   feedback: str = "normed"):
     """Draft logits ``[B, L - d, V']`` for depths d = 1..depth (element t of depth d sits at
-    position t + d - 1 and predicts the base's token after t + d)."""
+    position t + d - 1 and predicts the base's token after t + d). ``feedback``: what step d
+    passes to step d + 1, the output after ``shared_head.norm`` or the raw one."""
     B, L = x.shape
     out = []
     feed = h[:, : L - 1]
@@ -134,18 +136,18 @@ def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h,
         context.append(kv)
         normed = mtp.shared_head_norm(g)
         out.append(normed @ head.t())  # [B, n, V']
-        feed = normed
+        feed = normed if feedback == "normed" else g
     return out
 
 
-def evaluate(mtp, embed, head, remap, batches, depth: int) -> dict:
+def evaluate(mtp, embed, head, remap, batches, depth: int, feedback: str = "normed") -> dict:
     """Teacher-forced top-1 accuracy per depth on the answers (predictions in the draft vocab)."""
     hits = [0] * depth
     total = [0] * depth
     repeat_hits = total_repeat = 0
     with torch.no_grad():
         for x, h, y in batches:
-            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
+            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth, feedback), start=1):
                 tgt = y[:, d:d + logits.shape[1]]
                 valid = tgt >= 0
                 pred = remap[logits.argmax(-1)]
@@ -189,7 +191,7 @@ def step_loss(logits, probs, y, d: int, to_draft, targets: str) -> torch.Tensor:
 def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int]], out_dir: str,
           *, epochs: int = 4, depth: int = 3, lr: float = 2e-3, batch_size: int = 8,
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
-          targets: str = "soft", init_from: str | None = None,
+          targets: str = "soft", feedback: str = "normed", init_from: str | None = None,
           prompt_lens: list[int] | None = None, hidden_dir: str | None = None,
           extra_meta: dict | None = None) -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
@@ -199,15 +201,21 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     (its logits come free from the cached hidden states) plus the hard term. ``init_from``: a
     graft folder for the same base to start from (e.g. to continue on more answers) instead of
     the copy of the base's last layer. ``hidden_dir``: the base's hidden states saved while
-    generating the answers (:func:`teacher_pass` computes only the rest)."""
+    generating the answers (:func:`teacher_pass` computes only the rest). ``feedback``: what a
+    chained step feeds the next (``SpeculativeConfig.feedback``; recorded in the graft)."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
+    if feedback not in ("normed", "raw"):
+        raise ValueError(f"feedback must be 'normed' or 'raw', not {feedback!r}")
     cfg = ModelConfig.from_pretrained(model_path)
     if cfg.qk_norm:
         raise ValueError("grafting supports Llama/Mistral/Qwen2-style blocks (no q/k norm)")
     fingerprint = base_fingerprint(model_path)
     # a graft to start from is checked before the (long) teacher pass
     start = read_graft_for(init_from, model_path, fingerprint) if init_from is not None else None
+    if start is not None and start.get("feedback", "normed") != feedback:
+        raise ValueError(f"{init_from} chains its steps with feedback={start.get('feedback')!r}; "
+                         f"continue it with that feedback, or start a new graft without --init")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     base = load_base(model_path)
@@ -230,10 +238,10 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     mtp = GraftMTP(cfg, max_len)
     mtp.init_from_base(base)
     held = Batches(held_seqs, t_held, batch_size, None)
-    report = {"untrained": evaluate(mtp, embed, head, remap, held, depth)}
+    report = {"untrained": evaluate(mtp, embed, head, remap, held, depth, feedback)}
     if init_from is not None:
         mtp.load_exported(load_file(os.path.join(init_from, GRAFT_WEIGHTS)))
-        report["initial"] = evaluate(mtp, embed, head, remap, held, depth)
+        report["initial"] = evaluate(mtp, embed, head, remap, held, depth, feedback)
     # a fixed slice of the training answers, scored like the held-out ones: the gap shows
     # whether more answers (over-fitting) or a larger layer (under-fitting) would help
     every = max(1, len(train_seqs) // max(1, len(held_seqs)))
@@ -260,7 +268,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         for x, h, y in bar:
             loss = torch.zeros(())
             probs = base_probs(h, head) if targets == "soft" else None
-            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth), start=1):
+            for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth, feedback), start=1):
                 loss = loss + weights[d - 1] * step_loss(logits, probs, y, d, to_draft, targets)
             opt.zero_grad()
             loss.backward()
@@ -268,9 +276,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        report[f"epoch_{epoch + 1}"] = evaluate(mtp, embed, head, remap, held, depth)
+        report[f"epoch_{epoch + 1}"] = evaluate(mtp, embed, head, remap, held, depth, feedback)
         report[f"epoch_{epoch + 1}"]["train_subset_accuracy_per_depth"] = evaluate(
-            mtp, embed, head, remap, seen, depth)["accuracy_per_depth"]
+            mtp, embed, head, remap, seen, depth, feedback)["accuracy_per_depth"]
         log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
         torch.save({"model": mtp.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "report": report}, ckpt)
@@ -280,7 +288,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     meta = {
         "base_model": os.path.basename(os.path.normpath(model_path)),
         "base_fingerprint": fingerprint,
-        "concat_order": "emb_hidden", "hidden_stage": "normed", "feedback": "normed",
+        "concat_order": "emb_hidden", "hidden_stage": "normed", "feedback": feedback,
         "num_nextn_predict_layers": 1, "draft_vocab_size": len(vocab_ids),
         "draft_vocab_coverage": round(coverage, 4),
         "training": {"epochs": epochs, "depth": depth, "lr": lr, "batch_size": batch_size,
