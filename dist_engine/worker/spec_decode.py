@@ -22,71 +22,20 @@ import time
 from dataclasses import replace
 
 import torch
-from torch import nn
 
 from dist_engine.config import EngineConfig
-from dist_engine.kernels.linear import PanelWeight
 from dist_engine.layers.kv_cache import LayerKV
-from dist_engine.layers.linear import pack_weight, pack_weights, project
+from dist_engine.layers.linear import pack_weights
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch, hidden_rows
+from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
 from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
 from dist_engine.worker.sampler import gumbel_noise, sample
 
 DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
 GRAFT_WEIGHTS = "mtp.safetensors"
-
-
-class DraftHead(nn.Module):
-    """The main lm head restricted to a draft vocabulary (replicated: no collective), with its
-    weights in ``dtype`` (16-bit by default: a draft only needs the top token). On CPU the
-    product kernel reads bf16 panels straight into fp32 activations (other dtypes it packs in
-    the weight's own); on other devices the weight and the input are cast."""
-
-    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
-        self.vocab_ids = vocab_ids  # [V'] long
-        self.weight_packed = None
-        pack_weight(self, dtype)
-        if self.weight_packed is None:  # no CPU product kernel: a dense weight of that dtype
-            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the head's weights are held in."""
-        packed = self.weight_packed
-        return packed.panels.dtype if isinstance(packed, PanelWeight) else self.weight.dtype
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
-        if self.weight_packed is None:
-            h = h.to(self.weight.dtype)
-        return project(self, h).float()
-
-
-def draft_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """``SpeculativeConfig.draft_dtype`` as a torch dtype ("auto": 16-bit)."""
-    if name != "auto":
-        return getattr(torch, name)
-    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def _full_head_weight(runner, cfg: EngineConfig) -> torch.Tensor:
-    """The whole ``[vocab, H]`` head: at TP=1 this rank's dense copy if one is kept (the head's
-    own when unpacked, the embedding's when tied), else read from the checkpoint."""
-    if runner.comm.world_size == 1:
-        head = runner.model.lm_head.weight
-        if head.numel():
-            return head.data
-        if cfg.model.tie_word_embeddings:
-            return runner.model.model.embed_tokens.weight.data
-    want = "model.embed_tokens.weight" if cfg.model.tie_word_embeddings else "lm_head.weight"
-    for name, lazy in iter_checkpoint(cfg.model.path):
-        if name == want:
-            return lazy[:].to(runner.dtype)
-    raise ValueError(f"{cfg.model.path} has no {want}")
 
 
 def row_spec(spec: SamplingSpec, drafts: tuple[int, ...]) -> SamplingSpec:
@@ -159,7 +108,7 @@ class MTPDecoder:
                 vocab_ids = torch.arange(mcfg.vocab_size)
             vocab_ids = vocab_ids[: spec.draft_vocab_size]
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
-            weight = _full_head_weight(runner, config)[vocab_ids].to(runner.device)
+            weight = full_head_weight(runner, config)[vocab_ids].to(runner.device)
             self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device), self.draft_dtype)
         self._vocab_ids = None if self.draft_head is None else self.draft_head.vocab_ids
         # drafts proposed last step for rejection sampling: seq id -> their distributions
