@@ -28,7 +28,7 @@ import torch
 
 from dist_engine.kernels.gumbel import noise_rows
 from dist_engine.worker.messages import SamplingSpec
-from dist_engine.worker.sampler import apply_masks, apply_penalties, mix64, noise_seed
+from dist_engine.worker.sampler import apply_masks, mix64, noise_seed, penalise
 
 STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2, 3
 
@@ -47,15 +47,8 @@ def uniform(seed: int, position: int) -> float:
 def target_logits(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """``[N, V]`` raw logits -> the tempered, masked logits plain sampling draws each row from
     (penalties and bans, then temperature and top-k / top-p / min-p)."""
-    out = torch.empty_like(logits)
-    for i, spec in enumerate(specs):
-        row = logits[i].clone()
-        if spec.prompt_ids or spec.output_counts:
-            apply_penalties(row, spec)
-        if spec.banned_token_ids:
-            row[list(spec.banned_token_ids)] = float("-inf")
-        out[i] = apply_masks(row, spec)
-    return out
+    x = penalise(logits, specs)
+    return torch.stack([apply_masks(x[i], spec) for i, spec in enumerate(specs)])
 
 
 def draw_drafts(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]

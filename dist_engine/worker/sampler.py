@@ -84,6 +84,20 @@ def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return x
 
 
+def penalise(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """``[N, V]`` raw logits with each row's penalties applied and its banned ids at -inf: a
+    copy when any row has either (the caller's logits stay raw), else the input itself."""
+    if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
+        return logits
+    logits = logits.clone()
+    for i, spec in enumerate(specs):
+        if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
+            apply_penalties(logits[i], spec)
+        if spec.banned_token_ids:
+            logits[i, list(spec.banned_token_ids)] = float("-inf")
+    return logits
+
+
 def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
            ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """Draw one token per row of ``logits`` ``[N, V]`` (fp32).
@@ -96,13 +110,7 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int]
     N, V = logits.shape
     raw = logits
     lse = torch.logsumexp(raw, dim=-1)  # [N]: log-normaliser of the raw distribution
-    if any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
-        logits = logits.clone()  # penalised and banned rows: the caller's logits stay raw
-        for i, spec in enumerate(specs):
-            if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
-                apply_penalties(logits[i], spec)
-            if spec.banned_token_ids:
-                logits[i, list(spec.banned_token_ids)] = float("-inf")
+    logits = penalise(logits, specs)
     drawn = [i for i, spec in enumerate(specs) if spec.temperature != 0.0]
     tokens = (logits.argmax(dim=-1) if len(drawn) < N  # [N]: greedy rows keep this
               else torch.empty(N, dtype=torch.long, device=logits.device))

@@ -110,7 +110,6 @@ class MTPDecoder:
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
             weight = full_head_weight(runner, config)[vocab_ids].to(runner.device)
             self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device), self.draft_dtype)
-        self._vocab_ids = None if self.draft_head is None else self.draft_head.vocab_ids
         # drafts proposed last step for rejection sampling: seq id -> their distributions
         self._pending: dict[int, PendingDrafts] = {}
         self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
@@ -184,7 +183,8 @@ class MTPDecoder:
                 entry = pending.get(s.seq_id) if k and self._rejects(s.sampling) else None
                 if entry is not None and entry.matches(drafts, s.context_len - k):
                     target = target_logits(logits[row:row + k], specs[row:row + k])
-                    a, tok = verify(entry, drafts, target, s.sampling, self._vocab_ids)
+                    a, tok = verify(entry, drafts, target, s.sampling,
+                                    None if self.draft_head is None else self.draft_head.vocab_ids)
                     # accepted drafts, then the residual's draw at the rejected row (all
                     # accepted: the verifier's own draw at the last row is the bonus)
                     emitted = drafts[:a] + ((tok,) if tok is not None else ())
