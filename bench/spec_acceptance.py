@@ -1,7 +1,7 @@
 """Acceptance of an MTP layer on held-out prompts (prompts graft-mtp never trains on).
 
     python bench/spec_acceptance.py [--graft DIR] [--prompts 100] [--k 3] [--max-tokens 96]
-                                    [--modes greedy,t0.7,t0.7-unseeded]
+                                    [--modes greedy,t0.7,t0.7-unseeded] [--repetition-penalty R]
 
 Drafts K tokens at every step (no adaptive depth, no draft budget, speculation kept on under
 load), all prompts in one batch (acceptance does not depend on batching: each sequence's drafts
@@ -9,6 +9,7 @@ and verification are its own). Modes (``--modes``): greedy; ``t0.7``, T=0.7 with
 prompt i (the shared-noise scheme: tokens identical to plain decoding); ``t0.7-unseeded``, T=0.7
 without a seed (rejection sampling; seeds drawn from the engine's seed 0). Prints the mean
 accepted length, per-position acceptance and wall time; ``--json`` appends a record.
+``--repetition-penalty``: every request carries it (drafts are penalised like the target rows).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def measure(model: str, graft: str | None, prompts: list[str], k: int, max_tokens: int,
-            dtype: str, modes: list[str]) -> dict:
+            dtype: str, modes: list[str], repetition_penalty: float = 1.0) -> dict:
     spec = {"method": "mtp", "num_speculative_tokens": k, "min_draft_acceptance": 0.0,
             "max_draft_tokens_per_step": 0, "disable_by_batch_size": 0}
     if graft:
@@ -39,7 +40,8 @@ def measure(model: str, graft: str | None, prompts: list[str], k: int, max_token
         ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         for name in modes:
             params = [SamplingParams(temperature=0.0 if name == "greedy" else 0.7,
-                                     seed=i if name == "t0.7" else None, max_tokens=max_tokens)
+                                     seed=i if name == "t0.7" else None, max_tokens=max_tokens,
+                                     repetition_penalty=repetition_penalty)
                       for i in range(len(ids))]
             before = llm.engine.spec_stats.as_dict()
             t = time.perf_counter()
@@ -67,17 +69,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--modes", default="greedy,t0.7,t0.7-unseeded")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--json", help="append a record to this JSON-lines file")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not set(modes) <= {"greedy", "t0.7", "t0.7-unseeded"}:
         ap.error(f"unknown mode in {a.modes!r}")
     prompts = split_prompts()[1][: a.prompts]
-    res = measure(a.model, a.graft, prompts, a.k, a.max_tokens, a.dtype, modes)
+    res = measure(a.model, a.graft, prompts, a.k, a.max_tokens, a.dtype, modes, a.repetition_penalty)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps({"graft": a.graft or "shipped", "prompts": len(prompts), "k": a.k,
-                                "max_tokens": a.max_tokens, "dtype": a.dtype, **res}) + "\n")
+                                "max_tokens": a.max_tokens, "dtype": a.dtype,
+                                "repetition_penalty": a.repetition_penalty, **res}) + "\n")
 
 
 if __name__ == "__main__":

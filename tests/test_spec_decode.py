@@ -176,6 +176,39 @@ def test_batch_one_and_stats(grafted):
         assert llm.engine.stats()["spec_decode"]["num_draft_tokens"] == s.num_draft_tokens
 
 
+def test_drafts_follow_the_rows_bans_and_penalties(grafted, monkeypatch):
+    """A draft row is built like the verifier's row at that position: while min_tokens bans a
+    stop token it is never drafted (over the reduced draft vocabulary too, and for greedy,
+    seeded and unseeded rows), and output still equals plain decoding."""
+    from dist_engine.worker import spec_decode
+
+    path, folder, _ = grafted
+    drafted = []
+    real = spec_decode.MTPDecoder._draft
+
+    def recording(self, *a, **kw):
+        out = real(self, *a, **kw)
+        drafted.extend(out)
+        return out
+
+    monkeypatch.setattr(spec_decode.MTPDecoder, "_draft", recording)
+    cfg = spec(folder, 3, max_draft_tokens_per_step=0, draft_vocab_size=100)
+    plain = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    run(path, plain, prompts=PROMPTS[:4], speculative_config=cfg)[1].shutdown()
+    often = max(set(drafted), key=drafted.count)  # the token drafted most without a ban
+    params = [dataclasses.replace(plain, stop_token_ids=(often,), min_tokens=30, repetition_penalty=r, **kw)
+              for r, kw in ((1.0, {}), (1.5, {}), (1.0, dict(temperature=0.8, seed=2)),
+                            (1.3, dict(temperature=0.8, seed=None)))]
+    expected, llm = run(path, params[:3], prompts=PROMPTS[:3])
+    llm.shutdown()
+    drafted.clear()
+    got, llm = run(path, params, prompts=PROMPTS[:4], speculative_config=cfg)
+    with llm:
+        assert got[:3] == expected and len(got[3]) == 30
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+    assert drafted and often not in drafted
+
+
 def test_preemption_prefix_hits_and_n(grafted):
     path, folder, _ = grafted
     shared = PROMPTS[0] + [7, 8, 9]

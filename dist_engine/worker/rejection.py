@@ -56,8 +56,8 @@ def draw_drafts(logits: torch.Tensor, specs: list[SamplingSpec], positions: list
     """Sample one draft per row of draft logits ``[N, V']`` from its tempered, masked softmax.
 
     Returns the drafts' indices into the row and the distributions ``q`` ``[N, V']`` they were
-    drawn from (the verifier needs both). Penalties are not applied: any ``q`` keeps the output
-    exact, a closer one only raises acceptance.
+    drawn from (the verifier needs both). The caller has already applied the row's penalties
+    and bans (any ``q`` keeps the output exact; one closer to the target accepts more often).
     """
     x = torch.stack([apply_masks(logits[i], s) for i, s in enumerate(specs)])  # [N, V']
     q = torch.softmax(x, dim=-1)

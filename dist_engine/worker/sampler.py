@@ -84,11 +84,18 @@ def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return x
 
 
-def penalise(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Tensor | None = None,
+             vocab: int = 0) -> torch.Tensor:
     """``[N, V]`` raw logits with each row's penalties applied and its banned ids at -inf: a
-    copy when any row has either (the caller's logits stay raw), else the input itself."""
+    copy when any row has either (the caller's logits stay raw), else the input itself.
+    ``columns`` ``[V']``: the logits cover only these token ids (a reduced draft vocabulary) of a
+    ``vocab``-token vocabulary."""
     if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
         return logits
+    if columns is not None:  # spread over the whole vocabulary, penalise, read the columns back
+        full = logits.new_full((logits.shape[0], vocab), float("-inf"))
+        full[:, columns] = logits
+        return penalise(full, specs)[:, columns]
     logits = logits.clone()
     for i, spec in enumerate(specs):
         if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on

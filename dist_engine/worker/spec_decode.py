@@ -32,7 +32,7 @@ from dist_engine.worker.batch import ForwardBatch, hidden_rows
 from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
 from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
-from dist_engine.worker.sampler import gumbel_noise, sample
+from dist_engine.worker.sampler import gumbel_noise, penalise, sample
 
 DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
 GRAFT_WEIGHTS = "mtp.safetensors"
@@ -121,23 +121,28 @@ class MTPDecoder:
         """Whether this request's drafts are drawn from q and verified by rejection sampling."""
         return spec.temperature != 0.0 and not spec.seeded and self.spec.unseeded_acceptance == "rejection"
 
-    def _draft(self, g: torch.Tensor, seqs: list[SeqWork], positions: list[int]) -> list[int]:
-        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``; a request
-        verified by rejection sampling also leaves the draft's distribution in ``_pending``."""
+    def _draft(self, g: torch.Tensor, seqs: list[SeqWork], specs: list[SamplingSpec],
+               positions: list[int]) -> list[int]:
+        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``, each row under
+        the spec the verifier will use there (``row_spec``: penalties count the tokens before
+        it, the min-tokens ban still on or off), so penalised or banned tokens are not drafted
+        only to be rejected. A request verified by rejection sampling also leaves the draft's
+        distribution in ``_pending``."""
         normed = self.mtp.layer.shared_head.norm(g)
         if self.draft_head is not None:
             logits, ids = self.draft_head(normed), self.draft_head.vocab_ids  # [N, V']
         else:
             logits, ids = self.runner.model.compute_logits(normed), None  # [N, V]
         vocab = self.runner.config.model.vocab_size
-        if all(s.sampling.temperature == 0.0 for s in seqs):  # one argmax for the batch
+        logits = penalise(logits, specs, ids, vocab)
+        if all(s.temperature == 0.0 for s in specs):  # one argmax for the batch
             best = logits.argmax(-1)
             return (best if ids is None else ids[best]).tolist()
-        out = [-1 if self._rejects(s.sampling) else pick_draft(logits[i], s.sampling, pos, vocab, ids)
-               for i, (s, pos) in enumerate(zip(seqs, positions))]
+        out = [-1 if self._rejects(sp) else pick_draft(logits[i], sp, pos, vocab, ids)
+               for i, (sp, pos) in enumerate(zip(specs, positions))]
         rej = [i for i, t in enumerate(out) if t < 0]
         if rej:
-            index, q = draw_drafts(logits[rej], [seqs[i].sampling for i in rej], [positions[i] for i in rej])
+            index, q = draw_drafts(logits[rej], [specs[i] for i in rej], [positions[i] for i in rej])
             for n, (i, k) in enumerate(zip(rej, index)):
                 out[i] = k if ids is None else int(ids[k])
                 entry = self._pending.setdefault(seqs[i].seq_id, PendingDrafts(positions[i], [], [], []))
@@ -240,7 +245,9 @@ class MTPDecoder:
         drafts = {s.seq_id: [] for s in proposers}
         active, pos = proposers, last_pos
         while True:
-            new = self._draft(g, active, [p + 2 for p in pos])
+            specs = [row_spec(s.sampling, sampled[s.seq_id].token_ids + tuple(drafts[s.seq_id]))
+                     for s in active]
+            new = self._draft(g, active, specs, [p + 2 for p in pos])
             for s, t in zip(active, new):
                 drafts[s.seq_id].append(t)
             keep = [i for i, s in enumerate(active) if len(drafts[s.seq_id]) < wanted[s.seq_id]]
