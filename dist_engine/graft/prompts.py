@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 from dist_engine.graft.casual_prompt_sets import CASUAL_TEMPLATES
+from dist_engine.graft.chat_prompt_sets import CHAT_TEMPLATES
 from dist_engine.graft.prompt_sets import EXTRA_TEMPLATES, MORE_TEMPLATES, TEMPLATES
 from dist_engine.graft.user_prompt_sets import USER_TEMPLATES
 
@@ -27,7 +28,7 @@ def _interleave(templates: list[tuple[str, list]]) -> list[str]:
 def graft_prompts() -> list[str]:
     """All prompts, interleaved across templates so any prefix of each set is varied."""
     return (_interleave(TEMPLATES) + _interleave(MORE_TEMPLATES) + _interleave(EXTRA_TEMPLATES)
-            + _interleave(USER_TEMPLATES) + _interleave(CASUAL_TEMPLATES))
+            + _interleave(USER_TEMPLATES) + _interleave(CASUAL_TEMPLATES) + _interleave(CHAT_TEMPLATES))
 
 
 def split_prompts(held_out_every: int = 10) -> tuple[list[str], list[str]]:
