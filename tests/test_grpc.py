@@ -111,10 +111,11 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server):
 def test_cancel_and_deadline_abort_and_free_blocks(server):
     target, _, _, _ = server
     with Client(target) as c:
+        before = c.stats()
         stream = c.generate(token_ids=PROMPT, temperature=0, max_tokens=100, ignore_eos=True)
         next(stream)
         stream.cancel()
-        with pytest.raises(grpc.RpcError) as err:  # ~110 steps take several times 0.1 s
+        with pytest.raises(grpc.RpcError) as err:  # ~110 steps usually take several times 0.1 s
             list(c.generate(token_ids=PROMPT, temperature=0, max_tokens=110, ignore_eos=True,
                             timeout=0.1))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -123,7 +124,12 @@ def test_cancel_and_deadline_abort_and_free_blocks(server):
             if s.num_requests_running == 0 and s.kv_cache_usage == 0.0:
                 break
             time.sleep(0.1)
-        assert s.kv_cache_usage == 0.0 and s.requests_aborted_total >= 2
+        # Both requests are accounted for and no block leaks. The tiny model can finish a
+        # request before the cancel or the deadline reaches the engine (then it counts as
+        # finished, not aborted); at least one of the two is aborted part-way.
+        aborted = s.requests_aborted_total - before.requests_aborted_total
+        finished = s.requests_finished_total - before.requests_finished_total
+        assert s.kv_cache_usage == 0.0 and aborted >= 1 and aborted + finished == 2, s
 
 
 def test_prometheus_metrics(server):
