@@ -173,20 +173,28 @@ class MTPDecoder:
         sampled: dict[int, SampledTokens] = {}
         if batch.sample_seqs:
             logits = r.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
-            specs, positions = [], []
-            for s in batch.sample_seqs:
-                drafts = s.token_ids[len(s.token_ids) - s.num_drafts:]
-                for j in range(s.num_drafts + 1):
-                    specs.append(row_spec(s.sampling, drafts[:j]))
-                    positions.append(s.context_len - s.num_drafts + j)
-            tokens, lps, top = sample(logits, specs, positions)
             pending, self._pending = self._pending, {}
-            row = 0
+            specs, draw, positions, entries = [], [], [], []
             for s in batch.sample_seqs:
                 k = s.num_drafts
                 drafts = s.token_ids[len(s.token_ids) - k:]
                 entry = pending.get(s.seq_id) if k and self._rejects(s.sampling) else None
-                if entry is not None and entry.matches(drafts, s.context_len - k):
+                entries.append(entry if entry is not None and entry.matches(drafts, s.context_len - k)
+                               else None)
+                for j in range(k + 1):
+                    specs.append(row_spec(s.sampling, drafts[:j]))
+                    # a draft verified by rejection sampling is accepted or replaced by the
+                    # residual's draw: only the last row's own draw (the bonus) can be emitted,
+                    # so the others skip the noise (a greedy row costs a fraction of a drawn one)
+                    draw.append(replace(specs[-1], temperature=0.0)
+                                if entries[-1] is not None and j < k else specs[-1])
+                    positions.append(s.context_len - k + j)
+            tokens, lps, top = sample(logits, draw, positions)
+            row = 0
+            for s, entry in zip(batch.sample_seqs, entries):
+                k = s.num_drafts
+                drafts = s.token_ids[len(s.token_ids) - k:]
+                if entry is not None:
                     target = target_logits(logits[row:row + k], specs[row:row + k])
                     a, tok = verify(entry, drafts, target, s.sampling,
                                     None if self.draft_head is None else self.draft_head.vocab_ids)
