@@ -10,8 +10,9 @@
    penalties) and batch 1 must equal plain decoding for K = 1..4.
 3. Speed, bf16 random weights of the default model's shape and a ~1B Llama shape: batch-1 decode
    tok/s against transformers' generate and against the HBM limit (weight bytes per token),
-   16 concurrent requests, and the cost of a K=3 speculative step (a native-style MTP layer: a
-   copy of the last decoder layer, drafting every step) relative to a plain step.
+   16 concurrent requests, and the speed and cost of a K=3 speculative step (a native-style MTP
+   layer: a copy of the last decoder layer, drafting every step) relative to a plain step, with
+   CUDA graphs (verification graphed, the MTP layer's steps eager) and all eager.
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
@@ -199,16 +200,25 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     same = [a == b for a, b in zip(tokens_of[False], tokens_of[True])]
     res["graph_vs_eager_first_difference"] = same.index(False) if False in same else None
     res["graph_speedup"] = res["plain_tok_s"] / res["eager_plain_tok_s"]
-    with LLM(path, speculative_config={"num_speculative_tokens": 3, "min_draft_acceptance": 0.0,
-                                       "max_draft_tokens_per_step": 0}, **args) as llm:
-        llm.generate(prompt_token_ids=prompt, sampling_params=warm)
-        before = llm.engine.spec_stats.as_dict()
-        res["k3_tok_s"] = timed_generate(llm, prompt, sp, dev)
-        after = llm.engine.spec_stats.as_dict()
-    steps = after["num_steps"] - before["num_steps"]
-    res["k3_mean_accepted_length"] = (tokens - 1) / max(steps, 1)
-    # a K=3 step's time over a plain step's: (tokens per K=3 step / K=3 tok/s) / (1 / plain tok/s)
-    res["k3_step_cost_vs_plain"] = res["k3_mean_accepted_length"] * res["eager_plain_tok_s"] / res["k3_tok_s"]
+    for eager in (False, True):  # verification through CUDA graphs (MTP steps eager), all eager
+        key = "eager_" if eager else ""
+        with LLM(path, enforce_eager=eager, speculative_config={
+                "num_speculative_tokens": 3, "min_draft_acceptance": 0.0, "max_draft_tokens_per_step": 0},
+                **args) as llm:
+            llm.generate(prompt_token_ids=prompt, sampling_params=warm)
+            before = llm.engine.spec_stats.as_dict()
+            res[f"{key}k3_tok_s"] = timed_generate(llm, prompt, sp, dev)
+            after = llm.engine.spec_stats.as_dict()
+            graphs = llm.engine.executor.worker.runner.graphs
+            if graphs is not None:
+                res["k3_graph_steps"] = graphs.num_steps
+        steps = after["num_steps"] - before["num_steps"]
+        res[f"{key}k3_mean_accepted_length"] = (tokens - 1) / max(steps, 1)
+        # a K=3 step's time over a plain step's, both graphed or both eager:
+        # (tokens per K=3 step / K=3 tok/s) / (1 / plain tok/s)
+        res[f"{key}k3_step_cost_vs_plain"] = (res[f"{key}k3_mean_accepted_length"]
+                                             * res[f"{key}plain_tok_s"] / res[f"{key}k3_tok_s"])
+        res[f"{key}k3_vs_plain"] = res[f"{key}k3_tok_s"] / res[f"{key}plain_tok_s"]
     res["hbm_limit_tok_s"] = HBM_BYTES_PER_S / res["weight_bytes"]
     res["fraction_of_limit"] = res["plain_tok_s"] / res["hbm_limit_tok_s"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
@@ -239,16 +249,19 @@ def report(res: dict) -> str:
               f"- mean accepted length per K: {s.get('mean_accepted_length')}", "",
               "## Decode speed, bf16 random weights, batch 1 unless said", "",
               "| shape | ours tok/s (graphs / eager) | transformers tok/s | ratio | HBM limit "
-              "| 16 concurrent tok/s (graphs / eager) | K=3 step / plain step (eager) |",
-              "|---|---|---|---|---|---|---|"]
+              "| 16 concurrent tok/s (graphs / eager) | K=3 tok/s vs plain (graphs / eager) "
+              "| K=3 step / plain step (graphs / eager) |",
+              "|---|---|---|---|---|---|---|---|"]
     for name in SHAPES:
         r = res.get(name) or {}
         if "plain_tok_s" in r:
             lines.append(f"| {name} | {r['plain_tok_s']:.0f} / {r['eager_plain_tok_s']:.0f} | "
                          f"{r['transformers_tok_s']:.0f} | {r['vs_transformers']:.2f}x | {r['hbm_limit_tok_s']:.0f} | "
-                         f"{r['c16_tok_s']:.0f} / {r['eager_c16_tok_s']:.0f} | {r['k3_step_cost_vs_plain']:.2f} |")
+                         f"{r['c16_tok_s']:.0f} / {r['eager_c16_tok_s']:.0f} | "
+                         f"{r['k3_vs_plain']:.2f}x / {r['eager_k3_vs_plain']:.2f}x | "
+                         f"{r['k3_step_cost_vs_plain']:.2f} / {r['eager_k3_step_cost_vs_plain']:.2f} |")
         elif r:
-            lines.append(f"| {name} | {r.get('error')} | | | | | |")
+            lines.append(f"| {name} | {r.get('error')} | | | | | | |")
     if "long_context" in res:
         lines += ["", "## Long context, CUDA graphs vs eager", "", f"`{json.dumps(res['long_context'])}`"]
     return "\n".join(lines) + "\n"

@@ -96,10 +96,13 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
 
         if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager
                 and graphs_apply(cfg, a.tp, a.cp, a.dcp)):
-            # plain decode replays CUDA graphs there and speculation's steps run eagerly: an
-            # eager K=3 step costs ~8x a replayed plain one (H200), more than drafts win back
-            print("speculation off: on CUDA plain decode runs in CUDA graphs, speculative steps "
-                  "do not yet (--speculative mtp forces it)", file=sys.stderr)
+            # plain decode replays CUDA graphs there; a speculative step replays only its
+            # verification and runs the MTP layer's catch-up and drafts eagerly. A fully eager
+            # K=3 step cost ~8x a replayed plain one (H200); the graphed verification is not
+            # measured on a GPU yet (bench/gpu_check.py), so it stays opt-in
+            print("speculation off: on CUDA plain decode replays CUDA graphs and a speculative "
+                  "step only partly (its MTP steps run eagerly); --speculative mtp forces it",
+                  file=sys.stderr)
             return None
     return spec
 

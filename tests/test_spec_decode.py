@@ -160,6 +160,38 @@ def test_speculative_output_identical_to_plain(grafted, k):
         assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_verification_through_the_static_decode_path(grafted, monkeypatch, k):
+    """Verification steps go through the static-shape decode path that CUDA graphs record (run
+    eagerly on CPU here), each fed token a row of its own: greedy and seeded output still equal
+    plain decoding, an unseeded request is verified by rejection sampling, no block leaks."""
+    from dist_engine.worker import cuda_graph
+
+    path, folder, _ = grafted
+    params = [dataclasses.replace(p, seed=None) if i == 5 else p for i, p in enumerate(mixed_params())]
+    expected, llm = run(path, params, seed=3)
+    llm.shutdown()
+    monkeypatch.setattr(cuda_graph, "STATIC_DECODE_ON_CPU", True)
+    real_forward, verify_rows = cuda_graph.DecodeGraphs.forward, []
+
+    def spy(self, seqs):
+        out = real_forward(self, seqs)
+        if out is not None and any(s.num_drafts for s in seqs):
+            verify_rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "forward", spy)
+    got, llm = run(path, params, seed=3,
+                   speculative_config=spec(folder, k, max_draft_tokens_per_step=0, disable_by_batch_size=0))
+    with llm:
+        assert [g for i, g in enumerate(got) if i != 5] == [e for i, e in enumerate(expected) if i != 5]
+        assert len(got[5]) == LENS[5]
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+        assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
+    # most steps verified drafts through the path, several sequences of K + 1 rows at once
+    assert len(verify_rows) >= 10 and max(verify_rows) >= 4 * (k + 1)
+
+
 def test_batch_one_and_stats(grafted):
     path, folder, _ = grafted
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -5,7 +5,13 @@ issues dozens of small kernels and Python issues them one by one (~27 ms of CPU 
 of kernels on the default model, H200). A CUDA graph records the forward once per shape and
 replays it with one launch.
 
-Shapes are fixed per graph: the batch is padded up to a size from ``BATCH_SIZES`` and the keys
+A speculative step's verification is a decode step too: each of its K + 1 tokens per sequence
+is a row of its own (position, cache slot, and keys up to itself), and every layer stores all
+rows' K/V before any row attends, so a row sees the drafts before it. Its main forward takes
+the same path (final-norm hidden states only: a model whose MTP layer reads pre-norm ones stays
+eager); the MTP layer's catch-up and chained drafts still run eagerly.
+
+Shapes are fixed per graph: the rows are padded up to a count from ``BATCH_SIZES`` and the keys
 up to a power of two (at least ``MIN_KEYS``, at most ``max_model_len``), and attention reads the
 key slots through block tables on the device (``StaticDecodeGroup``). Padding rows feed token 0
 at position 0, attend slot 0 and write their K/V into a scratch block past the ones the block
@@ -49,9 +55,10 @@ class DecodeGraphs:
     def __init__(self, runner, capture: bool = True) -> None:
         self.runner = runner
         self.capture = capture
-        sc = runner.config.scheduler
+        sc, spec = runner.config.scheduler, runner.config.speculative
         bs = self.block_size = runner.block_size
-        self.max_batch = min(sc.max_num_seqs, BATCH_SIZES[-1])
+        rows_per_seq = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+        self.max_batch = min(sc.max_num_seqs * rows_per_seq, BATCH_SIZES[-1])  # rows
         self.sizes = [b for b in BATCH_SIZES if b < self.max_batch] + [self.max_batch]
         self.max_keys = -(-sc.max_model_len // bs) * bs
         self.window = runner.config.model.sliding_window
@@ -70,9 +77,10 @@ class DecodeGraphs:
 
     @staticmethod
     def supported(runner) -> bool:
-        p = runner.config.parallel
-        return runner.mtp is None and graphs_apply(runner.config.model, p.tensor_parallel_size,
-                                                   p.context_parallel_size, p.decode_context_parallel_size)
+        p, spec = runner.config.parallel, runner.config.speculative
+        return ((spec is None or spec.hidden_stage == "normed")
+                and graphs_apply(runner.config.model, p.tensor_parallel_size,
+                                 p.context_parallel_size, p.decode_context_parallel_size))
 
     def bind(self, num_blocks: int) -> None:
         """The cache was (re)made with ``num_blocks`` managed blocks plus one scratch block:
@@ -85,12 +93,14 @@ class DecodeGraphs:
         """(padded batch, padded key count) of the graph a step replays, or None when the step
         does not fit one."""
         r = self.runner
-        if (self.failed or not 0 < len(seqs) <= self.max_batch or r._calibrating
-                or not all(len(s.token_ids) == 1 and s.sample and not s.num_drafts and not s.return_hidden
+        rows = sum(len(s.token_ids) for s in seqs)
+        # decode steps only: one token per sequence plus the drafts it verifies
+        if (self.failed or not 0 < rows <= self.max_batch or r._calibrating
+                or not all(len(s.token_ids) == 1 + s.num_drafts and s.sample and not s.return_hidden
                            for s in seqs)):
             return None
-        Bp = next(b for b in self.sizes if b >= len(seqs))
-        Kp = self._key_bucket(max(s.start_pos + 1 for s in seqs))
+        Bp = next(b for b in self.sizes if b >= rows)
+        Kp = self._key_bucket(max(s.context_len for s in seqs))
         per_key = max(r.local_kv_heads * r.head_dim, r.local_kv_heads * r.heads_per_kv)  # K/V, scores
         return (Bp, Kp) if Bp * Kp * per_key <= MAX_GATHER_ELEMENTS else None
 
@@ -101,28 +111,31 @@ class DecodeGraphs:
         return min(-(-k // self.block_size) * self.block_size, self.max_keys)
 
     def forward(self, seqs) -> torch.Tensor | None:
-        """Final-norm hidden states ``[B, hidden]`` of the one token each sequence feeds, or
-        None when the step does not fit a graph or recording one failed (the caller runs the
-        step eagerly)."""
+        """Final-norm hidden states ``[T, hidden]`` of the tokens the sequences feed (one each,
+        plus any drafts to verify), in order, or None when the step does not fit a graph or
+        recording one failed (the caller runs the step eagerly)."""
         shape = self._shape(seqs)
         if shape is None:
             return None
-        B, (Bp, Kp) = len(seqs), shape
-        nb = Kp // self.block_size
-        pad = Bp - B
-        bs = self.block_size
+        (Bp, Kp), bs = shape, self.block_size
+        nb = Kp // bs
         self.num_steps += 1
-        cols = [[s.token_ids[0] for s in seqs] + [0] * pad,
-                [s.start_pos for s in seqs] + [0] * pad,
-                [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs] + [self.scratch_slot] * pad,
-                [s.start_pos + 1 for s in seqs] + [1] * pad]
+        # one row per fed token: its position, its cache slot, keys up to and including itself
+        rows = [(s, t, s.start_pos + j) for s in seqs for j, t in enumerate(s.token_ids)]
+        B, pad = len(rows), Bp - len(rows)
+        cols = [[t for _, t, _ in rows] + [0] * pad,
+                [p for _, _, p in rows] + [0] * pad,
+                [s.block_table[p // bs] * bs + p % bs for s, _, p in rows] + [self.scratch_slot] * pad,
+                [p + 1 for _, _, p in rows] + [1] * pad]
         host = torch.tensor(cols, dtype=torch.long)  # [4, Bp]
         for buf, row in zip((self.ids, self.positions, self.slots, self.context_lens), host):
             buf[:Bp].copy_(row, non_blocking=True)
         tables = torch.zeros(Bp, nb, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            used = min(nb, s.start_pos // bs + 1)
-            tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+        b = 0
+        for s in seqs:  # a sequence's rows share its table, up to its last fed position
+            used = min(nb, (s.context_len - 1) // bs + 1)
+            tables[b:b + len(s.token_ids), :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+            b += len(s.token_ids)
         self.tables[:Bp, :nb].copy_(tables, non_blocking=True)
         if not self.capture:
             return self._run(Bp, Kp)[:B]

@@ -239,10 +239,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [B, hidden]
-        if hidden is not None:
+        t0 = time.perf_counter()
+        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [T, hidden]
+        if hidden is not None and self.mtp is None:
             return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
+        if hidden is not None:  # a verification step through the static path
+            self.mtp.seconds["main_forward"] += time.perf_counter() - t0
+            return self.mtp.step(step, batch, hidden, None)
         if self.mtp is not None:
             raw = self.config.speculative.hidden_stage == "raw"
             t0 = time.perf_counter()
