@@ -12,7 +12,8 @@
    tok/s against transformers' generate and against the HBM limit (weight bytes per token),
    16 concurrent requests, and the speed and cost of a K=3 speculative step (a native-style MTP
    layer: a copy of the last decoder layer, drafting every step) relative to a plain step, with
-   CUDA graphs (verification graphed, the MTP layer's steps eager) and all eager.
+   CUDA graphs (verification and the MTP layer's runs graphed; drafting's head and sampling
+   eager) and all eager.
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
@@ -200,7 +201,7 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     same = [a == b for a, b in zip(tokens_of[False], tokens_of[True])]
     res["graph_vs_eager_first_difference"] = same.index(False) if False in same else None
     res["graph_speedup"] = res["plain_tok_s"] / res["eager_plain_tok_s"]
-    for eager in (False, True):  # verification through CUDA graphs (MTP steps eager), all eager
+    for eager in (False, True):  # verification and MTP runs through CUDA graphs, then all eager
         key = "eager_" if eager else ""
         with LLM(path, enforce_eager=eager, speculative_config={
                 "num_speculative_tokens": 3, "min_draft_acceptance": 0.0, "max_draft_tokens_per_step": 0},

@@ -96,12 +96,12 @@ def speculative_arg(a: argparse.Namespace) -> dict | None:
 
         if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager
                 and graphs_apply(cfg, a.tp, a.cp, a.dcp)):
-            # plain decode replays CUDA graphs there; a speculative step replays only its
-            # verification and runs the MTP layer's catch-up and drafts eagerly. A fully eager
-            # K=3 step cost ~8x a replayed plain one (H200); the graphed verification is not
-            # measured on a GPU yet (bench/gpu_check.py), so it stays opt-in
-            print("speculation off: on CUDA plain decode replays CUDA graphs and a speculative "
-                  "step only partly (its MTP steps run eagerly); --speculative mtp forces it",
+            # plain decode replays CUDA graphs there. A fully eager K=3 step cost ~8x a replayed
+            # plain one (H200); speculative steps now replay graphs for verification and the MTP
+            # layer's runs (drafting's head and sampling stay eager), not yet measured on a GPU
+            # (bench/gpu_check.py), so speculation stays opt-in there
+            print("speculation off: on CUDA plain decode replays CUDA graphs and graphed speculative "
+                  "steps are not yet measured to beat it; --speculative mtp forces it",
                   file=sys.stderr)
             return None
     return spec

@@ -58,7 +58,7 @@ def test_large_steps_and_failed_capture_run_eagerly(tiny_models, monkeypatch):
     assert got == expected and steps == 0
     monkeypatch.setattr(cuda_graph, "MAX_GATHER_ELEMENTS", 1 << 26)
 
-    def fail(self, Bp, Kp):
+    def fail(self, kind, Bp, Kp):
         raise torch.OutOfMemoryError("no memory for the graph")
 
     monkeypatch.setattr(cuda_graph.DecodeGraphs, "_record", fail)
@@ -84,8 +84,9 @@ def test_not_used_where_it_does_not_apply(tiny_models, monkeypatch):
 
 
 def test_cli_auto_speculation_off_where_decode_is_graphed(tiny_models, grafted, tmp_path):
-    """On CUDA with graphs, `--speculative auto` leaves a model's MTP layer unused (its steps
-    would run eagerly against graphed plain decode); eager, TP=2, explicit, or on CPU it is used."""
+    """On CUDA with graphs, `--speculative auto` leaves a model's MTP layer unused (graphed
+    speculative steps are not yet measured against graphed plain decode on a GPU); eager, TP=2,
+    explicit, or on CPU it is used."""
     import json
     import shutil
 

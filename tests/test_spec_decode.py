@@ -162,16 +162,28 @@ def test_speculative_output_identical_to_plain(grafted, k):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_verification_through_the_static_decode_path(grafted, monkeypatch, k):
-    """Verification steps go through the static-shape decode path that CUDA graphs record (run
-    eagerly on CPU here), each fed token a row of its own: greedy and seeded output still equal
-    plain decoding, an unseeded request is verified by rejection sampling, no block leaks."""
+    """Verification steps and the MTP layer's runs (catch-up, chained drafts) go through the
+    static-shape decode path that CUDA graphs record (run eagerly on CPU here), each fed token a
+    row of its own: greedy and seeded output still equal plain decoding, each of those requests
+    drafts and accepts exactly what it does on the normal path (so the MTP rows see the right
+    keys), an unseeded request is verified by rejection sampling, no block leaks."""
     from dist_engine.worker import cuda_graph
 
     path, folder, _ = grafted
     params = [dataclasses.replace(p, seed=None) if i == 5 else p for i, p in enumerate(mixed_params())]
     expected, llm = run(path, params, seed=3)
     llm.shutdown()
-    monkeypatch.setattr(cuda_graph, "STATIC_DECODE_ON_CPU", True)
+    cfg = spec(folder, k, max_draft_tokens_per_step=0, disable_by_batch_size=0)
+
+    def speculate(static: bool):
+        monkeypatch.setattr(cuda_graph, "STATIC_DECODE_ON_CPU", static)
+        with LLM(path, **ARGS, seed=3, speculative_config=cfg) as llm:
+            outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+            assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
+            graphs = llm.engine.executor.worker.runner.graphs
+            runs = graphs.num_mtp_runs if graphs is not None else 0
+        return [o.outputs[0].token_ids for o in outs], [o.metrics.spec.as_dict() for o in outs], runs
+
     real_forward, verify_rows = cuda_graph.DecodeGraphs.forward, []
 
     def spy(self, seqs):
@@ -181,15 +193,16 @@ def test_verification_through_the_static_decode_path(grafted, monkeypatch, k):
         return out
 
     monkeypatch.setattr(cuda_graph.DecodeGraphs, "forward", spy)
-    got, llm = run(path, params, seed=3,
-                   speculative_config=spec(folder, k, max_draft_tokens_per_step=0, disable_by_batch_size=0))
-    with llm:
-        assert [g for i, g in enumerate(got) if i != 5] == [e for i, e in enumerate(expected) if i != 5]
-        assert len(got[5]) == LENS[5]
-        assert llm.engine.spec_stats.num_accepted_tokens > 0
-        assert llm.engine.blocks.num_free == ARGS["num_kv_blocks"]
-    # most steps verified drafts through the path, several sequences of K + 1 rows at once
+    _, eager_stats, _ = speculate(False)
+    got, stats, mtp_runs = speculate(True)
+    same = [i for i in range(len(PROMPTS)) if i != 5]
+    assert [got[i] for i in same] == [expected[i] for i in same] and len(got[5]) == LENS[5]
+    assert [stats[i] for i in same] == [eager_stats[i] for i in same]
+    assert sum(st["num_accepted_tokens"] for st in stats) > 0
+    # most steps verified drafts through the path, several sequences of K + 1 rows at once, and
+    # the MTP layer ran through it about K times a step (catch-up, then K - 1 chained drafts)
     assert len(verify_rows) >= 10 and max(verify_rows) >= 4 * (k + 1)
+    assert mtp_runs >= k * len(verify_rows)
 
 
 def test_batch_one_and_stats(grafted):

@@ -9,7 +9,9 @@ A speculative step's verification is a decode step too: each of its K + 1 tokens
 is a row of its own (position, cache slot, and keys up to itself), and every layer stores all
 rows' K/V before any row attends, so a row sees the drafts before it. Its main forward takes
 the same path (final-norm hidden states only: a model whose MTP layer reads pre-norm ones stays
-eager); the MTP layer's catch-up and chained drafts still run eagerly.
+eager), and so does the MTP layer (``forward_mtp``): its catch-up over the verified positions
+and each chained draft step are rows of the same kind over the MTP layer's own cache, with the
+hidden states they read copied into a fixed buffer. Drafting's head and sampling stay eager.
 
 Shapes are fixed per graph: the rows are padded up to a count from ``BATCH_SIZES`` and the keys
 up to a power of two (at least ``MIN_KEYS``, at most ``max_model_len``), and attention reads the
@@ -69,11 +71,15 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n, self.max_keys // bs, dtype=torch.long, device=dev)
         self.key_pos = torch.arange(self.max_keys, device=dev)
+        # the hidden states the MTP layer's rows read
+        self.hidden_in = (torch.zeros(n, runner.config.model.hidden_size, dtype=runner.dtype, device=dev)
+                          if runner.mtp is not None else None)
         self.scratch_slot = 0  # set by ``bind`` once the cache exists
-        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self.graphs: dict[tuple[str, int, int], tuple[object, torch.Tensor]] = {}  # (kind, Bp, Kp)
         self.pool = None
         self.failed = False  # a capture failed: every step runs eagerly from then on
         self.num_steps = 0  # decode steps that took this path
+        self.num_mtp_runs = 0  # MTP layer runs that took it
 
     @staticmethod
     def supported(runner) -> bool:
@@ -89,15 +95,15 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
 
-    def _shape(self, seqs) -> tuple[int, int] | None:
-        """(padded batch, padded key count) of the graph a step replays, or None when the step
-        does not fit one."""
+    def _shape(self, seqs, main: bool = True) -> tuple[int, int] | None:
+        """(padded rows, padded key count) of the graph a step replays, or None when the step
+        does not fit one. ``main``: the main model, which takes decode steps only (one token per
+        sequence plus the drafts it verifies); the MTP layer takes any rows that fit."""
         r = self.runner
         rows = sum(len(s.token_ids) for s in seqs)
-        # decode steps only: one token per sequence plus the drafts it verifies
         if (self.failed or not 0 < rows <= self.max_batch or r._calibrating
-                or not all(len(s.token_ids) == 1 + s.num_drafts and s.sample and not s.return_hidden
-                           for s in seqs)):
+                or main and not all(len(s.token_ids) == 1 + s.num_drafts and s.sample
+                                    and not s.return_hidden for s in seqs)):
             return None
         Bp = next(b for b in self.sizes if b >= rows)
         Kp = self._key_bucket(max(s.context_len for s in seqs))
@@ -117,9 +123,23 @@ class DecodeGraphs:
         shape = self._shape(seqs)
         if shape is None:
             return None
-        (Bp, Kp), bs = shape, self.block_size
-        nb = Kp // bs
         self.num_steps += 1
+        return self._replay("main", seqs, *shape)
+
+    def forward_mtp(self, seqs, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The MTP layer's raw outputs ``[T, hidden]`` for the tokens of ``seqs`` (token p + 1
+        at position p), reading ``hidden`` ``[T, hidden]``; None: run it eagerly."""
+        shape = self._shape(seqs, main=False)
+        if shape is None:
+            return None
+        self.num_mtp_runs += 1
+        self.hidden_in[:hidden.shape[0]].copy_(hidden)
+        return self._replay("mtp", seqs, *shape)
+
+    def _replay(self, kind: str, seqs, Bp: int, Kp: int) -> torch.Tensor | None:
+        """Fill the buffers with ``seqs``' rows and run (or replay) the ``kind`` graph."""
+        bs = self.block_size
+        nb = Kp // bs
         # one row per fed token: its position, its cache slot, keys up to and including itself
         rows = [(s, t, s.start_pos + j) for s in seqs for j, t in enumerate(s.token_ids)]
         B, pad = len(rows), Bp - len(rows)
@@ -138,11 +158,11 @@ class DecodeGraphs:
             b += len(s.token_ids)
         self.tables[:Bp, :nb].copy_(tables, non_blocking=True)
         if not self.capture:
-            return self._run(Bp, Kp)[:B]
-        entry = self.graphs.get((Bp, Kp))
+            return self._run(kind, Bp, Kp)[:B]
+        entry = self.graphs.get((kind, Bp, Kp))
         if entry is None:
             try:
-                entry = self.graphs[(Bp, Kp)] = self._record(Bp, Kp)
+                entry = self.graphs[(kind, Bp, Kp)] = self._record(kind, Bp, Kp)
             except RuntimeError as e:  # out of memory, say: keep serving, every step eager
                 log.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
                 self.failed = True
@@ -151,7 +171,7 @@ class DecodeGraphs:
         entry[0].replay()
         return entry[1][:B]
 
-    def _run(self, Bp: int, Kp: int) -> torch.Tensor:
+    def _run(self, kind: str, Bp: int, Kp: int) -> torch.Tensor:
         """The forward from the buffers; key slots and mask are computed once for all layers."""
         r, bs = self.runner, self.block_size
         pos = self.key_pos[:Kp].view(1, Kp)
@@ -162,26 +182,30 @@ class DecodeGraphs:
         slots = self.tables[:Bp, :Kp // bs].index_select(1, self.key_pos[:Kp] // bs) * bs + self.key_pos[:Kp] % bs
         group = StaticDecodeGroup(slots.masked_fill(~allowed, 0), (~allowed).view(Bp, 1, 1, Kp))
         meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
-        return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
+        if kind == "main":
+            return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
+        emb = r.model.model.embed_tokens(self.ids[:Bp])  # [Bp, H]
+        return r.mtp.mtp.layer(self.positions[:Bp], emb, self.hidden_in[:Bp], r.mtp.kv, meta)
 
-    def _record(self, Bp: int, Kp: int):
+    def _record(self, kind: str, Bp: int, Kp: int):
         """Warm up once on a side stream (lazy initialisation stays out of the graph), then
         record. The warm-up writes this step's K/V, which the replay writes again (same values)."""
         self._forget_caches()
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._run(Bp, Kp)
+            self._run(kind, Bp, Kp)
         torch.cuda.current_stream().wait_stream(side)
         self._forget_caches()  # what a layer caches per positions tensor must be recorded too
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._run(Bp, Kp)
+            out = self._run(kind, Bp, Kp)
         self.pool = graph.pool()
         self._forget_caches()
         return graph, out
 
     def _forget_caches(self) -> None:
-        for m in self.runner.model.modules():
+        roots = [self.runner.model] + ([self.runner.mtp.mtp] if self.runner.mtp is not None else [])
+        for m in (m for root in roots for m in root.modules()):
             if getattr(m, "_cached", None) is not None:
                 m._cached = None

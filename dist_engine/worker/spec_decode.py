@@ -154,15 +154,18 @@ class MTPDecoder:
     def _run(self, work: list[SeqWork], hidden: torch.Tensor, same_as: ForwardBatch | None = None
              ) -> tuple[torch.Tensor, ForwardBatch]:
         """MTP layer over ``work``; ``same_as``: a batch with exactly these positions and slots
-        (the main pass's, when no drafts are fed or wanted), whose metadata is reused."""
+        (the main pass's, when no drafts are fed or wanted), whose metadata is reused. Runs that
+        fit go through the static-shape path CUDA graphs record (``cuda_graph.py``)."""
         r = self.runner
         if same_as is None:
             batch = r.build(work)
         else:
             ids = torch.tensor([t for w in work for t in w.token_ids], device=hidden.device)
             batch = replace(same_as, ids=ids)
-        emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
-        g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
+        g = r.graphs.forward_mtp(work, hidden) if r.graphs is not None else None  # [T, H]
+        if g is None:
+            emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
+            g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
         return g, batch
 
     # ---- one step ------------------------------------------------------------------------------
