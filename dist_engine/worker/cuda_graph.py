@@ -19,7 +19,7 @@ key slots through block tables on the device (``StaticDecodeGroup``). Padding ro
 at position 0, attend slot 0 and write their K/V into a scratch block past the ones the block
 manager owns, so they never touch a sequence's cache. Graphs are captured when a shape is first
 needed (that step pays the capture, tens of milliseconds) and share one memory pool. Steps that
-do not fit (prefill chunks, speculative verification, hidden states asked for, TP or sequence
+do not fit (prefill chunks, hidden states asked for, more rows than the largest size, TP or sequence
 shards, MoE routing, MLA, more than ``MAX_GATHER_ELEMENTS`` gathered K/V elements) run eagerly,
 and so does every step after a capture fails (out of memory, say).
 """
