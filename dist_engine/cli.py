@@ -213,6 +213,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_graft(a: argparse.Namespace) -> int:
     import os
 
+    import torch
+
     from dist_engine.graft.data import generate_answers
     from dist_engine.graft.prompts import split_prompts
     from dist_engine.graft.train import graft
@@ -222,9 +224,10 @@ def cmd_graft(a: argparse.Namespace) -> int:
     train_p, held_p = split_prompts()
     answers_file = a.answers or os.path.join(a.out, "answers.jsonl")
     hidden_dir = os.path.join(os.path.dirname(os.path.abspath(answers_file)), "hidden")
+    device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     recs = generate_answers(a.model, train_p + held_p, answers_file,
                             samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
-                            batch=a.batch, hidden_dir=hidden_dir)
+                            batch=a.batch, hidden_dir=hidden_dir, device=device)
     held = set(held_p)
     seqs: dict[bool, list] = {True: [], False: []}
     plens: dict[bool, list] = {True: [], False: []}
@@ -234,7 +237,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
     meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  batch_size=a.batch_size, targets=a.targets, feedback=a.feedback,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
-                 prompt_lens=plens[False] + plens[True], hidden_dir=hidden_dir,
+                 prompt_lens=plens[False] + plens[True], hidden_dir=hidden_dir, device=device,
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     last = meta["held_out"][f"epoch_{a.epochs}"]
     print(f"graft written to {a.out}: held-out accuracy per depth {last['accuracy_per_depth']} "
@@ -350,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--init", default=None, metavar="GRAFT_DIR",
                     help="start from this graft (same base) instead of a copy of the base's last "
                          "layer, e.g. to continue training on more answers")
+    gm.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where answers are generated and the layer trained (auto: cuda if present)")
     gm.set_defaults(func=cmd_graft)
 
     bs = sub.add_parser("bench-serve", help="gRPC load generator: Poisson arrivals at several rates")

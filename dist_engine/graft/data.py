@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_per_prompt: int = 1,
                      temperature: float = 0.7, max_tokens: int = 256, dtype: str = "float32",
-                     batch: int = 64, hidden_dir: str | None = None) -> list[dict]:
+                     batch: int = 64, hidden_dir: str | None = None, device: str = "cpu") -> list[dict]:
     """Answer every prompt ``samples_per_prompt`` times (answer 0 greedy, the rest sampled at
     ``temperature`` with fixed seeds); append to ``out_file``, skipping answers already there.
     ``hidden_dir``: also save each answer's final-norm hidden states (``[L - 1, H]`` for its L
@@ -30,7 +30,7 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
     if not todo:
         return done
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    with LLM(model, dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=1024) as llm, \
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=batch, max_num_batched_tokens=1024) as llm, \
             open(out_file, "a") as f, tqdm(total=len(todo), desc="answers", unit="ans") as bar:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
@@ -46,7 +46,7 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
                 f.write(json.dumps(rec) + "\n")
                 done.append(rec)
                 seqs.append(pid + rec["output_ids"])
-                hidden.append(out.outputs[0].hidden_states)
+                hidden.append(out.outputs[0].hidden_states.cpu())
             if keep:
                 save_hidden(hidden_dir, f"{len(done):07d}", seqs, hidden)
             f.flush()

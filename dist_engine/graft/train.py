@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None = None,
-                 hidden_dir: str | None = None, head: torch.Tensor | None = None
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 hidden_dir: str | None = None, head: torch.Tensor | None = None,
+                 device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: (hidden ``[L, H]`` after the final norm, greedy predictions ``[L]``);
     kept in ``cache_file``, so a repeated run, or one on more answers, only computes the
     sequences the cache does not hold. Predictions come from ``head`` ``[vocab, H]`` (default:
@@ -64,11 +64,11 @@ def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None 
     todo = [s for s in missing if tuple(s) not in known]
     if todo:  # each sequence as a prompt: its whole prefill's rows, [L, H]
         params = SamplingParams(temperature=0, max_tokens=1, return_hidden_states=True)
-        with LLM(model_path, dtype="float32", skip_tokenizer_init=True, max_num_seqs=16,
+        with LLM(model_path, dtype="float32", device=device, skip_tokenizer_init=True, max_num_seqs=16,
                  max_num_batched_tokens=2048, max_model_len=max(map(len, todo)) + 1) as llm:
             outs = llm.generate(prompt_token_ids=todo, sampling_params=params, use_tqdm=True)
         for s, o in zip(todo, outs):
-            h = o.outputs[0].hidden_states.float()
+            h = o.outputs[0].hidden_states.float().cpu()
             known[tuple(s)] = (h, (h @ head.t()).argmax(-1))
     out = [known[tuple(s)] for s in seqs]
     if cache_file and missing:
@@ -94,13 +94,14 @@ def base_head(model_path: str, base: dict[str, torch.Tensor] | None = None) -> t
 class Batches:
     """Right-padded batches of (tokens, hidden, predictions), similar lengths together."""
 
-    def __init__(self, seqs, teach, batch_size: int, shuffle_seed: int | None) -> None:
+    def __init__(self, seqs, teach, batch_size: int, shuffle_seed: int | None,
+                 device: torch.device | str = "cpu") -> None:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         self.groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if shuffle_seed is not None:
             g = torch.Generator().manual_seed(shuffle_seed)
             self.groups = [self.groups[i] for i in torch.randperm(len(self.groups), generator=g)]
-        self.seqs, self.teach = seqs, teach
+        self.seqs, self.teach, self.device = seqs, teach, device
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -115,7 +116,7 @@ class Batches:
                 n = len(self.seqs[i])
                 x[b, :n] = torch.tensor(self.seqs[i])
                 h[b, :n], y[b, :n] = self.teach[i]
-            yield x, h, y
+            yield x.to(self.device), h.to(self.device), y.to(self.device)
 
 
 def chained_logits(mtp: GraftMTP, embed: torch.Tensor, head: torch.Tensor, x, h, depth: int,
@@ -193,7 +194,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
           targets: str = "soft", feedback: str = "normed", init_from: str | None = None,
           prompt_lens: list[int] | None = None, hidden_dir: str | None = None,
-          extra_meta: dict | None = None) -> dict:
+          extra_meta: dict | None = None, device: str = "cpu") -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
     tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
     memorised and inflate the score). ``targets``: ``hard`` = cross-entropy against the base's
@@ -202,7 +203,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     graft folder for the same base to start from (e.g. to continue on more answers) instead of
     the copy of the base's last layer. ``hidden_dir``: the base's hidden states saved while
     generating the answers (:func:`teacher_pass` computes only the rest). ``feedback``: what a
-    chained step feeds the next (``SpeculativeConfig.feedback``; recorded in the graft)."""
+    chained step feeds the next (``SpeculativeConfig.feedback``; recorded in the graft).
+    ``device``: where the teacher pass and the training run (``cuda`` for a large base)."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
     if feedback not in ("normed", "raw"):
@@ -222,7 +224,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     embed = base["model.embed_tokens.weight"].float()
     full_head = base_head(model_path, base)
     teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"),
-                         hidden_dir, full_head)
+                         hidden_dir, full_head, device)
     if prompt_lens is not None:  # y[q] predicts token q + 1: keep q + 1 >= prompt length
         teach = [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
                  for (h, y), n in zip(teach, prompt_lens)]
@@ -230,14 +232,16 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     counts = torch.bincount(torch.cat([y[y >= 0] for _, y in t_train]), minlength=cfg.vocab_size)
     vocab_ids = torch.argsort(counts, descending=True, stable=True)[:draft_vocab_size]
     coverage = float(counts[vocab_ids].sum() / counts.sum())
-    remap = vocab_ids  # draft index -> token id
     to_draft = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
     to_draft[vocab_ids] = torch.arange(len(vocab_ids))
-    head = full_head[vocab_ids]  # [V', H]
+    dev = torch.device(device)
+    embed, head = embed.to(dev), full_head[vocab_ids].to(dev)  # head [V', H]
+    remap, to_draft = vocab_ids.to(dev), to_draft.to(dev)  # draft index -> token id, and back
     max_len = max(len(s) for s in train_seqs + held_seqs) + depth + 1
     mtp = GraftMTP(cfg, max_len)
     mtp.init_from_base(base)
-    held = Batches(held_seqs, t_held, batch_size, None)
+    mtp.to(dev)
+    held = Batches(held_seqs, t_held, batch_size, None, dev)
     report = {"untrained": evaluate(mtp, embed, head, remap, held, depth, feedback)}
     if init_from is not None:
         mtp.load_exported(load_file(os.path.join(init_from, GRAFT_WEIGHTS)))
@@ -246,7 +250,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     # whether more answers (over-fitting) or a larger layer (under-fitting) would help
     every = max(1, len(train_seqs) // max(1, len(held_seqs)))
     seen = Batches(train_seqs[::every][:len(held_seqs)], t_train[::every][:len(held_seqs)],
-                   batch_size, None)
+                   batch_size, None, dev)
     opt = torch.optim.AdamW(mtp.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * len(Batches(train_seqs, t_train, batch_size, None))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -254,7 +258,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     ckpt = os.path.join(out_dir, "graft_checkpoint.pt")
     start_epoch = 0
     if os.path.isfile(ckpt):
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=dev)
         mtp.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -264,7 +268,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     weights = [1.0, 0.5, 0.35, 0.25][:depth] + [0.25] * max(0, depth - 4)
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
-        bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch), desc=f"epoch {epoch + 1}/{epochs}")
+        bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch, dev),
+                   desc=f"epoch {epoch + 1}/{epochs}")
         for x, h, y in bar:
             loss = torch.zeros(())
             probs = base_probs(h, head) if targets == "soft" else None
@@ -282,7 +287,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
         torch.save({"model": mtp.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "report": report}, ckpt)
-    tensors = mtp.export(getattr(torch, dtype))
+    tensors = {k: v.cpu() for k, v in mtp.export(getattr(torch, dtype)).items()}
     tensors[DRAFT_VOCAB_TENSOR] = vocab_ids.contiguous()
     save_file(tensors, os.path.join(out_dir, GRAFT_WEIGHTS))
     meta = {
