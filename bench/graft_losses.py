@@ -31,10 +31,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from dist_engine.config import ModelConfig  # noqa: E402
 from dist_engine.graft.artifact import shipped_graft  # noqa: E402
+from dist_engine.graft.data import load_answers, split_answers  # noqa: E402
 from dist_engine.graft.model import GraftMTP  # noqa: E402
 from dist_engine.graft.prompts import split_prompts  # noqa: E402
 from dist_engine.graft.train import (  # noqa: E402
     Batches,
+    answer_targets,
     base_head,
     base_probs,
     chained_logits,
@@ -56,30 +58,23 @@ class Setup:
         from safetensors.torch import load_file
 
         path = resolve_model(model)
-        held = set(split_prompts()[1])
-        recs = [json.loads(line) for line in open(os.path.join(work, "answers.jsonl"))]
-        seqs: dict[bool, list] = {True: [], False: []}
-        plens: dict[bool, list] = {True: [], False: []}
-        for r in recs:
-            seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
-            plens[r["prompt"] in held].append(len(r["prompt_ids"]))
+        recs = load_answers(os.path.join(work, "answers.jsonl"))
+        (train, train_lens), (held, held_lens) = split_answers(recs, split_prompts()[1])
         self.cfg = ModelConfig.from_pretrained(path)
         base = load_base(path)
         self.embed = base["model.embed_tokens.weight"].float()
         self.full_head = base_head(path, base)
-        teach = teacher_pass(path, seqs[False] + seqs[True], os.path.join(work, "teacher.pt"),
-                             None, self.full_head)
+        teach = teacher_pass(path, train + held, os.path.join(work, "teacher.pt"), None, self.full_head)
         # score and learn answer tokens only, as graft-mtp does
-        teach = [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
-                 for (h, y), n in zip(teach, plens[False] + plens[True])]
-        self.train = (seqs[False], teach[:len(seqs[False])])
-        self.held = (seqs[True], teach[len(seqs[False]):])
+        teach = answer_targets(teach, train_lens + held_lens)
+        self.train = (train, teach[:len(train)])
+        self.held = (held, teach[len(train):])
         self.weights = load_file(os.path.join(graft, GRAFT_WEIGHTS))
         self.vocab_ids = self.weights.pop(DRAFT_VOCAB_TENSOR).long()
         self.to_draft = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long)
         self.to_draft[self.vocab_ids] = torch.arange(len(self.vocab_ids))
         self.head = self.full_head[self.vocab_ids]  # [V', H]
-        self.max_len = max(map(len, seqs[False] + seqs[True])) + DEPTH + 1
+        self.max_len = max(map(len, train + held)) + DEPTH + 1
 
     def layer(self) -> GraftMTP:
         mtp = GraftMTP(self.cfg, self.max_len)

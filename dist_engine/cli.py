@@ -215,7 +215,7 @@ def cmd_graft(a: argparse.Namespace) -> int:
 
     import torch
 
-    from dist_engine.graft.data import generate_answers
+    from dist_engine.graft.data import generate_answers, split_answers
     from dist_engine.graft.prompts import split_prompts
     from dist_engine.graft.train import graft
     from dist_engine.weights.registry import resolve_model
@@ -228,16 +228,11 @@ def cmd_graft(a: argparse.Namespace) -> int:
     recs = generate_answers(a.model, train_p + held_p, answers_file,
                             samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
                             batch=a.batch, hidden_dir=hidden_dir, device=device)
-    held = set(held_p)
-    seqs: dict[bool, list] = {True: [], False: []}
-    plens: dict[bool, list] = {True: [], False: []}
-    for r in recs:
-        seqs[r["prompt"] in held].append(r["prompt_ids"] + r["output_ids"])
-        plens[r["prompt"] in held].append(len(r["prompt_ids"]))
-    meta = graft(path, seqs[False], seqs[True], a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
+    (train, train_lens), (held, held_lens) = split_answers(recs, held_p)
+    meta = graft(path, train, held, a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  batch_size=a.batch_size, targets=a.targets, feedback=a.feedback,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
-                 prompt_lens=plens[False] + plens[True], hidden_dir=hidden_dir, device=device,
+                 prompt_lens=train_lens + held_lens, hidden_dir=hidden_dir, device=device,
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     last = meta["held_out"][f"epoch_{a.epochs}"]
     print(f"graft written to {a.out}: held-out accuracy per depth {last['accuracy_per_depth']} "

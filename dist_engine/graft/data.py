@@ -61,6 +61,18 @@ def load_answers(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def split_answers(recs: list[dict], held_prompts: list[str]
+                  ) -> tuple[tuple[list[list[int]], list[int]], tuple[list[list[int]], list[int]]]:
+    """(training, held-out) answers, each as (prompt + answer token ids, prompt lengths)."""
+    held = set(held_prompts)
+    out: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    for r in recs:
+        seqs, lens = out[r["prompt"] in held]
+        seqs.append(r["prompt_ids"] + r["output_ids"])
+        lens.append(len(r["prompt_ids"]))
+    return out[False], out[True]
+
+
 def save_hidden(hidden_dir: str, name: str, seqs: list[list[int]], hidden: list[torch.Tensor]) -> None:
     """One batch of sequences and their final-norm hidden states ``[L - 1, H]`` (fp32)."""
     os.makedirs(hidden_dir, exist_ok=True)

@@ -77,6 +77,14 @@ def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None 
     return out
 
 
+def answer_targets(teach, prompt_lens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher signal with the prompt's targets dropped (-1), so that only predictions of
+    answer tokens are learnt and scored: y[q] predicts token q + 1, kept where q + 1 >= the
+    prompt length."""
+    return [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
+            for (h, y), n in zip(teach, prompt_lens)]
+
+
 def load_base(model_path: str) -> dict[str, torch.Tensor]:
     """Every tensor of the base checkpoint."""
     base = {}
@@ -225,9 +233,8 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     full_head = base_head(model_path, base)
     teach = teacher_pass(model_path, train_seqs + held_seqs, os.path.join(out_dir, "teacher.pt"),
                          hidden_dir, full_head, device)
-    if prompt_lens is not None:  # y[q] predicts token q + 1: keep q + 1 >= prompt length
-        teach = [(h, y.clone().index_fill_(0, torch.arange(max(0, n - 1)), -1))
-                 for (h, y), n in zip(teach, prompt_lens)]
+    if prompt_lens is not None:
+        teach = answer_targets(teach, prompt_lens)
     t_train, t_held = teach[:len(train_seqs)], teach[len(train_seqs):]
     counts = torch.bincount(torch.cat([y[y >= 0] for _, y in t_train]), minlength=cfg.vocab_size)
     vocab_ids = torch.argsort(counts, descending=True, stable=True)[:draft_vocab_size]
