@@ -126,18 +126,10 @@ static inline __attribute__((always_inline)) void row_x4(int mode, const float *
  * products of the default model (fp32, two Zen 3 cores): 2 rows 29.9 vs 31.4 ms (1 row: 29.1
  * ms), 3 rows 33.8 vs 37.0, 4 rows 34.6 vs 37.3; bf16 2 rows 18.3 vs 19.4 ms. There each pair of
  * rows is one more pass over the panels, slower than six-row tiles from 5 rows on (bf16: 3).
- * With AVX-512's thirty-two registers a group is four rows (24 accumulators), and groups of
- * four beat the six-row tiles at every row count: median of 20 alternating passes over the same
- * products (fp32, two Sapphire Rapids vCPUs), rows 3 / 4 / 8 / 16 / 128: 32.1 vs 38.1, 33.6 vs
- * 42.0, 37.9 vs 53.7, 55.2 vs 70.5, 311 vs 381 ms (1 row: 28 ms); bf16 rows 3 / 4 / 8: 17.7 vs
- * 26.0, 17.9 vs 27.1, 29.1 vs 38.2 ms, on par from 64 rows. */
-#if defined(__AVX512VL__)
-#define GROUP_ROWS 4
-#define GROUPED_MAX(W_BF16) ROW_BLOCK
-#else
+ * (AVX-512 builds use the 16-lane tiles further down instead; docs/performance.md has the
+ * four-row groups they replaced.) */
 #define GROUP_ROWS 2
 #define GROUPED_MAX(W_BF16) ((W_BF16) ? 2 : 4)
-#endif
 #define ROW3(m, A0, B0, A1, B1, A2, B2)                                                       \
     if (MR > m) {                                                                             \
         const float xv = x[m * xs + k];                                                       \
@@ -163,24 +155,14 @@ static inline __attribute__((always_inline)) void rows_x3(int mode, int MR, cons
     const int64_t valid2 = N - n0 - 2 * PANEL < PANEL ? N - n0 - 2 * PANEL : PANEL;
     v8f a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0}, e0 = {0}, f0 = {0};
     v8f a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0}, e1 = {0}, f1 = {0};
-#if GROUP_ROWS > 2
-    v8f a2 = {0}, b2 = {0}, c2 = {0}, d2 = {0}, e2 = {0}, f2 = {0};
-    v8f a3 = {0}, b3 = {0}, c3 = {0}, d3 = {0}, e3 = {0}, f3 = {0};
-#endif
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2;
         load_k(W16(mode), p0, k, &lo0, &hi0);
         load_k(W16(mode), p1, k, &lo1, &hi1);
         load_k(W16(mode), p2, k, &lo2, &hi2);
         ROW3(0, a0, b0, c0, d0, e0, f0) ROW3(1, a1, b1, c1, d1, e1, f1)
-#if GROUP_ROWS > 2
-        ROW3(2, a2, b2, c2, d2, e2, f2) ROW3(3, a3, b3, c3, d3, e3, f3)
-#endif
     }
     OUT3(0, a0, b0, c0, d0, e0, f0) OUT3(1, a1, b1, c1, d1, e1, f1)
-#if GROUP_ROWS > 2
-    OUT3(2, a2, b2, c2, d2, e2, f2) OUT3(3, a3, b3, c3, d3, e3, f3)
-#endif
 }
 
 /* Rows [0, rows) of x against three panels, a group of GROUP_ROWS at a time. */
@@ -193,10 +175,6 @@ static inline __attribute__((always_inline)) void rows_x3_groups(int mode, const
         char *ym = (char *)y + m * y_row_bytes;
         switch (rows - m) { /* a constant row count at each call, so the accumulators stay registers */
         case 1: rows_x3(mode, 1, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
-#if GROUP_ROWS > 2
-        case 2: rows_x3(mode, 2, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
-        case 3: rows_x3(mode, 3, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0); break;
-#endif
         default: rows_x3(mode, GROUP_ROWS, xm, xs, panel, K, bias, ym, y_row_bytes, N, n0);
         }
     }
@@ -310,9 +288,10 @@ static inline __attribute__((always_inline)) void rows_x_panel(int mode, const f
 
 /* Rows [0, rows) of x (at most ROW_BLOCK) against every panel, into y. Each thread takes a
  * contiguous run of panels (a balanced split, so small products use both cores evenly); a
- * single row goes four panels at a time; more rows go three panels at a time in groups of
- * GROUP_ROWS (AVX2: only up to 4 rows, bf16 2), other rows and the panels left over in six-row
- * tiles against one panel. */
+ * single row goes four panels at a time; two to four rows (bf16: two) go three panels at a time
+ * in pairs, other rows and the panels left over in six-row tiles against one panel. With
+ * AVX-512, tiles of up to four rows against four panels, then against single panels (a lone row
+ * against bf16 panels first takes the four-panel loop). */
 #if defined(__AVX512F__)
 #define BLOCK(MODE, X, XS, rows, Y)                                                             \
     _Pragma("omp parallel num_threads(n_panels >= 4 ? threads : 1)")                            \
