@@ -27,7 +27,7 @@ def ours(path: str, ids: list[int], n: int, dtype: str, tp: int):
     from dist_engine import LLM, SamplingParams
 
     llm = LLM(path, tensor_parallel_size=tp, dtype=dtype, max_model_len=1024,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, speculative="none")
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=4))
 

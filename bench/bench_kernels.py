@@ -37,7 +37,7 @@ def main() -> None:
     path = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     reqs = {c: workload(tok, max(8, 4 * c), seed=0) for c in (1, 16)}
-    llm = LLM(path, max_model_len=1024)
+    llm = LLM(path, max_model_len=1024, speculative="none")
     runner = llm.engine.executor.worker.runner
     if not runner.use_paged_kernel or not gumbel._kernel():
         raise SystemExit("the C kernels are not built here (no compiler?): nothing to compare")

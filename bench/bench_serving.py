@@ -130,7 +130,7 @@ def prefix_ttft(path: str, tok, caching: bool, later: int = 6) -> list[float]:
     system = ("You are the support assistant of a company that builds inference engines. " + " ".join(
         f"Rule {i}: answer {WORDS[i % len(WORDS)]} questions about {WORDS[(i * 7) % len(WORDS)]} "
         f"politely and cite the {WORDS[(i * 3) % len(WORDS)]} handbook." for i in range(26)))
-    llm = LLM(path, max_model_len=1024, enable_prefix_caching=caching)
+    llm = LLM(path, max_model_len=1024, enable_prefix_caching=caching, speculative="none")
     try:
         ttft = []
         for i in range(later + 1):
@@ -164,7 +164,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     levels = [int(c) for c in a.concurrency.split(",")]
     rows = []
-    llm = LLM(path, max_model_len=1024)
+    llm = LLM(path, max_model_len=1024, speculative="none")
     hf = None if a.skip_transformers else AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32).eval()
     gguf = fetch_gguf(a.model) if a.model in KNOWN_MODELS else None

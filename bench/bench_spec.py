@@ -54,7 +54,8 @@ def make_llms(path, ks, graft) -> dict:
     llms = {}
     try:
         for name, spec in specs.items():
-            llms[name] = LLM(path, max_model_len=1024, kv_cache_memory=256 << 20, speculative_config=spec)
+            llms[name] = LLM(path, max_model_len=1024, kv_cache_memory=256 << 20,
+                             speculative="mtp" if spec else "none", speculative_config=spec)
             llms[name].generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=8))
     except BaseException:
         for llm in llms.values():

@@ -66,7 +66,8 @@ def parity(tmp: str, dev: str, arch: str) -> dict:
     path = make_tiny(arch, os.path.join(tmp, arch))
     prompt = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12]
     n = 24
-    with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64) as llm:
+    with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64,
+             speculative="none") as llm:
         out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
             temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0].outputs[0]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
@@ -119,7 +120,8 @@ def long_context(tmp: str, dev: str) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
     outs = {}
     for eager in (False, True):
-        with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=6144, enforce_eager=eager) as llm:
+        with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=6144, enforce_eager=eager,
+                 speculative="none") as llm:
             outs[eager] = llm.generate(prompt_token_ids=prompt, sampling_params=sp)[0].outputs[0]
     g, e = outs[False], outs[True]
     res = {"tiny_identical": g.token_ids == e.token_ids,
@@ -130,7 +132,7 @@ def long_context(tmp: str, dev: str) -> dict:
         sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
         for eager in (False, True):
             with LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=4096,
-                     num_kv_blocks=2048, enforce_eager=eager) as llm:
+                     num_kv_blocks=2048, enforce_eager=eager, speculative="none") as llm:
                 llm.generate(prompt_token_ids=long, sampling_params=SamplingParams(max_tokens=4))
                 res[f"1b_ctx3500_{'eager' if eager else 'graphs'}_tok_s"] = timed_generate(llm, long, sp, dev)
     return res
@@ -187,7 +189,7 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     many = [[1, 5 + i] + prompt[0][2:] for i in range(16)]
     tokens_of = {}
     for eager in (False, True):  # CUDA graphs for decode, then every step eager
-        with LLM(path, enforce_eager=eager, **args) as llm:
+        with LLM(path, enforce_eager=eager, speculative="none", **args) as llm:
             llm.generate(prompt_token_ids=prompt, sampling_params=warm)
             key = "eager_" if eager else ""
             res[f"{key}plain_tok_s"] = max(timed_generate(llm, prompt, sp, dev) for _ in range(2))

@@ -3,121 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 
-from dist_engine.config import DTYPES, KV_CACHE_DTYPES
-from dist_engine.weights.registry import DEFAULT_MODEL
+from dist_engine.config import DTYPES, EngineArgs
+from dist_engine.config.args import DEFAULT_MODEL
+from dist_engine.config.sizes import parse_size
 
 
 def parse_bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
-             "gib": 2**30}
-    t = text.strip().lower()
-    num = t.rstrip("abgikmt")
     try:
-        return int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 500MB, 1000000)") from None
+        return parse_size(text, "size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a local HF-format folder or a known name (default: %(default)s)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Ray actors if > 1)")
-    p.add_argument("--cp", type=int, default=1,
-                   help="context-parallel ranks: each holds 1/CP of every sequence's KV cache "
-                        "(world = TP x CP Ray actors)")
-    p.add_argument("--dcp", type=int, default=1,
-                   help="decode context parallel: inside the TP group, ranks that would duplicate "
-                        "the same KV heads hold disjoint parts of each sequence instead (divides "
-                        "TP / KV heads)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit in tokens (default: the model's, at most 8192)")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV cache bytes per rank, e.g. 2GiB or 500MB (default: from --memory-fraction)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="K/V storage: auto (the model dtype) or fp8_e4m3 (half the bytes of "
-                        "bfloat16, per-layer scales calibrated at start-up)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step, prefill chunks included (default: 512 on CPU, 2048 on CUDA)")
-    p.add_argument("--memory-fraction", type=float, default=0.5,
-                   help="share of the memory left after weights and activations given to the KV cache")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--placement-strategy", default="PACK",
-                   choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                   help="how ranks spread over Ray nodes (STRICT_SPREAD: one rank per node)")
-    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    p.add_argument("--speculative", choices=("auto", "mtp", "none"), default="auto",
-                   help="MTP self-speculative decoding; auto: on when the model has MTP layers or "
-                        "a shipped graft")
-    p.add_argument("--num-speculative-tokens", type=int, default=1,
-                   help="drafts per step (K, 1-4; with the shipped graft K=1 and K=3 with the adaptive "
-                        "depth are within noise of each other, see bench/results/spec.md)")
-    p.add_argument("--min-draft-acceptance", type=float, default=0.1,
-                   help="propose a draft position only while recent steps accepted it at least this "
-                        "often (every 8th step probes all K); 0 drafts K every step")
-    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
-                   help="requests admitted while more than this many sequences are in the engine "
-                        "run without speculation (default: 8, where the draft budget leaves no "
-                        "draft; 0: never)")
-    p.add_argument("--speculative-model", default=None,
-                   help="a graft folder from `dist-engine graft-mtp` (default: the model's own "
-                        "MTP layers or the graft shipped for it)")
+    """One flag per ``EngineArgs`` field that has one, with its default and help from there."""
+    for f in dataclasses.fields(EngineArgs):
+        meta = dict(f.metadata)
+        flag = meta.pop("cli_flag", None)
+        if flag is None:
+            continue
+        help_text = meta.pop("help", "")
+        if f.type in ("bool", bool):  # store_true flags; --no-X flags store False
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, default=f.default, help=help_text)
+            continue
+        kind = {"kv_cache_memory": parse_bytes}.get(f.name) or _scalar_type(f.type)
+        shown = "" if f.default is None else " (default: %(default)s)"
+        if "choices" not in meta:
+            meta["metavar"] = flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text + shown, **meta)
 
 
-def speculative_arg(a: argparse.Namespace) -> dict | None:
-    if a.speculative == "none":
-        return None
-    spec = {"method": "mtp", "num_speculative_tokens": a.num_speculative_tokens,
-            "min_draft_acceptance": a.min_draft_acceptance}
-    if a.speculative_disable_by_batch_size is not None:
-        spec["disable_by_batch_size"] = a.speculative_disable_by_batch_size
-    if a.speculative_model:
-        spec["model"] = a.speculative_model
-    if a.speculative == "auto":
-        from dist_engine.config import ModelConfig
-        from dist_engine.graft.artifact import shipped_graft
-        from dist_engine.weights.registry import resolve_model
-
-        cfg = ModelConfig.from_pretrained(resolve_model(a.model))
-        if not a.speculative_model and not cfg.num_nextn_predict_layers and shipped_graft(a.model) is None:
-            return None
-        from dist_engine.worker.cuda_graph import graphs_apply
-
-        if (not a.speculative_model and a.device == "cuda" and not a.enforce_eager
-                and graphs_apply(cfg, a.tp, a.cp, a.dcp)):
-            # plain decode replays CUDA graphs there. A fully eager K=3 step cost ~8x a replayed
-            # plain one (H200); speculative steps now replay graphs for verification and the MTP
-            # layer's runs (drafting's head and sampling stay eager), not yet measured on a GPU
-            # (bench/gpu_check.py), so speculation stays opt-in there
-            print("speculation off: on CUDA plain decode replays CUDA graphs and graphed speculative "
-                  "steps are not yet measured to beat it; --speculative mtp forces it",
-                  file=sys.stderr)
-            return None
-    return spec
+def _scalar_type(annotation) -> type:
+    """int / float / str from an annotation such as ``"int | None"``."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+    return next((t for t in (int, float) if text.split(" |")[0] == t.__name__), str)
 
 
-def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(model=a.model, tensor_parallel_size=a.tp, context_parallel_size=a.cp,
-                decode_context_parallel_size=a.dcp,
-                dtype=a.dtype, device=a.device,
-                max_model_len=a.max_model_len, kv_cache_memory=a.kv_cache_memory,
-                block_size=a.block_size, kv_cache_dtype=a.kv_cache_dtype, memory_fraction=a.memory_fraction,
-                enable_prefix_caching=not a.no_prefix_caching,
-                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                ray_address=a.ray_address, placement_strategy=a.placement_strategy,
-                cpu_threads=a.cpu_threads, enforce_eager=a.enforce_eager,
-                speculative_config=speculative_arg(a))
+def engine_args(a: argparse.Namespace, **overrides) -> EngineArgs:
+    """``EngineArgs`` from parsed flags (fields without a flag keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs) if f.metadata.get("cli_flag")}
+    return EngineArgs(**{k: v for k, v in vars(a).items() if k in names}, **overrides)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -125,7 +57,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                             max_tokens=a.max_tokens)
-    llm = LLM(**engine_kwargs(a))
+    llm = LLM(engine_args=engine_args(a))
     try:
         ids = (llm.apply_chat_template([{"role": "user", "content": a.prompt}]) if not a.no_chat
                else list(llm.tokenizer.encode(a.prompt)))
@@ -173,8 +105,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from dist_engine.server.app import serve
 
-    kw = engine_kwargs(a)
-    kw["skip_tokenizer_init"] = a.no_tokenizer
+    kw = engine_args(a, skip_tokenizer_init=a.no_tokenizer)
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None
     asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds,

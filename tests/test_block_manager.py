@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from dist_engine.kv_cache.block_manager import BlockManager
+from dist_engine.kv_cache.block_manager import BlockManager, chain_hash, namespace_digest
 
 
 def test_grow_and_free_exact_ids():
@@ -54,13 +54,31 @@ def test_salted_blocks_are_shared_only_under_the_same_salt():
     a: list[int] = []
     ha: list[int] = []
     bm.grow(a, len(tokens))
-    bm.commit(a, ha, tokens, len(tokens), salt="without-mtp-cache")
+    tenant = namespace_digest("tenant-a")
+    bm.commit(a, ha, tokens, len(tokens), root=tenant)
     assert bm.match_prefix(tokens) == ([], [])  # unsalted lookups do not see them
-    hits, _ = bm.match_prefix(tokens, salt="without-mtp-cache")
+    assert bm.match_prefix(tokens, namespace_digest("tenant-b")) == ([], [])
+    assert bm.match_prefix(tokens, namespace_digest("tenant-a", "without-mtp-cache")) == ([], [])
+    hits, _ = bm.match_prefix(tokens, root=namespace_digest("tenant-a"))
     assert hits == a[:2]
     bm.free_blocks(hits)
     bm.free_blocks(a)
     assert bm.num_free == 8
+
+
+def test_block_keys_are_sha256_of_parent_and_token_ids():
+    """The key is a collision-resistant digest of the whole chain, not Python's hash(): equal
+    only for equal (namespace, tokens), and Python's hash randomisation does not change it."""
+    import hashlib
+    import struct
+
+    root = namespace_digest()
+    d = chain_hash(root, [1, 2, 3, 4])
+    assert d == hashlib.sha256(root + struct.pack("<4q", 1, 2, 3, 4)).digest() and len(d) == 32
+    assert chain_hash(d, [5, 6]) != chain_hash(chain_hash(root, [1, 2, 3, 5]), [5, 6])
+    # key boundaries cannot be shifted: ("ab", None) vs ("a", "b") differ
+    assert namespace_digest("ab", None) != namespace_digest("a", "b") != namespace_digest("a", None, "b")
+    assert namespace_digest(None) != namespace_digest("") != namespace_digest()
 
 
 def test_eviction_least_recently_freed_first():

@@ -86,11 +86,19 @@ def test_not_used_where_it_does_not_apply(tiny_models, monkeypatch):
 def test_cli_auto_speculation_off_where_decode_is_graphed(tiny_models, grafted, tmp_path):
     """On CUDA with graphs, `--speculative auto` leaves a model's MTP layer unused (graphed
     speculative steps are not yet measured against graphed plain decode on a GPU); eager, TP=2,
-    explicit, or on CPU it is used."""
+    explicit, or on CPU it is used. The CLI and the Python API resolve it the same way."""
     import json
     import shutil
 
-    from dist_engine.cli import build_parser, speculative_arg
+    from dist_engine.cli import build_parser, engine_args
+    from dist_engine.config import EngineArgs, ModelConfig
+
+    def speculative_arg(a):
+        args = engine_args(a)
+        assert args == EngineArgs(**{k: getattr(args, k) for k in ("model", "device", "enforce_eager",
+                                                                   "speculative", "tensor_parallel_size",
+                                                                   "speculative_model")})
+        return args.speculative_for(args.model, ModelConfig.from_pretrained(args.model))
 
     native = tmp_path / "native"  # a checkpoint announcing an MTP layer (only its config is read)
     shutil.copytree(tiny_models("llama"), native)

@@ -105,7 +105,7 @@ def test_native_mtp_layer_drives_speculation_losslessly(with_mtp_layer, ray_sess
     p = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
          SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)]
     prompts = [PROMPT, PROMPT[:30]]
-    with LLM(with_mtp_layer, num_kv_blocks=64, **ARGS) as llm:
+    with LLM(with_mtp_layer, num_kv_blocks=64, speculative="none", **ARGS) as llm:
         expected = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=p)]
     spec = {"method": "mtp", "num_speculative_tokens": 2, "max_draft_tokens_per_step": 0}
     with LLM(with_mtp_layer, tensor_parallel_size=tp, num_kv_blocks=64, speculative_config=spec, **ARGS) as llm:

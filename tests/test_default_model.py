@@ -60,7 +60,7 @@ def test_shipped_mtp_graft_speculates_losslessly():
     kw = dict(max_model_len=512, num_kv_blocks=64)
 
     def run(spec):
-        with LLM(DEFAULT_MODEL, speculative_config=spec, **kw) as llm:
+        with LLM(DEFAULT_MODEL, speculative="mtp" if spec else "none", speculative_config=spec, **kw) as llm:
             msgs = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
             outs = llm.generate(prompt_token_ids=msgs, sampling_params=params)
             return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs], llm.engine.spec_stats

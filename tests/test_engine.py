@@ -61,6 +61,25 @@ def test_prefix_cache_hits_are_counted(reference):
         assert out[0].outputs[0].token_ids == expected[3]
 
 
+def test_cache_salt_isolates_prefix_hits(reference):
+    """Requests share cached blocks only within one cache_salt (and unsalted with unsalted)."""
+    path, expected = reference
+    with LLM(path, **ARGS) as llm:
+        def hit(salt):
+            out = llm.generate(prompt_token_ids=[PROMPTS[3]], sampling_params=greedy(LENS[3]),
+                               cache_salt=salt)[0]
+            assert out.outputs[0].token_ids == expected[3]
+            return out.metrics.prefix_hit_tokens
+
+        llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=greedy(LENS[0]), cache_salt="a")
+        assert hit("b") == 0 and hit(None) == 0  # another tenant, and no salt at all
+        assert hit("a") == 16
+        assert hit("b") == 16  # "b" has now cached its own copy
+        with pytest.raises(ValueError, match="cache_salt"):
+            llm.generate(prompt_token_ids=[PROMPTS[0]], cache_salt="")
+        assert llm.engine.blocks.num_free == 64
+
+
 def test_hidden_states_match_transformers(tiny_models):
     """``return_hidden_states``: the final-norm hidden state of every fed position, as
     transformers computes it, through chunked prefill and preemption; such a request skips

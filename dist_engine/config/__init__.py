@@ -1,12 +1,15 @@
 """Frozen, validated configuration objects, one module per concern:
 ``model`` (a checkpoint's config.json), ``runtime`` (ranks, KV cache, scheduler),
-``speculative`` (MTP drafting) and ``engine`` (all of them, checked together).
+``speculative`` (MTP drafting) and ``engine`` (all of them, checked together); ``args`` is what
+a user sets (``LLM``'s keyword arguments and the CLI's flags, with the defaults) and ``sizes``
+parses sizes and durations.
 
 Every config checks itself in ``__post_init__`` and raises ``ValueError`` with a message that says
 what to change. Configs cross process boundaries (they are pickled to Ray actors), so they hold
 only plain data.
 """
 
+from dist_engine.config.args import EngineArgs
 from dist_engine.config.engine import EngineConfig
 from dist_engine.config.model import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
@@ -14,6 +17,6 @@ from dist_engine.config.speculative import CONCAT_ORDERS, DRAFT_DTYPES, STAGES, 
 
 __all__ = [
     "CONCAT_ORDERS", "DRAFT_DTYPES", "DTYPES", "KV_CACHE_DTYPES", "STAGES", "SUPPORTED_ARCHITECTURES",
-    "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig",
+    "CacheConfig", "EngineArgs", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig",
     "SpeculativeConfig",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_engine.config.model import DTYPES
+from dist_engine.config.sizes import parse_size
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class CacheConfig:
     # Exactly this many blocks per rank (tests); otherwise sized from kv_cache_memory or
     # memory_fraction. With context parallelism the whole cache holds CP times as many.
     num_blocks: int | None = None
-    kv_cache_memory: int | None = None  # bytes per rank
+    kv_cache_memory: int | None = None  # bytes per rank (or a size string: "2GiB")
     memory_fraction: float = 0.5  # of the memory left after weights and peak activations
     enable_prefix_caching: bool = True
     # storage of K/V: "auto" (the model dtype), a float dtype, or "fp8_e4m3" (one byte per
@@ -82,6 +83,8 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_memory is not None:
+            object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory, "kv_cache_memory"))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

@@ -37,9 +37,10 @@ class _Stream:
 
 
 class AsyncLLM:
-    """``AsyncLLM(model=..., **LLM kwargs)``; ``generate`` is an async iterator of outputs."""
+    """``AsyncLLM(model=..., **EngineArgs fields)`` (as ``LLM``); ``generate`` is an async
+    iterator of outputs."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", **kwargs) -> None:
+    def __init__(self, model: str | None = None, **kwargs) -> None:
         self._llm = LLM(model, **kwargs)
         self.engine = self._llm.engine
         self.tokenizer = self._llm.tokenizer
@@ -70,14 +71,16 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, prompt_token_ids: list[int] | None = None,
-                       messages: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+                       messages: list[dict] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield one RequestOutput per engine step that advanced the request; the last is final.
 
-        Bad input raises ValueError before anything is queued.
+        Bad input raises ValueError before anything is queued. ``cache_salt``: the request's
+        prefix-cache namespace (only requests with the same salt share cached blocks).
         """
         params = sampling_params or SamplingParams()
         ids = self.encode(prompt, prompt_token_ids, messages)
-        self.engine.validate(ids, params)
+        self.engine.validate(ids, params, cache_salt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -88,7 +91,7 @@ class AsyncLLM:
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in use")
             self._streams[rid] = stream
-        self._inbox.put(("add", rid, ids, params, prompt))
+        self._inbox.put(("add", rid, ids, params, prompt, cache_salt))
         finished = False
         try:
             while True:
@@ -131,9 +134,9 @@ class AsyncLLM:
         if cmd[0] == "stop":
             return False
         if cmd[0] == "add":
-            _, rid, ids, params, prompt = cmd
+            _, rid, ids, params, prompt, salt = cmd
             try:
-                self.engine.add_request(rid, ids, params, prompt)
+                self.engine.add_request(rid, ids, params, prompt, salt)
             except ValueError as e:  # already validated by the caller; report, never crash
                 self._close_stream(rid, e)
         elif cmd[0] == "abort":

@@ -6,14 +6,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from dist_engine.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-    SpeculativeConfig,
-)
+from dist_engine.config.args import EngineArgs
 from dist_engine.engine.llm_engine import LLMEngine
 from dist_engine.engine.outputs import RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
@@ -29,53 +22,21 @@ def load_tokenizer(path: str):
 
 
 class LLM:
-    """``LLM(model=..., tensor_parallel_size=..., dtype=..., device=...)``; ``generate(...)``."""
+    """``LLM(model=..., tensor_parallel_size=..., dtype=..., device=...)``; ``generate(...)``.
 
-    def __init__(self, model: str = "smollm2-135m-instruct", *, tensor_parallel_size: int = 1,
-                 context_parallel_size: int = 1, decode_context_parallel_size: int = 1,
-                 dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, memory_fraction: float = 0.5,
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 executor: str = "auto", ray_address: str | None = None,
-                 placement_strategy: str = "PACK", seed: int = 0,
-                 cpu_threads: int | None = None, skip_tokenizer_init: bool = False,
-                 shm_allreduce: bool = True, enforce_eager: bool = False,
-                 speculative_config: dict | SpeculativeConfig | None = None) -> None:
-        """``speculative_config``: e.g. ``{"method": "mtp", "num_speculative_tokens": 3}``
-        (the model's own MTP layers, or the graft shipped for a known model), plus
-        ``"model": DIR`` for a graft folder; see ``SpeculativeConfig`` for the rest."""
-        path = resolve_model(model)
-        mcfg = ModelConfig.from_pretrained(path)
-        spec = None
-        if speculative_config is not None:
-            from dist_engine.graft.artifact import speculative_config as make_spec
+    The keyword arguments are ``EngineArgs``' fields (``dist_engine.config.args``, where every
+    default is set once for this class, ``AsyncLLM`` and the CLI), e.g. ``kv_cache_memory="2GiB"``,
+    ``speculative="none"`` or ``speculative_config={"num_speculative_tokens": 3}``.
+    """
 
-            spec = make_spec(speculative_config, path, model, mcfg.num_nextn_predict_layers > 0)
-        max_len = max_model_len or min(mcfg.max_position_embeddings, 8192)
-        if max_num_batched_tokens is None:  # a CPU chunk of 512 takes ~1.5 s on the default model
-            max_num_batched_tokens = 512 if device == "cpu" else 2048
-        self.config = EngineConfig(
-            model=mcfg,
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
-                                    context_parallel_size=context_parallel_size,
-                                    decode_context_parallel_size=decode_context_parallel_size,
-                                    executor=executor,
-                                    ray_address=ray_address, shm_allreduce=shm_allreduce,
-                                    placement_strategy=placement_strategy),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                              kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction,
-                              enable_prefix_caching=enable_prefix_caching,
-                              kv_cache_dtype=kv_cache_dtype),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max(max_num_batched_tokens, 1),
-                                      max_model_len=max_len,
-                                      num_lookahead_slots=spec.num_lookahead_slots if spec else 0),
-            dtype=dtype, device=device, seed=seed, cpu_threads=cpu_threads, speculative=spec,
-            enforce_eager=enforce_eager,
-        )
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
+    def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
+                 **kwargs) -> None:
+        if engine_args is not None and (model is not None or kwargs):
+            raise ValueError("pass either engine_args or the model and keyword arguments, not both")
+        self.args = args = engine_args or EngineArgs.from_kwargs(model, **kwargs)
+        path = resolve_model(args.model)
+        self.config = args.engine_config(path)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(path)
         self.engine = LLMEngine(self.config, self.tokenizer)
         self._ids = itertools.count()
 
@@ -86,7 +47,9 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, prompt_token_ids: Sequence[Sequence[int]] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, cache_salt: str | None = None) -> list[RequestOutput]:
+        """``cache_salt``: the prefix-cache namespace of these requests (only requests with the
+        same salt share cached blocks)."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
@@ -104,11 +67,11 @@ class LLM:
         if len(params) != len(items):
             raise ValueError(f"{len(params)} sampling_params for {len(items)} prompts")
         for (_, ids), p in zip(items, params):
-            self.engine.validate(ids, p)  # reject before anything is queued
+            self.engine.validate(ids, p, cache_salt)  # reject before anything is queued
         order = []
         for (text, ids), p in zip(items, params):
             rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p, text)
+            self.engine.add_request(rid, ids, p, text, cache_salt)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

@@ -26,6 +26,7 @@ from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
 
 log = logging.getLogger(__name__)
+MAX_CACHE_SALT_BYTES = 1024
 
 
 class Request:
@@ -86,8 +87,12 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
 
     # ---- requests ------------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
         """Raise ValueError if the request can never run; called before anything is allocated."""
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
+                                       or len(cache_salt.encode()) > MAX_CACHE_SALT_BYTES):
+            raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_BYTES} "
+                             "bytes (or unset)")
         vocab = self.config.model.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -110,10 +115,12 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, cache_salt: str | None = None) -> None:
+        """Queue a request. ``cache_salt``: its prefix-cache namespace (requests with another
+        salt, or none, never share its cached blocks)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, cache_salt)
         if params.max_tokens is None:
             params = replace(params, max_tokens=max(1, self.config.scheduler.max_model_len - len(prompt_ids)))
         now = time.monotonic()
@@ -123,7 +130,7 @@ class LLMEngine:
             detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
                      if self.tokenizer is not None else None)
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
-                           base_seed + i, detok, RequestMetrics(arrival_time=now))
+                           base_seed + i, detok, RequestMetrics(arrival_time=now), cache_salt=cache_salt)
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
             seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
             seqs.append(seq)
@@ -201,7 +208,7 @@ class LLMEngine:
             append_tokens(seq, sampled, self.eos_token_ids, now)
             self.num_generated_tokens += len(seq.output_token_ids) - before
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
-                               seq.hash_salt)
+                               seq.cache_root)
             if seq.finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -144,7 +144,7 @@ class Scheduler:
             seq.block_table.extend(self.blocks.share(lead.block_table[:k]))
             seq.block_hashes.extend(lead.block_hashes[:k])
         else:
-            hits, hashes = self.blocks.match_prefix(seq.token_ids, seq.hash_salt)
+            hits, hashes = self.blocks.match_prefix(seq.token_ids, seq.cache_root)
             seq.block_table.extend(hits)
             seq.block_hashes.extend(hashes)
         seq.num_computed = len(seq.block_table) * bs

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from dist_engine.engine.detokenizer import IncrementalDetokenizer
 from dist_engine.engine.outputs import RequestMetrics
 from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.kv_cache.block_manager import Digest, namespace_digest
 from dist_engine.worker.messages import SamplingSpec
 
-NO_MTP_SALT = "without-mtp-cache"
+NO_MTP_CACHE = "without-mtp-cache"
 
 
 class SeqStatus(enum.Enum):
@@ -47,11 +48,15 @@ class Sequence:
     # it is first admitted (None before), kept over preemption
     speculate: bool | None = None
     hidden_chunks: list = field(default_factory=list)  # [n, H] tensors of consecutive positions
+    # prefix-cache namespace of the request (vLLM's ``cache_salt``): only sequences with the
+    # same salt share cached blocks; None shares with every unsalted request
+    cache_salt: str | None = None
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
     _counts: dict[int, int] = field(default_factory=dict)  # generated id -> occurrences
     _counted: int = 0
+    _root: tuple | None = None  # (namespace key, its digest)
 
     @property
     def token_ids(self) -> list[int]:
@@ -62,10 +67,14 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def hash_salt(self) -> str | None:
-        """Prefix-cache namespace: blocks of a sequence the MTP layer skipped lack that layer's
-        K/V, so only such sequences may share them."""
-        return NO_MTP_SALT if self.speculate is False else None
+    def cache_root(self) -> Digest:
+        """Root of this sequence's prefix-cache hash chain: its request's ``cache_salt``, and
+        whether its blocks hold the MTP layer's K/V (a sequence the MTP layer skipped lacks it,
+        so only such sequences may share its blocks)."""
+        key = (self.cache_salt, self.speculate is False)
+        if self._root is None or self._root[0] != key:  # decided once at admission
+            self._root = (key, namespace_digest(self.cache_salt, NO_MTP_CACHE if key[1] else None))
+        return self._root[1]
 
     @property
     def finished(self) -> bool:

@@ -30,7 +30,8 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
     if not todo:
         return done
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    with LLM(model, dtype=dtype, device=device, max_num_seqs=batch, max_num_batched_tokens=1024) as llm, \
+    with LLM(model, dtype=dtype, device=device, max_num_seqs=batch, max_num_batched_tokens=1024,
+             speculative="none") as llm, \
             open(out_file, "a") as f, tqdm(total=len(todo), desc="answers", unit="ans") as bar:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]

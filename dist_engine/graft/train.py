@@ -65,6 +65,7 @@ def teacher_pass(model_path: str, seqs: list[list[int]], cache_file: str | None 
     if todo:  # each sequence as a prompt: its whole prefill's rows, [L, H]
         params = SamplingParams(temperature=0, max_tokens=1, return_hidden_states=True)
         with LLM(model_path, dtype="float32", device=device, skip_tokenizer_init=True, max_num_seqs=16,
+                 speculative="none",
                  max_num_batched_tokens=2048, max_model_len=max(map(len, todo)) + 1) as llm:
             outs = llm.generate(prompt_token_ids=todo, sampling_params=params, use_tqdm=True)
         for s, o in zip(todo, outs):

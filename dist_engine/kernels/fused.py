@@ -71,7 +71,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     fn = _fn("silu_mul", gate_up)
     if fn is None or gate_up.dim() != 2 or not gate_up.is_contiguous() or gate_up.shape[1] % 2:
         return None
-    T, I = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(T, I, dtype=gate_up.dtype)
-    fn(gate_up.data_ptr(), out.data_ptr(), T, I, torch.get_num_threads())
+    T, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(T, inter, dtype=gate_up.dtype)
+    fn(gate_up.data_ptr(), out.data_ptr(), T, inter, torch.get_num_threads())
     return out

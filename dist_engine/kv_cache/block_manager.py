@@ -1,10 +1,14 @@
 """Paged KV block bookkeeping for the whole world, in plain Python (no tensors).
 
 A block id names the same logical block on every rank, so one manager on the driver decides
-for all of them. Blocks are reference counted; a full block of *verified* tokens gets a hash of
-its token chain (parent hash + its tokens) and can be shared by any later sequence with the same
-prefix. Unreferenced blocks sit in an LRU free list and keep their hash until they are reused,
-so a prefix can hit even after its sequence finished. Eviction takes the least recently freed
+for all of them. Blocks are reference counted; a full block of *verified* tokens gets a digest
+of its token chain (sha256 of the parent's digest and its token ids, the first block's parent
+being the sequence's cache namespace) and can be shared by any later sequence with the same
+prefix in the same namespace. The digest is collision resistant, so a hit needs no token check
+and a crafted prompt cannot land on another prefix's blocks; sequences whose namespaces differ
+(another tenant's ``cache_salt``, blocks without the MTP layer's K/V) never share a block.
+Unreferenced blocks sit in an LRU free list and keep their digest until they are reused, so a
+prefix can hit even after its sequence finished. Eviction takes the least recently freed
 block first; a freed sequence's blocks enter tail-first, so its prefix outlives its suffix.
 
 Sequence sharding (context parallelism): with S shards, block id b lives on shard ``b mod S``
@@ -14,19 +18,40 @@ striped over the shards and a cached prefix block is always on the shard its pos
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+
+Digest = bytes  # 32 bytes of sha256
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full of verified tokens
+    hash: Digest | None = None  # set once the block is full of verified tokens
 
 
-def chain_hash(parent: int | str | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def namespace_digest(*keys: str | None) -> Digest:
+    """The root of a hash chain: every key that must match for two sequences to share blocks
+    (a tenant's cache salt, whether the blocks hold the MTP layer's K/V, ...), in order."""
+    h = hashlib.sha256(b"dist_engine.prefix.v1")
+    for key in keys:
+        h.update(b"\x00" if key is None else b"\x01" + key.encode() + b"\xff")
+    return h.digest()
+
+
+ROOT = namespace_digest()  # no salt at all
+_BIG_ENDIAN = array("q", [1]).tobytes()[0] != 1
+
+
+def chain_hash(parent: Digest, tokens: tuple[int, ...] | list[int]) -> Digest:
+    """sha256 of the parent block's digest and this block's token ids (int64, little endian)."""
+    ids = array("q", tokens)
+    if _BIG_ENDIAN:
+        ids.byteswap()
+    return hashlib.sha256(parent + ids.tobytes()).digest()
 
 
 class BlockManager:
@@ -43,7 +68,7 @@ class BlockManager:
         # one LRU free list per shard
         self.free: list[OrderedDict[int, None]] = [
             OrderedDict((i, None) for i in range(s, num_blocks, num_shards)) for s in range(num_shards)]
-        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.cached: dict[Digest, int] = {}  # chain digest -> block id
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
 
@@ -69,18 +94,18 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def match_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], root: Digest = ROOT) -> tuple[list[int], list[Digest]]:
         """Take references on the cached blocks that start ``token_ids`` (full blocks only).
 
         At least one token is always left uncached: the step that computes it yields the logits
-        the next token is drawn from. ``salt`` starts the hash chain: blocks committed under one
-        salt are found only under the same one.
+        the next token is drawn from. ``root`` (``namespace_digest``) starts the hash chain:
+        blocks committed under one root are found only under the same one.
         """
         if not self.prefix_caching:
             return [], []
         hits: list[int] = []
-        hashes: list[int] = []
-        parent: int | str | None = salt
+        hashes: list[Digest] = []
+        parent = root
         max_blocks = (len(token_ids) - 1) // self.block_size
         for b in range(max_blocks):
             tokens = tuple(token_ids[b * self.block_size:(b + 1) * self.block_size + self.extra])
@@ -116,8 +141,8 @@ class BlockManager:
         block_table.extend(self._take_free(i % S) for i in range(first, end))
         return True
 
-    def commit(self, block_table: list[int], block_hashes: list[int], token_ids: list[int],
-               num_verified: int, salt: str | None = None) -> None:
+    def commit(self, block_table: list[int], block_hashes: list[Digest], token_ids: list[int],
+               num_verified: int, root: Digest = ROOT) -> None:
         """Hash the full blocks among the first ``num_verified`` tokens so others can share them.
 
         ``block_hashes`` (the sequence's chain so far) is extended in place, so each block is
@@ -127,7 +152,7 @@ class BlockManager:
             return
         bs = self.block_size
         for b in range(len(block_hashes), min(num_verified, len(token_ids) - self.extra) // bs):
-            parent = block_hashes[-1] if block_hashes else salt
+            parent = block_hashes[-1] if block_hashes else root
             h = chain_hash(parent, tuple(token_ids[b * bs:(b + 1) * bs + self.extra]))
             block = self.blocks[block_table[b]]
             if block.hash is None:

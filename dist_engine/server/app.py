@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from dist_engine.config import EngineArgs
+from dist_engine.config.sizes import parse_duration, parse_size
 from dist_engine.engine.async_llm import AsyncLLM
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.kserve import grpc_service_pb2 as kpb
@@ -47,17 +49,19 @@ async def _set_health(health, status) -> None:
         await health.set(name, status)
 
 
-async def serve(llm_kwargs: dict, host: str, port: int, served_model_name: str,
+async def serve(engine_args: EngineArgs, host: str, port: int, served_model_name: str,
                 max_queued_requests: int = 256, drain_seconds: float = 30.0,
                 metrics_port: int | None = None, api_key: str | None = None,
                 tls_cert: str | None = None, tls_key: str | None = None,
-                max_message_bytes: int = 16 * 2**20) -> None:
+                max_message_bytes: int | str = 16 * 2**20) -> None:
+    max_message_bytes = parse_size(max_message_bytes, "max_message_bytes")
+    drain_seconds = parse_duration(drain_seconds, "drain_seconds")
     if not 0 < max_message_bytes < 2**31:
         raise ValueError(f"--max-message-bytes must be between 1 byte and 2GiB, got {max_message_bytes}")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     creds = server_credentials(tls_cert, tls_key) if tls_cert else None
-    llm = AsyncLLM(**llm_kwargs)
+    llm = AsyncLLM(engine_args=engine_args)
     metrics = ServerMetrics(llm.stats)
     if metrics_port is not None:
         metrics.serve(host, metrics_port)

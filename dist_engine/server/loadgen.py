@@ -189,12 +189,12 @@ def svg_plot(rows: list[dict], path: str) -> None:
 
 def inprocess_engine(model: str, extra: list[str]):
     """The same engine the server runs, in this process (KV capped at 1 GiB unless given)."""
-    from dist_engine.cli import build_parser, engine_kwargs
+    from dist_engine.cli import build_parser, engine_args
     from dist_engine.engine.async_llm import AsyncLLM
 
     if "--kv-cache-memory" not in extra:
         extra = [*extra, "--kv-cache-memory", "1GiB"]
-    return AsyncLLM(**engine_kwargs(build_parser().parse_args(["serve", "--model", model, *extra])))
+    return AsyncLLM(engine_args=engine_args(build_parser().parse_args(["serve", "--model", model, *extra])))
 
 
 async def one_inprocess(llm, messages, max_tokens: int) -> Result:

@@ -94,7 +94,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if request.model and request.model != self.name:
                 raise ValueError(f"unknown model {request.model!r}; this server serves {self.name!r}")
             params = sampling_params(request.sampling)
-            stream = self.llm.generate(sampling_params=params, request_id=rid, **self._input(request))
+            stream = self.llm.generate(sampling_params=params, request_id=rid,
+                                       cache_salt=request.cache_salt or None, **self._input(request))
             reported: set[int] = set()
             async for out in stream:
                 for c in out.outputs:

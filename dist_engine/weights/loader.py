@@ -46,6 +46,15 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
+def tensor_names(path: str) -> set[str]:
+    """Every tensor name in the checkpoint at ``path`` (headers only, no data read)."""
+    names: set[str] = set()
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
 def iter_checkpoint(path: str) -> Iterator[tuple[str, LazySlice]]:
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as handle:

