@@ -21,6 +21,7 @@ import torch
 from dist_engine.kernels import paged_attention as paged_kernel
 from dist_engine.kernels.paged_attention import PagedGroup
 from dist_engine.layers.kv_cache import LayerKV
+from dist_engine.layers.state_cache import StateMetadata
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
 MAX_SCORE_ELEMENTS = 1 << 24
@@ -70,6 +71,8 @@ class AttentionMetadata:
     # each rank keeps its own rows of the merged output. None: every rank computes every token.
     split_tokens: list[torch.Tensor] | None = None
     split_own: torch.Tensor | None = None
+    # models with recurrent layers: each sequence's state slot and how its tokens run
+    state: StateMetadata | None = None
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
