@@ -38,14 +38,21 @@ class EngineConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         m, tp = self.model, self.parallel.tensor_parallel_size
-        if tp > m.num_key_value_heads and tp % m.num_key_value_heads:
-            raise ValueError(
-                f"tensor_parallel_size={tp} exceeds num_key_value_heads={m.num_key_value_heads} and is "
-                f"not a multiple of it, so KV heads cannot be replicated evenly; use TP <= "
-                f"{m.num_key_value_heads} or a multiple of it"
-            )
+        for kv, layers in m.kv_head_counts.items():  # Gemma 4: per layer type
+            if tp > kv and tp % kv:
+                where = (f"num_key_value_heads={kv}" if len(m.kv_head_counts) == 1
+                         else f"the {kv} KV heads of {layers} (of {m.num_attention_heads} query heads)")
+                raise ValueError(
+                    f"tensor_parallel_size={tp} exceeds {where} and is not a multiple of them, so KV "
+                    f"heads cannot be replicated evenly; use TP <= {min(m.kv_head_counts)} or a "
+                    f"multiple of {' and '.join(map(str, sorted(m.kv_head_counts)))}"
+                )
         dcp = self.parallel.decode_context_parallel_size
         if dcp > 1:
+            if len(m.kv_head_counts) > 1:
+                raise ValueError(
+                    f"decode_context_parallel_size={dcp} needs one KV-head count in every layer, but "
+                    f"{m.architecture} has {sorted(m.kv_head_counts)}; use --cp for sequence shards")
             replicas = tp // m.num_key_value_heads if tp > m.num_key_value_heads else 1
             if replicas % dcp:
                 raise ValueError(

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dist_engine.config import gemma4
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -14,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "DeepseekV3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    *gemma4.GEMMA4_ARCHITECTURES,
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -68,10 +71,47 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # ...except these
     # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
     fp8_block: tuple[int, int] | None = None
+    # Per-layer attention (Gemma 4, config/gemma4.py): each layer's type ("sliding_attention" /
+    # "full_attention"), head dim and KV-head count (empty: head_dim and num_key_value_heads
+    # everywhere), and the RoPE of each layer type: (type, theta, sorted scaling items or None)
+    layer_types: tuple[str, ...] = ()
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    rope_by_layer_type: tuple[tuple[str, float, tuple[tuple[str, Any], ...] | None], ...] = ()
+    attention_k_eq_v: bool = False  # Gemma 4 global layers: V from k_proj, no v_proj
+    num_kv_shared_layers: int = 0  # the last this-many layers read an earlier layer's K/V
+    hidden_size_per_layer_input: int = 0  # per-layer embeddings (Gemma 4's E models)
+    vocab_size_per_layer_input: int = 0
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    use_double_wide_mlp: bool = False  # Gemma 4: KV-shared layers' MLPs are twice as wide
+    # conditional-generation checkpoints: text weights under model.language_model.*, these
+    # towers' weights skipped at load
+    multimodal_towers: tuple[str, ...] = ()
 
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None
+
+    @property
+    def is_gemma4(self) -> bool:
+        return self.architecture in gemma4.GEMMA4_ARCHITECTURES
+
+    def head_dim_of(self, layer: int) -> int:
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_key_value_heads
+
+    @property
+    def kv_head_counts(self) -> dict[int, str]:
+        """Each distinct KV-head count -> the layers that have it (for error messages)."""
+        if not self.layer_kv_heads:
+            return {self.num_key_value_heads: "every layer"}
+        out: dict[int, str] = {}
+        for n in sorted(set(self.layer_kv_heads), reverse=True):
+            types = sorted({t for t, k in zip(self.layer_types, self.layer_kv_heads) if k == n})
+            out[n] = "the " + " and ".join(types) + " layers"
+        return out
 
     def is_moe_layer(self, layer: int) -> bool:
         if not self.n_routed_experts or layer in self.mlp_only_layers:
@@ -108,7 +148,9 @@ class ModelConfig:
             if self.moe_scoring == "sigmoid" and self.topk_group * per_group < self.num_experts_per_tok:
                 raise ValueError(f"topk_group={self.topk_group} groups of {per_group} experts cannot "
                                  f"supply num_experts_per_tok={self.num_experts_per_tok}")
-        if self.hidden_act != "silu":
+        if self.is_gemma4:
+            gemma4.check(self)
+        elif self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "head_dim", "max_position_embeddings"):
@@ -133,6 +175,8 @@ class ModelConfig:
         if not archs:
             raise ValueError(f"{path}/config.json lists no 'architectures'")
         arch = archs[0]
+        if arch in gemma4.GEMMA4_ARCHITECTURES:
+            raw = gemma4.text_config(raw)
         n_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         # transformers 5 moved rope settings into "rope_parameters"; older files keep them flat.
@@ -156,6 +200,8 @@ class ModelConfig:
                                  "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
             fp8_block = tuple(quant["weight_block_size"])
         family = {}  # architecture-specific fields (MLA/MoE)
+        if arch in gemma4.GEMMA4_ARCHITECTURES:
+            family = gemma4.gemma4_fields(raw)
         if raw.get("kv_lora_rank"):
             if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
                 raise ValueError("only DeepSeek-V3 routing (sigmoid scores, noaux_tc grouped top-k) is supported")
@@ -181,7 +227,7 @@ class ModelConfig:
                        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
                        num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
                        head_dim=raw.get("head_dim") or hidden // n_heads)
-        return cls(
+        fields = dict(
             path=path,
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -189,8 +235,8 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=n_heads,
-            **({} if family else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
-                                   head_dim=raw.get("head_dim") or hidden // n_heads)),
+            num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+            head_dim=raw.get("head_dim") or hidden // n_heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
@@ -204,5 +250,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
             fp8_block=fp8_block,
-            **family,
         )
+        fields.update(family)  # architecture-specific values win over the generic reading
+        return cls(**fields)

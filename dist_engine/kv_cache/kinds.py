@@ -8,6 +8,8 @@ kind, and the start-up log states each kind's bytes:
   the full-attention K/V of a Llama layer (or MLA's shared latent); with ``ratio`` one row per
   that many positions (compressed KV). With ``window`` the layer only attends the last
   ``window`` positions, so blocks wholly behind it are given back as the sequence moves on.
+- ``SharedKV``: no storage of its own; the layer attends the paged K/V of an earlier layer
+  (Gemma 4's KV-shared layers read the last non-shared layer of their type).
 - ``RecurrentState``: a fixed-size state per sequence (Gated DeltaNet: a causal-conv window and
   the delta rule's matrix), held in slots, one per running sequence; its bytes do not grow with
   the context. A prefix-cache hit resumes from a state checkpoint (``StateCheckpoints``).
@@ -26,6 +28,11 @@ from dataclasses import dataclass
 import torch
 
 
+def group_name(window: int | None) -> str:
+    """The paged group of layers attending ``window`` tokens (None: every position)."""
+    return "full" if window is None else f"window{window}"
+
+
 @dataclass(frozen=True)
 class PagedKV:
     """K and V rows ``[local_num_kv_heads, head_dim]`` per position (one shared row for MLA),
@@ -41,7 +48,7 @@ class PagedKV:
 
     @property
     def group(self) -> str:
-        return "full" if self.window is None else f"window{self.window}"
+        return group_name(self.window)
 
     def bytes_per_row(self) -> int:
         return (1 if self.shared_kv else 2) * self.local_num_kv_heads * self.head_dim * self.dtype.itemsize
@@ -51,6 +58,15 @@ class PagedKV:
             raise ValueError(f"block_size={block_size} must be a multiple of the compression ratio "
                              f"{self.ratio} (a block holds whole compressed rows)")
         return self.bytes_per_row() * (block_size // self.ratio)
+
+
+@dataclass(frozen=True)
+class SharedKV:
+    """Attends layer ``source``'s paged K/V and writes none: allocates nothing, costs no bytes,
+    and takes the metadata of ``group`` (the source's group)."""
+
+    source: int  # index of the layer whose cache this one reads (an earlier one)
+    group: str
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,7 @@ class RecurrentState:
         return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.tensors)
 
 
-CacheKind = PagedKV | RecurrentState
+CacheKind = PagedKV | SharedKV | RecurrentState
 
 
 def paged_groups(kinds: list[CacheKind]) -> list[str]:

@@ -65,17 +65,20 @@ class TopkRouter(nn.Module):
 
 
 class Expert(nn.Module):
-    """One expert's SwiGLU MLP with full (unsharded) weights: gate and up in one matmul."""
+    """One expert's gated MLP (SwiGLU, or ``act`` for another gate) with full (unsharded)
+    weights: gate and up in one matmul."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, quant: tuple[int, int] | None = None) -> None:
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, quant: tuple[int, int] | None = None,
+                 act=F.silu) -> None:
         super().__init__()
+        self.act = act
         self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False,
                                                  dtype, quant)
         self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype,

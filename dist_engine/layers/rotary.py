@@ -30,8 +30,15 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tu
         return torch.where(mid, blended, out), 1.0
     if kind == "yarn":
         return _yarn(inv, head_dim, theta, scaling)
+    if kind == "proportional":
+        # Gemma 4's global layers: the first partial_rotary_factor of each half turns at the
+        # frequencies a full-width head would give them; the rest get frequency 0 (cos 1,
+        # sin 0: passed through unrotated, bit for bit)
+        angles = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        inv = torch.cat([inv[:angles], torch.zeros(head_dim // 2 - angles, dtype=inv.dtype)])
+        return inv / scaling.get("factor", 1.0), 1.0
     raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, "
-                     "llama3, yarn)")
+                     "llama3, yarn, proportional)")
 
 
 def _yarn(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any]

@@ -115,12 +115,14 @@ def _consecutive_start(kv_slots: torch.Tensor) -> int | None:
 def build_batch(seqs: tuple[SeqWork, ...], block_size: int, windows: list[int | None],
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
                 shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True,
-                paged: bool = False, groups: tuple[str, ...] = ("full",)) -> ForwardBatch:
+                paged: bool = False, groups: tuple[str, ...] = ("full",),
+                group_heads: tuple[tuple[int, bool], ...] | None = None) -> ForwardBatch:
     """``windows``: the sliding window of each paged group (``groups``, primary first; a
     sequence's ``block_table`` is the primary's, ``group_tables`` the others'), each group
     getting attention metadata of its own. ``heads_per_kv``: query heads per KV head attended
     together (folded into the mask for short query groups when ``fold``; pass False with one KV
-    head per rank). ``paged``: the sequences feeding few tokens go to the C kernel over block
+    head per rank), the primary group's; ``group_heads`` the other groups' ``(heads_per_kv,
+    fold)`` where they differ (Gemma 4's global layers have fewer KV heads). ``paged``: the sequences feeding few tokens go to the C kernel over block
     tables instead (a ``PagedGroup``; the caller checks CPU and a full-precision cache of
     separate K/V, one shard and a built kernel are checked here).
 
@@ -144,6 +146,8 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, windows: list[int | 
     meta.state = state_metadata(seqs, starts, device)
     for i, (group, window) in enumerate(zip(groups[1:], windows[1:])):
         own = tuple(replace(s, block_table=s.group_tables[i]) for s in seqs)
+        if group_heads is not None:
+            kw.update(heads_per_kv=group_heads[i][0], fold=group_heads[i][1])
         meta.by_group[group] = _table_meta(own, starts, len(ids), block_size, window, **kw)[0]
     return ForwardBatch(
         ids=torch.tensor(ids, dtype=torch.long, device=device),

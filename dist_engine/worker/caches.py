@@ -9,6 +9,8 @@ budget is small: the slots then bound concurrency), checkpoints get their own bu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from dist_engine.kv_cache.kinds import (
     CacheLayout,
     PagedKV,
     RecurrentState,
+    SharedKV,
     bytes_per_block,
     group_window,
     paged_groups,
@@ -31,8 +34,12 @@ FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 
 
 def layer_kind(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> CacheKind:
-    """The layer's declared kind; a layer declaring none is a paged attention layer."""
+    """The layer's declared kind; a layer declaring none is a paged attention layer. A declared
+    paged kind gives the shape and window; its rows are stored in ``kv_dtype`` (the model's, or
+    FP8), which the runner decides."""
     kind = getattr(layer, "cache_kind", None)
+    if isinstance(kind, PagedKV):
+        return dataclasses.replace(kind, dtype=kv_dtype)
     if kind is not None:
         return kind
     attn = layer.self_attn
@@ -82,9 +89,15 @@ def allocate(kinds: list[CacheKind], layout: CacheLayout, block_size: int, devic
              dtype: torch.dtype | None = None) -> list[LayerKV | LayerState]:
     """One cache per kind; paged ones with their group's blocks and ``extra_blocks`` beyond
     (CUDA graphs' scratch block), ``dtype`` overriding the kind's (calibration runs in full
-    precision)."""
+    precision). A shared kind's entry is its source's cache itself."""
     out: list[LayerKV | LayerState] = []
     for i, kind in enumerate(kinds):
+        if isinstance(kind, SharedKV):
+            if not 0 <= kind.source < i or not isinstance(kinds[kind.source], PagedKV):
+                raise ValueError(f"layer {i} shares the K/V of layer {kind.source}, which is not an "
+                                 "earlier paged attention layer")
+            out.append(out[kind.source])
+            continue
         if isinstance(kind, RecurrentState):
             out.append(LayerState.empty(kind, layout.num_state_tensors, device))
             continue
@@ -99,6 +112,8 @@ def bytes_by_group(caches: list[LayerKV | LayerState], kinds: list[CacheKind]) -
     """Bytes actually allocated per kind group (what the start-up log's figures must equal)."""
     out: dict[str, int] = {}
     for cache, kind in zip(caches, kinds):
+        if isinstance(kind, SharedKV):  # its source's bytes, counted there
+            continue
         n = cache.nbytes() if isinstance(cache, LayerState) else (
             cache.k.nbytes + (0 if cache.shared else cache.v.nbytes))
         out[kind.group] = out.get(kind.group, 0) + n

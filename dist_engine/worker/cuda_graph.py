@@ -15,9 +15,10 @@ hidden states they read copied into a fixed buffer. Drafting's head and sampling
 
 Shapes are fixed per graph: the rows are padded up to a count from ``BATCH_SIZES`` and the keys
 up to a power of two (at least ``MIN_KEYS``, at most ``max_model_len``), and attention reads the
-key slots through block tables on the device (``StaticDecodeGroup``). Padding rows feed token 0
-at position 0, attend slot 0 and write their K/V into a scratch block past the ones the block
-manager owns, so they never touch a sequence's cache. Graphs are captured when a shape is first
+key slots through block tables on the device (``StaticDecodeGroup``), one table and write slot
+per paged group (Gemma's sliding layers keep blocks of their own beside the global layers').
+Padding rows feed token 0 at position 0, attend slot 0 and write their K/V into a scratch block
+past the ones each group's block manager owns, so they never touch a sequence's cache. Graphs are captured when a shape is first
 needed (that step pays the capture, tens of milliseconds) and share one memory pool. Steps that
 do not fit (prefill chunks, hidden states asked for, more rows than the largest size, TP or sequence
 shards, MoE routing, MLA, more than ``MAX_GATHER_ELEMENTS`` gathered K/V elements) run eagerly,
@@ -56,18 +57,21 @@ class DecodeGraphs:
         self.max_batch = min(sc.max_num_seqs * rows_per_seq, BATCH_SIZES[-1])  # rows
         self.sizes = [b for b in BATCH_SIZES if b < self.max_batch] + [self.max_batch]
         self.max_keys = -(-sc.max_model_len // bs) * bs
-        self.window = runner.windows[0]
-        dev, n = runner.device, self.max_batch
+        self.windows = runner.windows  # per paged group, primary first
+        dev, n, G = runner.device, self.max_batch, len(runner.windows)
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(G, n, dtype=torch.long, device=dev)  # write slot per group
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(n, self.max_keys // bs, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(G, n, self.max_keys // bs, dtype=torch.long, device=dev)
         self.key_pos = torch.arange(self.max_keys, device=dev)
         # the hidden states the MTP layer's rows read
         self.hidden_in = (torch.zeros(n, runner.config.model.hidden_size, dtype=runner.dtype, device=dev)
                           if runner.mtp is not None else None)
-        self.scratch_slot = 0  # set by ``bind`` once the cache exists
+        self.scratch_slots = [0] * G  # per group, set by ``bind`` once the cache exists
+        # K/V and score elements gathered per key (the widest layer's)
+        self.per_key = max([k.local_num_kv_heads * k.head_dim for k in runner.kinds if hasattr(k, "head_dim")]
+                           + [runner.local_num_kv_heads * runner.heads_per_kv])
         self.graphs: dict[tuple[str, int, int], tuple[object, torch.Tensor]] = {}  # (kind, Bp, Kp)
         self.pool = None
         self.failed = False  # a capture failed: every step runs eagerly from then on
@@ -78,14 +82,13 @@ class DecodeGraphs:
     def supported(runner) -> bool:
         p, spec = runner.config.parallel, runner.config.speculative
         return ((spec is None or spec.hidden_stage == "normed") and not runner.has_state
-                and len(runner.groups) == 1
                 and decode_graphs_apply(runner.config.model, p.tensor_parallel_size,
                                  p.context_parallel_size, p.decode_context_parallel_size))
 
-    def bind(self, num_blocks: int) -> None:
-        """The cache was (re)made with ``num_blocks`` managed blocks plus one scratch block:
-        recorded graphs point at the old tensors, so they are dropped."""
-        self.scratch_slot = num_blocks * self.block_size
+    def bind(self, layout) -> None:
+        """The cache was (re)made with ``layout``'s managed blocks plus one scratch block per
+        group: recorded graphs point at the old tensors, so they are dropped."""
+        self.scratch_slots = [layout.group_blocks(g) * self.block_size for g in self.runner.groups]
         self.graphs.clear()
         self.pool = None
 
@@ -101,8 +104,7 @@ class DecodeGraphs:
             return None
         Bp = next(b for b in self.sizes if b >= rows)
         Kp = self._key_bucket(max(s.context_len for s in seqs))
-        per_key = max(r.local_num_kv_heads * r.head_dim, r.local_num_kv_heads * r.heads_per_kv)  # K/V, scores
-        return (Bp, Kp) if Bp * Kp * per_key <= MAX_GATHER_ELEMENTS else None
+        return (Bp, Kp) if Bp * Kp * self.per_key <= MAX_GATHER_ELEMENTS else None
 
     def _key_bucket(self, keys: int) -> int:
         k = MIN_KEYS
@@ -139,18 +141,22 @@ class DecodeGraphs:
         B, pad = len(rows), Bp - len(rows)
         cols = [[t for _, t, _ in rows] + [0] * pad,
                 [p for _, _, p in rows] + [0] * pad,
-                [s.block_table[p // bs] * bs + p % bs for s, _, p in rows] + [self.scratch_slot] * pad,
                 [p + 1 for _, _, p in rows] + [1] * pad]
-        host = torch.tensor(cols, dtype=torch.long)  # [4, Bp]
-        for buf, row in zip((self.ids, self.positions, self.slots, self.context_lens), host):
+        host = torch.tensor(cols, dtype=torch.long)  # [3, Bp]
+        for buf, row in zip((self.ids, self.positions, self.context_lens), host):
             buf[:Bp].copy_(row, non_blocking=True)
-        tables = torch.zeros(Bp, nb, dtype=torch.long)
+        G = len(self.windows)
+        slots = torch.tensor([[_table(s, g)[p // bs] * bs + p % bs for s, _, p in rows]
+                              + [self.scratch_slots[g]] * pad for g in range(G)], dtype=torch.long)
+        self.slots[:, :Bp].copy_(slots, non_blocking=True)
+        tables = torch.zeros(G, Bp, nb, dtype=torch.long)
         b = 0
-        for s in seqs:  # a sequence's rows share its table, up to its last fed position
+        for s in seqs:  # a sequence's rows share its tables, up to its last fed position
             used = min(nb, (s.context_len - 1) // bs + 1)
-            tables[b:b + len(s.token_ids), :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
+            for g in range(G):
+                tables[g, b:b + len(s.token_ids), :used] = torch.tensor(_table(s, g)[:used], dtype=torch.long)
             b += len(s.token_ids)
-        self.tables[:Bp, :nb].copy_(tables, non_blocking=True)
+        self.tables[:, :Bp, :nb].copy_(tables, non_blocking=True)
         if not self.capture:
             return self._run(kind, Bp, Kp)[:B]
         entry = self.graphs.get((kind, Bp, Kp))
@@ -170,12 +176,17 @@ class DecodeGraphs:
         r, bs = self.runner, self.block_size
         pos = self.key_pos[:Kp].view(1, Kp)
         ctx = self.context_lens[:Bp].view(Bp, 1)
-        allowed = pos < ctx  # [Bp, Kp]
-        if self.window is not None:
-            allowed &= pos > ctx - 1 - self.window
-        slots = self.tables[:Bp, :Kp // bs].index_select(1, self.key_pos[:Kp] // bs) * bs + self.key_pos[:Kp] % bs
-        group = StaticDecodeGroup(slots.masked_fill(~allowed, 0), (~allowed).view(Bp, 1, 1, Kp))
-        meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
+        metas = []
+        for g, window in enumerate(self.windows):
+            allowed = pos < ctx  # [Bp, Kp]
+            if window is not None:
+                allowed &= pos > ctx - 1 - window
+            slots = (self.tables[g, :Bp, :Kp // bs].index_select(1, self.key_pos[:Kp] // bs) * bs
+                     + self.key_pos[:Kp] % bs)
+            group = StaticDecodeGroup(slots.masked_fill(~allowed, 0), (~allowed).view(Bp, 1, 1, Kp))
+            metas.append(AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[g, :Bp], groups=[group]))
+        meta = metas[0]
+        meta.by_group = dict(zip(r.groups[1:], metas[1:]))
         if kind == "main":
             return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
         return r.mtp.forward_layer(self.positions[:Bp], self.ids[:Bp], self.hidden_in[:Bp], meta)
@@ -201,3 +212,8 @@ class DecodeGraphs:
         for m in (m for root in self.runner.modules() for m in root.modules()):
             if getattr(m, "_cached", None) is not None:
                 m._cached = None
+
+
+def _table(s, group: int) -> tuple[int, ...]:
+    """A sequence's block table in paged group ``group`` (0: the primary)."""
+    return s.block_table if group == 0 else s.group_tables[group - 1]

@@ -16,6 +16,7 @@ from dist_engine.kv_cache.kinds import (
     CacheLayout,
     PagedKV,
     RecurrentState,
+    SharedKV,
     bytes_per_block,
     group_window,
     paged_groups,
@@ -91,8 +92,11 @@ class ModelRunner:
         attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
         self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
-        # query heads per KV head that attention folds together (the whole DCP group's)
-        self.heads_per_kv = attn.local_num_heads // attn.local_num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
+        # query heads per KV head that attention folds together (the whole DCP group's), and
+        # whether it folds them, per paged group (primary first)
+        self.group_heads = group_heads(layers, self.kinds, self.groups,
+                                       self.dcp_comm.world_size if self.dcp_comm else 1)
+        self.heads_per_kv = self.group_heads[0][0] if self.groups else 1
         # decode / verification attention through the C kernel over block tables (CPU, one
         # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
         self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
@@ -113,11 +117,12 @@ class ModelRunner:
     def build(self, seqs) -> ForwardBatch:
         """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
         sc = self.seq_comm
+        (heads, fold), *others = self.group_heads or [(1, False)]
         return build_batch(tuple(seqs), self.block_size, self.windows,
-                           self.heads_per_kv, self.dtype, self.device, groups=self.groups,
+                           heads, self.dtype, self.device, groups=self.groups,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm, fold=self.local_num_kv_heads > 1,
-                           paged=self.use_paged_kernel)
+                           dcp=self.dcp_comm, fold=fold, paged=self.use_paged_kernel,
+                           group_heads=tuple(others))
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> dict[str, int]:
@@ -233,7 +238,7 @@ class ModelRunner:
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
         if scratch:
-            self.graphs.bind(layout.num_blocks)
+            self.graphs.bind(layout)
 
     def allocated_bytes(self) -> dict[str, int]:
         """Bytes allocated per kind group (the MTP layer's cache included)."""
@@ -258,9 +263,9 @@ class ModelRunner:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
             self.calibrating = False
-        # per layer (a recurrent layer has no K/V: its entry is unused)
-        found = iter([kv.calibrated_scales() for kv in caches])
-        scales = [next(found) if isinstance(k, PagedKV) else (1.0, 1.0) for k in self.kinds]
+        # per layer (a recurrent layer has no K/V and a shared one uses its source's: unused)
+        scales = [c.calibrated_scales() if isinstance(k, PagedKV) else (1.0, 1.0)
+                  for k, c in zip(self.kinds, self.kv_caches + ([self.mtp.kv] if self.mtp is not None else []))]
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
@@ -334,6 +339,20 @@ class ModelRunner:
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(seqs, tokens, lps, top)
         }, rows)
+
+
+def group_heads(layers, kinds, groups: tuple[str, ...], dcp: int) -> list[tuple[int, bool]]:
+    """Per paged group: (query heads per KV head attended together, whether short query groups
+    fold them into the mask). A group whose layers have different ratios, or one KV head per
+    rank (MLA, DCP, replicated KV heads), does not fold: one mask serves every head."""
+    out = []
+    for g in groups:
+        attns = [layer.self_attn for layer, k in zip(layers, kinds)
+                 if isinstance(k, (PagedKV, SharedKV)) and k.group == g and hasattr(layer, "self_attn")]
+        ratios = {a.local_num_heads // a.local_num_kv_heads for a in attns}
+        fold = len(ratios) == 1 and all(a.local_num_kv_heads > 1 for a in attns)
+        out.append((ratios.pop() * dcp if len(ratios) == 1 else 1, fold))
+    return out
 
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):
