@@ -15,6 +15,9 @@
    CUDA graphs (verification and the MTP layer's runs graphed; drafting's head and sampling
    eager) and all eager.
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
+5. Gemma 4 (see ``gemma4``): the tiny random dense / MoE / E models against transformers on
+   the device, CUDA graphs (one block table per paged group) against eager, and bf16 decode
+   tok/s of an E2B-like shape and a 3-layer slice of the 26B-A4B's shape against transformers.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -42,6 +45,22 @@ SHAPES = {
                            tie_word_embeddings=True),
 }
 HBM_BYTES_PER_S = 4.8e12  # H200
+_S, _F = "sliding_attention", "full_attention"
+GEMMA4_SHAPES = {  # bf16 random weights made by transformers on the device
+    "gemma4-e2b-shape": dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
+                             layer_types=[_F if (i + 1) % 5 == 0 else _S for i in range(35)],
+                             num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+                             global_head_dim=512, sliding_window=512, hidden_size_per_layer_input=256,
+                             num_kv_shared_layers=20, use_double_wide_mlp=True, vocab_size=262144,
+                             final_logit_softcapping=30.0),
+    "gemma4-26b-a4b-3-layers": dict(hidden_size=2816, intermediate_size=2112, num_hidden_layers=3,
+                                    layer_types=[_S, _S, _F], num_attention_heads=16, num_key_value_heads=8,
+                                    head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+                                    attention_k_eq_v=True, sliding_window=1024, enable_moe_block=True,
+                                    num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                                    hidden_size_per_layer_input=0, vocab_size=262144,
+                                    final_logit_softcapping=30.0),
+}
 
 
 def guarded(fn, *args):
@@ -241,6 +260,81 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     return res
 
 
+def gemma4(tmp: str, dev: str, tokens: int, quick: bool) -> dict:
+    """Gemma 4 on the device. Tiny random dense / MoE / E models (tests/gemma4_tiny.py, fp32):
+    24 greedy tokens and top-5 logprobs against transformers there, CUDA graphs against eager
+    (MoE stays eager). Then bf16 random shapes: batch-1 decode tok/s, graphs and eager, against
+    transformers' generate."""
+    from bench_gemma4 import make_shape
+    from gemma4_tiny import make
+    from transformers import AutoModelForCausalLM
+
+    from dist_engine import LLM, SamplingParams
+
+    res: dict = {}
+    prompt = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33, 42, 19, 260, 4]
+    n = 24
+    for name in ("dense", "moe", "e"):
+        path = make(name, os.path.join(tmp, f"gemma4-{name}"))
+        outs = {}
+        for eager in (False, True):
+            with LLM(path, device=dev, skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64,
+                     block_size=4, enforce_eager=eager) as llm:
+                outs[eager] = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+                    temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0].outputs[0]
+                graphs = llm.engine.executor.worker.runner.graphs
+                if not eager:
+                    res[f"{name}_graph_steps"] = graphs.num_steps if graphs is not None else 0
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+        with torch.inference_mode():
+            ids = torch.tensor([prompt], device=dev)
+            ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+            full = torch.tensor([prompt + outs[False].token_ids], device=dev)
+            ref_lp = torch.log_softmax(hf(full).logits[0].float(), -1)[len(prompt) - 1:]
+        g, e = outs[False], outs[True]
+        res[name] = {"greedy_identical": g.token_ids == ref == e.token_ids,
+                     "max_logprob_err": max(abs(lp - ref_lp[i, t].item())
+                                            for i, step in enumerate(g.logprobs) for t, lp in step.items()),
+                     "graphs_vs_eager_max_logprob_diff": max(abs(a[t] - b[t]) for a, b in zip(g.logprobs, e.logprobs)
+                                                            for t in a)}
+    sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    long_prompt = [[1] + [(7 * i) % 1000 + 3 for i in range(1500)]]  # past both windows
+    for name, kw in list(GEMMA4_SHAPES.items())[: 1 if quick else 2]:
+        shape = dict(kw, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        if quick:  # a dry run: ten layers (the last four KV-shared), a small vocabulary
+            shape.update(vocab_size=8192, num_hidden_layers=10, layer_types=kw["layer_types"][:10],
+                         num_kv_shared_layers=4)
+        path = make_shape(os.path.join(tmp, name), shape, torch.bfloat16, dev)
+        r: dict = {}
+        for eager in (False, True):
+            key = "eager_" if eager else ""
+            with LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=2048,
+                     num_kv_blocks=1024, enforce_eager=eager) as llm:
+                llm.generate(prompt_token_ids=[long_prompt[0][:32]], sampling_params=warm)
+                r[f"{key}tok_s"] = max(timed_generate(llm, [long_prompt[0][:32]], sp, dev) for _ in range(2))
+                r[f"{key}ctx1500_tok_s"] = timed_generate(llm, long_prompt, sp, dev)
+                r["weight_bytes"] = llm.engine.executor.cache_info()["weight_bytes"]
+                r["kv_bytes_per_token_by_group"] = {g: b / 16 for g, b in
+                                                    llm.engine.cache_info["bytes_per_block_by_group"].items()}
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
+        ids = torch.tensor([long_prompt[0][:32]], device=dev)
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            best = 0.0
+            for _ in range(2):
+                sync(dev)
+                t = time.perf_counter()
+                hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+                sync(dev)
+                best = max(best, tokens / (time.perf_counter() - t))
+        del hf
+        r["transformers_tok_s"], r["vs_transformers"] = best, r["tok_s"] / best
+        res[name] = r
+    return res
+
+
 def report(res: dict) -> str:
     lines = [f"# GPU check: {res['device']}, torch {res['torch']}", "", "## Parity (fp32, 24 greedy tokens)", "",
              "| arch | greedy identical | max top-5 logprob error |", "|---|---|---|"]
@@ -267,6 +361,9 @@ def report(res: dict) -> str:
             lines.append(f"| {name} | {r.get('error')} | | | | | | |")
     if "long_context" in res:
         lines += ["", "## Long context, CUDA graphs vs eager", "", f"`{json.dumps(res['long_context'])}`"]
+    if "gemma4" in res:
+        lines += ["", "## Gemma 4 (tiny fp32 parity, graphs vs eager; bf16 shapes, batch 1)", "",
+                  f"`{json.dumps(res['gemma4'])}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +371,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long", help="comma-separated")
+    ap.add_argument("--parts", default="parity,speculation,speed,long,gemma4", help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
     from conftest import ARCHS
@@ -305,6 +402,9 @@ def main() -> None:
         if "long" in parts:
             res["long_context"] = guarded(long_context, tmp, dev)
             save("long_context")
+        if "gemma4" in parts:
+            res["gemma4"] = guarded(gemma4, tmp, dev, 16 if a.quick else 128, a.quick)
+            save("gemma4")
 
 
 if __name__ == "__main__":

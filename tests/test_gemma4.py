@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from gemma4_tiny import make, released_spelling
+from test_context_parallel import split_steps
 
 from conftest import hf_greedy, hf_model
 from dist_engine import LLM, SamplingParams
@@ -235,3 +236,18 @@ def test_tp2_matches_transformers(gemma, ray_session):
         for tok, lp in out[0].outputs[0].logprobs[0].items():
             assert abs(lp - ref[tok].item()) < 1e-4
         assert out[1].outputs[0].token_ids == hf_greedy(path, OTHERS[1], 8)
+
+
+@pytest.mark.distributed
+def test_cp2_matches_transformers(gemma, ray_session):
+    """CP=2 on the E model: a 60-token prompt's prefill split over the two sequence shards in
+    both paged groups (each stripes block i onto shard i mod 2), shared layers reading their
+    sources' shards."""
+    path = gemma("e")
+    long = PROMPT * 3
+    with LLM(path, context_parallel_size=2, skip_tokenizer_init=True, max_model_len=128,
+             num_kv_blocks=48, block_size=4, max_num_batched_tokens=40) as llm:
+        out = llm.generate(prompt_token_ids=[long], sampling_params=greedy(12))[0]
+        assert out.outputs[0].token_ids == hf_greedy(path, long, 12)
+        assert min(split_steps(llm)) > 0  # the prefill chunks were split
+        assert llm.engine.blocks.num_free == 48 * 2 and llm.engine.others.managers["window8"].num_free == 48 * 2

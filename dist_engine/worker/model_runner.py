@@ -363,8 +363,12 @@ def _split_meta(runner: ModelRunner, batch: ForwardBatch):
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None
-    return dataclasses.replace(batch.meta, write_index=None, split_tokens=batch.shard_tokens,
-                               split_own=batch.shard_tokens[sc.rank])
+    split = dict(write_index=None, split_tokens=batch.shard_tokens, split_own=batch.shard_tokens[sc.rank])
+    meta = dataclasses.replace(batch.meta, **split)
+    # every paged group stripes logical block i onto shard i mod CP, so a token's owner is the
+    # same in each group and one split serves them all
+    meta.by_group = {g: dataclasses.replace(m, **split) for g, m in batch.meta.by_group.items()}
+    return meta
 
 
 def _rss_peak_during(fn) -> int:
