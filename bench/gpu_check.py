@@ -304,7 +304,8 @@ def gemma4(tmp: str, dev: str, tokens: int, quick: bool) -> dict:
     for name, kw in list(GEMMA4_SHAPES.items())[: 1 if quick else 2]:
         shape = dict(kw, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         if quick:  # a dry run: ten layers (the last four KV-shared), a small vocabulary
-            shape.update(vocab_size=8192, num_hidden_layers=10, layer_types=kw["layer_types"][:10],
+            shape.update(vocab_size=8192, vocab_size_per_layer_input=8192, num_hidden_layers=10,
+                         layer_types=kw["layer_types"][:10],
                          num_kv_shared_layers=4)
         path = make_shape(os.path.join(tmp, name), shape, torch.bfloat16, dev)
         r: dict = {}

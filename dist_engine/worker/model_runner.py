@@ -193,7 +193,7 @@ class ModelRunner:
         step = StepInput(step_id=-1, seqs=(work,))
         sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
         own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
-        kv_written = own * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
+        kv_written = own * sum(self.bytes_per_block().values())  # every group; block 0 zeroed before
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
