@@ -46,19 +46,21 @@ SHAPES = {
 }
 HBM_BYTES_PER_S = 4.8e12  # H200
 _S, _F = "sliding_attention", "full_attention"
-GEMMA4_SHAPES = {  # bf16 random weights made by transformers on the device
+GEMMA4_SHAPES = {  # bf16 random weights made by transformers on the device; vocabulary cut to 64k
+    # (the real 262k would add gigabytes to write and load and nothing to the per-layer work)
     "gemma4-e2b-shape": dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
                              layer_types=[_F if (i + 1) % 5 == 0 else _S for i in range(35)],
                              num_attention_heads=8, num_key_value_heads=1, head_dim=256,
                              global_head_dim=512, sliding_window=512, hidden_size_per_layer_input=256,
-                             num_kv_shared_layers=20, use_double_wide_mlp=True, vocab_size=262144,
+                             num_kv_shared_layers=20, use_double_wide_mlp=True, vocab_size=65536,
+                             vocab_size_per_layer_input=65536,
                              final_logit_softcapping=30.0),
     "gemma4-26b-a4b-3-layers": dict(hidden_size=2816, intermediate_size=2112, num_hidden_layers=3,
                                     layer_types=[_S, _S, _F], num_attention_heads=16, num_key_value_heads=8,
                                     head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
                                     attention_k_eq_v=True, sliding_window=1024, enable_moe_block=True,
                                     num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-                                    hidden_size_per_layer_input=0, vocab_size=262144,
+                                    hidden_size_per_layer_input=0, vocab_size=65536,
                                     final_logit_softcapping=30.0),
 }
 

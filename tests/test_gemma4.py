@@ -108,6 +108,8 @@ def test_greedy_matches_transformers_with_sliding_blocks_given_back(gemma, name)
             held.append((eng.blocks.num_blocks - eng.blocks.num_free, window.num_blocks - window.num_free))
         assert max(full for full, _ in held) == (len(PROMPT) + 31 + 3) // 4  # every position
         assert max(win for _, win in held) <= 6  # window + a 16-token chunk, not 13
+        # E model: prefill chunks ran the KV-shared layers (4 and 5) on the sampled row only
+        assert eng.executor.worker.runner.num_tail_steps == (2 if name == "e" else 0)
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=[greedy(n) for n in lens])
         assert [o.outputs[0].token_ids for o in outs] == expected
         assert eng.blocks.num_free == 48 and window.num_free == 48

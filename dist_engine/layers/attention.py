@@ -75,6 +75,11 @@ class AttentionMetadata:
     state: StateMetadata | None = None
     # the other paged groups' metadata (sliding-window layers beside full attention), by name
     by_group: dict[str, AttentionMetadata] = field(default_factory=dict)
+    # Layers past the last one that stores K/V (Gemma 4's KV-shared layers) change no cache, so
+    # only the rows that are sampled matter there: ``tail_rows`` [N] (of the step's T; empty:
+    # none is) and ``tail`` their own metadata. None: every row runs through every layer.
+    tail_rows: torch.Tensor | None = None
+    tail: AttentionMetadata | None = None
 
     def for_group(self, group: str) -> AttentionMetadata:
         """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""

@@ -178,6 +178,8 @@ class Gemma4TextModel(nn.Module):
         self.layers = nn.ModuleList(
             Gemma4TextDecoderLayer(cfg, comm, rotary[cfg.layer_types[i]], dtype, i) for i in range(L))
         self.norm = Gemma4RMSNorm(H, cfg.rms_norm_eps, dtype)
+        # the first KV-shared layer: from there on no layer stores K/V (None: every layer does)
+        self.tail_start = next((i for i, src in enumerate(kv_sources(cfg)) if src is not None), None)
         self.per_layer_dim = P
         if P:  # per-layer embeddings: one [L * P] row per token, plus a projection of the embedding
             self.embed_tokens_per_layer = VocabParallelEmbedding(cfg.vocab_size_per_layer_input, L * P,
@@ -200,9 +202,21 @@ class Gemma4TextModel(nn.Module):
                 meta: AttentionMetadata, return_prenorm: bool = False):
         x = self.embed_tokens(ids) * self.embed_scale  # [T, hidden]
         per_layer = self.per_layer_inputs(ids, x) if self.per_layer_dim else None
+        rows = None
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            if i == self.tail_start and meta.tail_rows is not None:
+                # the KV-shared layers store nothing: only the sampled rows go on (as
+                # transformers does for its kept logits), with metadata of their own
+                rows, T = meta.tail_rows, x.shape[0]  # [N] of the step's T
+                x, positions, meta = x[rows], positions[rows], meta.tail
+                per_layer = None if per_layer is None else per_layer[rows]
+                if meta is None:  # no row is sampled: nothing left to compute
+                    break
             x = layer(positions, x, kv, meta, None if per_layer is None else per_layer[:, i])
-        return (self.norm(x), x) if return_prenorm else self.norm(x)
+        out = (self.norm(x), x) if return_prenorm else (self.norm(x),)
+        if rows is not None:  # [N, hidden] back to the step's rows; the others are never read
+            out = tuple(x.new_zeros(T, x.shape[-1]).index_copy_(0, rows, o) for o in out)
+        return out if return_prenorm else out[0]
 
 
 class Gemma4ForCausalLM(nn.Module):
@@ -250,9 +264,15 @@ class Gemma4ForCausalLM(nn.Module):
     def skip_tensor(self, name: str) -> bool:
         return name.startswith(self.unused)
 
+    @property
+    def tail_start(self) -> int | None:
+        """The first layer that stores no K/V (the runner may then run only sampled rows there)."""
+        return self.model.tail_start
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKV],
                 meta: AttentionMetadata, return_prenorm: bool = False):
-        """Final-norm hidden states ``[T, hidden]`` (and, if asked, the pre-norm ones)."""
+        """Final-norm hidden states ``[T, hidden]`` (and, if asked, the pre-norm ones); with
+        ``meta.tail_rows`` only those rows are computed (the rest are zero, never read)."""
         return self.model(ids, positions, kv_caches, meta, return_prenorm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32

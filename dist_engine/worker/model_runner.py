@@ -111,6 +111,7 @@ class ModelRunner:
         if (cuda or cuda_graph.STATIC_DECODE_ON_CPU) and cuda_graph.DecodeGraphs.supported(self):
             self.graphs = cuda_graph.DecodeGraphs(self, capture=cuda)
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
+        self.num_tail_steps = 0  # steps whose last layers ran only the sampled rows
         self.calibrating = False  # the FP8 scale pass: every rank runs every token
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
@@ -118,11 +119,27 @@ class ModelRunner:
         """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
         sc = self.seq_comm
         (heads, fold), *others = self.group_heads or [(1, False)]
-        return build_batch(tuple(seqs), self.block_size, self.windows,
-                           heads, self.dtype, self.device, groups=self.groups,
-                           shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm, fold=fold, paged=self.use_paged_kernel,
-                           group_heads=tuple(others))
+        batch = build_batch(tuple(seqs), self.block_size, self.windows,
+                            heads, self.dtype, self.device, groups=self.groups,
+                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
+                            dcp=self.dcp_comm, fold=fold, paged=self.use_paged_kernel,
+                            group_heads=tuple(others))
+        if self._sampled_rows_suffice(seqs, batch):
+            tail = tuple(dataclasses.replace(s, token_ids=s.token_ids[-n:], start_pos=s.context_len - n)
+                         for s in seqs if s.sample for n in (1 + s.num_drafts,))
+            batch.meta.tail_rows = batch.sample_index
+            batch.meta.tail = self.build(tail).meta if tail else None
+            self.num_tail_steps += 1
+        return batch
+
+    def _sampled_rows_suffice(self, seqs, batch: ForwardBatch) -> bool:
+        """Whether the model's layers from ``tail_start`` on (they store no K/V) may run only the
+        sampled rows: nobody reads the others' hidden states (no speculation, no hidden states
+        asked for, no sequence shards) and some row is not sampled."""
+        return (getattr(self.model, "tail_start", None) is not None and self.mtp is None
+                and self.seq_comm is None and self.dcp_comm is None and not self.calibrating
+                and not any(s.return_hidden for s in seqs)
+                and len(batch.sample_index) < batch.meta.num_tokens)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> dict[str, int]:
