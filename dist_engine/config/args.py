@@ -163,12 +163,13 @@ class EngineArgs:
 
         if self.speculative == "none":
             return None
-        native = mcfg.num_nextn_predict_layers > 0
+        native = mcfg.num_mtp_layers > 0
         if native and self.speculative == "auto" and not _ships_mtp_weights(path, mcfg):
-            # configs keep num_nextn_predict_layers where the weights were dropped (transformers'
-            # save_pretrained does); "mtp" then fails at load, naming the missing tensors
+            # configs keep num_nextn_predict_layers / mtp_num_hidden_layers where the weights were
+            # dropped (transformers' save_pretrained does); "mtp" then fails at load, naming the
+            # missing tensors
             log.info("speculation off: %s announces %d MTP layer(s) but holds no weights for them",
-                     path, mcfg.num_nextn_predict_layers)
+                     path, mcfg.num_mtp_layers)
             native = False
         if isinstance(self.speculative_config, SpeculativeConfig):
             return self.speculative_config
@@ -194,10 +195,11 @@ class EngineArgs:
 
 
 def _ships_mtp_weights(path: str, mcfg: ModelConfig) -> bool:
+    """Any tensor of the MTP layers (``model.layers.{L}.*``, or Qwen3.5's ``mtp.*``)."""
     from dist_engine.weights.loader import tensor_names
 
-    prefix = f"model.layers.{mcfg.num_hidden_layers}."
-    return any(name.startswith(prefix) for name in tensor_names(path))
+    prefixes = mcfg.mtp_prefixes
+    return bool(prefixes) and any(name.startswith(prefixes) for name in tensor_names(path))
 
 
 def _check_types(args: EngineArgs) -> None:

@@ -56,6 +56,13 @@ class EngineConfig:
                 raise ValueError(
                     f"decode_context_parallel_size needs the {m.num_attention_heads // m.num_key_value_heads} "
                     f"query heads per KV head to split evenly over its {replicas} replicas (TP={tp})")
+        if "linear_attention" in m.layer_types and tp > m.linear_num_key_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds linear_num_key_heads={m.linear_num_key_heads}: "
+                f"Gated DeltaNet layers go to ranks by whole key heads (each with its "
+                f"{m.linear_num_value_heads // m.linear_num_key_heads} value heads); use TP <= "
+                f"{m.linear_num_key_heads}"
+            )
         if tp > m.num_attention_heads:
             raise ValueError(
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
@@ -63,9 +70,9 @@ class EngineConfig:
             )
         spec = self.speculative
         if spec is not None:
-            if spec.model is None and m.num_nextn_predict_layers == 0:
+            if spec.model is None and m.num_mtp_layers == 0:
                 raise ValueError(
-                    f"{m.path} has no MTP layer (num_nextn_predict_layers is 0): graft one with "
+                    f"{m.path} has no MTP layer (its config announces none): graft one with "
                     "`dist-engine graft-mtp` and pass its folder as the speculative model"
                 )
             if self.scheduler.num_lookahead_slots < spec.num_lookahead_slots:

@@ -161,6 +161,24 @@ def qkv_column(hidden: int, head_dim: int, q_heads: tuple[int, int], kv_heads: t
     return ColumnParallelLinear(hidden, shards, bias, dtype)
 
 
+class SegmentedColumnLinear(ColumnParallelLinear):
+    """Column-parallel, where one checkpoint tensor gives this rank several row ranges: Gated
+    DeltaNet's ``in_proj_qkv`` is ``[q | k | v]`` and a rank keeps its heads of each segment.
+    ``segments``: shard id -> [(start row in the checkpoint tensor, rows, first local row)]."""
+
+    def __init__(self, in_features: int, segments: dict[object, list[tuple[int, int, int]]],
+                 dtype: torch.dtype) -> None:
+        shards: ShardMap = {sid: (0, sum(n for _, n, _ in segs), segs[0][2]) for sid, segs in segments.items()}
+        super().__init__(in_features, shards, False, dtype)
+        self.segments = segments
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        if which != "weight":
+            raise ValueError(f"checkpoint has a {which} this layer does not use")
+        for src, n, dst in self.segments[shard_id]:
+            copy_checked(self.weight.data[dst:dst + n], full[src:src + n])
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r W_rᵀ) + b`` with W's input columns split across ranks.
 

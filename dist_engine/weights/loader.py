@@ -71,9 +71,14 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_suffixes", ())
     skip = getattr(model, "skip_tensor", None)  # another rank's tensor (e.g. routed experts)
+    # checkpoint name -> our name, or None for a tensor ignored by design (another model's part)
+    rename = getattr(model, "checkpoint_name", None)
     expected = {name for name, _ in model.named_parameters()}
     filled: dict[str, set] = {}
-    for name, lazy in iter_checkpoint(path):
+    for stored, lazy in iter_checkpoint(path):
+        name = rename(stored) if rename is not None else stored
+        if name is None:
+            continue
         if name.endswith(ignored) or (select is not None and not select(name)) or (skip and skip(name)):
             continue
         module_path, _, which = name.rpartition(".")
@@ -86,18 +91,23 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
-            raise ValueError(f"checkpoint tensor {name!r} {lazy.shape} matches no module of "
+            raise ValueError(f"checkpoint tensor {stored!r} {lazy.shape} matches no module of "
                              f"{type(model).__name__}") from None
-        if not hasattr(module, "load") or getattr(module, which, None) is None:
-            raise ValueError(f"checkpoint tensor {name!r} has no parameter to load into")
+        # a tensor that spans several of our parameters (fused experts) is split by the module
+        fused = getattr(module, which, None) is None and hasattr(module, "load_fused")
+        if not fused and (not hasattr(module, "load") or getattr(module, which, None) is None):
+            raise ValueError(f"checkpoint tensor {stored!r} has no parameter to load into")
         try:
-            module.load(which, lazy, shard_id)
+            parts = module.load_fused(which, lazy) if fused else [(which, shard_id)]
+            if not fused:
+                module.load(which, lazy, shard_id)
         except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"checkpoint tensor {name!r}: {e}") from None
+            raise CheckpointFormatError(f"checkpoint tensor {stored!r}: {e}") from None
         except ValueError as e:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {lazy.shape}, which does not "
+            raise ValueError(f"checkpoint tensor {stored!r} has shape {lazy.shape}, which does not "
                              f"match the model config ({e})") from None
-        filled.setdefault(f"{module_path}.{which}", set()).add(shard_id)
+        for param, sid in parts:
+            filled.setdefault(f"{module_path}.{param}", set()).add(sid)
     missing = []
     for pname in sorted(expected):
         module_path, _, _ = pname.rpartition(".")

@@ -51,9 +51,9 @@ class ModelRunner:
             self.model = model_class(mcfg.architecture)(
                 mcfg, comm, self.dtype, config.scheduler.max_model_len
             )
-        # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
-        mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
-                           for j in range(mcfg.num_nextn_predict_layers))
+        # MTP layers shipped in the checkpoint (model.layers.{num_hidden_layers + j}, or mtp.*)
+        # belong to the speculative decoder
+        mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
         pack_weights(self.model)

@@ -1,0 +1,412 @@
+"""Qwen3.5 (hybrid Gated DeltaNet + gated attention, native MTP) against transformers on tiny
+random checkpoints (conftest ``make_qwen3_5``: every parameter random, constants included).
+
+The model runs through a harness that builds the per-kind caches (``LayerKV`` for attention
+layers, ``LayerState`` slots for Gated DeltaNet layers) and the step metadata by hand, as
+``test_parity.py`` does for Llama. Prompts are several delta-rule chunks (64 tokens) long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import hf_model
+from dist_engine.config import EngineConfig, ModelConfig, ParallelConfig
+from dist_engine.distributed.comm import Communicator, NullCommunicator
+from dist_engine.kv_cache.kinds import PagedKV, RecurrentState, kinds_summary
+from dist_engine.layers.kv_cache import LayerKV
+from dist_engine.layers.linear import pack_weights
+from dist_engine.layers.state_cache import LayerState
+from dist_engine.models import model_class
+from dist_engine.models.mtp import MTPModel
+from dist_engine.models.qwen3_5 import Qwen3_5GatedDeltaNet
+from dist_engine.weights.loader import load_weights
+from dist_engine.worker.batch import build_batch
+from dist_engine.worker.messages import SeqWork
+
+ATOL = 1e-4
+BLOCK = 4
+BLOCKS_PER_SEQ = 100
+PROMPT = torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+CPU = torch.device("cpu")
+
+
+def load_ours(path: str, comm: Communicator | None = None):
+    cfg = ModelConfig.from_pretrained(path)
+    model = model_class(cfg.architecture)(cfg, comm or NullCommunicator(), torch.float32, 1024)
+    load_weights(model, path, select=lambda n: not n.startswith(cfg.mtp_prefixes))
+    pack_weights(model)  # as the runner does: CPU products through the row-independent kernel
+    return model.eval()
+
+
+def caches_for(layers, num_blocks: int, slots: int) -> list:
+    """Storage of each layer's cache kind: paged K/V rows, or state slots."""
+    out = []
+    for layer in layers:
+        kind = layer.cache_kind
+        if isinstance(kind, PagedKV):
+            shape = (num_blocks * BLOCK, kind.local_num_kv_heads, kind.head_dim)
+            out.append(LayerKV(torch.zeros(shape), torch.zeros(shape)))
+        else:
+            out.append(LayerState.empty(kind, slots, CPU))
+    return out
+
+
+def table(seq: int) -> tuple[int, ...]:
+    return tuple(range(1 + seq * BLOCKS_PER_SEQ, 1 + (seq + 1) * BLOCKS_PER_SEQ))
+
+
+class Harness:
+    """Our model driven step by step: sequence i keeps blocks ``table(i)`` and state slot i."""
+
+    def __init__(self, model, slots: int = 4) -> None:
+        self.model = model
+        self.caches = caches_for(model.model.layers, slots * BLOCKS_PER_SEQ + 1, slots)
+        attn = next(layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn"))
+        self.heads_per_kv = attn.local_num_heads // attn.local_num_kv_heads
+
+    def work(self, seq: int, tokens: list[int], start: int, drafts: int = 0, slot: int | None = None
+             ) -> SeqWork:
+        return SeqWork(seq, tuple(tokens), start, table(seq), True, num_drafts=drafts,
+                       state_slot=seq if slot is None else slot)
+
+    def step(self, works: list[SeqWork]):
+        """(logits of every fed token ``[T, vocab]``, the step's batch)."""
+        b = build_batch(tuple(works), BLOCK, None, self.heads_per_kv, torch.float32, CPU)
+        with torch.inference_mode():
+            return self.model.compute_logits(self.model(b.ids, b.positions, self.caches, b.meta)), b
+
+    def feed(self, tokens: list[int], chunks: list[int], seq: int = 0, start: int = 0,
+             slot: int | None = None) -> torch.Tensor:
+        out = []
+        for n in chunks:
+            out.append(self.step([self.work(seq, tokens[start:start + n], start, slot=slot)])[0])
+            start += n
+        return torch.cat(out)
+
+    def states(self, slot: int) -> list[dict[str, torch.Tensor]]:
+        return [{k: t[slot].clone() for k, t in c.tensors.items()} for c in self.caches
+                if isinstance(c, LayerState)]
+
+
+@pytest.fixture(scope="module")
+def hf_logits(qwen3_5_models):
+    cache = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in cache:
+            with torch.inference_mode():
+                cache[name] = hf_model(qwen3_5_models(name))(torch.tensor([PROMPT])).logits[0].float()
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_logits_match_transformers_one_shot_and_chunked(qwen3_5_models, hf_logits, name):
+    """300 tokens (4.7 chunks of the delta rule) in one pass, and in prefill chunks that start
+    and end mid-grid with single-token (recurrent) steps among them."""
+    model = load_ours(qwen3_5_models(name))
+    ref = hf_logits(name)
+    torch.testing.assert_close(Harness(model).feed(PROMPT, [300]), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(Harness(model).feed(PROMPT, [37, 100, 1, 1, 161]), ref, atol=ATOL, rtol=0)
+
+
+def test_resumed_prefill_is_bitwise(qwen3_5_models):
+    """A prefill resumed from a state saved on the chunk grid (copied into another slot, as a
+    prefix-cache hit restores it) computes bitwise what the uninterrupted one does. Split into
+    grid-aligned chunks, the Gated DeltaNet states stay bitwise too (the attention layer's rows
+    of a chunk that ends earlier may differ in the last bit: the CPU attention kernel blocks
+    keys by their count)."""
+    model = load_ours(qwen3_5_models("qwen3_5"))
+    whole = Harness(model)
+    ref = whole.feed(PROMPT, [300])
+    h = Harness(model)
+    first = h.feed(PROMPT, [128])
+    for c in h.caches:
+        if isinstance(c, LayerState):  # the checkpoint after 128 tokens into slot 2
+            c.copy_slots(torch.tensor([2]), torch.tensor([0]))
+    rest = h.feed(PROMPT, [172], start=128, slot=2)  # the same blocks, the restored state
+    assert torch.equal(torch.cat([first, rest]), ref)
+    for ours, want in zip(h.states(2), whole.states(0)):
+        assert all(torch.equal(ours[k], want[k]) for k in want)
+    split = Harness(model)
+    torch.testing.assert_close(split.feed(PROMPT, [64, 64, 64, 108]), ref, atol=1e-5, rtol=0)
+    for ours, want in zip(split.states(0), whole.states(0)):  # layers 0-2, before any attention
+        assert all(torch.equal(ours[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_greedy_decode_matches_transformers_generation(qwen3_5_models, name):
+    """32 recurrent single-token steps after a 150-token prefill = transformers' cached
+    generation."""
+    path = qwen3_5_models(name)
+    prompt = PROMPT[:150]
+    with torch.inference_mode():
+        want = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                       do_sample=False, pad_token_id=0)[0, 150:].tolist()
+    h = Harness(load_ours(path))
+    tokens = list(prompt)
+    logits = h.feed(tokens, [150])
+    for _ in range(32):
+        tokens.append(int(logits[-1].argmax()))
+        logits = h.feed(tokens, [1], start=len(tokens) - 1)
+    assert tokens[150:] == want
+
+
+def test_batched_step_and_verification_states(qwen3_5_models):
+    """One step mixing a verification (1 token + 3 drafts), a prefill chunk and a decode gives
+    each sequence what it gets alone, and keeps the state after every verified token: the
+    state a rollback to j accepted tokens restores is exactly the state after feeding them."""
+    model = load_ours(qwen3_5_models("qwen3_5"))
+    solo, batch = Harness(model), Harness(model)
+    for seq, n in ((0, 90), (2, 70)):  # earlier context of the verifying and decoding sequences
+        solo.feed(PROMPT, [n], seq=seq)
+        batch.feed(PROMPT, [n], seq=seq)
+    verify = PROMPT[90:94]
+    alone, kept_solo = [], []  # plain decode of the four tokens, and the state after each
+    for j in range(4):
+        alone.append(solo.feed(PROMPT, [1], seq=0, start=90 + j))
+        kept_solo.append(solo.states(0))
+    prefill = solo.feed(PROMPT, [65], seq=1)
+    decode = solo.feed(PROMPT, [1], seq=2, start=70)
+    logits, b = batch.step([batch.work(0, verify, 90, drafts=3), batch.work(1, PROMPT[:65], 0),
+                            batch.work(2, PROMPT[70:71], 70)])
+    torch.testing.assert_close(logits[:4], torch.cat(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[4:69], prefill, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[69:], decode, atol=1e-5, rtol=0)
+    assert b.meta.state.keep_per_token
+    linear = [i for i, layer in enumerate(model.model.layers) if layer.layer_type == "linear_attention"]
+    assert sorted(b.meta.state.kept) == linear
+    for n, layer in enumerate(linear):
+        kept = b.meta.state.kept[layer]
+        for j in range(4):
+            for name, want in kept_solo[j][n].items():
+                assert torch.equal(kept[name][0, j], want), (layer, name, j)
+        assert torch.equal(kept["ssm"][2, 0], batch.states(2)[n]["ssm"])  # the decode's one token
+    # the slot holds the state after all four fed tokens (the runner restores the accepted one)
+    assert all(torch.equal(batch.states(0)[n]["ssm"], kept_solo[3][n]["ssm"]) for n in range(len(linear)))
+
+
+def test_fused_expert_tensors_load(qwen3_5_models, tmp_path):
+    """Experts stored as fused 3-D tensors (``experts.gate_up_proj`` [E, 2I, H],
+    ``experts.down_proj`` [E, H, I]) load into the same weights as per-expert tensors."""
+    from safetensors.torch import load_file, save_file
+
+    src = qwen3_5_models("qwen3_5_moe")
+    dst = tmp_path / "fused"
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    fused = {k: v for k, v in weights.items() if ".mlp.experts." not in k}
+    for i in range(4):
+        pre = f"model.layers.{i}.mlp.experts."
+        fused[pre + "gate_up_proj"] = torch.stack([torch.cat([weights[f"{pre}{e}.gate_proj.weight"],
+                                                              weights[f"{pre}{e}.up_proj.weight"]]) for e in range(8)])
+        fused[pre + "down_proj"] = torch.stack([weights[f"{pre}{e}.down_proj.weight"] for e in range(8)])
+    save_file(fused, str(dst / "model.safetensors"))
+    ours = Harness(load_ours(str(dst))).feed(PROMPT[:80], [80])
+    assert torch.equal(ours, Harness(load_ours(src)).feed(PROMPT[:80], [80]))
+    del fused["model.layers.2.mlp.experts.down_proj"]
+    save_file(fused, str(dst / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.experts\.0\.down_proj"):
+        load_ours(str(dst))
+
+
+class _Partial(Communicator):
+    """Rank ``rank`` of ``world_size`` whose all-reduce returns this rank's own partial sum."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_tp2_split_of_gated_deltanet(qwen3_5_models):
+    """Each of two ranks holds one key head with its two value heads (conv channels cut to
+    match, the state only its heads'): the ranks' partial outputs sum to the unsharded layer's,
+    and their states are the unsharded state's heads. Three ranks for two key heads is a
+    ValueError naming the head counts."""
+    path = qwen3_5_models("qwen3_5")
+    full = load_ours(path).model.layers[0]
+    ranks = [load_ours(path, _Partial(r, 2)).model.layers[0] for r in range(2)]
+    x = torch.randn(150, 64, generator=torch.Generator().manual_seed(3))
+    outs, states = [], []
+    for layer in [full, *ranks]:
+        state = LayerState.empty(layer.cache_kind, 1, CPU)
+        work = SeqWork(0, tuple(range(150)), 0, table(0), True, state_slot=0)
+        meta = build_batch((work,), BLOCK, None, 1, torch.float32, CPU).meta
+        with torch.inference_mode():
+            outs.append(layer.linear_attn(x, state, meta))
+        states.append(state.tensors["ssm"][0])
+    assert ranks[0].linear_attn.cache_kind.tensors[1][1] == (2, 16, 24)
+    torch.testing.assert_close(outs[1] + outs[2], outs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(states[1:]), states[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="2 key heads"):
+        load_ours(path, _Partial(0, 3))
+    with pytest.raises(ValueError, match="linear_num_key_heads=2"):
+        EngineConfig(ModelConfig.from_pretrained(path), ParallelConfig(tensor_parallel_size=4))
+
+
+def _mtp_reference(path: str, prompt: list[int], draft: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3.5's MTP module written independently: transformers' full-attention decoder layer
+    and zero-centred RMSNorm over the test's ``mtp.*`` tensors; ``fc`` on [norm_e(embed(t[p+1])),
+    norm_h(h[p])]. Raw outputs at every prompt position, then one chained step (fed the normed
+    output of the last) at the next position."""
+    from safetensors.torch import load_file
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as moe
+
+    base = hf_model(path)
+    cfg = base.config
+    w = load_file(os.path.join(path, "model-mtp.safetensors"))
+    family = moe if "Moe" in type(base).__name__ else dense
+    Qwen3_5RMSNorm = getattr(family, "Qwen3_5MoeRMSNorm", dense.Qwen3_5RMSNorm)
+    decoder = getattr(family, "Qwen3_5MoeDecoderLayer", dense.Qwen3_5DecoderLayer)
+    layer = decoder(cfg, cfg.layer_types.index("full_attention")).eval()
+    layer.load_state_dict({k[len("mtp.layers.0."):]: v for k, v in w.items() if k.startswith("mtp.layers.0.")})
+    norms = {}
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        norms[name] = Qwen3_5RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norms[name].load_state_dict({"weight": w[f"mtp.{name}.weight"]})
+    rope = getattr(family, "Qwen3_5MoeTextRotaryEmbedding", dense.Qwen3_5TextRotaryEmbedding)(cfg)
+
+    def fc(ids: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        e = norms["pre_fc_norm_embedding"](base.model.embed_tokens(torch.tensor(ids)))
+        return torch.cat([e, norms["pre_fc_norm_hidden"](hidden)], -1) @ w["mtp.fc.weight"].t()
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        pos = torch.arange(n).view(1, -1)
+        mask = torch.full((n, n), float("-inf")).triu(1).view(1, 1, n, n)
+        return layer(x.unsqueeze(0), position_embeddings=rope(x.unsqueeze(0), pos),
+                     attention_mask=mask, position_ids=pos)[0]
+
+    with torch.no_grad():
+        h = base.model(torch.tensor([prompt])).last_hidden_state[0]  # [n, H], final-normed
+        first = int(base.lm_head(h[-1]).argmax())
+        x = fc(prompt[1:] + [first], h)
+        g = block(x)
+        x2 = torch.cat([x, fc([draft], norms["norm"](g[-1:]))])
+        return g, block(x2)[-1]
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_mtp_forward_matches_independent_reference(qwen3_5_models, name):
+    """The MTP module loaded from ``mtp.*`` (MoE: fused experts) and driven as the speculative
+    decoder drives it (``layer(positions, embed(t[p+1]), h[p], kv, meta)``, then
+    ``layer.shared_head.norm`` before the shared head, chained on its normed output)."""
+    path = qwen3_5_models(name)
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.num_mtp_layers == 1 and cfg.mtp_prefixes == ("mtp.",)
+    main = load_ours(path)
+    mtp = MTPModel(cfg, NullCommunicator(), torch.float32, 1024, emb_first=True)
+    load_weights(mtp, path, select=lambda n: n.startswith(mtp.prefix()))
+    layer = mtp.layer.eval()
+    prompt = PROMPT[:70]
+    h = Harness(main)
+    b = build_batch((h.work(0, prompt, 0),), BLOCK, None, h.heads_per_kv, torch.float32, CPU)
+    kv = caches_for([layer], BLOCKS_PER_SEQ + 1, 1)[0]
+    with torch.inference_mode():
+        hidden = main(b.ids, b.positions, h.caches, b.meta)
+        first = int(main.compute_logits(hidden[-1:]).argmax())
+        ids = torch.tensor(prompt[1:] + [first])
+        g = layer(b.positions, main.model.embed_tokens(ids), hidden, kv, b.meta)
+        draft = int(main.compute_logits(layer.shared_head.norm(g[-1:])).argmax())
+        b2 = build_batch((h.work(0, [draft], 70),), BLOCK, None, h.heads_per_kv, torch.float32, CPU)
+        g2 = layer(b2.positions, main.model.embed_tokens(torch.tensor([draft])),
+                   layer.shared_head.norm(g[-1:]), kv, b2.meta)
+    ref, ref2 = _mtp_reference(path, prompt, draft)
+    torch.testing.assert_close(g, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(g2[0], ref2, atol=ATOL, rtol=0)
+
+
+def test_missing_mtp_tensor_is_named(qwen3_5_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = qwen3_5_models("qwen3_5")
+    dst = tmp_path / "no_fc"
+    shutil.copytree(src, dst)
+    w = load_file(str(dst / "model-mtp.safetensors"))
+    del w["mtp.pre_fc_norm_hidden.weight"]
+    save_file(w, str(dst / "model-mtp.safetensors"))
+    cfg = ModelConfig.from_pretrained(str(dst))
+    mtp = MTPModel(cfg, NullCommunicator(), torch.float32, 64, emb_first=True)
+    with pytest.raises(ValueError, match=r"mtp\.pre_fc_norm_hidden\.weight"):
+        load_weights(mtp, str(dst), select=lambda n: n.startswith(mtp.prefix()))
+
+
+def test_conditional_generation_checkpoint_loads_text_part(tmp_path):
+    """A Qwen3_5ForConditionalGeneration checkpoint (text config nested, weights under
+    model.language_model.*, a vision tower under model.visual.*) gives transformers' text
+    logits."""
+    import transformers
+
+    from conftest import QWEN3_5_SHAPE, randomise_qwen3_5
+
+    cfg = transformers.Qwen3_5Config(
+        text_config={**QWEN3_5_SHAPE, "intermediate_size": 96, "max_position_embeddings": 256},
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))
+    torch.manual_seed(0)
+    hf = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
+    randomise_qwen3_5(hf)
+    hf.save_pretrained(tmp_path)
+    model = load_ours(str(tmp_path))
+    assert ModelConfig.from_pretrained(str(tmp_path)).multimodal
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([PROMPT[:100]])).logits[0]
+    torch.testing.assert_close(Harness(model).feed(PROMPT[:100], [100]), ref, atol=ATOL, rtol=0)
+
+
+def _config(tmp_path, **changes) -> str:
+    raw = {"architectures": ["Qwen3_5ForCausalLM"], **{k: v for k, v in _base().items()}, **changes}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return str(tmp_path)
+
+
+def _base() -> dict:
+    from conftest import QWEN3_5_SHAPE
+
+    return {**QWEN3_5_SHAPE, "intermediate_size": 96,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+            "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.25, "rope_type": "default",
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True}}
+
+
+def test_config_fields_and_errors(tmp_path):
+    cfg = ModelConfig.from_pretrained(_config(tmp_path, mtp_num_hidden_layers=1))
+    assert (cfg.rotary_dim, cfg.rope_scaling, cfg.num_mtp_layers, cfg.num_nextn_predict_layers) == (8, None, 1, 0)
+    bad = ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match="layer 1 has layer_types entry 'sliding_attention'"):
+        ModelConfig.from_pretrained(_config(tmp_path, layer_types=bad))
+    with pytest.raises(ValueError, match="layer_types lists 3 layers"):
+        ModelConfig.from_pretrained(_config(tmp_path, layer_types=bad[:3]))
+    with pytest.raises(ValueError, match="linear_num_value_heads=5 must be a multiple of linear_num_key_heads=2"):
+        ModelConfig.from_pretrained(_config(tmp_path, linear_num_value_heads=5))
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.from_pretrained(_config(tmp_path, rope_parameters={"partial_rotary_factor": 0.01}))
+    # older configs: the layer pattern from full_attention_interval
+    raw = {k: v for k, v in _base().items() if k != "layer_types"}
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"], **raw,
+                                                      "full_attention_interval": 2}))
+    assert ModelConfig.from_pretrained(str(tmp_path)).layer_types == ("linear_attention", "full_attention") * 2
+
+
+def test_every_layer_declares_its_cache_kind(tiny_models, qwen3_5_models):
+    """Paged K/V for attention layers (Mistral's with its window, MLA's one shared latent) and a
+    recurrent state for Gated DeltaNet layers, sized by this rank's heads."""
+    mistral = load_ours(tiny_models("mistral"))
+    assert mistral.model.layers[0].cache_kind == PagedKV(2, 16, torch.float32, window=12)
+    mla = load_ours(tiny_models("deepseek_v3")).model.layers[0].cache_kind
+    assert mla.shared_kv and mla.local_num_kv_heads == 1 and mla.head_dim == 32 + 16
+    kinds = [layer.cache_kind for layer in load_ours(qwen3_5_models("qwen3_5")).model.layers]
+    conv = 2 * 2 * 16 + 4 * 24
+    assert kinds[0] == RecurrentState((("conv", (conv, 3), torch.float32), ("ssm", (4, 16, 24), torch.float32)))
+    assert kinds[3] == PagedKV(2, 32, torch.float32)
+    assert kinds_summary(kinds) == {"state": 3 * 4 * (conv * 3 + 4 * 16 * 24), "full": 2 * 2 * 32 * 4}
+    assert isinstance(load_ours(qwen3_5_models("qwen3_5")).model.layers[0].linear_attn, Qwen3_5GatedDeltaNet)
