@@ -77,7 +77,8 @@ class Harness:
 
     def step(self, works: list[SeqWork]):
         """(logits of every fed token ``[T, vocab]``, the step's batch)."""
-        b = build_batch(tuple(works), BLOCK, None, self.heads_per_kv, torch.float32, CPU)
+        # paged: decode and verification through the C kernel over block tables, as the runner
+        b = build_batch(tuple(works), BLOCK, None, self.heads_per_kv, torch.float32, CPU, paged=True)
         with torch.inference_mode():
             return self.model.compute_logits(self.model(b.ids, b.positions, self.caches, b.meta)), b
 
@@ -177,9 +178,9 @@ def test_batched_step_and_verification_states(qwen3_5_models):
     decode = solo.feed(PROMPT, [1], seq=2, start=70)
     logits, b = batch.step([batch.work(0, verify, 90, drafts=3), batch.work(1, PROMPT[:65], 0),
                             batch.work(2, PROMPT[70:71], 70)])
-    torch.testing.assert_close(logits[:4], torch.cat(alone), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[4:69], prefill, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[69:], decode, atol=1e-5, rtol=0)
+    assert torch.equal(logits[:4], torch.cat(alone))
+    assert torch.equal(logits[4:69], prefill)
+    assert torch.equal(logits[69:], decode)
     assert b.meta.state.keep_per_token
     linear = [i for i, layer in enumerate(model.model.layers) if layer.layer_type == "linear_attention"]
     assert sorted(b.meta.state.kept) == linear

