@@ -15,10 +15,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import hf_model
+from conftest import hf_greedy, hf_model
+from dist_engine import LLM, SamplingParams
 from dist_engine.config import EngineConfig, ModelConfig, ParallelConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator
-from dist_engine.kv_cache.kinds import PagedKV, RecurrentState, kinds_summary
+from dist_engine.kv_cache.kinds import PagedKV, RecurrentState, bytes_per_block, state_bytes_per_seq
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import pack_weights
 from dist_engine.layers.state_cache import LayerState
@@ -34,6 +35,15 @@ BLOCK = 4
 BLOCKS_PER_SEQ = 100
 PROMPT = torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread is fastest (two spin against each other on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_ours(path: str, comm: Communicator | None = None):
@@ -78,7 +88,7 @@ class Harness:
     def step(self, works: list[SeqWork]):
         """(logits of every fed token ``[T, vocab]``, the step's batch)."""
         # paged: decode and verification through the C kernel over block tables, as the runner
-        b = build_batch(tuple(works), BLOCK, None, self.heads_per_kv, torch.float32, CPU, paged=True)
+        b = build_batch(tuple(works), BLOCK, [None], self.heads_per_kv, torch.float32, CPU, paged=True)
         with torch.inference_mode():
             return self.model.compute_logits(self.model(b.ids, b.positions, self.caches, b.meta)), b
 
@@ -142,22 +152,90 @@ def test_resumed_prefill_is_bitwise(qwen3_5_models):
         assert all(torch.equal(ours[k], want[k]) for k in want)
 
 
+@pytest.fixture(scope="module")
+def hf_generated(qwen3_5_models):
+    """transformers' cached greedy generation: 32 tokens after ``PROMPT[:150]``."""
+    cache = {}
+
+    def get(name: str) -> list[int]:
+        if name not in cache:
+            cache[name] = hf_greedy(qwen3_5_models(name), PROMPT[:150], 32)
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
-def test_greedy_decode_matches_transformers_generation(qwen3_5_models, name):
+def test_greedy_decode_matches_transformers_generation(qwen3_5_models, hf_generated, name):
     """32 recurrent single-token steps after a 150-token prefill = transformers' cached
     generation."""
-    path = qwen3_5_models(name)
-    prompt = PROMPT[:150]
-    with torch.inference_mode():
-        want = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
-                                       do_sample=False, pad_token_id=0)[0, 150:].tolist()
-    h = Harness(load_ours(path))
-    tokens = list(prompt)
+    h = Harness(load_ours(qwen3_5_models(name)))
+    tokens = PROMPT[:150]
     logits = h.feed(tokens, [150])
     for _ in range(32):
         tokens.append(int(logits[-1].argmax()))
         logits = h.feed(tokens, [1], start=len(tokens) - 1)
-    assert tokens[150:] == want
+    assert tokens[150:] == hf_generated(name)
+
+
+# Through the engine: per-kind caches, state slots and checkpoints (worker/caches.py)
+ENGINE = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory="8MiB", cpu_threads=1)
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, seed=7, max_tokens=32, ignore_eos=True)
+
+
+def engine_prompts() -> list[list[int]]:
+    """Lengths off and on the 64-token grid; the last extends the first mid-prompt."""
+    g = torch.Generator().manual_seed(5)
+    rest = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (7, 64, 200)]
+    return [PROMPT[:150], *rest, PROMPT[:100] + rest[0]]
+
+
+def generate(llm, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_engine_matches_transformers_batched_and_cached(qwen3_5_models, hf_generated, name):
+    """``LLM`` end to end: 32 greedy tokens = transformers'; a batch = each prompt alone; the
+    same prompts again (prefix-cache hits resuming from state checkpoints) = the first time."""
+    prompts = engine_prompts()
+    with LLM(qwen3_5_models(name), speculative="none", **ENGINE) as llm:
+        solo = [generate(llm, [p], GREEDY)[0] for p in prompts]
+        assert solo[0] == hf_generated(name)
+        assert generate(llm, prompts, GREEDY) == solo
+        assert generate(llm, prompts, GREEDY) == solo
+
+
+def test_engine_speculative_matches_plain(qwen3_5_models, monkeypatch):
+    """Native MTP (``mtp.*``) drives the speculative decoder; output = plain decoding, greedy
+    and seeded. The tiny MTP layer is random (its drafts are rejected), so a second run drafts
+    plain decoding's own tokens, every third one wrong: drafts are accepted to every depth and
+    rejected at every depth, and the recurrent state after each verification must be exactly
+    the state after the accepted tokens for the output to stay the same."""
+    from dist_engine.worker import spec_decode
+
+    path = qwen3_5_models("qwen3_5")
+    prompts = engine_prompts()
+    with LLM(path, speculative="none", **ENGINE) as llm:
+        plain = generate(llm, prompts, GREEDY)
+        plain_seeded = generate(llm, prompts, SEEDED)
+    with LLM(path, speculative="mtp", num_speculative_tokens=2, **ENGINE) as llm:
+        assert generate(llm, prompts, GREEDY) == plain
+        assert generate(llm, prompts, SEEDED) == plain_seeded
+        assert llm.engine.spec_stats.num_draft_tokens > 0
+    current: list[int] = []  # the prompt being generated and plain decoding's tokens after it
+
+    def oracle(self, g, seqs, specs, positions):
+        return [((current[p] + (p % 3 == 0)) % 320 if p < len(current) else 0) for p in positions]
+
+    monkeypatch.setattr(spec_decode.MTPDecoder, "_draft", oracle)
+    with LLM(path, speculative="mtp", num_speculative_tokens=3, min_draft_acceptance=0.0, **ENGINE) as llm:
+        for p, out in zip(prompts, plain):
+            current[:] = p + out
+            assert generate(llm, [p], GREEDY) == [out]
+        stats = llm.engine.spec_stats
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_batched_step_and_verification_states(qwen3_5_models):
@@ -241,7 +319,7 @@ def test_tp2_split_of_gated_deltanet(qwen3_5_models):
     for layer in [full, *ranks]:
         state = LayerState.empty(layer.cache_kind, 1, CPU)
         work = SeqWork(0, tuple(range(150)), 0, table(0), True, state_slot=0)
-        meta = build_batch((work,), BLOCK, None, 1, torch.float32, CPU).meta
+        meta = build_batch((work,), BLOCK, [None], 1, torch.float32, CPU).meta
         with torch.inference_mode():
             outs.append(layer.linear_attn(x, state, meta))
         states.append(state.tensors["ssm"][0])
@@ -311,7 +389,7 @@ def test_mtp_forward_matches_independent_reference(qwen3_5_models, name):
     layer = mtp.layer.eval()
     prompt = PROMPT[:70]
     h = Harness(main)
-    b = build_batch((h.work(0, prompt, 0),), BLOCK, None, h.heads_per_kv, torch.float32, CPU)
+    b = build_batch((h.work(0, prompt, 0),), BLOCK, [None], h.heads_per_kv, torch.float32, CPU)
     kv = caches_for([layer], BLOCKS_PER_SEQ + 1, 1)[0]
     with torch.inference_mode():
         hidden = main(b.ids, b.positions, h.caches, b.meta)
@@ -319,7 +397,7 @@ def test_mtp_forward_matches_independent_reference(qwen3_5_models, name):
         ids = torch.tensor(prompt[1:] + [first])
         g = layer(b.positions, main.model.embed_tokens(ids), hidden, kv, b.meta)
         draft = int(main.compute_logits(layer.shared_head.norm(g[-1:])).argmax())
-        b2 = build_batch((h.work(0, [draft], 70),), BLOCK, None, h.heads_per_kv, torch.float32, CPU)
+        b2 = build_batch((h.work(0, [draft], 70),), BLOCK, [None], h.heads_per_kv, torch.float32, CPU)
         g2 = layer(b2.positions, main.model.embed_tokens(torch.tensor([draft])),
                    layer.shared_head.norm(g[-1:]), kv, b2.meta)
     ref, ref2 = _mtp_reference(path, prompt, draft)
@@ -391,6 +469,17 @@ def test_config_fields_and_errors(tmp_path):
         ModelConfig.from_pretrained(_config(tmp_path, linear_num_value_heads=5))
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         ModelConfig.from_pretrained(_config(tmp_path, rope_parameters={"partial_rotary_factor": 0.01}))
+    with pytest.raises(ValueError, match="mtp_use_dedicated_embeddings"):
+        ModelConfig.from_pretrained(_config(tmp_path, mtp_use_dedicated_embeddings=True))
+    # a multimodal MoE checkpoint: the text config nested, the whole model's tie setting
+    moe = {**_base(), "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 40, "mtp_num_hidden_layers": 1}
+    del moe["intermediate_size"]
+    cfg = ModelConfig.from_dict({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "text_config": moe,
+                                 "vision_config": {"depth": 1}, "tie_word_embeddings": True})
+    assert cfg.multimodal and cfg.tie_word_embeddings and cfg.num_mtp_layers == 1
+    assert (cfg.n_routed_experts, cfg.shared_expert_intermediate_size, cfg.moe_scoring) == (8, 40, "softmax")
+    assert all(cfg.is_moe_layer(i) for i in range(4))
     # older configs: the layer pattern from full_attention_interval
     raw = {k: v for k, v in _base().items() if k != "layer_types"}
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"], **raw,
@@ -407,7 +496,9 @@ def test_every_layer_declares_its_cache_kind(tiny_models, qwen3_5_models):
     assert mla.shared_kv and mla.local_num_kv_heads == 1 and mla.head_dim == 32 + 16
     kinds = [layer.cache_kind for layer in load_ours(qwen3_5_models("qwen3_5")).model.layers]
     conv = 2 * 2 * 16 + 4 * 24
-    assert kinds[0] == RecurrentState((("conv", (conv, 3), torch.float32), ("ssm", (4, 16, 24), torch.float32)))
+    assert kinds[0] == RecurrentState((("conv", (conv, 3), torch.float32), ("ssm", (4, 16, 24), torch.float32)),
+                                      grid=64)
     assert kinds[3] == PagedKV(2, 32, torch.float32)
-    assert kinds_summary(kinds) == {"state": 3 * 4 * (conv * 3 + 4 * 16 * 24), "full": 2 * 2 * 32 * 4}
+    assert state_bytes_per_seq(kinds) == 3 * 4 * (conv * 3 + 4 * 16 * 24)
+    assert bytes_per_block(kinds, 1) == {"full": 2 * 2 * 32 * 4}
     assert isinstance(load_ours(qwen3_5_models("qwen3_5")).model.layers[0].linear_attn, Qwen3_5GatedDeltaNet)

@@ -20,7 +20,7 @@ LAYER_TYPES = ("full_attention", "linear_attention")
 # (equal position ids on all three axes reduce it to plain rotary) and the rotated fraction
 ROPE_LAYOUT_KEYS = ("partial_rotary_factor", "mrope_section", "mrope_interleaved")
 # top-level settings of a conditional-generation config that its text_config may lack
-INHERITED = ("tie_word_embeddings", "bos_token_id", "eos_token_id")
+INHERITED = ("bos_token_id", "eos_token_id")
 
 
 def text_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +35,8 @@ def text_config(raw: dict[str, Any]) -> dict[str, Any]:
     for key in INHERITED:
         if text.get(key) is None and raw.get(key) is not None:
             text[key] = raw[key]
+    if "tie_word_embeddings" in raw:  # the whole model's setting decides, as in transformers
+        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
     text["architectures"] = [arch]
     return text
 

@@ -26,7 +26,7 @@ from dist_engine.kv_cache.kinds import CacheKind, PagedKV, RecurrentState
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from dist_engine.layers.elementwise import rowwise
 from dist_engine.layers.embedding import VocabParallelEmbedding
-from dist_engine.layers.gated_delta import DepthwiseConv, Heads, gated_delta
+from dist_engine.layers.gated_delta import CHUNK, DepthwiseConv, Heads, gated_delta
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import (
     ColumnParallelLinear,
@@ -91,7 +91,8 @@ class Qwen3_5GatedDeltaNet(nn.Module):
     def cache_kind(self) -> RecurrentState:
         h = self.heads
         return RecurrentState((("conv", (h.conv_channels, self.kernel - 1), self.dtype),
-                               ("ssm", (h.value_heads, h.key_dim, h.value_dim), torch.float32)))
+                               ("ssm", (h.value_heads, h.key_dim, h.value_dim), torch.float32)),
+                              grid=CHUNK)
 
     def forward(self, x: torch.Tensor, state: LayerState, meta: AttentionMetadata) -> torch.Tensor:
         if meta.state is None or meta.split_tokens is not None:

@@ -9,6 +9,8 @@ budget is small: the slots then bound concurrency), checkpoints get their own bu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -31,8 +33,11 @@ FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 
 
 def layer_kind(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> CacheKind:
-    """The layer's declared kind; a layer declaring none is a paged attention layer."""
+    """The layer's declared kind (a paged one stored in the KV cache's dtype, FP8 included);
+    a layer declaring none is a paged attention layer."""
     kind = getattr(layer, "cache_kind", None)
+    if isinstance(kind, PagedKV):
+        return dataclasses.replace(kind, dtype=kv_dtype)
     if kind is not None:
         return kind
     attn = layer.self_attn
