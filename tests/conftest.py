@@ -142,11 +142,12 @@ def grafted(tiny_models, tmp_path_factory):
 
 # Qwen3.5 hybrids (not in TINY: they need per-kind caches): three Gated DeltaNet layers then
 # gated attention, 2 key / 4 value linear heads (TP=2: one key head with its two value heads per
-# rank), dense or MoE (8 experts, 2 per token, a gated shared expert)
+# rank), dense or MoE (8 experts, 2 per token, a gated shared expert). No EOS: transformers'
+# min_new_tokens bans it from the argmax where ignore_eos does not.
 QWEN3_5_SHAPE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                      linear_key_head_dim=16, linear_value_head_dim=24, max_position_embeddings=1024,
-                     rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+                     rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=None)
 QWEN3_5 = {
     "qwen3_5": ("Qwen3_5TextConfig", dict(intermediate_size=96)),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=40,
