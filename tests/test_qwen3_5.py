@@ -179,7 +179,8 @@ def test_greedy_decode_matches_transformers_generation(qwen3_5_models, hf_genera
 
 
 # Through the engine: per-kind caches, state slots and checkpoints (worker/caches.py)
-ENGINE = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory="8MiB", cpu_threads=1)
+ENGINE = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory="8MiB", cpu_threads=1,
+              state_checkpoint_interval=64)  # the shortest: a hit resumes from a saved state
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.8, seed=7, max_tokens=32, ignore_eos=True)
 
@@ -197,14 +198,17 @@ def generate(llm, prompts, params) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
 def test_engine_matches_transformers_batched_and_cached(qwen3_5_models, hf_generated, name):
-    """``LLM`` end to end: 32 greedy tokens = transformers'; a batch = each prompt alone; the
-    same prompts again (prefix-cache hits resuming from state checkpoints) = the first time."""
+    """``LLM`` end to end: 32 greedy tokens = transformers'; a batch = each prompt alone (the
+    last one resuming from the state the first saved after 64 tokens); the same prompts again
+    (prefix-cache hits resuming from state checkpoints) = the first time."""
     prompts = engine_prompts()
     with LLM(qwen3_5_models(name), speculative="none", **ENGINE) as llm:
         solo = [generate(llm, [p], GREEDY)[0] for p in prompts]
         assert solo[0] == hf_generated(name)
         assert generate(llm, prompts, GREEDY) == solo
-        assert generate(llm, prompts, GREEDY) == solo
+        again = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+        assert [o.outputs[0].token_ids for o in again] == solo
+        assert [o.metrics.prefix_hit_tokens >= 64 for o in again] == [len(p) > 64 for p in prompts]
 
 
 def test_engine_speculative_matches_plain(qwen3_5_models, monkeypatch):
