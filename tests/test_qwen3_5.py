@@ -506,3 +506,14 @@ def test_every_layer_declares_its_cache_kind(tiny_models, qwen3_5_models):
     assert state_bytes_per_seq(kinds) == 3 * 4 * (conv * 3 + 4 * 16 * 24)
     assert bytes_per_block(kinds, 1) == {"full": 2 * 2 * 32 * 4}
     assert isinstance(load_ours(qwen3_5_models("qwen3_5")).model.layers[0].linear_attn, Qwen3_5GatedDeltaNet)
+
+
+@pytest.mark.distributed
+def test_cp2_runs_recurrent_layers_on_every_rank(qwen3_5_models, hf_generated, ray_session):
+    """Under context parallelism the attention layer's K/V is split by block over the two
+    ranks, while each rank runs every token through the Gated DeltaNet layers and holds the
+    whole recurrent state (a long step's tokens are not split between ranks): output =
+    transformers', with MTP speculation on."""
+    with LLM(qwen3_5_models("qwen3_5"), context_parallel_size=2, speculative="mtp",
+             num_speculative_tokens=2, **ENGINE) as llm:
+        assert generate(llm, [PROMPT[:150]], GREEDY) == [hf_generated("qwen3_5")]

@@ -338,9 +338,10 @@ class ModelRunner:
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
-    token on every rank (short steps, DCP, or a shard that would get no token)."""
+    token on every rank (short steps, DCP, a shard that would get no token, or recurrent
+    layers: their state runs through every token in order, on every rank)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner.calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating or runner.has_state
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None
