@@ -17,7 +17,7 @@ import torch
 
 from conftest import hf_greedy, hf_model
 from dist_engine import LLM, SamplingParams
-from dist_engine.config import EngineConfig, ModelConfig, ParallelConfig
+from dist_engine.config import EngineArgs, EngineConfig, ModelConfig, ParallelConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator
 from dist_engine.kv_cache.kinds import PagedKV, RecurrentState, bytes_per_block, state_bytes_per_seq
 from dist_engine.layers.kv_cache import LayerKV
@@ -422,6 +422,10 @@ def test_missing_mtp_tensor_is_named(qwen3_5_models, tmp_path):
     mtp = MTPModel(cfg, NullCommunicator(), torch.float32, 64, emb_first=True)
     with pytest.raises(ValueError, match=r"mtp\.pre_fc_norm_hidden\.weight"):
         load_weights(mtp, str(dst), select=lambda n: n.startswith(mtp.prefix()))
+    # --speculative auto: on where mtp.* tensors ship, off where the config only announces them
+    assert EngineArgs(model=src).speculative_for(src, ModelConfig.from_pretrained(src)) is not None
+    (dst / "model-mtp.safetensors").unlink()
+    assert EngineArgs(model=str(dst)).speculative_for(str(dst), cfg) is None
 
 
 def test_conditional_generation_checkpoint_loads_text_part(tmp_path):
