@@ -222,6 +222,22 @@ def qwen3_5_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def qwen3_5_generated(qwen3_5_models):
+    """transformers' cached greedy generation: 32 tokens after the tests' first 150-token
+    prompt (``qwen3_5_harness.PROMPT``)."""
+    from qwen3_5_harness import PROMPT
+
+    cache = {}
+
+    def get(name: str) -> list[int]:
+        if name not in cache:
+            cache[name] = hf_greedy(qwen3_5_models(name), PROMPT[:150], 32)
+        return cache[name]
+
+    return get
+
+
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
 
