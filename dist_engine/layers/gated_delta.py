@@ -224,9 +224,10 @@ def _recurrent(mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, conv_we
 
 def _kept_buffers(meta: StateMetadata, layer: int, state: LayerState, length: int
                   ) -> dict[str, torch.Tensor]:
-    """``meta.kept[layer]``: per tensor ``[B, length, *shape]`` (the runner's, if it made them)."""
+    """``meta.kept[layer]``: per tensor ``[B, length, *shape]`` (the runner's, if it made them).
+    Uninitialised: only the rows of token-by-token sequences' own tokens are written and read."""
     kept = meta.kept.setdefault(layer, {})
     for name, t in state.tensors.items():
         if name not in kept:
-            kept[name] = t.new_zeros(len(meta.starts), length, *t.shape[1:])
+            kept[name] = t.new_empty(len(meta.starts), length, *t.shape[1:])
     return kept
