@@ -12,6 +12,8 @@ import time
 from dist_engine.config import DTYPES, EngineArgs
 from dist_engine.config.args import DEFAULT_MODEL
 from dist_engine.config.sizes import parse_size
+from dist_engine.server.options import DEFAULT_MAX_N
+from dist_engine.server.security import ISOLATION_MODES
 
 
 def parse_bytes(text: str) -> int:
@@ -104,12 +106,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import os
 
     from dist_engine.server.app import serve
+    from dist_engine.server.options import ServeOptions
 
     kw = engine_args(a, skip_tokenizer_init=a.no_tokenizer)
-    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    api_key = a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None
-    asyncio.run(serve(kw, a.host, a.port, name, a.max_queued_requests, a.drain_seconds,
-                      a.metrics_port, api_key, a.tls_cert, a.tls_key, a.max_message_bytes))
+    opts = ServeOptions(
+        served_model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
+        host=a.host, port=a.port, metrics_port=a.metrics_port,
+        max_queued_requests=a.max_queued_requests, max_n=a.max_n, drain_seconds=a.drain_seconds,
+        api_key=a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None,
+        api_key_file=a.api_key_file, metrics_auth=a.metrics_auth,
+        prefix_cache_isolation=a.prefix_cache_isolation, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        max_message_bytes=a.max_message_bytes, raw_special_tokens=a.raw_special_tokens)
+    asyncio.run(serve(kw, opts))
     return 0
 
 
@@ -228,13 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     s.add_argument("--max-queued-requests", type=int, default=256,
-                   help="requests in flight before new ones get RESOURCE_EXHAUSTED")
+                   help="sequences in flight (a request counts its n, from before it is "
+                        "tokenized) before new ones get RESOURCE_EXHAUSTED / HTTP 429")
+    s.add_argument("--max-n", type=int, default=DEFAULT_MAX_N,
+                   help="most completions (n) one request may ask for")
     s.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long running requests may finish")
     s.add_argument("--no-tokenizer", action="store_true", help="token-id input only")
     s.add_argument("--api-key", default=None,
                    help="require 'authorization: Bearer KEY' on every call but health "
                         "(default: $DIST_ENGINE_API_KEY; none: no auth)")
+    s.add_argument("--api-key-file", default=None,
+                   help="several keys, one per line (# comments); each key is a tenant")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics also requires an API key")
+    s.add_argument("--prefix-cache-isolation", choices=ISOLATION_MODES, default=None,
+                   help="who shares cached prompt blocks: none (everyone), salt (requests with "
+                        "the same cache_salt), api-key (each key's callers, per salt); default: "
+                        "api-key with several keys, else salt")
+    s.add_argument("--raw-special-tokens", action="store_true",
+                   help="trusted callers only: special-token text in chat content becomes "
+                        "control tokens (by default it stays text, so no turn can be forged)")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     s.add_argument("--max-message-bytes", type=parse_bytes, default=16 * 2**20,
