@@ -83,6 +83,7 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from dist_engine.client import Client
+    from dist_engine.server.frontend import ENGINE_UNAVAILABLE
 
     address, tag, env = two_node_cluster
     port = free_port()
@@ -116,6 +117,7 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
                 for _ in stream:
                     pass
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == ENGINE_UNAVAILABLE  # no actor ids, pids or addresses
             assert time.monotonic() - t0 < 10
         assert proc.wait(timeout=30) != 0  # exits so an orchestrator restarts it
     finally:
