@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-tokens", type=int, default=64)
     bs.add_argument("--cancel-fraction", type=float, default=0.0,
                     help="cancel this share of requests after a random number of tokens")
+    bs.add_argument("--abuse", choices=("huge", "max"), default=None,
+                    help="run each load again beside one client sending maximum-size prompts in "
+                         "a loop: huge (15 MB texts the server refuses) or max (max_model_len "
+                         "token ids)")
     bs.add_argument("--compare-inprocess", action="store_true",
                     help="first alternate batch-1 requests in-process and over gRPC, reporting "
                          "the paired TPOT overhead (needs --model)")

@@ -134,6 +134,28 @@ async def run_closed(client, prompts, streams: int, duration: float, max_tokens:
     return results, time.perf_counter() - t0
 
 
+async def abuse(client, kind: str, max_model_len: int, stop: asyncio.Event) -> dict:
+    """One client sending maximum-size prompts back to back until ``stop``: ``huge`` is a text
+    just under the 16 MiB message limit (the server must refuse it without stalling others),
+    ``max`` a prompt of max_model_len - 1 token ids (accepted; its prefill shares the steps)."""
+    sent, codes = 0, {}
+    if kind == "huge":
+        req = build_request("lorem ipsum dolor sit amet " * 560_000, max_tokens=1)
+    else:
+        req = build_request(token_ids=[random.Random(sent).randrange(100, 30000)
+                                       for _ in range(max_model_len - 1)], max_tokens=1)
+    while not stop.is_set():
+        try:
+            async for _ in client.stub.Generate(req, timeout=600, metadata=client.md):
+                pass
+            code = "OK"
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+        codes[code] = codes.get(code, 0) + 1
+        sent += 1
+    return {"abuse": kind, "abusive_requests": sent, "abusive_outcomes": codes}
+
+
 def summarize(label: str, results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.outcome == "ok"]
     itl = [x for r in ok for x in r.itl]
@@ -282,7 +304,14 @@ def main(a) -> int:
                       flush=True)
             loads = ([(f"closed {a.closed_loop}", None)] if a.closed_loop else
                      [(f"{r:g}/s", r) for r in rates])
+            if a.abuse:  # each load again beside one abusive client
+                loads += [(f"{label} + {a.abuse} prompts", rate) for label, rate in loads]
+            max_len = (await client.model_info()).max_model_len
             for label, rate in loads:
+                stop = asyncio.Event()
+                abuser = (asyncio.create_task(abuse(AsyncClient(target, api_key=a.api_key,
+                                                                tls_ca=a.tls_ca), a.abuse, max_len, stop))
+                          if label.endswith(" prompts") else None)
                 if rate is None:
                     results, wall = await run_closed(client, prompts, a.closed_loop, a.duration or 60.0,
                                                      a.max_tokens, a.cancel_fraction, a.seed, a.timeout)
@@ -290,6 +319,10 @@ def main(a) -> int:
                     results, wall = await run_rate(client, prompts, rate, a.requests, a.max_tokens,
                                                    a.cancel_fraction, a.seed, a.timeout, a.duration)
                 row = summarize(label, results, wall)
+                if abuser is not None:
+                    stop.set()
+                    row.update(await abuser)
+                    row["ttft_p99_ratio_vs_clean"] = row["ttft_p99_ms"] / rows[0]["ttft_p99_ms"]
                 row["kv_usage_after_drain"] = await leaked_blocks(client)
                 rows.append(row)
                 print(f"{label}: {row['ok']} ok, {row['cancelled']} cancelled, {row['errors']} errors; "
@@ -316,6 +349,10 @@ def main(a) -> int:
                      f"{r['tpot_p50_ms']:.0f} / {r['tpot_p90_ms']:.0f} / {r['tpot_p99_ms']:.0f} | "
                      f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['kv_usage_after_drain']:.3f} |")
     text = "\n".join(lines)
+    for r in rows:
+        if "abuse" in r:
+            text += (f"\n\n{r['load']}: the abusive client sent {r['abusive_requests']} requests "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(r['abusive_outcomes'].items()))}).")
     if "grpc_overhead" in report:
         text += (f"\n\nBatch 1 TPOT p50 over {report['pairs']} alternating pairs: in-process "
                  f"{report['inprocess_tpot_p50_ms']:.1f} ms, over gRPC {report['grpc_tpot_p50_ms']:.1f} ms; "
