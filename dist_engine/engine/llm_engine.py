@@ -195,6 +195,9 @@ class LLMEngine:
             seq.num_computed += s.num_new
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
+            for j, (lp, top) in enumerate(result.prompt_logprobs.get(seq.seq_id, ())):
+                pos = seq.num_computed - s.num_new + 1 + j  # the prompt token this row predicted
+                seq.prompt_logprobs[pos] = {**dict(top), seq.token_ids[pos]: lp}
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
@@ -245,8 +248,12 @@ class LLMEngine:
                 text_delta=s.take_text_delta(), token_ids_delta=s.take_token_delta(),
                 hidden_states=s.hidden_states() if s.finished and s.params.return_hidden_states else None,
             ))
+        lead = req.seqs[0]
+        prompt_lps = None
+        if req.finished and lead.params.prompt_logprobs is not None:
+            prompt_lps = [None] + [lead.prompt_logprobs.get(p) for p in range(1, len(req.prompt_token_ids))]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.seqs[0].metrics)
+                             req.finished, lead.metrics, prompt_lps)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -136,8 +136,8 @@ class Scheduler:
         """Start from blocks already computed: the leader's prompt blocks, or prefix-cache hits."""
         bs = self.blocks.block_size
         lead = seq.leader
-        if seq.params.return_hidden_states:
-            pass  # every position must run through the model to have its hidden state
+        if seq.params.return_hidden_states or seq.params.prompt_logprobs is not None:
+            pass  # every position must run through the model for its hidden state / logprobs
         elif lead is not None and lead.status == SeqStatus.RUNNING:
             # full prompt blocks only, and never the last prompt token: its logits are needed
             k = (len(seq.prompt_token_ids) - 1) // bs
@@ -166,8 +166,9 @@ class Scheduler:
             drafts = tuple(seq.draft_token_ids[:k])
             want = num_spec if num_propose is None else num_propose
             propose = max(0, min(want, cap - (seq.num_tokens + k) + 1, left - 2))
-        elif mtp:
-            next_token = seq.token_ids[start + s.num_new]  # the MTP layer reads one token ahead
+        elif (mtp or seq.params.prompt_logprobs is not None) and not s.samples:
+            # the MTP layer reads one token ahead; so does a prompt logprob
+            next_token = seq.token_ids[start + s.num_new]
         return SeqWork(
             seq_id=seq.seq_id,
             token_ids=tuple(tokens) + drafts,
@@ -180,6 +181,8 @@ class Scheduler:
             next_token=next_token,
             mtp=mtp,
             return_hidden=seq.params.return_hidden_states,
+            prompt_logprobs=(seq.params.prompt_logprobs if start < len(seq.prompt_token_ids)
+                             else None),
         )
 
     def finish(self, seq: Sequence) -> None:

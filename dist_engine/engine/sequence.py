@@ -51,6 +51,8 @@ class Sequence:
     # prefix-cache namespace of the request (vLLM's ``cache_salt``): only sequences with the
     # same salt share cached blocks; None shares with every unsalted request
     cache_salt: str | None = None
+    # SamplingParams.prompt_logprobs: position p -> {id: logprob} of prompt token p (p >= 1)
+    prompt_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
@@ -99,7 +101,7 @@ class Sequence:
                             min_p=p.min_p, seed=self.seed, seeded=p.seed is not None, logprobs=p.logprobs or 0,
                             banned_token_ids=banned,
                             banned_for=max(1, p.min_tokens - len(self.output_token_ids)),
-                            **penalties)
+                            logit_bias=tuple(sorted(p.logit_bias.items())), **penalties)
 
     def hidden_states(self):
         """``[P, H]``: the final-norm hidden state of positions 0..P-1, every position whose

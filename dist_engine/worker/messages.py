@@ -42,6 +42,7 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     prompt_ids: tuple[int, ...] = ()
     output_counts: tuple[tuple[int, int], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) added after the penalties
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class SeqWork:
     next_token: int = -1
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
+    # top-n logprobs of the prompt tokens after each fed one (None: not asked); the token after
+    # a non-final chunk's last position is ``next_token``
+    prompt_logprobs: int | None = None
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own
@@ -94,3 +98,6 @@ class StepOutput:
     # seq_id -> final-norm hidden states [n, H] of the positions verified this step, from the
     # first one fed on, for sequences fed with ``return_hidden`` (rank 0 only)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # seq_id -> per fed prompt position p: (logprob of prompt token p + 1, top-n (id, logprob))
+    prompt_logprobs: dict[int, tuple[tuple[float, tuple[tuple[int, float], ...]], ...]] = field(
+        default_factory=dict)

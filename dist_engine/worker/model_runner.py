@@ -19,6 +19,7 @@ from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
+from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -240,10 +241,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         t0 = time.perf_counter()
-        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [T, hidden]
+        prompt_lps = any(s.prompt_logprobs is not None for s in step.seqs)
+        hidden = (self.graphs.forward(step.seqs) if self.graphs is not None and not prompt_lps
+                  else None)  # [T, hidden]
         if hidden is not None and self.mtp is None:
             return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
+        if prompt_lps:
+            return self._with_prompt_logprobs(step, batch)
         if hidden is not None:  # a verification step through the static path
             self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, None)
@@ -259,6 +264,22 @@ class ModelRunner:
         if not batch.sample_seqs:
             return StepOutput(step.step_id, {}, rows)
         return self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+
+    def _with_prompt_logprobs(self, step: StepInput, batch: ForwardBatch) -> StepOutput:
+        """A step with prompt logprobs: the usual step, then the rows' logprobs from the same
+        hidden states (a prefill step carries no drafts, so no row is rejected later)."""
+        if self.mtp is not None:
+            raw = self.config.speculative.hidden_stage == "raw"
+            out = self._forward(batch, raw)
+            hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
+            result = self.mtp.step(step, batch, hidden, prenorm)
+        else:
+            hidden = self._forward(batch)  # [T, hidden]
+            rows = hidden_rows(step, batch, hidden, {})
+            result = (self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+                      if batch.sample_seqs else StepOutput(step.step_id, {}, rows))
+        result.prompt_logprobs.update(prompt_logprob_rows(step, batch, hidden, self.model))
+        return result
 
     def _sample(self, step: StepInput, seqs, hidden: torch.Tensor, rows: dict) -> StepOutput:
         """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""

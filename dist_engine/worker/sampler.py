@@ -86,11 +86,13 @@ def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
 
 def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Tensor | None = None,
              vocab: int = 0) -> torch.Tensor:
-    """``[N, V]`` raw logits with each row's penalties applied and its banned ids at -inf: a
+    """``[N, V]`` raw logits with each row's penalties and logit bias applied and its banned ids
+    at -inf: a
     copy when any row has either (the caller's logits stay raw), else the input itself.
     ``columns`` ``[V']``: the logits cover only these token ids (a reduced draft vocabulary) of a
     ``vocab``-token vocabulary."""
-    if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
+    if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids or spec.logit_bias
+               for spec in specs):
         return logits
     if columns is not None:  # spread over the whole vocabulary, penalise, read the columns back
         full = logits.new_full((logits.shape[0], vocab), float("-inf"))
@@ -100,6 +102,10 @@ def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Ten
     for i, spec in enumerate(specs):
         if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
             apply_penalties(logits[i], spec)
+        if spec.logit_bias:
+            ids = torch.tensor([t for t, _ in spec.logit_bias], device=logits.device)
+            logits[i, ids] += torch.tensor([b for _, b in spec.logit_bias], dtype=logits.dtype,
+                                           device=logits.device)
         if spec.banned_token_ids:
             logits[i, list(spec.banned_token_ids)] = float("-inf")
     return logits
