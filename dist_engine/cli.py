@@ -12,7 +12,7 @@ import time
 from dist_engine.config import DTYPES, EngineArgs
 from dist_engine.config.args import DEFAULT_MODEL
 from dist_engine.config.sizes import parse_size
-from dist_engine.server.options import DEFAULT_MAX_N
+from dist_engine.server.options import DEFAULT_MAX_N, ServeOptions
 from dist_engine.server.security import ISOLATION_MODES
 
 
@@ -106,7 +106,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import os
 
     from dist_engine.server.app import serve
-    from dist_engine.server.options import ServeOptions
 
     kw = engine_args(a, skip_tokenizer_init=a.no_tokenizer)
     opts = ServeOptions(
@@ -116,7 +115,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         api_key=a.api_key or os.environ.get("DIST_ENGINE_API_KEY") or None,
         api_key_file=a.api_key_file, metrics_auth=a.metrics_auth,
         prefix_cache_isolation=a.prefix_cache_isolation, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        max_message_bytes=a.max_message_bytes, raw_special_tokens=a.raw_special_tokens)
+        max_message_bytes=a.max_message_bytes, raw_special_tokens=a.raw_special_tokens,
+        http_port=a.http_port, chat_template=a.chat_template, tool_call_parser=a.tool_call_parser,
+        enable_auto_tool_choice=a.enable_auto_tool_choice, reasoning_parser=a.reasoning_parser)
     asyncio.run(serve(kw, opts))
     return 0
 
@@ -231,7 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the gRPC Generation API (+ health, reflection)")
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--port", type=int, default=ServeOptions.port, help="gRPC port (0: no gRPC)")
+    s.add_argument("--http-port", type=int, default=ServeOptions.http_port,
+                   help="OpenAI-compatible HTTP API at /v1 (0: no HTTP)")
+    s.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file used instead of the model's")
+    s.add_argument("--tool-call-parser", default=None,
+                   help="how tool calls are read from answers: hermes, llama3_json, mistral, "
+                        "deepseek_v3, deepseek_v31 (default: from the chat template's markers)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto")')
+    s.add_argument("--reasoning-parser", default=None,
+                   help="split <think> reasoning into reasoning_content: deepseek_r1, qwen3")
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")

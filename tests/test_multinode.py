@@ -89,7 +89,7 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", tiny_models("llama"),
-         "--port", str(port), "--no-tokenizer", "--tp", "2", "--ray-address", address,
+         "--port", str(port), "--http-port", "0", "--no-tokenizer", "--tp", "2", "--ray-address", address,
          "--placement-strategy", "STRICT_SPREAD", "--max-model-len", "512", "--block-size", "4",
          "--kv-cache-memory", "4MiB"], env=env)
     target = f"127.0.0.1:{port}"

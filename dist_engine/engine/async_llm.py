@@ -76,11 +76,12 @@ class AsyncLLM:
         return self._llm.chat
 
     def encode(self, prompt: str | None, prompt_token_ids: list[int] | None,
-               messages: list[dict] | None = None, **chat_kwargs) -> list[int]:
+               messages: list[dict] | None = None, chat: ChatPrompt | None = None,
+               **chat_kwargs) -> list[int]:
         """Token ids of exactly one of the three inputs (blocking: call ``encode_async`` from
         a loop). Text that cannot fit ``max_model_len`` is refused from its length before it
-        is tokenized; chat messages go through ``ChatPrompt`` (roles checked, special-token
-        text in content kept as text)."""
+        is tokenized; chat messages go through ``ChatPrompt`` (``chat``, default the model's
+        template: roles checked, special-token text in content kept as text)."""
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
             raise ValueError("give exactly one of a prompt, prompt_token_ids or chat messages")
@@ -90,34 +91,37 @@ class AsyncLLM:
             raise ValueError("text prompts need a tokenizer; pass prompt_token_ids instead")
         limit = self.config.scheduler.max_model_len
         if messages is not None:
-            self.chat.check_fits(_text_bytes(messages), limit, "the conversation")
-            return self.chat.encode(messages, **chat_kwargs)
+            chat = chat or self.chat
+            chat.check_fits(_text_bytes([messages, chat_kwargs]), limit, "the conversation")
+            return chat.encode(messages, **chat_kwargs)
         self.chat.check_fits(_text_bytes(prompt), limit)
         return list(self.tokenizer.encode(prompt))
 
     async def encode_async(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                           messages: list[dict] | None = None, **chat_kwargs) -> list[int]:
+                           messages: list[dict] | None = None, chat: ChatPrompt | None = None,
+                           **chat_kwargs) -> list[int]:
         """``encode`` in the tokenizer threads (the length check runs first, on the loop)."""
         if prompt_token_ids is not None or self.tokenizer is None:
-            return self.encode(prompt, prompt_token_ids, messages, **chat_kwargs)
+            return self.encode(prompt, prompt_token_ids, messages, chat, **chat_kwargs)
         limit = self.config.scheduler.max_model_len
-        self.chat.check_fits(_text_bytes(messages if messages is not None else prompt), limit)
+        text = prompt if messages is None else [messages, chat_kwargs]
+        (chat or self.chat).check_fits(_text_bytes(text), limit)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._tokenize_pool, lambda: self.encode(prompt, None, messages, **chat_kwargs))
+            self._tokenize_pool, lambda: self.encode(prompt, None, messages, chat, **chat_kwargs))
 
     async def generate(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, prompt_token_ids: list[int] | None = None,
                        messages: list[dict] | None = None, cache_salt: str | None = None,
-                       queue_limit: int | None = None, chat_kwargs: dict | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       queue_limit: int | None = None, chat: ChatPrompt | None = None,
+                       chat_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
         """Yield one RequestOutput per engine step that advanced the request; the last is final.
 
         Bad input raises ValueError before anything is queued. ``cache_salt``: the request's
         prefix-cache namespace (only requests with the same salt share cached blocks).
         ``queue_limit``: raise ``QueueFullError`` if the sequences in flight (each request
-        counts its ``n``, tokenizing ones included) would exceed it. ``chat_kwargs``: tools and
-        template arguments for ``messages``.
+        counts its ``n``, tokenizing ones included) would exceed it. ``chat`` / ``chat_kwargs``:
+        the template (default: the model's) and its arguments (tools, ...) for ``messages``.
         """
         params = sampling_params or SamplingParams()
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -136,7 +140,7 @@ class AsyncLLM:
             self._open_seqs += params.n
         queued = finished = False
         try:
-            ids = await self.encode_async(prompt, prompt_token_ids, messages, **(chat_kwargs or {}))
+            ids = await self.encode_async(prompt, prompt_token_ids, messages, chat, **(chat_kwargs or {}))
             self.engine.validate(ids, params, cache_salt)
             self._inbox.put(("add", rid, ids, params, prompt, cache_salt))
             queued = True

@@ -36,6 +36,7 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = prompt_ids
         self.seqs = seqs
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -250,8 +251,11 @@ class LLMEngine:
             ))
         lead = req.seqs[0]
         prompt_lps = None
-        if req.finished and lead.params.prompt_logprobs is not None:
+        if (lead.params.prompt_logprobs is not None and (req.finished or not req.sent_prompt_logprobs)
+                and len(lead.prompt_logprobs) >= len(req.prompt_token_ids) - 1):
+            # on the first output after the prefill (a stream echoes the prompt first) and the last
             prompt_lps = [None] + [lead.prompt_logprobs.get(p) for p in range(1, len(req.prompt_token_ids))]
+            req.sent_prompt_logprobs = True
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              req.finished, lead.metrics, prompt_lps)
 

@@ -62,6 +62,16 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
     if opts.metrics_port is not None:
         metrics.serve(opts.host, opts.metrics_port, authorize)
     front = Frontend(llm, opts.served_model_name, limits, metrics)
+    state = {"ready": False}
+    http = None
+    if opts.http_port:
+        from dist_engine.server.openai.app import build_app, http_server
+
+        app = build_app(openai_context(llm, front, keys, opts), metrics,
+                        lambda: state["ready"] and not llm.is_dead, opts.max_message_bytes,
+                        opts.metrics_auth)
+        http = http_server(app, opts.host, opts.http_port, opts.tls_cert, opts.tls_key,
+                           opts.drain_seconds)
     log.info("prefix-cache isolation: %s; at most %d sequences in flight, n <= %d",
              limits.isolation, limits.max_queued_seqs, limits.max_n)
     size = opts.max_message_bytes
@@ -70,7 +80,6 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
         options=[("grpc.max_receive_message_length", min(2 * size, 2**31 - 1)),
                  ("grpc.max_send_message_length", size)])
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(front, keys, size), server)
-    state = {"ready": False}
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeServicer(front, lambda: state["ready"] and not llm.is_dead, keys, size), server)
     health = health_aio.HealthServicer()
@@ -86,11 +95,21 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
         if bound == 0:
             raise ValueError(f"cannot listen on {addr}; is the port in use?")
     await server.start()
+    http_task = None
     try:
+        if http is not None:
+            http_task = asyncio.create_task(http.serve())
+            while not http.started:
+                if http_task.done():  # the port is taken, say
+                    http_task.result()
+                    raise ValueError(f"cannot serve HTTP on {opts.host}:{opts.http_port}")
+                await asyncio.sleep(0.05)
         await _warm_up(llm)
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         state["ready"] = True
-        print(f"dist-engine serving {opts.served_model_name} on {opts.host}:{bound}", flush=True)
+        where = ", ".join(([f"gRPC on {opts.host}:{bound}"] if opts.port else [])
+                          + ([f"HTTP on {opts.host}:{opts.http_port}"] if http else []))
+        print(f"dist-engine serving {opts.served_model_name}: {where}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,8 +123,41 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         if llm.is_dead:
             log.error("the engine died; exiting so an orchestrator restarts the server")
+        if http is not None:
+            http.should_exit = True  # stops accepting; running responses get drain_seconds
         await server.stop(grace=opts.drain_seconds)
+        if http_task is not None:
+            await http_task
     finally:
+        if http_task is not None and not http_task.done():
+            http_task.cancel()
         llm.shutdown()
     if llm.is_dead:
         raise SystemExit(3)
+
+
+def openai_context(llm: AsyncLLM, front: Frontend, keys, opts: ServeOptions):
+    """The HTTP routes' context: the tool template and parsers, from the flags or detected from
+    the chat template's own markers (never from the architecture name)."""
+    from importlib.resources import files
+
+    from dist_engine.engine.chat import ChatPrompt
+    from dist_engine.server.openai.reasoning import get_reasoning_parser
+    from dist_engine.server.openai.serving import Context
+    from dist_engine.server.openai.tool_parsers import detect, get_parser
+
+    template = llm.chat.template if llm.tokenizer is not None else None
+    tool_chat = None
+    if template and "tools" not in template and "<|im_start|>" in template:
+        # a ChatML template without tool support (the default model's): ours adds it
+        shipped = files("dist_engine.assets").joinpath("chat_templates/chatml_tools.jinja").read_text()
+        tool_chat = ChatPrompt(llm.tokenizer, shipped, opts.raw_special_tokens)
+        log.info("requests with tools use the shipped ChatML tool template")
+    parser = opts.tool_call_parser or detect(tool_chat.template if tool_chat else template)
+    if parser is not None:
+        get_parser(parser)  # an unknown name fails at start-up
+    if opts.reasoning_parser is not None:
+        get_reasoning_parser(opts.reasoning_parser)
+    log.info("tool-call parser: %s (auto tool choice %s); reasoning parser: %s", parser,
+             "on" if opts.enable_auto_tool_choice else "off", opts.reasoning_parser)
+    return Context(front, keys, parser, opts.enable_auto_tool_choice, opts.reasoning_parser, tool_chat)

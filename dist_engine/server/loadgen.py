@@ -252,8 +252,9 @@ async def paired_batch1(client, llm, prompts, max_tokens: int, n: int) -> dict:
 def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
     from dist_engine.client import Client
 
+    http = [] if "--http-port" in extra else ["--http-port", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "dist_engine.cli", "serve", "--model", model,
-                             "--port", str(port), *extra])
+                             "--port", str(port), *http, *extra])
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with Client(f"127.0.0.1:{port}") as c:

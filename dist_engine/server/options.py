@@ -33,7 +33,7 @@ class ServeOptions:
     served_model_name: str
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC; 0 turns it off
-    http_port: int = 0  # OpenAI-compatible HTTP; 0 turns it off
+    http_port: int = 8000  # OpenAI-compatible HTTP; 0 turns it off
     metrics_port: int | None = None
     max_queued_requests: int = 256  # sequences in flight (a request counts its n)
     max_n: int = DEFAULT_MAX_N
