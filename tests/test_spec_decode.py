@@ -428,7 +428,7 @@ def toy_step(scheme: str, seed: int, last: int, pos: int, k: int, check: bool = 
     from dist_engine.worker.messages import SamplingSpec
     from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
     from dist_engine.worker.sampler import sample
-    from dist_engine.worker.spec_decode import accept_drafts, pick_draft, row_spec
+    from dist_engine.worker.spec_rows import accept_drafts, pick_draft, row_spec
 
     spec = SamplingSpec(temperature=T_TOY, seed=seed, seeded=scheme == "gumbel")
     pending = PendingDrafts(pos, [], [], [])

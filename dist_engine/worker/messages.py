@@ -60,7 +60,7 @@ class SeqWork:
     # after a non-final prefill chunk (the MTP layer at position p reads token p + 1).
     num_drafts: int = 0
     propose: int = 0
-    next_token: int = -1
+    next_token: int | None = None
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
     # top-n logprobs of the prompt tokens after each fed one (None: not asked); the token after
