@@ -21,6 +21,7 @@ from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.engine.scheduler import Scheduler
 from dist_engine.engine.sequence import Sequence
 from dist_engine.engine.stopping import append_tokens
+from dist_engine.engine.structured import GrammarChecker
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
@@ -86,6 +87,9 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._grammars: GrammarChecker | None = None
+        self._checked: dict[tuple, str] = {}  # structured-output constraint -> grammar
+        self._released: list[int] = []  # sequences ended since the last step
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
@@ -114,6 +118,26 @@ class LLMEngine:
                 f"prompt + max_tokens ({need} tokens with speculative slots) exceeds the whole KV "
                 f"cache ({cache_tokens} tokens); raise --kv-cache-memory or shorten the request"
             )
+        if params.structured_outputs is not None:
+            self.grammar(params)
+
+    def grammar(self, params: SamplingParams) -> str | None:
+        """The request's checked llguidance grammar (None: unconstrained); ValueError if bad."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the tokenizer (the server runs --no-tokenizer)")
+        if self._grammars is None:
+            self._grammars = GrammarChecker(self.tokenizer, self.config.model.vocab_size)
+        key = (so, self.config.model.vocab_size)
+        if key not in self._checked:
+            text = so.to_grammar()
+            self._grammars.check(text)
+            if len(self._checked) > 256:  # bounded: schemas are per request
+                self._checked.clear()
+            self._checked[key] = text
+        return self._checked[key]
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, cache_salt: str | None = None) -> None:
@@ -133,6 +157,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                            base_seed + i, detok, RequestMetrics(arrival_time=now), cache_salt=cache_salt)
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+            seq.grammar = self.grammar(params)
             seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_ids), seqs)
@@ -150,6 +175,7 @@ class LLMEngine:
                 s.finish_reason = "abort"
                 s.metrics.finished_time = now
                 self.scheduler.finish(s)
+                self._released.append(s.seq_id)
         self.num_aborted += 1
         return self._output(req)
 
@@ -185,7 +211,9 @@ class LLMEngine:
         if not scheduled:
             return []
         k, propose = self._spec_k(sum(s.samples and bool(s.seq.speculate) for s in scheduled))
-        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled))
+        released, self._released = tuple(self._released), []
+        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled),
+                         released)
         result = self.executor.execute(step)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -215,6 +243,7 @@ class LLMEngine:
                                seq.cache_root)
             if seq.finished:
                 self.scheduler.finish(seq)
+                self._released.append(seq.seq_id)
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():

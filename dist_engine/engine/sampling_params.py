@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dist_engine.engine.structured import StructuredOutputs
+
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
@@ -31,6 +33,8 @@ class SamplingParams:
     # ``RequestOutput.prompt_logprobs``; such a request computes its whole prompt (no cache hits)
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to raw logits per token
+    # constrain the output to a JSON schema, any JSON object, a regex, a Lark grammar or a choice
+    structured_outputs: StructuredOutputs | None = None
     skip_special_tokens: bool = True
     # the final-norm hidden state of every position whose token was fed to the model, on the
     # final output (``CompletionOutput.hidden_states``); such a request skips prefix-cache hits
@@ -86,6 +90,9 @@ class SamplingParams:
                                  f"got {tok!r}: {bias!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputs):
+            raise ValueError("structured_outputs must be a StructuredOutputs")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 with temperature 0 would return n identical completions")
 

@@ -53,6 +53,7 @@ class Sequence:
     cache_salt: str | None = None
     # SamplingParams.prompt_logprobs: position p -> {id: logprob} of prompt token p (p >= 1)
     prompt_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
+    grammar: str | None = None  # structured output's llguidance grammar
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)
@@ -101,7 +102,8 @@ class Sequence:
                             min_p=p.min_p, seed=self.seed, seeded=p.seed is not None, logprobs=p.logprobs or 0,
                             banned_token_ids=banned,
                             banned_for=max(1, p.min_tokens - len(self.output_token_ids)),
-                            logit_bias=tuple(sorted(p.logit_bias.items())), **penalties)
+                            logit_bias=tuple(sorted(p.logit_bias.items())),
+                            grammar=self.grammar, **penalties)
 
     def hidden_states(self):
         """``[P, H]``: the final-norm hidden state of positions 0..P-1, every position whose

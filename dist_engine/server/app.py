@@ -46,6 +46,18 @@ async def _warm_up(llm: AsyncLLM) -> None:
         pass
 
 
+async def _drain_http(http, task, llm: AsyncLLM, seconds: float) -> None:
+    """New HTTP calls get 503 meanwhile; once no request runs (or ``seconds`` passed) uvicorn
+    closes its connections."""
+    if http is None:
+        return
+    deadline = asyncio.get_running_loop().time() + seconds
+    while llm.num_open_streams and not llm.is_dead and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    http.should_exit = True
+    await task
+
+
 async def _set_health(health, status) -> None:
     for name in ("", GENERATION, KSERVE):
         await health.set(name, status)
@@ -62,14 +74,14 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
     if opts.metrics_port is not None:
         metrics.serve(opts.host, opts.metrics_port, authorize)
     front = Frontend(llm, opts.served_model_name, limits, metrics)
-    state = {"ready": False}
+    state = {"ready": False, "draining": False}
     http = None
     if opts.http_port:
         from dist_engine.server.openai.app import build_app, http_server
 
         app = build_app(openai_context(llm, front, keys, opts), metrics,
-                        lambda: state["ready"] and not llm.is_dead, opts.max_message_bytes,
-                        opts.metrics_auth)
+                        lambda: state["ready"] and not llm.is_dead, lambda: state["draining"],
+                        opts.max_message_bytes, opts.metrics_auth)
         http = http_server(app, opts.host, opts.http_port, opts.tls_cert, opts.tls_key,
                            opts.drain_seconds)
     log.info("prefix-cache isolation: %s; at most %d sequences in flight, n <= %d",
@@ -119,15 +131,12 @@ async def serve(engine_args: EngineArgs, opts: ServeOptions) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
             except asyncio.TimeoutError:
                 pass
-        state["ready"] = False
+        state["ready"], state["draining"] = False, True
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         if llm.is_dead:
             log.error("the engine died; exiting so an orchestrator restarts the server")
-        if http is not None:
-            http.should_exit = True  # stops accepting; running responses get drain_seconds
-        await server.stop(grace=opts.drain_seconds)
-        if http_task is not None:
-            await http_task
+        await asyncio.gather(server.stop(grace=opts.drain_seconds),
+                             _drain_http(http, http_task, llm, opts.drain_seconds))
     finally:
         if http_task is not None and not http_task.done():
             http_task.cancel()

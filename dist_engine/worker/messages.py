@@ -8,7 +8,7 @@ self-distillation data of ``dist-engine graft-mtp``), which rank 0 sends back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,6 +43,13 @@ class SamplingSpec:
     prompt_ids: tuple[int, ...] = ()
     output_counts: tuple[tuple[int, int], ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) added after the penalties
+    # structured output: an llguidance grammar the tokens must follow (``worker/grammar.py``)
+    grammar: str | None = None
+    # set on the worker, never sent: ``[vocab]`` bool, the tokens the grammar allows at this row
+    allowed: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def with_allowed(self, allowed: torch.Tensor) -> SamplingSpec:
+        return replace(self, allowed=allowed)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class SeqWork:
 class StepInput:
     step_id: int
     seqs: tuple[SeqWork, ...]
+    released: tuple[int, ...] = ()  # sequences ended since the last step: drop their state
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
+from dist_engine.worker.grammar import Grammars
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.sampler import sample
@@ -58,6 +59,7 @@ class ModelRunner:
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
         pack_weights(self.model)
+        self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder
@@ -241,6 +243,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         t0 = time.perf_counter()
+        self.grammars.release(step.released)
         prompt_lps = any(s.prompt_logprobs is not None for s in step.seqs)
         hidden = (self.graphs.forward(step.seqs) if self.graphs is not None and not prompt_lps
                   else None)  # [T, hidden]
@@ -285,7 +288,10 @@ class ModelRunner:
         """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""
         logits = self.model.compute_logits(hidden)  # [N, vocab] fp32
         positions = [s.context_len for s in seqs]  # position of the drawn token
-        tokens, lps, top = sample(logits, [s.sampling for s in seqs], positions)
+        specs = [self.grammars.constrain(s.seq_id, s.sampling) for s in seqs]
+        tokens, lps, top = sample(logits, specs, positions)
+        for s, t in zip(seqs, tokens):
+            self.grammars.advance(s.seq_id, (t,))
         return StepOutput(step.step_id, {
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(seqs, tokens, lps, top)

@@ -87,12 +87,12 @@ def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
 def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Tensor | None = None,
              vocab: int = 0) -> torch.Tensor:
     """``[N, V]`` raw logits with each row's penalties and logit bias applied and its banned ids
-    at -inf: a
+    (and, under a grammar, every token it does not allow) at -inf: a
     copy when any row has either (the caller's logits stay raw), else the input itself.
     ``columns`` ``[V']``: the logits cover only these token ids (a reduced draft vocabulary) of a
     ``vocab``-token vocabulary."""
     if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids or spec.logit_bias
-               for spec in specs):
+               or spec.allowed is not None for spec in specs):
         return logits
     if columns is not None:  # spread over the whole vocabulary, penalise, read the columns back
         full = logits.new_full((logits.shape[0], vocab), float("-inf"))
@@ -108,6 +108,8 @@ def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Ten
                                            device=logits.device)
         if spec.banned_token_ids:
             logits[i, list(spec.banned_token_ids)] = float("-inf")
+        if spec.allowed is not None:  # structured output: only what the grammar allows
+            logits[i].masked_fill_(~spec.allowed.to(logits.device), float("-inf"))
     return logits
 
 

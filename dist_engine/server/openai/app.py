@@ -45,12 +45,15 @@ def tenant(request: Request) -> str | None:
 Tenant = Annotated["str | None", Depends(tenant)]
 
 
-def build_app(ctx: Context, metrics, ready, max_body_bytes: int, metrics_auth: bool) -> FastAPI:
-    """``ready()``: loaded, warmed up and not draining (``/health`` answers 503 otherwise)."""
+def build_app(ctx: Context, metrics, ready, draining, max_body_bytes: int,
+              metrics_auth: bool) -> FastAPI:
+    """``ready()``: loaded, warmed up and not draining (``/health`` answers 503 otherwise);
+    ``draining()``: SIGTERM came, so new API calls get 503 while running ones finish."""
     app = FastAPI(title="dist_engine OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     errors.install(app, metrics)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(Gate, draining=draining)
 
     @app.get("/health")
     async def health():
@@ -111,6 +114,22 @@ def build_app(ctx: Context, metrics, ready, max_body_bytes: int, metrics_auth: b
         return {"prompt": ctx.llm.tokenizer.decode(req.tokens)}
 
     return app
+
+
+class Gate:
+    """503 for new API calls once the server drains (probes and metrics still answer)."""
+
+    def __init__(self, app, draining) -> None:
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.draining() and scope["path"] not in OPEN_PATHS:
+            body = errors.error_body(503, "the server is shutting down; retry on another replica")
+            return await JSONResponse(body, status_code=503)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+OPEN_PATHS = ("/health", "/metrics", "/version")
 
 
 class BodyLimit:
