@@ -20,6 +20,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+# JSON is written the way json.dumps writes it (models imitate that layout): free whitespace
+# would let a weak model fill max_tokens with spaces inside a still-open object
+JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
 
 @dataclass(frozen=True)
 class StructuredOutputs:
@@ -51,10 +55,9 @@ class StructuredOutputs:
                 schema = json.loads(self.json)
             except json.JSONDecodeError as e:
                 raise ValueError(f"the JSON schema is not JSON: {e}") from None
-            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+            return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
         if self.json_object:
-            return LLMatcher.grammar_from_json_schema({"type": "object"},
-                                                      defaults={"whitespace_flexible": False})
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:
@@ -63,8 +66,9 @@ class StructuredOutputs:
 
 
 def lark_json(schema: dict[str, Any]) -> str:
-    """A JSON schema as a Lark rule body (``%json {...}``), to embed in larger grammars."""
-    return "%json " + json.dumps(schema)
+    """A JSON schema as a Lark rule body (``%json {...}``, in ``JSON_LAYOUT``), to embed in
+    larger grammars."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT})
 
 
 class GrammarChecker:

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from dist_engine.engine.outputs import CompletionOutput, RequestOutput
+from dist_engine.engine.structured import StructuredOutputs
 from dist_engine.server.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -20,6 +21,7 @@ from dist_engine.server.openai.protocol import (
     ChatMessage,
     ChoiceLogprobs,
     DeltaMessage,
+    NamedToolChoice,
     ResponseMessage,
     TokenLogprob,
     TopLogprob,
@@ -74,6 +76,7 @@ class Plan:
     tools: list[dict] | None  # rendered into the prompt
     parser: ToolParser | None  # reads tool calls out of the answer
     reasoning: bool
+    constraint: StructuredOutputs | None = None  # tool_choice required / named: calls only
 
 
 def plan(ctx: Context, req: ChatCompletionRequest) -> Plan:
@@ -88,7 +91,13 @@ def plan(ctx: Context, req: ChatCompletionRequest) -> Plan:
             raise ValueError('tool_choice "auto" needs the server started with '
                              "--enable-auto-tool-choice")
         parser = get_parser(ctx.tool_parser)
-    return Plan(tools, parser, ctx.reasoning_parser is not None)
+    constraint = None
+    if tools and choice != "auto":  # required, or one named function: the grammar guarantees it
+        if req.response_format is not None or req.structured_outputs is not None:
+            raise ValueError("tool_choice required or named cannot be combined with response_format")
+        named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
+        constraint = StructuredOutputs(grammar=parser.grammar(tools, named, req.parallel_tool_calls))
+    return Plan(tools, parser, ctx.reasoning_parser is not None, constraint)
 
 
 def _split(ctx: Context, p: Plan, text: str) -> tuple[str | None, str | None, list]:
@@ -123,7 +132,8 @@ def start(ctx: Context, req: ChatCompletionRequest, tenant: str | None):
     params = sampling_params(
         req, req.max_completion_tokens or req.max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        skip_special_tokens=False if p.parser is not None and p.parser.needs_special_tokens else None)
+        skip_special_tokens=False if p.parser is not None and p.parser.needs_special_tokens else None,
+        constraint=p.constraint)
     kwargs = {**(req.chat_template_kwargs or {}), "tools": p.tools,
               "add_generation_prompt": req.add_generation_prompt}
     stream = ctx.front.generate(params, tenant=tenant, cache_salt=req.cache_salt, prefix="chatcmpl",

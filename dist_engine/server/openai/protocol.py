@@ -26,6 +26,33 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class StructuredOutputsBody(Request):
+    """vLLM's ``structured_outputs`` extra field: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+
+class JsonSchemaFormat(Request):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('response_format of type "json_schema" needs json_schema.schema')
+        return self
+
+
 class SamplingFields(Request):
     """Sampling fields shared by completions and chat completions."""
 
@@ -51,6 +78,8 @@ class SamplingFields(Request):
     skip_special_tokens: bool = True
     cache_salt: str | None = None
     request_id: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -113,17 +142,6 @@ class Tool(Request):
 class NamedToolChoice(Request):
     type: Literal["function"] = "function"
     function: dict[str, str]
-
-
-class JsonSchemaFormat(Request):
-    name: str = "response"
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

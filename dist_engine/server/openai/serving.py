@@ -13,6 +13,7 @@ from fastapi import Request
 from dist_engine.engine.chat import ChatPrompt
 from dist_engine.engine.outputs import RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
+from dist_engine.engine.structured import StructuredOutputs
 from dist_engine.server.frontend import Frontend
 from dist_engine.server.openai.errors import UnknownModel, as_api_error, error_body
 from dist_engine.server.openai.protocol import PromptTokensDetails, SamplingFields, Usage
@@ -39,10 +40,29 @@ class Context:
             raise UnknownModel(model, self.front.name)
 
 
+def structured(req: SamplingFields) -> StructuredOutputs | None:
+    """The request's output constraint: ``response_format`` or vLLM's ``structured_outputs``."""
+    if req.response_format is not None and req.structured_outputs is not None:
+        raise ValueError("give response_format or structured_outputs, not both")
+    fmt = req.response_format
+    if fmt is not None:
+        if fmt.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if fmt.type == "json_schema":
+            return StructuredOutputs(json=fmt.json_schema.schema_)
+        return None
+    so = req.structured_outputs
+    if so is None:
+        return None
+    return StructuredOutputs(json=so.json_, json_object=so.json_object, regex=so.regex,
+                             grammar=so.grammar, choice=so.choice)
+
+
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, skip_special_tokens: bool | None = None
-                    ) -> SamplingParams:
-    """The engine's SamplingParams for a request; ValueError (400) for values it refuses."""
+                    prompt_logprobs: int | None = None, skip_special_tokens: bool | None = None,
+                    constraint: StructuredOutputs | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a request; ValueError (400) for values it refuses.
+    ``constraint``: an output grammar the caller derived (tool_choice), else the request's."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -58,6 +78,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         min_tokens=req.min_tokens, stop=() if req.stop is None else req.stop,
         stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=bias,
+        structured_outputs=constraint or structured(req),
         skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
         **kw)
 

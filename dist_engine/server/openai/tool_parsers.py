@@ -25,6 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from dist_engine.engine.structured import lark_json
 from dist_engine.server.openai.protocol import (
     DeltaFunctionCall,
     DeltaToolCall,
@@ -79,6 +80,12 @@ class ToolParser:
     def scan(self, text: str, final: bool) -> Scan:
         raise NotImplementedError
 
+    def grammar(self, tools: list[dict], name: str | None, parallel: bool) -> str:
+        """A Lark grammar (llguidance's dialect) that admits only calls in this format: of the
+        function ``name``, or of any of ``tools`` (``tool_choice`` required)."""
+        raise ValueError(f"tool_choice 'required' or a named function is not enforced for the "
+                         f"{self.name!r} format; use 'auto'")
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a finished output; unparsable call text stays content."""
         s = self.scan(text, final=True)
@@ -109,11 +116,30 @@ def register(cls: type[ToolParser]) -> type[ToolParser]:
     return cls
 
 
+def call_schema(tools: list[dict], name: str | None, args_key: str = "arguments") -> dict:
+    """JSON schema of one call object: {"name": <a tool's name>, "arguments": <its parameters>}."""
+    options = []
+    for t in tools:
+        fn = t["function"]
+        if name is None or fn["name"] == name:
+            options.append({"type": "object", "additionalProperties": False,
+                            "required": ["name", args_key],
+                            "properties": {"name": {"const": fn["name"]},
+                                           args_key: fn.get("parameters") or {"type": "object"}}})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
 @register
 class HermesParser(ToolParser):
     name = "hermes"
     markers = ("<tool_call>",)
     _CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.S)
+
+    def grammar(self, tools: list[dict], name: str | None, parallel: bool) -> str:
+        more = ' ("\\n" call)*' if parallel and name is None else ""
+        return (f"start: call{more}\n"
+                'call: "<tool_call>\\n" body "\\n</tool_call>"\n'
+                f"body: {lark_json(call_schema(tools, name))}\n")
 
     def scan(self, text: str, final: bool) -> Scan:
         start = text.find("<tool_call>")
@@ -137,13 +163,20 @@ class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     markers = ("<|python_tag|>", "{")
 
+    def grammar(self, tools: list[dict], name: str | None, parallel: bool) -> str:
+        more = ' ("; " call)*' if parallel and name is None else ""
+        return (f"start: call{more}\n"
+                f"call: {lark_json(call_schema(tools, name, 'parameters'))}\n")
+
     def scan(self, text: str, final: bool) -> Scan:
         body = text.lstrip()
         lead = len(text) - len(body)
         if body.startswith("<|python_tag|>"):
             lead += len("<|python_tag|>")
+        elif not final and "<|python_tag|>".startswith(body):
+            return Scan(0)  # nothing yet, or the tag's beginning
         elif not body.startswith("{"):
-            return Scan(len(text) if (final or body) else 0)  # a call only opens the answer
+            return Scan(len(text))  # a call only opens the answer
         out, i = Scan(0), lead
         while i < len(text):
             value, end = _object(text, i)
@@ -198,11 +231,13 @@ class DeepSeekV3Parser(ToolParser):
     needs_special_tokens = True
     _CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)(<｜tool▁call▁end｜>|$)", re.S)
 
-    def _call(self, head: str, body: str) -> tuple[str, str | None]:
-        name = head.strip() if head.strip() != "function" else body.split("\n", 1)[0].strip()
-        if head.strip() == "function":  # V3: NAME\n```json\n{...}\n```
-            body = body.split("\n", 1)[1] if "\n" in body else ""
-            body = body.strip().removeprefix("```json").removesuffix("```")
+    def _call(self, head: str, body: str) -> tuple[str | None, str | None]:
+        name = head.strip()
+        if name == "function":  # V3: NAME\n```json\n{...}\n```; the name ends at the newline
+            if "\n" not in body:
+                return None, None
+            name, body = body.split("\n", 1)
+            name, body = name.strip(), body.strip().removeprefix("```json").removesuffix("```")
         value, _ = _object(body, 0)
         return name, (_args(value) if value is not None else None)
 
