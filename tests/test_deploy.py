@@ -223,11 +223,17 @@ def check_server(doc: Doc, pod: Doc, c: Doc, argv: list[str]) -> argparse.Namesp
     assert c["image"] == IMAGE, what
     assert ns.host in ("0.0.0.0", "::"), f"{what}: --host {ns.host} is unreachable from probes"
     ports = {p["containerPort"] for p in c.get("ports", [])}
+    named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     assert ns.port in ports and (ns.metrics_port is None or ns.metrics_port in ports), what
-    # Probes: gRPC health on the server's port; startup long enough to load weights.
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ns.http_port and named.get("http") == ns.http_port, f"{what}: HTTP port not exposed"
+    # Probes: gRPC health for startup (long enough to load weights) and liveness; readiness on
+    # the HTTP API's /health, which answers 503 while loading, draining or dead.
+    for kind in ("startupProbe", "livenessProbe"):
         probe = c.get(kind)
         assert probe and probe.get("grpc", {}).get("port") == ns.port, f"{what}: {kind}"
+    ready = c["readinessProbe"].get("httpGet", {})
+    assert ready.get("path") == "/health" and named.get(ready.get("port"), ready.get("port")) \
+        == ns.http_port, f"{what}: readinessProbe"
     startup = c["startupProbe"]
     assert startup["failureThreshold"] * startup.get("periodSeconds", 10) >= MIN_STARTUP_S, what
     # Shutdown: preStop sleep, then SIGTERM and --drain-seconds, all inside the grace period.
@@ -239,7 +245,7 @@ def check_server(doc: Doc, pod: Doc, c: Doc, argv: list[str]) -> argparse.Namesp
     # Where the GPUs are: in this pod (then one per rank) or behind --ray-address.
     n = gpus(c)
     if n:
-        assert ns.device == "cuda" and ns.tp == n, f"{what}: --tp {ns.tp} on {n} GPUs ({ns.device})"
+        assert ns.device == "cuda" and ns.tensor_parallel_size == n, f"{what}: --tp {ns.tensor_parallel_size} on {n} GPUs ({ns.device})"
         assert shm_is_memory(pod, c), f"{what}: NCCL needs a memory-backed /dev/shm"
     else:
         assert ns.ray_address, f"{what}: no GPUs in the pod and no Ray cluster to use"
@@ -267,7 +273,7 @@ def check_references(docs: list[Doc]) -> None:
         container = dep["spec"]["template"]["spec"]["containers"][0]
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         by_name = {p["name"]: p for p in svc["spec"]["ports"]}
-        assert {"grpc", "metrics"} <= set(by_name)
+        assert {"grpc", "http", "metrics"} <= set(by_name)
         assert all(p["targetPort"] in named for p in by_name.values())
         ann = svc["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true"
@@ -373,7 +379,8 @@ def test_base() -> None:
     servers = list(serve_containers(docs))
     assert len(servers) == 1
     ns = check_server(*servers[0])
-    assert (ns.tp, ns.port, ns.metrics_port) == (2, 50051, 9400) and ns.served_model_name
+    assert (ns.tensor_parallel_size, ns.port, ns.http_port, ns.metrics_port) == (2, 50051, 8000, 9400)
+    assert ns.served_model_name
     assert ns.model.startswith("/models/")
     check_references(docs)
 
@@ -389,7 +396,7 @@ def test_overlay(overlay: str) -> None:
         validate_core(doc)
     [server] = list(serve_containers(docs))
     ns = check_server(*server)
-    assert ns.tp == OVERLAY_TP[overlay]
+    assert ns.tensor_parallel_size == OVERLAY_TP[overlay]
     check_references(docs)
 
 
@@ -449,7 +456,7 @@ def test_kuberay_server_joins_the_raycluster() -> None:
     [server] = list(serve_containers(docs))
     ns = check_server(*server)
     assert ns.ray_address == f"ray://{svc}:10001"
-    assert ns.device == "cuda" and ns.tp == 2
+    assert ns.device == "cuda" and ns.tensor_parallel_size == 2
     # Enough GPUs for the ranks, memory-backed /dev/shm and the model on every worker.
     total = 0
     for group in rc["spec"]["workerGroupSpecs"]:
@@ -458,7 +465,7 @@ def test_kuberay_server_joins_the_raycluster() -> None:
         assert c["image"] == IMAGE and gpus(c) > 0 and shm_is_memory(pod, c), group["groupName"]
         assert any(ns.model.startswith(m["mountPath"] + "/") for m in c["volumeMounts"])
         total += gpus(c) * group["replicas"]
-    assert total >= ns.tp
+    assert total >= ns.tensor_parallel_size
     pvc = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     assert all(set(p["spec"]["accessModes"]) & {"ReadWriteMany", "ReadOnlyMany"} for p in pvc)
     assert all(c["image"] == IMAGE for _, _, c, _ in serve_containers(docs))
