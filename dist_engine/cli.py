@@ -318,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     gm.set_defaults(func=cmd_graft)
 
     bs = sub.add_parser("bench-serve", help="gRPC load generator: Poisson arrivals at several rates")
-    bs.add_argument("--target", default="127.0.0.1:50051", help="a running server")
+    bs.add_argument("--target", default="127.0.0.1:50051", help="a running server's gRPC address")
+    bs.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
+                    help="send the load over gRPC, or as streamed chat completions over the "
+                         "OpenAI-compatible HTTP API (with --compare-inprocess: in-process, gRPC "
+                         "and HTTP batch-1 requests in turn)")
+    bs.add_argument("--http-target", default="http://127.0.0.1:8000",
+                    help="a running server's HTTP API (--protocol openai)")
     bs.add_argument("--model", default=None, help="start a server for this model instead")
     bs.add_argument("--server-args", default="", help="extra `serve` flags when --model is given")
     bs.add_argument("--rates", default="0.5,1,2,inf", help="offered requests/s (inf: all at once)")

@@ -37,7 +37,8 @@ def test_tool_round_trip_on_the_default_model(server):
     with openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0) as c:
         messages = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
         first = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
-                                          tool_choice="required", temperature=0, max_tokens=64)
+                                          tool_choice="required", parallel_tool_calls=False,
+                                          temperature=0, max_tokens=64)
         msg = first.choices[0].message
         (call,) = msg.tool_calls
         assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"

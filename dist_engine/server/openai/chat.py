@@ -158,6 +158,7 @@ async def create(ctx: Context, req: ChatCompletionRequest, raw: Request, tenant:
             choices.append(ChatChoice(
                 index=c.index, finish_reason=finish, stop_reason=c.stop_reason,
                 message=ResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
+                token_ids=c.token_ids if req.return_token_ids else None,
                 logprobs=_logprobs(ctx.llm.tokenizer, c.token_ids, c.logprobs or [])
                 if req.logprobs else None))
         return ChatCompletionResponse(id=rid, model=ctx.front.name, choices=choices, usage=usage([out]))
@@ -212,6 +213,7 @@ def _chunk(ctx: Context, req: ChatCompletionRequest, state: ChoiceStream,
         called = state.tools is not None and state.tools.called
         finish = "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
     if delta.content is None and delta.reasoning_content is None and not delta.tool_calls \
-            and lp is None and finish is None:
+            and lp is None and finish is None and not (req.return_token_ids and c.token_ids_delta):
         return None
-    return ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish)
+    return ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish,
+                           token_ids=list(c.token_ids_delta) if req.return_token_ids else None)

@@ -105,6 +105,7 @@ def _choice(ctx: Context, req: CompletionRequest, index: int, out: RequestOutput
     if req.echo:
         text = _prompt_text(ctx, out) + text
     return CompletionChoice(index=index, text=text, logprobs=lp,
+                            token_ids=(c.token_ids if req.return_token_ids and not score_only else None),
                             finish_reason="length" if score_only else c.finish_reason,
                             stop_reason=c.stop_reason)
 
@@ -162,9 +163,10 @@ async def _events(ctx: Context, req: CompletionRequest, rid: str, streams, n: in
             if first:
                 text = _prompt_text(ctx, out) + text
                 echoed.add(index)
-            if text or c.finished or (lp is not None and lp.tokens):
+            if text or c.finished or (lp is not None and lp.tokens) or c.token_ids_delta:
                 choices.append(CompletionChoice(
                     index=index, text=text, logprobs=lp,
+                    token_ids=list(c.token_ids_delta) if req.return_token_ids else None,
                     finish_reason=("length" if score_only else c.finish_reason) if c.finished else None,
                     stop_reason=c.stop_reason if c.finished else None))
         if out.finished:

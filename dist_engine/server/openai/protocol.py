@@ -80,6 +80,7 @@ class SamplingFields(Request):
     request_id: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
+    return_token_ids: bool = False  # vLLM's: each choice / chunk also carries its token ids
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -193,6 +194,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
+    token_ids: list[int] | None = None
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -231,6 +233,7 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
+    token_ids: list[int] | None = None
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -267,6 +270,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
+    token_ids: list[int] | None = None
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
