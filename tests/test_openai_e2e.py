@@ -9,7 +9,6 @@ import os
 
 import openai
 import pytest
-
 from test_grpc import free_port, start_server
 
 pytestmark = pytest.mark.slow
