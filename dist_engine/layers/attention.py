@@ -21,6 +21,7 @@ import torch
 from dist_engine.kernels import paged_attention as paged_kernel
 from dist_engine.kernels.paged_attention import PagedGroup
 from dist_engine.layers.kv_cache import LayerKV
+from dist_engine.layers.state_cache import StateMetadata
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
 MAX_SCORE_ELEMENTS = 1 << 24
@@ -70,6 +71,14 @@ class AttentionMetadata:
     # each rank keeps its own rows of the merged output. None: every rank computes every token.
     split_tokens: list[torch.Tensor] | None = None
     split_own: torch.Tensor | None = None
+    # models with recurrent layers: each sequence's state slot and how its tokens run
+    state: StateMetadata | None = None
+    # the other paged groups' metadata (sliding-window layers beside full attention), by name
+    by_group: dict[str, AttentionMetadata] = field(default_factory=dict)
+
+    def for_group(self, group: str) -> AttentionMetadata:
+        """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""
+        return self.by_group.get(group, self)
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

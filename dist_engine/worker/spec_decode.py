@@ -157,6 +157,7 @@ class MTPDecoder:
              prenorm: torch.Tensor | None) -> StepOutput:
         t0 = time.perf_counter()
         sampled = self.verify(batch, hidden)
+        self.runner.settle_states(step, batch, sampled)  # rejected drafts leave no state behind
         t1 = time.perf_counter()
         self.seconds["verify"] += t1 - t0
         rows_out = hidden_rows(step, batch, hidden, sampled)

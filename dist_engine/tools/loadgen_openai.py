@@ -10,7 +10,7 @@ import time
 
 from tqdm import tqdm
 
-from dist_engine.server.loadgen import Result, one, one_inprocess, pct, tpot
+from dist_engine.tools.loadgen import Result, one, one_inprocess, pct, tpot
 
 
 class OpenAIClient:
