@@ -141,7 +141,11 @@ class AsyncLLM:
         queued = finished = False
         try:
             ids = await self.encode_async(prompt, prompt_token_ids, messages, chat, **(chat_kwargs or {}))
-            self.engine.validate(ids, params, cache_salt)
+            if params.structured_outputs is None:
+                self.engine.validate(ids, params, cache_salt)
+            else:  # compiling and checking a grammar can take a while: not on the loop
+                await asyncio.get_running_loop().run_in_executor(
+                    self._tokenize_pool, self.engine.validate, ids, params, cache_salt)
             self._inbox.put(("add", rid, ids, params, prompt, cache_salt))
             queued = True
             while True:
