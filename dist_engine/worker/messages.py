@@ -45,11 +45,11 @@ class SamplingSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) added after the penalties
     # structured output: an llguidance grammar the tokens must follow (``worker/grammar.py``)
     grammar: str | None = None
-    # set on the worker, never sent: ``[vocab]`` bool, the tokens the grammar allows at this row
-    allowed: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # set on the worker, never sent: ``[vocab]`` bool, True where the grammar forbids the token
+    disallowed: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
-    def with_allowed(self, allowed: torch.Tensor) -> SamplingSpec:
-        return replace(self, allowed=allowed)
+    def with_disallowed(self, disallowed: torch.Tensor) -> SamplingSpec:
+        return replace(self, disallowed=disallowed)
 
 
 @dataclass(frozen=True)
