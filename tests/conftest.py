@@ -64,10 +64,11 @@ TINY = {
 ARCHS = sorted(name for name in TINY if not name.endswith("_long"))
 
 
-def make_tiny(name: str, path: str, seed: int = 0) -> str:
+def make_tiny(name: str, path: str, seed: int = 0, **overrides) -> str:
     import transformers
 
     cls_name, kw = TINY[name]
+    kw = {**kw, **overrides}
     cfg = getattr(transformers, cls_name)(**{
         "vocab_size": 320, "num_hidden_layers": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
         "bos_token_id": 1, "eos_token_id": 2, **kw})
@@ -95,6 +96,22 @@ def tiny_models(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama over the default model's tokenizer and chat template (its vocabulary
+    of 49152): real tokenization and chat prompts at the cost of a toy model."""
+    import shutil
+
+    from dist_engine.weights.registry import resolve_model
+
+    src = resolve_model("smollm2-135m-instruct")
+    out = str(tmp_path_factory.mktemp("tiny_chat"))
+    make_tiny("llama", out, vocab_size=49152)  # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(src, name), out)
+    return out
 
 
 @pytest.fixture(scope="session")
