@@ -65,7 +65,8 @@ class LLMEngine:
         mib = 2**20
         measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
                     f"{info['kv_budget_bytes'] / mib:.0f} MiB" if "activation_peak_bytes" in info else "")
-        log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / mib, measured)
+        formats = ", ".join(f"{k[13:-1]} {v / mib:.1f}" for k, v in info.items() if k.startswith("weight_bytes["))
+        log.info("memory per rank: weights %.0f MiB (%s MiB)%s", info["weight_bytes"] / mib, formats, measured)
         par = config.parallel
         log.info("KV cache per rank: %d blocks x %d tokens, %d bytes/token (%s), %.1f MiB",
                  local_blocks, bs, per_tok, config.cache.kv_cache_dtype, local_blocks * info["bytes_per_block"] / mib)

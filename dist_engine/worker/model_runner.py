@@ -15,6 +15,7 @@ from dist_engine.kernels.paged_attention import available as paged_kernel_availa
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
+from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
@@ -56,6 +57,7 @@ class ModelRunner:
                            for j in range(mcfg.num_nextn_predict_layers))
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
         pack_weights(self.model)
         self.mtp = None
         if config.speculative is not None:
@@ -107,6 +109,13 @@ class ModelRunner:
             if self.mtp.draft_head is not None:
                 roots.append(self.mtp.draft_head)
         return sum(weight_bytes(r) for r in roots)
+
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of weights per format (dtype, or quantization format) on this rank."""
+        roots = [self.model] + ([self.mtp.mtp] if self.mtp is not None else [])
+        if self.mtp is not None and self.mtp.draft_head is not None:
+            roots.append(self.mtp.draft_head)
+        return quant_linear.format_bytes(roots)
 
     def available_kv_blocks(self, local_ranks: int) -> int:
         """How many blocks this rank can hold: the configured budget, or a fraction of the

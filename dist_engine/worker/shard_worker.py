@@ -103,8 +103,9 @@ class ShardWorker:
         return self.runner.available_kv_blocks(self.local_ranks)
 
     def cache_info(self) -> dict[str, int]:
+        formats = {f"weight_bytes[{k}]": v for k, v in self.runner.weight_formats().items()}
         return {"bytes_per_block": self.runner.kv_bytes_per_block(),
-                "weight_bytes": self.runner.weight_bytes(), **self.runner.memory_report}
+                "weight_bytes": self.runner.weight_bytes(), **formats, **self.runner.memory_report}
 
     def init_cache(self, num_blocks: int) -> None:
         self.runner.init_cache(num_blocks)

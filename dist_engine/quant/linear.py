@@ -1,0 +1,158 @@
+"""Quantized weights inside the engine's layers: loading, packing, products.
+
+A layer's ``load`` receives a ``GroupQuant`` slice where the checkpoint keeps the weight
+quantized (``take``); once every tensor is read, ``finalize`` stacks each layer's parts (q/k/v,
+gate/up) into one weight and packs it for the kernels (``weight_packed`` becomes a
+``QWeight``; the dense parameter is emptied). ``--quantization int8|int4`` quantizes dense
+layers the same way after loading (``quantize_dense``).
+
+Products (``apply``): on CPU the C kernels (``kernels/qlinear.c``) against fp32 / bf16
+activations, or int8 activations where ``int8_activations`` is set and the machine has VNNI;
+elsewhere the layer's weight is dequantized for the call (torch operators, any device), and
+on CUDA, FP8 weights go through ``torch._scaled_mm`` where the GPU has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_engine.kernels import qlinear
+from dist_engine.quant.groups import GroupQuant, quantize
+
+log = logging.getLogger(__name__)
+
+ON_LOAD = {"int8": (8, 32, True), "int4": (4, 32, False)}  # bits, group, symmetric
+
+
+def take(module: nn.Module, part: GroupQuant, dst: int) -> None:
+    """Keep ``part`` for local output rows ``[dst, dst + rows)`` of ``module``'s weight."""
+    parts = module.__dict__.setdefault("_quant_parts", {})
+    parts[dst] = part
+
+
+def finalize(root: nn.Module) -> None:
+    """Stack and pack the quantized parts every layer under ``root`` received."""
+    for module in root.modules():
+        parts = module.__dict__.pop("_quant_parts", None)
+        if not parts:
+            continue
+        rows = module.weight.shape[0]
+        order = sorted(parts)
+        got = [parts[d] for d in order]
+        edges = [d for d in order] + [rows]
+        if order[0] != 0 or any(edges[i] + p.shape[0] != edges[i + 1] for i, p in enumerate(got)):
+            raise ValueError(f"quantized parts {[(d, p.shape) for d, p in parts.items()]} do not "
+                             f"cover the {rows} output rows of {type(module).__name__}")
+        set_packed(module, GroupQuant.cat(got).pack())
+    for module in root.modules():  # a head tied to a quantized table reads the same weight
+        tied = getattr(module, "tied", None)
+        if tied is not None and module.weight_packed is None and tied.weight_packed is not None:
+            module.weight_packed = tied.weight_packed
+            module.weight = tied.weight  # the emptied table, not the dense one it replaced
+
+
+def set_packed(module: nn.Module, qw: qlinear.QWeight) -> None:
+    device = module.weight.device
+    module.weight_packed = qw if device.type == "cpu" else qw.to(device)
+    module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+
+
+def prepare(root: nn.Module, quantization: str | None, int8_activations: bool) -> None:
+    """After loading: quantize a float checkpoint (``--quantization``), then switch the
+    products to int8 activations (``--int8-activations``) where they take it."""
+    if quantization is not None:
+        quantize_dense(root, quantization)
+    if int8_activations and not use_int8_activations(root):
+        log.warning("--int8-activations: no weight takes int8 activations here (it needs an "
+                    "AVX-512 VNNI CPU and 4/8-bit weights); the products stay in float")
+
+
+def quantize_dense(root: nn.Module, method: str) -> None:
+    """``--quantization``: group-quantize every dense product weight under ``root`` (layers
+    whose ``weight_packed`` is still None; the embedding lookup table stays dense)."""
+    bits, group, symmetric = ON_LOAD[method]
+    for module in root.modules():
+        if not hasattr(module, "weight_packed") or module.weight_packed is not None:
+            continue
+        if getattr(module, "keep_dense", False) or module.weight.dim() != 2 or not module.weight.numel():
+            continue
+        set_packed(module, quantize(module.weight.detach(), bits, group, symmetric).pack())
+
+
+def use_int8_activations(root: nn.Module) -> int:
+    """``--int8-activations``: CPU products of the quantized weights under ``root`` quantize
+    each activation row to int8 per 32 inputs (llama.cpp's arithmetic) where the kernel takes
+    the weight and the machine has VNNI. Returns how many weights switched."""
+    if not qlinear.has_int8_activations():
+        return 0
+    n = 0
+    for m in root.modules():
+        qw = getattr(m, "weight_packed", None)
+        if isinstance(qw, qlinear.QWeight) and qlinear.int8_activations_apply(qw) and not qw.int8_activations:
+            m.weight_packed = dataclasses.replace(qw, int8_activations=True)
+            n += 1
+    return n
+
+
+def apply(module: nn.Module, qw: qlinear.QWeight, x: torch.Tensor,
+          bias: torch.Tensor | None) -> torch.Tensor:
+    """``x Wᵀ + b`` for ``x`` ``[T, in]`` against a quantized weight."""
+    if x.device.type == "cpu" and qlinear.available() and x.dtype in (torch.float32, torch.bfloat16):
+        return qlinear.linear(x, qw, bias, int8_activations=qw.int8_activations)
+    if x.device.type == "cuda" and qw.kind == qlinear.E4M3:
+        y = _scaled_mm(qw, x, bias)
+        if y is not None:
+            return y
+    return F.linear(x, qlinear.dequantize(qw, x.dtype), bias)
+
+
+def _scaled_mm(qw: qlinear.QWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """FP8 with one scale per output row (per-channel / per-tensor) through ``torch._scaled_mm``
+    on GPUs with FP8 tensor cores; None where it does not apply."""
+    if qw.group != qw.in_features or qw.offsets is not None or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return None
+    cache = qw.__dict__.get("_fp8_dense")
+    if cache is None:  # [out, in] FP8 and its per-row scales, once
+        w = qlinear.unpack_codes(qw).mul(256.0).to(torch.float8_e4m3fn)  # values, unscaled
+        scale = qw.scales.float().transpose(1, 2).reshape(-1)[:qw.out_features] / 256.0
+        cache = qw.__dict__["_fp8_dense"] = (w, scale.view(1, -1).contiguous())
+    w, w_scale = cache
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    x_scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    return y if bias is None else y + bias
+
+
+def format_bytes(roots: list[nn.Module]) -> dict[str, int]:
+    """Bytes of weights per format (``"float32"``, ``"gguf Q4_1"``...) under ``roots``."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for root in roots:
+        for p in root.parameters():
+            if id(p) not in seen and p.numel():
+                seen.add(id(p))
+                key = str(p.dtype).replace("torch.", "")
+                out[key] = out.get(key, 0) + p.numel() * p.element_size()
+        for m in root.modules():
+            packed = getattr(m, "weight_packed", None)
+            if packed is None or id(packed) in seen:
+                continue
+            seen.add(id(packed))
+            if isinstance(packed, qlinear.QWeight):
+                key = packed.fmt or "quantized"
+            elif hasattr(packed, "panels"):
+                key = f"{str(packed.panels.dtype).replace('torch.', '')} (packed)"
+            else:
+                key = "float32 (oneDNN packed)"
+            out[key] = out.get(key, 0) + _nbytes(packed)
+    return out
+
+
+def _nbytes(packed) -> int:
+    return packed.nbytes if hasattr(packed, "nbytes") else packed.numel() * packed.element_size()
