@@ -50,6 +50,7 @@ class QWeight:
     kind: int
     fmt: str = ""
     int8_activations: bool = False  # CPU products quantize activations (VNNI builds only)
+    in_perm: torch.Tensor | None = None  # code column j reads input in_perm[j] (act order)
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +64,7 @@ class QWeight:
     def to(self, device: torch.device | str) -> QWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, codes=move(self.codes), scales=move(self.scales),
-                       offsets=move(self.offsets), lut=move(self.lut))
+                       offsets=move(self.offsets), lut=move(self.lut), in_perm=move(self.in_perm))
 
     @functools.cached_property
     def struct(self) -> _QW:
@@ -79,7 +80,7 @@ def _fits_fp16(*ts: torch.Tensor | None) -> bool:
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, kind: str,
-         lut: torch.Tensor | None = None, fmt: str = "") -> QWeight:
+         lut: torch.Tensor | None = None, fmt: str = "", in_perm: torch.Tensor | None = None) -> QWeight:
     """``codes`` ``[N, K]`` (u4: 0..15; s8: int8; e4m3: FP8 bytes as uint8 or float8_e4m3fn),
     ``scales`` / ``offsets`` ``[N, K / group]`` -> ``QWeight``. E4M3 scales are stored times
     2^8 (the kernel reads each byte as an fp16 2^8 too small)."""
@@ -112,7 +113,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
         return t.view(P, PANEL, groups).transpose(1, 2).contiguous().to(sdtype)
 
     return QWeight(packed_codes, grid(scales), None if offsets is None else grid(offsets),
-                   None if lut is None else lut.to(torch.int8).contiguous(), N, K, G, k_id, fmt)
+                   None if lut is None else lut.to(torch.int8).contiguous(), N, K, G, k_id, fmt,
+                   in_perm=None if in_perm is None else in_perm.to(torch.int64).contiguous())
 
 
 def unpack_codes(qw: QWeight) -> torch.Tensor:
@@ -133,7 +135,8 @@ def unpack_codes(qw: QWeight) -> torch.Tensor:
 
 def dequantize(qw: QWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[N, K]`` in ``dtype``: scale * value + offset, computed in fp32 with torch operators
-    (on the weight's device: the product on devices without the C kernel)."""
+    (on the weight's device: the product on devices without the C kernel), in the order of the
+    code columns (``in_perm`` not undone: products permute x instead)."""
     P, groups = qw.scales.shape[:2]
     grid = lambda t: t.float().transpose(1, 2).reshape(P * PANEL, groups)[:qw.out_features]  # noqa: E731
     v = unpack_codes(qw).view(qw.out_features, groups, qw.group)
@@ -188,6 +191,8 @@ def linear(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None = None,
     if x.dim() != 2 or x.shape[1] != qw.in_features or dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"quantized product of in_features {qw.in_features} got input "
                          f"{tuple(x.shape)} {dtype}")
+    if qw.in_perm is not None:
+        x = x.index_select(1, qw.in_perm)
     if x.stride(1) != 1:
         x = x.contiguous()
     if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):

@@ -5,9 +5,11 @@
   and round-to-nearest int8 / int4 quantization (``--quantization int8|int4``).
 - ``gguf.py``: GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, MXFP4, NVFP4).
 - ``gptq.py``, ``awq.py``, ``compressed_tensors.py`` (pack-quantized int4/int8,
-  float-quantized FP8, nvfp4/mxfp4-pack-quantized), ``fp8.py`` (per-tensor / per-channel FP8),
-  ``modelopt.py`` (NVFP4 with ``weight_scale_2``, FP8), ``fp4.py`` (the E2M1 / UE8M0 / E4M3
-  scale codecs, also DeepSeek-V4's FP4 experts), ``mxfp4.py`` (``*_blocks`` / ``*_scales``).
+  int-quantized, float-quantized FP8, nvfp4/mxfp4-pack-quantized), ``fp8.py`` (per-tensor,
+  per-channel and block FP8), ``modelopt.py`` (NVFP4 with ``weight_scale_2``, FP8).
+- ``fp4.py``: MXFP4 / NVFP4 codes and scales (E2M1, UE8M0, E4M3) -> ``GroupQuant``: what any
+  FP4 checkpoint reader calls (DeepSeek-V4's routed experts are MXFP4).
+- ``packing.py``: sub-byte codes out of int32 words and bytes.
 - ``checkpoint.py``: groups a checkpoint's tensors per layer for the loader.
 - ``linear.py``: how layers hold and multiply them; the kernels are ``kernels/qlinear.*``.
 
@@ -27,7 +29,6 @@ CHECKPOINT_METHODS = {
     "compressed-tensors": "compressed_tensors",
     "fp8": "fp8",
     "modelopt": "modelopt",
-    "mxfp4": "mxfp4",
 }
 ON_LOAD_METHODS = ("int8", "int4")  # --quantization of a float checkpoint
 QUANTIZATION_CHOICES = ON_LOAD_METHODS + tuple(CHECKPOINT_METHODS)

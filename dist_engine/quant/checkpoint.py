@@ -28,8 +28,10 @@ def checkpoint_quantization(path: str):
     if not os.path.isfile(cfg_file):
         return None
     with open(cfg_file) as f:
-        raw = json.load(f).get("quantization_config")
-    if not raw or (raw.get("quant_method") == "fp8" and raw.get("weight_block_size")):
+        config = json.load(f)
+    raw = config.get("quantization_config")
+    if not raw or (raw.get("quant_method") == "fp8" and raw.get("weight_block_size")
+                   and config.get("kv_lora_rank")):
         return None  # DeepSeek's block-scaled FP8: layers/fp8.py reads its tensors directly
     return parse_config(raw, path)
 

@@ -31,7 +31,9 @@ class ShardError(ValueError):
 class GroupQuant:
     """codes ``[N, K]`` (uint8 for u4 / e4m3, int8 for s8), scales / offsets ``[N, K / G]``
     fp32 (offsets may be None), ``lut``: int8 ``[16]`` u4 table or None, ``fmt``: a name for
-    logs (``"gguf Q4_1"``, ``"gptq int4 g128"``)."""
+    logs (``"gguf Q4_1"``, ``"gptq int4 g128"``). ``perm`` ``[K]``: code column j holds input
+    ``perm[j]`` (GPTQ's activation order, columns sorted by group so groups are contiguous);
+    None for the identity."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -39,6 +41,7 @@ class GroupQuant:
     kind: str
     lut: torch.Tensor | None = None
     fmt: str = ""
+    perm: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         N, K = self.codes.shape
@@ -68,6 +71,8 @@ class GroupQuant:
         G, K = self.group, self.codes.shape[1]
         if (start, stop) == (0, K):
             return self
+        if self.perm is not None:
+            return self._permuted_cols(start, stop)
         if start % G == 0 and stop % G == 0:
             g0, g1 = start // G, stop // G
         elif start // G == (stop - 1) // G:  # inside one group: it becomes the slice's group
@@ -79,6 +84,23 @@ class GroupQuant:
                 f"whole groups (shard boundaries at multiples of {G})")
         off = None if self.offsets is None else self.offsets[:, g0:g1]
         return replace(self, codes=self.codes[:, start:stop], scales=self.scales[:, g0:g1], offsets=off)
+
+    def _permuted_cols(self, start: int, stop: int) -> GroupQuant:
+        """Inputs ``[start, stop)`` of an activation-ordered weight: the code columns holding
+        them must make up whole groups."""
+        G = self.group
+        keep = ((self.perm >= start) & (self.perm < stop)).nonzero().squeeze(1)  # ascending
+        groups = keep // G
+        counts = torch.bincount(groups, minlength=self.scales.shape[1])
+        if bool(((counts != 0) & (counts != G)).any()):
+            raise ShardError(
+                f"{self.fmt or 'quantized weight'}: with activation order, the inputs "
+                f"[{start}, {stop}) of a tensor-parallel shard hold parts of groups of {G}; this "
+                "checkpoint can run at a TP size whose shards hold whole groups only (or TP=1)")
+        g = counts.nonzero().squeeze(1)
+        off = None if self.offsets is None else self.offsets[:, g]
+        return replace(self, codes=self.codes[:, keep], scales=self.scales[:, g], offsets=off,
+                       perm=self.perm[keep] - start)
 
     # ---- stacking parts of one weight (q/k/v, gate/up) ------------------------------------
     def promote(self, kind: str, group: int, offsets: bool) -> GroupQuant:
@@ -102,9 +124,15 @@ class GroupQuant:
 
     @staticmethod
     def cat(parts: list[GroupQuant]) -> GroupQuant:
-        """Parts stacked along the output rows, promoted to one common format."""
+        """Parts stacked along the output rows, promoted to one common format (an input order
+        must be the same in every part: GPTQ orders q/k/v, gate/up by their shared input)."""
         if len(parts) == 1:
             return parts[0]
+        perms = [p.perm for p in parts]
+        if any(p is not None for p in perms) and not all(
+                p is not None and torch.equal(p, perms[0]) for p in perms):
+            raise ValueError("parts of one weight were quantized in different input orders "
+                             "(activation order, g_idx); they cannot share one product")
         kinds = {p.kind for p in parts}
         luts = {None if p.lut is None else tuple(p.lut.tolist()) for p in parts}
         if "e4m3" in kinds and len(kinds) > 1:
@@ -116,7 +144,7 @@ class GroupQuant:
         fmts = sorted({p.fmt for p in parts})
         return GroupQuant(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                           None if not with_offsets else torch.cat([p.offsets for p in parts]),
-                          kind, parts[0].lut, " + ".join(fmts))
+                          kind, parts[0].lut, " + ".join(fmts), perms[0])
 
     # ---- values ---------------------------------------------------------------------------
     def values(self) -> torch.Tensor:
@@ -128,17 +156,28 @@ class GroupQuant:
         return self.codes.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[N, K]`` in the inputs' own order."""
         N, K = self.shape
         G = self.group
         w = self.values().view(N, K // G, G) * self.scales.unsqueeze(-1)
         if self.offsets is not None:
             w = w + self.offsets.unsqueeze(-1)
-        return w.view(N, K).to(dtype)
+        w = w.view(N, K)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
 
     def pack(self) -> qlinear.QWeight:
         """The kernel's layout (``kernels/qlinear.py``)."""
         codes = self.codes.view(torch.uint8) if self.kind == "e4m3" else self.codes
-        return qlinear.pack(codes, self.scales, self.offsets, self.kind, self.lut, fmt=self.fmt)
+        return qlinear.pack(codes, self.scales, self.offsets, self.kind, self.lut, fmt=self.fmt,
+                            in_perm=self.perm)
+
+
+def fitting_group(in_features: int, group: int) -> int | None:
+    """The largest group of at most ``group`` inputs, a multiple of 8, tiling ``in_features``
+    (a TP shard of 48 inputs takes groups of 24); None when there is none."""
+    return next((g for g in range(group, 7, -8) if in_features % g == 0), None)
 
 
 def quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> GroupQuant:
@@ -148,8 +187,9 @@ def quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> GroupQu
     largest-magnitude weight maps to code -8, codes -8..7 held as u4 through a table) or
     asymmetric (Q4_1: codes 0..15 between the group's min and max, the min as offset)."""
     N, K = w.shape
-    if K % group:
-        group = K  # a row that groups do not tile gets one scale (per channel)
+    group = fitting_group(K, group)
+    if group is None:
+        raise ValueError(f"cannot quantize rows of {K} inputs: the kernels need a multiple of 8")
     x = w.detach().float().view(N, K // group, group)
 
     def inverse(scale: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_engine.kernels import qlinear
-from dist_engine.quant.groups import GroupQuant, quantize
+from dist_engine.quant.groups import GroupQuant, fitting_group, quantize
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,14 @@ def quantize_dense(root: nn.Module, method: str) -> None:
     for module in root.modules():
         if not hasattr(module, "weight_packed") or module.weight_packed is not None:
             continue
-        if getattr(module, "keep_dense", False) or module.weight.dim() != 2 or not module.weight.numel():
+        w = module.weight
+        if getattr(module, "keep_dense", False) or w.dim() != 2 or not w.numel():
             continue
-        set_packed(module, quantize(module.weight.detach(), bits, group, symmetric).pack())
+        if fitting_group(w.shape[1], group) is None:
+            log.warning("%s: %d inputs a row do not split into groups of a multiple of 8; this "
+                        "layer stays %s", type(module).__name__, w.shape[1], w.dtype)
+            continue
+        set_packed(module, quantize(w.detach(), bits, group, symmetric).pack())
 
 
 def use_int8_activations(root: nn.Module) -> int:
@@ -108,6 +113,8 @@ def apply(module: nn.Module, qw: qlinear.QWeight, x: torch.Tensor,
         y = _scaled_mm(qw, x, bias)
         if y is not None:
             return y
+    if qw.in_perm is not None:
+        x = x.index_select(-1, qw.in_perm)
     return F.linear(x, qlinear.dequantize(qw, x.dtype), bias)
 
 

@@ -31,11 +31,14 @@ class LazySlice:
     """A checkpoint tensor read on indexing; ``shape`` and ``dtype`` without reading any data."""
 
     def __init__(self, handle, name: str) -> None:
+        self._handle, self._name = handle, name
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
         self.dtype = _DTYPES.get(self._slice.get_dtype())
 
     def __getitem__(self, idx) -> torch.Tensor:
+        if not self.shape:  # a scalar (a quantization scale): there is nothing to slice
+            return self._handle.get_tensor(self._name)
         return self._slice[idx]
 
 
