@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.kernels.decoder import attach as attach_cpu_decoder
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
@@ -59,6 +60,7 @@ class ModelRunner:
         self.model.eval()
         quant_linear.prepare(self.model, config.quantization, config.int8_activations)
         pack_weights(self.model)
+        attach_cpu_decoder(self.model)
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder
