@@ -116,3 +116,20 @@ def test_unsupported_block_type_is_named(tmp_path):
     os.symlink(path, folder / GGUF_LINK)
     with pytest.raises(ValueError, match="type Q2_K, which is not supported"):
         list(iter_tensors(str(folder)))
+
+
+def test_torch_path_of_other_devices_matches_the_kernels(tmp_path, monkeypatch):
+    """Without the C kernels (GPUs, no compiler) a weight is dequantized for each product and
+    an embedding gathers its rows with torch operators: the same logits, to rounding."""
+    gguf_file = _gguf(tmp_path, "qwen2", MODELS["qwen2"])
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    kw = dict(max_model_len=128, num_kv_blocks=32, speculative="none", skip_tokenizer_init=True)
+    with LLM(gguf_file, **kw) as llm:
+        fast = llm.generate(prompt_token_ids=[PROMPT], sampling_params=sp)[0].outputs[0]
+    monkeypatch.setattr(qlinear, "available", lambda: False)
+    with LLM(gguf_file, **kw) as llm:
+        assert llm.engine.executor.worker.runner.model.model.cpu_decoder is None
+        slow = llm.generate(prompt_token_ids=[PROMPT], sampling_params=sp)[0].outputs[0]
+    assert slow.token_ids == fast.token_ids
+    for a, b in zip(fast.logprobs, slow.logprobs):
+        assert all(abs(a[t] - b[t]) < 1e-4 for t in a)

@@ -101,6 +101,7 @@ def test_packing_round_trips_and_keeps_fp16_scales_in_two_bytes():
         assert torch.equal(qlinear.dequantize(qw), gq.dequantize())
         rows = torch.tensor([0, 16, 36, 5])
         assert torch.equal(qlinear.dequantize_rows(qw, rows), gq.dequantize()[rows])
+        assert torch.equal(qlinear.gather_rows(qw, rows), gq.dequantize()[rows])  # other devices
         x = torch.randn(3, gq.shape[1])
         ref = reference(gq, x)
         assert ((qlinear.linear(x, qw).double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -99,7 +99,7 @@ class CPUDecoder:
         from dist_engine.models.llama import LlamaAttention, LlamaMLP
 
         dtype = model.norm.weight.dtype
-        if model.norm.weight.device.type != "cpu" or dtype not in SUFFIX:
+        if model.norm.weight.device.type != "cpu" or dtype not in SUFFIX or not qlinear.available():
             return None
         fns = _addresses(dtype)
         if fns is None:

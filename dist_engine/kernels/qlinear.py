@@ -210,6 +210,28 @@ def linear(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None = None,
     return y
 
 
+def gather_rows(qw: QWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` ``[T]`` of the weight as fp32 ``[T, in]`` with torch operators (any device:
+    an embedding lookup reads only its rows)."""
+    ids = ids.long()
+    p, j = ids // PANEL, ids % PANEL
+    T, nb = ids.numel(), qw.codes.shape[1]
+    c = qw.codes[p].view(T, nb, PANEL, 4)[torch.arange(T, device=ids.device), :, j]  # [T, nb, 4]
+    if qw.kind == U4:
+        c = torch.stack([c & 15, c >> 4], dim=2).reshape(T, qw.in_features)  # per block: t, then t + 4
+        v = qw.lut[c.long()].float() if qw.lut is not None else c.float()
+    elif qw.kind == S8:
+        v = c.reshape(T, qw.in_features).view(torch.int8).float()
+    else:
+        v = c.reshape(T, qw.in_features).contiguous().view(torch.float8_e4m3fn).float() / 256.0
+    groups = qw.scales.shape[1]
+    pick = lambda t: t[p, :, j].float()  # noqa: E731  [T, groups]
+    w = v.view(T, groups, qw.group) * pick(qw.scales).unsqueeze(-1)
+    if qw.offsets is not None:
+        w = w + pick(qw.offsets).unsqueeze(-1)
+    return w.view(T, qw.in_features)
+
+
 def dequantize_rows(qw: QWeight, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` ``[T]`` of the weight as fp32 ``[T, in]`` (CPU, C kernel)."""
     ids = ids.to(torch.int64).contiguous()

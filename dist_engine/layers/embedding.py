@@ -45,7 +45,7 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         if ids.device.type == "cpu" and qlinear.available():
             return qlinear.dequantize_rows(qw, ids).to(self.weight.dtype)
-        return qlinear.dequantize(qw, self.weight.dtype)[ids]
+        return qlinear.gather_rows(qw, ids).to(self.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         if self.comm.world_size == 1:

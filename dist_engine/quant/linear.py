@@ -58,7 +58,11 @@ def finalize(root: nn.Module) -> None:
 
 def set_packed(module: nn.Module, qw: qlinear.QWeight) -> None:
     device = module.weight.device
-    module.weight_packed = qw if device.type == "cpu" else qw.to(device)
+    if device.type != "cpu":
+        qw = qw.to(device)
+        if device.type == "cuda":
+            build_int4pack(qw)
+    module.weight_packed = qw
     module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
 
@@ -109,8 +113,8 @@ def apply(module: nn.Module, qw: qlinear.QWeight, x: torch.Tensor,
     """``x Wᵀ + b`` for ``x`` ``[T, in]`` against a quantized weight."""
     if x.device.type == "cpu" and qlinear.available() and x.dtype in (torch.float32, torch.bfloat16):
         return qlinear.linear(x, qw, bias, int8_activations=qw.int8_activations)
-    if x.device.type == "cuda" and qw.kind == qlinear.E4M3:
-        y = _scaled_mm(qw, x, bias)
+    if x.device.type == "cuda":
+        y = _scaled_mm(qw, x, bias) if qw.kind == qlinear.E4M3 else _int4pack_mm(qw, x, bias)
         if y is not None:
             return y
     if qw.in_perm is not None:
@@ -134,6 +138,49 @@ def _scaled_mm(qw: qlinear.QWeight, x: torch.Tensor, bias: torch.Tensor | None) 
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
     y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
     return y if bias is None else y + bias
+
+
+_INT4PACK = {"ok": True}  # off for the process if torch's tinygemm kernel disagrees once
+
+
+def _int4pack_mm(qw: qlinear.QWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """4-bit codes 0..15 against bf16 activations through torch's tinygemm kernel
+    (``_weight_int4pack_mm``), where ``build_int4pack`` made its layout at load."""
+    cache = qw.__dict__.get("_int4pack")
+    if cache is None or not _INT4PACK["ok"] or x.dtype != torch.bfloat16 or x.dim() != 2:
+        return None
+    packed, sz = cache
+    y = torch._weight_int4pack_mm(x.contiguous(), packed, qw.group, sz)
+    return y if bias is None else y + bias
+
+
+def build_int4pack(qw: qlinear.QWeight) -> None:
+    """CUDA: repack 4-bit codes 0..15 with offsets (Q4_1, AWQ, GPTQ, int4) for torch's tinygemm
+    kernel (W = (q - 8) * scale + zero), checked once against the dequantized product; on any
+    failure the process keeps dequantizing per call."""
+    if (not _INT4PACK["ok"] or qw.kind != qlinear.U4 or qw.lut is not None or qw.in_perm is not None
+            or qw.group not in (32, 64, 128, 256)):
+        return
+    tiles = next((t for t in (8, 4, 2) if qw.in_features % (t * 16) == 0), None)
+    if tiles is None:
+        return
+    try:
+        q = qlinear.unpack_codes(qw).to(torch.int32)  # [N, K] codes 0..15
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        P, groups = qw.scales.shape[:2]
+        grid = lambda t: t.float().transpose(1, 2).reshape(P * 16, groups)[:qw.out_features]  # noqa: E731
+        s = grid(qw.scales)
+        z = (grid(qw.offsets) if qw.offsets is not None else torch.zeros_like(s)) + 8 * s
+        sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/G, N, 2]
+        probe = torch.randn(4, qw.in_features, device=qw.device, dtype=torch.bfloat16)
+        want = F.linear(probe, qlinear.dequantize(qw, torch.bfloat16)).float()
+        got = torch._weight_int4pack_mm(probe, packed, qw.group, sz).float()
+        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            raise ValueError("its result differs from the dequantized product")
+        qw.__dict__["_int4pack"] = (packed, sz)
+    except (RuntimeError, ValueError, AttributeError) as e:
+        _INT4PACK["ok"] = False
+        log.warning("torch's int4 weight-only kernel is not used (%s); dequantizing per call", e)
 
 
 def format_bytes(roots: list[nn.Module]) -> dict[str, int]:
