@@ -88,7 +88,7 @@ class CPUDecoder:
         cfg_mlp = model.layers[0].mlp
         self.args = _Decoder(
             fns["rms_norm"], fns["add_rms_norm"], fns["rope_store"], fns["silu_mul"], fns["attention"],
-            len(layers), model.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            len(layers), model.norm.weight.shape[0], attn.local_num_heads, attn.local_num_kv_heads, attn.head_dim,
             cfg_mlp.down_proj.local_in, dtype.itemsize, model.layers[0].input_layernorm.eps, attn.scale,
             self.layers, attn.rotary_emb.cos.data_ptr(), attn.rotary_emb.sin.data_ptr())
         self.cache_ptrs: tuple | None = None
@@ -127,6 +127,7 @@ class CPUDecoder:
         g = meta.groups[0] if len(meta.groups) == 1 else None
         if (not isinstance(g, PagedGroup) or not g.covers_all or meta.write_index is not None
                 or meta.cp is not None or meta.dcp is not None or meta.split_tokens is not None
+                or meta.by_group or meta.state is not None
                 or x.dtype != self.dtype or not x.is_contiguous() or torch.is_grad_enabled()):
             return None
         if self.cache_ptrs is None or self.cache_ptrs[0] is not kv_caches:
