@@ -15,6 +15,8 @@
    CUDA graphs (verification and the MTP layer's runs graphed; drafting's head and sampling
    eager) and all eager.
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
+5. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
+   weights on the device, and int4 / int8 decode speed against bf16.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -31,7 +33,7 @@ import traceback
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
 SHAPES = {
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -326,6 +328,10 @@ def report(res: dict) -> str:
     if "structured" in res:
         lines += ["", "## Structured output (regex grammar on a byte-level tiny Llama)", "",
                   f"`{json.dumps(res['structured'])}`"]
+    if "quant" in res:
+        from gpu_quant import report as quant_report
+
+        lines += quant_report(res["quant"])
     return "\n".join(lines) + "\n"
 
 
@@ -333,7 +339,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -368,6 +374,13 @@ def main() -> None:
         if "structured" in parts:
             res["structured"] = guarded(structured, tmp, dev, a.quick)
             save("structured")
+        if "quant" in parts:
+            import gpu_quant
+
+            res["quant"] = {"correctness": guarded(gpu_quant.correctness, tmp, dev),
+                            "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
+                                             SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
+            save("quant")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,23 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # CUDA: run decode steps eagerly instead of replaying CUDA graphs (worker/cuda_graph.py)
     enforce_eager: bool = False
+    # quantize the (float) checkpoint's product weights at load: "int8" | "int4" (quant/)
+    quantization: str | None = None
+    # CPU products against quantized weights quantize activations to int8 (VNNI)
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None:
+            from dist_engine.quant import ON_LOAD_METHODS
+
+            if self.quantization not in ON_LOAD_METHODS:
+                raise ValueError(f"quantization at load must be one of {ON_LOAD_METHODS}, got "
+                                 f"{self.quantization!r}")
+            if self.model.quantization is not None or self.model.fp8_block is not None:
+                raise ValueError(f"{self.model.path} is already quantized; it cannot be quantized "
+                                 f"again to {self.quantization}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         m, tp = self.model, self.parallel.tensor_parallel_size

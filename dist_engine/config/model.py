@@ -69,7 +69,8 @@ class ModelConfig:
     moe_scoring: str = "sigmoid"  # DeepSeek-V3; "softmax": Qwen3-MoE
     decoder_sparse_step: int = 1  # Qwen3-MoE: every this-many-th layer is MoE...
     mlp_only_layers: tuple[int, ...] = ()  # ...except these
-    # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
+    # FP8 block-scaled weights of DeepSeek-V3 (quantization_config quant_method "fp8" with
+    # weight_block_size, layers/fp8.py): tile rows x cols
     fp8_block: tuple[int, int] | None = None
     # Hybrid models (Qwen3.5, config/qwen3_5.py): each layer's token mixer, "full_attention" or
     # "linear_attention" (Gated DeltaNet with linear_* heads); empty: every layer attends.
@@ -84,6 +85,9 @@ class ModelConfig:
     mtp_num_hidden_layers: int = 0
     shared_expert_intermediate_size: int = 0  # Qwen3.5-MoE: one sigmoid-gated shared expert
     multimodal: bool = False  # text weights under model.language_model.*; vision tower skipped
+    # any other quantized checkpoint: the method's typed config (quant/, e.g. gptq.Config);
+    # its weights are kept quantized
+    quantization: Any = None
 
     @property
     def is_mla(self) -> bool:
@@ -195,12 +199,13 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         quant = raw.get("quantization_config")
-        fp8_block = None
-        if quant:
-            if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
-                raise ValueError(f"{path}/config.json: quantization_config {quant.get('quant_method')!r} "
-                                 "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
+        fp8_block = quantization = None
+        if quant and quant.get("quant_method") == "fp8" and quant.get("weight_block_size") and raw.get("kv_lora_rank"):
             fp8_block = tuple(quant["weight_block_size"])
+        elif quant:
+            from dist_engine.quant import parse_config
+
+            quantization = parse_config(quant, path)
         family = {}  # architecture-specific fields (MLA/MoE/hybrid)
         if raw.get("kv_lora_rank"):
             if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -254,5 +259,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
             fp8_block=fp8_block,
+            quantization=quantization,
             **family,
         )

@@ -141,12 +141,16 @@ class LlamaModel(nn.Module):
             self.decoder_layer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # CPU: the layers of a decode step in one C call (kernels/decoder.py; same bits), set
+        # by the model runner once the weights are packed
+        self.cpu_decoder = None
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, return_prenorm: bool = False):
         x = self.embed_tokens(ids)  # [T, hidden]
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv, meta)
+        if self.cpu_decoder is None or self.cpu_decoder.forward(x, positions, kv_caches, meta) is None:
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer(positions, x, kv, meta)
         return (self.norm(x), x) if return_prenorm else self.norm(x)
 
 

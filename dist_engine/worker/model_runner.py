@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.kernels.decoder import attach as attach_cpu_decoder
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.kv_cache.kinds import (
     CacheLayout,
@@ -25,6 +26,7 @@ from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.layers.state_cache import LayerState
 from dist_engine.models import model_class
+from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
@@ -76,8 +78,10 @@ class ModelRunner:
         mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
         pack_weights(self.model)
         self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
+        attach_cpu_decoder(self.model)
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder
@@ -143,6 +147,10 @@ class ModelRunner:
 
     def weight_bytes(self) -> int:
         return sum(weight_bytes(r) for r in self.modules())
+
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of weights per format (dtype, or quantization format) on this rank."""
+        return quant_linear.format_bytes(self.modules())
 
     def cache_layout(self, local_ranks: int) -> CacheLayout:
         """What this rank can hold: the configured block count, or ``--kv-cache-memory``, or a
