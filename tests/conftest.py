@@ -85,17 +85,22 @@ def make_tiny(name: str, path: str, seed: int = 0, **overrides) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
+def built_on_demand(tmp_path_factory, folder: str, make):
+    """A getter building each named checkpoint with ``make(name, path)`` on its first use."""
+    root = tmp_path_factory.mktemp(folder)
     cache: dict[str, str] = {}
 
     def get(name: str) -> str:
         if name not in cache:
-            cache[name] = make_tiny(name, str(root / name))
+            cache[name] = make(name, str(root / name))
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return built_on_demand(tmp_path_factory, "tiny", make_tiny)
 
 
 @pytest.fixture(scope="session")
@@ -228,15 +233,7 @@ def make_qwen3_5(name: str, path: str, mtp: bool = True, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def qwen3_5_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3_5")
-    cache: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in cache:
-            cache[name] = make_qwen3_5(name, str(root / name))
-        return cache[name]
-
-    return get
+    return built_on_demand(tmp_path_factory, "qwen3_5", make_qwen3_5)
 
 
 @pytest.fixture(scope="session")
