@@ -85,7 +85,7 @@ def batch1(llms: dict, prompts, n, modes, reps: int, hf=None) -> dict:
             depth = llm.engine.draft_depth
             if depth is not None:  # each mode learns its own adaptive depth
                 depth.__init__(depth.k, depth.min_acceptance)
-            dec = llm.engine.executor.worker.runner.mtp
+            dec = llm.engine.executor.worker.runner.drafter
             if dec is not None:
                 dec.seconds = dict.fromkeys(dec.seconds, 0.0)
         peer = hf is not None and temp == 0.0
@@ -115,7 +115,7 @@ def batch1(llms: dict, prompts, n, modes, reps: int, hf=None) -> dict:
             llm = llms.get(name)
             if llm is not None:
                 st = llm.engine.spec_stats
-                dec = llm.engine.executor.worker.runner.mtp
+                dec = llm.engine.executor.worker.runner.drafter
                 entry.update({"mean_accepted_length": st.mean_accepted_length,
                               "per_position": [round(x, 3) for x in st.per_position],
                               "phase_seconds": {k: round(v, 2) for k, v in dec.seconds.items()} if dec else None})

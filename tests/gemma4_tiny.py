@@ -88,3 +88,29 @@ def released_spelling(path: str) -> None:
     text["num_global_key_value_heads"] = first.get("num_key_value_heads")
     with open(file, "w") as f:
         json.dump(raw, f, indent=2)
+
+
+def make_assistant(target: str, path: str, seed: int = 0, ordered: bool = True, **over) -> str:
+    """Save a tiny random Gemma 4 assistant drafter for target ``target`` (a CONFIGS key) to
+    ``path``: a sliding and a full layer reading the target's K/V, a smaller hidden size, and
+    (``ordered``) the centroid-masked head with a random token ordering (transformers
+    initialises it to zeros, which would put every token in cluster 0)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    torch.manual_seed(seed)
+    t = CONFIGS[target]
+    text = text_config(target, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       layer_types=[S, F], num_kv_shared_layers=2, hidden_size_per_layer_input=0,
+                       vocab_size_per_layer_input=0, use_double_wide_mlp=False, enable_moe_block=False,
+                       num_experts=None, top_k_experts=None, moe_intermediate_size=None,
+                       num_key_value_heads=t["num_key_value_heads"], **over)
+    cfg = Gemma4AssistantConfig(text_config=text, backbone_hidden_size=BASE["hidden_size"],
+                                use_ordered_embeddings=ordered, num_centroids=8,
+                                centroid_intermediate_top_k=2)
+    model = Gemma4AssistantForCausalLM(cfg)
+    randomize(model, seed + 1)
+    if ordered:
+        g = torch.Generator().manual_seed(seed + 2)
+        model.masked_embedding.token_ordering.copy_(torch.randperm(BASE["vocab_size"], generator=g))
+    model.to(torch.float32).save_pretrained(path, safe_serialization=True)
+    return path

@@ -363,7 +363,7 @@ def test_mtp_forward_matches_independent_reference(grafted):
     prompt = PROMPTS[0]
     # fp32 weights on the draft path, as in the reference (by default they are bf16)
     with LLM(path, **ARGS, speculative_config=spec(folder, 2, draft_dtype="float32")) as llm:
-        dec = llm.engine.executor.worker.runner.mtp
+        dec = llm.engine.executor.worker.runner.drafter
         seen = []
         original = dec._draft
 
@@ -655,7 +655,7 @@ def test_speculation_off_for_sequences_admitted_under_load(grafted):
     alone, llm = run(path, p, prompts=[PROMPTS[1]])
     llm.shutdown()
     with LLM(path, **ARGS, speculative_config=spec(folder, 2, disable_by_batch_size=4)) as llm:
-        eng, dec = llm.engine, llm.engine.executor.worker.runner.mtp
+        eng, dec = llm.engine, llm.engine.executor.worker.runner.drafter
         before = dict(dec.seconds)
         got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
         assert got == expected
@@ -687,7 +687,7 @@ def test_draft_path_is_16_bit_by_default(grafted):
     for name, dtype in (("auto", torch.bfloat16), ("float32", torch.float32)):
         cfg = spec(folder, 3, draft_vocab_size=200, draft_dtype=name)
         with LLM(path, **ARGS, speculative_config=cfg) as llm:
-            dec = llm.engine.executor.worker.runner.mtp
+            dec = llm.engine.executor.worker.runner.drafter
             assert dec.draft_head.dtype == dtype
             assert dec.mtp.layer.mlp.gate_up_proj.weight_packed.panels.dtype == dtype
             outs[name] = [o.outputs[0].token_ids for o in llm.generate(

@@ -10,7 +10,9 @@ dataclass, so the two cannot drift. ``engine_config()`` resolves what depends on
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +21,13 @@ from dist_engine.config.engine import EngineConfig, decode_graphs_apply
 from dist_engine.config.model import DTYPES, ModelConfig
 from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
 from dist_engine.config.sizes import parse_size
-from dist_engine.config.speculative import SpeculativeConfig
+from dist_engine.config.speculative import METHODS, MTP_ALIASES, SpeculativeConfig
 from dist_engine.quant import ON_LOAD_METHODS, QUANTIZATION_CHOICES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SPECULATIVE_MODES = ("auto", "mtp", "none")
+SPECULATIVE_MODES = ("auto", "none", *METHODS, *MTP_ALIASES)
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # a CPU prefill chunk of 512 tokens takes ~1.5 s on the default model; GPUs take longer chunks
 DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
@@ -109,16 +111,19 @@ class EngineArgs:
                                "CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     speculative: str = _arg(
         "auto", "--speculative",
-        "MTP self-speculative decoding; auto: on where the model has MTP layers or a shipped "
-        "graft, except where CUDA graphs run plain decode (graphed speculative steps are not yet "
-        "measured to beat it there)", choices=SPECULATIVE_MODES)
+        "speculative decoding method: mtp (the model's MTP layers or a graft; vLLM's deepseek_mtp "
+        "and other *_mtp names mean it too), gemma4_assistant (a Gemma 4 assistant drafter) or "
+        "dflash (a DFlash block drafter), the drafters given by --speculative-model; auto: the drafter --speculative-model names, else MTP "
+        "where the model has MTP layers or a shipped graft, except where CUDA graphs run plain "
+        "decode (graphed speculative steps are not yet measured to beat it there)",
+        choices=SPECULATIVE_MODES)
     num_speculative_tokens: int = _arg(
         SpeculativeConfig.num_speculative_tokens, "--num-speculative-tokens",
         "drafts per step (K, 1-8); the published figures use K=3 (bench/results/spec.md)")
     speculative_model: str | None = _arg(
         SpeculativeConfig.model, "--speculative-model",
-        "a graft folder from `dist-engine graft-mtp` (default: the model's own MTP layers or the "
-        "graft shipped for it)")
+        "the drafter: a graft folder from `dist-engine graft-mtp` (default: the model's own MTP "
+        "layers or the graft shipped for it), or a gemma4_assistant or DFlash checkpoint")
     min_draft_acceptance: float = _arg(
         SpeculativeConfig.min_draft_acceptance, "--min-draft-acceptance",
         "propose a draft position only while recent steps accepted it at least this often (every "
@@ -213,7 +218,13 @@ class EngineArgs:
             spec["disable_by_batch_size"] = self.speculative_disable_by_batch_size
         if self.speculative_model:
             spec["model"] = self.speculative_model
+        if self.speculative != "auto":
+            spec["method"] = self.speculative
         spec.update(self.speculative_config or {})
+        if self.speculative == "auto" and "method" not in (self.speculative_config or {}):
+            spec["method"] = drafter_method(spec.get("model")) or "mtp"
+        if spec["method"] not in ("mtp", *MTP_ALIASES):  # a drafter model: no graft to look up
+            return SpeculativeConfig(**spec)
         if self.speculative == "auto" and self.speculative_config is None:
             if not spec.get("model") and not native and shipped_graft(self.model) is None:
                 return None
@@ -226,6 +237,18 @@ class EngineArgs:
                          "forces it")
                 return None
         return speculative_config(spec, path, self.model, native)
+
+
+def drafter_method(folder: str | None) -> str | None:
+    """The speculative method a drafter folder's config.json names, if any (its model_type, or
+    DFlash's architecture)."""
+    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    if "DFlashDraftModel" in (raw.get("architectures") or []):
+        return "dflash"
+    return raw.get("model_type") if raw.get("model_type") in METHODS else None
 
 
 def _ships_mtp_weights(path: str, mcfg: ModelConfig) -> bool:

@@ -1,4 +1,4 @@
-"""MTP speculative decoding settings (``SpeculativeConfig``)."""
+"""Speculative decoding settings (``SpeculativeConfig``): the method and its drafter."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
 STAGES = ("normed", "raw")
 DRAFT_DTYPES = ("auto", *DTYPES)
 ACCEPTANCE = ("rejection", "gumbel")
+# what proposes the drafts: the model's MTP layers or a graft of one; a Gemma 4 assistant
+# drafter (transformers' gemma4_assistant) reading the target's K/V; a DFlash block-diffusion
+# drafter (a whole block of drafts per forward)
+METHODS = ("mtp", "gemma4_assistant", "dflash")
+MAX_TOKENS = {"mtp": 8, "gemma4_assistant": 8, "dflash": 63}  # K; dflash: up to its block size - 1
+# vLLM's per-family names of the MTP method (it maps them all to "mtp" too)
+MTP_ALIASES = ("deepseek_mtp", "mimo_mtp", "qwen3_next_mtp", "glm4_moe_mtp", "ernie_mtp")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """MTP self-speculative decoding.
+    """Speculative decoding.
 
-    ``model``: a folder holding a grafted MTP layer (``mtp_config.json`` + ``mtp.safetensors``,
-    written by ``dist-engine graft-mtp``); None uses the checkpoint's own MTP layers. The three
+    ``method``: ``mtp`` (the names vLLM gives per family, such as ``deepseek_mtp``, mean it too)
+    ``gemma4_assistant`` or ``dflash``. ``model``: for ``mtp`` a folder holding a grafted MTP layer
+    (``mtp_config.json`` + ``mtp.safetensors``, written by ``dist-engine graft-mtp``), None for
+    the checkpoint's own MTP layers; for the others the drafter's checkpoint. The three
     per-model settings: ``concat_order`` of ``eh_proj``'s input (DeepSeek/GLM put the embedding
     first, MiMo the hidden state), ``hidden_stage`` of the main model's hidden state that feeds
     the first draft step (after or before the final norm), and ``feedback``: what a chained
@@ -59,10 +68,18 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.unseeded_acceptance not in ACCEPTANCE:
             raise ValueError(f"unseeded_acceptance must be one of {ACCEPTANCE}, got {self.unseeded_acceptance!r}")
-        if self.method != "mtp":
-            raise ValueError(f"speculative method {self.method!r} is not supported; use 'mtp'")
-        if not 1 <= self.num_speculative_tokens <= 8:
-            raise ValueError(f"num_speculative_tokens must be in 1..8, got {self.num_speculative_tokens}")
+        if self.method in MTP_ALIASES:
+            object.__setattr__(self, "method", "mtp")
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not supported; one of "
+                             f"{METHODS} (or {', '.join(MTP_ALIASES)}, meaning mtp)")
+        if self.method != "mtp" and self.model is None:
+            raise ValueError(f"speculative method {self.method} needs its drafter checkpoint: "
+                             "speculative_model (--speculative-model DIR)")
+        most = MAX_TOKENS[self.method]
+        if not 1 <= self.num_speculative_tokens <= most:
+            raise ValueError(f"num_speculative_tokens must be in 1..{most} for {self.method}, got "
+                             f"{self.num_speculative_tokens}")
         if self.concat_order not in CONCAT_ORDERS:
             raise ValueError(f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}")
         for name in ("hidden_stage", "feedback"):
@@ -88,5 +105,13 @@ class SpeculativeConfig:
 
     @property
     def num_lookahead_slots(self) -> int:
-        """Slots past the sequence a step may write: K drafts verified, K-1 chained MTP slots."""
-        return 2 * self.num_speculative_tokens - 1
+        """Slots past the sequence a step may write: K drafts verified (and for MTP K - 1
+        chained MTP layer slots; an assistant drafter writes nothing)."""
+        k = self.num_speculative_tokens
+        return 2 * k - 1 if self.method == "mtp" else k
+
+    @property
+    def window_lookback(self) -> int:
+        """Keys behind a sliding window that drafting still reads (the driver keeps them): an
+        assistant's sliding layers attend one key more than the target's."""
+        return 1 if self.method == "gemma4_assistant" else 0

@@ -81,7 +81,7 @@ class LLMEngine:
             self.others = WindowGroups(
                 {g: BlockManager(layout.group_blocks(g) * shards, bs, config.cache.enable_prefix_caching,
                                  hash_next_token=spec is not None, num_shards=shards) for g in others},
-                {g: group_window(g) for g in others})
+                {g: group_window(g) + (spec.window_lookback if spec else 0) for g in others})
         self.scheduler = Scheduler(config.scheduler, self.blocks, spec.speculate_up_to if spec else None,
                                    self.state, group_window(primary), self.others)
         self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs,

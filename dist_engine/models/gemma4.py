@@ -48,9 +48,19 @@ log = logging.getLogger(__name__)
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
+def rotary_by_layer_type(cfg: ModelConfig, dtype: torch.dtype, max_positions: int
+                         ) -> dict[str, RotaryEmbedding]:
+    """One rotary table per layer type (each type has one head dim and RoPE setting)."""
+    out = {}
+    for layer_type, theta, scaling in cfg.rope_by_layer_type:
+        dim = cfg.head_dim_of(cfg.layer_types.index(layer_type))
+        out[layer_type] = RotaryEmbedding(dim, max_positions, theta, dict(scaling) if scaling else None, dtype)
+    return out
+
+
 class Gemma4TextAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, layer: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, reads: int | None = None) -> None:
         super().__init__()
         sliding = cfg.layer_types[layer] == SLIDING
         hd = self.head_dim = cfg.head_dim_of(layer)
@@ -59,7 +69,8 @@ class Gemma4TextAttention(nn.Module):
         self.local_num_heads, self.local_num_kv_heads = p.local_num_heads, p.local_num_kv_heads
         self.window = cfg.sliding_window if sliding else None
         self.group = group_name(self.window)
-        self.kv_source = kv_sources(cfg)[layer]  # None: this layer computes and stores its K/V
+        # None: this layer computes and stores its K/V; ``reads``: another model's layer (drafters)
+        self.kv_source = kv_sources(cfg)[layer] if reads is None else reads
         self.k_eq_v = cfg.attention_k_eq_v and not sliding
         shards = {"q": (p.q_start * hd, p.local_num_heads * hd, 0)}
         q_size, kv_size = p.local_num_heads * hd, p.local_num_kv_heads * hd
@@ -108,11 +119,11 @@ class Gemma4TextMLP(nn.Module):
 
 class Gemma4TextDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, layer: int) -> None:
+                 dtype: torch.dtype, layer: int, reads: int | None = None) -> None:
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.dtype = dtype
-        self.self_attn = Gemma4TextAttention(cfg, comm, layer, rotary, dtype)
+        self.self_attn = Gemma4TextAttention(cfg, comm, layer, rotary, dtype, reads)
         shared = self.self_attn.kv_source is not None
         wide = 2 if cfg.use_double_wide_mlp and shared else 1
         self.mlp = Gemma4TextMLP(cfg, comm, cfg.intermediate_size * wide, dtype)
@@ -166,11 +177,7 @@ class Gemma4TextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
                  max_positions: int) -> None:
         super().__init__()
-        rotary = {}
-        for layer_type, theta, scaling in cfg.rope_by_layer_type:
-            dim = cfg.head_dim_of(cfg.layer_types.index(layer_type))
-            rotary[layer_type] = RotaryEmbedding(dim, max_positions, theta,
-                                                 dict(scaling) if scaling else None, dtype)
+        rotary = rotary_by_layer_type(cfg, dtype, max_positions)
         H, L, P = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, H, comm, dtype)
         # the embedding is scaled by sqrt(hidden), rounded to the model dtype as transformers does

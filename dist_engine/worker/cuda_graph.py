@@ -67,7 +67,7 @@ class DecodeGraphs:
         self.key_pos = torch.arange(self.max_keys, device=dev)
         # the hidden states the MTP layer's rows read
         self.hidden_in = (torch.zeros(n, runner.config.model.hidden_size, dtype=runner.dtype, device=dev)
-                          if runner.mtp is not None else None)
+                          if hasattr(runner.drafter, "forward_layer") else None)
         self.scratch_slots = [0] * G  # per group, set by ``bind`` once the cache exists
         # K/V and score elements gathered per key (the widest layer's)
         self.per_key = max([k.local_num_kv_heads * k.head_dim for k in runner.kinds if hasattr(k, "head_dim")]
@@ -81,7 +81,9 @@ class DecodeGraphs:
     @staticmethod
     def supported(runner) -> bool:
         p, spec = runner.config.parallel, runner.config.speculative
-        return ((spec is None or spec.hidden_stage == "normed") and not runner.has_state
+        # dflash reads chosen layers' outputs, which a replayed graph does not hand out
+        return ((spec is None or (spec.hidden_stage == "normed" and spec.method != "dflash"))
+                and not runner.has_state
                 and decode_graphs_apply(runner.config.model, p.tensor_parallel_size,
                                  p.context_parallel_size, p.decode_context_parallel_size))
 
@@ -189,7 +191,7 @@ class DecodeGraphs:
         meta.by_group = dict(zip(r.groups[1:], metas[1:]))
         if kind == "main":
             return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
-        return r.mtp.forward_layer(self.positions[:Bp], self.ids[:Bp], self.hidden_in[:Bp], meta)
+        return r.drafter.forward_layer(self.positions[:Bp], self.ids[:Bp], self.hidden_in[:Bp], meta)
 
     def _record(self, kind: str, Bp: int, Kp: int):
         """Warm up once on a side stream (lazy initialisation stays out of the graph), then

@@ -43,6 +43,7 @@ from dist_engine.worker.grammar import Grammars
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.sampler import sample
+from dist_engine.worker.speculative import make_decoder
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,12 @@ class ModelRunner:
         pack_weights(self.model)
         self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
         attach_cpu_decoder(self.model)
-        self.mtp = None
-        if config.speculative is not None:
-            from dist_engine.worker.spec_decode import MTPDecoder
-
-            self.mtp = MTPDecoder(self, config)
+        # speculation: the decoder of the configured method (worker/speculative.py)
+        self.drafter = make_decoder(self, config) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
-        # what each layer keeps between steps (the MTP layer's cache last)
+        # what each layer keeps between steps (a drafter layer's own cache last)
         window = mcfg.sliding_window
-        layers = list(self.model.model.layers) + ([self.mtp.mtp.layer] if self.mtp is not None else [])
+        layers = list(self.model.model.layers) + (self.drafter.cache_layers() if self.drafter else [])
         self.kinds = [layer_kind(layer, self.kv_dtype, window) for layer in layers]
         self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
         self.groups = tuple(paged_groups(self.kinds))  # paged groups, primary first
@@ -101,7 +99,9 @@ class ModelRunner:
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # query heads per KV head that attention folds together (the whole DCP group's), and
         # whether it folds them, per paged group (primary first)
-        self.group_heads = group_heads(layers, self.kinds, self.groups,
+        # (the drafter layers that attend through the runner's metadata count; DFlash's do not)
+        attending = list(self.model.model.layers) + (self.drafter.metadata_layers() if self.drafter else [])
+        self.group_heads = group_heads(attending, self.kinds, self.groups,
                                        self.dcp_comm.world_size if self.dcp_comm else 1)
         self.heads_per_kv = self.group_heads[0][0] if self.groups else 1
         # decode / verification attention through the C kernel over block tables (CPU, one
@@ -122,11 +122,12 @@ class ModelRunner:
         self.calibrating = False  # the FP8 scale pass: every rank runs every token
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
-    def build(self, seqs) -> ForwardBatch:
-        """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
+    def build(self, seqs, windows: list[int | None] | None = None) -> ForwardBatch:
+        """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard);
+        ``windows``: each paged group's window if not its own (a drafter reading more keys)."""
         sc = self.seq_comm
         (heads, fold), *others = self.group_heads or [(1, False)]
-        batch = build_batch(tuple(seqs), self.block_size, self.windows,
+        batch = build_batch(tuple(seqs), self.block_size, windows or self.windows,
                             heads, self.dtype, self.device, groups=self.groups,
                             shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
                             dcp=self.dcp_comm, fold=fold, paged=self.use_paged_kernel,
@@ -143,7 +144,7 @@ class ModelRunner:
         """Whether the model's layers from ``tail_start`` on (they store no K/V) may run only the
         sampled rows: nobody reads the others' hidden states (no speculation, no hidden states or
         prompt logprobs asked for, no sequence shards) and some row is not sampled."""
-        return (getattr(self.model, "tail_start", None) is not None and self.mtp is None
+        return (getattr(self.model, "tail_start", None) is not None and self.drafter is None
                 and self.seq_comm is None and self.dcp_comm is None and not self.calibrating
                 and not any(s.return_hidden or s.prompt_logprobs is not None for s in seqs)
                 and len(batch.sample_index) < batch.meta.num_tokens)
@@ -165,7 +166,7 @@ class ModelRunner:
     def modules(self) -> list[torch.nn.Module]:
         """Every module this rank runs: the model, and with speculation the MTP layer and the
         draft head."""
-        return [self.model] + (self.mtp.modules() if self.mtp is not None else [])
+        return [self.model] + (self.drafter.modules() if self.drafter is not None else [])
 
     def weight_bytes(self) -> int:
         return sum(weight_bytes(r) for r in self.modules())
@@ -231,9 +232,7 @@ class ModelRunner:
             peak = torch.cuda.max_memory_allocated(self.device) - base
         else:
             peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
-        self.kv_caches = []
-        if self.mtp is not None:
-            self.mtp.kv = None
+        self._drop_caches()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return max(0, int(peak))
@@ -263,15 +262,24 @@ class ModelRunner:
         self.kv_caches = allocate(self.kinds, layout, self.block_size, self.device,
                                   zero_slots=self.block_size, extra_blocks=int(scratch),
                                   scales=scales, dtype=dtype)
-        if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
-            self.mtp.kv = self.kv_caches.pop()
+        n = len(self.drafter.cache_layers()) if self.drafter is not None else 0
+        if n:  # the drafter's own layers' caches (last): same blocks and slots
+            self.kv_caches, self.drafter.caches = self.kv_caches[:-n], self.kv_caches[-n:]
         if scratch:
             self.graphs.bind(layout)
 
     def allocated_bytes(self) -> dict[str, int]:
-        """Bytes allocated per kind group (the MTP layer's cache included)."""
-        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
-        return bytes_by_group(caches, self.kinds)
+        """Bytes allocated per kind group (a drafter layer's cache included)."""
+        return bytes_by_group(self._all_caches(), self.kinds)
+
+    def _all_caches(self) -> list:
+        """The model's caches, then the drafter layers', in ``self.kinds`` order."""
+        return self.kv_caches + (self.drafter.caches if self.drafter is not None else [])
+
+    def _drop_caches(self) -> None:
+        self.kv_caches = []
+        if self.drafter is not None:
+            self.drafter.caches = []
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
         """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
@@ -279,8 +287,7 @@ class ModelRunner:
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
         self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
-        caches = [c for c in self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
-                  if isinstance(c, LayerKV)]
+        caches = [c for c in self._all_caches() if isinstance(c, LayerKV)]
         for kv in caches:
             kv.observe = True
         self.calibrating = True  # every rank runs every token, so CP shards see the same maxima
@@ -293,10 +300,8 @@ class ModelRunner:
             self.calibrating = False
         # per layer (a recurrent layer has no K/V and a shared one uses its source's: unused)
         scales = [c.calibrated_scales() if isinstance(k, PagedKV) else (1.0, 1.0)
-                  for k, c in zip(self.kinds, self.kv_caches + ([self.mtp.kv] if self.mtp is not None else []))]
-        self.kv_caches = []
-        if self.mtp is not None:
-            self.mtp.kv = None
+                  for k, c in zip(self.kinds, self._all_caches())]
+        self._drop_caches()
         log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
                  min(k for k, _ in scales), max(k for k, _ in scales),
                  min(v for _, v in scales), max(v for _, v in scales))
@@ -330,21 +335,21 @@ class ModelRunner:
         prompt_lps = any(s.prompt_logprobs is not None for s in step.seqs)
         hidden = (self.graphs.forward(step.seqs) if self.graphs is not None and not prompt_lps
                   else None)  # [T, hidden]
-        if hidden is not None and self.mtp is None:
+        if hidden is not None and self.drafter is None:
             return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
         if prompt_lps:
             return self._with_prompt_logprobs(step, batch)
         if hidden is not None:  # a verification step through the static path
-            self.mtp.seconds["main_forward"] += time.perf_counter() - t0
-            return self.mtp.step(step, batch, hidden, None)
-        if self.mtp is not None:
+            self.drafter.seconds["main_forward"] += time.perf_counter() - t0
+            return self.drafter.step(step, batch, hidden, None)
+        if self.drafter is not None:
             raw = self.config.speculative.hidden_stage == "raw"
             t0 = time.perf_counter()
             out = self._forward(batch, raw)
             hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
-            self.mtp.seconds["main_forward"] += time.perf_counter() - t0
-            return self.mtp.step(step, batch, hidden, prenorm)
+            self.drafter.seconds["main_forward"] += time.perf_counter() - t0
+            return self.drafter.step(step, batch, hidden, prenorm)
         hidden = self._forward(batch)  # [T, hidden]
         rows = hidden_rows(step, batch, hidden, {})
         if not batch.sample_seqs:
@@ -366,11 +371,11 @@ class ModelRunner:
     def _with_prompt_logprobs(self, step: StepInput, batch: ForwardBatch) -> StepOutput:
         """A step with prompt logprobs: the usual step, then the rows' logprobs from the same
         hidden states (a prefill step carries no drafts, so no row is rejected later)."""
-        if self.mtp is not None:
+        if self.drafter is not None:
             raw = self.config.speculative.hidden_stage == "raw"
             out = self._forward(batch, raw)
             hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
-            result = self.mtp.step(step, batch, hidden, prenorm)
+            result = self.drafter.step(step, batch, hidden, prenorm)
         else:
             hidden = self._forward(batch)  # [T, hidden]
             rows = hidden_rows(step, batch, hidden, {})

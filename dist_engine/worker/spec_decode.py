@@ -1,19 +1,8 @@
-"""MTP self-speculative decoding on a shard worker: verify, accept, catch the MTP layer up, draft.
+"""Speculative method ``mtp``: the model's MTP layers (or a graft of one) on a shard worker.
 
-A step feeds each decoding sequence its last verified token plus the drafts proposed last step.
-The main model's logits at those K + 1 positions are sampled exactly as plain decoding would
-sample them (each row with the preceding drafts in its penalty / min-tokens context, Gumbel
-noise keyed by the position), and drafts are accepted while they equal the sampled tokens. So
-output is identical to plain decoding; rejected positions' K/V are simply not counted (the
-driver advances a sequence by the accepted tokens only, later steps overwrite the rest).
-
-The MTP layer then writes its own K/V for every newly verified position from the main model's
-hidden states (slot p reads h[p] and token p + 1), which yields the first draft, and chains
-itself K - 1 more times on its own output. Drafts of seeded requests use the same Gumbel noise
-as the verifier will at that position, so a draft is accepted whenever the draft and the target
-distributions pick the same token under shared noise. Requests without a seed are verified by
-rejection sampling instead (``rejection.py``: same distribution, higher acceptance). Everything
-happens in this one call: the driver sees one round trip per step.
+After verification (``speculative.py``) the MTP layer writes its own K/V for every newly
+verified position from the main model's hidden states (slot p reads h[p] and token p + 1),
+which yields the first draft, and chains itself K - 1 more times on its own output.
 """
 
 from __future__ import annotations
@@ -24,23 +13,14 @@ from dataclasses import replace
 import torch
 
 from dist_engine.config import EngineConfig
-from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import pack_weights
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
-from dist_engine.worker.batch import ForwardBatch, hidden_rows
+from dist_engine.worker.batch import ForwardBatch
 from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
-from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
-from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
-from dist_engine.worker.sampler import penalise, sample
-from dist_engine.worker.spec_rows import (
-    CatchUp,
-    VerifyRows,
-    accept_drafts,
-    catch_up_plans,
-    pick_draft,
-    row_spec,
-)
+from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput
+from dist_engine.worker.spec_rows import CatchUp, catch_up_plans
+from dist_engine.worker.speculative import SpeculativeDecoder
 
 DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
 GRAFT_WEIGHTS = "mtp.safetensors"
@@ -52,10 +32,10 @@ def _same_shape(work: list[SeqWork], fed: tuple[SeqWork, ...]) -> bool:
         w.start_pos == s.start_pos and len(w.token_ids) == len(s.token_ids) for w, s in zip(work, fed))
 
 
-class MTPDecoder:
+class MTPDecoder(SpeculativeDecoder):
     def __init__(self, runner, config: EngineConfig) -> None:
-        self.runner = runner
-        self.spec = spec = config.speculative
+        super().__init__(runner, config)
+        spec = self.spec
         mcfg = config.model
         with torch.device(runner.device):
             self.mtp = MTPModel(mcfg, runner.comm, runner.dtype, config.scheduler.max_model_len,
@@ -68,7 +48,6 @@ class MTPDecoder:
         # On CPU the MTP layer's products read 16-bit panels (the kernel's fp32-activation path):
         # activations, norms, attention and its cache keep the model's dtype.
         pack_weights(self.mtp, self.draft_dtype)
-        self.draft_head: DraftHead | None = None
         vocab_ids = None
         if spec.model is not None:
             for name, lazy in iter_checkpoint(spec.model):
@@ -81,52 +60,28 @@ class MTPDecoder:
         if vocab_ids is not None and len(vocab_ids) < mcfg.vocab_size:
             weight = full_head_weight(runner, config)[vocab_ids].to(runner.device)
             self.draft_head = DraftHead(weight.contiguous(), vocab_ids.to(runner.device), self.draft_dtype)
-        # drafts proposed last step for rejection sampling: seq id -> their distributions
-        self._pending: dict[int, PendingDrafts] = {}
-        self.kv: LayerKV | None = None  # the MTP layer's cache (same blocks and slots)
-        # seconds spent per phase (read by the benchmark to show where the time goes)
-        self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
 
     def modules(self) -> list[torch.nn.Module]:
         """The MTP layer and, with a draft vocabulary, the draft head."""
         return [self.mtp] + ([self.draft_head] if self.draft_head is not None else [])
 
-    # ---- drafting ----------------------------------------------------------------------------
-    def _rejects(self, spec: SamplingSpec) -> bool:
-        """Whether this request's drafts are drawn from q and verified by rejection sampling."""
-        return spec.temperature != 0.0 and not spec.seeded and self.spec.unseeded_acceptance == "rejection"
+    def cache_layers(self) -> list[torch.nn.Module]:
+        return [self.mtp.layer]  # its cache: the same blocks and slots as the model's
+
+    @property
+    def kv(self):
+        """The MTP layer's cache (None until allocated)."""
+        return self.caches[0] if self.caches else None
 
     def _draft(self, g: torch.Tensor, seqs: list[SeqWork], specs: list[SamplingSpec],
                positions: list[int]) -> list[int]:
-        """Draft tokens at ``positions`` from raw MTP outputs ``g`` ``[N, H]``, each row under
-        the spec the verifier will use there (``row_spec``: penalties count the tokens before
-        it, the min-tokens ban still on or off), so penalised or banned tokens are not drafted
-        only to be rejected. A request verified by rejection sampling also leaves the draft's
-        distribution in ``_pending``."""
+        """Drafts at ``positions`` from raw MTP outputs ``g`` ``[N, H]`` (``draft_tokens``)."""
         normed = self.mtp.layer.shared_head.norm(g)
         if self.draft_head is not None:
             logits, ids = self.draft_head(normed), self.draft_head.vocab_ids  # [N, V']
         else:
             logits, ids = self.runner.model.compute_logits(normed), None  # [N, V]
-        vocab = self.runner.config.model.vocab_size
-        logits = penalise(logits, specs, ids, vocab)
-        if all(s.temperature == 0.0 for s in specs):  # one argmax for the batch
-            best = logits.argmax(-1)
-            return (best if ids is None else ids[best]).tolist()
-        out: dict[int, int] = {}
-        drawn = [i for i, sp in enumerate(specs) if self._rejects(sp)]  # drafts drawn from q
-        for i, (sp, pos) in enumerate(zip(specs, positions)):
-            if not self._rejects(sp):  # greedy, or the noise the verifier will use
-                out[i] = pick_draft(logits[i], sp, pos, vocab, ids)
-        if drawn:
-            index, q = draw_drafts(logits[drawn], [specs[i] for i in drawn], [positions[i] for i in drawn])
-            for n, (i, k) in enumerate(zip(drawn, index)):
-                out[i] = k if ids is None else int(ids[k])
-                entry = self._pending.setdefault(seqs[i].seq_id, PendingDrafts(positions[i], [], [], []))
-                entry.tokens.append(out[i])
-                entry.index.append(k)
-                entry.q.append(q[n])
-        return [out[i] for i in range(len(specs))]
+        return self.draft_tokens(logits, ids, seqs, specs, positions)
 
     def forward_layer(self, positions: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor,
                       meta) -> torch.Tensor:
@@ -152,68 +107,23 @@ class MTPDecoder:
             g = self.forward_layer(batch.positions, batch.ids, hidden, batch.meta)  # [T, H]
         return g, batch
 
-    # ---- one step: verify, catch up, propose -----------------------------------------------------
-    def step(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
-             prenorm: torch.Tensor | None) -> StepOutput:
-        t0 = time.perf_counter()
-        sampled = self.verify(batch, hidden)
-        self.runner.settle_states(step, batch, sampled)  # rejected drafts leave no state behind
-        t1 = time.perf_counter()
-        self.seconds["verify"] += t1 - t0
-        rows_out = hidden_rows(step, batch, hidden, sampled)
+    def propose_next(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
+                     prenorm: torch.Tensor | None, sampled: dict[int, SampledTokens]
+                     ) -> dict[int, tuple[int, ...]]:
+        """Catch the MTP layer up on every verified position, then chain it for the drafts."""
         plans = catch_up_plans(step, batch, sampled)
-        if plans:
-            source = hidden if self.spec.hidden_stage == "normed" else prenorm
-            g = self.catch_up(plans, step, batch, source)
-            t2 = time.perf_counter()
-            self.seconds["mtp_catch_up"] += t2 - t1
-            if g is not None:
-                for sid, drafts in self.propose([p for p in plans if p.propose], g, sampled).items():
-                    sampled[sid] = replace(sampled[sid], draft_token_ids=drafts)
-                self.seconds["draft_chain"] += time.perf_counter() - t2
-        return StepOutput(step.step_id, sampled, rows_out)
-
-    def verify(self, batch: ForwardBatch, hidden: torch.Tensor) -> dict[int, SampledTokens]:
-        """Sample every sampling row (the last fed token and each draft) exactly as plain
-        decoding would, then accept each sequence's drafts: while they equal the draws (greedy,
-        seeded: the Gumbel scheme), or by rejection sampling against the distributions they
-        were drawn from (unseeded). Accepted drafts plus one bonus (or residual) token."""
-        if not batch.sample_seqs:
+        if not plans:
             return {}
-        logits = self.runner.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
-        pending, self._pending = self._pending, {}
-        grammars = self.runner.grammars
-        rows = [VerifyRows.of(s, pending.get(s.seq_id) if self._rejects(s.sampling) else None)
-                for s in batch.sample_seqs]
-        rows = [replace(r, specs=grammars.constrain_rows(r.seq.seq_id, r.specs, r.drafts))
-                if r.seq.sampling.grammar is not None else r for r in rows]
-        specs = [sp for r in rows for sp in r.specs]
-        draw = [sp for r in rows for sp in r.draw_specs()]
-        positions = [p for r in rows for p in r.positions]
-        tokens, lps, top = sample(logits, draw, positions)
-        sampled, row = {}, 0
-        for r in rows:
-            k = len(r.drafts)
-            if r.pending is not None:  # rejection sampling against the kept q
-                target = target_logits(logits[row:row + k], specs[row:row + k])
-                a, tok = verify(r.pending, r.drafts, target, r.seq.sampling,
-                                None if self.draft_head is None else self.draft_head.vocab_ids)
-                # accepted drafts, then the residual's draw at the rejected row (all accepted:
-                # the verifier's own draw at the last row is the bonus)
-                emitted = r.drafts[:a] + ((tok,) if tok is not None else ())
-                if emitted:
-                    lp = torch.log_softmax(logits[row:row + len(emitted)], -1)
-                    for j, t in enumerate(emitted):
-                        tokens[row + j], lps[row + j] = t, float(lp[j, t])
-            else:  # greedy, seeded, or drafts this worker did not draw: the Gumbel scheme
-                a = accept_drafts(r.drafts, tokens[row:row + k])
-            end = row + a + 1
-            grammars.advance(r.seq.seq_id, tokens[row:end])
-            sampled[r.seq.seq_id] = SampledTokens(
-                tuple(tokens[row:end]), tuple(lps[row:end]),
-                tuple(top[row:end]) if any(top[row:end]) else (), num_drafts=k)
-            row += k + 1
-        return sampled
+        t1 = time.perf_counter()
+        source = hidden if self.spec.hidden_stage == "normed" else prenorm
+        g = self.catch_up(plans, step, batch, source)
+        t2 = time.perf_counter()
+        self.seconds["mtp_catch_up"] += t2 - t1
+        if g is None:
+            return {}
+        drafts = self.propose([p for p in plans if p.propose], g, sampled)
+        self.seconds["draft_chain"] += time.perf_counter() - t2
+        return drafts
 
     def catch_up(self, plans: list[CatchUp], step: StepInput, batch: ForwardBatch,
                  source: torch.Tensor) -> torch.Tensor | None:
@@ -233,32 +143,10 @@ class MTPDecoder:
     def propose(self, plans: list[CatchUp], g: torch.Tensor, sampled: dict[int, SampledTokens]
                 ) -> dict[int, tuple[int, ...]]:
         """Chain the MTP layer from its catch-up outputs ``g`` ``[N, H]`` until each proposer
-        has its drafts; each draft is drawn under the spec the verifier will use there."""
-        drafts: dict[int, list[int]] = {p.work.seq_id: [] for p in plans}
-        active = [p.work for p in plans]
-        pos = [p.last_pos for p in plans]
-        wanted = {p.work.seq_id: p.propose for p in plans}
-        grammars = self.runner.grammars
-        taken = dict.fromkeys(wanted, 0)  # drafts a grammar matcher consumed, rolled back below
-        while True:
-            # each draft under the spec (and grammar state) the verifier will use there
-            specs = [grammars.constrain(s.seq_id, row_spec(
-                s.sampling, sampled[s.seq_id].token_ids + tuple(drafts[s.seq_id]))) for s in active]
-            new = self._draft(g, active, specs, [p + 2 for p in pos])
-            for s, t in zip(active, new):
-                drafts[s.seq_id].append(t)
-                if s.sampling.grammar is not None:
-                    if grammars.advance(s.seq_id, (t,)) == 1:
-                        taken[s.seq_id] += 1
-                    else:  # nothing the grammar allows is in the draft vocabulary: stop here
-                        drafts[s.seq_id].pop()
-                        wanted[s.seq_id] = len(drafts[s.seq_id])
-            keep = [i for i, s in enumerate(active) if len(drafts[s.seq_id]) < wanted[s.seq_id]]
-            if not keep:
-                for sid, n in taken.items():
-                    grammars.rollback(sid, n)
-                return {sid: tuple(d) for sid, d in drafts.items()}
+        has its drafts."""
+        def advance(g: torch.Tensor, keep: list[int], fed: list[SeqWork]) -> torch.Tensor:
             feed = g if self.spec.feedback == "raw" else self.mtp.layer.shared_head.norm(g)
-            active = [replace(active[i], token_ids=(new[i],), start_pos=pos[i] + 1) for i in keep]
-            pos = [pos[i] + 1 for i in keep]
-            g, _ = self._run(active, feed[torch.tensor(keep, device=g.device)])
+            return self._run(fed, feed[torch.tensor(keep, device=g.device)])[0]
+
+        return self.chain([p.work for p in plans], [p.last_pos for p in plans],
+                          {p.work.seq_id: p.propose for p in plans}, sampled, g, self._draft, advance)
