@@ -16,6 +16,11 @@ at 30), made by transformers.
    at its peak with sliding blocks given back (the engine) and kept (the same run with
    ``free_behind_window`` disabled); and at a fixed 64 MiB KV budget, the longest context the
    engine's layout admits against the same budget with every layer keeping every position.
+3. Drafting cost: time per output token with K = 3 drafts from a random Gemma 4 assistant
+   drafter (hidden 256, a sliding and a global layer) and a random DFlash drafter (one layer of
+   the target's width, blocks of 4) relative to plain decoding, float32, alternating rounds.
+   Random drafters accept next to nothing: this is what drafting costs a step, which a trained
+   drafter's accepted tokens must pay back (no trained drafter for this shape exists here).
 
 Results: bench/results/gemma4.{json,md}.
 """
@@ -135,6 +140,53 @@ def kv_memory(path: str, context: int) -> dict:
     return res
 
 
+def drafting_cost(path: str, tmp: str, tokens: int, rounds: int) -> dict:
+    import sys
+
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    from dist_engine import LLM, SamplingParams
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from test_dflash import make_drafter
+
+    torch.manual_seed(0)
+    text = Gemma4TextConfig(**{**MOE_SHAPE, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+                               "layer_types": [S, F], "num_kv_shared_layers": 2, "enable_moe_block": False,
+                               "num_experts": None, "top_k_experts": None, "moe_intermediate_size": None})
+    asst = Gemma4AssistantForCausalLM(Gemma4AssistantConfig(
+        text_config=text, backbone_hidden_size=MOE_SHAPE["hidden_size"], use_ordered_embeddings=True,
+        num_centroids=64, centroid_intermediate_top_k=8))
+    asst.masked_embedding.token_ordering.copy_(torch.randperm(MOE_SHAPE["vocab_size"]))
+    asst.save_pretrained(os.path.join(tmp, "assistant"), safe_serialization=True)
+    dflash = make_drafter(os.path.join(tmp, "dflash"), layers=[1, 3], mask=MOE_SHAPE["vocab_size"] - 1,
+                          vocab=MOE_SHAPE["vocab_size"], hidden_size=1024, intermediate_size=2048,
+                          num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                          block_size=4, input_embedding_scale=32.0)
+    runs = {"plain": {}, "gemma4_assistant": {"speculative_model": os.path.join(tmp, "assistant")},
+            "dflash": {"speculative_model": dflash}}
+    llms = {name: LLM(path, skip_tokenizer_init=True, max_model_len=1024, num_kv_blocks=128,
+                      cpu_threads=torch.get_num_threads(), **kw,
+                      **({"num_speculative_tokens": 3, "min_draft_acceptance": 0.0} if kw else {}))
+            for name, kw in runs.items()}
+    sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    best = dict.fromkeys(runs, 0.0)
+    try:
+        for llm in llms.values():
+            llm.generate(prompt_token_ids=[prompt(32, 1)], sampling_params=SamplingParams(max_tokens=4))
+        for _ in range(rounds):
+            for name, llm in llms.items():
+                out = llm.generate(prompt_token_ids=[prompt(128)], sampling_params=sp)[0]
+                best[name] = max(best[name], 1.0 / out.metrics.time_per_output_token)
+        stats = {name: llm.engine.spec_stats for name, llm in llms.items() if name != "plain"}
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
+    return {name: {"tok_s": best[name], "vs_plain": best[name] / best["plain"],
+                   **({"drafted": stats[name].num_draft_tokens, "accepted": stats[name].num_accepted_tokens}
+                      if name in stats else {})} for name in runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
@@ -154,6 +206,8 @@ def main() -> None:
         print(dtype, report["decode"][dtype], flush=True)
     report["kv_memory"] = kv = kv_memory(path, a.context)
     print(json.dumps(kv), flush=True)
+    report["drafting_cost"] = cost = drafting_cost(path, os.path.dirname(path), a.tokens, a.rounds)
+    print(json.dumps(cost), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "gemma4.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -176,6 +230,12 @@ def main() -> None:
               f"At a 64 MiB KV budget (one sequence): longest context {b['longest_context']} tokens "
               f"(layout {b['layout_blocks']}) vs {b['every_layer_full_attention']} if every layer kept "
               f"every position ({b['longest_context'] / b['every_layer_full_attention']:.2f}x)."]
+    lines += ["", "Drafting cost, K = 3 random drafters (float32, batch 1; random drafters accept next to "
+              "nothing, so this is the cost a trained drafter's accepted tokens must repay):", "",
+              "| method | tok/s | vs plain | drafted | accepted |", "|---|---|---|---|---|"]
+    for name, r in cost.items():
+        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_plain']:.2f}x | {r.get('drafted', '')} | "
+                     f"{r.get('accepted', '')} |")
     text = "\n".join(lines)
     with open(os.path.join(RESULTS, "gemma4.md"), "w") as f:
         f.write(text + "\n")

@@ -20,6 +20,8 @@
    tok/s of an E2B-like shape and a 3-layer slice of the 26B-A4B's shape against transformers.
 6. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
    weights on the device, and int4 / int8 decode speed against bf16.
+7. Drafter-model speculation (``bench/gpu_drafters.py``): Gemma 4 assistant and DFlash drafters
+   lossless against plain decoding on the device, and what drafting costs per token.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -422,6 +424,9 @@ def report(res: dict) -> str:
             lines.append(f"| {name} | {r.get('error')} | | | | | | |")
     if "long_context" in res:
         lines += ["", "## Long context, CUDA graphs vs eager", "", f"`{json.dumps(res['long_context'])}`"]
+    if "drafters" in res:
+        lines += ["", "## Drafter-model speculation (tiny Gemma 4, assistant and DFlash drafters)", "",
+                  f"`{json.dumps(res['drafters'])}`"]
     if "gemma4" in res:
         lines += ["", "## Gemma 4 (tiny fp32 parity, graphs vs eager; bf16 shapes, batch 1)", "",
                   f"`{json.dumps(res['gemma4'])}`"]
@@ -439,7 +444,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,gemma4",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,gemma4,drafters",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -484,6 +489,11 @@ def main() -> None:
                             "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
                                              SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
             save("quant")
+        if "drafters" in parts:
+            import gpu_drafters
+
+            res["drafters"] = guarded(gpu_drafters.drafters, tmp, dev, a.quick)
+            save("drafters")
 
 
 if __name__ == "__main__":

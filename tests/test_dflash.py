@@ -30,14 +30,16 @@ DRAFTER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_at
 LAYERS, MASK = [1, 3], 319  # target layers read (of 5); the mask token
 
 
-def make_drafter(path: str, seed: int = 0) -> str:
+def make_drafter(path: str, seed: int = 0, layers: list[int] = LAYERS, mask: int = MASK, vocab: int = 320,
+                 **over) -> str:
     """A DFlash drafter as z-lab publishes them: config.json (DFlashDraftModel, dflash_config)
-    and model.safetensors with every tensor random (norm weights spread around 1)."""
+    and model.safetensors with every tensor random (norm weights spread around 1); ``over``
+    changes DRAFTER's shape."""
     g = torch.Generator().manual_seed(seed)
-    c = DRAFTER
+    c = {**DRAFTER, **over}
     H, D, Hq, Hk, inter = (c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"],
                            c["intermediate_size"])
-    shapes = {"fc.weight": (H, len(LAYERS) * H), "hidden_norm.weight": (H,), "norm.weight": (H,)}
+    shapes = {"fc.weight": (H, len(layers) * H), "hidden_norm.weight": (H,), "norm.weight": (H,)}
     for i in range(c["num_hidden_layers"]):
         p = f"layers.{i}."
         shapes.update({p + "self_attn.q_proj.weight": (Hq * D, H), p + "self_attn.k_proj.weight": (Hk * D, H),
@@ -50,8 +52,8 @@ def make_drafter(path: str, seed: int = 0) -> str:
                for n, s in shapes.items()}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
-    cfg = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", **DRAFTER, "vocab_size": 320,
-           "dflash_config": {"target_layer_ids": LAYERS, "mask_token_id": MASK}}
+    cfg = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", **c, "vocab_size": vocab,
+           "dflash_config": {"target_layer_ids": layers, "mask_token_id": mask}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     return path

@@ -122,3 +122,22 @@ def test_method_choice_and_refusals(pair, tmp_path):
         check_against(dataclasses.replace(acfg, backbone_hidden_size=128), mcfg)
     with pytest.raises(ValueError, match="not a Gemma 4 assistant"):
         Gemma4AssistantConfig.from_pretrained(path)
+
+
+@pytest.mark.distributed
+def test_tp2_drafts_as_tp1(pair, tmp_path, ray_session):
+    """TP=2 (the dense target's sliding KV heads split 1 + 1, its global KV head replicated):
+    the assistant's heads split as the target's KV heads are, the DFlash drafter runs whole on
+    each rank; output = plain and every draft accepted as often as at TP=1 (the same drafts)."""
+    from test_dflash import make_drafter
+
+    path, assistant = pair("dense")
+    dflash = make_drafter(str(tmp_path / "dflash"))
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = run(path, greedy)[0]
+    for folder, k in ((assistant, 2), (dflash, 3)):
+        spec = dict(speculative_model=folder, num_speculative_tokens=k, min_draft_acceptance=0.0)
+        _, one = run(path, greedy, **spec)
+        got, two = run(path, greedy, tensor_parallel_size=2, **spec)
+        assert got == plain
+        assert (two.num_draft_tokens, two.num_accepted_tokens) == (one.num_draft_tokens, one.num_accepted_tokens)
