@@ -130,12 +130,23 @@ def test_block_logits_match_reference(pair, monkeypatch):
         return out
 
     monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
-    [out], _ = run(path, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), prompts=[PROMPT],
-                   speculative="dflash", speculative_model=drafter, num_speculative_tokens=3,
-                   min_draft_acceptance=0.0)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    [out], _ = run(path, params, prompts=[PROMPT])
+    text = PROMPT + list(out)
+    # a random drafter is never right: its drafts are replaced by the plain continuation except
+    # at every third position, so that drafts are accepted (their context then written) and rejected
+    real_draw = DFlashDecoder.draft_tokens
+
+    def oracle(self, logits, ids, seqs, specs, positions):
+        real_draw(self, logits, ids, seqs, specs, positions)
+        return [text[p] if p < len(text) and p % 3 else 0 for p in positions]
+
+    monkeypatch.setattr(DFlashDecoder, "draft_tokens", oracle)
+    [got], stats = run(path, params, prompts=[PROMPT], speculative="dflash", speculative_model=drafter,
+                       num_speculative_tokens=3, min_draft_acceptance=0.0)
+    assert list(got) == list(out) and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert len(blocks) >= 3  # the block after the prompt and those after verification steps
     target = Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    text = PROMPT + list(out)
     for [(P, token)], logits in blocks:
         # the context is every verified position before P (prompt, tokens and accepted drafts)
         assert token == text[P]

@@ -48,7 +48,9 @@ def test_drafter_forward_matches_transformers(pair, target, monkeypatch):
     """The drafts proposed right after the prompt: each round's input hidden state, logits and
     projected output equal transformers' assistant reading the K/V transformers' target stores
     for the assistant (the E model's are its last non-shared layers' of each type); the
-    20-token prompt is longer than the sliding window (8), so the window's edge counts."""
+    20-token prompt is longer than the sliding window (8), so the window's edge counts. Then
+    the first round of every later proposal, over a context that holds accepted drafts (and
+    sliding blocks given back: blocks of 4, window 8)."""
     from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
     path, drafter = pair(target)
@@ -62,10 +64,30 @@ def test_drafter_forward_matches_transformers(pair, target, monkeypatch):
         return r
 
     monkeypatch.setattr(AssistantDecoder, "_forward", recording)
-    run(path, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), prompts=[PROMPT],
-        speculative="gemma4_assistant", speculative_model=drafter, num_speculative_tokens=3,
-        min_draft_acceptance=0.0)
-    assert len(rounds) >= 3
+    starts = []  # the first round of every proposal: (its index in rounds)
+    real_start = AssistantDecoder._start
+
+    def start(self, work, hidden):
+        starts.append(len(rounds))
+        return real_start(self, work, hidden)
+
+    monkeypatch.setattr(AssistantDecoder, "_start", start)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    [out], _ = run(path, params, prompts=[PROMPT])
+    text = PROMPT + list(out)
+    # a random drafter is never right: its drafts are replaced by the plain continuation except
+    # at every third position, so that verification accepts some (the drafter then reads their K/V)
+    real_draw = AssistantDecoder.draft_tokens
+
+    def oracle(self, logits, ids, seqs, specs, positions):
+        real_draw(self, logits, ids, seqs, specs, positions)
+        return [text[p] if p < len(text) and p % 3 else 0 for p in positions]
+
+    monkeypatch.setattr(AssistantDecoder, "draft_tokens", oracle)
+    [got], stats = run(path, params, prompts=[PROMPT], speculative="gemma4_assistant",
+                       speculative_model=drafter, num_speculative_tokens=3, min_draft_acceptance=0.0)
+    assert list(got) == list(out) and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert len(rounds) >= 3 and len(starts) >= 3
     hf = Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     asst = Gemma4AssistantForCausalLM.from_pretrained(drafter, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -73,17 +95,30 @@ def test_drafter_forward_matches_transformers(pair, target, monkeypatch):
                  use_cache=False)
         kv = out.shared_kv_states
         h = out.hidden_states[-1][:, -1:]  # final-norm state of the last prompt position
-        token = int(out.logits[0, -1].argmax())
         P = len(PROMPT)
-        for tok, pos, ours_in, ours_out, ours_logits in rounds[:3]:
-            assert (tok, pos) == (token, P)  # the constant position: the first unverified one
+        assert rounds[0][0] == int(out.logits[0, -1].argmax()) == text[P]  # the first token
+        for tok, pos, ours_in, ours_out, ours_logits in rounds[:3]:  # then the (oracle's) drafts
+            assert pos == P  # the constant position: the first unverified one
             torch.testing.assert_close(ours_in, h[0, 0], rtol=1e-3, atol=1e-4)
-            emb = hf.get_input_embeddings()(torch.tensor([[token]]))
+            emb = hf.get_input_embeddings()(torch.tensor([[tok]]))
             o = asst(inputs_embeds=torch.cat([emb, h], dim=-1), position_ids=torch.tensor([[P]]),
                      shared_kv_states=kv, use_cache=False)
             torch.testing.assert_close(ours_logits, o.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ours_out, o.last_hidden_state[0, -1], rtol=1e-3, atol=1e-4)
-            h, token = o.last_hidden_state, int(o.logits[0, -1].argmax())
+            h = o.last_hidden_state
+        # every later proposal's first round, after verification steps that accepted drafts:
+        # the context is every verified position before P
+        for i in starts[1:]:
+            tok, P, ours_in, ours_out, ours_logits = rounds[i]
+            assert tok == text[P]
+            out = hf(torch.tensor([text[:P]]), output_hidden_states=True, return_shared_kv_states=True,
+                     use_cache=False)
+            h = out.hidden_states[-1][:, -1:]
+            torch.testing.assert_close(ours_in, h[0, 0], rtol=1e-3, atol=1e-4)
+            emb = hf.get_input_embeddings()(torch.tensor([[tok]]))
+            o = asst(inputs_embeds=torch.cat([emb, h], dim=-1), position_ids=torch.tensor([[P]]),
+                     shared_kv_states=out.shared_kv_states, use_cache=False)
+            torch.testing.assert_close(ours_logits, o.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
 
 
 def test_speculative_output_equals_plain(pair):
