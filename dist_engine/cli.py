@@ -33,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             p.add_argument(flag, dest=f.name, action=action, default=f.default, help=help_text)
             continue
-        kind = {"kv_cache_memory": parse_bytes}.get(f.name) or _scalar_type(f.type)
+        kind = {"kv_cache_memory": parse_bytes, "expert_cache_memory": parse_bytes}.get(f.name) or _scalar_type(f.type)
         shown = "" if f.default is None else " (default: %(default)s)"
         if "choices" not in meta:
             meta["metavar"] = flag[2:].upper().replace("-", "_")

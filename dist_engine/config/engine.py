@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dist_engine.config.model import DTYPES, ModelConfig
-from dist_engine.config.runtime import CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.runtime import (
+    CacheConfig,
+    ExpertCacheConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from dist_engine.config.speculative import SpeculativeConfig
 
 
@@ -31,6 +36,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # CUDA: run decode steps eagerly instead of replaying CUDA graphs (worker/cuda_graph.py)
     enforce_eager: bool = False
+    # routed experts paged under a per-rank budget instead of all loaded (dist_engine/experts/)
+    experts: ExpertCacheConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -73,6 +80,9 @@ class EngineConfig:
                     f"speculation with K={spec.num_speculative_tokens} needs "
                     f"num_lookahead_slots >= {spec.num_lookahead_slots}"
                 )
+        if self.experts is not None and not any(m.is_moe_layer(i) for i in range(m.num_hidden_layers)):
+            raise ValueError(f"expert_cache_memory is set, but {m.architecture} at {m.path} has no routed "
+                             "experts to page; leave it unset for dense models")
         if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "

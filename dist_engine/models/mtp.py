@@ -16,6 +16,8 @@ No collectives here: the block's parallel layers hold them, ``eh_proj`` is repli
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -23,10 +25,14 @@ from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.attention import AttentionMetadata
 from dist_engine.layers.linear import ColumnParallelLinear
+from dist_engine.layers.moe import SparseMoE
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 from dist_engine.models.deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3ForCausalLM
 from dist_engine.models.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 
 class SharedHead(nn.Module):
@@ -52,8 +58,8 @@ def _mtp_input(layer: nn.Module, emb: torch.Tensor, hidden: torch.Tensor) -> tor
 
 class LlamaMTPLayer(LlamaDecoderLayer):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)  # its checkpoint index
+                 dtype: torch.dtype, emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers, expert_cache)  # its checkpoint index
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
@@ -65,8 +71,8 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
     """DeepSeek-V3's MTP block: MLA and (past first_k_dense_replace) MoE, as in its checkpoints."""
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)
+                 dtype: torch.dtype, emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers, expert_cache)
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
@@ -81,7 +87,7 @@ class MTPModel(nn.Module):
     ignored_suffixes = ("embed_tokens.weight", "shared_head.head.weight", "rotary_emb.inv_freq")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
-                 emb_first: bool) -> None:
+                 emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
@@ -90,15 +96,13 @@ class MTPModel(nn.Module):
         self.packed_modules = main.packed_modules
         self.layer_index = cfg.num_hidden_layers
         self.model = nn.Module()
-        self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first)})
+        self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first,
+                                                                       expert_cache)})
 
     def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert of an MoE MTP block."""
-        head = f"{self.prefix()}mlp.experts."
-        expert = name[len(head):].split(".")[0]
-        if not name.startswith(head) or not expert.isdigit() or not hasattr(self.layer.mlp, "owns_expert"):
-            return False
-        return not self.layer.mlp.owns_expert(int(expert))
+        """A routed expert of an MoE MTP block that another rank or the expert cache reads."""
+        head, mlp = f"{self.prefix()}mlp.experts.", self.layer.mlp
+        return name.startswith(head) and isinstance(mlp, SparseMoE) and mlp.skips_tensor(name[len(head):])
 
     @property
     def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer:

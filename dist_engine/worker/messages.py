@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_engine.experts.stats import ExpertCacheStats
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -94,3 +96,5 @@ class StepOutput:
     # seq_id -> final-norm hidden states [n, H] of the positions verified this step, from the
     # first one fed on, for sequences fed with ``return_hidden`` (rank 0 only)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the expert cache's counters after this step (paged experts only; merged over ranks)
+    experts: ExpertCacheStats | None = None

@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.experts.cache import ExpertCache
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
@@ -47,9 +48,11 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         mcfg = config.model
         t0 = time.perf_counter()
+        # routed experts paged under a budget instead of loaded (the MoE layers register here)
+        self.expert_cache = ExpertCache(config.experts, device) if config.experts is not None else None
         with torch.device(device):
             self.model = model_class(mcfg.architecture)(
-                mcfg, comm, self.dtype, config.scheduler.max_model_len
+                mcfg, comm, self.dtype, config.scheduler.max_model_len, self.expert_cache
             )
         # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
         mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
@@ -62,6 +65,8 @@ class ModelRunner:
             from dist_engine.worker.spec_decode import MTPDecoder
 
             self.mtp = MTPDecoder(self, config)
+        if self.expert_cache is not None:
+            self.expert_cache.start(mcfg.path, self.model.packed_modules)
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -176,6 +181,8 @@ class ModelRunner:
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
         self._make_caches(num_blocks, self.kv_dtype, self.kv_scales)
+        if self.expert_cache is not None:  # count serving only, not the start-up passes
+            self.expert_cache.reset_stats()
 
     def _make_caches(self, num_blocks: int, dtype: torch.dtype,
                      scales: list[tuple[float, float]] | None) -> None:

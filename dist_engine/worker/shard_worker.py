@@ -103,8 +103,13 @@ class ShardWorker:
         return self.runner.available_kv_blocks(self.local_ranks)
 
     def cache_info(self) -> dict[str, int]:
-        return {"bytes_per_block": self.runner.kv_bytes_per_block(),
+        info = {"bytes_per_block": self.runner.kv_bytes_per_block(),
                 "weight_bytes": self.runner.weight_bytes(), **self.runner.memory_report}
+        if self.runner.expert_cache is not None:
+            s = self.runner.expert_cache.stats()
+            info.update(expert_cache_budget_bytes=s.budget_bytes, expert_cache_slots=s.num_slots,
+                        expert_bytes=s.expert_bytes)
+        return info
 
     def init_cache(self, num_blocks: int) -> None:
         self.runner.init_cache(num_blocks)
@@ -113,6 +118,8 @@ class ShardWorker:
         out = self.runner.execute(step)
         if out.hidden and self.rank != 0:  # every rank has them; the driver reads rank 0's
             out = replace(out, hidden={})
+        if self.runner.expert_cache is not None:
+            out = replace(out, experts=self.runner.expert_cache.stats())
         return out
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
@@ -131,5 +138,7 @@ class ShardWorker:
         return self.rank
 
     def shutdown(self) -> None:
+        if self.runner is not None and self.runner.expert_cache is not None:
+            self.runner.expert_cache.close()
         if dist.is_initialized():
             dist.destroy_process_group()
