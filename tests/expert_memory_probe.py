@@ -4,7 +4,8 @@ memory (RssAnon / RssFile sampled every 2 ms while generating, and after loading
 part of any mapping of the checkpoint files) and how much
 of the routed experts' bytes the page cache holds afterwards (``mincore``).
 
-    python expert_memory_probe.py MODEL [--budget SIZE] [--tokens N] [--prompts N]
+    python expert_memory_probe.py MODEL [--budget SIZE] [--tokens N] [--prompts N] [--prompt-len N]
+        [--policy lfu|lru] [--no-prefetch] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ def main() -> None:
     ap.add_argument("--budget", default=None)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--policy", default="lfu")
+    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
 
     from dist_engine import LLM, SamplingParams
     from dist_engine.experts.stats import process_rss
 
-    kw = dict(skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=64)
+    kw = dict(skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=64,
+              dtype=a.dtype)
     if a.budget:
-        kw.update(expert_cache_memory=a.budget, expert_prefetch=not a.no_prefetch)
+        kw.update(expert_cache_memory=a.budget, expert_prefetch=not a.no_prefetch, expert_cache_policy=a.policy)
     t0 = time.perf_counter()
     llm = LLM(a.model, **kw)
     load_s = time.perf_counter() - t0
@@ -105,7 +110,7 @@ def main() -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    prompts = [[1] + [(7 * i + 13 * j) % 300 + 3 for j in range(24)] for i in range(a.prompts)]
+    prompts = [[1] + [(7 * i + 13 * j) % 300 + 3 for j in range(a.prompt_len)] for i in range(a.prompts)]
     t0 = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
         temperature=0, max_tokens=a.tokens, ignore_eos=True))
@@ -115,8 +120,10 @@ def main() -> None:
     stats = llm.engine.stats()["expert_cache"]
     llm.shutdown()
     ranges = expert_ranges(a.model)
+    ttft = max(o.metrics.time_to_first_token for o in outs)
     print(json.dumps({
-        "load_s": load_s, "generate_s": gen_s, "tokens": [o.outputs[0].token_ids for o in outs],
+        "load_s": load_s, "generate_s": gen_s, "ttft_s": ttft,
+        "decode_tok_s": a.prompts * (a.tokens - 1) / (gen_s - ttft), "tokens": [o.outputs[0].token_ids for o in outs],
         "rss_anon_after_load": after_load[0], "rss_file_after_load": after_load[1],
         "peak_rss_anon": peak[0], "peak_rss_file": peak[1], "peak_checkpoint_mapped": peak[2],
         "expert_bytes_on_disk": sum(n for r in ranges.values() for _, n in r),

@@ -82,7 +82,7 @@ class EngineArgs:
         "of this size holds the ones in use (default: all loaded)")
     expert_cache_policy: str = _arg("lfu", "--expert-cache-policy",
                                     "which cached expert to evict: lfu (least frequently used, "
-                                    "aged) or lru", choices=EXPERT_CACHE_POLICIES)
+                                    "older uses counting less) or lru", choices=EXPERT_CACHE_POLICIES)
     expert_prefetch: bool = _arg(True, "--no-expert-prefetch",
                                  "paged experts: do not load the next MoE layer's likely experts "
                                  "(its router applied early) while the current layer computes")

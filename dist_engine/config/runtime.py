@@ -107,7 +107,7 @@ class ExpertCacheConfig:
 
     The experts stay in the checkpoint files (or, on CUDA, in pinned host memory) and a cache
     of ``memory`` bytes on the compute device holds the ones in use; ``policy`` picks what to
-    evict (``lfu``: least frequently used with dynamic ageing, ``lru``: least recently used);
+    evict (``lfu``: least frequently used, counts decaying; ``lru``: least recently used);
     ``prefetch`` applies each MoE layer's successor's router to the current hidden states and
     starts loading the experts it picks while the current layer computes.
     """

@@ -35,6 +35,7 @@ from dist_engine.layers.linear import pack_weights, weight_bytes
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (checkpoint prefix of the layer's experts, expert id)
 HOST_TIER_FRACTION = 0.8  # CUDA: pin every expert in host memory if they fit in this much of it
+LFU_HALF_LIFE_FORWARDS = 16
 
 
 class Slot:
@@ -69,7 +70,6 @@ class ExpertCache:
         self.slots: list[Slot] = []
         self.free: list[Slot] = []
         self.where: dict[Key, Slot] = {}
-        self.policy = EvictionPolicy(config.policy)
         self.pool: ThreadPoolExecutor | None = None
         self.staging: nn.Module | None = None
         self.file_reader: FileReader | None = None
@@ -100,6 +100,9 @@ class ExpertCache:
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b  # prefetch: each layer warms the next one it runs into
         self.layers[0].counts_tokens = True
+        # LFU's counts halve over the touches of this many forward passes
+        per_forward = sum(min(p.expert_range[1], p.router.top_k) for p in self.layers)
+        self.policy = EvictionPolicy(self.config.policy, LFU_HALF_LIFE_FORWARDS * per_forward)
         self.index = ExpertIndex(path, {p.prefix: p.expert_range for p in self.layers})
         drop_page_cache(sorted({r.file for refs in self.index.refs.values() for r in refs.values()}))
         with torch.device(self.device):
