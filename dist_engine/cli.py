@@ -198,9 +198,13 @@ def add_nccl_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from dist_engine.server.loadgen import main as bench_serve
+    from dist_engine.tools.loadgen import main as bench_serve
 
-    return bench_serve(a)
+    server = None
+    if a.model:  # the engine the started server runs, for --compare-inprocess
+        extra = a.server_args.split() if a.server_args else []
+        server = engine_args(build_parser().parse_args(["serve", "--model", a.model, *extra]))
+    return bench_serve(a, server)
 
 
 def build_parser() -> argparse.ArgumentParser:

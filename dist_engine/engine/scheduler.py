@@ -157,7 +157,7 @@ class Scheduler:
         seq = s.seq
         start = seq.num_computed
         tokens = seq.token_ids[start:start + s.num_new]
-        drafts, propose, next_token = (), 0, -1
+        drafts, propose, next_token = (), 0, None
         mtp = bool(self.config.num_lookahead_slots) and seq.speculate is not False
         if mtp and s.samples:
             cap = min(len(seq.block_table) * self.blocks.block_size, self.config.max_model_len)

@@ -1,6 +1,6 @@
 """One layer's paged K/V storage on one rank, in the model dtype or in FP8 with per-tensor scales.
 
-K and V are ``[num_slots, local_kv_heads, head_dim]`` each, slot = block * block_size + offset.
+K and V are ``[num_slots, local_num_kv_heads, head_dim]`` each, slot = block * block_size + offset.
 ``fp8_e4m3`` stores ``x / scale`` as float8_e4m3fn (one byte per element, no full-precision
 copy) and returns ``stored * scale`` in the compute dtype when attention gathers the keys. The
 per-layer scales ``k_scale`` / ``v_scale`` map the calibrated absolute maximum onto half of the
@@ -36,7 +36,7 @@ def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # [num_slots, local_kv_heads, head_dim] in the storage dtype
+    k: torch.Tensor  # [num_slots, local_num_kv_heads, head_dim] in the storage dtype
     v: torch.Tensor
     k_scale: float = 1.0  # FP8 only: stored = x / scale
     v_scale: float = 1.0
@@ -67,7 +67,7 @@ class LayerKV:
         return self.k.dtype == FP8
 
     @property
-    def num_kv_heads(self) -> int:
+    def local_num_kv_heads(self) -> int:
         return self.k.shape[1]
 
     def note(self, k: torch.Tensor, v: torch.Tensor) -> None:

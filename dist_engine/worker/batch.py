@@ -9,6 +9,7 @@ import torch
 from dist_engine.kernels.paged_attention import available as paged_available
 from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
+from dist_engine.layers.state_cache import StateMetadata
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput
 
 # Sequences feeding at most this many tokens are attended together in one padded group
@@ -178,6 +179,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         write_index=write,
         cp=cp if S > 1 else None,
         dcp=dcp,
+        state=state_metadata(seqs, starts, device),
     )
     return ForwardBatch(
         ids=torch.tensor(ids, dtype=torch.long, device=device),
@@ -187,6 +189,26 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
         sample_seqs=[s for s in seqs if s.sample],
         starts=starts,
         shard_tokens=shard_tokens,
+    )
+
+
+def state_metadata(seqs: tuple[SeqWork, ...], starts: list[int], device: torch.device
+                   ) -> StateMetadata | None:
+    """Recurrent layers' view of the step (None when no sequence has a state slot). A
+    sequence feeding one verified token (plus any drafts) runs token by token, as decode
+    does; longer feeds are prefill chunks, run in the chunked form."""
+    if all(s.state_slot is None for s in seqs):
+        return None
+    if any(s.state_slot is None for s in seqs):
+        raise ValueError("every sequence of a model with recurrent layers needs a state slot")
+    return StateMetadata(
+        slots=torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=device),
+        starts=list(starts),
+        lengths=[len(s.token_ids) for s in seqs],
+        positions=[s.start_pos for s in seqs],
+        fresh=[s.start_pos == 0 for s in seqs],
+        recurrent=[len(s.token_ids) - s.num_drafts == 1 for s in seqs],
+        keep_per_token=any(s.num_drafts for s in seqs),
     )
 
 

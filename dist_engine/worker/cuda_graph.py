@@ -94,13 +94,13 @@ class DecodeGraphs:
         sequence plus the drafts it verifies); the MTP layer takes any rows that fit."""
         r = self.runner
         rows = sum(len(s.token_ids) for s in seqs)
-        if (self.failed or not 0 < rows <= self.max_batch or r._calibrating
+        if (self.failed or not 0 < rows <= self.max_batch or r.calibrating
                 or main and not all(len(s.token_ids) == 1 + s.num_drafts and s.sample
                                     and not s.return_hidden for s in seqs)):
             return None
         Bp = next(b for b in self.sizes if b >= rows)
         Kp = self._key_bucket(max(s.context_len for s in seqs))
-        per_key = max(r.local_kv_heads * r.head_dim, r.local_kv_heads * r.heads_per_kv)  # K/V, scores
+        per_key = max(r.local_num_kv_heads * r.head_dim, r.local_num_kv_heads * r.heads_per_kv)  # K/V, scores
         return (Bp, Kp) if Bp * Kp * per_key <= MAX_GATHER_ELEMENTS else None
 
     def _key_bucket(self, keys: int) -> int:
@@ -177,8 +177,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
         if kind == "main":
             return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
-        emb = r.model.model.embed_tokens(self.ids[:Bp])  # [Bp, H]
-        return r.mtp.mtp.layer(self.positions[:Bp], emb, self.hidden_in[:Bp], r.mtp.kv, meta)
+        return r.mtp.forward_layer(self.positions[:Bp], self.ids[:Bp], self.hidden_in[:Bp], meta)
 
     def _record(self, kind: str, Bp: int, Kp: int):
         """Warm up once on a side stream (lazy initialisation stays out of the graph), then
@@ -198,7 +197,6 @@ class DecodeGraphs:
         return graph, out
 
     def _forget_caches(self) -> None:
-        roots = [self.runner.model] + ([self.runner.mtp.mtp] if self.runner.mtp is not None else [])
-        for m in (m for root in roots for m in root.modules()):
+        for m in (m for root in self.runner.modules() for m in root.modules()):
             if getattr(m, "_cached", None) is not None:
                 m._cached = None

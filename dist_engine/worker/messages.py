@@ -61,9 +61,16 @@ class SeqWork:
     # after a non-final prefill chunk (the MTP layer at position p reads token p + 1).
     num_drafts: int = 0
     propose: int = 0
-    next_token: int = -1
+    next_token: int | None = None
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
+    # Models with recurrent layers (cache kind RecurrentState): the sequence's live state slot;
+    # a checkpoint slot to copy into it before this step (a prefix-cache hit resumes there);
+    # and (position, checkpoint slot) pairs: save the state after ``position`` tokens there
+    # once the step has verified that far.
+    state_slot: int | None = None
+    restore_from: int | None = None
+    save_states: tuple[tuple[int, int], ...] = ()
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own

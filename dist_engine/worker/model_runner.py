@@ -69,10 +69,10 @@ class ModelRunner:
             self.expert_cache.start(mcfg.path, self.model.packed_modules)
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.model.layers[0].self_attn
-        self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # query heads per KV head that attention folds together (the whole DCP group's)
-        self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
+        self.heads_per_kv = attn.local_num_heads // attn.local_num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         # decode / verification attention through the C kernel over block tables (CPU, one
         # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
         self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
@@ -86,7 +86,7 @@ class ModelRunner:
         if (cuda or cuda_graph.STATIC_DECODE_ON_CPU) and cuda_graph.DecodeGraphs.supported(self):
             self.graphs = cuda_graph.DecodeGraphs(self, capture=cuda)
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
-        self._calibrating = False
+        self.calibrating = False  # the FP8 scale pass: every rank runs every token
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     def build(self, seqs) -> ForwardBatch:
@@ -95,23 +95,23 @@ class ModelRunner:
         return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
                            self.heads_per_kv, self.dtype, self.device,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm, fold=self.local_kv_heads > 1,
+                           dcp=self.dcp_comm, fold=self.local_num_kv_heads > 1,
                            paged=self.use_paged_kernel)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         """K and V of one block, all layers, this rank."""
-        per_token = (1 if self.latent_cache else 2) * self.local_kv_heads * self.head_dim * self.kv_dtype.itemsize
+        per_token = (1 if self.latent_cache else 2) * self.local_num_kv_heads * self.head_dim * self.kv_dtype.itemsize
         layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         return per_token * self.block_size * layers
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module this rank runs: the model, and with speculation the MTP layer and the
+        draft head."""
+        return [self.model] + (self.mtp.modules() if self.mtp is not None else [])
+
     def weight_bytes(self) -> int:
-        roots = [self.model]
-        if self.mtp is not None:
-            roots.append(self.mtp.mtp)
-            if self.mtp.draft_head is not None:
-                roots.append(self.mtp.draft_head)
-        return sum(weight_bytes(r) for r in roots)
+        return sum(weight_bytes(r) for r in self.modules())
 
     def available_kv_blocks(self, local_ranks: int) -> int:
         """How many blocks this rank can hold: the configured budget, or a fraction of the
@@ -189,7 +189,7 @@ class ModelRunner:
         n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
         self.kv_caches = [
-            LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_kv_heads, self.head_dim, dtype,
+            LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_num_kv_heads, self.head_dim, dtype,
                           self.device, zero_slots=self.block_size,
                           scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
             for i in range(n_layers)]
@@ -207,7 +207,7 @@ class ModelRunner:
         caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
         for kv in caches:
             kv.observe = True
-        self._calibrating = True  # every rank runs every token, so CP shards see the same maxima
+        self.calibrating = True  # every rank runs every token, so CP shards see the same maxima
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
         work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
@@ -215,7 +215,7 @@ class ModelRunner:
         try:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
-            self._calibrating = False
+            self.calibrating = False
         scales = [kv.calibrated_scales() for kv in caches]
         self.kv_caches = []
         if self.mtp is not None:
@@ -282,7 +282,7 @@ def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
     token on every rank (short steps, DCP, or a shard that would get no token)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner._calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None
