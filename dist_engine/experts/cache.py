@@ -16,6 +16,7 @@ experts than slots streams them through the cache in waves.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -126,14 +127,8 @@ class ExpertCache:
                 f"raise it to at least {need} bytes (all {total} routed experts of this rank take "
                 f"{fmt(total * self.expert_bytes)})")
         n_slots = min(total, (budget - overhead) // self.expert_bytes)
-        self.slots = [Slot(probe, self.cuda)]
-        with torch.device(self.device):
-            for _ in range(n_slots - 1):
-                module = self._make_expert()
-                pack_weights(module)
-                self.slots.append(Slot(module, self.cuda))
-        for s in self.slots:
-            zero_fill(s.module)
+        zero_fill(probe)  # then copies of it: every byte touched, so resident from start-up
+        self.slots = [Slot(probe, self.cuda)] + [Slot(copy.deepcopy(probe), self.cuda) for _ in range(n_slots - 1)]
         self.free = list(reversed(self.slots))
         self.reader, self.tier = self._reader(read_bytes)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None

@@ -23,6 +23,7 @@ hosts) reads every expert once into pinned host memory, the tier device loads co
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -41,6 +42,7 @@ FUSED = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("
          "gate_up_proj_scale_inv": ("gate_proj.weight_scale_inv", "up_proj.weight_scale_inv"),
          "down_proj_scale_inv": ("down_proj.weight_scale_inv",)}
 ALIGN = 64  # bytes; each tensor of a read starts aligned in the buffer
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,9 @@ class FileReader:
                 if n <= 0:
                     raise OSError(f"{ref.file}: short read at byte {ref.offset + done} (file truncated?)")
                 done += n
-            if self.drop_page_cache:
-                os.posix_fadvise(fd, ref.offset, ref.nbytes, os.POSIX_FADV_DONTNEED)
+            if self.drop_page_cache:  # whole pages: the kernel keeps a partly covered one
+                start = ref.offset - ref.offset % PAGE
+                os.posix_fadvise(fd, start, ref.offset + ref.nbytes - start, os.POSIX_FADV_DONTNEED)
             out[suffix] = self.buffer[pos:pos + ref.nbytes].view(ref.dtype).view(ref.shape)
             pos += _aligned(ref.nbytes)
         return out
