@@ -86,14 +86,30 @@ def test_budget_errors_are_actionable(moe_models, tiny_models):
     path = moe_models["qwen3_moe"]
     need = minimum_budget(path)
     assert need == 2 * 24 * 1024 + 2 * 24 * 1024  # top-2 experts + the staging copy and read buffer
-    with LLM(path, expert_cache_memory=need, **ARGS) as llm:
+    # sized from memory_fraction: start-up profiles a prefill chunk, which must read no expert
+    sized = {k: v for k, v in ARGS.items() if k != "num_kv_blocks"}
+    with LLM(path, expert_cache_memory=need, **sized) as llm:
         assert llm.engine.stats()["expert_cache"]["num_slots"] == 2
+        assert llm.engine.executor.worker.runner.expert_cache.seq == 0  # no load submitted yet
+        out = llm.generate(prompt_token_ids=PROMPTS[1:], sampling_params=GREEDY)[0].outputs[0]
+        assert len(out.token_ids) == 20 and llm.engine.stats()["expert_cache"]["misses"] > 0
     with pytest.raises(ValueError, match="has no routed experts"):
         LLM(tiny_models("llama"), expert_cache_memory="1MiB", **ARGS)
     with pytest.raises(ValueError, match="expert_cache_memory: 'lots' is not a size"):
         LLM(path, expert_cache_memory="lots", **ARGS)
     with pytest.raises(ValueError, match="expert_cache_policy must be one of"):
         LLM(path, expert_cache_memory="1MiB", expert_cache_policy="fifo", **ARGS)
+
+
+def test_cli_flags_reach_the_engine_config(moe_models):
+    from dist_engine.cli import build_parser, engine_args
+    from dist_engine.config import ExpertCacheConfig
+
+    a = engine_args(build_parser().parse_args(["serve", "--expert-cache-memory", "1GiB", "--no-expert-prefetch",
+                                               "--expert-cache-policy", "lru"]))
+    cfg = a.engine_config(moe_models["qwen3_moe"]).experts
+    assert cfg == ExpertCacheConfig(memory=2**30, policy="lru", prefetch=False)
+    assert engine_args(build_parser().parse_args(["serve"])).engine_config(moe_models["qwen3_moe"]).experts is None
 
 
 def test_speculative_verification_shares_paged_experts(with_mtp_layer):

@@ -16,6 +16,7 @@ experts than slots streams them through the cache in waves.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -77,6 +78,7 @@ class ExpertCache:
         self.tier = ""
         self.seq = 0  # loads submitted so far
         self.prefetched_for: dict[str, list[Slot]] = {}  # layer prefix -> slots prefetched for it
+        self.dry = False  # layers compute with one slot's weights and load nothing (dry_run)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -121,9 +123,10 @@ class ExpertCache:
         budget = self.config.memory
         total = len(self.index.refs)
         if budget < need:
+            buffer = f" plus {fmt(overhead)} for the loader's staging copy and read buffer" if overhead else ""
             raise ValueError(
                 f"expert_cache_memory={fmt(budget)} is below the minimum of {fmt(need)} for this model on "
-                f"this rank: {wave} experts of {fmt(self.expert_bytes)} (one token's top-k){' plus the ' + fmt(overhead) + ' loading buffer' if overhead else ''}; "
+                f"this rank: {wave} experts of {fmt(self.expert_bytes)} (one token's top-k){buffer}; "
                 f"raise it to at least {need} bytes (all {total} routed experts of this rank take "
                 f"{fmt(total * self.expert_bytes)})")
         n_slots = min(total, (budget - overhead) // self.expert_bytes)
@@ -148,6 +151,17 @@ class ExpertCache:
         self.file_reader = FileReader(read_bytes, pin=self.cuda)
         return (lambda key: self.file_reader.read(self.index.refs[key]),
                 "checkpoint files (pread, page cache dropped)")
+
+    @contextlib.contextmanager
+    def dry_run(self):
+        """Layers run the experts they need with one slot's weights and load nothing: start-up's
+        activation profiling needs the shapes, not the values, and would otherwise read every
+        expert of the model once (a prefill chunk routes to nearly all of them)."""
+        self.dry = True
+        try:
+            yield
+        finally:
+            self.dry = False
 
     def close(self) -> None:
         if self.pool is not None:
@@ -178,7 +192,7 @@ class ExpertCache:
         slot.key, slot.pins, slot.prefetched = key, 0 if prefetch else 1, prefetch
         self.where[key] = slot
         self.policy.touch(key)
-        self.bytes_read += sum(r.nbytes for r in self.index.refs[key].values())
+        self.bytes_read += self._nbytes(key)
         if prefetch:
             self.prefetches += 1
             self.prefetched_for.setdefault(key[0], []).append(slot)
@@ -248,10 +262,15 @@ class ExpertCache:
         for s in self.prefetched_for.pop(prefix, ()):
             if s.prefetched and s.key[0] == prefix and s.key[1] not in needed:
                 s.prefetched = False
-                if s.future is not None and s.future.cancel():
+                if s.future is not None and s.future.cancel():  # never read: not counted
+                    self.prefetches -= 1
+                    self.bytes_read -= self._nbytes(s.key)
                     self._drop(s)
                 else:
                     self.policy.demote(s.key)
+
+    def _nbytes(self, key: Key) -> int:
+        return sum(r.nbytes for r in self.index.refs[key].values())
 
     def _drop(self, slot: Slot) -> None:
         if slot.key is not None:

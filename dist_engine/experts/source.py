@@ -198,7 +198,7 @@ class HostReader:
         try:
             for key, refs in index.refs.items():
                 tensors = reader.read(refs)
-                self.experts[key] = {s: t.clone().pin_memory() for s, t in tensors.items()}
+                self.experts[key] = {s: torch.empty_like(t, pin_memory=True).copy_(t) for s, t in tensors.items()}
         finally:
             reader.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -159,15 +160,18 @@ class ModelRunner:
         sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
         own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
         kv_written = own * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            self.execute(step)
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - base
-        else:
-            peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
+        # paged experts: the same shapes, none read (the chunk's output is discarded)
+        dry = self.expert_cache.dry_run() if self.expert_cache is not None else contextlib.nullcontext()
+        with dry:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                self.execute(step)
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) - base
+            else:
+                peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
