@@ -105,11 +105,11 @@ def test_cli_flags_reach_the_engine_config(moe_models):
     from dist_engine.cli import build_parser, engine_args
     from dist_engine.config import ExpertCacheConfig
 
-    a = engine_args(build_parser().parse_args(["serve", "--expert-cache-memory", "1GiB", "--no-expert-prefetch",
-                                               "--expert-cache-policy", "lru"]))
-    cfg = a.engine_config(moe_models["qwen3_moe"]).experts
-    assert cfg == ExpertCacheConfig(memory=2**30, policy="lru", prefetch=False)
-    assert engine_args(build_parser().parse_args(["serve"])).engine_config(moe_models["qwen3_moe"]).experts is None
+    path = moe_models["qwen3_moe"]
+    a = engine_args(build_parser().parse_args(["serve", "--model", path, "--expert-cache-memory", "1GiB",
+                                               "--no-expert-prefetch", "--expert-cache-policy", "lru"]))
+    assert a.engine_config(path).experts == ExpertCacheConfig(memory=2**30, policy="lru", prefetch=False)
+    assert engine_args(build_parser().parse_args(["serve", "--model", path])).engine_config(path).experts is None
 
 
 def test_speculative_verification_shares_paged_experts(with_mtp_layer):

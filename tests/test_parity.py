@@ -39,7 +39,7 @@ def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int 
     with torch.inference_mode():
         for n in chunks:
             work = SeqWork(0, tuple(tokens[start:start + n]), start, table, True)
-            b = build_batch((work,), block_size, cfg.sliding_window,
+            b = build_batch((work,), block_size, [cfg.sliding_window],
                             attn.local_num_heads // attn.local_num_kv_heads, torch.float32, torch.device("cpu"),
                             paged=paged)
             hidden = model(b.ids, b.positions, caches, b.meta)

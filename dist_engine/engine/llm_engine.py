@@ -20,9 +20,15 @@ from dist_engine.engine.outputs import (
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.engine.scheduler import Scheduler
 from dist_engine.engine.sequence import Sequence
+from dist_engine.engine.startup_log import log_cache
+from dist_engine.engine.state_keeper import StateKeeper
 from dist_engine.engine.stopping import append_tokens
+from dist_engine.engine.structured import GrammarChecker
 from dist_engine.experts.stats import ExpertCacheStats
 from dist_engine.kv_cache.block_manager import BlockManager
+from dist_engine.kv_cache.kinds import group_window
+from dist_engine.kv_cache.state_slots import DELTA_CHUNK
+from dist_engine.kv_cache.window_groups import WindowGroups
 from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
 
@@ -38,6 +44,7 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = prompt_ids
         self.seqs = seqs
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -50,41 +57,47 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.executor = make_executor(config)
         shards = config.parallel.num_kv_shards  # KV sequence shards (CP x DCP)
-        local_blocks = self.executor.available_kv_blocks()
-        self.executor.init_cache(local_blocks)
-        num_blocks = local_blocks * shards
+        self.layout = layout = self.executor.cache_layout()
+        self.executor.init_cache(layout)
+        num_blocks = layout.num_blocks * shards
         info = self.executor.cache_info()
         bs = config.cache.block_size
         spec = config.speculative
         self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching,
                                    hash_next_token=spec is not None, num_shards=shards)
+        self.state = None
+        if layout.num_state_slots:
+            if config.scheduler.max_num_batched_tokens < DELTA_CHUNK:
+                raise ValueError(f"models with recurrent layers prefill in chunks of {DELTA_CHUNK} "
+                                 f"tokens: raise --max-num-batched-tokens to at least {DELTA_CHUNK}")
+            self.state = StateKeeper(layout.num_state_slots, layout.num_checkpoints,
+                                     config.cache.state_checkpoint_interval, self.blocks)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None
-        self.scheduler = Scheduler(config.scheduler, self.blocks,
-                                   spec.speculate_up_to if spec else None)
-        per_tok = info["bytes_per_block"] // bs
-        mib = 2**20
-        measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
-                    f"{info['kv_budget_bytes'] / mib:.0f} MiB" if "activation_peak_bytes" in info else "")
-        log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / mib, measured)
-        par = config.parallel
-        log.info("KV cache per rank: %d blocks x %d tokens, %d bytes/token (%s), %.1f MiB",
-                 local_blocks, bs, per_tok, config.cache.kv_cache_dtype, local_blocks * info["bytes_per_block"] / mib)
-        log.info("layout TP=%d x CP=%d (DCP=%d inside TP): %d sequence shards of %d blocks; longest "
-                 "context the cache can hold: %d tokens; max concurrent sequences at max_model_len=%d: %d",
-                 par.tensor_parallel_size, par.context_parallel_size, par.decode_context_parallel_size,
-                 shards, local_blocks, num_blocks * bs, config.scheduler.max_model_len,
-                 num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len))
-        self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs}
+        # the primary paged group frees blocks behind its window if it has one (Mistral: every
+        # layer slides); the other groups (window layers beside full attention) have own tables
+        primary, *others = [g for g, _ in layout.blocks]
+        self.others = None
+        if others:
+            self.others = WindowGroups(
+                {g: BlockManager(layout.group_blocks(g) * shards, bs, config.cache.enable_prefix_caching,
+                                 hash_next_token=spec is not None, num_shards=shards) for g in others},
+                {g: group_window(g) for g in others})
+        self.scheduler = Scheduler(config.scheduler, self.blocks, spec.speculate_up_to if spec else None,
+                                   self.state, group_window(primary), self.others)
+        self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs,
+                           "num_state_slots": layout.num_state_slots,
+                           "num_state_checkpoints": layout.num_checkpoints}
+        log_cache(config, self.cache_info, layout)
         self.expert_stats: ExpertCacheStats | None = None
         if "expert_cache_budget_bytes" in info:
             self.expert_stats = ExpertCacheStats(budget_bytes=info["expert_cache_budget_bytes"],
                                                  num_slots=info["expert_cache_slots"],
                                                  expert_bytes=info["expert_bytes"])
             log.info("expert cache per rank: %d slots of %.1f MiB in a budget of %.0f MiB",
-                     info["expert_cache_slots"], info["expert_bytes"] / mib,
-                     info["expert_cache_budget_bytes"] / mib)
+                     info["expert_cache_slots"], info["expert_bytes"] / 2**20,
+                     info["expert_cache_budget_bytes"] / 2**20)
         self._expert_logged = time.monotonic()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -96,6 +109,9 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._grammars: GrammarChecker | None = None
+        self._checked: dict[tuple, str] = {}  # structured-output constraint -> grammar
+        self._released: list[int] = []  # sequences ended since the last step
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
@@ -118,12 +134,36 @@ class LLMEngine:
                 f"limit max_model_len={limit}; shorten the prompt or lower max_tokens"
             )
         cache_tokens = self.blocks.num_blocks * self.blocks.block_size
-        need = len(prompt_ids) + max_tokens + self.config.scheduler.num_lookahead_slots
+        sc = self.config.scheduler
+        need = len(prompt_ids) + max_tokens + sc.num_lookahead_slots
+        if self.scheduler.window is not None:  # it holds the window and one step's tokens at most
+            need = min(need, self.scheduler.window + sc.max_num_batched_tokens + sc.num_lookahead_slots
+                       + 2 * self.blocks.block_size)
         if need > cache_tokens:
             raise ValueError(
                 f"prompt + max_tokens ({need} tokens with speculative slots) exceeds the whole KV "
                 f"cache ({cache_tokens} tokens); raise --kv-cache-memory or shorten the request"
             )
+        if params.structured_outputs is not None:
+            self.grammar(params)
+
+    def grammar(self, params: SamplingParams) -> str | None:
+        """The request's checked llguidance grammar (None: unconstrained); ValueError if bad."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the tokenizer (the server runs --no-tokenizer)")
+        if self._grammars is None:
+            self._grammars = GrammarChecker(self.tokenizer, self.config.model.vocab_size)
+        key = (so, self.config.model.vocab_size)
+        if key not in self._checked:
+            text = so.to_grammar()
+            self._grammars.check(text)
+            if len(self._checked) > 256:  # bounded: schemas are per request
+                self._checked.clear()
+            self._checked[key] = text
+        return self._checked[key]
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, cache_salt: str | None = None) -> None:
@@ -143,7 +183,9 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                            base_seed + i, detok, RequestMetrics(arrival_time=now), cache_salt=cache_salt)
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+            seq.grammar = self.grammar(params)
             seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
+            seq.fork_waiting = params.n - 1 if i == 0 else 0
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_ids), seqs)
         for s in seqs:
@@ -160,6 +202,7 @@ class LLMEngine:
                 s.finish_reason = "abort"
                 s.metrics.finished_time = now
                 self.scheduler.finish(s)
+                self._released.append(s.seq_id)
         self.num_aborted += 1
         return self._output(req)
 
@@ -196,7 +239,9 @@ class LLMEngine:
         if not scheduled:
             return []
         k, propose = self._spec_k(sum(s.samples and bool(s.seq.speculate) for s in scheduled))
-        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled))
+        released, self._released = tuple(self._released), []
+        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled),
+                         released)
         result = self.executor.execute(step)
         now = time.monotonic()
         if result.experts is not None:
@@ -210,10 +255,16 @@ class LLMEngine:
             seq = s.seq
             self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
+            self.scheduler.free_behind_window(seq)
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
+            for j, (lp, top) in enumerate(result.prompt_logprobs.get(seq.seq_id, ())):
+                pos = seq.num_computed - s.num_new + 1 + j  # the prompt token this row predicted
+                seq.prompt_logprobs[pos] = {**dict(top), seq.token_ids[pos]: lp}
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
+                if self.state is not None:
+                    self.state.after_step(seq)
                 continue
             if self.num_spec_tokens:
                 seq.num_computed += sampled.num_accepted  # their K/V were written by verification
@@ -226,8 +277,13 @@ class LLMEngine:
             self.num_generated_tokens += len(seq.output_token_ids) - before
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
                                seq.cache_root)
+            if self.others is not None:
+                self.others.commit(seq)
+            if self.state is not None:
+                self.state.after_step(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
+                self._released.append(seq.seq_id)
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
@@ -271,8 +327,15 @@ class LLMEngine:
                 text_delta=s.take_text_delta(), token_ids_delta=s.take_token_delta(),
                 hidden_states=s.hidden_states() if s.finished and s.params.return_hidden_states else None,
             ))
+        lead = req.seqs[0]
+        prompt_lps = None
+        if (lead.params.prompt_logprobs is not None and (req.finished or not req.sent_prompt_logprobs)
+                and len(lead.prompt_logprobs) >= len(req.prompt_token_ids) - 1):
+            # on the first output after the prefill (a stream echoes the prompt first) and the last
+            prompt_lps = [None] + [lead.prompt_logprobs.get(p) for p in range(1, len(req.prompt_token_ids))]
+            req.sent_prompt_logprobs = True
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.seqs[0].metrics)
+                             req.finished, lead.metrics, prompt_lps)
 
     def shutdown(self) -> None:
         if self.expert_stats is not None and self.expert_stats.tokens:

@@ -87,18 +87,20 @@ class ExpertCache:
         self.wait_s = 0.0
 
     # ---- set-up -----------------------------------------------------------------------------
-    def register(self, layer: int, expert_range: tuple[int, int], make_expert: Callable[[], nn.Module],
-                 router: nn.Module) -> PagedLayer:
-        """A MoE layer (checkpoint index ``layer``) pages its experts ``[first, first + count)``
-        here; ``make_expert`` builds one expert module, ``router`` maps hidden states to
-        (weights, ids) and serves the previous layer's prefetch."""
-        paged = PagedLayer(self, f"model.layers.{layer}.mlp.experts.", layer, expert_range, router)
+    def register(self, layer: int, prefix: str, expert_range: tuple[int, int],
+                 make_expert: Callable[[], nn.Module], router: nn.Module) -> PagedLayer:
+        """A MoE layer (checkpoint index ``layer``, experts under ``prefix``) pages its experts
+        ``[first, first + count)`` here; ``make_expert`` builds one expert module, ``router``
+        maps hidden states to (weights, ids) and serves the previous layer's prefetch."""
+        paged = PagedLayer(self, prefix, layer, expert_range, router)
         self.layers.append(paged)
         self._make_expert = self._make_expert or make_expert
         return paged
 
-    def start(self, path: str, packed: dict[str, tuple[str, object]]) -> None:
-        """Index the checkpoint, check the budget, allocate the slots, start the loader."""
+    def start(self, path: str, packed: dict[str, tuple[str, object]],
+              rename: Callable[[str], str | None] | None = None) -> None:
+        """Index the checkpoint (``rename``: the model's stored name -> our name), check the
+        budget, allocate the slots, start the loader."""
         self.layers.sort(key=lambda p: p.layer)
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b  # prefetch: each layer warms the next one it runs into
@@ -106,7 +108,7 @@ class ExpertCache:
         # LFU's counts halve over the touches of this many forward passes
         per_forward = sum(min(p.expert_range[1], p.router.top_k) for p in self.layers)
         self.policy = EvictionPolicy(self.config.policy, LFU_HALF_LIFE_FORWARDS * per_forward)
-        self.index = ExpertIndex(path, {p.prefix: p.expert_range for p in self.layers})
+        self.index = ExpertIndex(path, {p.prefix: p.expert_range for p in self.layers}, rename)
         drop_page_cache(sorted({r.file for refs in self.index.refs.values() for r in refs.values()}))
         with torch.device(self.device):
             staging = self._make_expert()

@@ -27,6 +27,7 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,18 +91,22 @@ class ExpertIndex:
     """Every paged expert's tensors: ``refs[(prefix, e)] = {suffix: TensorRef}``.
 
     ``layers``: checkpoint prefix (``model.layers.3.mlp.experts.``) -> this rank's expert range
-    ``(first, count)``. Other ranks' experts under a prefix are ignored (they read them);
+    ``(first, count)``; ``rename`` maps a stored name to ours as the model's ``checkpoint_name``
+    does for the loader (a multimodal Qwen3.5 checkpoint keeps its text model under
+    ``model.language_model.``). Other ranks' experts under a prefix are ignored (they read them);
     anything else under a prefix that is neither layout is an error, as the loader treats an
     unconsumed tensor."""
 
-    def __init__(self, path: str, layers: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, path: str, layers: dict[str, tuple[int, int]],
+                 rename: Callable[[str], str | None] | None = None) -> None:
         self.refs: dict[tuple[str, int], dict[str, TensorRef]] = {
             (p, e): {} for p, (first, n) in layers.items() for e in range(first, first + n)}
         pattern = re.compile("^(" + "|".join(re.escape(p) for p in layers) + r")(?:(\d+)\.(.+)|([a-z_]+))$")
         for file in checkpoint_files(path):
             header, base = read_header(file)
-            for name, meta in header.items():
-                m = pattern.match(name)
+            for stored, meta in header.items():
+                name = rename(stored) if rename is not None else stored  # our name, as the loader's
+                m = pattern.match(name) if name is not None else None
                 if m is None:
                     continue
                 prefix, expert, suffix, fused = m.groups()

@@ -73,6 +73,12 @@ class AttentionMetadata:
     split_own: torch.Tensor | None = None
     # models with recurrent layers: each sequence's state slot and how its tokens run
     state: StateMetadata | None = None
+    # the other paged groups' metadata (sliding-window layers beside full attention), by name
+    by_group: dict[str, AttentionMetadata] = field(default_factory=dict)
+
+    def for_group(self, group: str) -> AttentionMetadata:
+        """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""
+        return self.by_group.get(group, self)
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -86,12 +86,44 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class ExpertDict(nn.ModuleDict):
+    """This rank's experts keyed by expert id, so that per-expert checkpoint names
+    (``experts.{id}.gate_proj``) resolve directly. Checkpoints that fuse every expert into 3-D
+    tensors (Qwen3.5-MoE: ``experts.gate_up_proj`` ``[E, 2I, H]``, gate rows first, and
+    ``experts.down_proj`` ``[E, H, I]``) load through ``load_fused``, which reads only this
+    rank's experts' slices."""
+
+    def __init__(self, experts: dict[str, Expert], num_experts: int) -> None:
+        super().__init__(experts)
+        self.num_experts = num_experts
+
+    def load_fused(self, which: str, full) -> list[tuple[str, object]]:
+        """Copy every local expert's slice of a fused tensor; returns the (parameter name under
+        this dict, shard id) pairs it filled, for the loader's completeness check."""
+        if which not in ("gate_up_proj", "down_proj"):
+            raise ValueError(f"fused expert tensor {which!r} is not gate_up_proj or down_proj")
+        if full.shape[0] != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} experts on dim 0, got {tuple(full.shape)}")
+        filled: list[tuple[str, object]] = []
+        for key, expert in self.items():
+            w = full[int(key)]  # [2I, H] or [H, I]: this expert's slice only
+            if which == "down_proj":
+                expert.down_proj.load("weight", w)
+                filled.append((f"{key}.down_proj.weight", None))
+                continue
+            inter = w.shape[0] // 2
+            for part, rows in enumerate((w[:inter], w[inter:])):
+                expert.gate_up_proj.load("weight", rows, part)
+                filled.append((f"{key}.gate_up_proj.weight", part))
+        return filled
+
+
 def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype,
-                  quant: tuple[int, int] | None = None) -> nn.ModuleDict:
-    """This rank's experts ``[first, first + count)`` keyed by expert id, so that checkpoint
-    names (``experts.{id}.gate_proj``) resolve directly."""
+                  quant: tuple[int, int] | None = None, num_experts: int | None = None) -> ExpertDict:
+    """This rank's experts ``[first, first + count)`` of ``num_experts`` (default: these)."""
     first, count = expert_range
-    return nn.ModuleDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)})
+    return ExpertDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)},
+                      num_experts if num_experts is not None else first + count)
 
 
 def expert_output(expert: nn.Module, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -142,23 +174,27 @@ class SparseMoE(nn.Module):
     """The MoE block of DeepSeek-V3 and Qwen3-MoE under HF's names (``gate``, ``experts.{id}``, ``shared_experts``):
     routed experts sharded by expert over TP ranks, shared experts by intermediate dim, one
     all-reduce for both. With ``expert_cache`` the routed experts are paged by the cache
-    (``experts`` is None) instead of held; ``layer`` is the block's checkpoint layer index."""
+    (``experts`` is None) instead of held; ``layer`` is the block's checkpoint layer index (the
+    order layers run in) and ``prefix`` its routed experts' checkpoint names (default
+    ``model.layers.{layer}.mlp.experts.``)."""
 
     def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
                  comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None,
-                 scoring: str = "sigmoid", layer: int = 0, expert_cache: ExpertCache | None = None) -> None:
+                 scoring: str = "sigmoid", layer: int = 0, expert_cache: ExpertCache | None = None,
+                 prefix: str | None = None) -> None:
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
         self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling, scoring)
         if expert_cache is None:
-            self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant)
+            self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, num_experts)
             self.paged = None
         else:
             self.experts = None
-            self.paged = expert_cache.register(layer, self.expert_range,
-                                               lambda: Expert(hidden, inter, dtype, quant), self.gate)
+            self.paged = expert_cache.register(layer, prefix or f"model.layers.{layer}.mlp.experts.",
+                                               self.expert_range, lambda: Expert(hidden, inter, dtype, quant),
+                                               self.gate)
         self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
 
     def skips_tensor(self, rest: str) -> bool:
@@ -170,12 +206,15 @@ class SparseMoE(nn.Module):
         first, count = self.expert_range
         return expert.isdigit() and not first <= int(expert) < first + count
 
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts' partial ``[T, hidden]``, held or paged."""
+        if self.paged is not None:
+            return self.paged.run(x, weights, ids)
+        return run_experts(self.experts, x, weights, ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         weights, ids = self.gate(x)  # [T, k] each, identical on every rank
-        if self.paged is not None:
-            y = self.paged.run(x, weights, ids)
-        else:
-            y = run_experts(self.experts, x, weights, ids)
+        y = self.routed(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return self.comm.all_reduce(y)

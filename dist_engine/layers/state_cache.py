@@ -10,9 +10,9 @@ start from zeros if ``fresh[b]`` else from ``slot slots[b]``; run its ``lengths[
 (token by token if ``recurrent[b]``: decode and verification; else the chunked prefill form,
 whose chunks sit on a grid of absolute positions so that a prefill resumed from a checkpoint
 computes exactly what an uninterrupted one does); write the final state back into the slot;
-and with ``keep_per_token`` (a verification step) also store the state after each of its tokens
-in ``kept[layer][name][b, j]``, from which the runner restores the state after the accepted
-tokens once the drafts are judged.
+and with ``keep_per_token`` (a verification step) also store, for each sequence that runs token
+by token, the state after each of its tokens in ``kept[layer][name][b, j]``, from which the
+runner restores the state after the accepted tokens once the drafts are judged.
 """
 
 from __future__ import annotations

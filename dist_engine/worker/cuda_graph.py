@@ -56,7 +56,7 @@ class DecodeGraphs:
         self.max_batch = min(sc.max_num_seqs * rows_per_seq, BATCH_SIZES[-1])  # rows
         self.sizes = [b for b in BATCH_SIZES if b < self.max_batch] + [self.max_batch]
         self.max_keys = -(-sc.max_model_len // bs) * bs
-        self.window = runner.config.model.sliding_window
+        self.window = runner.windows[0]
         dev, n = runner.device, self.max_batch
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
@@ -77,7 +77,8 @@ class DecodeGraphs:
     @staticmethod
     def supported(runner) -> bool:
         p, spec = runner.config.parallel, runner.config.speculative
-        return ((spec is None or spec.hidden_stage == "normed")
+        return ((spec is None or spec.hidden_stage == "normed") and not runner.has_state
+                and len(runner.groups) == 1
                 and decode_graphs_apply(runner.config.model, p.tensor_parallel_size,
                                  p.context_parallel_size, p.decode_context_parallel_size))
 

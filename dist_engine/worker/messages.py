@@ -8,7 +8,7 @@ self-distillation data of ``dist-engine graft-mtp``), which rank 0 sends back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +44,14 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     prompt_ids: tuple[int, ...] = ()
     output_counts: tuple[tuple[int, int], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) added after the penalties
+    # structured output: an llguidance grammar the tokens must follow (``worker/grammar.py``)
+    grammar: str | None = None
+    # set on the worker, never sent: ``[vocab]`` bool, True where the grammar forbids the token
+    disallowed: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def with_disallowed(self, disallowed: torch.Tensor) -> SamplingSpec:
+        return replace(self, disallowed=disallowed)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class SeqWork:
     seq_id: int
     token_ids: tuple[int, ...]  # fed this step: a prefill chunk, or the last sampled token
     start_pos: int  # absolute position of token_ids[0]
-    block_table: tuple[int, ...]  # logical block i of the sequence -> block id
+    block_table: tuple[int, ...]  # logical block i of the sequence -> block id (primary group)
     sample: bool  # draw a token after the last fed one (false for a non-final prefill chunk)
     sampling: SamplingSpec = SamplingSpec()
     # Speculative decoding: the last ``num_drafts`` fed tokens are drafts to verify; the worker
@@ -64,6 +72,9 @@ class SeqWork:
     next_token: int | None = None
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
+    # top-n logprobs of the prompt tokens after each fed one (None: not asked); the token after
+    # a non-final chunk's last position is ``next_token``
+    prompt_logprobs: int | None = None
     # Models with recurrent layers (cache kind RecurrentState): the sequence's live state slot;
     # a checkpoint slot to copy into it before this step (a prefix-cache hit resumes there);
     # and (position, checkpoint slot) pairs: save the state after ``position`` tokens there
@@ -71,6 +82,9 @@ class SeqWork:
     state_slot: int | None = None
     restore_from: int | None = None
     save_states: tuple[tuple[int, int], ...] = ()
+    # the other paged groups' tables (sliding-window layers beside full attention), in the
+    # order of ``kinds.paged_groups``; entries behind a window may name blocks given back
+    group_tables: tuple[tuple[int, ...], ...] = ()
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own
@@ -81,6 +95,7 @@ class SeqWork:
 class StepInput:
     step_id: int
     seqs: tuple[SeqWork, ...]
+    released: tuple[int, ...] = ()  # sequences ended since the last step: drop their state
 
 
 @dataclass(frozen=True)
@@ -105,3 +120,6 @@ class StepOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     # the expert cache's counters after this step (paged experts only; merged over ranks)
     experts: ExpertCacheStats | None = None
+    # seq_id -> per fed prompt position p: (logprob of prompt token p + 1, top-n (id, logprob))
+    prompt_logprobs: dict[int, tuple[tuple[float, tuple[tuple[int, float], ...]], ...]] = field(
+        default_factory=dict)

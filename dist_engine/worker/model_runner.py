@@ -13,14 +13,36 @@ import torch
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.experts.cache import ExpertCache
+from dist_engine.kernels.decoder import attach as attach_cpu_decoder
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
+from dist_engine.kv_cache.kinds import (
+    CacheLayout,
+    PagedKV,
+    RecurrentState,
+    bytes_per_block,
+    group_window,
+    paged_groups,
+    state_bytes_per_seq,
+)
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
+from dist_engine.layers.state_cache import LayerState
 from dist_engine.models import model_class
+from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
+from dist_engine.worker.caches import (
+    allocate,
+    bytes_by_group,
+    layer_kind,
+    plan_layout,
+    restore_states,
+    settle_states,
+)
+from dist_engine.worker.grammar import Grammars
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
+from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -55,21 +77,32 @@ class ModelRunner:
             self.model = model_class(mcfg.architecture)(
                 mcfg, comm, self.dtype, config.scheduler.max_model_len, self.expert_cache
             )
-        # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
-        mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
-                           for j in range(mcfg.num_nextn_predict_layers))
+        # MTP layers shipped in the checkpoint (model.layers.{num_hidden_layers + j}, or mtp.*)
+        # belong to the speculative decoder
+        mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
         pack_weights(self.model)
+        self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
+        attach_cpu_decoder(self.model)
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder
 
             self.mtp = MTPDecoder(self, config)
         if self.expert_cache is not None:
-            self.expert_cache.start(mcfg.path, self.model.packed_modules)
+            self.expert_cache.start(mcfg.path, self.model.packed_modules,
+                                    getattr(self.model, "checkpoint_name", None))
         self.load_seconds = time.perf_counter() - t0
-        attn = self.model.model.layers[0].self_attn
+        # what each layer keeps between steps (the MTP layer's cache last)
+        window = mcfg.sliding_window
+        layers = list(self.model.model.layers) + ([self.mtp.mtp.layer] if self.mtp is not None else [])
+        self.kinds = [layer_kind(layer, self.kv_dtype, window) for layer in layers]
+        self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
+        self.groups = tuple(paged_groups(self.kinds))  # paged groups, primary first
+        self.windows = [group_window(g) for g in self.groups]
+        attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
         self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # query heads per KV head that attention folds together (the whole DCP group's)
@@ -79,7 +112,8 @@ class ModelRunner:
         self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
-        self.kv_caches: list[LayerKV] = []
+        self.kv_caches: list[LayerKV | LayerState] = []  # one per layer of the main model
+        self.layout: CacheLayout | None = None
         # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
         # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
         self.graphs = None
@@ -93,18 +127,25 @@ class ModelRunner:
     def build(self, seqs) -> ForwardBatch:
         """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
         sc = self.seq_comm
-        return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
-                           self.heads_per_kv, self.dtype, self.device,
+        return build_batch(tuple(seqs), self.block_size, self.windows,
+                           self.heads_per_kv, self.dtype, self.device, groups=self.groups,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
                            dcp=self.dcp_comm, fold=self.local_num_kv_heads > 1,
                            paged=self.use_paged_kernel)
 
     # ---- KV cache sizing -------------------------------------------------------------------
+    def bytes_per_block(self) -> dict[str, int]:
+        """Per paged group (primary first): its layers' rows of one block on this rank."""
+        per = bytes_per_block(self.kinds, self.block_size)
+        return {g: per[g] for g in paged_groups(self.kinds)}
+
     def kv_bytes_per_block(self) -> int:
-        """K and V of one block, all layers, this rank."""
-        per_token = (1 if self.latent_cache else 2) * self.local_num_kv_heads * self.head_dim * self.kv_dtype.itemsize
-        layers = self.config.model.num_hidden_layers + (self.mtp is not None)
-        return per_token * self.block_size * layers
+        """The primary group's block, all its layers, this rank."""
+        return next(iter(self.bytes_per_block().values()), 0)
+
+    def state_bytes_per_seq(self) -> int:
+        """Every recurrent layer's state of one sequence on this rank (0: none)."""
+        return state_bytes_per_seq(self.kinds)
 
     def modules(self) -> list[torch.nn.Module]:
         """Every module this rank runs: the model, and with speculation the MTP layer and the
@@ -114,15 +155,20 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return sum(weight_bytes(r) for r in self.modules())
 
-    def available_kv_blocks(self, local_ranks: int) -> int:
-        """How many blocks this rank can hold: the configured budget, or a fraction of the
-        memory left after the weights and a measured activation peak."""
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of weights per format (dtype, or quantization format) on this rank."""
+        return quant_linear.format_bytes(self.modules())
+
+    def cache_layout(self, local_ranks: int) -> CacheLayout:
+        """What this rank can hold: the configured block count, or ``--kv-cache-memory``, or a
+        fraction of the memory left after the weights and a measured activation peak, split
+        between the kinds (``caches.plan_layout``)."""
         cc, sc = self.config.cache, self.config.scheduler
         if cc.num_blocks is not None:
-            return cc.num_blocks
+            return plan_layout(self.kinds, self.config, None)
         per_block = self.kv_bytes_per_block()
         if cc.kv_cache_memory is not None:
-            return max(1, cc.kv_cache_memory // per_block)
+            return plan_layout(self.kinds, self.config, max(cc.kv_cache_memory, per_block))
         peak = self.profile_activation_peak()
         if self.device.type == "cuda":
             _, total = torch.cuda.mem_get_info(self.device)
@@ -133,17 +179,19 @@ class ModelRunner:
             # weights are already resident, so "available" is what is left after them
             budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks) - peak
         self.memory_report.update(activation_peak_bytes=peak, kv_budget_bytes=int(budget))
-        if budget < per_block:
+        if budget < per_block + self.state_bytes_per_seq():
             raise ValueError(
                 f"no memory left for the KV cache: weights {self.weight_bytes() / 2**20:.0f} MiB and "
                 f"an activation peak of {peak / 2**20:.0f} MiB leave {budget / 2**20:.0f} MiB at "
                 f"memory_fraction={cc.memory_fraction}; raise it, lower --max-num-batched-tokens, "
                 "or add ranks"
             )
+        layout = plan_layout(self.kinds, self.config, int(budget))
         # On CPU there is no reason to pin more than every sequence at full length could use.
         blocks_per_seq = (sc.max_model_len + self.block_size - 1) // self.block_size
-        cap = blocks_per_seq * sc.max_num_seqs + 1
-        return int(min(budget // per_block, cap))
+        (primary, n), *rest = layout.blocks
+        return dataclasses.replace(layout, blocks=((primary, min(n, blocks_per_seq * sc.max_num_seqs + 1)),
+                                                   *rest))
 
     def profile_activation_peak(self) -> int:
         """Bytes of activations of one worst-case prefill chunk (``max_num_batched_tokens``).
@@ -153,9 +201,8 @@ class ModelRunner:
         """
         n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
-        self.init_cache(blocks + 1)
-        work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
-                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        self.init_cache(self._scratch_layout(blocks + 1))
+        work = self._scratch_work((0,) * n, blocks)
         step = StepInput(step_id=-1, seqs=(work,))
         sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
         own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
@@ -179,48 +226,64 @@ class ModelRunner:
             torch.cuda.empty_cache()
         return max(0, int(peak))
 
-    def init_cache(self, num_blocks: int) -> None:
-        """``num_blocks`` of this rank (with sequence shards, local block i is global block
+    def _scratch_layout(self, num_blocks: int) -> CacheLayout:
+        """Caches for one start-up pass (profiling, calibration): every group's table is the
+        same ``num_blocks``, one state slot if any."""
+        return CacheLayout(tuple((g, num_blocks) for g in paged_groups(self.kinds)), int(self.has_state), 0)
+
+    def _scratch_work(self, ids: tuple[int, ...], blocks: int) -> SeqWork:
+        table = tuple(range(1, blocks + 1))
+        return SeqWork(seq_id=-1, token_ids=ids, start_pos=0, block_table=table, sample=True,
+                       state_slot=0 if self.has_state else None,
+                       group_tables=(table,) * (len(self.groups) - 1))
+
+    def init_cache(self, layout: CacheLayout) -> None:
+        """Allocate ``layout`` on this rank (with sequence shards, local block i is global block
         i * shards + shard). FP8 caches get their scales from a calibration pass first."""
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
-        self._make_caches(num_blocks, self.kv_dtype, self.kv_scales)
+        self._make_caches(layout, None, self.kv_scales)
         if self.expert_cache is not None:  # count serving only, not the start-up passes
             self.expert_cache.reset_stats()
 
-    def _make_caches(self, num_blocks: int, dtype: torch.dtype,
+    def _make_caches(self, layout: CacheLayout, dtype: torch.dtype | None,
                      scales: list[tuple[float, float]] | None) -> None:
-        n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
-        self.kv_caches = [
-            LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_num_kv_heads, self.head_dim, dtype,
-                          self.device, zero_slots=self.block_size,
-                          scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
-            for i in range(n_layers)]
+        self.layout = layout
+        self.kv_caches = allocate(self.kinds, layout, self.block_size, self.device,
+                                  zero_slots=self.block_size, extra_blocks=int(scratch),
+                                  scales=scales, dtype=dtype)
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
         if scratch:
-            self.graphs.bind(num_blocks)
+            self.graphs.bind(layout.num_blocks)
+
+    def allocated_bytes(self) -> dict[str, int]:
+        """Bytes allocated per kind group (the MTP layer's cache included)."""
+        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        return bytes_by_group(caches, self.kinds)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
         """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
         tokens (the same on every rank, so sequence shards of one tensor agree)."""
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
-        self._make_caches(blocks + 1, self.dtype, None)
-        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
+        caches = [c for c in self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+                  if isinstance(c, LayerKV)]
         for kv in caches:
             kv.observe = True
         self.calibrating = True  # every rank runs every token, so CP shards see the same maxima
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
-        work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
-                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        work = self._scratch_work(tuple(ids), blocks)
         try:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
             self.calibrating = False
-        scales = [kv.calibrated_scales() for kv in caches]
+        # per layer (a recurrent layer has no K/V: its entry is unused)
+        found = iter([kv.calibrated_scales() for kv in caches])
+        scales = [next(found) if isinstance(k, PagedKV) else (1.0, 1.0) for k in self.kinds]
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
@@ -251,10 +314,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         t0 = time.perf_counter()
-        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [T, hidden]
+        self.grammars.release(step.released)
+        if self.has_state:
+            restore_states(self.kv_caches, self.layout, step.seqs)
+        prompt_lps = any(s.prompt_logprobs is not None for s in step.seqs)
+        hidden = (self.graphs.forward(step.seqs) if self.graphs is not None and not prompt_lps
+                  else None)  # [T, hidden]
         if hidden is not None and self.mtp is None:
             return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
+        if prompt_lps:
+            return self._with_prompt_logprobs(step, batch)
         if hidden is not None:  # a verification step through the static path
             self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, None)
@@ -268,14 +338,46 @@ class ModelRunner:
         hidden = self._forward(batch)  # [T, hidden]
         rows = hidden_rows(step, batch, hidden, {})
         if not batch.sample_seqs:
+            self.settle_states(step, batch, {})
             return StepOutput(step.step_id, {}, rows)
-        return self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+        out = self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+        self.settle_states(step, batch, out.sampled)
+        return out
+
+    def settle_states(self, step: StepInput, batch: ForwardBatch, sampled: dict[int, SampledTokens]) -> None:
+        """Recurrent layers: each sequence's state after the tokens this step verified (fed
+        tokens less rejected drafts), and the checkpoints it reached saved."""
+        if not self.has_state:
+            return
+        verified = [len(s.token_ids) - s.num_drafts
+                    + (sampled[s.seq_id].num_accepted if s.seq_id in sampled else 0) for s in step.seqs]
+        settle_states(self.kv_caches, self.layout, step.seqs, batch.meta.state, verified)
+
+    def _with_prompt_logprobs(self, step: StepInput, batch: ForwardBatch) -> StepOutput:
+        """A step with prompt logprobs: the usual step, then the rows' logprobs from the same
+        hidden states (a prefill step carries no drafts, so no row is rejected later)."""
+        if self.mtp is not None:
+            raw = self.config.speculative.hidden_stage == "raw"
+            out = self._forward(batch, raw)
+            hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
+            result = self.mtp.step(step, batch, hidden, prenorm)
+        else:
+            hidden = self._forward(batch)  # [T, hidden]
+            rows = hidden_rows(step, batch, hidden, {})
+            result = (self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+                      if batch.sample_seqs else StepOutput(step.step_id, {}, rows))
+            self.settle_states(step, batch, result.sampled)
+        result.prompt_logprobs.update(prompt_logprob_rows(step, batch, hidden, self.model))
+        return result
 
     def _sample(self, step: StepInput, seqs, hidden: torch.Tensor, rows: dict) -> StepOutput:
         """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""
         logits = self.model.compute_logits(hidden)  # [N, vocab] fp32
         positions = [s.context_len for s in seqs]  # position of the drawn token
-        tokens, lps, top = sample(logits, [s.sampling for s in seqs], positions)
+        specs = [self.grammars.constrain(s.seq_id, s.sampling) for s in seqs]
+        tokens, lps, top = sample(logits, specs, positions)
+        for s, t in zip(seqs, tokens):
+            self.grammars.advance(s.seq_id, (t,))
         return StepOutput(step.step_id, {
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(seqs, tokens, lps, top)
@@ -284,9 +386,10 @@ class ModelRunner:
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
-    token on every rank (short steps, DCP, or a shard that would get no token)."""
+    token on every rank (short steps, DCP, a shard that would get no token, or recurrent
+    layers: their state runs through every token in order, on every rank)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner.calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating or runner.has_state
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None

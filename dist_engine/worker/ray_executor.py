@@ -7,6 +7,7 @@ timeout) and the caller gets EngineDeadError within a poll interval.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dist_engine.config import EngineConfig
 from dist_engine.experts.stats import ExpertCacheStats
+from dist_engine.kv_cache.kinds import CacheLayout
 from dist_engine.worker.executor import EngineDeadError, Executor
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.shard_worker import ShardWorker
@@ -168,14 +170,14 @@ class RayExecutor(Executor):
         except Exception:
             pass
 
-    def available_kv_blocks(self) -> int:
-        return min(self._all(lambda w: w.available_kv_blocks.remote()))
+    def cache_layout(self) -> CacheLayout:
+        return functools.reduce(CacheLayout.min, self._all(lambda w: w.cache_layout.remote()))
 
-    def cache_info(self) -> dict[str, int]:
+    def cache_info(self) -> dict:
         return self._all(lambda w: w.cache_info.remote(), only=[0])[0]
 
-    def init_cache(self, num_blocks: int) -> None:
-        self._all(lambda w: w.init_cache.remote(num_blocks))
+    def init_cache(self, layout: CacheLayout) -> None:
+        self._all(lambda w: w.init_cache.remote(layout))
 
     def execute(self, step: StepInput) -> StepOutput:
         outs = self._all(lambda w: w.execute.remote(step))

@@ -120,6 +120,7 @@ def catch_up_plans(step: StepInput, batch: ForwardBatch,
         else:
             continue
         propose = s.propose if s.sample else 0
-        plans.append(CatchUp(SeqWork(s.seq_id, toks, s.start_pos, s.block_table, propose > 0, s.sampling),
-                             range(start, start + m), propose, s.start_pos + m - 1))
+        work = SeqWork(s.seq_id, toks, s.start_pos, s.block_table, propose > 0, s.sampling,
+                       group_tables=s.group_tables)  # no recurrent state: the MTP layer is attention
+        plans.append(CatchUp(work, range(start, start + m), propose, s.start_pos + m - 1))
     return plans
