@@ -17,9 +17,9 @@
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
 5. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
    weights on the device, and int4 / int8 decode speed against bf16.
-6. Routed experts paged under --expert-cache-memory on the device (see ``expert_cache``): the
-   tiny Qwen3-MoE and DeepSeek-V3 with a few experts resident against all resident (tokens and
-   logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
+6. Routed experts paged under --expert-cache-memory on the device (``bench/gpu_experts.py``):
+   the tiny Qwen3-MoE, DeepSeek-V3 and Qwen3.5-MoE with a few experts resident against all
+   resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
    decode tok/s all resident vs device caches of 25% and 50% of the experts fed from pinned host
    memory, prefetch on and off, with hit rates and time spent waiting for copies.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
@@ -142,51 +142,6 @@ def long_context(tmp: str, dev: str) -> dict:
                      num_kv_blocks=2048, enforce_eager=eager, speculative="none") as llm:
                 llm.generate(prompt_token_ids=long, sampling_params=SamplingParams(max_tokens=4))
                 res[f"1b_ctx3500_{'eager' if eager else 'graphs'}_tok_s"] = timed_generate(llm, long, sp, dev)
-    return res
-
-
-def expert_cache(tmp: str, dev: str, quick: bool) -> dict:
-    """Paged experts on the device: exactness on tiny models, then speed against all resident."""
-    from bench_expert_cache import QUICK, SHAPE, make_checkpoint
-    from test_expert_cache import ARGS, DEEP, GREEDY, PROMPTS
-
-    from conftest import make_tiny
-    from dist_engine import LLM, SamplingParams
-
-    res = {}
-    for arch, over in DEEP.items():
-        path = make_tiny(arch, os.path.join(tmp, f"paged_{arch}"), **over)
-        outs = {}
-        for budget in (None, 5 * 24 * 1024):  # all resident; 5 of 16 experts (fp32 on the device)
-            kw = {} if budget is None else {"expert_cache_memory": budget}
-            with LLM(path, device=dev, speculative="none", **ARGS, **kw) as llm:
-                outs[budget] = [o.outputs[0] for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
-                stats = llm.engine.stats()["expert_cache"]
-        a, b = outs[None], outs[5 * 24 * 1024]
-        res[arch] = {"identical": [o.token_ids for o in a] == [o.token_ids for o in b],
-                     "max_logprob_diff": max(abs(x[t] - y[t]) for oa, ob in zip(a, b)
-                                             for x, y in zip(oa.logprobs, ob.logprobs) for t in x),
-                     "hit_rate": stats["hit_rate"], "evictions": stats["evictions"]}
-    shape = dict(QUICK if quick else SHAPE, num_hidden_layers=4 if quick else 16)
-    path = make_checkpoint(os.path.join(tmp, "paged_shape"), shape)
-    E, L = shape["num_experts"], shape["num_hidden_layers"]
-    experts = E * L * 3 * shape["hidden_size"] * shape["moe_intermediate_size"] * 2
-    prompt = [[1] + [(13 * i) % 1000 + 3 for i in range(32)]]
-    sp = SamplingParams(temperature=0, max_tokens=16 if quick else 64, ignore_eos=True)
-    speed = {"experts_gib": experts / 2**30}
-    for name, frac, prefetch in (("resident", None, True), ("25%", 0.25, True), ("25% no prefetch", 0.25, False),
-                                 ("50%", 0.5, True), ("50% no prefetch", 0.5, False)):
-        kw = {} if frac is None else {"expert_cache_memory": int(frac * experts), "expert_prefetch": prefetch}
-        with LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512,
-                 num_kv_blocks=256, speculative="none", **kw) as llm:
-            llm.generate(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=4))
-            speed[f"{name}_tok_s"] = timed_generate(llm, prompt, sp, dev)
-            s = llm.engine.stats()["expert_cache"]
-            if s:
-                speed[f"{name}_hit_rate"] = s["hit_rate"]
-                speed[f"{name}_wait_s"] = s["wait_s"]
-                speed[f"{name}_mib_per_token"] = s["bytes_per_token"] / 2**20
-    res["speed"] = speed
     return res
 
 
@@ -435,7 +390,9 @@ def main() -> None:
                                              SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
             save("quant")
         if "experts" in parts:
-            res["expert_cache"] = guarded(expert_cache, tmp, dev, a.quick)
+            import gpu_experts
+
+            res["expert_cache"] = guarded(gpu_experts.expert_cache, tmp, dev, a.quick)
             save("expert_cache")
 
 
