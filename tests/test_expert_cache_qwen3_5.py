@@ -70,3 +70,33 @@ def test_quantized_experts_are_refused(qwen3_5_models, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="gptq checkpoint, and paging quantized routed experts is not supported"):
         LLM(str(tmp_path), expert_cache_memory="1MiB", **ENGINE)
+
+
+def test_multimodal_checkpoint_names_index_as_the_loader_sees_them(tmp_path):
+    """A multimodal Qwen3.5 checkpoint keeps the text model under ``model.language_model.``: the
+    index maps names with the model's own ``checkpoint_name`` and reads one expert's slices of
+    the fused tensors (other ranks' experts and the vision tower ignored)."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_engine.experts.source import ExpertIndex, FileReader
+    from dist_engine.models.qwen3_5 import Qwen3_5ForCausalLM
+
+    gate_up, down = torch.randn(4, 6, 5), torch.randn(4, 5, 3)  # [E, 2I, H], [E, H, I]
+    text = "model.language_model.layers.0.mlp.experts."
+    save_file({text + "gate_up_proj": gate_up, text + "down_proj": down,
+               "model.visual.blocks.0.mlp.experts.gate_up_proj": torch.zeros(2, 2, 2)},
+              str(tmp_path / "model.safetensors"))
+    model = SimpleNamespace(multimodal=True)
+    prefix = "model.layers.0.mlp.experts."
+    index = ExpertIndex(str(tmp_path), {prefix: (2, 2)}, lambda n: Qwen3_5ForCausalLM.checkpoint_name(model, n))
+    assert sorted(index.refs) == [(prefix, 2), (prefix, 3)]
+    reader = FileReader(index.expert_nbytes(), pin=False)
+    try:
+        got = reader.read(index.refs[prefix, 3])
+        assert torch.equal(got["gate_proj.weight"], gate_up[3, :3]) and torch.equal(got["up_proj.weight"], gate_up[3, 3:])
+        assert torch.equal(got["down_proj.weight"], down[3])
+    finally:
+        reader.close()
