@@ -24,12 +24,12 @@ def expert_cache(tmp: str, dev: str, quick: bool) -> dict:
     from conftest import make_qwen3_5, make_tiny
     from dist_engine import LLM, SamplingParams
 
-    def exactness(path: str, budget: int) -> dict:
+    def exactness(path: str, budget: int, **extra) -> dict:
         """All resident vs ``budget`` bytes of experts (fp32 on the device): tokens and logprobs."""
         outs = {}
         for b in (None, budget):
             kw = {} if b is None else {"expert_cache_memory": b}
-            with LLM(path, device=dev, speculative="none", **ARGS, **kw) as llm:
+            with LLM(path, device=dev, speculative="none", **{**ARGS, **extra}, **kw) as llm:
                 outs[b] = [o.outputs[0] for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
                 stats = llm.engine.stats()["expert_cache"]
         a, p = outs[None], outs[budget]
@@ -42,7 +42,7 @@ def expert_cache(tmp: str, dev: str, quick: bool) -> dict:
            for arch, over in DEEP.items()}  # 5 of 16 experts
     # Qwen3.5-MoE: fused 3-D expert tensors, 4 of 32 experts
     res["qwen3_5_moe"] = exactness(make_qwen3_5("qwen3_5_moe", os.path.join(tmp, "paged_qwen3_5_moe"), mtp=False),
-                                   4 * 24 * 1024)
+                                   4 * 24 * 1024, max_num_batched_tokens=64)  # its recurrent layers' chunk
     shape = dict(QUICK if quick else SHAPE, num_hidden_layers=4 if quick else 16)
     path = make_checkpoint(os.path.join(tmp, "paged_shape"), shape)
     E, L = shape["num_experts"], shape["num_hidden_layers"]
