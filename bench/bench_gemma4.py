@@ -153,6 +153,7 @@ def drafting_cost(path: str, tmp: str, tokens: int, rounds: int) -> dict:
     torch.manual_seed(0)
     text = Gemma4TextConfig(**{**MOE_SHAPE, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
                                "layer_types": [S, F], "num_kv_shared_layers": 2, "enable_moe_block": False,
+                               "vocab_size_per_layer_input": 0,
                                "num_experts": None, "top_k_experts": None, "moe_intermediate_size": None})
     asst = Gemma4AssistantForCausalLM(Gemma4AssistantConfig(
         text_config=text, backbone_hidden_size=MOE_SHAPE["hidden_size"], use_ordered_embeddings=True,

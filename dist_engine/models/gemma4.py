@@ -241,8 +241,11 @@ class Gemma4ForCausalLM(nn.Module):
     TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, expert_cache=None) -> None:
         super().__init__()
+        if expert_cache is not None:
+            raise ValueError("--expert-cache-memory (paged routed experts) does not cover Gemma 4's "
+                             "fused expert tensors yet; leave it out for this model")
         self.config = cfg
         self.model = Gemma4TextModel(cfg, comm, dtype, max_positions)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
