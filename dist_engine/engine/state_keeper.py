@@ -19,8 +19,12 @@ class StateKeeper:
     def __init__(self, num_slots: int, num_checkpoints: int, interval: int, blocks: BlockManager) -> None:
         self.slots = StateSlots(num_slots)
         self.checkpoints = StateCheckpoints(num_checkpoints, interval)
-        # checkpoints at prefix positions only serve prefix caching; forks use them regardless
-        self.grid = ChunkGrid(interval if blocks.prefix_caching and num_checkpoints else 0)
+        # Prefill chunks end on checkpoint positions whether or not checkpoints are saved: a
+        # step's chunking decides the last bits of the attention layers' output, so with the
+        # same chunks prefix caching on computes bitwise what it computes off. Checkpoints at
+        # prefix positions only serve prefix caching; forks use the slots regardless.
+        self.grid = ChunkGrid(interval)
+        self.saving = blocks.prefix_caching and num_checkpoints > 0
         self.blocks = blocks
         self.fork_unit = max(DELTA_CHUNK, blocks.block_size)
 
@@ -87,8 +91,8 @@ class StateKeeper:
         """Checkpoints to save this step, up to position ``reach`` (drafts included; a save
         past what verification accepts is not made). Slots are reserved now."""
         start = seq.num_computed
-        wanted = [p for p in self.grid.positions(start, reach)
-                  if p not in {q for q, _ in seq.pending_saves}]
+        wanted = [p for p in self.grid.positions(start, reach) if self.saving
+                  and p not in {q for q, _ in seq.pending_saves}]
         fork = self.fork_point(seq)
         if fork and seq.fork is None and start < fork <= reach:
             wanted.append(fork)
