@@ -17,6 +17,8 @@
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
 5. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
    weights on the device, and int4 / int8 decode speed against bf16.
+6. Qwen3.5 hybrid Gated DeltaNet (``bench/gpu_qwen3_5.py``): parity, MTP and prefix-cache
+   exactness on the device, decode speed per context against a Llama of the same hidden size.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -332,6 +334,10 @@ def report(res: dict) -> str:
         from gpu_quant import report as quant_report
 
         lines += quant_report(res["quant"])
+    if "qwen3_5" in res:
+        from gpu_qwen3_5 import report as qwen3_5_report
+
+        lines += qwen3_5_report(res["qwen3_5"])
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +345,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,qwen3_5",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -381,6 +387,11 @@ def main() -> None:
                             "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
                                              SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
             save("quant")
+        if "qwen3_5" in parts:
+            import gpu_qwen3_5
+
+            res["qwen3_5"] = gpu_qwen3_5.check(tmp, dev, a.quick, guarded)
+            save("qwen3_5")
 
 
 if __name__ == "__main__":
