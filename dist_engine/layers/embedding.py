@@ -15,6 +15,16 @@ from dist_engine.quant import linear as quant_linear
 from dist_engine.quant.lazy import QuantTensor
 
 
+def load_vocab_rows(module: nn.Module, full) -> None:
+    """This rank's vocabulary rows of a ``[vocab, hidden]`` table, float or kept quantized."""
+    rows = full[module.vocab_start:module.vocab_start + module.local_vocab]
+    if isinstance(full, QuantTensor):
+        if rows.shape != tuple(module.weight.shape):
+            raise ValueError(f"expected a slice of shape {tuple(module.weight.shape)}, got {rows.shape}")
+        return quant_linear.take(module, rows, 0)
+    copy_checked(module.weight.data, rows)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Lookup over a row-split table ``[vocab, hidden]``.
 
@@ -32,12 +42,7 @@ class VocabParallelEmbedding(nn.Module):
         self.keep_dense = True  # a lookup table: never repacked for products
 
     def load(self, which: str, full, shard_id: object = None) -> None:
-        rows = full[self.vocab_start:self.vocab_start + self.local_vocab]
-        if isinstance(full, QuantTensor):
-            if rows.shape != tuple(self.weight.shape):
-                raise ValueError(f"expected a slice of shape {tuple(self.weight.shape)}, got {rows.shape}")
-            return quant_linear.take(self, rows, 0)
-        copy_checked(self.weight.data, rows)
+        load_vocab_rows(self, full)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         qw = self.weight_packed
@@ -80,12 +85,7 @@ class ParallelLMHead(nn.Module):
         self.weight_packed: torch.Tensor | None = None
 
     def load(self, which: str, full, shard_id: object = None) -> None:
-        rows = full[self.vocab_start:self.vocab_start + self.local_vocab]
-        if isinstance(full, QuantTensor):
-            if rows.shape != tuple(self.weight.shape):
-                raise ValueError(f"expected a slice of shape {tuple(self.weight.shape)}, got {rows.shape}")
-            return quant_linear.take(self, rows, 0)
-        copy_checked(self.weight.data, rows)
+        load_vocab_rows(self, full)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         logits = project(self, hidden).float()
