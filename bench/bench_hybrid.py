@@ -8,8 +8,8 @@ dim 128, MLP 3584, vocabulary 32000, one MTP layer (``mtp.*``). Llama: hidden 10
 heads 8 / 2 KV of dim 128, MLP 3584, vocabulary 32000. (Qwen3.5 0.8B has 24 such layers; 4 keep
 a run on 2 shared cores within minutes, and the ratios per layer are what carries over.)
 
-1. Decode tok/s at each context (batch 1, greedy; the contexts decoded in turn, best of
-   ``--rounds``), ours and, at the first context, transformers' (its PyTorch fallback for the
+1. Decode tok/s at each context (batch 1, greedy; both engines up at once, the models and
+   contexts decoded in turn, best of ``--rounds``), ours and, at the first context, transformers' (its PyTorch fallback for the
    delta rule and conv) on the same weights.
 2. Cache bytes: the hybrid's recurrent state per sequence, its KV per token, the Llama's KV
    per token.
@@ -85,34 +85,45 @@ def run(llm, tokens: list[int], n: int):
     return out.outputs[0].token_ids, out.metrics
 
 
-def engine_part(path: str, contexts: list[int], n: int, rounds: int) -> dict:
-    """Decode tok/s per context, cache bytes, and the TTFT of a 2048-token shared prefix. Each
-    context's prompt is prefilled once (``ctx`` tokens cached, their state checkpointed at
-    ``ctx``), then decoded ``rounds`` times taking turns with the other contexts, each time
-    recomputing only its last token: the best round is the one least disturbed by whatever
-    else shares the cores."""
-    base, res = prompt(max(contexts) + 1, 1), {"decode_tok_s": {}, "decode_rounds": {}, "ttft_s": {}}
-    with engine(path, max(*contexts, 2048 + 32) + n + 64, speculative="none") as llm:
-        run(llm, prompt(64, 2), 4)  # warm-up
-        for ctx in contexts:
-            res["ttft_s"][ctx] = run(llm, base[:ctx + 1], 1)[1].time_to_first_token
+def engine_part(paths: dict[str, str], contexts: list[int], n: int, rounds: int) -> dict:
+    """Per model: decode tok/s per context, cache bytes, and the TTFT of a 2048-token shared
+    prefix. Both engines are up at once: each context's prompt is prefilled once (``ctx``
+    tokens cached, the state checkpointed at ``ctx``), then decoded ``rounds`` times, the
+    models and contexts taking turns, each time recomputing only its last token; the best
+    round is the one least disturbed by whatever else shares the cores."""
+    base = prompt(max(contexts) + 1, 1)
+    res = {name: {"decode_tok_s": {}, "decode_rounds": {}, "ttft_s": {}} for name in paths}
+    llms = {name: engine(path, max(*contexts, 2048 + 32) + n + 64, speculative="none")
+            for name, path in paths.items()}
+    try:
+        for name, llm in llms.items():
+            run(llm, prompt(64, 2), 4)  # warm-up
+            for ctx in contexts:
+                res[name]["ttft_s"][ctx] = run(llm, base[:ctx + 1], 1)[1].time_to_first_token
         for _ in range(rounds):
             for ctx in contexts:
-                tokens, m = run(llm, base[:ctx + 1], n)
-                res.setdefault("decode_hit_tokens", {})[ctx] = m.prefix_hit_tokens  # ctx: only 1 recomputed
-                res["decode_rounds"].setdefault(ctx, []).append(1.0 / m.time_per_output_token)
-                res.setdefault("tokens", {})[ctx] = tokens
-        for ctx in contexts:
-            res["decode_tok_s"][ctx] = max(res["decode_rounds"][ctx])
-            print(os.path.basename(path), ctx, [f"{v:.1f}" for v in res["decode_rounds"][ctx]], flush=True)
-        shared = prompt(2048, 3)
-        cold = run(llm, shared + prompt(33, 4)[1:], 1)[1]
-        warm = run(llm, shared + prompt(33, 5)[1:], 1)[1]
-        res["prefix"] = {"cold_ttft_s": cold.time_to_first_token, "warm_ttft_s": warm.time_to_first_token,
-                         "hit_tokens": warm.prefix_hit_tokens}
-        info = llm.engine.cache_info
-        res["kv_bytes_per_token"] = info["bytes_per_block"] // info["block_size"]
-        res["state_bytes_per_seq"] = info.get("state_bytes_per_seq", 0)
+                for name, llm in llms.items():
+                    tokens, m = run(llm, base[:ctx + 1], n)
+                    r = res[name]
+                    r.setdefault("decode_hit_tokens", {})[ctx] = m.prefix_hit_tokens  # ctx: 1 recomputed
+                    r["decode_rounds"].setdefault(ctx, []).append(1.0 / m.time_per_output_token)
+                    r.setdefault("tokens", {})[ctx] = tokens
+        for name, llm in llms.items():
+            r = res[name]
+            for ctx in contexts:
+                r["decode_tok_s"][ctx] = max(r["decode_rounds"][ctx])
+                print(name, ctx, [f"{v:.1f}" for v in r["decode_rounds"][ctx]], flush=True)
+            shared = prompt(2048, 3)
+            cold = run(llm, shared + prompt(33, 4)[1:], 1)[1]
+            warm = run(llm, shared + prompt(33, 5)[1:], 1)[1]
+            r["prefix"] = {"cold_ttft_s": cold.time_to_first_token, "warm_ttft_s": warm.time_to_first_token,
+                           "hit_tokens": warm.prefix_hit_tokens}
+            info = llm.engine.cache_info
+            r["kv_bytes_per_token"] = info["bytes_per_block"] // info["block_size"]
+            r["state_bytes_per_seq"] = info.get("state_bytes_per_seq", 0)
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
     return res
 
 
@@ -265,8 +276,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the cores are shared: a second thread spins against other work
     paths = make_models(tempfile.mkdtemp(prefix="hybrid-bench-"))
     r = {"config": {"hybrid": HYBRID, "llama": LLAMA}, "contexts": contexts, "tokens": a.tokens}
-    for name, path in paths.items():
-        r[name] = engine_part(path, contexts, a.tokens, a.rounds)
+    r.update(engine_part(paths, contexts, a.tokens, a.rounds))
     r["mtp"] = mtp_step_cost(paths["hybrid"], contexts[0], a.tokens, r["hybrid"]["decode_tok_s"][contexts[0]])
     r["hf_hybrid_tok_s"] = transformers_decode(paths["hybrid"], contexts[0], a.tokens)
     r["hf_llama_tok_s"] = transformers_decode(paths["llama"], contexts[0], a.tokens)
