@@ -54,7 +54,10 @@ class EngineArgs:
     max_model_len: int | None = _arg(
         None, "--max-model-len",
         f"context limit in tokens (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
-    block_size: int = _arg(CacheConfig.block_size, "--block-size", "tokens per KV block")
+    block_size: int | None = _arg(
+        None, "--block-size",
+        f"tokens per KV block (default: {CacheConfig.block_size}, or the largest compression "
+        "ratio of a DeepSeek-V4 model if that is more)")
     num_kv_blocks: int | None = _arg(None, help="exactly this many KV blocks per rank (tests)")
     kv_cache_memory: int | str | None = _arg(
         None, "--kv-cache-memory",
@@ -152,7 +155,9 @@ class EngineArgs:
                                     executor=self.executor, ray_address=self.ray_address,
                                     shm_allreduce=self.shm_allreduce,
                                     placement_strategy=self.placement_strategy),
-            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+            cache=CacheConfig(block_size=(self.block_size if self.block_size is not None
+                                          else max(CacheConfig.block_size, mcfg.min_block_size)),
+                              num_blocks=self.num_kv_blocks,
                               kv_cache_memory=self.kv_cache_memory,
                               memory_fraction=self.memory_fraction,
                               enable_prefix_caching=self.enable_prefix_caching,
@@ -206,8 +211,8 @@ class EngineArgs:
 def _ships_mtp_weights(path: str, mcfg: ModelConfig) -> bool:
     from dist_engine.weights.loader import tensor_names
 
-    prefix = f"model.layers.{mcfg.num_hidden_layers}."
-    return any(name.startswith(prefix) for name in tensor_names(path))
+    prefixes = mcfg.mtp_prefixes
+    return bool(prefixes) and any(name.startswith(prefixes) for name in tensor_names(path))
 
 
 def _check_types(args: EngineArgs) -> None:

@@ -61,6 +61,8 @@ class EngineConfig:
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
                 "some ranks would hold no attention head"
             )
+        if m.is_v4:
+            _check_v4(self)
         spec = self.speculative
         if spec is not None:
             if spec.model is None and m.num_nextn_predict_layers == 0:
@@ -78,3 +80,20 @@ class EngineConfig:
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
                 f"max_position_embeddings={m.max_position_embeddings}; lower --max-model-len"
             )
+
+
+def _check_v4(config: EngineConfig) -> None:
+    """DeepSeek-V4 on this layout: blocks hold whole compressed rows, ranks whole head groups
+    of the grouped output projection."""
+    m, tp, bs = config.model, config.parallel.tensor_parallel_size, config.cache.block_size
+    if bs % m.min_block_size:
+        raise ValueError(f"block_size={bs} must be a multiple of every compression ratio "
+                         f"{m.v4.ratios} (a block holds whole compressed rows); use --block-size "
+                         f"{max(bs, m.min_block_size)} or leave it unset")
+    if m.v4.o_groups % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide o_groups={m.v4.o_groups}: each "
+                         "rank projects whole head groups of the grouped output projection")
+    if config.cache.kv_cache_dtype not in ("auto", config.dtype):
+        raise ValueError(f"kv_cache_dtype={config.cache.kv_cache_dtype!r} is not supported for "
+                         "DeepSeek-V4 yet (its window, compressed rows and indexer keys are kept in "
+                         "the model dtype); use 'auto'")

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dist_engine.config.deepseek_v4 import V4_ARCHITECTURES, V4Config, v4_fields
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -14,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "DeepseekV3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    *V4_ARCHITECTURES,
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -68,10 +71,28 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # ...except these
     # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
     fp8_block: tuple[int, int] | None = None
+    # DeepSeek-V4 (config/deepseek_v4.py): layer types, compression, indexer, hyper-connections
+    v4: V4Config | None = None
 
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None
+
+    @property
+    def is_v4(self) -> bool:
+        return self.v4 is not None
+
+    @property
+    def min_block_size(self) -> int:
+        """The smallest KV block that holds whole rows of every compressed layer (1: any)."""
+        return max(self.v4.ratios, default=1) if self.v4 is not None else 1
+
+    @property
+    def mtp_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint-name prefixes of the MTP layers (tensors that are not the main model's)."""
+        if self.is_v4:
+            return ("mtp.",) if self.num_nextn_predict_layers else ()
+        return tuple(f"model.layers.{self.num_hidden_layers + j}." for j in range(self.num_nextn_predict_layers))
 
     def is_moe_layer(self, layer: int) -> bool:
         if not self.n_routed_experts or layer in self.mlp_only_layers:
@@ -91,8 +112,8 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
             )
-        if self.fp8_block is not None and not self.is_mla:
-            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepseekV3ForCausalLM only, "
+        if self.fp8_block is not None and not (self.is_mla or self.is_v4):
+            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepSeek-V3 and V4 only, "
                              f"not {self.architecture}; use a bf16/fp32 checkpoint")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
@@ -181,16 +202,18 @@ class ModelConfig:
                        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
                        num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
                        head_dim=raw.get("head_dim") or hidden // n_heads)
-        return cls(
+        if arch in V4_ARCHITECTURES:
+            family = v4_fields(raw, path)
+        fields = dict(
             path=path,
             architecture=arch,
             vocab_size=raw["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=raw["intermediate_size"],
+            intermediate_size=raw.get("intermediate_size", 0),
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=n_heads,
-            **({} if family else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
-                                   head_dim=raw.get("head_dim") or hidden // n_heads)),
+            num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+            head_dim=raw.get("head_dim") or hidden // n_heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
@@ -204,5 +227,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
             fp8_block=fp8_block,
-            **family,
         )
+        fields.update(family)  # the architecture's own reading of what differs
+        return cls(**fields)

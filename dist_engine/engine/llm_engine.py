@@ -25,7 +25,6 @@ from dist_engine.engine.state_keeper import StateKeeper
 from dist_engine.engine.stopping import append_tokens
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.kv_cache.kinds import group_window
-from dist_engine.kv_cache.state_slots import DELTA_CHUNK
 from dist_engine.kv_cache.window_groups import WindowGroups
 from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
@@ -63,11 +62,12 @@ class LLMEngine:
                                    hash_next_token=spec is not None, num_shards=shards)
         self.state = None
         if layout.num_state_slots:
-            if config.scheduler.max_num_batched_tokens < DELTA_CHUNK:
-                raise ValueError(f"models with recurrent layers prefill in chunks of {DELTA_CHUNK} "
-                                 f"tokens: raise --max-num-batched-tokens to at least {DELTA_CHUNK}")
+            grid = layout.state_grid
+            if config.scheduler.max_num_batched_tokens < grid:
+                raise ValueError(f"this model's recurrent layers prefill in chunks of {grid} tokens: "
+                                 f"raise --max-num-batched-tokens to at least {grid}")
             self.state = StateKeeper(layout.num_state_slots, layout.num_checkpoints,
-                                     config.cache.state_checkpoint_interval, self.blocks)
+                                     config.cache.state_checkpoint_interval, self.blocks, grid)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None

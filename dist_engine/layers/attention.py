@@ -20,6 +20,7 @@ import torch
 
 from dist_engine.kernels import paged_attention as paged_kernel
 from dist_engine.kernels.paged_attention import PagedGroup
+from dist_engine.layers.compressed_rows import CompressedRows
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.state_cache import StateMetadata
 
@@ -75,6 +76,8 @@ class AttentionMetadata:
     state: StateMetadata | None = None
     # the other paged groups' metadata (sliding-window layers beside full attention), by name
     by_group: dict[str, AttentionMetadata] = field(default_factory=dict)
+    # compressed kinds (``PagedKV(ratio=m)``, in the primary group): where their rows are, by m
+    rows: dict[int, CompressedRows] = field(default_factory=dict)
 
     def for_group(self, group: str) -> AttentionMetadata:
         """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""
@@ -150,7 +153,7 @@ def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale
         q = _gather_split_queries(q, meta)  # [T, Hq, D]
     if meta.dcp is not None:
         q = torch.cat(meta.dcp.gather_all(q.contiguous()), dim=1)  # [T, DCP * Hq, D]
-    out, lse = _local_attention(q, kv, meta, scale, need_lse=meta.cp is not None)
+    out, lse = local_attention(q, kv, meta, scale, need_lse=meta.cp is not None)
     if meta.cp is not None:  # a query with no key on a shard has out 0 and lse -inf there
         outs = meta.cp.gather_all(out.float())
         lses = meta.cp.gather_all(lse)
@@ -211,7 +214,7 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
     return merge_partials(outs, lses)
 
 
-def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float,
+def local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float,
                      need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32 or None unless ``need_lse``); a query with no
     visible key gets lse -inf (and, when merging, out 0)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from dist_engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dist_engine.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dist_engine.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -14,6 +15,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
 }
 
 

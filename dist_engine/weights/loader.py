@@ -18,8 +18,9 @@ from torch import nn
 
 from dist_engine.layers.fp8 import CheckpointFormatError
 
-_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F32": torch.float32}
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
+           "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
+           "I32": torch.int32, "I64": torch.int64}
 
 
 class LazySlice:
@@ -71,9 +72,14 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_suffixes", ())
     skip = getattr(model, "skip_tensor", None)  # another rank's tensor (e.g. routed experts)
+    # checkpoint name -> our name, or None for a tensor ignored by design (a shared copy)
+    rename = getattr(model, "checkpoint_name", None)
     expected = {name for name, _ in model.named_parameters()}
     filled: dict[str, set] = {}
-    for name, lazy in iter_checkpoint(path):
+    for stored, lazy in iter_checkpoint(path):
+        name = rename(stored) if rename is not None else stored
+        if name is None:
+            continue
         if name.endswith(ignored) or (select is not None and not select(name)) or (skip and skip(name)):
             continue
         module_path, _, which = name.rpartition(".")
@@ -86,16 +92,16 @@ def load_weights(model: nn.Module, path: str, select: Callable[[str], bool] | No
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
-            raise ValueError(f"checkpoint tensor {name!r} {lazy.shape} matches no module of "
+            raise ValueError(f"checkpoint tensor {stored!r} {lazy.shape} matches no module of "
                              f"{type(model).__name__}") from None
         if not hasattr(module, "load") or getattr(module, which, None) is None:
-            raise ValueError(f"checkpoint tensor {name!r} has no parameter to load into")
+            raise ValueError(f"checkpoint tensor {stored!r} has no parameter to load into")
         try:
             module.load(which, lazy, shard_id)
         except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"checkpoint tensor {name!r}: {e}") from None
+            raise CheckpointFormatError(f"checkpoint tensor {stored!r}: {e}") from None
         except ValueError as e:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {lazy.shape}, which does not "
+            raise ValueError(f"checkpoint tensor {stored!r} has shape {lazy.shape}, which does not "
                              f"match the model config ({e})") from None
         filled.setdefault(f"{module_path}.{which}", set()).add(shard_id)
     missing = []

@@ -1,7 +1,9 @@
 """This rank's caches, one per layer as its cache kind says, and the budget split between kinds.
 
 Paged kinds get ``num_blocks * block_size`` rows each (block ids are the driver's); recurrent
-kinds get ``num_state_slots`` live slots plus ``num_checkpoints`` checkpoint slots. The split of a
+kinds get ``num_state_slots`` live slots plus ``num_checkpoints`` checkpoint slots. A layer's
+cache is its kind's storage, or a tuple of them for a layer declaring several kinds (in the
+order of its ``cache_kinds``). The split of a
 byte budget: every running sequence needs one state slot (``max_num_seqs`` of them, fewer if the
 budget is small: the slots then bound concurrency), checkpoints get their own budget
 (``state_checkpoint_memory``), paged blocks the rest.
@@ -19,9 +21,11 @@ from dist_engine.kv_cache.kinds import (
     PagedKV,
     RecurrentState,
     bytes_per_block,
+    declared_kinds,
     group_window,
     paged_groups,
     state_bytes_per_seq,
+    state_grid,
 )
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.state_cache import LayerState
@@ -30,14 +34,38 @@ CHECKPOINT_SHARE = 0.1  # of the KV budget, when state_checkpoint_memory is not 
 FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 
 
-def layer_kind(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> CacheKind:
-    """The layer's declared kind; a layer declaring none is a paged attention layer."""
-    kind = getattr(layer, "cache_kind", None)
-    if kind is not None:
-        return kind
+LayerCache = LayerKV | LayerState | tuple  # a tuple for a layer declaring several kinds
+
+
+def layer_kinds(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> tuple[CacheKind, ...]:
+    """The layer's declared kinds; a layer declaring none is a paged attention layer."""
+    kinds = declared_kinds(layer)
+    if kinds is not None:
+        return kinds
     attn = layer.self_attn
-    return PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
-                   shared_kv=getattr(attn, "latent_cache", False), window=window)
+    return (PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
+                    shared_kv=getattr(attn, "latent_cache", False), window=window),)
+
+
+def by_layer(flat: list, layer_kinds: list[tuple[CacheKind, ...]]) -> list[LayerCache]:
+    """Each layer's cache from the flat per-kind list: itself, or a tuple for several kinds."""
+    out, at = [], 0
+    for kinds in layer_kinds:
+        part = flat[at:at + len(kinds)]
+        out.append(part[0] if len(part) == 1 else tuple(part))
+        at += len(kinds)
+    return out
+
+
+def flat_caches(caches: list[LayerCache]) -> list[LayerKV | LayerState]:
+    """Every kind's storage, in layer order (the inverse of ``by_layer``)."""
+    return [c for entry in caches for c in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+def _layer_state(entry: LayerCache) -> LayerState | None:
+    """A layer's recurrent state (at most one per layer), if it has one."""
+    found = [c for c in (entry if isinstance(entry, tuple) else (entry,)) if isinstance(c, LayerState)]
+    return found[0] if found else None
 
 
 def plan_layout(kinds: list[CacheKind], config: EngineConfig, budget: int | None) -> CacheLayout:
@@ -55,7 +83,7 @@ def plan_layout(kinds: list[CacheKind], config: EngineConfig, budget: int | None
     if budget is None:
         blocks = ((groups[0], cc.num_blocks), *((g, cc.num_blocks) for g in groups[1:]))
         return CacheLayout(blocks, sc.max_num_seqs if per_state else 0,
-                           FIXED_CHECKPOINTS if per_state else 0)
+                           FIXED_CHECKPOINTS if per_state else 0, state_grid(kinds))
     slots = ckpts = 0
     if per_state:
         ckpt_bytes = (cc.state_checkpoint_memory if cc.state_checkpoint_memory is not None
@@ -74,7 +102,7 @@ def plan_layout(kinds: list[CacheKind], config: EngineConfig, budget: int | None
                          f"{sum(secondary.values())} of {sc.max_num_seqs} sequences need; raise "
                          "--kv-cache-memory or lower --max-num-seqs")
     blocks = ((groups[0], primary), *secondary.items()) if groups else ()
-    return CacheLayout(blocks, slots, ckpts)
+    return CacheLayout(blocks, slots, ckpts, state_grid(kinds))
 
 
 def allocate(kinds: list[CacheKind], layout: CacheLayout, block_size: int, device: torch.device,
@@ -105,7 +133,7 @@ def bytes_by_group(caches: list[LayerKV | LayerState], kinds: list[CacheKind]) -
     return out
 
 
-def restore_states(caches: list, layout: CacheLayout, seqs) -> None:
+def restore_states(caches: list[LayerCache], layout: CacheLayout, seqs) -> None:
     """Before a step: a sequence resuming from a prefix-cache checkpoint gets it copied into
     its live slot (checkpoint c is slot ``num_state_slots + c``)."""
     pairs = [(s.state_slot, layout.num_state_slots + s.restore_from) for s in seqs
@@ -113,30 +141,34 @@ def restore_states(caches: list, layout: CacheLayout, seqs) -> None:
     if not pairs:
         return
     dst, src = (torch.tensor(x, dtype=torch.long) for x in zip(*pairs))
-    for cache in caches:
-        if isinstance(cache, LayerState):
+    for entry in caches:
+        cache = _layer_state(entry)
+        if cache is not None:
             cache.copy_slots(dst.to(_device(cache)), src.to(_device(cache)))
 
 
-def settle_states(caches: list, layout: CacheLayout, seqs, meta, verified: list[int]) -> None:
+def settle_states(caches: list[LayerCache], layout: CacheLayout, seqs, meta, verified: list[int]) -> None:
     """After a step: each sequence's live state becomes the state after its ``verified``
     tokens of the step (a verification that rejected drafts takes the state its layers kept
     after the last accepted token), and the checkpoints it was asked to save are saved where
-    the step reached their position."""
+    the step reached their position. A positional state is already right as it is: the rows
+    past the accepted position are never read before they are rewritten, and a checkpoint
+    saved from it serves any position whose rows it still holds."""
     if meta is None:
         return
-    for i, cache in enumerate(caches):
-        if not isinstance(cache, LayerState):
+    for i, entry in enumerate(caches):
+        cache = _layer_state(entry)
+        if cache is None:
             continue
         kept = meta.kept.get(i)
         for b, (s, n) in enumerate(zip(seqs, verified)):
             slot = torch.tensor([s.state_slot], device=_device(cache))
-            if n < len(s.token_ids):  # drafts were rejected: back to the state after n tokens
+            if n < len(s.token_ids) and not cache.positional:  # back to the state after n tokens
                 _copy_kept(cache, kept, b, n - 1, slot, i)
             for pos, c in s.save_states:
                 at = pos - s.start_pos  # tokens of this step up to the checkpoint
                 dst = torch.tensor([layout.num_state_slots + c], device=_device(cache))
-                if at == n:
+                if at == n or (cache.positional and 0 < at < n):
                     cache.copy_slots(dst, slot)
                 elif 0 < at < n:
                     _copy_kept(cache, kept, b, at - 1, dst, i)

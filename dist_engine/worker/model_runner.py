@@ -23,15 +23,17 @@ from dist_engine.kv_cache.kinds import (
 )
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
-from dist_engine.layers.state_cache import LayerState
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
 from dist_engine.worker.caches import (
+    LayerCache,
     allocate,
+    by_layer,
     bytes_by_group,
-    layer_kind,
+    flat_caches,
+    layer_kinds,
     plan_layout,
     restore_states,
     settle_states,
@@ -69,9 +71,9 @@ class ModelRunner:
             self.model = model_class(mcfg.architecture)(
                 mcfg, comm, self.dtype, config.scheduler.max_model_len
             )
-        # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
-        mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
-                           for j in range(mcfg.num_nextn_predict_layers))
+        # MTP layers shipped in the checkpoint (model.layers.{num_hidden_layers + j}, or mtp.*)
+        # belong to the speculative decoder
+        mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
         pack_weights(self.model)
@@ -81,11 +83,15 @@ class ModelRunner:
 
             self.mtp = MTPDecoder(self, config)
         self.load_seconds = time.perf_counter() - t0
-        # what each layer keeps between steps (the MTP layer's cache last)
+        # what each layer keeps between steps (the MTP layer's cache last): its kinds, and all
+        # of them in layer order
         window = mcfg.sliding_window
         layers = list(self.model.model.layers) + ([self.mtp.mtp.layer] if self.mtp is not None else [])
-        self.kinds = [layer_kind(layer, self.kv_dtype, window) for layer in layers]
+        self.layer_kinds = [layer_kinds(layer, self.kv_dtype, window) for layer in layers]
+        self.kinds = [k for kinds in self.layer_kinds for k in kinds]
         self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
+        # compressed kinds (one row per ratio positions) get row metadata every step
+        self.ratios = tuple(sorted({k.ratio for k in self.kinds if isinstance(k, PagedKV) and k.ratio > 1}))
         self.groups = tuple(paged_groups(self.kinds))  # paged groups, primary first
         self.windows = [group_window(g) for g in self.groups]
         attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
@@ -98,7 +104,7 @@ class ModelRunner:
         self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
-        self.kv_caches: list[LayerKV | LayerState] = []  # one per layer of the main model
+        self.kv_caches: list[LayerCache] = []  # one per layer of the main model
         self.layout: CacheLayout | None = None
         # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
         # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
@@ -117,7 +123,7 @@ class ModelRunner:
                            self.heads_per_kv, self.dtype, self.device, groups=self.groups,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
                            dcp=self.dcp_comm, fold=self.local_num_kv_heads > 1,
-                           paged=self.use_paged_kernel)
+                           paged=self.use_paged_kernel, ratios=self.ratios)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> dict[str, int]:
@@ -227,9 +233,9 @@ class ModelRunner:
                      scales: list[tuple[float, float]] | None) -> None:
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
         self.layout = layout
-        self.kv_caches = allocate(self.kinds, layout, self.block_size, self.device,
-                                  zero_slots=self.block_size, extra_blocks=int(scratch),
-                                  scales=scales, dtype=dtype)
+        flat = allocate(self.kinds, layout, self.block_size, self.device, zero_slots=self.block_size,
+                        extra_blocks=int(scratch), scales=scales, dtype=dtype)
+        self.kv_caches = by_layer(flat, self.layer_kinds)
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
         if scratch:
@@ -238,7 +244,7 @@ class ModelRunner:
     def allocated_bytes(self) -> dict[str, int]:
         """Bytes allocated per kind group (the MTP layer's cache included)."""
         caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
-        return bytes_by_group(caches, self.kinds)
+        return bytes_by_group(flat_caches(caches), self.kinds)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
         """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
@@ -246,7 +252,7 @@ class ModelRunner:
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
         self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
-        caches = [c for c in self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        caches = [c for c in flat_caches(self.kv_caches + ([self.mtp.kv] if self.mtp is not None else []))
                   if isinstance(c, LayerKV)]
         for kv in caches:
             kv.observe = True
@@ -338,9 +344,10 @@ class ModelRunner:
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
-    token on every rank (short steps, DCP, or a shard that would get no token)."""
+    token on every rank (short steps, DCP, a shard that would get no token, or a model with
+    recurrent state: its state advances through every token in order, on every rank)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner.calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating or runner.has_state
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None
