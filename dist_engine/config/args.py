@@ -194,6 +194,8 @@ class EngineArgs:
         if self.speculative_model:
             spec["model"] = self.speculative_model
         spec.update(self.speculative_config or {})
+        if native and not spec.get("model"):
+            spec = {**mcfg.native_mtp_settings, **spec}
         if self.speculative == "auto" and self.speculative_config is None:
             if not spec.get("model") and not native and shipped_graft(self.model) is None:
                 return None

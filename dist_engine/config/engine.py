@@ -93,6 +93,10 @@ def _check_v4(config: EngineConfig) -> None:
     if m.v4.o_groups % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide o_groups={m.v4.o_groups}: each "
                          "rank projects whole head groups of the grouped output projection")
+    spec = config.speculative
+    if spec is not None and spec.model is None and (spec.hidden_stage, spec.feedback) != ("raw", "raw"):
+        raise ValueError("DeepSeek-V4's MTP layer reads the hyper-connection streams: speculation needs "
+                         "hidden_stage='raw' and feedback='raw' (the defaults for its native MTP)")
     if config.cache.kv_cache_dtype not in ("auto", config.dtype):
         raise ValueError(f"kv_cache_dtype={config.cache.kv_cache_dtype!r} is not supported for "
                          "DeepSeek-V4 yet (its window, compressed rows and indexer keys are kept in "

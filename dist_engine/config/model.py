@@ -88,6 +88,12 @@ class ModelConfig:
         return max(self.v4.ratios, default=1) if self.v4 is not None else 1
 
     @property
+    def native_mtp_settings(self) -> dict[str, str]:
+        """Speculation settings the model's own MTP layers need (DeepSeek-V4's reads the
+        hyper-connection streams before the final collapse, and feeds its own back)."""
+        return {"hidden_stage": "raw", "feedback": "raw"} if self.is_v4 else {}
+
+    @property
     def mtp_prefixes(self) -> tuple[str, ...]:
         """Checkpoint-name prefixes of the MTP layers (tensors that are not the main model's)."""
         if self.is_v4:

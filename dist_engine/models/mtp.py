@@ -10,6 +10,8 @@ p + 1, and its output predicts token p + 2::
 
 Module names follow the checkpoints that ship MTP weights (DeepSeek-V3, GLM-4.5):
 ``model.layers.{num_hidden_layers}.{enorm,hnorm,eh_proj,shared_head.norm,self_attn,mlp,...}``.
+DeepSeek-V4 ships ``mtp.{i}.*`` with two input projections summed and hyper-connection streams
+(``models/deepseek_v4_mtp.py``).
 The embedding and head are the main model's; their copies in a checkpoint are ignored.
 No collectives here: the block's parallel layers hold them, ``eh_proj`` is replicated.
 """
@@ -83,6 +85,15 @@ class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
                  emb_first: bool) -> None:
         super().__init__()
+        if cfg.is_v4:
+            from dist_engine.models.deepseek_v4 import DeepseekV4ForCausalLM
+            from dist_engine.models.deepseek_v4_mtp import DeepseekV4MTPLayer, mtp_checkpoint_name
+
+            self.packed_modules = DeepseekV4ForCausalLM.packed_modules
+            self.checkpoint_name = mtp_checkpoint_name
+            self.mtp = nn.ModuleList([DeepseekV4MTPLayer(cfg, comm, dtype, max_positions)])
+            self._prefix = "mtp.0."
+            return
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
         main, block = ((DeepseekV3ForCausalLM, DeepseekV3MTPLayer) if cfg.is_mla
@@ -91,6 +102,7 @@ class MTPModel(nn.Module):
         self.layer_index = cfg.num_hidden_layers
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first)})
+        self._prefix = f"model.layers.{self.layer_index}."
 
     def skip_tensor(self, name: str) -> bool:
         """Another rank's routed expert of an MoE MTP block."""
@@ -101,8 +113,11 @@ class MTPModel(nn.Module):
         return not self.layer.mlp.owns_expert(int(expert))
 
     @property
-    def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer:
+    def layer(self) -> nn.Module:
+        """MTP layer 0 (``LlamaMTPLayer``, ``DeepseekV3MTPLayer`` or ``DeepseekV4MTPLayer``)."""
+        if hasattr(self, "mtp"):
+            return self.mtp[0]
         return self.model.layers[str(self.layer_index)]
 
     def prefix(self) -> str:
-        return f"model.layers.{self.layer_index}."
+        return self._prefix
