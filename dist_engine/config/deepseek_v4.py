@@ -153,6 +153,9 @@ def v4_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
     if len(types) != n:
         raise ValueError(f"{path}/config.json: layer_types has {len(types)} entries for "
                          f"num_hidden_layers={n}")
+    bad = sorted({t for t in types if t not in LAYER_TYPES})
+    if bad:
+        raise ValueError(f"{path}/config.json: layer_types entries must be one of {LAYER_TYPES}; got {bad}")
     if raw.get("mlp_layer_types") is not None:
         mlp = list(raw["mlp_layer_types"])
         bad = sorted({t for t in mlp if t not in ("hash_moe", "moe")})
@@ -166,7 +169,7 @@ def v4_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
     rope_dim = raw.get("qk_rope_head_dim") or int(head_dim * (raw.get("partial_rotary_factor") or 64 / 512))
     theta, main_scaling, c_theta, c_scaling = _rope_parameters(raw)
     quant = raw.get("quantization_config") or {}
-    scoring = raw.get("scoring_func", "sqrtsoftplus")
+    scoring = raw.get("scoring_func", "sqrtsoftplus")  # V4 always renormalises the top-k weights
     if scoring not in SCORING:
         raise ValueError(f"{path}/config.json: scoring_func {scoring!r} is not supported ({SCORING})")
     v4 = V4Config(
@@ -200,6 +203,6 @@ def v4_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
         n_shared_experts=raw.get("n_shared_experts", 1),
         moe_intermediate_size=inter,
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.5)),
-        norm_topk_prob=raw.get("norm_topk_prob", True),
+        norm_topk_prob=True,
         moe_scoring=scoring,
     )

@@ -209,29 +209,30 @@ class LLMEngine:
             seq = s.seq
             self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
-            self.scheduler.free_behind_window(seq)
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
             sampled = result.sampled.get(seq.seq_id)
-            if sampled is None:
-                if self.state is not None:
-                    self.state.after_step(seq)
-                continue
-            if self.num_spec_tokens:
-                seq.num_computed += sampled.num_accepted  # their K/V were written by verification
-                seq.draft_token_ids = list(sampled.draft_token_ids)
-                self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
-                self.draft_depth.record(sampled.num_drafts, sampled.num_accepted)
-                seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
-            before = len(seq.output_token_ids)
-            append_tokens(seq, sampled, self.eos_token_ids, now)
-            self.num_generated_tokens += len(seq.output_token_ids) - before
+            if sampled is not None:
+                if self.num_spec_tokens:
+                    seq.num_computed += sampled.num_accepted  # their K/V were written by verification
+                    seq.draft_token_ids = list(sampled.draft_token_ids)
+                    self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
+                    self.draft_depth.record(sampled.num_drafts, sampled.num_accepted)
+                    seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
+                before = len(seq.output_token_ids)
+                append_tokens(seq, sampled, self.eos_token_ids, now)
+                self.num_generated_tokens += len(seq.output_token_ids) - before
+            # full blocks of verified tokens are hashed (prefill chunks included) before a window
+            # group gives any back, so a later prefix finds the window blocks it needs
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
                                seq.cache_root)
             if self.others is not None:
                 self.others.commit(seq)
+            self.scheduler.free_behind_window(seq)
             if self.state is not None:
                 self.state.after_step(seq)
+            if sampled is None:
+                continue
             if seq.finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = self.requests[seq.request_id]

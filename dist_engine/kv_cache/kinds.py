@@ -113,6 +113,21 @@ def bytes_per_block(kinds: list[CacheKind], block_size: int) -> dict[str, int]:
     return out
 
 
+def bytes_by_role(kinds: list[CacheKind]) -> dict[str, dict[str, float]]:
+    """Per group, what each kind of row costs over all its layers on this rank: paged kinds in
+    bytes per token (a compressed kind's row over its ``ratio`` tokens), recurrent ones in bytes
+    per sequence; keyed by role (with the ratio for compressed kinds)."""
+    out: dict[str, dict[str, float]] = {}
+    for k in kinds:
+        if isinstance(k, PagedKV):
+            label, cost = (k.role if k.ratio == 1 else f"{k.role} 1/{k.ratio}"), k.bytes_per_row() / k.ratio
+        else:
+            label, cost = k.role, k.bytes_per_seq()
+        group = out.setdefault(k.group, {})
+        group[label] = group.get(label, 0) + cost
+    return out
+
+
 def state_bytes_per_seq(kinds: list[CacheKind]) -> int:
     return sum(k.bytes_per_seq() for k in kinds if isinstance(k, RecurrentState))
 

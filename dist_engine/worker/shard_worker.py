@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator, TorchCommunicator
-from dist_engine.kv_cache.kinds import CacheLayout
+from dist_engine.kv_cache.kinds import CacheLayout, bytes_by_role
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.model_runner import ModelRunner, default_threads
 
@@ -106,7 +106,7 @@ class ShardWorker:
     def cache_info(self) -> dict:
         r = self.runner
         return {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
-                "bytes_per_block_by_group": r.bytes_per_block(),
+                "bytes_per_block_by_group": r.bytes_per_block(), "bytes_by_role": bytes_by_role(r.kinds),
                 "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(),
                 **r.memory_report}
 
