@@ -11,6 +11,8 @@ budget is small: the slots then bound concurrency), checkpoints get their own bu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -38,10 +40,11 @@ LayerCache = LayerKV | LayerState | tuple  # a tuple for a layer declaring sever
 
 
 def layer_kinds(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> tuple[CacheKind, ...]:
-    """The layer's declared kinds; a layer declaring none is a paged attention layer."""
+    """The layer's declared kinds (paged ones stored in the KV cache's dtype, FP8 included); a
+    layer declaring none is a paged attention layer."""
     kinds = declared_kinds(layer)
     if kinds is not None:
-        return kinds
+        return tuple(dataclasses.replace(k, dtype=kv_dtype) if isinstance(k, PagedKV) else k for k in kinds)
     attn = layer.self_attn
     return (PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
                     shared_kv=getattr(attn, "latent_cache", False), window=window),)
