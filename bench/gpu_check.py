@@ -332,6 +332,10 @@ def report(res: dict) -> str:
         from gpu_quant import report as quant_report
 
         lines += quant_report(res["quant"])
+    if "deepseek_v4" in res:
+        from gpu_deepseek_v4 import report as v4_report
+
+        lines += v4_report(res["deepseek_v4"])
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +343,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,deepseek_v4",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -381,6 +385,12 @@ def main() -> None:
                             "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
                                              SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
             save("quant")
+        if "deepseek_v4" in parts:
+            import gpu_deepseek_v4
+
+            res["deepseek_v4"] = {"parity": guarded(gpu_deepseek_v4.parity, tmp, dev),
+                                  "steps": guarded(gpu_deepseek_v4.step_times, tmp, dev, a.quick)}
+            save("deepseek_v4")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ compressed sparse at ratio 4 with a top-3 indexer, heavily compressed at 16), ha
 and a 16-token window: logits and greedy tokens at TP=1, TP=2 + DCP=2 and CP=2; batched and
 prefix-cached runs equal plain ones; the native MTP layer (released naming) against a reference
 written here and lossless speculation with drafts across compression windows; FP8 weights with
-UE8M0 scales; DeepSeek's released checkpoint naming; the cache kinds' bookkeeping."""
+UE8M0 scales and MXFP4 experts; DeepSeek's released checkpoint naming; the cache kinds' bookkeeping."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -51,15 +52,33 @@ def _check(out, reference, tol=1e-4):
         assert abs(lp - logits[tok].item()) < tol
 
 
-def test_matches_transformers(v4, reference):
+def test_matches_transformers(v4, reference, caplog):
     """Chunked prefill (40 tokens a step) over 71 tokens and 32 decode steps, crossing many
-    compression windows: transformers' logits and greedy tokens."""
-    with LLM(v4[1], speculative="none", **ARGS) as llm:
-        out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=GREEDY)[0].outputs[0]
-        runner = llm.engine.executor.worker.runner
-        assert runner.ratios == (4, 16) and runner.groups == ("full", "window16")
-        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    compression windows: transformers' logits and greedy tokens. The start-up log's bytes per
+    kind are what was allocated, and it states the longest context the blocks hold."""
+    from dist_engine.layers.kv_cache import LayerKV
+    from dist_engine.worker.caches import flat_caches
+
+    with caplog.at_level(logging.INFO, logger="dist_engine"):
+        with LLM(v4[1], speculative="none", **ARGS) as llm:
+            out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=GREEDY)[0].outputs[0]
+            runner, info = llm.engine.executor.worker.runner, llm.engine.cache_info
+            assert runner.ratios == (4, 16) and runner.groups == ("full", "window16")
+            assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+            real = {"full": 0, "window16": 0, "state": 0}
+            for c, kind in zip(flat_caches(runner.kv_caches), runner.kinds, strict=True):
+                real[kind.group] += (c.k.nbytes + (0 if c.shared else c.v.nbytes) if isinstance(c, LayerKV)
+                                     else sum(t.nbytes for t in c.tensors.values()))
     _check(out, reference)
+    assert info["allocated_bytes"] == real
+    bs = info["block_size"]
+    for group in ("full", "window16"):
+        line = next(ln for ln in caplog.text.splitlines() if f"KV cache per rank, {group} attention" in ln)
+        assert f"{real[group] / 2**20:.1f} MiB" in line
+        assert f"{info['bytes_per_block_by_group'][group] / bs:g} bytes/token" in line
+    assert "compressed K/V 1/4" in caplog.text and "compressed K/V 1/16" in caplog.text
+    assert "indexer keys 1/4" in caplog.text and "compressor windows" in caplog.text
+    assert f"longest context the cache can hold: {ARGS['num_kv_blocks'] * bs} tokens" in caplog.text
 
 
 @pytest.mark.distributed
@@ -180,22 +199,29 @@ def test_mtp_speculation_is_lossless(v4, k):
     assert crossed and stats["num_accepted_tokens"] > 0 and len(stats["drafted_at"]) == k
 
 
-def test_fp8_weights_equal_their_fp32_values(v4, tmp_path):
-    """FP8 weights in 16 x 16 blocks with power-of-two scales stored as float8_e8m0fnu (the
-    released naming's ``*.scale``), kept FP8 in memory: the same output as the same weights in
-    fp32."""
-    fp8 = save_v4(v4[0], str(tmp_path / "fp8"), naming="released", fp8_block=16)
-    plain = dequantized_copy(fp8, str(tmp_path / "fp32"), 16)
+def test_fp8_and_fp4_weights_equal_their_fp32_values(v4, tmp_path):
+    """The released checkpoints' formats: FP8 weights in 16 x 16 blocks with power-of-two
+    scales stored as float8_e8m0fnu (``*.scale``), kept FP8 in memory, and MXFP4 routed
+    experts (``expert_dtype: "fp4"``: E2M1 codes two per byte, a UE8M0 scale per 32), kept
+    packed: the same output as the same weights given in fp32."""
+    from dist_engine.kernels.qlinear import QWeight
+
+    quant = save_v4(v4[0], str(tmp_path / "fp8"), naming="released", fp8_block=16, fp4_experts=True)
+    plain = dequantized_copy(quant, str(tmp_path / "fp32"), 16)
     outs = []
-    for path in (fp8, plain):
+    for path in (quant, plain):
         with LLM(path, speculative="none", **ARGS) as llm:
             outs.append(llm.generate(prompt_token_ids=[PROMPT], sampling_params=GREEDY)[0].outputs[0])
-            attn = llm.engine.executor.worker.runner.model.model.layers[1].self_attn
-            assert (attn.q_b_proj.weight.dtype == torch.float8_e4m3fn) == (path == fp8)
-            assert attn.compressor.kv_proj.weight.dtype != torch.float8_e4m3fn  # bf16 as shipped
+            layer = llm.engine.executor.worker.runner.model.model.layers[1]
+            assert (layer.self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn) == (path == quant)
+            assert layer.self_attn.compressor.kv_proj.weight.dtype != torch.float8_e4m3fn  # bf16 as shipped
+            expert = next(iter(layer.mlp.experts.values()))
+            assert isinstance(expert.down_proj.weight_packed, QWeight) == (path == quant)
+            formats = llm.engine.cache_info
+            assert ("weight_bytes[mxfp4]" in formats) == (path == quant)
     assert outs[0].token_ids == outs[1].token_ids
     for tok, lp in outs[1].logprobs[0].items():
-        assert abs(outs[0].logprobs[0][tok] - lp) < 1e-5
+        assert abs(outs[0].logprobs[0][tok] - lp) < 1e-4
 
 
 def test_released_naming_loads(v4, reference, tmp_path):
@@ -226,6 +252,8 @@ def test_released_naming_loads(v4, reference, tmp_path):
      "compression ratio 6: it must be a power of two"),
     (dict(index_topk=0), "index_topk=0"),
     (dict(layer_types=["sliding_attention"] * 3 + ["dense"]), "layer_types entries must be one of"),
+    (dict(quantization_config={"quant_method": "fp6"}), "quant_method 'fp6' is not supported"),
+    (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "method 'gptq' is not supported for them"),
 ])
 def test_inconsistent_configs_are_value_errors(v4, change, match):
     import json

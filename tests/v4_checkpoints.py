@@ -78,17 +78,37 @@ def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     return q.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
 
 
+E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4: per 32 inputs a power-of-two scale (UE8M0) and E2M1 codes rounded to the nearest
+    value, two per byte (first in the low nibble): (uint8 ``[N, K / 2]``, float8_e8m0fnu
+    ``[N, K / 32]``)."""
+    N, K = w.shape
+    g = w.reshape(N, K // 32, 32)
+    scale = 2.0 ** torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 6.0))
+    codes = (g / scale).unsqueeze(-1).sub(E2M1).abs().argmin(-1).reshape(N, K).to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale.squeeze(-1).to(torch.float8_e8m0fnu)
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    codes = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1).long()
+    return E2M1[codes] * scale.float().repeat_interleave(32, 1)
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
     s = scale.float().repeat_interleave(block, 0).repeat_interleave(block, 1)
     return q.float() * s[:q.shape[0], :q.shape[1]]
 
 
 def save_v4(model, path: str, naming: str = "transformers", fp8_block: int | None = None,
-            extra: dict[str, torch.Tensor] | None = None) -> str:
+            extra: dict[str, torch.Tensor] | None = None, fp4_experts: bool = False) -> str:
     """Write ``model`` (and ``extra`` tensors, e.g. an MTP layer, in released names) to ``path``:
     transformers' naming (``model.`` prefix) or the ``released`` one; with ``fp8_block`` the
     FP8 leaves as float8 with UE8M0 scales (``*.scale`` released, ``*.weight_scale_inv``
-    otherwise), else in fp32."""
+    otherwise), else in fp32; with ``fp4_experts`` the routed experts in MXFP4 (packed bytes and
+    UE8M0 ``*.scale``), flagged by ``expert_dtype: "fp4"``."""
     from safetensors.torch import load_file, save_file
 
     tmp = path + ".tmp"
@@ -102,7 +122,9 @@ def save_v4(model, path: str, naming: str = "transformers", fp8_block: int | Non
     out = {}
     for name, t in tensors.items():
         key = _released(name) if naming == "released" else name
-        if fp8_block and t.dim() == 2 and any(leaf in "." + name for leaf in FP8_LEAVES):
+        if fp4_experts and ".experts." in name and name.endswith((".w1.weight", ".w2.weight", ".w3.weight")):
+            out[key], out[key[:-len(".weight")] + ".scale"] = quantize_mxfp4(t)
+        elif fp8_block and t.dim() == 2 and any(leaf in "." + name for leaf in FP8_LEAVES):
             q, s = quantize_fp8(t, fp8_block)
             out[key] = q
             out[key[:-len(".weight")] + (".scale" if naming == "released" else ".weight_scale_inv")] = s
@@ -111,6 +133,8 @@ def save_v4(model, path: str, naming: str = "transformers", fp8_block: int | Non
     if fp8_block:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
                                       "activation_scheme": "dynamic", "weight_block_size": [fp8_block, fp8_block]}
+    if fp4_experts:
+        (cfg["quantization_config"] if fp8_block else cfg)["expert_dtype"] = "fp4"
     os.makedirs(path, exist_ok=True)
     save_file(out, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -119,7 +143,8 @@ def save_v4(model, path: str, naming: str = "transformers", fp8_block: int | Non
 
 
 def dequantized_copy(src: str, dst: str, block: int) -> str:
-    """The FP8 checkpoint at ``src`` with every FP8 weight replaced by its exact fp32 value."""
+    """The checkpoint at ``src`` with every FP8 and MXFP4 weight replaced by its exact fp32
+    value."""
     from safetensors.torch import load_file, save_file
 
     t = load_file(os.path.join(src, "model.safetensors"))
@@ -127,13 +152,16 @@ def dequantized_copy(src: str, dst: str, block: int) -> str:
     for name, v in t.items():
         if v.dtype == torch.float8_e8m0fnu:
             continue
+        if v.dtype == torch.uint8:
+            v = dequantize_mxfp4(v, t[name[:-len(".weight")] + ".scale"])
         if v.dtype == torch.float8_e4m3fn:
             stem = name[:-len(".weight")]
             scale = t.get(stem + ".scale", t.get(stem + ".weight_scale_inv"))
             v = dequantize_fp8(v, scale, block)
         out[name] = v
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg.pop("quantization_config")
+    cfg.pop("quantization_config", None)
+    cfg.pop("expert_dtype", None)
     os.makedirs(dst, exist_ok=True)
     save_file(out, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(dst, "config.json"), "w") as f:

@@ -156,6 +156,10 @@ class ModelConfig:
         if self.fp8_block is not None and not (self.is_mla or self.is_v4):
             raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepSeek-V3 and V4 only, "
                              f"not {self.architecture}; use a bf16/fp32 checkpoint")
+        if self.is_v4 and self.quantization is not None:
+            raise ValueError(f"DeepSeek-V4 checkpoints are read as DeepSeek ships them (FP8 with "
+                             f"weight_block_size, MXFP4 experts); quantization method "
+                             f"{self.quantization.method!r} is not supported for them")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group="

@@ -198,14 +198,18 @@ class SparseMoE(nn.Module):
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
                  comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None,
                  scoring: str = "sigmoid", limit: float | None = None,
-                 hash_vocab: int | None = None) -> None:
+                 hash_vocab: int | None = None, packed_experts: bool = False) -> None:
+        """``quant``: FP8 block size of the expert weights; ``packed_experts``: the routed
+        experts arrive kept quantized (``quant/``, e.g. DeepSeek-V4's MXFP4) and take no FP8
+        form, the shared experts keep ``quant``."""
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
         self.gate = (HashRouter(hidden, num_experts, top_k, hash_vocab, scaling, scoring) if hash_vocab
                      else TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob,
                                      scaling, scoring))
-        self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, limit, num_experts)
+        self.experts = local_experts(hidden, inter, self.expert_range, dtype, None if packed_experts else quant,
+                                     limit, num_experts)
         self.shared_experts = (SharedExperts(hidden, inter * num_shared, comm, dtype, quant, limit)
                                if num_shared else None)
 

@@ -164,10 +164,10 @@ class DeepseekV4DecoderLayer(nn.Module):
         super().__init__()
         v4, H, eps = cfg.v4, cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn = DeepseekV4Attention(cfg, comm, layer_type, ratio, rotary, dtype)
-        expert_quant = cfg.fp8_block if v4.expert_dtype != "fp4" else None
         self.mlp = SparseMoE(H, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts,
                              cfg.num_experts_per_tok, 1, 1, True, cfg.routed_scaling_factor, comm, dtype,
-                             expert_quant, cfg.moe_scoring, v4.swiglu_limit, cfg.vocab_size if hashed else None)
+                             cfg.fp8_block, cfg.moe_scoring, v4.swiglu_limit, cfg.vocab_size if hashed else None,
+                             packed_experts=v4.expert_dtype == "fp4")
         self.input_layernorm = Fp32RMSNorm(H, eps)
         self.post_attention_layernorm = Fp32RMSNorm(H, eps)
         self.attn_hc = HyperConnection(H, v4.hc_mult, v4.hc_sinkhorn_iters, v4.hc_eps, eps)
