@@ -4,7 +4,7 @@
    top-3 indexer; tests/v4_checkpoints.py) in fp32 against transformers on the same device: 24
    greedy tokens after a 71-token prompt identical, largest top-5 logprob error; the same
    with native MTP (K=2) identical to plain.
-2. Decode step time against context (1K..32K; 1K..2K with ``--quick``) for the benchmark's small
+2. Decode step time against context (1K..32K; 256 and 512 with ``--quick``) for the benchmark's small
    V4 shape against the dense-attention Llama of its size (bench/bench_deepseek_v4.py), bf16.
 """
 
@@ -47,7 +47,7 @@ def step_times(tmp: str, dev: str, quick: bool) -> dict:
 
     from dist_engine import LLM, SamplingParams
 
-    contexts = [1024, 2048] if quick else [1024, 4096, 16384, 32768]
+    contexts = [256, 512] if quick else [1024, 4096, 16384, 32768]
     sp = SamplingParams(temperature=0, max_tokens=33, ignore_eos=True)
     res: dict = {}
     for kind in ("v4", "dense"):

@@ -39,7 +39,7 @@ from dist_engine.layers.indexer import Indexer
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from dist_engine.layers.loading import copy_checked
-from dist_engine.layers.moe import SparseMoE, foreign_expert
+from dist_engine.layers.moe import SparseMoE, skipped_expert
 from dist_engine.layers.norm import Fp32RMSNorm, unweighted_rms_norm
 from dist_engine.layers.rotary import TrailingRotary
 from dist_engine.models.deepseek_v4_names import checkpoint_name
@@ -221,8 +221,9 @@ class DeepseekV4ForCausalLM(nn.Module):
     packed_modules = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None)}
     ignored_suffixes = ("rotary_emb.inv_freq",)
 
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 expert_cache: None = None) -> None:
+        super().__init__()  # paged experts are refused for V4 by EngineConfig (expert_cache stays None)
         self.config = cfg
         self.model = DeepseekV4Model(cfg, comm, dtype, max_positions)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
@@ -234,7 +235,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def skip_tensor(self, name: str) -> bool:
         """Another rank's routed expert: never read from the checkpoint here."""
-        return foreign_expert(self.model.layers, name)
+        return skipped_expert(self.model.layers, name)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
                 return_prenorm: bool = False):
