@@ -13,8 +13,9 @@
    DCP=1 (TP=1) and DCP=2 (TP=2, the single KV head's rows striped over both ranks): the
    layout ``plan_layout`` makes, as the start-up log states it.
 3. Decode step time against context for a small random V4 shape and a dense-attention Llama of
-   the same hidden size, layers and heads (fp32 on CPU, one sequence, 16 decode
-   steps after a prompt of each length; ``--contexts``).
+   the same hidden size, layers and heads (fp32 on CPU, one sequence, the median of 32 decode
+   steps after a prompt of each length; ``--contexts``). Run with ``OMP_WAIT_POLICY=passive``
+   on a shared machine (docs/performance.md: spinning OpenMP pools).
 4. Resident weight bytes of a small V4 shape with FP8 weights and MXFP4 routed experts, FP8
    experts, and bf16 (the engine's per-format weight bytes).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -186,7 +188,7 @@ def step_times(tmp: str, contexts: list[int]) -> dict:
     from dist_engine import LLM, SamplingParams
 
     res = {}
-    sp = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=33, ignore_eos=True)
     for kind in ("v4", "dense"):
         with LLM(write_small(tmp, kind), skip_tokenizer_init=True, speculative="none", max_model_len=max(contexts) + 64,
                  max_num_batched_tokens=2048, kv_cache_memory="512MiB", enable_prefix_caching=False,
@@ -195,7 +197,7 @@ def step_times(tmp: str, contexts: list[int]) -> dict:
             for n in contexts:
                 ids = [1] + torch.randint(3, 1024, (n - 1,), generator=g).tolist()
                 m = llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0].metrics
-                step = (m.last_token_time - m.first_token_time) / 16
+                step = statistics.median(m.inter_token_latencies)  # robust to the shared machine's spikes
                 res.setdefault(kind, {})[n] = {"decode_step_ms": 1e3 * step,
                                               "prefill_s": m.first_token_time - m.first_scheduled_time}
                 print(kind, n, f"{1e3 * step:.1f} ms/step", flush=True)
@@ -242,7 +244,7 @@ def report(res: dict) -> str:
     lines += [f"| {k} | {v:,} |" for k, v in lc.items() if k != "ratio"] + ["", f"DCP=2 / DCP=1: {lc['ratio']:.2f}x"]
     if "steps" in res:
         st = res["steps"]
-        lines += ["", "## Decode step time (ms) vs context, small shape, fp32, CPU", "",
+        lines += ["", "## Decode step time (ms, median of 32 steps) vs context, small shape, fp32, CPU", "",
                   "| context | V4 (window 128, ratios 4/128, top-128) | dense attention | dense / V4 |", "|---|---|---|---|"]
         for n in st["v4"]:
             lines.append(f"| {n} | {st['v4'][n]['decode_step_ms']:.1f} | {st['dense'][n]['decode_step_ms']:.1f} | "
