@@ -272,3 +272,15 @@ def test_layout_errors_name_the_setting(v4):
         EngineConfig(model=mcfg, cache=CacheConfig(block_size=8))
     with pytest.raises(ValueError, match="must divide o_groups=2"):
         EngineConfig(model=mcfg, parallel=ParallelConfig(tensor_parallel_size=4, executor="ray"))
+
+
+def test_speculative_auto_turns_on_for_shipped_mtp(v4, tmp_path):
+    """``--speculative auto``: on (reading the raw streams) where the checkpoint ships ``mtp.0.*``,
+    off where the config announces an MTP layer but no weights came with it."""
+    from dist_engine.config.args import EngineArgs
+
+    spec = EngineArgs(model=v4[1], speculative="auto").speculative_for(v4[1], ModelConfig.from_pretrained(v4[1]))
+    assert spec is not None and (spec.hidden_stage, spec.feedback) == ("raw", "raw")
+    bare = save_v4(v4[0], str(tmp_path / "bare"))
+    assert ModelConfig.from_pretrained(bare).num_mtp_layers == 1
+    assert EngineArgs(model=bare, speculative="auto").speculative_for(bare, ModelConfig.from_pretrained(bare)) is None
