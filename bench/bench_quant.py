@@ -4,8 +4,8 @@
 
 Default model (SmolLM2-135M-Instruct, shipped as Q4_1 GGUF). llama.cpp (``pip install
 ".[llamacpp]"``) runs its own requantization of the shipped file to F32 / F16 / Q8_0 and the
-shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows read the
-dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
+shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows and
+transformers' read the dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
 at load. Parts:
 
 1. batch-1 decode tok/s (chat prompt, 128 greedy tokens; each engine keeps its best round),
@@ -59,7 +59,8 @@ class Ours:
     def __init__(self, **kw) -> None:
         from dist_engine import LLM
 
-        self.llm = LLM(max_model_len=1024, enable_prefix_caching=False, **kw)
+        # a fixed KV budget: a dozen engines share the machine's memory
+        self.llm = LLM(max_model_len=1024, enable_prefix_caching=False, kv_cache_memory="256MiB", **kw)
 
     def decode(self, ids: list[int], n: int) -> float:
         from dist_engine import SamplingParams
@@ -113,6 +114,31 @@ class LlamaCpp:
         self.llm.close()
 
 
+class Transformers:
+    """transformers' own generate on the dequantized folder (the oracle; no quantized rows)."""
+
+    def __init__(self, path: str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def decode(self, ids: list[int], n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)
+        assert out.shape[1] == len(ids) + n
+        return n / (time.perf_counter() - t)
+
+    def nll(self, window: list[int]) -> float:
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([window])).logits[0, :-1].float()
+        return -torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
+
+    def close(self) -> None:
+        del self.model
+
+
 def taking_turns(engines: dict, fn, reps: int) -> dict:
     best = dict.fromkeys(engines, 0.0)
     for _ in range(reps):
@@ -159,6 +185,8 @@ def main() -> None:
         engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
     for name, path in peers.items():
         engines[f"llama.cpp {name}"] = lambda path=path: LlamaCpp(path)
+    engines["transformers fp32"] = lambda: Transformers(folder, torch.float32)
+    engines["transformers bf16"] = lambda: Transformers(folder, torch.bfloat16)
     loaded = {k: make() for k, make in engines.items()}
     try:
         from transformers import AutoTokenizer
@@ -245,6 +273,7 @@ def speculation(folder: str, tok, n: int) -> dict:
 
 
 def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
+    hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
     pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF Q8_0": "llama.cpp Q8_0",
              "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
              "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
@@ -253,13 +282,14 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
     peers = [k for k in speed if k.startswith("llama.cpp")]
     best_peer = max((speed[k] for k in peers), default=None)
     best_ours = max(v for k, v in speed.items() if k.startswith("ours"))
-    lines = ["| engine | tok/s | vs llama.cpp at matched precision | perplexity | vs llama.cpp's |",
-             "|---|---|---|---|---|"]
+    lines = ["| engine | tok/s | vs llama.cpp at matched precision | vs transformers | perplexity | vs llama.cpp's |",
+             "|---|---|---|---|---|---|"]
     for k, v in speed.items():
         peer = pairs.get(k)
         ratio = f"{v / speed[peer]:.2f}x ({peer})" if peer in speed else ""
+        vs_hf = f"{v / speed[hf[k]]:.2f}x" if hf.get(k) in speed else ""
         pr = f"{ppl[k] / ppl[peer]:.3f}x" if peer in ppl else ""
-        lines.append(f"| {k} | {v:.1f} | {ratio} | {ppl[k]:.3f} | {pr} |")
+        lines.append(f"| {k} | {v:.1f} | {ratio} | {vs_hf} | {ppl[k]:.3f} | {pr} |")
     if best_peer:
         lines += ["", f"Best vs best: ours {best_ours:.1f} tok/s against llama.cpp's {best_peer:.1f}: "
                       f"{best_ours / best_peer:.2f}x."]

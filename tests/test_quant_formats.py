@@ -12,7 +12,7 @@ from test_parity import our_logits
 
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import ModelConfig
-from dist_engine.kernels import qlinear
+from dist_engine.kernels import decoder, qlinear
 from dist_engine.quant.groups import GroupQuant, ShardError, quantize
 
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33]
@@ -86,6 +86,37 @@ def test_quantization_at_load_runs_the_quantized_weights(tiny_models, method):
     lps = out[0].outputs[0].logprobs[0]
     ref = torch.log_softmax(ref_logits[-1], -1)
     assert all(abs(lp - ref[t].item()) < 1e-4 for t, lp in lps.items())
+
+
+def test_quantization_at_load_on_the_hybrid_qwen3_5_model(qwen3_5_models):
+    """``--quantization int4`` on Qwen3.5-MoE: the Gated DeltaNet projections (one fused
+    ``in_proj``), gated attention, router, experts, shared expert and head are all quantized and
+    computed with exactly those values (transformers holding the same int4 values is the
+    reference); the router and the depthwise conv stay dense, as in vLLM; the layers stay on
+    the Python path (the one-call C decoder does not know them)."""
+    from conftest import hf_model
+
+    path = qwen3_5_models("qwen3_5_moe")
+    with torch.inference_mode():
+        model = hf_model(path)
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or "embed_tokens" in name:
+                continue
+            if p.dim() == 2 or name.endswith(("gate_up_proj", "down_proj")):  # experts [E, out, in]
+                p.copy_(quantize(p.reshape(-1, p.shape[-1]), 4, 32, False).dequantize().view_as(p))
+    ref_logits, ref_tokens = reference(model)
+    with LLM(path, **KW, quantization="int4", cpu_threads=1) as llm:  # tiny shapes: one thread
+        ours = llm.engine.executor.worker.runner.model
+        assert getattr(ours.model, "cpu_decoder", None) is None
+        assert decoder.CPUDecoder.attach(ours.model) is None  # asked directly, it declines
+        dense = [n for n, m in ours.named_modules() if getattr(m, "weight", None) is not None
+                 and m.weight.dim() == 2 and m.weight.numel() and "embed_tokens" not in n]
+        assert {n.split(".", 3)[-1] for n in dense} == {"linear_attn.conv1d", "mlp.gate"}
+        out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, logprobs=5))[0].outputs[0]
+    assert out.token_ids == ref_tokens
+    ref = torch.log_softmax(ref_logits[-1], -1)
+    assert all(abs(lp - ref[t].item()) < 1e-4 for t, lp in out.logprobs[0].items())
 
 
 @pytest.mark.distributed
