@@ -1,6 +1,10 @@
 """Quantized weights on CPU: ours against llama.cpp, one run, engines taking turns.
 
-    python bench/bench_quant.py [--tokens 128] [--reps 3] [--skip-llamacpp]
+    python bench/bench_quant.py [--tokens 128] [--reps 3] [--skip-llamacpp] [--parts speed,concurrent,mtp]
+
+Run it with ``OMP_WAIT_POLICY=passive`` on a shared machine: a dozen engines live in this one
+process, and spinning OpenMP pools (torch's, the kernels', llama.cpp's) steal each other's
+cores (a first run without it decoded at 0.3 tok/s).
 
 Default model (SmolLM2-135M-Instruct, shipped as Q4_1 GGUF). llama.cpp (``pip install
 ".[llamacpp]"``) runs its own requantization of the shipped file to F32 / F16 / Q8_0 and the
@@ -152,7 +156,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--parts", default="speed,concurrent,mtp",
+                    help="speed (with perplexity), concurrent, mtp: which parts to run")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     from dist_engine.weights.registry import (
         DEFAULT_MODEL,
         dequantized_folder,
@@ -165,7 +172,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        peers = {} if a.skip_llamacpp else llamacpp_files(shipped, tmp)
+        peers = {} if a.skip_llamacpp or "speed" not in parts else llamacpp_files(shipped, tmp)
     except ImportError:
         peers = {}
         print("llama-cpp-python is not installed (pip install '.[llamacpp]'): our rows only")
@@ -187,7 +194,7 @@ def main() -> None:
         engines[f"llama.cpp {name}"] = lambda path=path: LlamaCpp(path)
     engines["transformers fp32"] = lambda: Transformers(folder, torch.float32)
     engines["transformers bf16"] = lambda: Transformers(folder, torch.bfloat16)
-    loaded = {k: make() for k, make in engines.items()}
+    loaded = {k: make() for k, make in engines.items()} if "speed" in parts else {}
     try:
         from transformers import AutoTokenizer
 
@@ -206,8 +213,8 @@ def main() -> None:
     finally:
         for e in loaded.values():
             e.close()
-    concurrent = concurrency(folder, DEFAULT_MODEL, tok)
-    mtp = speculation(folder, tok, a.tokens)
+    concurrent = concurrency(folder, DEFAULT_MODEL, tok) if "concurrent" in parts else None
+    mtp = speculation(folder, tok, a.tokens) if "mtp" in parts else None
     write(speed, ppl, concurrent, mtp, a, len(windows))
 
 
@@ -281,8 +288,8 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
              "ours int4 int8-act": "llama.cpp Q4_1"}
     peers = [k for k in speed if k.startswith("llama.cpp")]
     best_peer = max((speed[k] for k in peers), default=None)
-    best_ours = max(v for k, v in speed.items() if k.startswith("ours"))
-    lines = ["| engine | tok/s | vs llama.cpp at matched precision | vs transformers | perplexity | vs llama.cpp's |",
+    best_ours = max((v for k, v in speed.items() if k.startswith("ours")), default=None)
+    lines = [] if not speed else ["| engine | tok/s | vs llama.cpp at matched precision | vs transformers | perplexity | vs llama.cpp's |",
              "|---|---|---|---|---|---|"]
     for k, v in speed.items():
         peer = pairs.get(k)
@@ -293,25 +300,30 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
     if best_peer:
         lines += ["", f"Best vs best: ours {best_ours:.1f} tok/s against llama.cpp's {best_peer:.1f}: "
                       f"{best_ours / best_peer:.2f}x."]
-    lines += ["", "16 concurrent requests (64 tokens each), tok/s:", "", "| weights | tok/s | vs fp32 |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
-    t = mtp["tok_s"]
-    lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
-              "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
-    for w in ("int4", "GGUF Q4_1"):
-        s = mtp["spec"].get(f"{w} K=3", {})
-        acc = s.get("mean_accepted_length", "")
-        lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
-                     f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
+    if conc:
+        lines += ["", "16 concurrent requests (64 tokens each), tok/s:", "", "| weights | tok/s | vs fp32 |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
+    if mtp:
+        t = mtp["tok_s"]
+        lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
+                  "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
+        for w in ("int4", "GGUF Q4_1"):
+            s = mtp["spec"].get(f"{w} K=3", {})
+            acc = s.get("mean_accepted_length", "")
+            lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
+                         f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"tokens": a.tokens, "reps": a.reps, "prompt": PROMPT, "perplexity_windows": n_windows,
+    meta = {"tokens": a.tokens, "reps": a.reps, "parts": a.parts, "prompt": PROMPT,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "perplexity_windows": n_windows,
             "window": WINDOW, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "quant.json"), "w") as f:
+    name = "quant" if speed else "quant_" + "_".join(sorted(a.parts.split(",")))  # a later part alone
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "tok_s": speed, "perplexity": ppl, "concurrent16": conc, "mtp": mtp}, f, indent=2)
-    with open(os.path.join(RESULTS, "quant.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(f"# Quantized weights vs llama.cpp ({meta['date']}, {meta['cpus']} CPUs)\n\n{table}\n")
 
 
