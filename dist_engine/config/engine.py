@@ -73,6 +73,11 @@ class EngineConfig:
                     f"speculation with K={spec.num_speculative_tokens} needs "
                     f"num_lookahead_slots >= {spec.num_lookahead_slots}"
                 )
+        row = m.kv_lora_rank + m.qk_rope_head_dim if m.is_mla else m.head_dim  # one cached row
+        if self.cache.kv_cache_dtype.startswith("turboquant") and row % 8:
+            raise ValueError(
+                f"kv_cache_dtype={self.cache.kv_cache_dtype} packs codes in groups of 8, but this "
+                f"model caches rows of {row} values; use fp8_e4m3 or auto")
         if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "

@@ -12,7 +12,9 @@ import torch
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
-from dist_engine.layers.kv_cache import LayerKV, storage_dtype
+from dist_engine.layers.kv_cache import LayerKV, kv_bytes_per_token, storage_dtype
+from dist_engine.layers.tq_cache import PRESETS as TQ_PRESETS
+from dist_engine.layers.tq_cache import TurboQuantKV
 from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
@@ -42,7 +44,10 @@ class ModelRunner:
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
         self.kv_dtype = storage_dtype(config.cache.kv_cache_dtype, self.dtype)
+        # TurboQuant codes (layers/tq_cache.py): the preset, else None
+        self.tq_preset = config.cache.kv_cache_dtype if config.cache.kv_cache_dtype in TQ_PRESETS else None
         self.kv_scales: list[tuple[float, float]] | None = None  # FP8: per layer, calibrated once
+        self.kv_means: list[torch.Tensor | None] | None = None  # TurboQuant: per layer, likewise
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
         mcfg = config.model
@@ -66,14 +71,18 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
+        # this rank's first global KV head (TurboQuant rotations are per global head)
+        self.kv_head_start = attn.part.kv_start if hasattr(attn, "part") else 0
         # query heads per KV head that attention folds together (the whole DCP group's)
         self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         # decode / verification attention through the C kernel over block tables (CPU, one
-        # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
-        self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
+        # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
+        # for A/B checks
+        self.use_paged_kernel = (device.type == "cpu"
+                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
-        self.kv_caches: list[LayerKV] = []
+        self.kv_caches: list[LayerKV | TurboQuantKV] = []
         # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
         # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
         self.graphs = None
@@ -96,7 +105,8 @@ class ModelRunner:
     # ---- KV cache sizing -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         """K and V of one block, all layers, this rank."""
-        per_token = (1 if self.latent_cache else 2) * self.local_kv_heads * self.head_dim * self.kv_dtype.itemsize
+        per_token = kv_bytes_per_token(self.config.cache.kv_cache_dtype, self.dtype, self.local_kv_heads,
+                                       self.head_dim, self.latent_cache)
         layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         return per_token * self.block_size * layers
 
@@ -172,35 +182,65 @@ class ModelRunner:
 
     def init_cache(self, num_blocks: int) -> None:
         """``num_blocks`` of this rank (with sequence shards, local block i is global block
-        i * shards + shard). FP8 caches get their scales from a calibration pass first."""
+        i * shards + shard). FP8 caches get their scales, TurboQuant caches their mean keys
+        from a calibration pass first."""
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
+        if self.tq_preset is not None and self.kv_means is None:
+            self.kv_means = self.calibrate_kv_means()
         self._make_caches(num_blocks, self.kv_dtype, self.kv_scales)
 
     def _make_caches(self, num_blocks: int, dtype: torch.dtype,
                      scales: list[tuple[float, float]] | None) -> None:
         n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
-        self.kv_caches = [
-            LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_kv_heads, self.head_dim, dtype,
-                          self.device, zero_slots=self.block_size,
-                          scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
-            for i in range(n_layers)]
+        if self.tq_preset is not None and dtype == self.kv_dtype:  # (calibration: exact caches)
+            self.kv_caches = [
+                TurboQuantKV.empty(self.tq_preset, (num_blocks + scratch) * self.block_size,
+                                   self.local_kv_heads, self.head_dim, self.device, self.block_size,
+                                   layer=i, head_start=self.kv_head_start, shared=self.latent_cache,
+                                   k_mean=self.kv_means[i] if self.kv_means else None)
+                for i in range(n_layers)]
+        else:
+            self.kv_caches = [
+                LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_kv_heads, self.head_dim,
+                              dtype, self.device, zero_slots=self.block_size,
+                              scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
+                for i in range(n_layers)]
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
         if scratch:
             self.graphs.bind(num_blocks)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
-        """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
-        tokens (the same on every rank, so sequence shards of one tensor agree)."""
+        """Per-layer FP8 scales from the largest |K| and |V| of the calibration prefill."""
+        scales = [kv.calibrated_scales() for kv in self._calibration_prefill(num_tokens)]
+        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
+                 min(k for k, _ in scales), max(k for k, _ in scales),
+                 min(v for _, v in scales), max(v for _, v in scales))
+        return scales
+
+    def calibrate_kv_means(self, num_tokens: int = 256) -> list[torch.Tensor | None]:
+        """Per-layer mean keys ``[local_kv_heads, head_dim]`` of the calibration prefill, which
+        TurboQuant caches subtract before quantizing (None for a shared latent)."""
+        means = [kv.calibrated_mean() for kv in self._calibration_prefill(num_tokens)]
+        if means and means[0] is not None:
+            log.info("TurboQuant mean keys calibrated: |mean| %.3g..%.3g",
+                     min(m.norm(dim=-1).min().item() for m in means),
+                     max(m.norm(dim=-1).max().item() for m in means))
+        return means
+
+    def _calibration_prefill(self, num_tokens: int) -> list:
+        """Every layer's cache (the MTP layer's last; model dtype) after observing one prefill of
+        pseudo-random tokens, the same on every rank (so sequence shards of one tensor agree).
+        The caches are not kept."""
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
         self._make_caches(blocks + 1, self.dtype, None)
         caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
         for kv in caches:
             kv.observe = True
-        self._calibrating = True  # every rank runs every token, so CP shards see the same maxima
+        self._calibrating = True  # every rank runs every token, so CP shards see the same
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
         work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
@@ -209,14 +249,10 @@ class ModelRunner:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
             self._calibrating = False
-        scales = [kv.calibrated_scales() for kv in caches]
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
-        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
-                 min(k for k, _ in scales), max(k for k, _ in scales),
-                 min(v for _, v in scales), max(v for _, v in scales))
-        return scales
+        return caches
 
     # ---- one engine step ---------------------------------------------------------------------
     def _forward(self, batch: ForwardBatch, raw: bool = False):
