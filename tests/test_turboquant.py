@@ -20,7 +20,7 @@ from dist_engine import LLM, SamplingParams
 from dist_engine.kernels import paged_attention as pk
 from dist_engine.kernels import turboquant as tk
 from dist_engine.layers import turboquant as tq
-from dist_engine.layers.attention import AttentionGroup, AttentionMetadata, paged_attention
+from dist_engine.layers.attention import AttentionMetadata, paged_attention
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.tq_cache import TurboQuantKV
 from dist_engine.worker.messages import SeqWork

@@ -13,9 +13,9 @@ from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.layers.kv_cache import LayerKV, kv_bytes_per_token, storage_dtype
+from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.layers.tq_cache import PRESETS as TQ_PRESETS
 from dist_engine.layers.tq_cache import TurboQuantKV
-from dist_engine.layers.linear import pack_weights, weight_bytes
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
