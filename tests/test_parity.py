@@ -31,16 +31,16 @@ def our_logits(path: str, tokens: list[int], chunks: list[int], block_size: int 
     load_weights(model, path)
     attn = model.model.layers[0].self_attn
     blocks = 32
-    caches = [LayerKV(torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim),
-                      torch.zeros(blocks * block_size, attn.num_kv_heads, attn.head_dim))
+    caches = [LayerKV(torch.zeros(blocks * block_size, attn.local_num_kv_heads, attn.head_dim),
+                      torch.zeros(blocks * block_size, attn.local_num_kv_heads, attn.head_dim))
               for _ in range(cfg.num_hidden_layers)]
     table = tuple(reversed(range(1, blocks)))  # non-trivial block ids
     out, start = [], 0
     with torch.inference_mode():
         for n in chunks:
             work = SeqWork(0, tuple(tokens[start:start + n]), start, table, True)
-            b = build_batch((work,), block_size, cfg.sliding_window,
-                            attn.num_heads // attn.num_kv_heads, torch.float32, torch.device("cpu"),
+            b = build_batch((work,), block_size, [cfg.sliding_window],
+                            attn.local_num_heads // attn.local_num_kv_heads, torch.float32, torch.device("cpu"),
                             paged=paged)
             hidden = model(b.ids, b.positions, caches, b.meta)
             out.append(model.compute_logits(hidden))

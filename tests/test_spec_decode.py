@@ -428,7 +428,7 @@ def toy_step(scheme: str, seed: int, last: int, pos: int, k: int, check: bool = 
     from dist_engine.worker.messages import SamplingSpec
     from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
     from dist_engine.worker.sampler import sample
-    from dist_engine.worker.spec_decode import accept_drafts, pick_draft, row_spec
+    from dist_engine.worker.spec_rows import accept_drafts, pick_draft, row_spec
 
     spec = SamplingSpec(temperature=T_TOY, seed=seed, seeded=scheme == "gumbel")
     pending = PendingDrafts(pos, [], [], [])
@@ -741,3 +741,27 @@ def test_large_batch_catch_up_shortcut_matches_general_path(grafted, monkeypatch
             stats.append(llm.engine.spec_stats.as_dict())
     assert sum(taken) >= 4  # the shortcut served the steps without drafts
     assert stats[0]["num_draft_tokens"] > 0 and stats[0] == stats[1]
+
+
+def test_graft_prompts_and_held_out_split_are_unchanged(tmp_path, monkeypatch):
+    """The prompts moved from Python literals to assets/graft/prompts.json: the list and its
+    held-out split are exactly those the shipped graft was trained and measured on (digests
+    recorded from the literals before the move), and an edited file is refused."""
+    import hashlib
+
+    from dist_engine.graft import prompts
+
+    def digest(xs):
+        return hashlib.sha256("\n".join(xs).encode()).hexdigest()
+
+    train, held = prompts.split_prompts()
+    assert (len(train), len(held)) == (2038, 226)
+    assert digest(prompts.graft_prompts()) == "255ea0239c8512771f9bbf0e7dd30bf287ee27e8b4aa43e72e9546779ba63e48"
+    assert digest(held) == "dbcce82122a3b70c0a026ac281173fad235b9aa15611390c9102d114238ba7b3"
+    edited = tmp_path / "prompts.json"
+    edited.write_bytes(open(prompts.PROMPTS_FILE, "rb").read().replace(b"photosynthesis", b"osmosis", 1))
+    monkeypatch.setattr(prompts, "PROMPTS_FILE", str(edited))
+    prompts.prompt_sets.cache_clear()
+    with pytest.raises(ValueError, match="restore it"):
+        prompts.graft_prompts()
+    prompts.prompt_sets.cache_clear()

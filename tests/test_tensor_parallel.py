@@ -63,3 +63,43 @@ def test_worker_death_gives_error_not_hang(tiny_models, ray_session):
     with pytest.raises(EngineDeadError):
         llm.engine.executor.check_health()
     llm.shutdown()
+
+
+RAY_REUSE = r"""
+import sys
+import ray
+from dist_engine import LLM, SamplingParams
+
+path = sys.argv[1]
+kw = dict(skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=16, speculative="none")
+p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+outs = []
+for tp, cp in ((1, 2), (2, 2)):  # the second engine needs more ranks than the first declared
+    with LLM(path, tensor_parallel_size=tp, context_parallel_size=cp, **kw) as llm:
+        outs.append(llm.generate(prompt_token_ids=[[1, 5, 9]], sampling_params=p)[0].outputs[0].token_ids)
+assert outs[0] == outs[1], outs
+ray.shutdown()
+ray.init(address="local", num_cpus=2, include_dashboard=False)  # the user's own instance
+try:
+    LLM(path, tensor_parallel_size=2, context_parallel_size=2, **kw)
+except ValueError as e:
+    assert "ray start --num-cpus 4" in str(e), e
+else:
+    raise AssertionError("a user's 2-CPU cluster cannot hold 4 ranks")
+assert ray.is_initialized()  # never torn down
+print("OK")
+"""
+
+
+@pytest.mark.distributed
+def test_a_later_engine_may_need_more_ranks(tiny_models):
+    """In one process, an engine of 2 ranks then one of 4: the local Ray instance the first
+    started grows; a Ray instance the user started is only checked, never restarted."""
+    import subprocess
+    import sys
+
+    path = tiny_models("llama")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    res = subprocess.run([sys.executable, "-c", RAY_REUSE, path], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]

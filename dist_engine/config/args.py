@@ -70,6 +70,13 @@ class EngineArgs:
         "per-layer scales calibrated at start-up), turboquant4 / turboquant3 (4 / 3 bits per "
         "value: rotated, codebook-quantized rows with an fp16 scale; 3.8x / 4.9x fewer bytes "
         "than bfloat16 at head size 64)", choices=KV_CACHE_DTYPES)
+    state_checkpoint_interval: int = _arg(
+        CacheConfig.state_checkpoint_interval, "--state-checkpoint-interval",
+        "models with recurrent layers (Qwen3.5): tokens between the prefix cache's state "
+        "checkpoints (a multiple of 64 and of --block-size); a hit resumes from the nearest one")
+    state_checkpoint_memory: int | str | None = _arg(
+        CacheConfig.state_checkpoint_memory, "--state-checkpoint-memory",
+        "bytes per rank for those checkpoints, e.g. 2GiB (default: a tenth of the KV budget)")
     max_num_seqs: int = _arg(SchedulerConfig.max_num_seqs, "--max-num-seqs",
                              "sequences in one batch at most")
     max_num_batched_tokens: int | None = _arg(
@@ -116,8 +123,9 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.kv_cache_memory is not None:
-            object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory, "kv_cache_memory"))
+        for name in ("kv_cache_memory", "state_checkpoint_memory"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_size(getattr(self, name), name))
         if self.speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
 
@@ -150,7 +158,9 @@ class EngineArgs:
                               kv_cache_memory=self.kv_cache_memory,
                               memory_fraction=self.memory_fraction,
                               enable_prefix_caching=self.enable_prefix_caching,
-                              kv_cache_dtype=self.kv_cache_dtype),
+                              kv_cache_dtype=self.kv_cache_dtype,
+                              state_checkpoint_interval=self.state_checkpoint_interval,
+                              state_checkpoint_memory=self.state_checkpoint_memory),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                       max_model_len=max_len,
                                       num_lookahead_slots=spec.num_lookahead_slots if spec else 0),

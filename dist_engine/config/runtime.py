@@ -84,6 +84,12 @@ class CacheConfig:
     # "turboquant4" / "turboquant3" (4 / 3 bits per element plus an fp16 scale per head and
     # token, rotated and codebook-quantized: 3.8x / 4.9x fewer bytes than bfloat16 at head 64)
     kv_cache_dtype: str = "auto"
+    # Models with recurrent layers (Gated DeltaNet): a prefix-cache hit resumes from a state
+    # checkpoint kept every this many tokens (a multiple of 64, the delta rule's chunk, and of
+    # block_size), within their own budget: bytes per rank (None: a tenth of the KV budget; 8
+    # checkpoints when num_blocks is fixed).
+    state_checkpoint_interval: int = 512
+    state_checkpoint_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
@@ -95,6 +101,17 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.state_checkpoint_memory is not None:
+            object.__setattr__(self, "state_checkpoint_memory",
+                               parse_size(self.state_checkpoint_memory, "state_checkpoint_memory"))
+            if self.state_checkpoint_memory < 0:
+                raise ValueError("state_checkpoint_memory must be >= 0 (0: no prefix caching for "
+                                 "models with recurrent layers)")
+        step = max(64, self.block_size)
+        if self.state_checkpoint_interval < step or self.state_checkpoint_interval % step:
+            raise ValueError(f"state_checkpoint_interval must be a positive multiple of {step} (the "
+                             f"delta rule's 64-token chunk and block_size={self.block_size}), got "
+                             f"{self.state_checkpoint_interval}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if not 0.0 < self.memory_fraction <= 1.0:

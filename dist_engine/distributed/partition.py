@@ -29,25 +29,25 @@ class HeadPartition:
     GQA rule: when there are at least as many KV heads as ranks, ranks split the KV heads into
     contiguous (possibly unequal) groups and take every query head that reads them, so a rank
     never needs another rank's K/V. With more ranks than KV heads, each KV head is replicated on
-    ``tp // num_kv_heads`` consecutive ranks, which split that head's query group between them.
+    ``tp // num_key_value_heads`` consecutive ranks, which split that head's query group between them.
     """
 
     q_start: int
-    num_q_heads: int  # on this rank
+    local_num_heads: int  # query heads on this rank
     kv_start: int
-    num_kv_heads: int  # on this rank
+    local_num_kv_heads: int  # KV heads on this rank
 
     @classmethod
-    def for_rank(cls, num_heads: int, num_kv_heads: int, tp: int, rank: int) -> HeadPartition:
-        group = num_heads // num_kv_heads  # query heads per KV head
-        if tp <= num_kv_heads:
-            kv_start, kv_n = split_range(num_kv_heads, tp, rank)
+    def for_rank(cls, num_attention_heads: int, num_key_value_heads: int, tp: int, rank: int) -> HeadPartition:
+        group = num_attention_heads // num_key_value_heads  # query heads per KV head
+        if tp <= num_key_value_heads:
+            kv_start, kv_n = split_range(num_key_value_heads, tp, rank)
             return cls(kv_start * group, kv_n * group, kv_start, kv_n)
-        if tp % num_kv_heads:
-            raise ValueError(f"TP={tp} > {num_kv_heads} KV heads must be a multiple of them")
-        replicas = tp // num_kv_heads
+        if tp % num_key_value_heads:
+            raise ValueError(f"TP={tp} > {num_key_value_heads} KV heads must be a multiple of them")
+        replicas = tp // num_key_value_heads
         kv_head, sub = divmod(rank, replicas)
         if group < replicas:
-            raise ValueError(f"TP={tp} leaves some rank without a query head ({num_heads} heads)")
+            raise ValueError(f"TP={tp} leaves some rank without a query head ({num_attention_heads} heads)")
         q_off, q_n = split_range(group, replicas, sub)
         return cls(kv_head * group + q_off, q_n, kv_head, 1)

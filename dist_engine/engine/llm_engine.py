@@ -20,8 +20,13 @@ from dist_engine.engine.outputs import (
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.engine.scheduler import Scheduler
 from dist_engine.engine.sequence import Sequence
+from dist_engine.engine.startup_log import log_cache
+from dist_engine.engine.state_keeper import StateKeeper
 from dist_engine.engine.stopping import append_tokens
 from dist_engine.kv_cache.block_manager import BlockManager
+from dist_engine.kv_cache.kinds import group_window
+from dist_engine.kv_cache.state_slots import DELTA_CHUNK
+from dist_engine.kv_cache.window_groups import WindowGroups
 from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
 
@@ -48,33 +53,39 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.executor = make_executor(config)
         shards = config.parallel.num_kv_shards  # KV sequence shards (CP x DCP)
-        local_blocks = self.executor.available_kv_blocks()
-        self.executor.init_cache(local_blocks)
-        num_blocks = local_blocks * shards
+        self.layout = layout = self.executor.cache_layout()
+        self.executor.init_cache(layout)
+        num_blocks = layout.num_blocks * shards
         info = self.executor.cache_info()
         bs = config.cache.block_size
         spec = config.speculative
         self.blocks = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching,
                                    hash_next_token=spec is not None, num_shards=shards)
+        self.state = None
+        if layout.num_state_slots:
+            if config.scheduler.max_num_batched_tokens < DELTA_CHUNK:
+                raise ValueError(f"models with recurrent layers prefill in chunks of {DELTA_CHUNK} "
+                                 f"tokens: raise --max-num-batched-tokens to at least {DELTA_CHUNK}")
+            self.state = StateKeeper(layout.num_state_slots, layout.num_checkpoints,
+                                     config.cache.state_checkpoint_interval, self.blocks)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None
-        self.scheduler = Scheduler(config.scheduler, self.blocks,
-                                   spec.speculate_up_to if spec else None)
-        per_tok = info["bytes_per_block"] // bs
-        mib = 2**20
-        measured = (f", activation peak {info['activation_peak_bytes'] / mib:.0f} MiB, KV budget "
-                    f"{info['kv_budget_bytes'] / mib:.0f} MiB" if "activation_peak_bytes" in info else "")
-        log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / mib, measured)
-        par = config.parallel
-        log.info("KV cache per rank: %d blocks x %d tokens, %d bytes/token (%s), %.1f MiB",
-                 local_blocks, bs, per_tok, config.cache.kv_cache_dtype, local_blocks * info["bytes_per_block"] / mib)
-        log.info("layout TP=%d x CP=%d (DCP=%d inside TP): %d sequence shards of %d blocks; longest "
-                 "context the cache can hold: %d tokens; max concurrent sequences at max_model_len=%d: %d",
-                 par.tensor_parallel_size, par.context_parallel_size, par.decode_context_parallel_size,
-                 shards, local_blocks, num_blocks * bs, config.scheduler.max_model_len,
-                 num_blocks // self.blocks.blocks_for(config.scheduler.max_model_len))
-        self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs}
+        # the primary paged group frees blocks behind its window if it has one (Mistral: every
+        # layer slides); the other groups (window layers beside full attention) have own tables
+        primary, *others = [g for g, _ in layout.blocks]
+        self.others = None
+        if others:
+            self.others = WindowGroups(
+                {g: BlockManager(layout.group_blocks(g) * shards, bs, config.cache.enable_prefix_caching,
+                                 hash_next_token=spec is not None, num_shards=shards) for g in others},
+                {g: group_window(g) for g in others})
+        self.scheduler = Scheduler(config.scheduler, self.blocks, spec.speculate_up_to if spec else None,
+                                   self.state, group_window(primary), self.others)
+        self.cache_info = {**info, "num_blocks": num_blocks, "block_size": bs,
+                           "num_state_slots": layout.num_state_slots,
+                           "num_state_checkpoints": layout.num_checkpoints}
+        log_cache(config, self.cache_info, layout)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
@@ -107,7 +118,11 @@ class LLMEngine:
                 f"limit max_model_len={limit}; shorten the prompt or lower max_tokens"
             )
         cache_tokens = self.blocks.num_blocks * self.blocks.block_size
-        need = len(prompt_ids) + max_tokens + self.config.scheduler.num_lookahead_slots
+        sc = self.config.scheduler
+        need = len(prompt_ids) + max_tokens + sc.num_lookahead_slots
+        if self.scheduler.window is not None:  # it holds the window and one step's tokens at most
+            need = min(need, self.scheduler.window + sc.max_num_batched_tokens + sc.num_lookahead_slots
+                       + 2 * self.blocks.block_size)
         if need > cache_tokens:
             raise ValueError(
                 f"prompt + max_tokens ({need} tokens with speculative slots) exceeds the whole KV "
@@ -133,6 +148,7 @@ class LLMEngine:
                            base_seed + i, detok, RequestMetrics(arrival_time=now), cache_salt=cache_salt)
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
             seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
+            seq.fork_waiting = params.n - 1 if i == 0 else 0
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_ids), seqs)
         for s in seqs:
@@ -193,10 +209,13 @@ class LLMEngine:
             seq = s.seq
             self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
+            self.scheduler.free_behind_window(seq)
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
+                if self.state is not None:
+                    self.state.after_step(seq)
                 continue
             if self.num_spec_tokens:
                 seq.num_computed += sampled.num_accepted  # their K/V were written by verification
@@ -209,6 +228,10 @@ class LLMEngine:
             self.num_generated_tokens += len(seq.output_token_ids) - before
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
                                seq.cache_root)
+            if self.others is not None:
+                self.others.commit(seq)
+            if self.state is not None:
+                self.state.after_step(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -51,6 +51,24 @@ class Sequence:
     # prefix-cache namespace of the request (vLLM's ``cache_salt``): only sequences with the
     # same salt share cached blocks; None shares with every unsalted request
     cache_salt: str | None = None
+    # recurrent layers (engine/state_keeper.py): the live state slot; a checkpoint to restore
+    # into it at the next step; checkpoint saves reserved as (position, slot); for the leader
+    # of an n > 1 request, its fork checkpoint (position, slot) and how many completions have
+    # yet to fork from it; for the others, whether they have
+    state_slot: int | None = None
+    restore_from: int | None = None
+    pending_saves: list[tuple[int, int]] = field(default_factory=list)
+    fork: tuple[int, int] | None = None
+    fork_waiting: int = 0
+    forked: bool = False
+    # sliding-window models: leading blocks already given back (their ids stay in the table,
+    # never read again: every query's window starts past them)
+    window_freed: int = 0
+    # the other paged groups (sliding-window layers beside full attention): tables, blocks
+    # given back behind the window, blocks marked with their digest (kv_cache/window_groups.py)
+    group_tables: dict[str, list[int]] = field(default_factory=dict)
+    group_freed: dict[str, int] = field(default_factory=dict)
+    group_hashed: dict[str, int] = field(default_factory=dict)
     _sent_text: int = 0
     _sent_tokens: int = 0
     _prompt_set: tuple[int, ...] | None = None  # distinct prompt ids (penalties only)

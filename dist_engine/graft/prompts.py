@@ -1,34 +1,37 @@
-"""A varied prompt set for self-distillation, built from templates so it lives in the repository.
+"""The prompts the base model answers to make graft training data, read from a data file.
 
-The base model answers these prompts with its own generations (greedy and sampled); those
-answers are the training data of a grafted MTP layer. Each template is crossed with a list of
-subjects; the order is fixed, so the held-out split is the same on every machine, and new sets
-are appended so earlier prompts keep their place.
+``assets/graft/prompts.json`` holds named sets of prompts in a fixed order; their concatenation
+is the prompt list, whose every 10th prompt is held out, so the held-out split is the same on
+every machine. Existing prompts are never edited or reordered; new sets are appended (and
+``PROMPTS_SHA256`` updated with them). The digest guards against an edited or truncated file.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
+import hashlib
+import json
+import os
 
-from dist_engine.graft.casual_prompt_sets import CASUAL_TEMPLATES
-from dist_engine.graft.chat_prompt_sets import CHAT_TEMPLATES
-from dist_engine.graft.prompt_sets import EXTRA_TEMPLATES, MORE_TEMPLATES, TEMPLATES
-from dist_engine.graft.user_prompt_sets import USER_TEMPLATES
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "graft", "prompts.json")
+PROMPTS_SHA256 = "a40eaade8fdc5b01994fbe3280b93bac6c2a3ae986547c998921e31fce32ead2"
 
 
-def _interleave(templates: list[tuple[str, list]]) -> list[str]:
-    per_template = [[template.format(*s) if isinstance(s, tuple) else template.format(s)
-                     for s in subjects] for template, subjects in templates]
-    out = []
-    for row in itertools.zip_longest(*per_template):
-        out.extend(p for p in row if p is not None)
-    return out
+@functools.cache
+def prompt_sets() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, prompts) of every set, in order; raises ValueError if the file was altered."""
+    with open(PROMPTS_FILE, "rb") as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != PROMPTS_SHA256:
+        raise ValueError(f"{PROMPTS_FILE} has sha256 {digest[:12]}..., not the recorded "
+                         f"{PROMPTS_SHA256[:12]}...: restore it (the held-out split depends on it)")
+    return tuple((s["name"], tuple(s["prompts"])) for s in json.loads(raw)["sets"])
 
 
 def graft_prompts() -> list[str]:
-    """All prompts, interleaved across templates so any prefix of each set is varied."""
-    return (_interleave(TEMPLATES) + _interleave(MORE_TEMPLATES) + _interleave(EXTRA_TEMPLATES)
-            + _interleave(USER_TEMPLATES) + _interleave(CASUAL_TEMPLATES) + _interleave(CHAT_TEMPLATES))
+    """All prompts, set after set."""
+    return [p for _, prompts in prompt_sets() for p in prompts]
 
 
 def split_prompts(held_out_every: int = 10) -> tuple[list[str], list[str]]:

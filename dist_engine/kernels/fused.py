@@ -40,7 +40,7 @@ def _fn(op: str, *tensors: torch.Tensor):
     return fns.get((op, dtype))
 
 
-def rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+def rope_store(qkv: torch.Tensor, local_num_heads: int, local_num_kv_heads: int, head_dim: int,
                positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:
     """Rotary embedding on q and k of ``qkv`` ``[T, (Hq + 2 Hk) * D]`` (halves rotated, tables
@@ -50,8 +50,8 @@ def rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     fn = _fn("rope_store", qkv, cos, sin, k_cache, v_cache)
     T = qkv.shape[0]
     if (fn is None or qkv.dim() != 2 or qkv.stride(1) != 1 or head_dim % 2
-            or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim
-            or k_cache.shape[1:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape
+            or qkv.shape[1] != (local_num_heads + 2 * local_num_kv_heads) * head_dim
+            or k_cache.shape[1:] != (local_num_kv_heads, head_dim) or v_cache.shape != k_cache.shape
             or cos.shape != sin.shape or cos.shape[1:] != (head_dim // 2,)
             or not (cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous()
                     and v_cache.is_contiguous())
@@ -59,8 +59,8 @@ def rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
             or positions.shape != (T,) or slots.shape != (T,)):
         return None
     positions, slots = positions.contiguous(), slots.contiguous()
-    q = torch.empty(T, num_heads, head_dim, dtype=qkv.dtype)
-    fn(qkv.data_ptr(), qkv.stride(0), T, num_heads, num_kv_heads, head_dim, positions.data_ptr(),
+    q = torch.empty(T, local_num_heads, head_dim, dtype=qkv.dtype)
+    fn(qkv.data_ptr(), qkv.stride(0), T, local_num_heads, local_num_kv_heads, head_dim, positions.data_ptr(),
        cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
        q.data_ptr(), torch.get_num_threads())
     return q

@@ -105,7 +105,7 @@ def attend_tq(q: torch.Tensor, kv, g: PagedGroup, scale: float, out: torch.Tenso
         raise RuntimeError(f"the paged attention kernel is not built for {q.dtype} here")
     if not (q.device.type == out.device.type == "cpu" and out.dtype == q.dtype
             and out.is_contiguous() and out.shape == q.shape and D == kv.head_dim
-            and Hq % kv.num_kv_heads == 0):
+            and Hq % kv.local_num_kv_heads == 0):
         raise ValueError("paged attention kernel: q, out [T, Hq, D] must be CPU tensors of one "
                          "dtype, D the cache's head size")
     if q.stride(2) != 1 or q.stride(1) != D:
@@ -114,7 +114,7 @@ def attend_tq(q: torch.Tensor, kv, g: PagedGroup, scale: float, out: torch.Tenso
     B, width = g.tables.shape
     rc = _tq_fns()[q.dtype](q.data_ptr(), q.stride(0), ctypes.addressof(tk), ctypes.addressof(tv),
                             out.data_ptr(), g.q_start.data_ptr(), g.q_len.data_ptr(),
-                            g.ctx.data_ptr(), g.tables.data_ptr(), width, B, Hq, kv.num_kv_heads, D,
+                            g.ctx.data_ptr(), g.tables.data_ptr(), width, B, Hq, kv.local_num_kv_heads, D,
                             g.block_size, g.window, scale, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("paged attention kernel: out of memory for its score buffers")

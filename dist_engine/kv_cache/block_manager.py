@@ -154,11 +154,15 @@ class BlockManager:
         for b in range(len(block_hashes), min(num_verified, len(token_ids) - self.extra) // bs):
             parent = block_hashes[-1] if block_hashes else root
             h = chain_hash(parent, tuple(token_ids[b * bs:(b + 1) * bs + self.extra]))
-            block = self.blocks[block_table[b]]
-            if block.hash is None:
-                block.hash = h
-                self.cached.setdefault(h, block.block_id)
+            self.mark(block_table[b], h)
             block_hashes.append(h)
+
+    def mark(self, block_id: int, digest: Digest) -> None:
+        """``block_id`` holds the content ``digest`` names (a later prefix may share it)."""
+        block = self.blocks[block_id]
+        if block.hash is None and self.prefix_caching:
+            block.hash = digest
+            self.cached.setdefault(digest, block_id)
 
     def free_blocks(self, block_table: list[int]) -> None:
         """Drop one reference on each block; unreferenced ones join the free list tail-first."""

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache (and, for merging partials, its log-sum-exp).
 
-The cache of one layer on one rank is a ``LayerKV``: ``[num_slots, num_kv_heads, head_dim]`` for K
+The cache of one layer on one rank is a ``LayerKV``: ``[num_slots, local_num_kv_heads, head_dim]`` for K
 and V (model dtype or FP8), slot = block_id * block_size + offset; or a ``TurboQuantKV`` (codes),
 over which attention runs in each KV head's rotated basis (queries rotated in, output out). Sequences are attended in groups: each group is a padded
 batch ``[B, Q]`` of query tokens against ``[B, K]`` gathered key slots with a precomputed
@@ -21,6 +21,7 @@ import torch
 
 from dist_engine.kernels.paged_attention import PagedGroup
 from dist_engine.layers.kv_cache import LayerKV
+from dist_engine.layers.state_cache import StateMetadata
 from dist_engine.layers.tq_cache import TurboQuantKV
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
@@ -71,6 +72,14 @@ class AttentionMetadata:
     # each rank keeps its own rows of the merged output. None: every rank computes every token.
     split_tokens: list[torch.Tensor] | None = None
     split_own: torch.Tensor | None = None
+    # models with recurrent layers: each sequence's state slot and how its tokens run
+    state: StateMetadata | None = None
+    # the other paged groups' metadata (sliding-window layers beside full attention), by name
+    by_group: dict[str, AttentionMetadata] = field(default_factory=dict)
+
+    def for_group(self, group: str) -> AttentionMetadata:
+        """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""
+        return self.by_group.get(group, self)
 
 
 def write_kv(kv: LayerKV | TurboQuantKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -211,7 +220,7 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
     """(out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32 or None unless ``need_lse``); a query with no
     visible key gets lse -inf (and, when merging, out 0)."""
     T, Hq, D = q.shape
-    Hk = kv.num_kv_heads
+    Hk = kv.local_num_kv_heads
     G = Hq // Hk  # query heads per KV head on this rank
     first = meta.groups[0]
     if isinstance(first, StaticDecodeGroup):  # (never with sequence shards)
@@ -260,7 +269,7 @@ def _static_decode(q: torch.Tensor, kv: LayerKV, g: StaticDecodeGroup, scale: fl
     Masked keys read slot 0 (finite: zeroed, then only ever real K/V); every sequence sees at
     least its own token, so no row is empty."""
     B, Hq, D = q.shape
-    Hk = kv.num_kv_heads
+    Hk = kv.local_num_kv_heads
     k, v = kv.gather(g.kv_slots, q.dtype)  # [B, K, Hk, D] each
     qf = q.view(B, Hk, Hq // Hk, D)  # the query heads of each KV head together
     scores = torch.matmul(qf, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, K]

@@ -1,6 +1,6 @@
 """One layer's paged K/V storage on one rank, in the model dtype or in FP8 with per-tensor scales.
 
-K and V are ``[num_slots, local_kv_heads, head_dim]`` each, slot = block * block_size + offset.
+K and V are ``[num_slots, local_num_kv_heads, head_dim]`` each, slot = block * block_size + offset.
 ``fp8_e4m3`` stores ``x / scale`` as float8_e4m3fn (one byte per element, no full-precision
 copy) and returns ``stored * scale`` in the compute dtype when attention gathers the keys. The
 per-layer scales ``k_scale`` / ``v_scale`` map the calibrated absolute maximum onto half of the
@@ -12,10 +12,10 @@ Error bound of ``fp8_e4m3`` (3 mantissa bits): a stored element in the normal ra
 error is at most ``2^-10 * scale``; dequantizing into bf16/fp16 adds that format's rounding.
 docs/long_context.md has the measured effect on logits.
 
-A layer cache offers ``write``, ``gather``, ``window``, ``attend_paged`` (the C decode kernel),
+A layer cache offers ``write``, ``gather``, ``window``, ``attend_paged`` (the C decode kernel) and
 ``to_cache_basis`` / ``from_cache_basis`` (the basis attention runs in: the model's here, each
-KV head's rotated one for ``TurboQuantKV`` in ``layers/tq_cache.py``) and ``bytes_per_token``;
-``kv_bytes_per_token`` sizes any ``kv_cache_dtype``.
+KV head's rotated one for ``TurboQuantKV`` in ``layers/tq_cache.py``); its kind
+(``kv_cache/kinds.PagedKV``) gives its bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 
 from dist_engine.config import KV_CACHE_DTYPES
 from dist_engine.kernels import paged_attention as paged_kernel
-from dist_engine.layers.tq_cache import PRESETS as TQ_PRESETS
-from dist_engine.layers.tq_cache import TurboQuantKV
+from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -44,18 +43,9 @@ def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return FP8 if kv_cache_dtype == "fp8_e4m3" else getattr(torch, kv_cache_dtype)
 
 
-def kv_bytes_per_token(kv_cache_dtype: str, model_dtype: torch.dtype, kv_heads: int,
-                       head_dim: int, shared: bool) -> int:
-    """Bytes one token takes in one layer's cache on one rank (K and V, or the shared latent)."""
-    if kv_cache_dtype in TQ_PRESETS:
-        return TurboQuantKV.bytes_per_token(kv_cache_dtype, kv_heads, head_dim, shared)
-    return LayerKV.bytes_per_token(storage_dtype(kv_cache_dtype, model_dtype), kv_heads,
-                                   head_dim, shared)
-
-
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # [num_slots, local_kv_heads, head_dim] in the storage dtype
+    k: torch.Tensor  # [num_slots, local_num_kv_heads, head_dim] in the storage dtype
     v: torch.Tensor
     k_scale: float = 1.0  # FP8 only: stored = x / scale
     v_scale: float = 1.0
@@ -92,10 +82,6 @@ class LayerKV:
     def plain(self) -> bool:  # K/V stored as they are: kernels may read and write them directly
         return not self.is_fp8
 
-    @staticmethod
-    def bytes_per_token(dtype: torch.dtype, kv_heads: int, head_dim: int, shared: bool) -> int:
-        return (1 if shared else 2) * kv_heads * head_dim * dtype.itemsize
-
     def to_cache_basis(self, q: torch.Tensor) -> torch.Tensor:  # stored as computed: no change
         return q
 
@@ -107,7 +93,7 @@ class LayerKV:
         paged_kernel.attend(q, self.k, self.v, group, scale, out)
 
     @property
-    def num_kv_heads(self) -> int:
+    def local_num_kv_heads(self) -> int:
         return self.k.shape[1]
 
     def note(self, k: torch.Tensor, v: torch.Tensor) -> None:

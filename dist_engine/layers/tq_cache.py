@@ -25,7 +25,7 @@ rotation too). On CPU the C kernels quantize, decode and rotate row by row
 (``kernels/turboquant.c``) and the decode kernel scores codes in its inner loop
 (``kernels/paged_attention.c``); elsewhere the same maths runs in PyTorch.
 
-The interface is ``LayerKV``'s (``write``, ``gather``, ``window``, ``num_kv_heads``, ``shared``,
+The interface is ``LayerKV``'s (``write``, ``gather``, ``window``, ``local_num_kv_heads``, ``shared``,
 ``bytes_per_token``) plus the two basis changes, so a layer (or a cache kind) can hold either.
 """
 
@@ -39,10 +39,6 @@ import torch
 from dist_engine.kernels import paged_attention as paged_kernel
 from dist_engine.kernels import turboquant as tq_kernel
 from dist_engine.layers import turboquant as tq
-
-# kv_cache_dtype -> bits per value of (K, V); both quantized the same way (Lloyd-Max with norm
-# correction), as measured best on the default model (docs/long_context.md)
-PRESETS = {"turboquant4": (4, 4), "turboquant3": (3, 3)}
 
 
 class TQRows(ctypes.Structure):  # kernels/tq.h
@@ -96,7 +92,7 @@ class TurboQuantKV:
         pick the rotations, so ranks holding the same head (TP replicas, DCP) agree.
         ``shared``: V is K (MLA's latent); K's quantizer serves both. ``k_mean`` ``[Hk, D]``:
         the calibrated mean key (``LayerKV.calibrated_mean``), or None for none."""
-        k_bits, v_bits = PRESETS[preset]
+        k_bits, v_bits = tq.PRESETS[preset]
         k = _Side.empty(tq.TQSpec(k_bits, head_dim), num_slots, kv_heads, device, zero_slots)
         v = k if shared else _Side.empty(tq.TQSpec(v_bits, head_dim), num_slots, kv_heads, device,
                                         zero_slots)
@@ -107,16 +103,19 @@ class TurboQuantKV:
 
     @staticmethod
     def bytes_per_token(preset: str, kv_heads: int, head_dim: int, shared: bool) -> int:
-        k_bits, v_bits = PRESETS[preset]
-        k = tq.TQSpec(k_bits, head_dim).bytes_per_row
-        return kv_heads * (k if shared else k + tq.TQSpec(v_bits, head_dim).bytes_per_row)
+        return kv_heads * tq.bytes_per_row(preset, head_dim, shared)
+
+    def nbytes(self) -> int:
+        """Bytes allocated (codes and scales; the rotations and codebooks are not per token)."""
+        sides = (self.k,) if self.shared else (self.k, self.v)
+        return sum(s.codes.nbytes + s.scales.nbytes for s in sides)
 
     @property
     def shared(self) -> bool:
         return self.v is self.k
 
     @property
-    def num_kv_heads(self) -> int:
+    def local_num_kv_heads(self) -> int:
         return self.k.codes.shape[1]
 
     @property
@@ -166,7 +165,7 @@ class TurboQuantKV:
         if self._kernel(x.dtype) and x.device.type == "cpu":
             return tq_kernel.rotate(x, mats)
         T, Hq, D = x.shape
-        xs = x.reshape(T, self.num_kv_heads, Hq // self.num_kv_heads, D).float()
+        xs = x.reshape(T, self.local_num_kv_heads, Hq // self.local_num_kv_heads, D).float()
         return torch.einsum("thgd,hde->thge", xs, mats).reshape(T, Hq, D).to(x.dtype)
 
     def to_cache_basis(self, q: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ import torch
 SEED = 0x7E5B0  # rotations are fixed: every rank, restart and prefix-cache hit quantizes alike
 BITS = (3, 4)
 FP16_MAX = 65504.0
+# kv_cache_dtype -> bits per value of (K, V); both quantized alike (Lloyd-Max, norm correction),
+# as measured best on the default model (docs/long_context.md)
+PRESETS = {"turboquant4": (4, 4), "turboquant3": (3, 3)}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,13 @@ class TQSpec:
     @property
     def bytes_per_row(self) -> int:  # codes and the fp16 scale
         return self.row_bytes + 2
+
+
+def bytes_per_row(preset: str, head_dim: int, shared: bool) -> int:
+    """Bytes of one KV head of one token (K and V rows, or the shared latent's)."""
+    k_bits, v_bits = PRESETS[preset]
+    k = TQSpec(k_bits, head_dim).bytes_per_row
+    return k if shared else k + TQSpec(v_bits, head_dim).bytes_per_row
 
 
 @functools.cache

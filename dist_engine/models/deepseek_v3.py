@@ -62,8 +62,8 @@ class DeepseekV3Attention(nn.Module):
         self.Dn, self.Dr, self.Dv, self.L = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                              cfg.v_head_dim, cfg.kv_lora_rank)
         heads = split_range(H, comm.world_size, comm.rank)
-        self.num_heads = heads[1]
-        self.num_kv_heads, self.head_dim = 1, self.L + self.Dr  # the cache's shape per token
+        self.local_num_heads = heads[1]
+        self.local_num_kv_heads, self.head_dim = 1, self.L + self.Dr  # the cache's shape per token
         qk, quant = self.Dn + self.Dr, cfg.fp8_block
         self.q_lora = cfg.q_lora_rank is not None
         if self.q_lora:
@@ -90,7 +90,7 @@ class DeepseekV3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: LayerKV,
                 meta: AttentionMetadata) -> torch.Tensor:
-        T, h = x.shape[0], self.num_heads
+        T, h = x.shape[0], self.local_num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(T, h, self.Dn + self.Dr).split([self.Dn, self.Dr], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.L, self.Dr], dim=-1)  # [T, L], [T, Dr]

@@ -23,7 +23,7 @@ from dist_engine.layers.moe import SparseMoE, foreign_expert
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 
-KVCache = LayerKV  # K, V: [num_slots, local_kv_heads, head_dim] each (model dtype or FP8), or TurboQuantKV
+KVCache = LayerKV  # K, V: [num_slots, local_num_kv_heads, head_dim] each (model dtype or FP8), or TurboQuantKV
 
 
 class LlamaAttention(nn.Module):
@@ -34,13 +34,13 @@ class LlamaAttention(nn.Module):
         self.part = HeadPartition.for_rank(cfg.num_attention_heads, cfg.num_key_value_heads,
                                            comm.world_size, comm.rank)
         p = self.part
-        self.num_heads, self.num_kv_heads, self.head_dim = p.num_q_heads, p.num_kv_heads, hd
+        self.local_num_heads, self.local_num_kv_heads, self.head_dim = p.local_num_heads, p.local_num_kv_heads, hd
         self.scale = hd ** -0.5
-        self.qkv_proj = qkv_column(cfg.hidden_size, hd, (p.q_start, p.num_q_heads),
-                                   (p.kv_start, p.num_kv_heads), cfg.attention_bias, dtype)
+        self.qkv_proj = qkv_column(cfg.hidden_size, hd, (p.q_start, p.local_num_heads),
+                                   (p.kv_start, p.local_num_kv_heads), cfg.attention_bias, dtype)
         # HF gives o_proj a bias with attention_bias, except Qwen2 (bias on q/k/v only).
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
-        self.o_proj = RowParallelLinear((p.q_start * hd, p.num_q_heads * hd), cfg.hidden_size,
+        self.o_proj = RowParallelLinear((p.q_start * hd, p.local_num_heads * hd), cfg.hidden_size,
                                         comm, o_bias, dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -52,19 +52,19 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) * D]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.local_num_heads * self.head_dim, self.local_num_kv_heads * self.head_dim
+        v = qkv[:, q_size + kv_size:].view(T, self.local_num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qkv[:, :q_size + kv_size].split([q_size, kv_size], dim=-1)
-            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim))
+            q = self.q_norm(q.reshape(T, self.local_num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(T, self.local_num_kv_heads, self.head_dim))
             q, k = self.rotary_emb(positions, q, k)
             write_kv(kv, k, v, meta)
         else:  # one C call rotates q and k and stores K and V where it applies
             q = self._rope_and_store(positions, qkv, kv, meta)
             if q is None:  # q and k heads are adjacent in qkv: rotate them in one call
-                qk = qkv[:, :q_size + kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
-                q, k = self.rotary_emb.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+                qk = qkv[:, :q_size + kv_size].reshape(T, self.local_num_heads + self.local_num_kv_heads, self.head_dim)
+                q, k = self.rotary_emb.rotate(positions, qk).split([self.local_num_heads, self.local_num_kv_heads], dim=1)
                 write_kv(kv, k, v, meta)
         out = paged_attention(q, kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_size))
@@ -77,7 +77,7 @@ class LlamaAttention(nn.Module):
         if kv.observe or not kv.plain or kv.shared or meta.write_index is not None:
             return None
         rot = self.rotary_emb
-        return fused.rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim, positions,
+        return fused.rope_store(qkv, self.local_num_heads, self.local_num_kv_heads, self.head_dim, positions,
                                 rot.cos, rot.sin, meta.slot_mapping, kv.k, kv.v)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from dist_engine.kernels.paged_attention import available as paged_available
 from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
+from dist_engine.layers.state_cache import StateMetadata
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput
 
 # Sequences feeding at most this many tokens are attended together in one padded group
@@ -111,15 +112,17 @@ def _consecutive_start(kv_slots: torch.Tensor) -> int | None:
     return start if bool((row == torch.arange(start, start + row.numel())).all()) else None
 
 
-def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
+def build_batch(seqs: tuple[SeqWork, ...], block_size: int, windows: list[int | None],
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
                 shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True,
-                paged: bool = False) -> ForwardBatch:
-    """``heads_per_kv``: query heads per KV head attended together (folded into the mask for
-    short query groups when ``fold``; pass False with one KV head per rank). ``paged``: the
-    sequences feeding few tokens go to the C kernel over block tables instead (a ``PagedGroup``;
-    the caller checks CPU and a full-precision cache of separate K/V, one shard and a built
-    kernel are checked here).
+                paged: bool = False, groups: tuple[str, ...] = ("full",)) -> ForwardBatch:
+    """``windows``: the sliding window of each paged group (``groups``, primary first; a
+    sequence's ``block_table`` is the primary's, ``group_tables`` the others'), each group
+    getting attention metadata of its own. ``heads_per_kv``: query heads per KV head attended
+    together (folded into the mask for short query groups when ``fold``; pass False with one KV
+    head per rank). ``paged``: the sequences feeding few tokens go to the C kernel over block
+    tables instead (a ``PagedGroup``; the caller checks CPU and a full-precision cache of
+    separate K/V, one shard and a built kernel are checked here).
 
     With ``num_shards`` > 1 (sequence shards: CP x DCP) this rank writes only the K/V of tokens
     whose block lives on its ``shard`` and attends only over its own keys; ``cp`` (the shard
@@ -127,22 +130,48 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     """
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
-    owner: list[int] = []  # shard storing each token
     starts: list[int] = []
     sample_index: list[int] = []
-    S = num_shards
     for s in seqs:
         starts.append(len(ids))
+        positions.extend(range(s.start_pos, s.context_len))
+        ids.extend(s.token_ids)
+        if s.sample:
+            sample_index.extend(range(len(ids) - 1 - s.num_drafts, len(ids)))
+    kw = dict(heads_per_kv=heads_per_kv, dtype=dtype, device=device, shard=shard,
+              num_shards=num_shards, cp=cp, dcp=dcp, fold=fold, paged=paged)
+    meta, shard_tokens = _table_meta(seqs, starts, len(ids), block_size, windows[0], **kw)
+    meta.state = state_metadata(seqs, starts, device)
+    for i, (group, window) in enumerate(zip(groups[1:], windows[1:])):
+        own = tuple(replace(s, block_table=s.group_tables[i]) for s in seqs)
+        meta.by_group[group] = _table_meta(own, starts, len(ids), block_size, window, **kw)[0]
+    return ForwardBatch(
+        ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+        sample_seqs=[s for s in seqs if s.sample],
+        starts=starts,
+        shard_tokens=shard_tokens,
+    )
+
+
+def _table_meta(seqs: tuple[SeqWork, ...], starts: list[int], num_tokens: int, block_size: int,
+                window: int | None, heads_per_kv: int, dtype: torch.dtype, device: torch.device,
+                shard: int, num_shards: int, cp, dcp, fold: bool, paged: bool
+                ) -> tuple[AttentionMetadata, list[torch.Tensor] | None]:
+    """Attention metadata over the sequences' ``block_table``s: where each new token's K/V
+    goes on this rank and which keys each query attends; and with sequence shards the token
+    indices each shard stores."""
+    slots: list[int] = []
+    owner: list[int] = []  # shard storing each token
+    S = num_shards
+    for s in seqs:
         for p in range(s.start_pos, s.context_len):
-            positions.append(p)
             block = s.block_table[p // block_size]
             owner.append(block % S)
             if block % S == shard:
                 slots.append((block // S) * block_size + p % block_size)
-        ids.extend(s.token_ids)
-        if s.sample:
-            sample_index.extend(range(len(ids) - 1 - s.num_drafts, len(ids)))
     small = [k for k, s in enumerate(seqs) if len(s.token_ids) <= SMALL_QUERY]
     large = [k for k, s in enumerate(seqs) if len(s.token_ids) > SMALL_QUERY]
     groups = []
@@ -150,7 +179,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     shard_kw = dict(shard=shard, num_shards=S, fold=fold)
     paged = paged and S == 1 and bool(small) and paged_available(dtype)
     if paged and len(small) == len(seqs):
-        groups.append(make_group(seqs, starts, block_size, window, len(ids)))
+        groups.append(make_group(seqs, starts, block_size, window, num_tokens))
     elif one_group:
         dense = len({len(s.token_ids) for s in seqs}) == 1
         groups.append(_group(list(seqs), starts, block_size, window, heads_per_kv, dtype, device,
@@ -158,7 +187,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     else:
         if small and paged:
             groups.append(make_group([seqs[k] for k in small], [starts[k] for k in small],
-                                     block_size, window, len(ids)))
+                                     block_size, window, num_tokens))
         elif small:
             groups.append(_group([seqs[k] for k in small], [starts[k] for k in small],
                                  block_size, window, heads_per_kv, dtype, device, False, **shard_kw))
@@ -170,23 +199,35 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, window: int | None,
     if S > 1:
         owners = torch.tensor(owner, dtype=torch.long)
         shard_tokens = [torch.nonzero(owners == r).flatten().to(device) for r in range(S)]
-    write = None if shard_tokens is None or len(shard_tokens[shard]) == len(ids) else shard_tokens[shard]
+    write = None if shard_tokens is None or len(shard_tokens[shard]) == num_tokens else shard_tokens[shard]
     meta = AttentionMetadata(
-        num_tokens=len(ids),
+        num_tokens=num_tokens,
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         groups=groups,
         write_index=write,
         cp=cp if S > 1 else None,
         dcp=dcp,
     )
-    return ForwardBatch(
-        ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        meta=meta,
-        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
-        sample_seqs=[s for s in seqs if s.sample],
-        starts=starts,
-        shard_tokens=shard_tokens,
+    return meta, shard_tokens
+
+
+def state_metadata(seqs: tuple[SeqWork, ...], starts: list[int], device: torch.device
+                   ) -> StateMetadata | None:
+    """Recurrent layers' view of the step (None when no sequence has a state slot). A
+    sequence feeding one verified token (plus any drafts) runs token by token, as decode
+    does; longer feeds are prefill chunks, run in the chunked form."""
+    if all(s.state_slot is None for s in seqs):
+        return None
+    if any(s.state_slot is None for s in seqs):
+        raise ValueError("every sequence of a model with recurrent layers needs a state slot")
+    return StateMetadata(
+        slots=torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=device),
+        starts=list(starts),
+        lengths=[len(s.token_ids) for s in seqs],
+        positions=[s.start_pos for s in seqs],
+        fresh=[s.start_pos == 0 for s in seqs],
+        recurrent=[len(s.token_ids) - s.num_drafts == 1 for s in seqs],
+        keep_per_token=any(s.num_drafts for s in seqs),
     )
 
 

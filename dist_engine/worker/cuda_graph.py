@@ -56,7 +56,7 @@ class DecodeGraphs:
         self.max_batch = min(sc.max_num_seqs * rows_per_seq, BATCH_SIZES[-1])  # rows
         self.sizes = [b for b in BATCH_SIZES if b < self.max_batch] + [self.max_batch]
         self.max_keys = -(-sc.max_model_len // bs) * bs
-        self.window = runner.config.model.sliding_window
+        self.window = runner.windows[0]
         dev, n = runner.device, self.max_batch
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
@@ -77,7 +77,8 @@ class DecodeGraphs:
     @staticmethod
     def supported(runner) -> bool:
         p, spec = runner.config.parallel, runner.config.speculative
-        return ((spec is None or spec.hidden_stage == "normed")
+        return ((spec is None or spec.hidden_stage == "normed") and not runner.has_state
+                and len(runner.groups) == 1
                 and decode_graphs_apply(runner.config.model, p.tensor_parallel_size,
                                  p.context_parallel_size, p.decode_context_parallel_size))
 
@@ -94,13 +95,13 @@ class DecodeGraphs:
         sequence plus the drafts it verifies); the MTP layer takes any rows that fit."""
         r = self.runner
         rows = sum(len(s.token_ids) for s in seqs)
-        if (self.failed or not 0 < rows <= self.max_batch or r._calibrating
+        if (self.failed or not 0 < rows <= self.max_batch or r.calibrating
                 or main and not all(len(s.token_ids) == 1 + s.num_drafts and s.sample
                                     and not s.return_hidden for s in seqs)):
             return None
         Bp = next(b for b in self.sizes if b >= rows)
         Kp = self._key_bucket(max(s.context_len for s in seqs))
-        per_key = max(r.local_kv_heads * r.head_dim, r.local_kv_heads * r.heads_per_kv)  # K/V, scores
+        per_key = max(r.local_num_kv_heads * r.head_dim, r.local_num_kv_heads * r.heads_per_kv)  # K/V, scores
         return (Bp, Kp) if Bp * Kp * per_key <= MAX_GATHER_ELEMENTS else None
 
     def _key_bucket(self, keys: int) -> int:
@@ -177,8 +178,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(num_tokens=Bp, slot_mapping=self.slots[:Bp], groups=[group])
         if kind == "main":
             return r.model(self.ids[:Bp], self.positions[:Bp], r.kv_caches, meta)
-        emb = r.model.model.embed_tokens(self.ids[:Bp])  # [Bp, H]
-        return r.mtp.mtp.layer(self.positions[:Bp], emb, self.hidden_in[:Bp], r.mtp.kv, meta)
+        return r.mtp.forward_layer(self.positions[:Bp], self.ids[:Bp], self.hidden_in[:Bp], meta)
 
     def _record(self, kind: str, Bp: int, Kp: int):
         """Warm up once on a side stream (lazy initialisation stays out of the graph), then
@@ -198,7 +198,6 @@ class DecodeGraphs:
         return graph, out
 
     def _forget_caches(self) -> None:
-        roots = [self.runner.model] + ([self.runner.mtp.mtp] if self.runner.mtp is not None else [])
-        for m in (m for root in roots for m in root.modules()):
+        for m in (m for root in self.runner.modules() for m in root.modules()):
             if getattr(m, "_cached", None) is not None:
                 m._cached = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from dist_engine.config import EngineConfig
+from dist_engine.kv_cache.kinds import CacheLayout
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.shard_worker import ShardWorker
 
@@ -21,16 +22,17 @@ class Executor(ABC):
     config: EngineConfig
 
     @abstractmethod
-    def available_kv_blocks(self) -> int:
-        """Blocks every rank can hold (the minimum over ranks)."""
+    def cache_layout(self) -> CacheLayout:
+        """Blocks, state slots and checkpoints every rank can hold (the minimum over ranks)."""
 
     @abstractmethod
-    def cache_info(self) -> dict[str, int]:
-        """bytes_per_block, weight_bytes and (when measured) activation_peak_bytes and
+    def cache_info(self) -> dict:
+        """bytes_per_block, state_bytes_per_seq, bytes per token of each paged kind, the bytes
+        allocated per kind, weight_bytes and (when measured) activation_peak_bytes and
         kv_budget_bytes of one rank."""
 
     @abstractmethod
-    def init_cache(self, num_blocks: int) -> None: ...
+    def init_cache(self, layout: CacheLayout) -> None: ...
 
     @abstractmethod
     def execute(self, step: StepInput) -> StepOutput: ...
@@ -54,14 +56,14 @@ class InProcessExecutor(Executor):
         self.worker.init_distributed(None)
         self.load_seconds = self.worker.load_model()
 
-    def available_kv_blocks(self) -> int:
-        return self.worker.available_kv_blocks()
+    def cache_layout(self) -> CacheLayout:
+        return self.worker.cache_layout()
 
-    def cache_info(self) -> dict[str, int]:
+    def cache_info(self) -> dict:
         return self.worker.cache_info()
 
-    def init_cache(self, num_blocks: int) -> None:
-        self.worker.init_cache(num_blocks)
+    def init_cache(self, layout: CacheLayout) -> None:
+        self.worker.init_cache(layout)
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)

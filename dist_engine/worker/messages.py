@@ -51,7 +51,7 @@ class SeqWork:
     seq_id: int
     token_ids: tuple[int, ...]  # fed this step: a prefill chunk, or the last sampled token
     start_pos: int  # absolute position of token_ids[0]
-    block_table: tuple[int, ...]  # logical block i of the sequence -> block id
+    block_table: tuple[int, ...]  # logical block i of the sequence -> block id (primary group)
     sample: bool  # draw a token after the last fed one (false for a non-final prefill chunk)
     sampling: SamplingSpec = SamplingSpec()
     # Speculative decoding: the last ``num_drafts`` fed tokens are drafts to verify; the worker
@@ -59,9 +59,19 @@ class SeqWork:
     # after a non-final prefill chunk (the MTP layer at position p reads token p + 1).
     num_drafts: int = 0
     propose: int = 0
-    next_token: int = -1
+    next_token: int | None = None
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
+    # Models with recurrent layers (cache kind RecurrentState): the sequence's live state slot;
+    # a checkpoint slot to copy into it before this step (a prefix-cache hit resumes there);
+    # and (position, checkpoint slot) pairs: save the state after ``position`` tokens there
+    # once the step has verified that far.
+    state_slot: int | None = None
+    restore_from: int | None = None
+    save_states: tuple[tuple[int, int], ...] = ()
+    # the other paged groups' tables (sliding-window layers beside full attention), in the
+    # order of ``kinds.paged_groups``; entries behind a window may name blocks given back
+    group_tables: tuple[tuple[int, ...], ...] = ()
 
     @property
     def context_len(self) -> int:  # tokens in the cache once this step has written its own

@@ -12,14 +12,32 @@ import torch
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
-from dist_engine.layers.kv_cache import LayerKV, kv_bytes_per_token, storage_dtype
+from dist_engine.kv_cache.kinds import (
+    CacheLayout,
+    PagedKV,
+    RecurrentState,
+    bytes_per_block,
+    group_window,
+    paged_groups,
+    state_bytes_per_seq,
+)
+from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
-from dist_engine.layers.tq_cache import PRESETS as TQ_PRESETS
+from dist_engine.layers.state_cache import LayerState
 from dist_engine.layers.tq_cache import TurboQuantKV
+from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
+from dist_engine.worker.caches import (
+    allocate,
+    bytes_by_group,
+    layer_kind,
+    plan_layout,
+    restore_states,
+    settle_states,
+)
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
 from dist_engine.worker.sampler import sample
 
@@ -44,10 +62,10 @@ class ModelRunner:
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
         self.kv_dtype = storage_dtype(config.cache.kv_cache_dtype, self.dtype)
-        # TurboQuant codes (layers/tq_cache.py): the preset, else None
-        self.tq_preset = config.cache.kv_cache_dtype if config.cache.kv_cache_dtype in TQ_PRESETS else None
         self.kv_scales: list[tuple[float, float]] | None = None  # FP8: per layer, calibrated once
-        self.kv_means: list[torch.Tensor | None] | None = None  # TurboQuant: per layer, likewise
+        # TurboQuant codes (layers/tq_cache.py): the preset, and per layer the calibrated mean key
+        self.tq_preset = config.cache.kv_cache_dtype if config.cache.kv_cache_dtype in TQ_PRESETS else None
+        self.kv_means: list[torch.Tensor | None] | None = None
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
         mcfg = config.model
@@ -68,13 +86,20 @@ class ModelRunner:
 
             self.mtp = MTPDecoder(self, config)
         self.load_seconds = time.perf_counter() - t0
-        attn = self.model.model.layers[0].self_attn
-        self.local_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        # what each layer keeps between steps (the MTP layer's cache last)
+        window = mcfg.sliding_window
+        layers = list(self.model.model.layers) + ([self.mtp.mtp.layer] if self.mtp is not None else [])
+        self.kinds = [layer_kind(layer, self.kv_dtype, window, self.tq_preset) for layer in layers]
+        self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
+        self.groups = tuple(paged_groups(self.kinds))  # paged groups, primary first
+        self.windows = [group_window(g) for g in self.groups]
+        attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
+        self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
         # this rank's first global KV head (TurboQuant rotations are per global head)
         self.kv_head_start = attn.part.kv_start if hasattr(attn, "part") else 0
         # query heads per KV head that attention folds together (the whole DCP group's)
-        self.heads_per_kv = attn.num_heads // attn.num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
+        self.heads_per_kv = attn.local_num_heads // attn.local_num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         # decode / verification attention through the C kernel over block tables (CPU, one
         # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
         # for A/B checks
@@ -82,7 +107,8 @@ class ModelRunner:
                                  and (self.kv_dtype == self.dtype or self.tq_preset is not None)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
-        self.kv_caches: list[LayerKV | TurboQuantKV] = []
+        self.kv_caches: list[LayerKV | TurboQuantKV | LayerState] = []  # one per layer of the main model
+        self.layout: CacheLayout | None = None
         # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
         # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
         self.graphs = None
@@ -90,43 +116,50 @@ class ModelRunner:
         if (cuda or cuda_graph.STATIC_DECODE_ON_CPU) and cuda_graph.DecodeGraphs.supported(self):
             self.graphs = cuda_graph.DecodeGraphs(self, capture=cuda)
         self.num_split_steps = 0  # steps whose tokens were split over CP ranks
-        self._calibrating = False
+        self.calibrating = False  # the FP8 scale pass: every rank runs every token
         self.memory_report: dict[str, int] = {}  # activation peak and KV budget, once measured
 
     def build(self, seqs) -> ForwardBatch:
         """Flat tensors and attention metadata for ``seqs`` on this rank (its KV shard)."""
         sc = self.seq_comm
-        return build_batch(tuple(seqs), self.block_size, self.config.model.sliding_window,
-                           self.heads_per_kv, self.dtype, self.device,
+        return build_batch(tuple(seqs), self.block_size, self.windows,
+                           self.heads_per_kv, self.dtype, self.device, groups=self.groups,
                            shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
-                           dcp=self.dcp_comm, fold=self.local_kv_heads > 1,
+                           dcp=self.dcp_comm, fold=self.local_num_kv_heads > 1,
                            paged=self.use_paged_kernel)
 
     # ---- KV cache sizing -------------------------------------------------------------------
+    def bytes_per_block(self) -> dict[str, int]:
+        """Per paged group (primary first): its layers' rows of one block on this rank."""
+        per = bytes_per_block(self.kinds, self.block_size)
+        return {g: per[g] for g in paged_groups(self.kinds)}
+
     def kv_bytes_per_block(self) -> int:
-        """K and V of one block, all layers, this rank."""
-        per_token = kv_bytes_per_token(self.config.cache.kv_cache_dtype, self.dtype, self.local_kv_heads,
-                                       self.head_dim, self.latent_cache)
-        layers = self.config.model.num_hidden_layers + (self.mtp is not None)
-        return per_token * self.block_size * layers
+        """The primary group's block, all its layers, this rank."""
+        return next(iter(self.bytes_per_block().values()), 0)
+
+    def state_bytes_per_seq(self) -> int:
+        """Every recurrent layer's state of one sequence on this rank (0: none)."""
+        return state_bytes_per_seq(self.kinds)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module this rank runs: the model, and with speculation the MTP layer and the
+        draft head."""
+        return [self.model] + (self.mtp.modules() if self.mtp is not None else [])
 
     def weight_bytes(self) -> int:
-        roots = [self.model]
-        if self.mtp is not None:
-            roots.append(self.mtp.mtp)
-            if self.mtp.draft_head is not None:
-                roots.append(self.mtp.draft_head)
-        return sum(weight_bytes(r) for r in roots)
+        return sum(weight_bytes(r) for r in self.modules())
 
-    def available_kv_blocks(self, local_ranks: int) -> int:
-        """How many blocks this rank can hold: the configured budget, or a fraction of the
-        memory left after the weights and a measured activation peak."""
+    def cache_layout(self, local_ranks: int) -> CacheLayout:
+        """What this rank can hold: the configured block count, or ``--kv-cache-memory``, or a
+        fraction of the memory left after the weights and a measured activation peak, split
+        between the kinds (``caches.plan_layout``)."""
         cc, sc = self.config.cache, self.config.scheduler
         if cc.num_blocks is not None:
-            return cc.num_blocks
+            return plan_layout(self.kinds, self.config, None)
         per_block = self.kv_bytes_per_block()
         if cc.kv_cache_memory is not None:
-            return max(1, cc.kv_cache_memory // per_block)
+            return plan_layout(self.kinds, self.config, max(cc.kv_cache_memory, per_block))
         peak = self.profile_activation_peak()
         if self.device.type == "cuda":
             _, total = torch.cuda.mem_get_info(self.device)
@@ -137,17 +170,19 @@ class ModelRunner:
             # weights are already resident, so "available" is what is left after them
             budget = psutil.virtual_memory().available * cc.memory_fraction / max(1, local_ranks) - peak
         self.memory_report.update(activation_peak_bytes=peak, kv_budget_bytes=int(budget))
-        if budget < per_block:
+        if budget < per_block + self.state_bytes_per_seq():
             raise ValueError(
                 f"no memory left for the KV cache: weights {self.weight_bytes() / 2**20:.0f} MiB and "
                 f"an activation peak of {peak / 2**20:.0f} MiB leave {budget / 2**20:.0f} MiB at "
                 f"memory_fraction={cc.memory_fraction}; raise it, lower --max-num-batched-tokens, "
                 "or add ranks"
             )
+        layout = plan_layout(self.kinds, self.config, int(budget))
         # On CPU there is no reason to pin more than every sequence at full length could use.
         blocks_per_seq = (sc.max_model_len + self.block_size - 1) // self.block_size
-        cap = blocks_per_seq * sc.max_num_seqs + 1
-        return int(min(budget // per_block, cap))
+        (primary, n), *rest = layout.blocks
+        return dataclasses.replace(layout, blocks=((primary, min(n, blocks_per_seq * sc.max_num_seqs + 1)),
+                                                   *rest))
 
     def profile_activation_peak(self) -> int:
         """Bytes of activations of one worst-case prefill chunk (``max_num_batched_tokens``).
@@ -157,9 +192,8 @@ class ModelRunner:
         """
         n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
-        self.init_cache(blocks + 1)
-        work = SeqWork(seq_id=-1, token_ids=(0,) * n, start_pos=0,
-                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        self.init_cache(self._scratch_layout(blocks + 1))
+        work = self._scratch_work((0,) * n, blocks)
         step = StepInput(step_id=-1, seqs=(work,))
         sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
         own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
@@ -180,75 +214,86 @@ class ModelRunner:
             torch.cuda.empty_cache()
         return max(0, int(peak))
 
-    def init_cache(self, num_blocks: int) -> None:
-        """``num_blocks`` of this rank (with sequence shards, local block i is global block
+    def _scratch_layout(self, num_blocks: int) -> CacheLayout:
+        """Caches for one start-up pass (profiling, calibration): every group's table is the
+        same ``num_blocks``, one state slot if any."""
+        return CacheLayout(tuple((g, num_blocks) for g in paged_groups(self.kinds)), int(self.has_state), 0)
+
+    def _scratch_work(self, ids: tuple[int, ...], blocks: int) -> SeqWork:
+        table = tuple(range(1, blocks + 1))
+        return SeqWork(seq_id=-1, token_ids=ids, start_pos=0, block_table=table, sample=True,
+                       state_slot=0 if self.has_state else None,
+                       group_tables=(table,) * (len(self.groups) - 1))
+
+    def init_cache(self, layout: CacheLayout) -> None:
+        """Allocate ``layout`` on this rank (with sequence shards, local block i is global block
         i * shards + shard). FP8 caches get their scales, TurboQuant caches their mean keys
         from a calibration pass first."""
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
         if self.tq_preset is not None and self.kv_means is None:
             self.kv_means = self.calibrate_kv_means()
-        self._make_caches(num_blocks, self.kv_dtype, self.kv_scales)
+        self._make_caches(layout, None, self.kv_scales)
 
-    def _make_caches(self, num_blocks: int, dtype: torch.dtype,
+    def _make_caches(self, layout: CacheLayout, dtype: torch.dtype | None,
                      scales: list[tuple[float, float]] | None) -> None:
-        n_layers = self.config.model.num_hidden_layers + (self.mtp is not None)
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
-        if self.tq_preset is not None and dtype == self.kv_dtype:  # (calibration: exact caches)
-            self.kv_caches = [
-                TurboQuantKV.empty(self.tq_preset, (num_blocks + scratch) * self.block_size,
-                                   self.local_kv_heads, self.head_dim, self.device, self.block_size,
-                                   layer=i, head_start=self.kv_head_start, shared=self.latent_cache,
-                                   k_mean=self.kv_means[i] if self.kv_means else None)
-                for i in range(n_layers)]
-        else:
-            self.kv_caches = [
-                LayerKV.empty((num_blocks + scratch) * self.block_size, self.local_kv_heads, self.head_dim,
-                              dtype, self.device, zero_slots=self.block_size,
-                              scales=scales[i] if scales else (1.0, 1.0), shared=self.latent_cache)
-                for i in range(n_layers)]
+        self.layout = layout
+        self.kv_caches = allocate(self.kinds, layout, self.block_size, self.device,
+                                  zero_slots=self.block_size, extra_blocks=int(scratch),
+                                  scales=scales, dtype=dtype, k_means=self.kv_means,
+                                  kv_head_start=self.kv_head_start)
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
         if scratch:
-            self.graphs.bind(num_blocks)
+            self.graphs.bind(layout.num_blocks)
+
+    def allocated_bytes(self) -> dict[str, int]:
+        """Bytes allocated per kind group (the MTP layer's cache included)."""
+        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        return bytes_by_group(caches, self.kinds)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
         """Per-layer FP8 scales from the largest |K| and |V| of the calibration prefill."""
-        scales = [kv.calibrated_scales() for kv in self._calibration_prefill(num_tokens)]
+        found = iter([kv.calibrated_scales() for kv in self._calibration_prefill(num_tokens)])
+        # per layer (a recurrent layer has no K/V: its entry is unused)
+        scales = [next(found) if isinstance(k, PagedKV) else (1.0, 1.0) for k in self.kinds]
         log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
                  min(k for k, _ in scales), max(k for k, _ in scales),
                  min(v for _, v in scales), max(v for _, v in scales))
         return scales
 
     def calibrate_kv_means(self, num_tokens: int = 256) -> list[torch.Tensor | None]:
-        """Per-layer mean keys ``[local_kv_heads, head_dim]`` of the calibration prefill, which
-        TurboQuant caches subtract before quantizing (None for a shared latent)."""
-        means = [kv.calibrated_mean() for kv in self._calibration_prefill(num_tokens)]
-        if means and means[0] is not None:
-            log.info("TurboQuant mean keys calibrated: |mean| %.3g..%.3g",
-                     min(m.norm(dim=-1).min().item() for m in means),
-                     max(m.norm(dim=-1).max().item() for m in means))
+        """Per-layer mean keys ``[local_num_kv_heads, head_dim]`` of the calibration prefill,
+        which TurboQuant caches subtract before quantizing (None: a recurrent layer, or a
+        shared latent)."""
+        found = iter([kv.calibrated_mean() for kv in self._calibration_prefill(num_tokens)])
+        means = [next(found) if isinstance(k, PagedKV) else None for k in self.kinds]
+        norms = [m.norm(dim=-1) for m in means if m is not None]
+        if norms:
+            log.info("TurboQuant mean keys calibrated: norm %.3g..%.3g",
+                     min(n.min().item() for n in norms), max(n.max().item() for n in norms))
         return means
 
-    def _calibration_prefill(self, num_tokens: int) -> list:
-        """Every layer's cache (the MTP layer's last; model dtype) after observing one prefill of
-        pseudo-random tokens, the same on every rank (so sequence shards of one tensor agree).
-        The caches are not kept."""
+    def _calibration_prefill(self, num_tokens: int) -> list[LayerKV]:
+        """The paged layers' caches (the MTP layer's last; full precision) after observing one
+        prefill of pseudo-random tokens, the same on every rank (so sequence shards of one
+        tensor agree). The caches are not kept."""
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
-        self._make_caches(blocks + 1, self.dtype, None)
-        caches = self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+        self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
+        caches = [c for c in self.kv_caches + ([self.mtp.kv] if self.mtp is not None else [])
+                  if isinstance(c, LayerKV)]
         for kv in caches:
             kv.observe = True
-        self._calibrating = True  # every rank runs every token, so CP shards see the same
+        self.calibrating = True  # every rank runs every token, so CP shards see the same
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
-        work = SeqWork(seq_id=-1, token_ids=tuple(ids), start_pos=0,
-                       block_table=tuple(range(1, blocks + 1)), sample=True)
+        work = self._scratch_work(tuple(ids), blocks)
         try:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
-            self._calibrating = False
+            self.calibrating = False
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
@@ -276,6 +321,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         t0 = time.perf_counter()
+        if self.has_state:
+            restore_states(self.kv_caches, self.layout, step.seqs)
         hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [T, hidden]
         if hidden is not None and self.mtp is None:
             return self._sample(step, step.seqs, hidden, {})
@@ -293,8 +340,20 @@ class ModelRunner:
         hidden = self._forward(batch)  # [T, hidden]
         rows = hidden_rows(step, batch, hidden, {})
         if not batch.sample_seqs:
+            self.settle_states(step, batch, {})
             return StepOutput(step.step_id, {}, rows)
-        return self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+        out = self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+        self.settle_states(step, batch, out.sampled)
+        return out
+
+    def settle_states(self, step: StepInput, batch: ForwardBatch, sampled: dict[int, SampledTokens]) -> None:
+        """Recurrent layers: each sequence's state after the tokens this step verified (fed
+        tokens less rejected drafts), and the checkpoints it reached saved."""
+        if not self.has_state:
+            return
+        verified = [len(s.token_ids) - s.num_drafts
+                    + (sampled[s.seq_id].num_accepted if s.seq_id in sampled else 0) for s in step.seqs]
+        settle_states(self.kv_caches, self.layout, step.seqs, batch.meta.state, verified)
 
     def _sample(self, step: StepInput, seqs, hidden: torch.Tensor, rows: dict) -> StepOutput:
         """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""
@@ -311,7 +370,7 @@ def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
     token on every rank (short steps, DCP, or a shard that would get no token)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner._calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None

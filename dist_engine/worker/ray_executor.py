@@ -7,6 +7,7 @@ timeout) and the caller gets EngineDeadError within a poll interval.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dist_engine.config import EngineConfig
+from dist_engine.kv_cache.kinds import CacheLayout
 from dist_engine.worker.executor import EngineDeadError, Executor
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.shard_worker import ShardWorker
@@ -29,9 +31,34 @@ PING_EVERY_S = 2.0  # during a long call, ping every rank this often...
 PING_TIMEOUT_S = 8.0  # ...and give up on the engine if one stays silent this long
 
 
+# The GCS address of the local Ray instance this process started for its engines (None: none),
+# so that a later, larger engine may restart it with more logical CPUs; an instance with any
+# other address is the user's.
+_local_ray: str | None = None
+_live_executors: set[int] = set()  # id() of RayExecutors not yet shut down in this process
+
+
 def ensure_ray(address: str | None, world_size: int) -> None:
+    """Connect to ``address``, or start (or grow) a local Ray instance with a logical CPU per
+    rank. A local instance this process started is restarted larger when a later engine needs
+    more ranks than it declared and no engine of this process still runs on it; a cluster the
+    user started or named is never torn down, only checked."""
+    global _local_ray
     if ray.is_initialized():
-        return
+        declared = int(ray.cluster_resources().get("CPU", 0))
+        if declared >= world_size:
+            return
+        if address or _local_ray != ray.get_runtime_context().gcs_address:
+            raise ValueError(f"the Ray cluster this process is connected to declares {declared} "
+                             f"CPUs, fewer than the {world_size} ranks asked for; start it with "
+                             f"more (ray start --num-cpus {world_size}) or use fewer ranks")
+        if _live_executors:
+            raise ValueError(f"the local Ray instance holds {declared} CPUs and another engine of "
+                             f"this process still runs on it; shut that engine down before "
+                             f"starting one of {world_size} ranks")
+        log.info("restarting the local Ray instance with %d CPUs (it had %d)", world_size, declared)
+        ray.shutdown()
+        _local_ray = None
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -39,8 +66,10 @@ def ensure_ray(address: str | None, world_size: int) -> None:
     # two-core machine (each rank sets its own torch thread count).
     # address="local": always a fresh instance, even if an earlier `ray start` on this machine
     # left its address behind in /tmp/ray
-    ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
+    cpus = max(world_size, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
              log_to_driver=True, configure_logging=False)
+    _local_ray = ray.get_runtime_context().gcs_address
 
 
 class RayExecutor(Executor):
@@ -61,6 +90,17 @@ class RayExecutor(Executor):
                 f"the Ray cluster has {ray.available_resources()} available. Add nodes/GPUs or "
                 "lower --tp"
             )
+        _live_executors.add(id(self))
+        self.workers: list = []
+        self._dead = False
+        try:
+            self._start_workers(config)
+        except BaseException:
+            self._kill()  # no actor or placement group outlives a failed start
+            raise
+
+    def _start_workers(self, config: EngineConfig) -> None:
+        world, gpu = config.parallel.world_size, config.device == "cuda"
         actor_cls = ray.remote(ShardWorker)
         self.workers = [
             actor_cls.options(
@@ -71,7 +111,6 @@ class RayExecutor(Executor):
             ).remote(config, i, world)
             for i in range(world)
         ]
-        self._dead = False
         master = self._all(lambda w: w.address.remote(), only=[0])[0]
         self._all(lambda w: w.init_distributed.remote(master))
         self.load_seconds = max(self._all(lambda w: w.load_model.remote()))
@@ -118,6 +157,7 @@ class RayExecutor(Executor):
         raise EngineDeadError(why)
 
     def _kill(self) -> None:
+        _live_executors.discard(id(self))
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
@@ -128,14 +168,14 @@ class RayExecutor(Executor):
         except Exception:
             pass
 
-    def available_kv_blocks(self) -> int:
-        return min(self._all(lambda w: w.available_kv_blocks.remote()))
+    def cache_layout(self) -> CacheLayout:
+        return functools.reduce(CacheLayout.min, self._all(lambda w: w.cache_layout.remote()))
 
-    def cache_info(self) -> dict[str, int]:
+    def cache_info(self) -> dict:
         return self._all(lambda w: w.cache_info.remote(), only=[0])[0]
 
-    def init_cache(self, num_blocks: int) -> None:
-        self._all(lambda w: w.init_cache.remote(num_blocks))
+    def init_cache(self, layout: CacheLayout) -> None:
+        self._all(lambda w: w.init_cache.remote(layout))
 
     def execute(self, step: StepInput) -> StepOutput:
         outs = self._all(lambda w: w.execute.remote(step))

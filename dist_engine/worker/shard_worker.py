@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator, TorchCommunicator
+from dist_engine.kv_cache.kinds import CacheLayout
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.model_runner import ModelRunner, default_threads
 
@@ -99,15 +100,18 @@ class ShardWorker:
         self.runner = ModelRunner(self.config, self.comm, device, self.seq_comm, self.dcp_comm)
         return self.runner.load_seconds
 
-    def available_kv_blocks(self) -> int:
-        return self.runner.available_kv_blocks(self.local_ranks)
+    def cache_layout(self) -> CacheLayout:
+        return self.runner.cache_layout(self.local_ranks)
 
-    def cache_info(self) -> dict[str, int]:
-        return {"bytes_per_block": self.runner.kv_bytes_per_block(),
-                "weight_bytes": self.runner.weight_bytes(), **self.runner.memory_report}
+    def cache_info(self) -> dict:
+        r = self.runner
+        return {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
+                "bytes_per_block_by_group": r.bytes_per_block(),
+                "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(),
+                **r.memory_report}
 
-    def init_cache(self, num_blocks: int) -> None:
-        self.runner.init_cache(num_blocks)
+    def init_cache(self, layout: CacheLayout) -> None:
+        self.runner.init_cache(layout)
 
     def execute(self, step: StepInput) -> StepOutput:
         out = self.runner.execute(step)

@@ -32,53 +32,24 @@ from dist_engine.worker.batch import ForwardBatch, hidden_rows
 from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput, StepOutput
 from dist_engine.worker.rejection import PendingDrafts, draw_drafts, target_logits, verify
-from dist_engine.worker.sampler import gumbel_noise, penalise, sample
+from dist_engine.worker.sampler import penalise, sample
+from dist_engine.worker.spec_rows import (
+    CatchUp,
+    VerifyRows,
+    accept_drafts,
+    catch_up_plans,
+    pick_draft,
+    row_spec,
+)
 
 DRAFT_VOCAB_TENSOR = "draft_vocab"  # int64 [V']: token ids by frequency, in a graft's file
 GRAFT_WEIGHTS = "mtp.safetensors"
-
-
-def row_spec(spec: SamplingSpec, drafts: tuple[int, ...]) -> SamplingSpec:
-    """The spec for the token after ``drafts`` (assumed accepted): penalties count them, the
-    min-tokens ban covers only the first ``banned_for`` tokens."""
-    j = len(drafts)
-    if j == 0:
-        return spec
-    changes = {}
-    if spec.banned_token_ids and j >= spec.banned_for:
-        changes["banned_token_ids"] = ()
-    if spec.repetition_penalty != 1.0 or spec.presence_penalty or spec.frequency_penalty:
-        counts = dict(spec.output_counts)
-        for t in drafts:
-            counts[t] = counts.get(t, 0) + 1
-        changes["output_counts"] = tuple(counts.items())
-    return replace(spec, **changes) if changes else spec
 
 
 def _same_shape(work: list[SeqWork], fed: tuple[SeqWork, ...]) -> bool:
     """Every fed sequence catches up on exactly the positions it fed."""
     return len(work) == len(fed) and all(
         w.start_pos == s.start_pos and len(w.token_ids) == len(s.token_ids) for w, s in zip(work, fed))
-
-
-def accept_drafts(drafts: tuple[int, ...], targets: list[int]) -> int:
-    """How many leading drafts equal the tokens the verifier drew at their positions."""
-    a = 0
-    while a < len(drafts) and drafts[a] == targets[a]:
-        a += 1
-    return a
-
-
-def pick_draft(logits: torch.Tensor, spec: SamplingSpec, position: int, vocab_size: int,
-               ids: torch.Tensor | None = None) -> int:
-    """A draft from draft logits ``[V']`` (over token ids ``ids``; None: the full vocabulary):
-    greedy, or the Gumbel-max draw with the noise the verifier uses at ``position``."""
-    if spec.temperature == 0.0:
-        k = int(torch.argmax(logits))
-    else:
-        g = gumbel_noise(spec.seed, position, vocab_size).to(logits.device)
-        k = int(torch.argmax(logits / spec.temperature + (g if ids is None else g[ids])))
-    return k if ids is None else int(ids[k])
 
 
 class MTPDecoder:
@@ -116,6 +87,10 @@ class MTPDecoder:
         # seconds spent per phase (read by the benchmark to show where the time goes)
         self.seconds = {"verify": 0.0, "mtp_catch_up": 0.0, "draft_chain": 0.0, "main_forward": 0.0}
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The MTP layer and, with a draft vocabulary, the draft head."""
+        return [self.mtp] + ([self.draft_head] if self.draft_head is not None else [])
+
     # ---- drafting ----------------------------------------------------------------------------
     def _rejects(self, spec: SamplingSpec) -> bool:
         """Whether this request's drafts are drawn from q and verified by rejection sampling."""
@@ -138,18 +113,28 @@ class MTPDecoder:
         if all(s.temperature == 0.0 for s in specs):  # one argmax for the batch
             best = logits.argmax(-1)
             return (best if ids is None else ids[best]).tolist()
-        out = [-1 if self._rejects(sp) else pick_draft(logits[i], sp, pos, vocab, ids)
-               for i, (sp, pos) in enumerate(zip(specs, positions))]
-        rej = [i for i, t in enumerate(out) if t < 0]
-        if rej:
-            index, q = draw_drafts(logits[rej], [specs[i] for i in rej], [positions[i] for i in rej])
-            for n, (i, k) in enumerate(zip(rej, index)):
+        out: dict[int, int] = {}
+        drawn = [i for i, sp in enumerate(specs) if self._rejects(sp)]  # drafts drawn from q
+        for i, (sp, pos) in enumerate(zip(specs, positions)):
+            if not self._rejects(sp):  # greedy, or the noise the verifier will use
+                out[i] = pick_draft(logits[i], sp, pos, vocab, ids)
+        if drawn:
+            index, q = draw_drafts(logits[drawn], [specs[i] for i in drawn], [positions[i] for i in drawn])
+            for n, (i, k) in enumerate(zip(drawn, index)):
                 out[i] = k if ids is None else int(ids[k])
                 entry = self._pending.setdefault(seqs[i].seq_id, PendingDrafts(positions[i], [], [], []))
                 entry.tokens.append(out[i])
                 entry.index.append(k)
                 entry.q.append(q[n])
-        return out
+        return [out[i] for i in range(len(specs))]
+
+    def forward_layer(self, positions: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor,
+                      meta) -> torch.Tensor:
+        """The MTP layer's raw outputs ``[T, H]`` for tokens ``ids`` ``[T]`` (token p + 1 at
+        position p) reading the hidden states ``hidden`` ``[T, H]`` of positions p; also what
+        ``DecodeGraphs`` records for the MTP layer's rows."""
+        emb = self.runner.model.model.embed_tokens(ids)  # [T, H]
+        return self.mtp.layer(positions, emb, hidden, self.kv, meta)
 
     def _run(self, work: list[SeqWork], hidden: torch.Tensor, same_as: ForwardBatch | None = None
              ) -> tuple[torch.Tensor, ForwardBatch]:
@@ -164,97 +149,91 @@ class MTPDecoder:
             batch = replace(same_as, ids=ids)
         g = r.graphs.forward_mtp(work, hidden) if r.graphs is not None else None  # [T, H]
         if g is None:
-            emb = r.model.model.embed_tokens(batch.ids)  # [T, H]
-            g = self.mtp.layer(batch.positions, emb, hidden, self.kv, batch.meta)  # [T, H]
+            g = self.forward_layer(batch.positions, batch.ids, hidden, batch.meta)  # [T, H]
         return g, batch
 
-    # ---- one step ------------------------------------------------------------------------------
+    # ---- one step: verify, catch up, propose -----------------------------------------------------
     def step(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
              prenorm: torch.Tensor | None) -> StepOutput:
-        r = self.runner
         t0 = time.perf_counter()
-        sampled: dict[int, SampledTokens] = {}
-        if batch.sample_seqs:
-            logits = r.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
-            pending, self._pending = self._pending, {}
-            specs, draw, positions, entries = [], [], [], []
-            for s in batch.sample_seqs:
-                k = s.num_drafts
-                drafts = s.token_ids[len(s.token_ids) - k:]
-                entry = pending.get(s.seq_id) if k and self._rejects(s.sampling) else None
-                entries.append(entry if entry is not None and entry.matches(drafts, s.context_len - k)
-                               else None)
-                for j in range(k + 1):
-                    specs.append(row_spec(s.sampling, drafts[:j]))
-                    # a draft verified by rejection sampling is accepted or replaced by the
-                    # residual's draw: only the last row's own draw (the bonus) can be emitted,
-                    # so the others skip the noise (a greedy row costs a fraction of a drawn one)
-                    draw.append(replace(specs[-1], temperature=0.0)
-                                if entries[-1] is not None and j < k else specs[-1])
-                    positions.append(s.context_len - k + j)
-            tokens, lps, top = sample(logits, draw, positions)
-            row = 0
-            for s, entry in zip(batch.sample_seqs, entries):
-                k = s.num_drafts
-                drafts = s.token_ids[len(s.token_ids) - k:]
-                if entry is not None:
-                    target = target_logits(logits[row:row + k], specs[row:row + k])
-                    a, tok = verify(entry, drafts, target, s.sampling,
-                                    None if self.draft_head is None else self.draft_head.vocab_ids)
-                    # accepted drafts, then the residual's draw at the rejected row (all
-                    # accepted: the verifier's own draw at the last row is the bonus)
-                    emitted = drafts[:a] + ((tok,) if tok is not None else ())
-                    if emitted:
-                        lp = torch.log_softmax(logits[row:row + len(emitted)], -1)
-                        for j, t in enumerate(emitted):
-                            tokens[row + j], lps[row + j] = t, float(lp[j, t])
-                else:  # seeded, greedy, or drafts this worker did not draw: the Gumbel scheme
-                    a = accept_drafts(drafts, tokens[row:row + k])
-                sampled[s.seq_id] = SampledTokens(
-                    tuple(tokens[row:row + a + 1]), tuple(lps[row:row + a + 1]),
-                    tuple(top[row:row + a + 1]) if any(top[row:row + a + 1]) else (), num_drafts=k)
-                row += k + 1
+        sampled = self.verify(batch, hidden)
+        self.runner.settle_states(step, batch, sampled)  # rejected drafts leave no state behind
         t1 = time.perf_counter()
         self.seconds["verify"] += t1 - t0
-        # The MTP layer catches up on every verified position of this step.
-        source = hidden if self.spec.hidden_stage == "normed" else prenorm
-        work, rows, proposers, last_pos = [], [], [], []
-        wanted: dict[int, int] = {}  # seq id -> drafts to propose
-        for s, start in zip(step.seqs, batch.starts):
-            if not s.mtp:  # runs without speculation: its MTP cache is never read
-                continue
-            base = len(s.token_ids) - s.num_drafts
-            if s.sample:
-                got = sampled[s.seq_id].token_ids
-                m = base + len(got) - 1
-                toks = s.token_ids[1:m] + (got[-1],)
-            elif s.next_token >= 0:
-                m, toks = base, s.token_ids[1:] + (s.next_token,)
-            else:
-                continue
-            wants = s.sample and s.propose > 0
-            work.append(SeqWork(s.seq_id, toks, s.start_pos, s.block_table, wants, s.sampling))
-            rows.extend(range(start, start + m))
-            if wants:
-                proposers.append(work[-1])
-                last_pos.append(s.start_pos + m - 1)
-                wanted[s.seq_id] = s.propose
         rows_out = hidden_rows(step, batch, hidden, sampled)
-        if not work:
-            return StepOutput(step.step_id, sampled, rows_out)
+        plans = catch_up_plans(step, batch, sampled)
+        if plans:
+            source = hidden if self.spec.hidden_stage == "normed" else prenorm
+            g = self.catch_up(plans, step, batch, source)
+            t2 = time.perf_counter()
+            self.seconds["mtp_catch_up"] += t2 - t1
+            if g is not None:
+                for sid, drafts in self.propose([p for p in plans if p.propose], g, sampled).items():
+                    sampled[sid] = replace(sampled[sid], draft_token_ids=drafts)
+                self.seconds["draft_chain"] += time.perf_counter() - t2
+        return StepOutput(step.step_id, sampled, rows_out)
+
+    def verify(self, batch: ForwardBatch, hidden: torch.Tensor) -> dict[int, SampledTokens]:
+        """Sample every sampling row (the last fed token and each draft) exactly as plain
+        decoding would, then accept each sequence's drafts: while they equal the draws (greedy,
+        seeded: the Gumbel scheme), or by rejection sampling against the distributions they
+        were drawn from (unseeded). Accepted drafts plus one bonus (or residual) token."""
+        if not batch.sample_seqs:
+            return {}
+        logits = self.runner.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
+        pending, self._pending = self._pending, {}
+        rows = [VerifyRows.of(s, pending.get(s.seq_id) if self._rejects(s.sampling) else None)
+                for s in batch.sample_seqs]
+        specs = [sp for r in rows for sp in r.specs]
+        draw = [sp for r in rows for sp in r.draw_specs()]
+        positions = [p for r in rows for p in r.positions]
+        tokens, lps, top = sample(logits, draw, positions)
+        sampled, row = {}, 0
+        for r in rows:
+            k = len(r.drafts)
+            if r.pending is not None:  # rejection sampling against the kept q
+                target = target_logits(logits[row:row + k], specs[row:row + k])
+                a, tok = verify(r.pending, r.drafts, target, r.seq.sampling,
+                                None if self.draft_head is None else self.draft_head.vocab_ids)
+                # accepted drafts, then the residual's draw at the rejected row (all accepted:
+                # the verifier's own draw at the last row is the bonus)
+                emitted = r.drafts[:a] + ((tok,) if tok is not None else ())
+                if emitted:
+                    lp = torch.log_softmax(logits[row:row + len(emitted)], -1)
+                    for j, t in enumerate(emitted):
+                        tokens[row + j], lps[row + j] = t, float(lp[j, t])
+            else:  # greedy, seeded, or drafts this worker did not draw: the Gumbel scheme
+                a = accept_drafts(r.drafts, tokens[row:row + k])
+            end = row + a + 1
+            sampled[r.seq.seq_id] = SampledTokens(
+                tuple(tokens[row:end]), tuple(lps[row:end]),
+                tuple(top[row:end]) if any(top[row:end]) else (), num_drafts=k)
+            row += k + 1
+        return sampled
+
+    def catch_up(self, plans: list[CatchUp], step: StepInput, batch: ForwardBatch,
+                 source: torch.Tensor) -> torch.Tensor | None:
+        """Run the MTP layer over every verified position of ``plans`` (writing its cache);
+        returns its outputs ``[N, H]`` at each proposer's last position (None: none proposes)."""
+        work = [p.work for p in plans]
+        proposers = any(p.propose for p in plans)
         if not proposers and _same_shape(work, step.seqs):
             # no drafts fed or wanted (a large batch): the main pass's positions and slots, its
             # rows in order; only the tokens are shifted by one
             g, mbatch = self._run(work, source, same_as=batch)
         else:
-            g, mbatch = self._run(work, source[torch.tensor(rows, device=hidden.device)])
-        t2 = time.perf_counter()
-        self.seconds["mtp_catch_up"] += t2 - t1
-        if not proposers:
-            return StepOutput(step.step_id, sampled, rows_out)
-        g = g[mbatch.sample_index]  # [N, H] outputs at each proposer's last position
-        drafts = {s.seq_id: [] for s in proposers}
-        active, pos = proposers, last_pos
+            rows = torch.tensor([i for p in plans for i in p.rows], device=source.device)
+            g, mbatch = self._run(work, source[rows])
+        return g[mbatch.sample_index] if proposers else None
+
+    def propose(self, plans: list[CatchUp], g: torch.Tensor, sampled: dict[int, SampledTokens]
+                ) -> dict[int, tuple[int, ...]]:
+        """Chain the MTP layer from its catch-up outputs ``g`` ``[N, H]`` until each proposer
+        has its drafts; each draft is drawn under the spec the verifier will use there."""
+        drafts: dict[int, list[int]] = {p.work.seq_id: [] for p in plans}
+        active = [p.work for p in plans]
+        pos = [p.last_pos for p in plans]
+        wanted = {p.work.seq_id: p.propose for p in plans}
         while True:
             specs = [row_spec(s.sampling, sampled[s.seq_id].token_ids + tuple(drafts[s.seq_id]))
                      for s in active]
@@ -263,12 +242,8 @@ class MTPDecoder:
                 drafts[s.seq_id].append(t)
             keep = [i for i, s in enumerate(active) if len(drafts[s.seq_id]) < wanted[s.seq_id]]
             if not keep:
-                break
+                return {sid: tuple(d) for sid, d in drafts.items()}
             feed = g if self.spec.feedback == "raw" else self.mtp.layer.shared_head.norm(g)
             active = [replace(active[i], token_ids=(new[i],), start_pos=pos[i] + 1) for i in keep]
             pos = [pos[i] + 1 for i in keep]
             g, _ = self._run(active, feed[torch.tensor(keep, device=g.device)])
-        for sid, d in drafts.items():
-            sampled[sid] = replace(sampled[sid], draft_token_ids=tuple(d))
-        self.seconds["draft_chain"] += time.perf_counter() - t2
-        return StepOutput(step.step_id, sampled, rows_out)

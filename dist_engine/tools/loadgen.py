@@ -15,6 +15,7 @@ between the in-process API and gRPC, measuring time per output token the same wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import grpc
 from tqdm import tqdm
 
 from dist_engine.client import build_request
+from dist_engine.config import EngineArgs
 
 
 @dataclass
@@ -187,14 +189,13 @@ def svg_plot(rows: list[dict], path: str) -> None:
         f.write("\n".join(parts))
 
 
-def inprocess_engine(model: str, extra: list[str]):
+def inprocess_engine(args: EngineArgs):
     """The same engine the server runs, in this process (KV capped at 1 GiB unless given)."""
-    from dist_engine.cli import build_parser, engine_args
     from dist_engine.engine.async_llm import AsyncLLM
 
-    if "--kv-cache-memory" not in extra:
-        extra = [*extra, "--kv-cache-memory", "1GiB"]
-    return AsyncLLM(engine_args=engine_args(build_parser().parse_args(["serve", "--model", model, *extra])))
+    if args.kv_cache_memory is None:
+        args = dataclasses.replace(args, kv_cache_memory=2**30)
+    return AsyncLLM(engine_args=args)
 
 
 async def one_inprocess(llm, messages, max_tokens: int) -> Result:
@@ -249,7 +250,9 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
     raise RuntimeError("the server did not become SERVING within 300 s")
 
 
-def main(a) -> int:
+def main(a, server_args: EngineArgs | None = None) -> int:
+    """``server_args``: the engine the started server runs (``--model`` with ``--server-args``),
+    for the in-process side of ``--compare-inprocess``."""
     from dist_engine.client import AsyncClient
     from dist_engine.graft.prompts import graft_prompts
 
@@ -272,7 +275,7 @@ def main(a) -> int:
         async def go():
             client = AsyncClient(target, api_key=a.api_key, tls_ca=a.tls_ca)
             if a.compare_inprocess:
-                llm = inprocess_engine(a.model, extra)
+                llm = inprocess_engine(server_args)
                 try:
                     report.update(await paired_batch1(client, llm, prompts, a.max_tokens, a.batch1_requests))
                 finally:

@@ -1,0 +1,134 @@
+"""Cache kinds: what each layer keeps between steps, declared by the layer itself.
+
+A layer's ``cache_kind`` is one of these small frozen specs (per rank: local heads). The runner
+allocates each layer's storage from its kind, the driver's bookkeeping and the KV budget work per
+kind, and the start-up log states each kind's bytes:
+
+- ``PagedKV``: rows indexed by position in paged blocks (slot = block * block_size + offset),
+  the full-attention K/V of a Llama layer (or MLA's shared latent); with ``ratio`` one row per
+  that many positions (compressed KV). With ``window`` the layer only attends the last
+  ``window`` positions, so blocks wholly behind it are given back as the sequence moves on.
+- ``RecurrentState``: a fixed-size state per sequence (Gated DeltaNet: a causal-conv window and
+  the delta rule's matrix), held in slots, one per running sequence; its bytes do not grow with
+  the context. A prefix-cache hit resumes from a state checkpoint (``StateCheckpoints``).
+
+Paged kinds fall into *groups* (full attention, or one sliding window): each group has its own
+block ids, block table per sequence and share of the budget, so a model mixing global and
+sliding layers frees the sliding layers' old blocks while keeping the global ones. Sizes are
+bytes on this rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dist_engine.layers import turboquant
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """K and V rows ``[local_num_kv_heads, head_dim]`` per position (one shared row for MLA),
+    or with ``ratio`` > 1 one row per ``ratio`` positions (compressed KV): a block of
+    ``block_size`` tokens then holds ``block_size // ratio`` rows. With ``quant`` (a TurboQuant
+    preset of ``--kv-cache-dtype``) each head's row is codes and an fp16 scale
+    (``layers/tq_cache.py``)."""
+
+    local_num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype  # storage dtype (the model's, or FP8)
+    shared_kv: bool = False  # MLA: one latent serves as K and V
+    window: int | None = None  # sliding window in tokens (None: every position is attended)
+    ratio: int = 1
+    quant: str | None = None  # "turboquant4" / "turboquant3": codes instead of dtype values
+
+    @property
+    def group(self) -> str:
+        return "full" if self.window is None else f"window{self.window}"
+
+    def bytes_per_row(self) -> int:
+        if self.quant is not None:
+            return self.local_num_kv_heads * turboquant.bytes_per_row(self.quant, self.head_dim, self.shared_kv)
+        return (1 if self.shared_kv else 2) * self.local_num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def bytes_per_block(self, block_size: int) -> int:
+        if block_size % self.ratio:
+            raise ValueError(f"block_size={block_size} must be a multiple of the compression ratio "
+                             f"{self.ratio} (a block holds whole compressed rows)")
+        return self.bytes_per_row() * (block_size // self.ratio)
+
+
+@dataclass(frozen=True)
+class RecurrentState:
+    """A fixed-size per-sequence state: named tensors (shape without the slot axis, dtype).
+    ``grid``: prefill chunks must end on multiples of this many tokens (the chunked delta
+    rule's chunk) so that a resumed prefill computes what an uninterrupted one does."""
+
+    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    grid: int = 1
+
+    group = "state"
+
+    def bytes_per_seq(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.tensors)
+
+
+CacheKind = PagedKV | RecurrentState
+
+
+def paged_groups(kinds: list[CacheKind]) -> list[str]:
+    """The paged groups of a model, primary first: full attention if any layer has it (its
+    table carries prefix-cache hits), then sliding windows by size. Each has its own block
+    ids and table."""
+    names = {k.group for k in kinds if isinstance(k, PagedKV)}
+    return sorted(names, key=lambda g: (g != "full", int(g[6:]) if g != "full" else 0))
+
+
+def group_window(group: str) -> int | None:
+    return None if group == "full" else int(group.removeprefix("window"))
+
+
+def bytes_per_block(kinds: list[CacheKind], block_size: int) -> dict[str, int]:
+    """Bytes one block of each paged group takes over all its layers on this rank."""
+    out: dict[str, int] = {}
+    for kind in kinds:
+        if isinstance(kind, PagedKV):
+            out[kind.group] = out.get(kind.group, 0) + kind.bytes_per_block(block_size)
+    return out
+
+
+def state_bytes_per_seq(kinds: list[CacheKind]) -> int:
+    return sum(k.bytes_per_seq() for k in kinds if isinstance(k, RecurrentState))
+
+
+def state_grid(kinds: list[CacheKind]) -> int:
+    return max([k.grid for k in kinds if isinstance(k, RecurrentState)], default=1)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How many of each kind's units a rank holds (the same on every rank)."""
+
+    blocks: tuple[tuple[str, int], ...]  # (paged group, blocks), primary group first
+    num_state_slots: int = 0  # live recurrent states: bounds the running sequences
+    num_checkpoints: int = 0  # prefix-cache state checkpoints
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the primary group."""
+        return self.blocks[0][1] if self.blocks else 0
+
+    def group_blocks(self, group: str) -> int:
+        return dict(self.blocks)[group]
+
+    @property
+    def num_state_tensors(self) -> int:
+        """Slots a recurrent layer allocates: live states, then checkpoints."""
+        return self.num_state_slots + self.num_checkpoints
+
+    def min(self, other: CacheLayout) -> CacheLayout:
+        return CacheLayout(tuple((g, min(n, dict(other.blocks)[g])) for g, n in self.blocks),
+                           min(self.num_state_slots, other.num_state_slots),
+                           min(self.num_checkpoints, other.num_checkpoints))
