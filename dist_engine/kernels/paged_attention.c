@@ -22,7 +22,8 @@
  * TurboQuant caches (the *_tq entry points; kernels/tq.h, layers/tq_cache.py): K and V are rows
  * of codes with an fp16 scale instead of k and v, and q and out are in each KV head's rotated
  * basis. A key's row is looked up in the codebook (eight codes per permute) and its dot product
- * with the query times its scale is the score; a value's scale joins its softmax weight.
+ * with the query times its scale is the score; a task decodes its chunk's value rows once (times
+ * their scales) before the value phase, which then reads them as an fp32 cache.
  */
 #include <math.h>
 #include <omp.h>
@@ -106,18 +107,13 @@ typedef struct {
         if (w[j] == 0.0f) continue;                                                              \
         const int64_t at = (slot[j] * Hk + h) * D + d0;                                          \
         const float *vr = (const float *)a->v + at;                                              \
-        float wj = w[j];                                                                         \
-        if (tq) { /* codebook values of the columns, the row's scale in the weight */           \
-            const int64_t tr = slot[j] * Hk + h;                                                 \
-            tq_lookup(a->tv->codes + tr * a->tv->row_bytes, a->tv->bits, a->tv->centroids, d0,   \
-                      width, row);                                                               \
-            wj *= tq_half(a->tv->scales[tr]);                                                    \
-            vr = row;                                                                            \
+        if (tq) { /* the chunk's decoded rows */                                                \
+            vr = vdec + ((h - h0) * n + j) * D + d0;                                             \
         } else if (is_bf16) {                                                                    \
             load_row(a->v, at, width, 1, row);                                                   \
             vr = row;                                                                            \
         }                                                                                        \
-        const vec8 x = {wj, wj, wj, wj, wj, wj, wj, wj};                                         \
+        const vec8 x = {w[j], w[j], w[j], w[j], w[j], w[j], w[j], w[j]};                         \
         __VA_ARGS__                                                                              \
     }
 
@@ -130,12 +126,14 @@ static inline __attribute__((always_inline)) int attend_chunk(
         int64_t j0, int64_t j1, int64_t h0, int64_t h1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
-    const int64_t floats = (R * D + R * n + D + TILE * D + 1) / 2 * 2; /* even: the slots align */
+    const int64_t decoded = tq ? (h1 - h0) * n * D : 0; /* TurboQuant: the chunk's value rows */
+    const int64_t floats = (R * D + R * n + D + TILE * D + decoded + 1) / 2 * 2; /* even: slots align */
     float *qf = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(int64_t));
     if (qf == NULL) return -1;
     float *scores = qf + R * D; /* [R, n] */
     float *row = scores + R * n; /* [D]: one widened value */
     float *kbuf = row + D;       /* [TILE, D]: widened keys */
+    float *vdec = kbuf + TILE * D; /* [h1 - h0, n, D]: decoded values (TurboQuant) */
     int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
@@ -196,6 +194,15 @@ static inline __attribute__((always_inline)) int attend_chunk(
         m_out[r] = m;
         s_out[r] = s;
     }
+    if (tq) /* each value row once (not once per query row), scaled */
+        for (int64_t h = h0; h < h1; h++)
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t tr = slot[j] * Hk + h;
+                float *dst = vdec + ((h - h0) * n + j) * D;
+                tq_lookup(a->tv->codes + tr * a->tv->row_bytes, a->tv->bits, a->tv->centroids, 0, D, dst);
+                const float sc = tq_half(a->tv->scales[tr]);
+                for (int64_t d = 0; d < D; d++) dst[d] *= sc;
+            }
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */

@@ -9,6 +9,8 @@ budget is small: the slots then bound concurrency), checkpoints get their own bu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -33,11 +35,12 @@ FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 
 def layer_kind(layer: nn.Module, kv_dtype: torch.dtype, window: int | None,
                quant: str | None = None) -> CacheKind:
-    """The layer's declared kind; a layer declaring none is a paged attention layer (its rows
-    TurboQuant codes with ``quant``, a preset of ``--kv-cache-dtype``)."""
+    """The layer's declared kind; a layer declaring none is a paged attention layer. With
+    ``quant`` (a TurboQuant preset of ``--kv-cache-dtype``) every paged kind stores codes, the
+    ones layers declare included; recurrent state is kept as it is."""
     kind = getattr(layer, "cache_kind", None)
     if kind is not None:
-        return kind
+        return dataclasses.replace(kind, quant=quant) if isinstance(kind, PagedKV) and quant else kind
     attn = layer.self_attn
     return PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
                    shared_kv=getattr(attn, "latent_cache", False), window=window, quant=quant)
