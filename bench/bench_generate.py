@@ -88,9 +88,9 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from dist_engine.weights.registry import KNOWN_MODELS, fetch_gguf, resolve_model
+    from dist_engine.weights.registry import KNOWN_MODELS, dequantized_folder, fetch_gguf
 
-    path = resolve_model(a.model)
+    path = dequantized_folder(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}],
                                        add_generation_prompt=True, tokenize=True))

@@ -32,9 +32,9 @@ def main() -> None:
     import dist_engine.worker.sampler as sampler
     from dist_engine import LLM
     from dist_engine.kernels import gumbel
-    from dist_engine.weights.registry import resolve_model
+    from dist_engine.weights.registry import dequantized_folder
 
-    path = resolve_model(a.model)
+    path = dequantized_folder(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     reqs = {c: workload(tok, max(8, 4 * c), seed=0) for c in (1, 16)}
     llm = LLM(path, max_model_len=1024, speculative="none")

@@ -158,9 +158,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dist_engine import LLM
-    from dist_engine.weights.registry import KNOWN_MODELS, fetch_gguf, resolve_model
+    from dist_engine.weights.registry import KNOWN_MODELS, dequantized_folder, fetch_gguf
 
-    path = resolve_model(a.model)
+    path = dequantized_folder(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     levels = [int(c) for c in a.concurrency.split(",")]
     rows = []

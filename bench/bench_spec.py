@@ -171,9 +171,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from dist_engine.graft.prompts import split_prompts
-    from dist_engine.weights.registry import resolve_model
+    from dist_engine.weights.registry import dequantized_folder
 
-    path = resolve_model(a.model)
+    path = dequantized_folder(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     texts = split_prompts()[1][: a.prompts] + [EXTRA_PROMPT]
     prompts = [chat_ids(tok, p) for p in texts]

@@ -2,6 +2,7 @@
 fp32, fp8, turboquant4 and turboquant3 caches side by side in one run.
 
     python bench/bench_turboquant.py [--context 8192] [--depths 0.05,0.25,0.5,0.75,0.95] [--keys 2]
+        [--budget 32MiB] [--cpu-threads N]
 
 1. Passkey retrieval: a 5-digit key hidden at each depth of a filler haystack ("The grass is
    green. The sky is blue. ..."), greedy answer of 8 tokens, scored by whether it holds the key.
@@ -13,7 +14,8 @@ fp32, fp8, turboquant4 and turboquant3 caches side by side in one run.
    sorted order, cut at the context), every position attending the stored K/V of the ones
    before it.
 3. Longest context for a fixed KV budget (``--budget``): the tokens each format's cache holds,
-   checked through the engine's admission (one token more is refused), against a bf16 cache.
+   checked through the engine's admission (one token more is refused), against a bf16 cache;
+   admission is searched up to the model's longest context (8192), whatever ``--context`` is.
 4. Decode tok/s at the full context: the passkey answers' inter-token latencies (median).
 
 Results: bench/results/turboquant.{json,md}.
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -38,6 +41,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
+CAPACITY_LEN = 8192  # the default model's longest context
 
 
 def passkey_prompt(tok, context: int, depth: float, key: int) -> list[int]:
@@ -85,7 +89,7 @@ def run_format(fmt: str, tok, args) -> dict:
                for _ in range(args.keys)]
     greedy = SamplingParams(temperature=0, max_tokens=ANSWER_TOKENS, ignore_eos=True)
     t0 = time.perf_counter()
-    with LLM(kv_cache_dtype=fmt, max_model_len=args.context, max_num_seqs=1,
+    with LLM(kv_cache_dtype=fmt, max_model_len=args.context, max_num_seqs=1, cpu_threads=args.cpu_threads,
              kv_cache_memory=args.run_memory, speculative="none") as llm:
         per_depth: dict[float, list[bool]] = {}
         gaps = []
@@ -133,7 +137,8 @@ def write(results: dict, args) -> None:
     good = [d for d, v in runs["float32"]["passkey"].items() if v >= 0.9]
     base = cap["bfloat16"]["cache_tokens"]
     lines = [f"# TurboQuant KV cache, default model, {args.context}-token context",
-             "", f"`python bench/bench_turboquant.py` ({results['date']}, {results['machine']}); "
+             "", f"`python bench/bench_turboquant.py {' '.join(results['argv'])}` ({results['date']}, "
+             f"{results['machine']}, engine threads {results['cpu_threads'] or 'default'}); "
              f"passkey: {args.keys} keys per depth; fp32 scores >= 90% at depths {', '.join(good) or 'none'}",
              "", "| cache | bytes/token | passkey at those depths | perplexity | decode tok/s (vs fp32) |",
              "|---|---|---|---|---|"]
@@ -169,14 +174,16 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=2, help="passkeys per depth")
     ap.add_argument("--budget", type=lambda s: parse_size(s, "--budget"), default=parse_size("32MiB"),
                     help="KV budget of the longest-context comparison")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="the engine's CPU threads")
     ap.add_argument("--run-memory", default="1GiB", help="KV budget of the quality runs")
     ap.add_argument("--formats", type=lambda s: s.split(","), default=list(FORMATS))
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs",
-               "context": args.context, "formats": {}, "capacity": {}}
+               "cpu_threads": args.cpu_threads, "depths": args.depths, "keys": args.keys,
+               "context": args.context, "argv": sys.argv[1:], "formats": {}, "capacity": {}}
     for fmt in ("bfloat16", *args.formats):
-        results["capacity"][fmt] = longest_context(fmt, args.budget, args.context)
+        results["capacity"][fmt] = longest_context(fmt, args.budget, CAPACITY_LEN)
         print(fmt, results["capacity"][fmt], flush=True)
     for fmt in args.formats:
         results["formats"][fmt] = run_format(fmt, tok, args)

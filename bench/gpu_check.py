@@ -15,7 +15,9 @@
    CUDA graphs (verification and the MTP layer's runs graphed; drafting's head and sampling
    eager) and all eager.
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
-5. TurboQuant KV cache on the device (PyTorch path: gathered rows dequantized in the rotated
+5. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
+   weights on the device, and int4 / int8 decode speed against bf16.
+6. TurboQuant KV cache on the device (PyTorch path: gathered rows dequantized in the rotated
    basis, under CUDA graphs): the tiny long-context Llama's greedy tokens with turboquant4 / 3
    through graphs against eager and against the same cache on CPU (C kernels), the top-5 logprob
    distance from the exact cache, and the 1B shape's decode tok/s at a 3500-token context per
@@ -36,7 +38,7 @@ import traceback
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
 SHAPES = {
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -210,6 +212,62 @@ def make_shape(tmp: str, name: str, kw: dict, dev: str, mtp: bool) -> str:
     return path
 
 
+def byte_tokenizer(folder: str):
+    """A byte-level BPE tokenizer without merges (256 byte tokens + <eos>), saved into ``folder``:
+    structured output needs a real tokenizer, and this machine may have no model files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    hf.save_pretrained(folder)
+    return hf
+
+
+def structured(tmp: str, dev: str, quick: bool) -> dict:
+    """Grammar-constrained decoding on the device: every output matches, greedy and seeded
+    output is the same eager and with CUDA graphs, and what the masks cost per token (TPOT with
+    and without a regex, batch 1 and 16)."""
+    import re
+
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.engine.structured import StructuredOutputs
+
+    path = os.path.join(tmp, "structured_llama")
+    make_tiny("llama", path, vocab_size=257, eos_token_id=256, bos_token_id=256)
+    byte_tokenizer(path)
+    pattern = r"\{\"id\": [0-9]{1,6}, \"ok\": (true|false)\}"
+    so = StructuredOutputs(regex=pattern)
+    prompts = [[(7 * i + j) % 200 + 32 for j in range(12)] for i in range(16)]
+    res = {}
+    outs = {}
+    for eager in (True, False):
+        with LLM(path, device=dev, max_model_len=256, enforce_eager=eager) as llm:
+            params = [SamplingParams(temperature=0 if i == 0 else 1.0, seed=i, max_tokens=40,
+                                     structured_outputs=so) for i in range(16)]
+            got = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            outs[eager] = [o.outputs[0].token_ids for o in got]
+            res[f"all_match_{'eager' if eager else 'graphs'}"] = all(
+                re.fullmatch(pattern, o.outputs[0].text) for o in got)
+            for batch in (1, 16):
+                n = 2 if quick else 4
+                free = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+                cons = SamplingParams(temperature=0, max_tokens=32, structured_outputs=StructuredOutputs(
+                    regex="[a-z ]{32}"))  # 32 tokens either way
+                t_free = sum(timed_generate(llm, prompts[:batch], free, dev) for _ in range(n)) / n
+                t_cons = sum(timed_generate(llm, prompts[:batch], cons, dev) for _ in range(n)) / n
+                res[f"{'eager' if eager else 'graphs'}_batch{batch}_tok_s_free_vs_regex"] = (
+                    round(t_free, 1), round(t_cons, 1))
+    res["graphs_equal_eager"] = outs[True] == outs[False]
+    return res
+
+
 def timed_generate(llm, prompts, params, dev: str) -> float:
     sync(dev)
     t = time.perf_counter()
@@ -310,6 +368,13 @@ def report(res: dict) -> str:
             lines.append(f"| {name} | {r.get('error')} | | | | | | |")
     if "long_context" in res:
         lines += ["", "## Long context, CUDA graphs vs eager", "", f"`{json.dumps(res['long_context'])}`"]
+    if "structured" in res:
+        lines += ["", "## Structured output (regex grammar on a byte-level tiny Llama)", "",
+                  f"`{json.dumps(res['structured'])}`"]
+    if "quant" in res:
+        from gpu_quant import report as quant_report
+
+        lines += quant_report(res["quant"])
     if "turboquant" in res:
         lines += ["", "## TurboQuant KV cache on the device", "", f"`{json.dumps(res['turboquant'])}`"]
     return "\n".join(lines) + "\n"
@@ -319,7 +384,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,turboquant", help="comma-separated")
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,turboquant",
+                    help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
     from conftest import ARCHS
@@ -350,6 +416,16 @@ def main() -> None:
         if "long" in parts:
             res["long_context"] = guarded(long_context, tmp, dev)
             save("long_context")
+        if "structured" in parts:
+            res["structured"] = guarded(structured, tmp, dev, a.quick)
+            save("structured")
+        if "quant" in parts:
+            import gpu_quant
+
+            res["quant"] = {"correctness": guarded(gpu_quant.correctness, tmp, dev),
+                            "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
+                                             SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
+            save("quant")
         if "turboquant" in parts:
             res["turboquant"] = guarded(turboquant, tmp, dev)
             save("turboquant")

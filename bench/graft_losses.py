@@ -44,7 +44,7 @@ from dist_engine.graft.train import (  # noqa: E402
     step_loss,
     teacher_pass,
 )
-from dist_engine.weights.registry import resolve_model  # noqa: E402
+from dist_engine.weights.registry import dequantized_folder  # noqa: E402
 from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS  # noqa: E402
 
 DEPTH = 3
@@ -57,7 +57,7 @@ class Setup:
     def __init__(self, model: str, work: str, graft: str) -> None:
         from safetensors.torch import load_file
 
-        path = resolve_model(model)
+        path = dequantized_folder(model)
         recs = load_answers(os.path.join(work, "answers.jsonl"))
         (train, train_lens), (held, held_lens) = split_answers(recs, split_prompts()[1])
         self.cfg = ModelConfig.from_pretrained(path)

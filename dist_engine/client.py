@@ -19,8 +19,8 @@ from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 
 def build_request(prompt: str | None = None, *, token_ids: list[int] | None = None,
                   messages: list[dict] | None = None, request_id: str = "", model: str = "",
-                  **sampling) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=request_id, model=model,
+                  cache_salt: str = "", **sampling) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=request_id, model=model, cache_salt=cache_salt,
                              sampling=pb.SamplingOptions(**sampling))
     if prompt is not None:
         req.text = prompt

@@ -64,10 +64,11 @@ TINY = {
 ARCHS = sorted(name for name in TINY if not name.endswith("_long"))
 
 
-def make_tiny(name: str, path: str, seed: int = 0) -> str:
+def make_tiny(name: str, path: str, seed: int = 0, **overrides) -> str:
     import transformers
 
     cls_name, kw = TINY[name]
+    kw = {**kw, **overrides}
     cfg = getattr(transformers, cls_name)(**{
         "vocab_size": 320, "num_hidden_layers": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
         "bos_token_id": 1, "eos_token_id": 2, **kw})
@@ -84,17 +85,38 @@ def make_tiny(name: str, path: str, seed: int = 0) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
+def built_on_demand(tmp_path_factory, folder: str, make):
+    """A getter building each named checkpoint with ``make(name, path)`` on its first use."""
+    root = tmp_path_factory.mktemp(folder)
     cache: dict[str, str] = {}
 
     def get(name: str) -> str:
         if name not in cache:
-            cache[name] = make_tiny(name, str(root / name))
+            cache[name] = make(name, str(root / name))
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return built_on_demand(tmp_path_factory, "tiny", make_tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama over the default model's tokenizer and chat template (its vocabulary
+    of 49152): real tokenization and chat prompts at the cost of a toy model."""
+    import shutil
+
+    from dist_engine.weights.registry import resolve_model
+
+    src = resolve_model("smollm2-135m-instruct")
+    out = str(tmp_path_factory.mktemp("tiny_chat"))
+    make_tiny("llama", out, vocab_size=49152)  # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(src, name), out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +160,96 @@ def grafted(tiny_models, tmp_path_factory):
     path = tiny_models("llama")
     out = str(tmp_path_factory.mktemp("graft"))
     return path, out, graft_tiny(path, out)
+
+
+# Qwen3.5 hybrids (not in TINY: they need per-kind caches): three Gated DeltaNet layers then
+# gated attention, 2 key / 4 value linear heads (TP=2: one key head with its two value heads per
+# rank), dense or MoE (8 experts, 2 per token, a gated shared expert). No EOS: transformers'
+# min_new_tokens bans it from the argmax where ignore_eos does not.
+QWEN3_5_SHAPE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=16, linear_value_head_dim=24, max_position_embeddings=1024,
+                     rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=None)
+QWEN3_5 = {
+    "qwen3_5": ("Qwen3_5TextConfig", dict(intermediate_size=96)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                                 num_experts=8, num_experts_per_tok=2)),
+}
+
+
+def randomise_qwen3_5(module: torch.nn.Module) -> None:
+    """Every parameter random, those transformers initialises to constants included: (1 + w)
+    norms around 1, the gated norm's plain weight around 1, decays exp(-exp(A_log) *
+    softplus(a + dt_bias)) from about 0.99 to 0.3 per token (state carried over many chunks)."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n.endswith("A_log"):
+                p.uniform_(-4.0, 0.0)
+            elif n.endswith("dt_bias"):
+                p.normal_(-1.0, 0.5)
+            elif n.endswith("linear_attn.norm.weight"):
+                p.normal_(1.0, 0.2)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.2)
+            elif "conv1d" in n:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.08)
+
+
+def make_qwen3_5(name: str, path: str, mtp: bool = True, seed: int = 0) -> str:
+    """A tiny random Qwen3.5 checkpoint written by transformers; with ``mtp``, plus an MTP
+    module in Qwen3.5's naming (``mtp.*`` in its own file, which transformers does not read;
+    the MoE layer's experts fused as ``experts.gate_up_proj`` / ``down_proj``, as transformers
+    holds them) and ``mtp_num_hidden_layers`` in config.json."""
+    import transformers
+    from safetensors.torch import save_file
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
+
+    cls_name, kw = QWEN3_5[name]
+    cfg = getattr(transformers, cls_name)(**QWEN3_5_SHAPE, **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomise_qwen3_5(model)
+    model.save_pretrained(path, safe_serialization=True)
+    if mtp:
+        full = cfg.layer_types.index("full_attention")
+        H = cfg.hidden_size
+        mod = torch.nn.Module()
+        mod.layer = (Qwen3_5MoeDecoderLayer if "Moe" in cls_name else Qwen3_5DecoderLayer)(cfg, full)
+        mod.pre_fc_norm_embedding, mod.pre_fc_norm_hidden, mod.norm = (Qwen3_5RMSNorm(H) for _ in range(3))
+        mod.fc = torch.nn.Linear(2 * H, H, bias=False)
+        randomise_qwen3_5(mod)
+        tensors = {("mtp.layers.0." + k[len("layer."):] if k.startswith("layer.") else "mtp." + k): v.contiguous()
+                   for k, v in mod.state_dict().items()}
+        save_file(tensors, os.path.join(path, "model-mtp.safetensors"))
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**raw, "mtp_num_hidden_layers": 1}, f, indent=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_models(tmp_path_factory):
+    return built_on_demand(tmp_path_factory, "qwen3_5", make_qwen3_5)
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_generated(qwen3_5_models):
+    """transformers' cached greedy generation: 32 tokens after the tests' first 150-token
+    prompt (``qwen3_5_harness.PROMPT``)."""
+    from qwen3_5_harness import PROMPT
+
+    cache = {}
+
+    def get(name: str) -> list[int]:
+        if name not in cache:
+            cache[name] = hf_greedy(qwen3_5_models(name), PROMPT[:150], 32)
+        return cache[name]
+
+    return get
 
 
 def hf_model(path: str):

@@ -166,11 +166,17 @@ def check_server(doc: Doc, pod: Doc, c: Doc, argv: list[str]) -> argparse.Namesp
     assert c["image"] == IMAGE, what
     assert ns.host in ("0.0.0.0", "::"), f"{what}: --host {ns.host} is unreachable from probes"
     ports = {p["containerPort"] for p in c.get("ports", [])}
+    named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     assert ns.port in ports and (ns.metrics_port is None or ns.metrics_port in ports), what
-    # Probes: gRPC health on the server's port; startup long enough to load weights.
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ns.http_port and named.get("http") == ns.http_port, f"{what}: HTTP port not exposed"
+    # Probes: gRPC health for startup (long enough to load weights) and liveness; readiness on
+    # the HTTP API's /health, which answers 503 while loading, draining or dead.
+    for kind in ("startupProbe", "livenessProbe"):
         probe = c.get(kind)
         assert probe and probe.get("grpc", {}).get("port") == ns.port, f"{what}: {kind}"
+    ready = c["readinessProbe"].get("httpGet", {})
+    assert ready.get("path") == "/health" and named.get(ready.get("port"), ready.get("port")) \
+        == ns.http_port, f"{what}: readinessProbe"
     startup = c["startupProbe"]
     assert startup["failureThreshold"] * startup.get("periodSeconds", 10) >= MIN_STARTUP_S, what
     # Shutdown: preStop sleep, then SIGTERM and --drain-seconds, all inside the grace period.
@@ -210,7 +216,7 @@ def check_references(docs: list[Doc]) -> None:
         container = dep["spec"]["template"]["spec"]["containers"][0]
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         by_name = {p["name"]: p for p in svc["spec"]["ports"]}
-        assert {"grpc", "metrics"} <= set(by_name)
+        assert {"grpc", "http", "metrics"} <= set(by_name)
         assert all(p["targetPort"] in named for p in by_name.values())
         ann = svc["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true"
@@ -324,7 +330,8 @@ def test_base() -> None:
     servers = list(serve_containers(docs))
     assert len(servers) == 1
     ns = check_server(*servers[0])
-    assert (ns.tensor_parallel_size, ns.port, ns.metrics_port) == (2, 50051, 9400) and ns.served_model_name
+    assert (ns.tensor_parallel_size, ns.port, ns.http_port, ns.metrics_port) == (2, 50051, 8000, 9400)
+    assert ns.served_model_name
     assert ns.model.startswith("/models/")
     check_references(docs)
 

@@ -159,3 +159,29 @@ def test_min_tokens_and_stop_token_ids(tiny_models):
             temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[stop_tok]))[0].outputs[0]
         assert len(out.token_ids) == 12 and stop_tok not in out.token_ids
         assert out.finish_reason == "length"
+
+
+def test_prompt_logprobs_and_logit_bias(tiny_models):
+    """``prompt_logprobs``: every prompt token's logprob as transformers computes it, through
+    chunked prefill (the token after a chunk comes from the next one) and with top-n entries;
+    ``logit_bias`` moves the draw."""
+    import torch
+
+    from conftest import hf_model
+
+    path = tiny_models("llama")
+    prompt = PROMPTS[3] * 3
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(path)(torch.tensor([prompt])).logits[0].float(), -1)
+    with LLM(path, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=32, block_size=4,
+             max_num_batched_tokens=7) as llm:
+        llm.generate(prompt_token_ids=[prompt], sampling_params=greedy(2))  # cached, yet recomputed
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            temperature=0, max_tokens=1, prompt_logprobs=2, logit_bias={7: 100.0}))[0]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        for i, entry in enumerate(out.prompt_logprobs[1:]):
+            assert abs(entry[prompt[i + 1]] - ref[i, prompt[i + 1]].item()) < 1e-4
+            top = ref[i].topk(2)
+            assert all(abs(entry[t] - v) < 1e-4 for t, v in zip(top.indices.tolist(), top.values.tolist()))
+        assert out.outputs[0].token_ids == [7] and out.metrics.prefix_hit_tokens == 0
+        assert llm.engine.blocks.num_free == 32

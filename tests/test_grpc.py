@@ -35,7 +35,8 @@ def start_server(path: str, *extra: str, tls_ca: str | None = None, tokenizer: b
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", path, "--port", str(port),
          *([] if tokenizer else ["--no-tokenizer"]), "--max-model-len", "128", "--block-size", "4", "--kv-cache-memory",
          "2MiB", "--max-queued-requests", "8", "--served-model-name", "tiny",
-         "--metrics-port", str(metrics_port), *extra],
+         "--metrics-port", str(metrics_port), *([] if "--http-port" in extra else ["--http-port", "0"]),
+         *extra],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     target = f"{'localhost' if tls_ca else '127.0.0.1'}:{port}"
     health = health_pb2_grpc.HealthStub(open_channel(target, tls_ca))

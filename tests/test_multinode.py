@@ -85,12 +85,13 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from dist_engine.client import Client
+    from dist_engine.server.frontend import ENGINE_UNAVAILABLE
 
     address, tag, env = two_node_cluster
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_engine.cli", "serve", "--model", tiny_models("llama"),
-         "--port", str(port), "--no-tokenizer", "--tp", "2", "--ray-address", address,
+         "--port", str(port), "--http-port", "0", "--no-tokenizer", "--tp", "2", "--ray-address", address,
          "--placement-strategy", "STRICT_SPREAD", "--max-model-len", "512", "--block-size", "4",
          "--kv-cache-memory", "4MiB"], env=env)
     target = f"127.0.0.1:{port}"
@@ -121,6 +122,7 @@ def test_lost_worker_fails_streams_and_exits(tiny_models, two_node_cluster):
                 for _ in stream:
                     pass
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == ENGINE_UNAVAILABLE  # no actor ids, pids or addresses
             print(f"lost worker detected after {time.monotonic() - t0:.1f} s")
         assert proc.wait(timeout=30) != 0  # exits so an orchestrator restarts it
     finally:

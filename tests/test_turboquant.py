@@ -4,8 +4,9 @@ The quantizer against the paper's bound on random unit vectors (and the C kernel
 PyTorch maths); attention over a quantized cache, through the C decode kernel and the PyTorch
 path, against attention over its dequantized rows in float64 and against the exact cache; the
 engine: bytes per token, greedy output the same batched or alone, chunked, preempted, with and
-without prefix caching and the C kernel, with MTP speculation and sharded over TP / CP / DCP.
-The default model's teacher-forced agreement is in ``test_turboquant_default_model.py``.
+without prefix caching and the C kernel. Speculation, the static decode path, TP / CP / DCP, the
+hybrid Qwen3.5 and quantized weights are in ``test_turboquant_compose.py``; the default model's
+teacher-forced agreement is in ``test_turboquant_default_model.py``.
 """
 
 from __future__ import annotations
@@ -266,65 +267,3 @@ def test_rows_that_are_not_a_multiple_of_8_are_refused(tiny_models):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM(path, kv_cache_dtype="turboquant2", **ARGS)
 
-
-def test_speculative_decoding_is_lossless(grafted):
-    """MTP speculation (K = 3) over a TurboQuant cache: drafts' K/V are quantized when verified
-    and overwritten when rejected, so greedy and seeded output equal plain decoding."""
-    from test_spec_decode import ARGS as SPEC_ARGS
-    from test_spec_decode import PROMPTS as SPEC_PROMPTS
-    from test_spec_decode import mixed_params, spec
-
-    path, folder, _ = grafted
-    params = mixed_params()
-    outs = {}
-    for cfg in (None, spec(folder, 3, max_draft_tokens_per_step=0)):
-        with LLM(path, **SPEC_ARGS, kv_cache_dtype="turboquant3", speculative_config=cfg) as llm:
-            res = llm.generate(prompt_token_ids=SPEC_PROMPTS, sampling_params=params)
-            outs[cfg is None] = [o.outputs[0].token_ids for o in res]
-            assert llm.engine.blocks.num_free == SPEC_ARGS["num_kv_blocks"]
-            if cfg is not None:
-                assert llm.engine.spec_stats.num_accepted_tokens > 0
-                assert isinstance(llm.engine.executor.worker.runner.mtp.kv, TurboQuantKV)
-    assert outs[False] == outs[True]
-
-
-def test_static_decode_path_reads_the_codes(tiny_models, monkeypatch):
-    """The decode path CUDA graphs record (gathered, dequantized keys in the rotated basis),
-    run eagerly on CPU: the tokens of the C kernel's path, logprobs within rounding."""
-    from dist_engine.worker import cuda_graph
-
-    path = tiny_models("llama")
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    got = {}
-    for static in (False, True):
-        monkeypatch.setattr(cuda_graph, "STATIC_DECODE_ON_CPU", static)
-        with LLM(path, kv_cache_dtype="turboquant4", num_kv_blocks=120, **ARGS) as llm:
-            got[static] = [o.outputs[0] for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)]
-            graphs = llm.engine.executor.worker.runner.graphs
-            assert (graphs is not None and graphs.num_steps >= 10) == static
-    for a, b in zip(got[False], got[True]):
-        assert a.token_ids == b.token_ids
-        for x, y in zip(a.logprobs, b.logprobs):
-            assert all(abs(x[t] - y[t]) < 1e-4 for t in x)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("arch,layout", [
-    ("llama", dict(tensor_parallel_size=2)),
-    ("llama", dict(context_parallel_size=2)),
-    ("llama1kv", dict(tensor_parallel_size=2, decode_context_parallel_size=2)),
-], ids=["tp2", "cp2", "tp2-dcp2"])
-def test_sharded_layouts_match_one_rank(tiny_models, ray_session, arch, layout):
-    """TP ranks quantize their own KV heads (replicas with the same rotation), CP / DCP shards
-    their own blocks; partial attentions in the rotated basis merge by log-sum-exp unchanged:
-    the tokens of one rank, a prefix hit, every block back."""
-    path = tiny_models(arch)
-    kw = dict(kv_cache_dtype="turboquant4", num_kv_blocks=160, max_num_batched_tokens=64, **ARGS)
-    with LLM(path, **kw) as llm:
-        expected = _greedy(llm)
-    with LLM(path, **layout, **kw) as llm:
-        assert _greedy(llm) == expected
-        again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=SamplingParams(
-            temperature=0, max_tokens=16, ignore_eos=True))[0]
-        assert again.metrics.prefix_hit_tokens >= 80 and again.outputs[0].token_ids == expected[1]
-        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks

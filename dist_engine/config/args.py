@@ -20,6 +20,7 @@ from dist_engine.config.model import DTYPES, ModelConfig
 from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
 from dist_engine.config.sizes import parse_size
 from dist_engine.config.speculative import SpeculativeConfig
+from dist_engine.quant import ON_LOAD_METHODS, QUANTIZATION_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ class EngineArgs:
         "decode context parallel: inside the TP group, ranks that would duplicate the same KV "
         "heads hold disjoint parts of each sequence instead (divides TP / KV heads)")
     dtype: str = _arg(EngineConfig.dtype, "--dtype", "weights and activations", choices=DTYPES)
+    quantization: str | None = _arg(
+        None, "--quantization",
+        "int8 | int4: quantize a float checkpoint's weights at load (groups of 32, fp16 scales; "
+        "int4 with a min per group, as GGUF's Q4_1); a quantized checkpoint (GGUF, GPTQ, AWQ, "
+        "compressed-tensors, FP8, ModelOpt, MXFP4) is read as it is, and naming another method "
+        "is an error", choices=QUANTIZATION_CHOICES)
+    int8_activations: bool = _arg(
+        EngineConfig.int8_activations, "--int8-activations",
+        "CPU products against 4/8-bit weights quantize each activation row to int8 per 32 "
+        "inputs and use VNNI dot products (llama.cpp's arithmetic: faster, results differ slightly "
+        "from the float product); needs an AVX-512 VNNI CPU")
     device: str = _arg(EngineConfig.device, "--device", "where the ranks compute",
                        choices=("cpu", "cuda"))
     max_model_len: int | None = _arg(
@@ -126,6 +138,8 @@ class EngineArgs:
         for name in ("kv_cache_memory", "state_checkpoint_memory"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         if self.speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
 
@@ -144,6 +158,14 @@ class EngineArgs:
         """The frozen config for the checkpoint at ``path`` (``self.model`` resolved)."""
         mcfg = mcfg or ModelConfig.from_pretrained(path)
         spec = self.speculative_for(path, mcfg)
+        own = mcfg.quantization.method if mcfg.quantization is not None else (
+            "fp8" if mcfg.fp8_block is not None else None)
+        if self.quantization is not None and own is not None and self.quantization != own:
+            raise ValueError(f"{path} is already quantized ({own}); --quantization {self.quantization} "
+                             f"must name that method or be left out")
+        if self.quantization is not None and own is None and self.quantization not in ON_LOAD_METHODS:
+            raise ValueError(f"{path} is not a {self.quantization} checkpoint; a float checkpoint "
+                             f"takes --quantization {' or '.join(ON_LOAD_METHODS)}")
         max_len = self.max_model_len or min(mcfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         batched = self.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device]
         return EngineConfig(
@@ -165,7 +187,9 @@ class EngineArgs:
                                       max_model_len=max_len,
                                       num_lookahead_slots=spec.num_lookahead_slots if spec else 0),
             dtype=self.dtype, device=self.device, seed=self.seed, cpu_threads=self.cpu_threads,
-            speculative=spec, enforce_eager=self.enforce_eager)
+            speculative=spec, enforce_eager=self.enforce_eager,
+            quantization=self.quantization if own is None else None,
+            int8_activations=self.int8_activations)
 
     def speculative_for(self, path: str, mcfg: ModelConfig) -> SpeculativeConfig | None:
         """Speculation as the user asked: ``none``; ``mtp`` (an error where there is no MTP
@@ -175,12 +199,13 @@ class EngineArgs:
 
         if self.speculative == "none":
             return None
-        native = mcfg.num_nextn_predict_layers > 0
+        native = mcfg.num_mtp_layers > 0
         if native and self.speculative == "auto" and not _ships_mtp_weights(path, mcfg):
-            # configs keep num_nextn_predict_layers where the weights were dropped (transformers'
-            # save_pretrained does); "mtp" then fails at load, naming the missing tensors
+            # configs keep num_nextn_predict_layers / mtp_num_hidden_layers where the weights were
+            # dropped (transformers' save_pretrained does); "mtp" then fails at load, naming the
+            # missing tensors
             log.info("speculation off: %s announces %d MTP layer(s) but holds no weights for them",
-                     path, mcfg.num_nextn_predict_layers)
+                     path, mcfg.num_mtp_layers)
             native = False
         if isinstance(self.speculative_config, SpeculativeConfig):
             return self.speculative_config
@@ -206,10 +231,11 @@ class EngineArgs:
 
 
 def _ships_mtp_weights(path: str, mcfg: ModelConfig) -> bool:
+    """Any tensor of the MTP layers (``model.layers.{L}.*``, or Qwen3.5's ``mtp.*``)."""
     from dist_engine.weights.loader import tensor_names
 
-    prefix = f"model.layers.{mcfg.num_hidden_layers}."
-    return any(name.startswith(prefix) for name in tensor_names(path))
+    prefixes = mcfg.mtp_prefixes
+    return bool(prefixes) and any(name.startswith(prefixes) for name in tensor_names(path))
 
 
 def _check_types(args: EngineArgs) -> None:

@@ -12,8 +12,9 @@ from dist_engine.config.speculative import SpeculativeConfig
 def decode_graphs_apply(model: ModelConfig, tp: int, cp: int, dcp: int) -> bool:
     """Whether this model's decode steps on this layout can be replayed as CUDA graphs
     (speculation aside): one rank (no collectives in the graph), no MLA, no MoE routing
-    (data-dependent shapes)."""
-    return (tp == cp == dcp == 1 and not model.is_mla
+    (data-dependent shapes), no recurrent layers (their per-sequence state steps are not
+    recorded)."""
+    return (tp == cp == dcp == 1 and not model.is_mla and not model.is_hybrid
             and not any(model.is_moe_layer(i) for i in range(model.num_hidden_layers)))
 
 
@@ -31,10 +32,23 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # CUDA: run decode steps eagerly instead of replaying CUDA graphs (worker/cuda_graph.py)
     enforce_eager: bool = False
+    # quantize the (float) checkpoint's product weights at load: "int8" | "int4" (quant/)
+    quantization: str | None = None
+    # CPU products against quantized weights quantize activations to int8 (VNNI)
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None:
+            from dist_engine.quant import ON_LOAD_METHODS
+
+            if self.quantization not in ON_LOAD_METHODS:
+                raise ValueError(f"quantization at load must be one of {ON_LOAD_METHODS}, got "
+                                 f"{self.quantization!r}")
+            if self.model.quantization is not None or self.model.fp8_block is not None:
+                raise ValueError(f"{self.model.path} is already quantized; it cannot be quantized "
+                                 f"again to {self.quantization}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         m, tp = self.model, self.parallel.tensor_parallel_size
@@ -56,6 +70,13 @@ class EngineConfig:
                 raise ValueError(
                     f"decode_context_parallel_size needs the {m.num_attention_heads // m.num_key_value_heads} "
                     f"query heads per KV head to split evenly over its {replicas} replicas (TP={tp})")
+        if "linear_attention" in m.layer_types and tp > m.linear_num_key_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} exceeds linear_num_key_heads={m.linear_num_key_heads}: "
+                f"Gated DeltaNet layers go to ranks by whole key heads (each with its "
+                f"{m.linear_num_value_heads // m.linear_num_key_heads} value heads); use TP <= "
+                f"{m.linear_num_key_heads}"
+            )
         if tp > m.num_attention_heads:
             raise ValueError(
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
@@ -63,9 +84,9 @@ class EngineConfig:
             )
         spec = self.speculative
         if spec is not None:
-            if spec.model is None and m.num_nextn_predict_layers == 0:
+            if spec.model is None and m.num_mtp_layers == 0:
                 raise ValueError(
-                    f"{m.path} has no MTP layer (num_nextn_predict_layers is 0): graft one with "
+                    f"{m.path} has no MTP layer (its config announces none): graft one with "
                     "`dist-engine graft-mtp` and pass its folder as the speculative model"
                 )
             if self.scheduler.num_lookahead_slots < spec.num_lookahead_slots:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dist_engine.config import qwen3_5
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -14,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "DeepseekV3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    *qwen3_5.QWEN3_5_ARCHITECTURES,
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -66,12 +69,50 @@ class ModelConfig:
     moe_scoring: str = "sigmoid"  # DeepSeek-V3; "softmax": Qwen3-MoE
     decoder_sparse_step: int = 1  # Qwen3-MoE: every this-many-th layer is MoE...
     mlp_only_layers: tuple[int, ...] = ()  # ...except these
-    # FP8 block-scaled weights (quantization_config quant_method "fp8"): tile rows x cols
+    # FP8 block-scaled weights of DeepSeek-V3 (quantization_config quant_method "fp8" with
+    # weight_block_size, layers/fp8.py): tile rows x cols
     fp8_block: tuple[int, int] | None = None
+    # Hybrid models (Qwen3.5, config/qwen3_5.py): each layer's token mixer, "full_attention" or
+    # "linear_attention" (Gated DeltaNet with linear_* heads); empty: every layer attends.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    partial_rotary_factor: float = 1.0  # rotary on the first head_dim * this dims of each head
+    # MTP layers shipped as mtp.layers.{j} with mtp.fc / mtp.pre_fc_norm_* / mtp.norm (Qwen3.5)
+    mtp_num_hidden_layers: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen3.5-MoE: one sigmoid-gated shared expert
+    multimodal: bool = False  # text weights under model.language_model.*; vision tower skipped
+    # any other quantized checkpoint: the method's typed config (quant/, e.g. gptq.Config);
+    # its weights are kept quantized
+    quantization: Any = None
 
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Qwen3.5 family: Gated DeltaNet and gated attention layers as ``layer_types`` says."""
+        return self.architecture in qwen3_5.QWEN3_5_ARCHITECTURES
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_mtp_layers(self) -> int:
+        """MTP layers the checkpoint announces, whichever naming it uses."""
+        return self.mtp_num_hidden_layers if self.is_hybrid else self.num_nextn_predict_layers
+
+    @property
+    def mtp_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint-name prefixes of the MTP layers (not the main model's tensors)."""
+        if self.is_hybrid:
+            return ("mtp.",) if self.mtp_num_hidden_layers else ()
+        return tuple(f"model.layers.{self.num_hidden_layers + j}." for j in range(self.num_nextn_predict_layers))
 
     def is_moe_layer(self, layer: int) -> bool:
         if not self.n_routed_experts or layer in self.mlp_only_layers:
@@ -114,6 +155,11 @@ class ModelConfig:
                      "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.is_hybrid:
+            qwen3_5.check_hybrid(self)
+        elif self.layer_types and set(self.layer_types) != {"full_attention"}:
+            raise ValueError(f"{self.architecture} has only full-attention layers; layer_types "
+                             f"{sorted(set(self.layer_types))} needs a hybrid architecture")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -133,12 +179,16 @@ class ModelConfig:
         if not archs:
             raise ValueError(f"{path}/config.json lists no 'architectures'")
         arch = archs[0]
+        if arch in qwen3_5.QWEN3_5_ARCHITECTURES:
+            raw = qwen3_5.text_config(raw)
         n_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         # transformers 5 moved rope settings into "rope_parameters"; older files keep them flat.
         rope = dict(raw.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = raw.get("rope_scaling") or rope
+        if arch in qwen3_5.QWEN3_5_ARCHITECTURES:
+            scaling = qwen3_5.rope_scaling(scaling)
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
         sliding = raw.get("sliding_window")
@@ -149,13 +199,14 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         quant = raw.get("quantization_config")
-        fp8_block = None
-        if quant:
-            if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
-                raise ValueError(f"{path}/config.json: quantization_config {quant.get('quant_method')!r} "
-                                 "is not supported (only FP8 with weight_block_size, as DeepSeek ships)")
+        fp8_block = quantization = None
+        if quant and quant.get("quant_method") == "fp8" and quant.get("weight_block_size") and raw.get("kv_lora_rank"):
             fp8_block = tuple(quant["weight_block_size"])
-        family = {}  # architecture-specific fields (MLA/MoE)
+        elif quant:
+            from dist_engine.quant import parse_config
+
+            quantization = parse_config(quant, path)
+        family = {}  # architecture-specific fields (MLA/MoE/hybrid)
         if raw.get("kv_lora_rank"):
             if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
                 raise ValueError("only DeepSeek-V3 routing (sigmoid scores, noaux_tc grouped top-k) is supported")
@@ -181,12 +232,16 @@ class ModelConfig:
                        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
                        num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
                        head_dim=raw.get("head_dim") or hidden // n_heads)
+        if arch in qwen3_5.QWEN3_5_ARCHITECTURES:
+            family = qwen3_5.hybrid_fields(raw)
+        inter = family.pop("intermediate_size", None) or raw["intermediate_size"]
+        qk_norm = family.pop("qk_norm", arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"))
         return cls(
             path=path,
             architecture=arch,
             vocab_size=raw["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=raw["intermediate_size"],
+            intermediate_size=inter,
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=n_heads,
             **({} if family else dict(num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
@@ -196,7 +251,7 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=qk_norm,
             sliding_window=sliding,
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             hidden_act=raw.get("hidden_act", "silu"),
@@ -204,5 +259,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             num_nextn_predict_layers=raw.get("num_nextn_predict_layers") or 0,
             fp8_block=fp8_block,
+            quantization=quantization,
             **family,
         )

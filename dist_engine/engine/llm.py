@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from dist_engine.config.args import EngineArgs
+from dist_engine.engine.chat import ChatPrompt
 from dist_engine.engine.llm_engine import LLMEngine
 from dist_engine.engine.outputs import RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
@@ -30,6 +31,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
+                 chat_template: str | None = None, raw_special_tokens: bool = False,
                  **kwargs) -> None:
         if engine_args is not None and (model is not None or kwargs):
             raise ValueError("pass either engine_args or the model and keyword arguments, not both")
@@ -39,10 +41,23 @@ class LLM:
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(path)
         self.engine = LLMEngine(self.config, self.tokenizer)
         self._ids = itertools.count()
+        self._chat_settings = (chat_template, raw_special_tokens)
+        self._chat: ChatPrompt | None = None
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    @property
+    def chat(self) -> ChatPrompt:
+        """The chat template (the model's, or ``chat_template``) applied safely to messages."""
+        if self.tokenizer is None:
+            raise ValueError("chat messages need a tokenizer; pass prompt_token_ids instead")
+        if self._chat is None:
+            self._chat = ChatPrompt(self.tokenizer, *self._chat_settings)
+        return self._chat
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+        """Token ids of ``messages`` with the generation prompt (``tools=`` and template
+        arguments pass through); special-token text in content stays text unless this LLM was
+        built with ``raw_special_tokens=True``."""
+        return self.chat.encode(messages, **kwargs)
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

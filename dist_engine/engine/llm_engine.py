@@ -23,6 +23,7 @@ from dist_engine.engine.sequence import Sequence
 from dist_engine.engine.startup_log import log_cache
 from dist_engine.engine.state_keeper import StateKeeper
 from dist_engine.engine.stopping import append_tokens
+from dist_engine.engine.structured import GrammarChecker
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.kv_cache.kinds import group_window
 from dist_engine.kv_cache.state_slots import DELTA_CHUNK
@@ -41,6 +42,7 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = prompt_ids
         self.seqs = seqs
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -96,6 +98,9 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._grammars: GrammarChecker | None = None
+        self._checked: dict[tuple, str] = {}  # structured-output constraint -> grammar
+        self._released: list[int] = []  # sequences ended since the last step
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
@@ -128,6 +133,26 @@ class LLMEngine:
                 f"prompt + max_tokens ({need} tokens with speculative slots) exceeds the whole KV "
                 f"cache ({cache_tokens} tokens); raise --kv-cache-memory or shorten the request"
             )
+        if params.structured_outputs is not None:
+            self.grammar(params)
+
+    def grammar(self, params: SamplingParams) -> str | None:
+        """The request's checked llguidance grammar (None: unconstrained); ValueError if bad."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the tokenizer (the server runs --no-tokenizer)")
+        if self._grammars is None:
+            self._grammars = GrammarChecker(self.tokenizer, self.config.model.vocab_size)
+        key = (so, self.config.model.vocab_size)
+        if key not in self._checked:
+            text = so.to_grammar()
+            self._grammars.check(text)
+            if len(self._checked) > 256:  # bounded: schemas are per request
+                self._checked.clear()
+            self._checked[key] = text
+        return self._checked[key]
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, cache_salt: str | None = None) -> None:
@@ -147,6 +172,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                            base_seed + i, detok, RequestMetrics(arrival_time=now), cache_salt=cache_salt)
             seq.banned_until_min = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+            seq.grammar = self.grammar(params)
             seq.leader = seqs[0] if seqs else None  # completion i > 0 shares 0's prompt blocks
             seq.fork_waiting = params.n - 1 if i == 0 else 0
             seqs.append(seq)
@@ -165,6 +191,7 @@ class LLMEngine:
                 s.finish_reason = "abort"
                 s.metrics.finished_time = now
                 self.scheduler.finish(s)
+                self._released.append(s.seq_id)
         self.num_aborted += 1
         return self._output(req)
 
@@ -200,7 +227,9 @@ class LLMEngine:
         if not scheduled:
             return []
         k, propose = self._spec_k(sum(s.samples and bool(s.seq.speculate) for s in scheduled))
-        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled))
+        released, self._released = tuple(self._released), []
+        step = StepInput(next(self._step_ids), tuple(self.scheduler.work(s, k, propose) for s in scheduled),
+                         released)
         result = self.executor.execute(step)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -212,6 +241,9 @@ class LLMEngine:
             self.scheduler.free_behind_window(seq)
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
+            for j, (lp, top) in enumerate(result.prompt_logprobs.get(seq.seq_id, ())):
+                pos = seq.num_computed - s.num_new + 1 + j  # the prompt token this row predicted
+                seq.prompt_logprobs[pos] = {**dict(top), seq.token_ids[pos]: lp}
             sampled = result.sampled.get(seq.seq_id)
             if sampled is None:
                 if self.state is not None:
@@ -234,6 +266,7 @@ class LLMEngine:
                 self.state.after_step(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
+                self._released.append(seq.seq_id)
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
@@ -268,8 +301,15 @@ class LLMEngine:
                 text_delta=s.take_text_delta(), token_ids_delta=s.take_token_delta(),
                 hidden_states=s.hidden_states() if s.finished and s.params.return_hidden_states else None,
             ))
+        lead = req.seqs[0]
+        prompt_lps = None
+        if (lead.params.prompt_logprobs is not None and (req.finished or not req.sent_prompt_logprobs)
+                and len(lead.prompt_logprobs) >= len(req.prompt_token_ids) - 1):
+            # on the first output after the prefill (a stream echoes the prompt first) and the last
+            prompt_lps = [None] + [lead.prompt_logprobs.get(p) for p in range(1, len(req.prompt_token_ids))]
+            req.sent_prompt_logprobs = True
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.seqs[0].metrics)
+                             req.finished, lead.metrics, prompt_lps)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -124,3 +124,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs, on the first output after the prefill and the final one:
+    # per prompt token {id: logprob} with the token itself and the top-n (None for the first
+    # token, which nothing predicts)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dist_engine.engine.structured import StructuredOutputs
+
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token
+    # top-n logprobs of every prompt token after the first (0: the token's own only), on
+    # ``RequestOutput.prompt_logprobs``; such a request computes its whole prompt (no cache hits)
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to raw logits per token
+    # constrain the output to a JSON schema, any JSON object, a regex, a Lark grammar or a choice
+    structured_outputs: StructuredOutputs | None = None
     skip_special_tokens: bool = True
     # the final-norm hidden state of every position whose token was fed to the model, on the
     # final output (``CompletionOutput.hidden_states``); such a request skips prefix-cache hits
@@ -68,10 +77,22 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v!r}")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+        for tok, bias in self.logit_bias.items():
+            if (not isinstance(tok, int) or tok < 0 or not isinstance(bias, (int, float))
+                    or not -100.0 <= bias <= 100.0):
+                raise ValueError(f"logit_bias entries must be token id -> bias in [-100, 100], "
+                                 f"got {tok!r}: {bias!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputs):
+            raise ValueError("structured_outputs must be a StructuredOutputs")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 with temperature 0 would return n identical completions")
 

@@ -188,8 +188,8 @@ class Scheduler:
         """Start from blocks already computed: the leader's prompt blocks, or prefix-cache hits."""
         bs = self.blocks.block_size
         lead = seq.leader
-        if seq.params.return_hidden_states:
-            pass  # every position must run through the model to have its hidden state
+        if seq.params.return_hidden_states or seq.params.prompt_logprobs is not None:
+            pass  # every position must run through the model for its hidden state / logprobs
         elif lead is not None and lead.status == SeqStatus.RUNNING:
             if self.state is not None:  # recurrent layers: from the leader's fork checkpoint
                 self.state.attach_fork(seq)
@@ -248,8 +248,9 @@ class Scheduler:
             drafts = tuple(seq.draft_token_ids[:k])
             want = num_spec if num_propose is None else num_propose
             propose = max(0, min(want, cap - (seq.num_tokens + k) + 1, left - 2))
-        elif mtp:
-            next_token = seq.token_ids[start + s.num_new]  # the MTP layer reads one token ahead
+        elif (mtp or seq.params.prompt_logprobs is not None) and not s.samples:
+            # the MTP layer reads one token ahead; so does a prompt logprob
+            next_token = seq.token_ids[start + s.num_new]
         state = {}
         if self.state is not None:
             state = dict(state_slot=seq.state_slot, restore_from=seq.restore_from,
@@ -269,6 +270,8 @@ class Scheduler:
             next_token=next_token,
             mtp=mtp,
             return_hidden=seq.params.return_hidden_states,
+            prompt_logprobs=(seq.params.prompt_logprobs if start < len(seq.prompt_token_ids)
+                             else None),
         )
 
     def finish(self, seq: Sequence) -> None:

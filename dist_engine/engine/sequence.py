@@ -51,6 +51,9 @@ class Sequence:
     # prefix-cache namespace of the request (vLLM's ``cache_salt``): only sequences with the
     # same salt share cached blocks; None shares with every unsalted request
     cache_salt: str | None = None
+    # SamplingParams.prompt_logprobs: position p -> {id: logprob} of prompt token p (p >= 1)
+    prompt_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
+    grammar: str | None = None  # structured output's llguidance grammar
     # recurrent layers (engine/state_keeper.py): the live state slot; a checkpoint to restore
     # into it at the next step; checkpoint saves reserved as (position, slot); for the leader
     # of an n > 1 request, its fork checkpoint (position, slot) and how many completions have
@@ -117,7 +120,8 @@ class Sequence:
                             min_p=p.min_p, seed=self.seed, seeded=p.seed is not None, logprobs=p.logprobs or 0,
                             banned_token_ids=banned,
                             banned_for=max(1, p.min_tokens - len(self.output_token_ids)),
-                            **penalties)
+                            logit_bias=tuple(sorted(p.logit_bias.items())),
+                            grammar=self.grammar, **penalties)
 
     def hidden_states(self):
         """``[P, H]``: the final-norm hidden state of positions 0..P-1, every position whose

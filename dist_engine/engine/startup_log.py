@@ -12,13 +12,15 @@ MIB = 2**20
 
 
 def log_cache(config: EngineConfig, info: dict, layout: CacheLayout) -> None:
-    """Weights and measured peaks, then per kind: paged kinds in bytes per token (and blocks,
+    """Weights (and their bytes per format: dtype or quantization) and measured peaks, then per kind: paged kinds in bytes per token (and blocks,
     tokens, MiB allocated), recurrent state in bytes per sequence (slots bound concurrency;
     checkpoints and their interval), then what the layout can serve."""
     bs, par, sc = config.cache.block_size, config.parallel, config.scheduler
     measured = (f", activation peak {info['activation_peak_bytes'] / MIB:.0f} MiB, KV budget "
                 f"{info['kv_budget_bytes'] / MIB:.0f} MiB" if "activation_peak_bytes" in info else "")
-    log.info("memory per rank: weights %.0f MiB%s", info["weight_bytes"] / MIB, measured)
+    formats = ", ".join(f"{k[len('weight_bytes['):-1]} {v / MIB:.1f}" for k, v in info.items()
+                        if k.startswith("weight_bytes["))
+    log.info("memory per rank: weights %.0f MiB (%s MiB)%s", info["weight_bytes"] / MIB, formats, measured)
     allocated = info["allocated_bytes"]
     for group, per_block in info["bytes_per_block_by_group"].items():
         log.info("KV cache per rank, %s attention: %d blocks x %d tokens, %g bytes/token (%s), "

@@ -23,7 +23,7 @@ SETTINGS = ("concat_order", "hidden_stage", "feedback")
 
 
 def base_fingerprint(model_path: str) -> str:
-    """sha256 over the base checkpoint's safetensors files (names and bytes)."""
+    """sha256 over the base checkpoint's files (safetensors or GGUF; names and bytes)."""
     h = hashlib.sha256()
     for file in checkpoint_files(model_path):
         h.update(os.path.basename(file).encode())
@@ -44,10 +44,12 @@ def read_graft(folder: str) -> dict[str, Any]:
 
 def read_graft_for(folder: str, model_path: str, fingerprint: str | None = None) -> dict[str, Any]:
     """A graft folder's settings, refused unless it was trained on ``model_path``'s exact
-    weights (``fingerprint``: that model's, when the caller has it already)."""
+    weights (``fingerprint``: that model's, when the caller has it already). A graft may list
+    ``equivalent_base_fingerprints``: other files holding the same weights (the default model's
+    GGUF, served kept quantized, for a graft trained on its float32 conversion)."""
     meta = read_graft(folder)
     fp = fingerprint or base_fingerprint(model_path)
-    if meta.get("base_fingerprint") != fp:
+    if fp not in (meta.get("base_fingerprint"), *meta.get("equivalent_base_fingerprints", ())):
         raise ValueError(
             f"the MTP graft in {folder} was trained on a different base model "
             f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}..., this one {fp[:12]}...); "

@@ -28,7 +28,9 @@ from tqdm import tqdm
 from dist_engine.config import ModelConfig
 from dist_engine.graft.artifact import GRAFT_CONFIG, base_fingerprint, read_graft_for
 from dist_engine.graft.model import GraftMTP
-from dist_engine.weights.loader import checkpoint_files
+from dist_engine.quant.checkpoint import checkpoint_quantization
+from dist_engine.quant.lazy import QuantTensor
+from dist_engine.weights.loader import checkpoint_files, iter_checkpoint
 from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR, GRAFT_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,15 @@ def answer_targets(teach, prompt_lens: list[int]) -> list[tuple[torch.Tensor, to
 
 
 def load_base(model_path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the base checkpoint."""
-    base = {}
-    for f in checkpoint_files(model_path):
-        base.update(load_file(f))
-    return base
+    """Every tensor of the base checkpoint (weights kept quantized dequantized to fp32)."""
+    if all(f.endswith(".safetensors") for f in checkpoint_files(model_path)) and \
+            checkpoint_quantization(model_path) is None:
+        base = {}
+        for f in checkpoint_files(model_path):
+            base.update(load_file(f))
+        return base
+    return {name: t[:].dequantize() if isinstance(t, QuantTensor) else t[:]
+            for name, t in iter_checkpoint(model_path)}
 
 
 def base_head(model_path: str, base: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -8,15 +8,29 @@ from torch import nn
 
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range, split_sizes
+from dist_engine.kernels import qlinear
 from dist_engine.layers.linear import project
 from dist_engine.layers.loading import copy_checked
+from dist_engine.quant import linear as quant_linear
+from dist_engine.quant.lazy import QuantTensor
+
+
+def load_vocab_rows(module: nn.Module, full) -> None:
+    """This rank's vocabulary rows of a ``[vocab, hidden]`` table, float or kept quantized."""
+    rows = full[module.vocab_start:module.vocab_start + module.local_vocab]
+    if isinstance(full, QuantTensor):
+        if rows.shape != tuple(module.weight.shape):
+            raise ValueError(f"expected a slice of shape {tuple(module.weight.shape)}, got {rows.shape}")
+        return quant_linear.take(module, rows, 0)
+    copy_checked(module.weight.data, rows)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Lookup over a row-split table ``[vocab, hidden]``.
 
     Each rank looks up the ids in its range, writes zeros for the others, and one all-reduce
-    sums the pieces (exactly one rank contributes each row).
+    sums the pieces (exactly one rank contributes each row). A table kept quantized (GGUF) is
+    looked up by dequantizing just the rows asked for.
     """
 
     def __init__(self, vocab_size: int, hidden: int, comm: Communicator, dtype: torch.dtype) -> None:
@@ -24,16 +38,26 @@ class VocabParallelEmbedding(nn.Module):
         self.comm = comm
         self.vocab_start, self.local_vocab = split_range(vocab_size, comm.world_size, comm.rank)
         self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden, dtype=dtype), requires_grad=False)
+        self.weight_packed: qlinear.QWeight | None = None  # only ever a quantized table
+        self.keep_dense = True  # a lookup table: never repacked for products
 
     def load(self, which: str, full, shard_id: object = None) -> None:
-        copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])
+        load_vocab_rows(self, full)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        qw = self.weight_packed
+        if qw is None:
+            return F.embedding(ids, self.weight)
+        if ids.device.type == "cpu" and qlinear.available():
+            return qlinear.dequantize_rows(qw, ids).to(self.weight.dtype)
+        return qlinear.gather_rows(qw, ids).to(self.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         if self.comm.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.comm.all_reduce(out)
 
@@ -52,6 +76,8 @@ class ParallelLMHead(nn.Module):
         self.comm = comm
         self.sizes = split_sizes(vocab_size, comm.world_size)
         self.vocab_start, self.local_vocab = split_range(vocab_size, comm.world_size, comm.rank)
+        # the embedding whose table this head reads (not a submodule: it is the model's)
+        object.__setattr__(self, "tied", tied)
         if tied is not None:
             self.weight = tied.weight
         else:
@@ -59,7 +85,7 @@ class ParallelLMHead(nn.Module):
         self.weight_packed: torch.Tensor | None = None
 
     def load(self, which: str, full, shard_id: object = None) -> None:
-        copy_checked(self.weight.data, full[self.vocab_start:self.vocab_start + self.local_vocab])
+        load_vocab_rows(self, full)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         logits = project(self, hidden).float()

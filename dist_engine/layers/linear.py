@@ -13,6 +13,7 @@ from torch import nn
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
 from dist_engine.kernels import linear as cpu_linear
+from dist_engine.kernels.qlinear import QWeight
 from dist_engine.layers.fp8 import (
     FP8,
     CheckpointFormatError,
@@ -21,6 +22,9 @@ from dist_engine.layers.fp8 import (
     make_fp8,
 )
 from dist_engine.layers.loading import copy_checked
+from dist_engine.quant import linear as quant_linear
+from dist_engine.quant.groups import GroupQuant
+from dist_engine.quant.lazy import QuantTensor
 
 # shard id -> (start row in the checkpoint tensor, number of rows, first row in the local weight)
 ShardMap = dict[object, tuple[int, int, int]]
@@ -87,6 +91,8 @@ def project(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     packed = module.weight_packed
     if packed is None:
         return F.linear(x, module.weight, bias)
+    if isinstance(packed, QWeight):  # kept quantized (quant/)
+        return quant_linear.apply(module, packed, x, bias)
     if isinstance(packed, cpu_linear.PanelWeight):
         return cpu_linear.linear(x, packed, bias)
     return _ONEDNN_LINEAR(x.contiguous(), packed, bias, "none", [], "")
@@ -126,6 +132,8 @@ class ColumnParallelLinear(nn.Module):
         src, n, dst = self.shards[shard_id]
         if which == "weight_scale_inv":
             return load_scale_rows(self, full, src, n, dst)
+        if which == "weight" and isinstance(full, QuantTensor):  # kept quantized: this rank's rows
+            return quant_linear.take(self, _rows_of(full, src, n, self.in_features), dst)
         if which == "weight":
             _check_fp8(self.weight, full)
         param = self.weight if which == "weight" else self.bias
@@ -161,6 +169,24 @@ def qkv_column(hidden: int, head_dim: int, q_heads: tuple[int, int], kv_heads: t
     return ColumnParallelLinear(hidden, shards, bias, dtype)
 
 
+class SegmentedColumnLinear(ColumnParallelLinear):
+    """Column-parallel, where one checkpoint tensor gives this rank several row ranges: Gated
+    DeltaNet's ``in_proj_qkv`` is ``[q | k | v]`` and a rank keeps its heads of each segment.
+    ``segments``: shard id -> [(start row in the checkpoint tensor, rows, first local row)]."""
+
+    def __init__(self, in_features: int, segments: dict[object, list[tuple[int, int, int]]],
+                 dtype: torch.dtype) -> None:
+        shards: ShardMap = {sid: (0, sum(n for _, n, _ in segs), segs[0][2]) for sid, segs in segments.items()}
+        super().__init__(in_features, shards, False, dtype)
+        self.segments = segments
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        if which != "weight":
+            raise ValueError(f"checkpoint has a {which} this layer does not use")
+        for src, n, dst in self.segments[shard_id]:
+            copy_checked(self.weight.data[dst:dst + n], full[src:src + n])
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_r W_rᵀ) + b`` with W's input columns split across ranks.
 
@@ -187,6 +213,10 @@ class RowParallelLinear(nn.Module):
     def load(self, which: str, full, shard_id: object = None) -> None:
         if which == "weight_scale_inv":
             load_scale_rows(self, full, 0, self.weight.shape[0], 0)
+        elif which == "weight" and isinstance(full, QuantTensor):  # kept quantized: this rank's columns
+            part = full[:, self.in_start:self.in_start + self.local_in]
+            _check_quant_shape(part, (self.weight.shape[0], self.local_in))
+            quant_linear.take(self, part, 0)
         elif which == "weight":
             _check_fp8(self.weight, full)
             copy_checked(self.weight.data, full[:, self.in_start:self.in_start + self.local_in])
@@ -200,6 +230,18 @@ class RowParallelLinear(nn.Module):
             return project(self, x)
         y = self.comm.all_reduce(project(self, x))
         return y if self.bias is None else y + self.bias
+
+
+def _rows_of(full, start: int, n: int, in_features: int) -> GroupQuant:
+    """Rows ``[start, start + n)`` of a quantized checkpoint weight, shape-checked."""
+    part = full[start:start + n]
+    _check_quant_shape(part, (n, in_features))
+    return part
+
+
+def _check_quant_shape(part: GroupQuant, want: tuple[int, int]) -> None:
+    if part.shape != want:
+        raise ValueError(f"expected a slice of shape {want}, got {part.shape}")
 
 
 def _check_fp8(param: torch.Tensor, full) -> None:

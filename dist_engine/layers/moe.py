@@ -78,12 +78,44 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class ExpertDict(nn.ModuleDict):
+    """This rank's experts keyed by expert id, so that per-expert checkpoint names
+    (``experts.{id}.gate_proj``) resolve directly. Checkpoints that fuse every expert into 3-D
+    tensors (Qwen3.5-MoE: ``experts.gate_up_proj`` ``[E, 2I, H]``, gate rows first, and
+    ``experts.down_proj`` ``[E, H, I]``) load through ``load_fused``, which reads only this
+    rank's experts' slices."""
+
+    def __init__(self, experts: dict[str, Expert], num_experts: int) -> None:
+        super().__init__(experts)
+        self.num_experts = num_experts
+
+    def load_fused(self, which: str, full) -> list[tuple[str, object]]:
+        """Copy every local expert's slice of a fused tensor; returns the (parameter name under
+        this dict, shard id) pairs it filled, for the loader's completeness check."""
+        if which not in ("gate_up_proj", "down_proj"):
+            raise ValueError(f"fused expert tensor {which!r} is not gate_up_proj or down_proj")
+        if full.shape[0] != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} experts on dim 0, got {tuple(full.shape)}")
+        filled: list[tuple[str, object]] = []
+        for key, expert in self.items():
+            w = full[int(key)]  # [2I, H] or [H, I]: this expert's slice only
+            if which == "down_proj":
+                expert.down_proj.load("weight", w)
+                filled.append((f"{key}.down_proj.weight", None))
+                continue
+            inter = w.shape[0] // 2
+            for part, rows in enumerate((w[:inter], w[inter:])):
+                expert.gate_up_proj.load("weight", rows, part)
+                filled.append((f"{key}.gate_up_proj.weight", part))
+        return filled
+
+
 def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype,
-                  quant: tuple[int, int] | None = None) -> nn.ModuleDict:
-    """This rank's experts ``[first, first + count)`` keyed by expert id, so that checkpoint
-    names (``experts.{id}.gate_proj``) resolve directly."""
+                  quant: tuple[int, int] | None = None, num_experts: int | None = None) -> ExpertDict:
+    """This rank's experts ``[first, first + count)`` of ``num_experts`` (default: these)."""
     first, count = expert_range
-    return nn.ModuleDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)})
+    return ExpertDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)},
+                      num_experts if num_experts is not None else first + count)
 
 
 def run_experts(experts: nn.ModuleDict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
@@ -130,7 +162,7 @@ class SparseMoE(nn.Module):
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
         self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling, scoring)
-        self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant)
+        self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, num_experts)
         self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
 
     def owns_expert(self, expert: int) -> bool:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dist_engine.kernels.rms_norm import add_rms_norm, rms_norm
+from dist_engine.layers.elementwise import rowwise
 from dist_engine.layers.loading import copy_checked
 
 
@@ -39,3 +40,21 @@ class RMSNorm(nn.Module):
                 return both
         x = x + delta
         return x, self(x)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm whose checkpoint stores ``w`` for a scale of ``1 + w`` (Qwen3.5's zero-centred
+    norm, initialised to zeros). The offset is folded in once at load, in fp32, so the forward
+    pass (and its C kernel) is the plain one: ``norm(x) * (1 + w)``."""
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(self.weight.data, (full[:].float() + 1.0).to(self.weight.dtype))
+
+
+class GatedRMSNorm(RMSNorm):
+    """Gated DeltaNet's output norm (plain weight): ``(w * norm(x)) * silu(z)``, normalised in
+    fp32 and rounded to the model dtype before the scale, the gate applied in fp32."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # [N, dim] each
+        normed = torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return ((self.weight * normed).float() * rowwise(torch.nn.functional.silu, z.float())).to(x.dtype)

@@ -10,7 +10,7 @@ pseudo-random prefill (as FP8 scales are), is subtracted before quantizing and n
 Softmax does not change when every score of a query moves by the same ``q . mean``, so attention
 is unchanged, while the quantization error, proportional to the stored row's norm, shrinks: the
 keys of the default model are ~80% mean by norm, and centring lowers the KL divergence of its
-next-token distribution from the exact cache's by about 40% at 4 bits (docs/long_context.md). The
+next-token distribution from the exact cache's by about 40% at 4 bits (docs/kv_quantization.md). The
 log-sum-exp moves by ``q . mean`` on every sequence shard alike (same calibration on every rank),
 so partial outputs merge as before. A shared latent (MLA: the value is the key) is not centred.
 Rotation, codebook and mean are the same on every rank holding a head, so every rank, restart

@@ -37,8 +37,9 @@ import torch
 SEED = 0x7E5B0  # rotations are fixed: every rank, restart and prefix-cache hit quantizes alike
 BITS = (3, 4)
 FP16_MAX = 65504.0
-# kv_cache_dtype -> bits per value of (K, V); both quantized alike (Lloyd-Max, norm correction),
-# as measured best on the default model (docs/long_context.md)
+# kv_cache_dtype -> bits per value of (K, V); both sides Lloyd-Max with norm correction (on the
+# default model's values, per-row uniform codes err more at 3 bits, about as much at 4 for 2
+# more bytes a row: docs/kv_quantization.md)
 PRESETS = {"turboquant4": (4, 4), "turboquant3": (3, 3)}
 
 

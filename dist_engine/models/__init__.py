@@ -6,6 +6,7 @@ from torch import nn
 
 from dist_engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dist_engine.models.llama import LlamaForCausalLM
+from dist_engine.models.qwen3_5 import Qwen3_5ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -14,6 +15,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    # Qwen3.5 / Qwen 3.6; the multimodal checkpoints' text part (the vision tower is not loaded)
+    "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5MoeForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
 }
 
 

@@ -15,6 +15,7 @@ from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import HeadPartition, split_range
 from dist_engine.kernels import fused
+from dist_engine.kv_cache.kinds import PagedKV
 from dist_engine.layers.attention import AttentionMetadata, paged_attention, write_kv
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.kv_cache import LayerKV
@@ -110,6 +111,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = SparseMoE.from_config(cfg, comm, dtype) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, comm, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.dtype, self.window = dtype, cfg.sliding_window
+
+    @property
+    def cache_kind(self) -> PagedKV:
+        """Paged K/V of this rank's KV heads (MLA: one latent row serving as K and V); Mistral's
+        layers attend a sliding window."""
+        a = self.self_attn
+        return PagedKV(a.local_num_kv_heads, a.head_dim, self.dtype,
+                       shared_kv=getattr(a, "latent_cache", False), window=self.window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -132,12 +142,16 @@ class LlamaModel(nn.Module):
             self.decoder_layer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # CPU: the layers of a decode step in one C call (kernels/decoder.py; same bits), set
+        # by the model runner once the weights are packed
+        self.cpu_decoder = None
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, return_prenorm: bool = False):
         x = self.embed_tokens(ids)  # [T, hidden]
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv, meta)
+        if self.cpu_decoder is None or self.cpu_decoder.forward(x, positions, kv_caches, meta) is None:
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer(positions, x, kv, meta)
         return (self.norm(x), x) if return_prenorm else self.norm(x)
 
 

@@ -10,8 +10,12 @@ p + 1, and its output predicts token p + 2::
 
 Module names follow the checkpoints that ship MTP weights (DeepSeek-V3, GLM-4.5):
 ``model.layers.{num_hidden_layers}.{enorm,hnorm,eh_proj,shared_head.norm,self_attn,mlp,...}``.
-The embedding and head are the main model's; their copies in a checkpoint are ignored.
-No collectives here: the block's parallel layers hold them, ``eh_proj`` is replicated.
+Qwen3.5 names the same parts ``mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc, layers.0,
+norm}`` (its norms scale by ``1 + w``, ``layers.0`` is a gated full-attention layer with the
+model's MLP or MoE); ``Qwen3_5MTP`` exposes ``norm`` as ``shared_head.norm`` too, so the
+speculative decoder drives both alike. The embedding and head are the main model's; their
+copies in a checkpoint are ignored. No collectives here: the block's parallel layers hold them,
+``eh_proj`` / ``fc`` are replicated.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.attention import AttentionMetadata
 from dist_engine.layers.linear import ColumnParallelLinear
-from dist_engine.layers.norm import RMSNorm
+from dist_engine.layers.norm import OffsetRMSNorm, RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 from dist_engine.models.deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3ForCausalLM
 from dist_engine.models.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
+from dist_engine.models.qwen3_5 import PACKED_MODULES, Qwen3_5DecoderLayer, rotary_for
 
 
 class SharedHead(nn.Module):
@@ -74,15 +79,52 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         return super().forward(positions, _mtp_input(self, emb, hidden), kv, meta)  # raw [T, H]
 
 
+class Qwen3_5MTP(nn.Module):
+    """Qwen3.5's MTP module under its checkpoint names (``mtp.*``): ``fc`` maps
+    ``[pre_fc_norm_embedding(embed(t[p+1])), pre_fc_norm_hidden(h[p])]`` (embedding first) to
+    the input of ``layers.0``; ``norm`` is the final norm before the shared head."""
+
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 emb_first: bool) -> None:
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.pre_fc_norm_embedding = OffsetRMSNorm(H, eps, dtype)
+        self.pre_fc_norm_hidden = OffsetRMSNorm(H, eps, dtype)
+        self.fc = ColumnParallelLinear(2 * H, {None: (0, H, 0)}, False, dtype)  # replicated
+        self.layers = nn.ModuleList([Qwen3_5DecoderLayer(
+            cfg, comm, rotary_for(cfg, max_positions, dtype), dtype, cfg.num_hidden_layers, "full_attention")])
+        self.norm = OffsetRMSNorm(H, eps, dtype)
+        # the speculative decoder's name for the final norm (the same module: loaded once, as norm)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = self.norm
+        self.emb_first = emb_first
+
+    @property
+    def cache_kind(self):
+        return self.layers[0].cache_kind
+
+    def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
+                kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        e, h = self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(hidden)  # [T, H] each
+        x = self.fc(torch.cat([e, h] if self.emb_first else [h, e], dim=-1))  # [T, H]
+        return self.layers[0](positions, x, kv, meta)  # raw [T, H]
+
+
 class MTPModel(nn.Module):
-    """Holds MTP layer 0 under its checkpoint name, ``model.layers.{num_hidden_layers}``
-    (chained steps reuse it, as engines do for DeepSeek-V3)."""
+    """Holds MTP layer 0 under its checkpoint name: ``model.layers.{num_hidden_layers}``, or
+    Qwen3.5's ``mtp`` module (chained steps reuse layer 0, as engines do for DeepSeek-V3; a
+    Qwen3.5 checkpoint's further ``mtp.layers.{j}`` are not read)."""
 
     ignored_suffixes = ("embed_tokens.weight", "shared_head.head.weight", "rotary_emb.inv_freq")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
                  emb_first: bool) -> None:
         super().__init__()
+        if cfg.is_hybrid:
+            self.packed_modules = PACKED_MODULES
+            self.mtp = Qwen3_5MTP(cfg, comm, dtype, max_positions, emb_first)
+            self._prefix, self._block = "mtp.", "mtp.layers.0."
+            return
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
         main, block = ((DeepseekV3ForCausalLM, DeepseekV3MTPLayer) if cfg.is_mla
@@ -91,18 +133,23 @@ class MTPModel(nn.Module):
         self.layer_index = cfg.num_hidden_layers
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first)})
+        self._prefix = self._block = f"model.layers.{self.layer_index}."
 
     def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert of an MoE MTP block."""
-        head = f"{self.prefix()}mlp.experts."
+        """Another rank's routed expert of an MoE MTP block, or a Qwen3.5 MTP layer past 0."""
+        if name.startswith("mtp.layers.") and not name.startswith(self._block):
+            return True
+        head = f"{self._block}mlp.experts."
         expert = name[len(head):].split(".")[0]
         if not name.startswith(head) or not expert.isdigit() or not hasattr(self.layer.mlp, "owns_expert"):
             return False
         return not self.layer.mlp.owns_expert(int(expert))
 
     @property
-    def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer:
+    def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer | Qwen3_5MTP:
+        if hasattr(self, "mtp"):
+            return self.mtp
         return self.model.layers[str(self.layer_index)]
 
     def prefix(self) -> str:
-        return f"model.layers.{self.layer_index}."
+        return self._prefix

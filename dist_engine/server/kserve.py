@@ -15,16 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import uuid
 
 import grpc
 
-from dist_engine.engine.async_llm import AsyncLLM
+from dist_engine.engine.async_llm import QueueFullError
 from dist_engine.engine.sampling_params import SamplingParams
 from dist_engine.kserve import grpc_service_pb2 as kpb
 from dist_engine.kserve import grpc_service_pb2_grpc as kpb_grpc
-from dist_engine.server.metrics import ServerMetrics
-from dist_engine.server.security import check_request_size
+from dist_engine.server.frontend import (
+    MAX_REQUEST_ID_BYTES,
+    Frontend,
+    check_request_id,
+    public_error,
+)
+from dist_engine.server.security import ApiKeys, check_request_size, grpc_authorization
 from dist_engine.worker.executor import EngineDeadError
 
 _INPUTS = (("text_input", "BYTES", kpb.TYPE_STRING, [1], False),
@@ -130,10 +134,10 @@ def request_params(values: dict) -> tuple[str, SamplingParams, bool, bool]:
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, llm: AsyncLLM, name: str, max_queued: int, ready,
-                 metrics: ServerMetrics | None = None, max_request_bytes: int | None = None) -> None:
-        self.llm, self.name, self.max_queued, self.ready, self.metrics = (
-            llm, name, max_queued, ready, metrics)
+    def __init__(self, front: Frontend, ready, keys: ApiKeys | None = None,
+                 max_request_bytes: int | None = None) -> None:
+        self.front, self.llm, self.name, self.ready, self.keys = (
+            front, front.llm, front.name, ready, keys)
         self.max_request_bytes = max_request_bytes
 
     # ---- health and metadata ---------------------------------------------------------------
@@ -175,8 +179,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -------------------------------------------------------------------------
     def _response(self, req, text: str | None, final: bool) -> kpb.ModelInferResponse:
-        resp = kpb.ModelInferResponse(model_name=self.name, model_version=req.model_version,
-                                      id=req.id)
+        rid = req.id if len(req.id.encode()) <= MAX_REQUEST_ID_BYTES else ""  # never amplify
+        resp = kpb.ModelInferResponse(model_name=self.name, model_version=req.model_version, id=rid)
         resp.parameters[FINAL].bool_param = final
         if text is not None:
             resp.outputs.add(name="text_output", datatype="BYTES", shape=[1])
@@ -184,23 +188,20 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     def _parse(self, req) -> tuple[str, SamplingParams, bool, bool]:
-        """(prompt, params, stream, exclude_input); ValueError for bad input, OverflowError
-        when the server is full."""
+        """(prompt, params, stream, exclude_input); ValueError for bad input."""
         check_request_size(req, self.max_request_bytes)
+        check_request_id(req.id)  # echoed in every response
         if req.model_name != self.name:
             raise ValueError(f"unknown model {req.model_name!r}; this server serves {self.name!r}")
-        if self.llm.num_open_streams >= self.max_queued:
-            raise OverflowError(f"server busy: {self.max_queued} requests in flight; retry later")
         return request_params(read_inputs(req))
 
-    async def _generate(self, req, prompt: str, params: SamplingParams):
+    async def _generate(self, prompt: str, params: SamplingParams, tenant: str | None):
         """Yield (text delta, finished) for one parsed request."""
-        rid = f"kserve-{req.id or uuid.uuid4().hex}-{uuid.uuid4().hex[:8]}"
-        async for out in self.llm.generate(prompt, params, rid):
-            c = out.outputs[0]
-            yield c.text_delta, out.finished
-            if out.finished and self.metrics is not None:
-                self.metrics.observe(out.metrics)
+        async for out in self.front.generate(params, tenant=tenant, prefix="kserve", prompt=prompt):
+            yield out.outputs[0].text_delta, out.finished
+
+    def _tenant(self, context) -> str | None:
+        return self.keys.identify(grpc_authorization(context)) if self.keys else None
 
     async def ModelInfer(self, request, context):
         try:
@@ -208,23 +209,23 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             if stream:
                 raise ValueError("stream=true needs ModelStreamInfer")
             text = [] if exclude else [prompt]
-            async for delta, _ in self._generate(request, prompt, params):
+            async for delta, _ in self._generate(prompt, params, self._tenant(context)):
                 text.append(delta)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except OverflowError as e:
+        except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, public_error(e))
         return self._response(request, "".join(text), True)
 
-    async def _stream_one(self, req, out: asyncio.Queue) -> None:
+    async def _stream_one(self, req, out: asyncio.Queue, tenant: str | None) -> None:
         try:
             prompt, params, stream, exclude = self._parse(req)
             empty_final = req.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in req.parameters else False
             if stream:
-                async for delta, finished in self._generate(req, prompt, params):
+                async for delta, finished in self._generate(prompt, params, tenant):
                     if finished and empty_final:
                         if delta:
                             await out.put(kpb.ModelStreamInferResponse(
@@ -236,16 +237,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                             infer_response=self._response(req, delta, finished)))
             else:
                 text = [] if exclude else [prompt]
-                async for delta, _ in self._generate(req, prompt, params):
+                async for delta, _ in self._generate(prompt, params, tenant):
                     text.append(delta)
                 await out.put(kpb.ModelStreamInferResponse(
                     infer_response=self._response(req, "".join(text), True)))
-        except (ValueError, OverflowError, EngineDeadError) as e:
-            err = kpb.ModelStreamInferResponse(error_message=str(e),
+        except (ValueError, QueueFullError, EngineDeadError) as e:
+            msg = public_error(e) if isinstance(e, EngineDeadError) else str(e)
+            err = kpb.ModelStreamInferResponse(error_message=msg,
                                                infer_response=self._response(req, None, True))
             await out.put(err)
 
     async def ModelStreamInfer(self, request_iterator, context):
+        tenant = self._tenant(context)
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         done_reading = asyncio.Event()
@@ -253,7 +256,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    t = asyncio.create_task(self._stream_one(req, out))
+                    t = asyncio.create_task(self._stream_one(req, out, tenant))
                     tasks.add(t)
                     t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(None)))
             finally:

@@ -6,8 +6,12 @@ nothing can drift); latency histograms are observed by the servicer when a reque
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from dist_engine.engine.outputs import RequestMetrics
 
@@ -63,6 +67,9 @@ class ServerMetrics:
         self.itl = Histogram(P + "inter_token_latency_seconds", "Time between output tokens.", **kw)
         self.queue = Histogram(P + "request_queue_time_seconds", "Arrival to first scheduled.", **kw)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to finish.", **kw)
+        self.rejected = Counter(P + "request_rejected", "Requests refused before running, by "
+                                "reason (invalid_argument, resource_exhausted, unauthenticated).",
+                                ["reason"], registry=self.registry)
 
     def observe(self, m: RequestMetrics) -> None:
         if m.time_to_first_token is not None:
@@ -74,5 +81,22 @@ class ServerMetrics:
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
 
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, authorize=None) -> None:
+        """``/metrics`` on its own port, in a thread; ``authorize(header) -> bool`` (for
+        ``--metrics-auth``) checks the ``Authorization`` header of every scrape."""
+        app = make_wsgi_app(self.registry)
+
+        def guarded(environ, start_response):
+            if authorize is not None and not authorize(environ.get("HTTP_AUTHORIZATION")):
+                start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"),
+                                                    ("Content-Type", "text/plain")])
+                return [b"missing or wrong bearer token\n"]
+            return app(environ, start_response)
+
+        server = make_server(host, port, guarded, ThreadingWSGIServer, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # one line per scrape would flood the log
+        pass

@@ -1,4 +1,4 @@
-"""The gRPC Generation servicer: proto <-> AsyncLLM, nothing else.
+"""The gRPC Generation servicer: proto <-> the server's ``Frontend``, nothing else.
 
 Bad input is INVALID_ARGUMENT with the validation message; a full queue is RESOURCE_EXHAUSTED;
 a dead engine is UNAVAILABLE. A client that cancels, disconnects or runs past its deadline has
@@ -11,11 +11,11 @@ import uuid
 
 import grpc
 
-from dist_engine.engine.async_llm import AsyncLLM
+from dist_engine.engine.async_llm import QueueFullError
 from dist_engine.engine.outputs import CompletionOutput, RequestOutput
 from dist_engine.engine.sampling_params import SamplingParams
-from dist_engine.server.metrics import ServerMetrics
-from dist_engine.server.security import check_request_size
+from dist_engine.server.frontend import Frontend, check_request_id, public_error
+from dist_engine.server.security import ApiKeys, check_request_size, grpc_authorization
 from dist_engine.v1 import generation_pb2 as pb
 from dist_engine.v1 import generation_pb2_grpc as pb_grpc
 from dist_engine.worker.executor import EngineDeadError
@@ -65,13 +65,13 @@ def spec_stats(d: dict) -> pb.SpeculativeStats:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, llm: AsyncLLM, served_model_name: str, max_queued_requests: int,
-                 metrics: ServerMetrics | None = None, max_request_bytes: int | None = None) -> None:
-        self.llm = llm
+    def __init__(self, front: Frontend, keys: ApiKeys | None = None,
+                 max_request_bytes: int | None = None) -> None:
+        self.front = front
+        self.llm = front.llm
+        self.keys = keys
         self.max_request_bytes = max_request_bytes
-        self.metrics = metrics
-        self.name = served_model_name
-        self.max_queued = max_queued_requests
+        self.name = front.name
 
     def _input(self, request) -> dict:
         which = request.WhichOneof("input")
@@ -83,19 +83,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return {"prompt_token_ids": list(request.token_ids.ids)}
         return {"messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]}
 
+    def _tenant(self, context) -> str | None:
+        return self.keys.identify(grpc_authorization(context)) if self.keys else None
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        rid = request.request_id or uuid.uuid4().hex
-        if self.llm.num_open_streams >= self.max_queued:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server busy: {self.max_queued} requests in flight "
-                                "(--max-queued-requests); retry later")
         try:
             check_request_size(request, self.max_request_bytes)
-            if request.model and request.model != self.name:
-                raise ValueError(f"unknown model {request.model!r}; this server serves {self.name!r}")
+            # echoed only (the engine's own id is made by the frontend), so it cannot collide
+            rid = check_request_id(request.request_id) or uuid.uuid4().hex
+            self.front.check_model(request.model)
             params = sampling_params(request.sampling)
-            stream = self.llm.generate(sampling_params=params, request_id=rid,
-                                       cache_salt=request.cache_salt or None, **self._input(request))
+            stream = self.front.generate(params, tenant=self._tenant(context),
+                                         cache_salt=request.cache_salt or None, prefix="grpc",
+                                         **self._input(request))
             reported: set[int] = set()
             async for out in stream:
                 for c in out.outputs:
@@ -106,12 +106,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         reported.add(c.index)
                     if c.token_ids_delta or c.text_delta or final:
                         yield _response(rid, out, c, final)
-                if out.finished and self.metrics is not None:
-                    self.metrics.observe(out.metrics)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{e} (--max-queued-requests counts each of a request's n)")
         except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, public_error(e))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
@@ -121,7 +122,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise ValueError("the request has no input: set text or chat")
             messages = ([{"role": m.role, "content": m.content} for m in request.chat.messages]
                         if which == "chat" else None)
-            ids = self.llm.encode(request.text if which == "text" else None, None, messages)
+            ids = await self.llm.encode_async(request.text if which == "text" else None, None, messages)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)

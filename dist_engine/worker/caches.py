@@ -35,12 +35,15 @@ FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 
 def layer_kind(layer: nn.Module, kv_dtype: torch.dtype, window: int | None,
                quant: str | None = None) -> CacheKind:
-    """The layer's declared kind; a layer declaring none is a paged attention layer. With
-    ``quant`` (a TurboQuant preset of ``--kv-cache-dtype``) every paged kind stores codes, the
-    ones layers declare included; recurrent state is kept as it is."""
+    """The layer's declared kind; a layer declaring none is a paged attention layer. Every
+    paged kind, the ones layers declare included, is stored in the KV cache's dtype (FP8
+    included), or as TurboQuant codes with ``quant`` (a preset of ``--kv-cache-dtype``);
+    recurrent state is kept as it is."""
     kind = getattr(layer, "cache_kind", None)
+    if isinstance(kind, PagedKV):
+        return dataclasses.replace(kind, dtype=kv_dtype, quant=quant)
     if kind is not None:
-        return dataclasses.replace(kind, quant=quant) if isinstance(kind, PagedKV) and quant else kind
+        return kind
     attn = layer.self_attn
     return PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
                    shared_kv=getattr(attn, "latent_cache", False), window=window, quant=quant)

@@ -7,7 +7,9 @@ from torch import nn
 
 from dist_engine.config import EngineConfig
 from dist_engine.kernels.linear import PanelWeight
+from dist_engine.kernels.qlinear import QWeight, dequantize
 from dist_engine.layers.linear import pack_weight, project
+from dist_engine.quant.groups import GroupQuant
 from dist_engine.weights.loader import iter_checkpoint
 
 
@@ -47,15 +49,21 @@ def draft_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 def full_head_weight(runner, cfg: EngineConfig) -> torch.Tensor:
     """The whole ``[vocab, H]`` head: at TP=1 this rank's dense copy if one is kept (the head's
-    own when unpacked, the embedding's when tied), else read from the checkpoint."""
+    own when unpacked, the embedding's when tied) or its quantized weight dequantized, else
+    read from the checkpoint (dequantized where the checkpoint keeps it quantized)."""
     if runner.comm.world_size == 1:
         head = runner.model.lm_head.weight
         if head.numel():
             return head.data
-        if cfg.model.tie_word_embeddings:
-            return runner.model.model.embed_tokens.weight.data
+        table = runner.model.model.embed_tokens
+        if cfg.model.tie_word_embeddings and table.weight.numel():
+            return table.weight.data
+        packed = runner.model.lm_head.weight_packed
+        if isinstance(packed, QWeight) and packed.in_perm is None:
+            return dequantize(packed, runner.dtype)
     want = "model.embed_tokens.weight" if cfg.model.tie_word_embeddings else "lm_head.weight"
     for name, lazy in iter_checkpoint(cfg.model.path):
         if name == want:
-            return lazy[:].to(runner.dtype)
+            full = lazy[:]
+            return (full.dequantize() if isinstance(full, GroupQuant) else full).to(runner.dtype)
     raise ValueError(f"{cfg.model.path} has no {want}")

@@ -8,7 +8,7 @@ self-distillation data of ``dist-engine graft-mtp``), which rank 0 sends back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +42,14 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     prompt_ids: tuple[int, ...] = ()
     output_counts: tuple[tuple[int, int], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) added after the penalties
+    # structured output: an llguidance grammar the tokens must follow (``worker/grammar.py``)
+    grammar: str | None = None
+    # set on the worker, never sent: ``[vocab]`` bool, True where the grammar forbids the token
+    disallowed: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def with_disallowed(self, disallowed: torch.Tensor) -> SamplingSpec:
+        return replace(self, disallowed=disallowed)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ class SeqWork:
     next_token: int | None = None
     mtp: bool = True  # the MTP layer writes its cache for this sequence's verified positions
     return_hidden: bool = False  # send back the final-norm hidden states of its verified positions
+    # top-n logprobs of the prompt tokens after each fed one (None: not asked); the token after
+    # a non-final chunk's last position is ``next_token``
+    prompt_logprobs: int | None = None
     # Models with recurrent layers (cache kind RecurrentState): the sequence's live state slot;
     # a checkpoint slot to copy into it before this step (a prefix-cache hit resumes there);
     # and (position, checkpoint slot) pairs: save the state after ``position`` tokens there
@@ -82,6 +93,7 @@ class SeqWork:
 class StepInput:
     step_id: int
     seqs: tuple[SeqWork, ...]
+    released: tuple[int, ...] = ()  # sequences ended since the last step: drop their state
 
 
 @dataclass(frozen=True)
@@ -104,3 +116,6 @@ class StepOutput:
     # seq_id -> final-norm hidden states [n, H] of the positions verified this step, from the
     # first one fed on, for sequences fed with ``return_hidden`` (rank 0 only)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # seq_id -> per fed prompt position p: (logprob of prompt token p + 1, top-n (id, logprob))
+    prompt_logprobs: dict[int, tuple[tuple[float, tuple[tuple[int, float], ...]], ...]] = field(
+        default_factory=dict)

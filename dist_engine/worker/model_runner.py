@@ -11,6 +11,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.kernels.decoder import attach as attach_cpu_decoder
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.kv_cache.kinds import (
     CacheLayout,
@@ -27,6 +28,7 @@ from dist_engine.layers.state_cache import LayerState
 from dist_engine.layers.tq_cache import TurboQuantKV
 from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 from dist_engine.models import model_class
+from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
@@ -38,7 +40,9 @@ from dist_engine.worker.caches import (
     restore_states,
     settle_states,
 )
+from dist_engine.worker.grammar import Grammars
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput, StepOutput
+from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -74,12 +78,15 @@ class ModelRunner:
             self.model = model_class(mcfg.architecture)(
                 mcfg, comm, self.dtype, config.scheduler.max_model_len
             )
-        # checkpoints that ship MTP layers keep them at model.layers.{num_hidden_layers + j}
-        mtp_layers = tuple(f"model.layers.{mcfg.num_hidden_layers + j}."
-                           for j in range(mcfg.num_nextn_predict_layers))
+        # MTP layers shipped in the checkpoint (model.layers.{num_hidden_layers + j}, or mtp.*)
+        # belong to the speculative decoder
+        mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
         pack_weights(self.model)
+        self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
+        attach_cpu_decoder(self.model)
         self.mtp = None
         if config.speculative is not None:
             from dist_engine.worker.spec_decode import MTPDecoder
@@ -149,6 +156,10 @@ class ModelRunner:
 
     def weight_bytes(self) -> int:
         return sum(weight_bytes(r) for r in self.modules())
+
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of weights per format (dtype, or quantization format) on this rank."""
+        return quant_linear.format_bytes(self.modules())
 
     def cache_layout(self, local_ranks: int) -> CacheLayout:
         """What this rank can hold: the configured block count, or ``--kv-cache-memory``, or a
@@ -321,12 +332,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         t0 = time.perf_counter()
+        self.grammars.release(step.released)
         if self.has_state:
             restore_states(self.kv_caches, self.layout, step.seqs)
-        hidden = self.graphs.forward(step.seqs) if self.graphs is not None else None  # [T, hidden]
+        prompt_lps = any(s.prompt_logprobs is not None for s in step.seqs)
+        hidden = (self.graphs.forward(step.seqs) if self.graphs is not None and not prompt_lps
+                  else None)  # [T, hidden]
         if hidden is not None and self.mtp is None:
             return self._sample(step, step.seqs, hidden, {})
         batch = self.build(step.seqs)
+        if prompt_lps:
+            return self._with_prompt_logprobs(step, batch)
         if hidden is not None:  # a verification step through the static path
             self.mtp.seconds["main_forward"] += time.perf_counter() - t0
             return self.mtp.step(step, batch, hidden, None)
@@ -355,11 +371,31 @@ class ModelRunner:
                     + (sampled[s.seq_id].num_accepted if s.seq_id in sampled else 0) for s in step.seqs]
         settle_states(self.kv_caches, self.layout, step.seqs, batch.meta.state, verified)
 
+    def _with_prompt_logprobs(self, step: StepInput, batch: ForwardBatch) -> StepOutput:
+        """A step with prompt logprobs: the usual step, then the rows' logprobs from the same
+        hidden states (a prefill step carries no drafts, so no row is rejected later)."""
+        if self.mtp is not None:
+            raw = self.config.speculative.hidden_stage == "raw"
+            out = self._forward(batch, raw)
+            hidden, prenorm = out if raw else (out, None)  # [T, hidden] each
+            result = self.mtp.step(step, batch, hidden, prenorm)
+        else:
+            hidden = self._forward(batch)  # [T, hidden]
+            rows = hidden_rows(step, batch, hidden, {})
+            result = (self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
+                      if batch.sample_seqs else StepOutput(step.step_id, {}, rows))
+            self.settle_states(step, batch, result.sampled)
+        result.prompt_logprobs.update(prompt_logprob_rows(step, batch, hidden, self.model))
+        return result
+
     def _sample(self, step: StepInput, seqs, hidden: torch.Tensor, rows: dict) -> StepOutput:
         """One token for each of ``seqs`` from its hidden state (``hidden`` ``[N, hidden]``)."""
         logits = self.model.compute_logits(hidden)  # [N, vocab] fp32
         positions = [s.context_len for s in seqs]  # position of the drawn token
-        tokens, lps, top = sample(logits, [s.sampling for s in seqs], positions)
+        specs = [self.grammars.constrain(s.seq_id, s.sampling) for s in seqs]
+        tokens, lps, top = sample(logits, specs, positions)
+        for s, t in zip(seqs, tokens):
+            self.grammars.advance(s.seq_id, (t,))
         return StepOutput(step.step_id, {
             s.seq_id: SampledTokens((t,), (lp,), (tp,) if tp else ())
             for s, t, lp, tp in zip(seqs, tokens, lps, top)
@@ -368,9 +404,10 @@ class ModelRunner:
 
 def _split_meta(runner: ModelRunner, batch: ForwardBatch):
     """Metadata for splitting this step's tokens over the CP ranks, or None to compute every
-    token on every rank (short steps, DCP, or a shard that would get no token)."""
+    token on every rank (short steps, DCP, a shard that would get no token, or recurrent
+    layers: their state runs through every token in order, on every rank)."""
     sc = runner.seq_comm
-    if (sc is None or runner.dcp_comm is not None or runner.calibrating
+    if (sc is None or runner.dcp_comm is not None or runner.calibrating or runner.has_state
             or batch.meta.num_tokens < SPLIT_MIN_TOKENS
             or min(len(ix) for ix in batch.shard_tokens) == 0):
         return None

@@ -9,6 +9,7 @@ in the batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dist_engine.kernels.gumbel import noise_rows
@@ -86,22 +87,36 @@ def apply_masks(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
 
 def penalise(logits: torch.Tensor, specs: list[SamplingSpec], columns: torch.Tensor | None = None,
              vocab: int = 0) -> torch.Tensor:
-    """``[N, V]`` raw logits with each row's penalties applied and its banned ids at -inf: a
+    """``[N, V]`` raw logits with each row's penalties and logit bias applied and its banned ids
+    (and, under a grammar, every token it does not allow) at -inf: a
     copy when any row has either (the caller's logits stay raw), else the input itself.
     ``columns`` ``[V']``: the logits cover only these token ids (a reduced draft vocabulary) of a
     ``vocab``-token vocabulary."""
-    if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids for spec in specs):
+    if not any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids or spec.logit_bias
+               or spec.disallowed is not None for spec in specs):
         return logits
     if columns is not None:  # spread over the whole vocabulary, penalise, read the columns back
         full = logits.new_full((logits.shape[0], vocab), float("-inf"))
         full[:, columns] = logits
         return penalise(full, specs)[:, columns]
-    logits = logits.clone()
-    for i, spec in enumerate(specs):
-        if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
-            apply_penalties(logits[i], spec)
-        if spec.banned_token_ids:
-            logits[i, list(spec.banned_token_ids)] = float("-inf")
+    if any(spec.prompt_ids or spec.output_counts or spec.banned_token_ids or spec.logit_bias
+           for spec in specs):
+        logits = logits.clone()
+        for i, spec in enumerate(specs):
+            if spec.prompt_ids or spec.output_counts:  # only sent when a penalty is on
+                apply_penalties(logits[i], spec)
+            if spec.logit_bias:
+                ids = torch.tensor([t for t, _ in spec.logit_bias], device=logits.device)
+                logits[i, ids] += torch.tensor([b for _, b in spec.logit_bias], dtype=logits.dtype,
+                                               device=logits.device)
+            if spec.banned_token_ids:
+                logits[i, list(spec.banned_token_ids)] = float("-inf")
+    grammar = [i for i, spec in enumerate(specs) if spec.disallowed is not None]
+    if grammar:  # structured output: only what the grammar allows, every such row in one op
+        mask = np.zeros(tuple(logits.shape), dtype=bool)  # [N, V], built on the host (the
+        for i in grammar:  # masks come from numpy): one transfer and one op on the logits
+            mask[i] = specs[i].disallowed.numpy()
+        logits = logits.masked_fill(torch.from_numpy(mask).to(logits.device), float("-inf"))
     return logits
 
 

@@ -105,9 +105,10 @@ class ShardWorker:
 
     def cache_info(self) -> dict:
         r = self.runner
+        formats = {f"weight_bytes[{k}]": v for k, v in r.weight_formats().items()}
         return {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
                 "bytes_per_block_by_group": r.bytes_per_block(),
-                "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(),
+                "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(), **formats,
                 **r.memory_report}
 
     def init_cache(self, layout: CacheLayout) -> None:

@@ -182,8 +182,11 @@ class MTPDecoder:
             return {}
         logits = self.runner.model.compute_logits(hidden[batch.sample_index])  # [R, vocab] fp32
         pending, self._pending = self._pending, {}
+        grammars = self.runner.grammars
         rows = [VerifyRows.of(s, pending.get(s.seq_id) if self._rejects(s.sampling) else None)
                 for s in batch.sample_seqs]
+        rows = [replace(r, specs=grammars.constrain_rows(r.seq.seq_id, r.specs, r.drafts))
+                if r.seq.sampling.grammar is not None else r for r in rows]
         specs = [sp for r in rows for sp in r.specs]
         draw = [sp for r in rows for sp in r.draw_specs()]
         positions = [p for r in rows for p in r.positions]
@@ -205,6 +208,7 @@ class MTPDecoder:
             else:  # greedy, seeded, or drafts this worker did not draw: the Gumbel scheme
                 a = accept_drafts(r.drafts, tokens[row:row + k])
             end = row + a + 1
+            grammars.advance(r.seq.seq_id, tokens[row:end])
             sampled[r.seq.seq_id] = SampledTokens(
                 tuple(tokens[row:end]), tuple(lps[row:end]),
                 tuple(top[row:end]) if any(top[row:end]) else (), num_drafts=k)
@@ -234,14 +238,25 @@ class MTPDecoder:
         active = [p.work for p in plans]
         pos = [p.last_pos for p in plans]
         wanted = {p.work.seq_id: p.propose for p in plans}
+        grammars = self.runner.grammars
+        taken = dict.fromkeys(wanted, 0)  # drafts a grammar matcher consumed, rolled back below
         while True:
-            specs = [row_spec(s.sampling, sampled[s.seq_id].token_ids + tuple(drafts[s.seq_id]))
-                     for s in active]
+            # each draft under the spec (and grammar state) the verifier will use there
+            specs = [grammars.constrain(s.seq_id, row_spec(
+                s.sampling, sampled[s.seq_id].token_ids + tuple(drafts[s.seq_id]))) for s in active]
             new = self._draft(g, active, specs, [p + 2 for p in pos])
             for s, t in zip(active, new):
                 drafts[s.seq_id].append(t)
+                if s.sampling.grammar is not None:
+                    if grammars.advance(s.seq_id, (t,)) == 1:
+                        taken[s.seq_id] += 1
+                    else:  # nothing the grammar allows is in the draft vocabulary: stop here
+                        drafts[s.seq_id].pop()
+                        wanted[s.seq_id] = len(drafts[s.seq_id])
             keep = [i for i, s in enumerate(active) if len(drafts[s.seq_id]) < wanted[s.seq_id]]
             if not keep:
+                for sid, n in taken.items():
+                    grammars.rollback(sid, n)
                 return {sid: tuple(d) for sid, d in drafts.items()}
             feed = g if self.spec.feedback == "raw" else self.mtp.layer.shared_head.norm(g)
             active = [replace(active[i], token_ids=(new[i],), start_pos=pos[i] + 1) for i in keep]

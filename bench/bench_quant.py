@@ -1,0 +1,289 @@
+"""Quantized weights on CPU: ours against llama.cpp, one run, engines taking turns.
+
+    python bench/bench_quant.py [--tokens 128] [--reps 3] [--skip-llamacpp]
+
+Default model (SmolLM2-135M-Instruct, shipped as Q4_1 GGUF). llama.cpp (``pip install
+".[llamacpp]"``) runs its own requantization of the shipped file to F32 / F16 / Q8_0 and the
+shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows read the
+dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
+at load. Parts:
+
+1. batch-1 decode tok/s (chat prompt, 128 greedy tokens; each engine keeps its best round),
+   ratios at matched precision and best against best;
+2. perplexity of every engine on one fixed text (``bench/assets/perplexity_text.txt``, our
+   tokenizer for all, windows of 256 tokens);
+3. 16 concurrent requests, tok/s: int8 / int4 / GGUF against fp32;
+4. MTP speculation (K=3, the shipped graft) with 4-bit weights against plain 4-bit decoding.
+
+Writes bench/results/quant.{json,md}. The machine is shared: compare ratios within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+PROMPT = "Write a Python function that checks whether a number is prime."
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+WINDOW = 256
+# llama.cpp's file types (llama.h LLAMA_FTYPE_*)
+LLAMACPP_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_1": 3}
+
+
+def llamacpp_files(shipped: str, tmp: str) -> dict[str, str]:
+    import llama_cpp
+
+    files = {"Q4_1": shipped}
+    for name, ftype in LLAMACPP_TYPES.items():
+        if name == "Q4_1":
+            continue
+        out = os.path.join(tmp, f"model-{name}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = ftype, True
+        if llama_cpp.llama_model_quantize(shipped.encode(), out.encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not requantize to {name}")
+        files[name] = out
+    return files
+
+
+class Ours:
+    def __init__(self, **kw) -> None:
+        from dist_engine import LLM
+
+        self.llm = LLM(max_model_len=1024, enable_prefix_caching=False, **kw)
+
+    def decode(self, ids: list[int], n: int) -> float:
+        from dist_engine import SamplingParams
+
+        t = time.perf_counter()
+        out = self.llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
+            temperature=0, max_tokens=n, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == n
+        return n / (time.perf_counter() - t)
+
+    def nll(self, window: list[int]) -> float:
+        """Summed negative log-likelihood of tokens 1.. of ``window`` (the engine's own head)."""
+        from dist_engine import SamplingParams
+
+        out = self.llm.generate(prompt_token_ids=[window], sampling_params=SamplingParams(
+            temperature=0, max_tokens=1, return_hidden_states=True))
+        hidden = out[0].outputs[0].hidden_states[:len(window) - 1]
+        runner = self.llm.engine.executor.worker.runner
+        with torch.inference_mode():
+            logits = runner.model.compute_logits(hidden.to(runner.dtype)).float()
+        return -torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
+class LlamaCpp:
+    def __init__(self, path: str) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=1024, n_threads=os.cpu_count(), logits_all=True,
+                         verbose=False)
+
+    def decode(self, ids: list[int], n: int) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        for got, _tok in enumerate(self.llm.generate(ids, temp=0.0), start=1):
+            if got == n:
+                break
+        return n / (time.perf_counter() - t)
+
+    def nll(self, window: list[int]) -> float:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(window)
+        logits = torch.from_numpy(np.array(self.llm.scores[:len(window) - 1], dtype=np.float32))
+        return -torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def taking_turns(engines: dict, fn, reps: int) -> dict:
+    best = dict.fromkeys(engines, 0.0)
+    for _ in range(reps):
+        for key, engine in engines.items():
+            best[key] = max(best[key], fn(engine))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    a = ap.parse_args()
+    from dist_engine.weights.registry import (
+        DEFAULT_MODEL,
+        dequantized_folder,
+        fetch_gguf,
+        resolve_model,
+    )
+
+    shipped, folder = fetch_gguf(DEFAULT_MODEL), dequantized_folder(DEFAULT_MODEL)
+    tmp = tempfile.mkdtemp()
+    try:
+        import llama_cpp  # noqa: F401
+
+        peers = {} if a.skip_llamacpp else llamacpp_files(shipped, tmp)
+    except ImportError:
+        peers = {}
+        print("llama-cpp-python is not installed (pip install '.[llamacpp]'): our rows only")
+    spec_off = dict(speculative="none")
+    engines = {
+        "ours fp32": lambda: Ours(model=folder, **spec_off),
+        "ours bf16": lambda: Ours(model=folder, dtype="bfloat16", **spec_off),
+        "ours GGUF Q4_1": lambda: Ours(model=DEFAULT_MODEL, **spec_off),
+        "ours GGUF Q4_1 int8-act": lambda: Ours(model=DEFAULT_MODEL, int8_activations=True, **spec_off),
+        "ours int8": lambda: Ours(model=folder, quantization="int8", **spec_off),
+        "ours int8 int8-act": lambda: Ours(model=folder, quantization="int8", int8_activations=True, **spec_off),
+        "ours int4": lambda: Ours(model=folder, quantization="int4", **spec_off),
+        "ours int4 int8-act": lambda: Ours(model=folder, quantization="int4", int8_activations=True, **spec_off),
+    }
+    if "Q8_0" in peers:
+        engines["ours GGUF Q8_0"] = lambda: Ours(model=peers["Q8_0"], **spec_off)
+        engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
+    for name, path in peers.items():
+        engines[f"llama.cpp {name}"] = lambda path=path: LlamaCpp(path)
+    loaded = {k: make() for k, make in engines.items()}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+        ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           return_dict=True)["input_ids"])
+        for e in loaded.values():
+            e.decode(ids, 8)  # warm-up
+        speed = taking_turns(loaded, lambda e: e.decode(ids, a.tokens), a.reps)
+        text = open(os.path.join(HERE, "assets", "perplexity_text.txt")).read()
+        tokens = tok(text, add_special_tokens=False)["input_ids"]
+        windows = [[tok.bos_token_id or 1] + tokens[i:i + WINDOW - 1]
+                   for i in range(0, len(tokens) - WINDOW // 2, WINDOW - 1)]
+        ppl = {k: math.exp(sum(e.nll(w) for w in windows) / sum(len(w) - 1 for w in windows))
+               for k, e in loaded.items()}
+    finally:
+        for e in loaded.values():
+            e.close()
+    concurrent = concurrency(folder, DEFAULT_MODEL, tok)
+    mtp = speculation(folder, tok, a.tokens)
+    write(speed, ppl, concurrent, mtp, a, len(windows))
+
+
+def concurrency(folder: str, gguf: str, tok) -> dict:
+    """16 requests at once, mixed prompts, 64 tokens each; engines taking turns."""
+    from dist_engine import SamplingParams
+
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": f"Tell me fact number {i} about "
+                                              f"{topic}."}], add_generation_prompt=True, return_dict=True)["input_ids"])
+               for i, topic in enumerate(["rivers", "stars", "bread", "trains"] * 4)]
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    confs = {"fp32": dict(model=folder), "int8": dict(model=folder, quantization="int8"),
+             "int4": dict(model=folder, quantization="int4"), "GGUF Q4_1": dict(model=gguf)}
+    engines = {k: Ours(speculative="none", **kw) for k, kw in confs.items()}
+
+    def run(e) -> float:
+        t = time.perf_counter()
+        outs = e.llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+    try:
+        for e in engines.values():
+            run(e)
+        best = taking_turns(engines, run, 2)
+    finally:
+        for e in engines.values():
+            e.close()
+    return best
+
+
+def speculation(folder: str, tok, n: int) -> dict:
+    """K=3 with the shipped graft against plain decoding, both with int4 weights (quantized at
+    load) and with the shipped Q4_1, greedy, three prompts; engines taking turns."""
+    from dist_engine import SamplingParams
+    from dist_engine.weights.registry import DEFAULT_MODEL
+
+    asks = ["Explain how a hash map works.", "Write a short poem about the sea.", PROMPT]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]) for q in asks]
+    k3 = dict(speculative="mtp", num_speculative_tokens=3)
+    confs = {"int4 plain": dict(model=folder, quantization="int4", speculative="none"),
+             "int4 K=3": dict(model=folder, quantization="int4", **k3),
+             "GGUF Q4_1 plain": dict(model=DEFAULT_MODEL, speculative="none"),
+             "GGUF Q4_1 K=3": dict(model=DEFAULT_MODEL, **k3)}
+    engines = {k: Ours(**kw) for k, kw in confs.items()}
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    def run(e) -> float:
+        t = time.perf_counter()
+        for p in prompts:
+            e.llm.generate(prompt_token_ids=[p], sampling_params=sp)
+        return len(prompts) * n / (time.perf_counter() - t)
+
+    try:
+        for e in engines.values():
+            e.decode(prompts[0], 8)
+        best = taking_turns(engines, run, 2)
+        accepted = {k: e.llm.engine.spec_stats.as_dict() for k, e in engines.items() if "K=3" in k}
+    finally:
+        for e in engines.values():
+            e.close()
+    return {"tok_s": best, "spec": accepted}
+
+
+def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
+    pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF Q8_0": "llama.cpp Q8_0",
+             "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
+             "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
+             "ours GGUF Q4_1 int8-act": "llama.cpp Q4_1", "ours int4": "llama.cpp Q4_1",
+             "ours int4 int8-act": "llama.cpp Q4_1"}
+    peers = [k for k in speed if k.startswith("llama.cpp")]
+    best_peer = max((speed[k] for k in peers), default=None)
+    best_ours = max(v for k, v in speed.items() if k.startswith("ours"))
+    lines = ["| engine | tok/s | vs llama.cpp at matched precision | perplexity | vs llama.cpp's |",
+             "|---|---|---|---|---|"]
+    for k, v in speed.items():
+        peer = pairs.get(k)
+        ratio = f"{v / speed[peer]:.2f}x ({peer})" if peer in speed else ""
+        pr = f"{ppl[k] / ppl[peer]:.3f}x" if peer in ppl else ""
+        lines.append(f"| {k} | {v:.1f} | {ratio} | {ppl[k]:.3f} | {pr} |")
+    if best_peer:
+        lines += ["", f"Best vs best: ours {best_ours:.1f} tok/s against llama.cpp's {best_peer:.1f}: "
+                      f"{best_ours / best_peer:.2f}x."]
+    lines += ["", "16 concurrent requests (64 tokens each), tok/s:", "", "| weights | tok/s | vs fp32 |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
+    t = mtp["tok_s"]
+    lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
+              "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
+    for w in ("int4", "GGUF Q4_1"):
+        s = mtp["spec"].get(f"{w} K=3", {})
+        acc = s.get("mean_accepted_length", "")
+        lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
+                     f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
+    table = "\n".join(lines)
+    print(table)
+    meta = {"tokens": a.tokens, "reps": a.reps, "prompt": PROMPT, "perplexity_windows": n_windows,
+            "window": WINDOW, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "quant.json"), "w") as f:
+        json.dump({"meta": meta, "tok_s": speed, "perplexity": ppl, "concurrent16": conc, "mtp": mtp}, f, indent=2)
+    with open(os.path.join(RESULTS, "quant.md"), "w") as f:
+        f.write(f"# Quantized weights vs llama.cpp ({meta['date']}, {meta['cpus']} CPUs)\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
