@@ -129,17 +129,23 @@ def longest_context(fmt: str, budget: int, hi: int) -> dict:
                 "bytes_per_token": eng.cache_info["bytes_per_block"] / eng.cache_info["block_size"]}
 
 
-def write(results: dict, args) -> None:
+def commands(argv: list) -> str:
+    """The command line(s) of a run, or of the side-by-side parts merged into it."""
+    runs = argv if argv and isinstance(argv[0], list) else [argv]
+    return "`; `".join("python bench/bench_turboquant.py " + " ".join(a) for a in runs)
+
+
+def write(results: dict) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "turboquant.json"), "w") as f:
         json.dump(results, f, indent=2)
     runs, cap = results["formats"], results["capacity"]
     good = [d for d, v in runs["float32"]["passkey"].items() if v >= 0.9]
     base = cap["bfloat16"]["cache_tokens"]
-    lines = [f"# TurboQuant KV cache, default model, {args.context}-token context",
-             "", f"`python bench/bench_turboquant.py {' '.join(results['argv'])}` ({results['date']}, "
+    lines = [f"# TurboQuant KV cache, default model, {results['context']}-token context",
+             "", f"`{commands(results['argv'])}` ({results['date']}, "
              f"{results['machine']}, engine threads {results['cpu_threads'] or 'default'}); "
-             f"passkey: {args.keys} keys per depth; fp32 scores >= 90% at depths {', '.join(good) or 'none'}",
+             f"passkey: {results['keys']} keys per depth; fp32 scores >= 90% at depths {', '.join(good) or 'none'}",
              "", "| cache | bytes/token | passkey at those depths | perplexity | decode tok/s (vs fp32) |",
              "|---|---|---|---|---|"]
     fp32_decode = runs["float32"]["decode_tok_s"]
@@ -151,7 +157,7 @@ def write(results: dict, args) -> None:
               "|---|" + "---|" * len(runs["float32"]["passkey"])]
     for fmt, r in runs.items():
         lines.append(f"| {fmt} | " + " | ".join(f"{v:.2f}" for v in r["passkey"].values()) + " |")
-    lines += ["", f"Longest context in a KV budget of {args.budget / 2**20:.0f} MiB (one rank):", "",
+    lines += ["", f"Longest context in a KV budget of {results['budget'] / 2**20:.0f} MiB (one rank):", "",
               "| cache | bytes/token | tokens held | longest prompt admitted | vs bf16 |", "|---|---|---|---|---|"]
     for fmt, c in cap.items():
         lines.append(f"| {fmt} | {c['bytes_per_token']:g} | {c['cache_tokens']} | {c['longest_prompt']} | "
@@ -177,17 +183,32 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=None, help="the engine's CPU threads")
     ap.add_argument("--run-memory", default="1GiB", help="KV budget of the quality runs")
     ap.add_argument("--formats", type=lambda s: s.split(","), default=list(FORMATS))
+    ap.add_argument("--part", choices=("all", "capacity", "quality"), default="all")
+    ap.add_argument("--partial", help="write this run's JSON here (parts run side by side) instead")
+    ap.add_argument("--combine", nargs="+", help="partial JSONs to merge into the results")
     args = ap.parse_args()
+    if args.combine:
+        parts = [json.load(open(path)) for path in args.combine]
+        merged = {**parts[0], "argv": [p["argv"] for p in parts], "formats": {}, "capacity": {}}
+        for key in ("formats", "capacity"):
+            found = {fmt: r for p in parts for fmt, r in p[key].items()}
+            merged[key] = {fmt: found[fmt] for fmt in ("bfloat16", *FORMATS) if fmt in found}
+        return write(merged)
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs",
                "cpu_threads": args.cpu_threads, "depths": args.depths, "keys": args.keys,
-               "context": args.context, "argv": sys.argv[1:], "formats": {}, "capacity": {}}
-    for fmt in ("bfloat16", *args.formats):
+               "context": args.context, "budget": args.budget, "argv": sys.argv[1:],
+               "formats": {}, "capacity": {}}
+    for fmt in ("bfloat16", *args.formats) if args.part != "quality" else ():
         results["capacity"][fmt] = longest_context(fmt, args.budget, CAPACITY_LEN)
         print(fmt, results["capacity"][fmt], flush=True)
-    for fmt in args.formats:
+    for fmt in args.formats if args.part != "capacity" else ():
         results["formats"][fmt] = run_format(fmt, tok, args)
-    write(results, args)
+    if args.partial:
+        with open(args.partial, "w") as f:
+            json.dump(results, f, indent=2)
+    else:
+        write(results)
 
 
 if __name__ == "__main__":
