@@ -103,6 +103,11 @@ class EngineConfig:
                     f"speculation with K={spec.num_speculative_tokens} needs "
                     f"num_lookahead_slots >= {spec.num_lookahead_slots}"
                 )
+        row = m.kv_lora_rank + m.qk_rope_head_dim if m.is_mla else m.head_dim  # one cached row
+        if self.cache.kv_cache_dtype.startswith("turboquant") and row % 8:
+            raise ValueError(
+                f"kv_cache_dtype={self.cache.kv_cache_dtype} packs codes in groups of 8, but this "
+                f"model caches rows of {row} values; use fp8_e4m3 or auto")
         if self.experts is not None and not any(m.is_moe_layer(i) for i in range(m.num_hidden_layers)):
             raise ValueError(f"expert_cache_memory is set, but {m.architecture} at {m.path} has no routed "
                              "experts to page; leave it unset for dense models")

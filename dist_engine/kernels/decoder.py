@@ -139,7 +139,8 @@ class CPUDecoder:
                 or x.dtype != self.dtype or not x.is_contiguous() or torch.is_grad_enabled()):
             return None
         if self.cache_ptrs is None or self.cache_ptrs[0] is not kv_caches:
-            if any(kv.observe or kv.shared or kv.k.dtype != self.dtype for kv in kv_caches):
+            # K/V stored as they are in the model's dtype (not FP8, not TurboQuant codes)
+            if any(kv.observe or kv.shared or not kv.plain or kv.k.dtype != self.dtype for kv in kv_caches):
                 return None
             for layer, kv in zip(self.layers, kv_caches):
                 layer.k_cache, layer.v_cache = kv.k.data_ptr(), kv.v.data_ptr()

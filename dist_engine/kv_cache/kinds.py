@@ -30,12 +30,16 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_engine.layers import turboquant
+
 
 @dataclass(frozen=True)
 class PagedKV:
     """K and V rows ``[local_num_kv_heads, head_dim]`` per position (one shared row for MLA),
     or with ``ratio`` > 1 one row per ``ratio`` positions (compressed KV): a block of
-    ``block_size`` tokens then holds ``block_size // ratio`` rows."""
+    ``block_size`` tokens then holds ``block_size // ratio`` rows. With ``quant`` (a TurboQuant
+    preset of ``--kv-cache-dtype``) each head's row is codes and an fp16 scale
+    (``layers/tq_cache.py``)."""
 
     local_num_kv_heads: int
     head_dim: int
@@ -44,12 +48,15 @@ class PagedKV:
     window: int | None = None  # sliding window in tokens (None: every position is attended)
     ratio: int = 1
     role: str = "K/V"  # what the rows hold, for the start-up log (compressed K/V, indexer keys)
+    quant: str | None = None  # "turboquant4" / "turboquant3": codes instead of dtype values
 
     @property
     def group(self) -> str:
         return "full" if self.window is None else f"window{self.window}"
 
     def bytes_per_row(self) -> int:
+        if self.quant is not None:
+            return self.local_num_kv_heads * turboquant.bytes_per_row(self.quant, self.head_dim, self.shared_kv)
         return (1 if self.shared_kv else 2) * self.local_num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def bytes_per_block(self, block_size: int) -> int:

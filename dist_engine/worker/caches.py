@@ -31,6 +31,7 @@ from dist_engine.kv_cache.kinds import (
 )
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.state_cache import LayerState
+from dist_engine.layers.tq_cache import TurboQuantKV
 
 CHECKPOINT_SHARE = 0.1  # of the KV budget, when state_checkpoint_memory is not given
 FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
@@ -39,15 +40,23 @@ FIXED_CHECKPOINTS = 8  # with a fixed num_blocks (tests)
 LayerCache = LayerKV | LayerState | tuple  # a tuple for a layer declaring several kinds
 
 
-def layer_kinds(layer: nn.Module, kv_dtype: torch.dtype, window: int | None) -> tuple[CacheKind, ...]:
-    """The layer's declared kinds (paged ones stored in the KV cache's dtype, FP8 included); a
-    layer declaring none is a paged attention layer."""
+def layer_kinds(layer: nn.Module, kv_dtype: torch.dtype, window: int | None,
+                quant: str | None = None) -> tuple[CacheKind, ...]:
+    """The layer's declared kinds; a layer declaring none is a paged attention layer. Every
+    paged kind is stored in the KV cache's dtype (FP8 included), or as TurboQuant codes with
+    ``quant`` (a preset of ``--kv-cache-dtype``); recurrent state is kept as it is."""
     kinds = declared_kinds(layer)
-    if kinds is not None:
-        return tuple(dataclasses.replace(k, dtype=kv_dtype) if isinstance(k, PagedKV) else k for k in kinds)
-    attn = layer.self_attn
-    return (PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
-                    shared_kv=getattr(attn, "latent_cache", False), window=window),)
+    if kinds is None:
+        attn = layer.self_attn
+        kinds = (PagedKV(attn.local_num_kv_heads, attn.head_dim, kv_dtype,
+                         shared_kv=getattr(attn, "latent_cache", False), window=window),)
+    for k in kinds:
+        if quant is not None and isinstance(k, PagedKV) and (k.ratio != 1 or k.role != "K/V"):
+            raise ValueError(f"--kv-cache-dtype {quant} stores attention K/V rows as codes; this model "
+                             f"also keeps {k.role} rows at ratio {k.ratio} (DeepSeek-V4's compressed "
+                             "caches), which it cannot read: use --kv-cache-dtype auto")
+    return tuple(dataclasses.replace(k, dtype=kv_dtype, quant=quant) if isinstance(k, PagedKV) else k
+                 for k in kinds)
 
 
 def by_layer(flat: list, layer_kinds: list[tuple[CacheKind, ...]]) -> list[LayerCache]:
@@ -110,16 +119,24 @@ def plan_layout(kinds: list[CacheKind], config: EngineConfig, budget: int | None
 
 def allocate(kinds: list[CacheKind], layout: CacheLayout, block_size: int, device: torch.device,
              zero_slots: int, extra_blocks: int = 0, scales: list[tuple[float, float]] | None = None,
-             dtype: torch.dtype | None = None) -> list[LayerKV | LayerState]:
+             dtype: torch.dtype | None = None, k_means: list[torch.Tensor | None] | None = None,
+             kv_head_start: int = 0) -> list[LayerKV | TurboQuantKV | LayerState]:
     """One cache per kind; paged ones with their group's blocks and ``extra_blocks`` beyond
     (CUDA graphs' scratch block), ``dtype`` overriding the kind's (calibration runs in full
-    precision)."""
-    out: list[LayerKV | LayerState] = []
+    precision). TurboQuant layers take their layer index and ``kv_head_start`` (this rank's
+    first global KV head) for their rotations, and ``k_means`` (per layer) as mean keys."""
+    out: list[LayerKV | TurboQuantKV | LayerState] = []
     for i, kind in enumerate(kinds):
         if isinstance(kind, RecurrentState):
             out.append(LayerState.empty(kind, layout.num_state_tensors, device))
             continue
         rows = (layout.group_blocks(kind.group) + extra_blocks) * block_size // kind.ratio
+        if kind.quant is not None and dtype is None:
+            out.append(TurboQuantKV.empty(kind.quant, rows, kind.local_num_kv_heads, kind.head_dim,
+                                          device, zero_slots, layer=i, head_start=kv_head_start,
+                                          shared=kind.shared_kv,
+                                          k_mean=k_means[i] if k_means else None))
+            continue
         out.append(LayerKV.empty(rows, kind.local_num_kv_heads, kind.head_dim, dtype or kind.dtype,
                                  device, zero_slots=zero_slots, shared=kind.shared_kv,
                                  scales=scales[i] if scales else (1.0, 1.0)))
@@ -130,7 +147,7 @@ def bytes_by_group(caches: list[LayerKV | LayerState], kinds: list[CacheKind]) -
     """Bytes actually allocated per kind group (what the start-up log's figures must equal)."""
     out: dict[str, int] = {}
     for cache, kind in zip(caches, kinds):
-        n = cache.nbytes() if isinstance(cache, LayerState) else (
+        n = cache.nbytes() if isinstance(cache, (LayerState, TurboQuantKV)) else (
             cache.k.nbytes + (0 if cache.shared else cache.v.nbytes))
         out[kind.group] = out.get(kind.group, 0) + n
     return out

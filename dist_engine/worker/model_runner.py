@@ -26,6 +26,7 @@ from dist_engine.kv_cache.kinds import (
 )
 from dist_engine.layers.kv_cache import LayerKV, storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
+from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 from dist_engine.models import model_class
 from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
@@ -69,6 +70,9 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.kv_dtype = storage_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.kv_scales: list[tuple[float, float]] | None = None  # FP8: per layer, calibrated once
+        # TurboQuant codes (layers/tq_cache.py): the preset, and per layer the calibrated mean key
+        self.tq_preset = config.cache.kv_cache_dtype if config.cache.kv_cache_dtype in TQ_PRESETS else None
+        self.kv_means: list[torch.Tensor | None] | None = None
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
         mcfg = config.model
@@ -101,7 +105,7 @@ class ModelRunner:
         # of them in layer order
         window = mcfg.sliding_window
         layers = list(self.model.model.layers) + ([self.mtp.mtp.layer] if self.mtp is not None else [])
-        self.layer_kinds = [layer_kinds(layer, self.kv_dtype, window) for layer in layers]
+        self.layer_kinds = [layer_kinds(layer, self.kv_dtype, window, self.tq_preset) for layer in layers]
         self.kinds = [k for kinds in self.layer_kinds for k in kinds]
         self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
         # compressed kinds (one row per ratio positions) get row metadata every step
@@ -111,11 +115,15 @@ class ModelRunner:
         attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
         self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
+        # this rank's first global KV head (TurboQuant rotations are per global head)
+        self.kv_head_start = attn.part.kv_start if hasattr(attn, "part") else 0
         # query heads per KV head that attention folds together (the whole DCP group's)
         self.heads_per_kv = attn.local_num_heads // attn.local_num_kv_heads * (self.dcp_comm.world_size if self.dcp_comm else 1)
         # decode / verification attention through the C kernel over block tables (CPU, one
-        # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
-        self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
+        # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
+        # for A/B checks
+        self.use_paged_kernel = (device.type == "cpu"
+                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
         self.kv_caches: list[LayerCache] = []  # one per layer of the main model
@@ -245,9 +253,12 @@ class ModelRunner:
 
     def init_cache(self, layout: CacheLayout) -> None:
         """Allocate ``layout`` on this rank (with sequence shards, local block i is global block
-        i * shards + shard). FP8 caches get their scales from a calibration pass first."""
+        i * shards + shard). FP8 caches get their scales, TurboQuant caches their mean keys
+        from a calibration pass first."""
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
+        if self.tq_preset is not None and self.kv_means is None:
+            self.kv_means = self.calibrate_kv_means()
         self._make_caches(layout, None, self.kv_scales)
         if self.expert_cache is not None:  # count serving only, not the start-up passes
             self.expert_cache.reset_stats()
@@ -270,8 +281,31 @@ class ModelRunner:
         return bytes_by_group(flat_caches(caches), self.kinds)
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
-        """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
-        tokens (the same on every rank, so sequence shards of one tensor agree)."""
+        """Per-layer FP8 scales from the largest |K| and |V| of the calibration prefill."""
+        found = iter([kv.calibrated_scales() for kv in self._calibration_prefill(num_tokens)])
+        # per layer (a recurrent layer has no K/V: its entry is unused)
+        scales = [next(found) if isinstance(k, PagedKV) else (1.0, 1.0) for k in self.kinds]
+        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
+                 min(k for k, _ in scales), max(k for k, _ in scales),
+                 min(v for _, v in scales), max(v for _, v in scales))
+        return scales
+
+    def calibrate_kv_means(self, num_tokens: int = 256) -> list[torch.Tensor | None]:
+        """Per-layer mean keys ``[local_num_kv_heads, head_dim]`` of the calibration prefill,
+        which TurboQuant caches subtract before quantizing (None: a recurrent layer, or a
+        shared latent)."""
+        found = iter([kv.calibrated_mean() for kv in self._calibration_prefill(num_tokens)])
+        means = [next(found) if isinstance(k, PagedKV) else None for k in self.kinds]
+        norms = [m.norm(dim=-1) for m in means if m is not None]
+        if norms:
+            log.info("TurboQuant mean keys calibrated: norm %.3g..%.3g",
+                     min(n.min().item() for n in norms), max(n.max().item() for n in norms))
+        return means
+
+    def _calibration_prefill(self, num_tokens: int) -> list[LayerKV]:
+        """The paged layers' caches (the MTP layer's last; full precision) after observing one
+        prefill of pseudo-random tokens, the same on every rank (so sequence shards of one
+        tensor agree). The caches are not kept."""
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
         self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
@@ -279,7 +313,7 @@ class ModelRunner:
                   if isinstance(c, LayerKV)]
         for kv in caches:
             kv.observe = True
-        self.calibrating = True  # every rank runs every token, so CP shards see the same maxima
+        self.calibrating = True  # every rank runs every token, so CP shards see the same
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
         work = self._scratch_work(tuple(ids), blocks)
@@ -287,16 +321,10 @@ class ModelRunner:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
             self.calibrating = False
-        # per layer (a recurrent layer has no K/V: its entry is unused)
-        found = iter([kv.calibrated_scales() for kv in caches])
-        scales = [next(found) if isinstance(k, PagedKV) else (1.0, 1.0) for k in self.kinds]
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
-        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
-                 min(k for k, _ in scales), max(k for k, _ in scales),
-                 min(v for _, v in scales), max(v for _, v in scales))
-        return scales
+        return caches
 
     # ---- one engine step ---------------------------------------------------------------------
     def _forward(self, batch: ForwardBatch, raw: bool = False):
