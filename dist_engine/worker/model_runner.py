@@ -268,7 +268,8 @@ class ModelRunner:
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
         self.layout = layout
         flat = allocate(self.kinds, layout, self.block_size, self.device, zero_slots=self.block_size,
-                        extra_blocks=int(scratch), scales=scales, dtype=dtype)
+                        extra_blocks=int(scratch), scales=scales, dtype=dtype, k_means=self.kv_means,
+                        kv_head_start=self.kv_head_start)
         self.kv_caches = by_layer(flat, self.layer_kinds)
         if self.mtp is not None:  # the MTP layer's cache: same blocks and slots
             self.mtp.kv = self.kv_caches.pop()
