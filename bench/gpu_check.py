@@ -17,6 +17,11 @@
 4. Long context through CUDA graphs against eager decode (see ``long_context``).
 5. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
    weights on the device, and int4 / int8 decode speed against bf16.
+6. Routed experts paged under --expert-cache-memory on the device (``bench/gpu_experts.py``):
+   the tiny Qwen3-MoE, DeepSeek-V3 and Qwen3.5-MoE with a few experts resident against all
+   resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
+   decode tok/s all resident vs device caches of 25% and 50% of the experts fed from pinned host
+   memory, prefetch on and off, with hit rates and time spent waiting for copies.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -332,6 +337,9 @@ def report(res: dict) -> str:
         from gpu_quant import report as quant_report
 
         lines += quant_report(res["quant"])
+    if "expert_cache" in res:
+        lines += ["", "## Routed experts paged into a device cache (from pinned host memory)", "",
+                  f"`{json.dumps(res['expert_cache'])}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +347,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,experts",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -381,6 +389,11 @@ def main() -> None:
                             "speed": guarded(gpu_quant.speed, tmp, dev, make_shape,
                                              SHAPES["smollm2-135m-shape"], 16 if a.quick else 128)}
             save("quant")
+        if "experts" in parts:
+            import gpu_experts
+
+            res["expert_cache"] = guarded(gpu_experts.expert_cache, tmp, dev, a.quick)
+            save("expert_cache")
 
 
 if __name__ == "__main__":

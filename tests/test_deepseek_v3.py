@@ -58,48 +58,6 @@ def test_layouts_match_transformers(tiny_models, ray_session, layout):
         assert experts == [list(range(8))] * 2
 
 
-@pytest.fixture(scope="module")
-def with_mtp_layer(tiny_models, tmp_path_factory):
-    """The tiny DeepSeek-V3 plus a native MTP layer at model.layers.2 (an MoE block with MLA,
-    enorm/hnorm/eh_proj/shared_head), as DeepSeek ships it; num_nextn_predict_layers = 1."""
-    import json
-    import shutil
-
-    import transformers
-    from safetensors.torch import save_file
-
-    from conftest import TINY
-
-    src = tiny_models("deepseek_v3")
-    out = str(tmp_path_factory.mktemp("ds_mtp"))
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    cfg = transformers.DeepseekV3Config(vocab_size=320, num_hidden_layers=3, max_position_embeddings=512,
-                                        **TINY["deepseek_v3"][1])
-    torch.manual_seed(7)
-    block = transformers.AutoModelForCausalLM.from_config(cfg).model.layers[2]
-    H = cfg.hidden_size
-    state = {k: v.detach().normal_(0, 0.08) if v.dim() > 1 else v.detach() for k, v in block.state_dict().items()}
-    # transformers holds experts fused ([E, 2I, H], [E, H, I]); checkpoints name each expert
-    gate_up, down = state.pop("mlp.experts.gate_up_proj"), state.pop("mlp.experts.down_proj")
-    inter = gate_up.shape[1] // 2
-    for e in range(gate_up.shape[0]):
-        state[f"mlp.experts.{e}.gate_proj.weight"] = gate_up[e, :inter]
-        state[f"mlp.experts.{e}.up_proj.weight"] = gate_up[e, inter:]
-        state[f"mlp.experts.{e}.down_proj.weight"] = down[e]
-    tensors = {f"model.layers.2.{k}": v for k, v in state.items()}
-    extra = {"enorm.weight": torch.ones(H), "hnorm.weight": torch.ones(H),
-             "eh_proj.weight": torch.randn(H, 2 * H) * 0.08, "shared_head.norm.weight": torch.ones(H),
-             "shared_head.head.weight": torch.zeros(320, H), "embed_tokens.weight": torch.zeros(320, H)}
-    tensors.update({f"model.layers.2.{k}": v for k, v in extra.items()})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/mtp-layer.safetensors")
-    with open(f"{out}/config.json") as f:
-        c = json.load(f)
-    c["num_nextn_predict_layers"] = 1
-    with open(f"{out}/config.json", "w") as f:
-        json.dump(c, f)
-    return out
-
-
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
 def test_native_mtp_layer_drives_speculation_losslessly(with_mtp_layer, ray_session, tp):
     p = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),

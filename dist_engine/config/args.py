@@ -17,7 +17,14 @@ from typing import Any
 
 from dist_engine.config.engine import EngineConfig, decode_graphs_apply
 from dist_engine.config.model import DTYPES, ModelConfig
-from dist_engine.config.runtime import KV_CACHE_DTYPES, CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.runtime import (
+    EXPERT_CACHE_POLICIES,
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    ExpertCacheConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from dist_engine.config.sizes import parse_size
 from dist_engine.config.speculative import SpeculativeConfig
 from dist_engine.quant import ON_LOAD_METHODS, QUANTIZATION_CHOICES
@@ -80,6 +87,17 @@ class EngineArgs:
         CacheConfig.kv_cache_dtype, "--kv-cache-dtype",
         "K/V storage: auto (the model dtype) or fp8_e4m3 (half the bytes of bfloat16, "
         "per-layer scales calibrated at start-up)", choices=KV_CACHE_DTYPES)
+    expert_cache_memory: int | str | None = _arg(
+        None, "--expert-cache-memory",
+        "MoE models: page routed experts under this budget per rank (e.g. 4GiB) instead of loading "
+        "them all; they stay in the checkpoint files (CUDA: in pinned host memory) and a cache "
+        "of this size holds the ones in use (default: all loaded)")
+    expert_cache_policy: str = _arg("lfu", "--expert-cache-policy",
+                                    "which cached expert to evict: lfu (least frequently used, "
+                                    "older uses counting less) or lru", choices=EXPERT_CACHE_POLICIES)
+    expert_prefetch: bool = _arg(True, "--no-expert-prefetch",
+                                 "paged experts: do not load the next MoE layer's likely experts "
+                                 "(its router applied early) while the current layer computes")
     state_checkpoint_interval: int = _arg(
         CacheConfig.state_checkpoint_interval, "--state-checkpoint-interval",
         "models with recurrent layers (Qwen3.5): tokens between the prefix cache's state "
@@ -133,11 +151,14 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("kv_cache_memory", "state_checkpoint_memory"):
+        for name in ("kv_cache_memory", "state_checkpoint_memory", "expert_cache_memory"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_size(getattr(self, name), name))
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
+        if self.expert_cache_policy not in EXPERT_CACHE_POLICIES:
+            raise ValueError(f"expert_cache_policy must be one of {EXPERT_CACHE_POLICIES}, "
+                             f"got {self.expert_cache_policy!r}")
         if self.speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
 
@@ -187,7 +208,9 @@ class EngineArgs:
             dtype=self.dtype, device=self.device, seed=self.seed, cpu_threads=self.cpu_threads,
             speculative=spec, enforce_eager=self.enforce_eager,
             quantization=self.quantization if own is None else None,
-            int8_activations=self.int8_activations)
+            int8_activations=self.int8_activations,
+            experts=ExpertCacheConfig(self.expert_cache_memory, self.expert_cache_policy, self.expert_prefetch)
+            if self.expert_cache_memory is not None else None)
 
     def speculative_for(self, path: str, mcfg: ModelConfig) -> SpeculativeConfig | None:
         """Speculation as the user asked: ``none``; ``mtp`` (an error where there is no MTP

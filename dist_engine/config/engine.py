@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dist_engine.config.model import DTYPES, ModelConfig
-from dist_engine.config.runtime import CacheConfig, ParallelConfig, SchedulerConfig
+from dist_engine.config.runtime import (
+    CacheConfig,
+    ExpertCacheConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from dist_engine.config.speculative import SpeculativeConfig
 
 
@@ -32,6 +37,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # CUDA: run decode steps eagerly instead of replaying CUDA graphs (worker/cuda_graph.py)
     enforce_eager: bool = False
+    # routed experts paged under a per-rank budget instead of all loaded (dist_engine/experts/)
+    experts: ExpertCacheConfig | None = None
     # quantize the (float) checkpoint's product weights at load: "int8" | "int4" (quant/)
     quantization: str | None = None
     # CPU products against quantized weights quantize activations to int8 (VNNI)
@@ -94,6 +101,19 @@ class EngineConfig:
                     f"speculation with K={spec.num_speculative_tokens} needs "
                     f"num_lookahead_slots >= {spec.num_lookahead_slots}"
                 )
+        if self.experts is not None and not any(m.is_moe_layer(i) for i in range(m.num_hidden_layers)):
+            raise ValueError(f"expert_cache_memory is set, but {m.architecture} at {m.path} has no routed "
+                             "experts to page; leave it unset for dense models")
+        if self.experts is not None and m.quantization is not None:
+            raise ValueError(
+                f"expert_cache_memory: {m.path} is a {m.quantization.method} checkpoint, and paging "
+                "quantized routed experts is not supported yet (they page in float / bf16 and "
+                "DeepSeek's block FP8); serve it without --expert-cache-memory, or page a float checkpoint")
+        if self.experts is not None and self.quantization is not None:
+            raise ValueError(
+                f"--quantization {self.quantization} with --expert-cache-memory is not supported yet: "
+                "paged experts would stay in the checkpoint's dtype while the rest is quantized; "
+                "leave one of the two out")
         if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "

@@ -115,6 +115,33 @@ class CacheConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
+EXPERT_CACHE_POLICIES = ("lfu", "lru")
+
+
+@dataclass(frozen=True)
+class ExpertCacheConfig:
+    """Routed experts paged under a memory budget per rank (``--expert-cache-memory``).
+
+    The experts stay in the checkpoint files (or, on CUDA, in pinned host memory) and a cache
+    of ``memory`` bytes on the compute device holds the ones in use; ``policy`` picks what to
+    evict (``lfu``: least frequently used, counts decaying; ``lru``: least recently used);
+    ``prefetch`` applies each MoE layer's successor's router to the current hidden states and
+    starts loading the experts it picks while the current layer computes.
+    """
+
+    memory: int  # bytes per rank (or a size string: "4GiB")
+    policy: str = "lfu"
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory", parse_size(self.memory, "expert_cache_memory"))
+        if self.memory <= 0:
+            raise ValueError(f"expert_cache_memory must be a positive number of bytes, got {self.memory}")
+        if self.policy not in EXPERT_CACHE_POLICIES:
+            raise ValueError(f"expert_cache_policy must be one of {', '.join(EXPERT_CACHE_POLICIES)}, "
+                             f"got {self.policy!r}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64

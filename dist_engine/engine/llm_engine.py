@@ -24,6 +24,7 @@ from dist_engine.engine.startup_log import log_cache
 from dist_engine.engine.state_keeper import StateKeeper
 from dist_engine.engine.stopping import append_tokens
 from dist_engine.engine.structured import GrammarChecker
+from dist_engine.experts.stats import ExpertCacheStats
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.kv_cache.kinds import group_window
 from dist_engine.kv_cache.state_slots import DELTA_CHUNK
@@ -33,6 +34,7 @@ from dist_engine.worker.messages import StepInput
 
 log = logging.getLogger(__name__)
 MAX_CACHE_SALT_BYTES = 1024
+EXPERT_LOG_EVERY_S = 30.0  # the expert cache's hit rate and traffic in the log at most this often
 
 
 class Request:
@@ -88,6 +90,15 @@ class LLMEngine:
                            "num_state_slots": layout.num_state_slots,
                            "num_state_checkpoints": layout.num_checkpoints}
         log_cache(config, self.cache_info, layout)
+        self.expert_stats: ExpertCacheStats | None = None
+        if "expert_cache_budget_bytes" in info:
+            self.expert_stats = ExpertCacheStats(budget_bytes=info["expert_cache_budget_bytes"],
+                                                 num_slots=info["expert_cache_slots"],
+                                                 expert_bytes=info["expert_bytes"])
+            log.info("expert cache per rank: %d slots of %.1f MiB in a budget of %.0f MiB",
+                     info["expert_cache_slots"], info["expert_bytes"] / 2**20,
+                     info["expert_cache_budget_bytes"] / 2**20)
+        self._expert_logged = time.monotonic()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
@@ -216,6 +227,7 @@ class LLMEngine:
             "spec_decode": {**self.spec_stats.as_dict(),
                             "num_seqs_without_speculation": sch.num_without_speculation}
             if self.num_spec_tokens else None,
+            "expert_cache": self.expert_stats.as_dict() if self.expert_stats is not None else None,
         }
 
     def has_unfinished(self) -> bool:
@@ -232,6 +244,11 @@ class LLMEngine:
                          released)
         result = self.executor.execute(step)
         now = time.monotonic()
+        if result.experts is not None:
+            self.expert_stats = result.experts
+            if now - self._expert_logged >= EXPERT_LOG_EVERY_S:
+                self._expert_logged = now
+                self._log_experts()
         touched: dict[str, Request] = {}
         self.num_steps += 1
         for s in scheduled:
@@ -276,6 +293,15 @@ class LLMEngine:
                 self.num_finished += 1
         return outputs
 
+    def _log_experts(self) -> None:
+        s = self.expert_stats
+        log.info("expert cache: hit rate %.1f%% (%d hits, %d misses; %d prefetched, %d of them used), "
+                 "%.2f MiB paged per token, %.0f MiB resident of a %.0f MiB budget per rank, "
+                 "%.1f s waiting for loads, worker RssAnon %.0f MiB, RssFile %.0f MiB",
+                 100 * s.hit_rate, s.hits, s.misses, s.prefetches, s.prefetch_hits,
+                 s.bytes_per_token / 2**20, s.resident_bytes / 2**20, s.budget_bytes / 2**20, s.wait_s,
+                 s.rss_anon_bytes / 2**20, s.rss_file_bytes / 2**20)
+
     def _spec_k(self, num_sampling: int) -> tuple[int, int]:
         """(drafts fed, drafts proposed) per sequence this step. Both are K, lowered when the
         batch would carry more than ``max_draft_tokens_per_step`` drafts (a large batch is
@@ -312,6 +338,8 @@ class LLMEngine:
                              req.finished, lead.metrics, prompt_lps)
 
     def shutdown(self) -> None:
+        if self.expert_stats is not None and self.expert_stats.tokens:
+            self._log_experts()
         self.executor.shutdown()
 
 

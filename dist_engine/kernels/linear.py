@@ -47,15 +47,24 @@ def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> PanelWeight 
             or (weight.dtype, dtype) not in fns):
         return None
     n, k = weight.shape
+    packed = PanelWeight(torch.zeros(-(-n // PANEL), k, PANEL, dtype=dtype), n)
+    pack_into(packed, weight)
+    return packed
+
+
+def pack_into(packed: PanelWeight, weight: torch.Tensor) -> None:
+    """Rewrite ``packed``'s panels in place from ``weight`` (its shape): an expert cache slot
+    takes another expert's weights without new memory."""
+    n, k = packed.out_features, packed.panels.shape[1]
+    if tuple(weight.shape) != (n, k):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit panels of a [{n}, {k}] weight")
     full, tail = divmod(n, PANEL)
-    panels = torch.zeros(full + (tail > 0), k, PANEL, dtype=dtype)
-    w = weight.detach().to(dtype)
+    w = weight.detach().to(packed.panels.dtype)
     if tail:  # the last, partial panel through a zero-padded copy of its rows (< 16 rows)
-        last = torch.zeros(PANEL, k, dtype=dtype)
+        last = torch.zeros(PANEL, k, dtype=w.dtype)
         last[:tail] = w[full * PANEL:]
-        _fill(panels[full:], last)
-    _fill(panels[:full], w[:full * PANEL])
-    return PanelWeight(panels, n)
+        _fill(packed.panels[full:], last)
+    _fill(packed.panels[:full], w[:full * PANEL])
 
 
 def _fill(panels: torch.Tensor, rows: torch.Tensor) -> None:

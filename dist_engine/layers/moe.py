@@ -10,11 +10,16 @@ Expert parallelism: rank r holds the contiguous expert range ``split_range(E, tp
 weights per expert and computes, for every token, the weighted outputs of its own experts only;
 the model sums the ranks' partials with one all-reduce. Other ranks' experts have no module here,
 and the model tells the loader to skip them, so their tensors are never read.
+
+With an expert cache (``--expert-cache-memory``, ``dist_engine/experts/``) a layer holds no
+routed expert at all: it registers with the cache, which pages its experts from the checkpoint
+under the rank's budget, and the loader skips them too.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,9 @@ from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear, merged_column
 from dist_engine.layers.loading import copy_checked
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 
 class TopkRouter(nn.Module):
@@ -118,18 +126,31 @@ def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype:
                       num_experts if num_experts is not None else first + count)
 
 
+def expert_output(expert: nn.Module, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e`` over all of its tokens in one product: (their rows ``[n]``, weight x
+    expert(x) ``[n, hidden]``). x ``[T, hidden]``; weights, ids ``[T, k]``."""
+    token, slot = torch.where(ids == e)
+    return token, expert(x[token]) * weights[token, slot].unsqueeze(-1).to(x.dtype)
+
+
+def add_in_order(x: torch.Tensor, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The experts' outputs summed in ascending expert id (the same order on every rank and
+    whether experts are resident or paged, so both give the same bits): ``[T, hidden]``."""
+    out = torch.zeros_like(x)
+    for e in sorted(parts):
+        out.index_add_(0, *parts[e])
+    return out
+
+
 def run_experts(experts: nn.ModuleDict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
     """Sum over the experts in ``experts`` (this rank's) of weight x expert(x): ``[T, hidden]``,
     a partial that the ranks' all-reduce completes. x ``[T, hidden]``; weights, ids ``[T, k]``."""
     out = torch.zeros_like(x)
-    for e in torch.unique(ids).tolist():  # ascending, the same order on every rank
-        expert = experts[str(e)] if str(e) in experts else None
-        if expert is None:
-            continue
-        token, slot = torch.where(ids == e)
-        y = expert(x[token]) * weights[token, slot].unsqueeze(-1).to(x.dtype)
-        out.index_add_(0, token, y)
+    for e in torch.unique(ids).tolist():  # ascending, as add_in_order
+        if str(e) in experts:
+            out.index_add_(0, *expert_output(experts[str(e)], x, weights, ids, e))
     return out
 
 
@@ -152,44 +173,68 @@ class SharedExperts(nn.Module):
 class SparseMoE(nn.Module):
     """The MoE block of DeepSeek-V3 and Qwen3-MoE under HF's names (``gate``, ``experts.{id}``, ``shared_experts``):
     routed experts sharded by expert over TP ranks, shared experts by intermediate dim, one
-    all-reduce for both."""
+    all-reduce for both. With ``expert_cache`` the routed experts are paged by the cache
+    (``experts`` is None) instead of held; ``layer`` is the block's checkpoint layer index (the
+    order layers run in) and ``prefix`` its routed experts' checkpoint names (default
+    ``model.layers.{layer}.mlp.experts.``)."""
 
     def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
                  comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None,
-                 scoring: str = "sigmoid") -> None:
+                 scoring: str = "sigmoid", layer: int = 0, expert_cache: ExpertCache | None = None,
+                 prefix: str | None = None) -> None:
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
         self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling, scoring)
-        self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, num_experts)
+        if expert_cache is None:
+            self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, num_experts)
+            self.paged = None
+        else:
+            self.experts = None
+            self.paged = expert_cache.register(layer, prefix or f"model.layers.{layer}.mlp.experts.",
+                                               self.expert_range, lambda: Expert(hidden, inter, dtype, quant),
+                                               self.gate)
         self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
 
-    def owns_expert(self, expert: int) -> bool:
+    def skips_tensor(self, rest: str) -> bool:
+        """The checkpoint tensor ``...mlp.experts.{rest}`` is not loaded into this module: the
+        expert cache pages every routed expert, or another rank owns this one."""
+        if self.paged is not None:
+            return True
+        expert = rest.split(".")[0]
         first, count = self.expert_range
-        return first <= expert < first + count
+        return expert.isdigit() and not first <= int(expert) < first + count
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts' partial ``[T, hidden]``, held or paged."""
+        if self.paged is not None:
+            return self.paged.run(x, weights, ids)
+        return run_experts(self.experts, x, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         weights, ids = self.gate(x)  # [T, k] each, identical on every rank
-        y = run_experts(self.experts, x, weights, ids)
+        y = self.routed(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return self.comm.all_reduce(y)
 
     @classmethod
-    def from_config(cls, cfg, comm: Communicator, dtype: torch.dtype) -> SparseMoE:
+    def from_config(cls, cfg, comm: Communicator, dtype: torch.dtype, layer: int = 0,
+                    expert_cache: ExpertCache | None = None) -> SparseMoE:
         return cls(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts,
                    cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
-                   cfg.routed_scaling_factor, comm, dtype, cfg.fp8_block, cfg.moe_scoring)
+                   cfg.routed_scaling_factor, comm, dtype, cfg.fp8_block, cfg.moe_scoring, layer, expert_cache)
 
 
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(.+)$")
 
 
-def foreign_expert(layers: nn.ModuleList, name: str) -> bool:
-    """``name`` is a routed expert another rank holds (so this rank never reads it)."""
+def skipped_expert(layers: nn.ModuleList, name: str) -> bool:
+    """``name`` is a routed expert's tensor the loader must not read here: another rank holds it,
+    or the expert cache pages it."""
     m = _EXPERT.match(name)
     if m is None or int(m.group(1)) >= len(layers):
         return False
     mlp = layers[int(m.group(1))].mlp
-    return isinstance(mlp, SparseMoE) and not mlp.owns_expert(int(m.group(2)))
+    return isinstance(mlp, SparseMoE) and mlp.skips_tensor(m.group(2))

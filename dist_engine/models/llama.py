@@ -7,6 +7,8 @@ the layers (``dist_engine.layers``); this file contains no collectives.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,9 +22,12 @@ from dist_engine.layers.attention import AttentionMetadata, paged_attention, wri
 from dist_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import RowParallelLinear, merged_column, qkv_column
-from dist_engine.layers.moe import SparseMoE, foreign_expert
+from dist_engine.layers.moe import SparseMoE, skipped_expert
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 KVCache = LayerKV  # K, V: [num_slots, local_num_kv_heads, head_dim] each (model dtype or FP8)
 
@@ -103,11 +108,12 @@ class LlamaDecoderLayer(nn.Module):
     attention_class: type[nn.Module] = LlamaAttention  # (cfg, comm, rotary, dtype)
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, layer: int = 0) -> None:
+                 dtype: torch.dtype, layer: int = 0, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         self.self_attn = self.attention_class(cfg, comm, rotary, dtype)
         # Qwen3-MoE: a sparse MoE block in the layers its config names
-        self.mlp = SparseMoE.from_config(cfg, comm, dtype) if cfg.is_moe_layer(layer) else LlamaMLP(cfg, comm, dtype)
+        self.mlp = (SparseMoE.from_config(cfg, comm, dtype, layer, expert_cache) if cfg.is_moe_layer(layer)
+                    else LlamaMLP(cfg, comm, dtype))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.dtype, self.window = dtype, cfg.sliding_window
@@ -128,17 +134,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    decoder_layer: type[nn.Module] = LlamaDecoderLayer  # (cfg, comm, rotary, dtype, layer index)
+    # (cfg, comm, rotary, dtype, layer index, expert cache)
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         # head_dim is the rotated part of a head (for MLA, qk_rope_head_dim)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                  cfg.rope_scaling_dict, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
         self.layers = nn.ModuleList(
-            self.decoder_layer(cfg, comm, rotary, dtype, i) for i in range(cfg.num_hidden_layers)
+            self.decoder_layer(cfg, comm, rotary, dtype, i, expert_cache) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # CPU: the layers of a decode step in one C call (kernels/decoder.py; same bits), set
@@ -168,10 +175,11 @@ class LlamaForCausalLM(nn.Module):
     ignored_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, expert_cache: ExpertCache | None = None) -> None:
+        """``expert_cache``: MoE layers page their routed experts there instead of holding them."""
         super().__init__()
         self.config = cfg
-        self.model = self.model_class(cfg, comm, dtype, max_positions)
+        self.model = self.model_class(cfg, comm, dtype, max_positions, expert_cache)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
         if cfg.tie_word_embeddings:
@@ -179,8 +187,8 @@ class LlamaForCausalLM(nn.Module):
             self.ignored_suffixes = (*self.ignored_suffixes, "lm_head.weight")
 
     def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert (MoE models): never read from the checkpoint here."""
-        return foreign_expert(self.model.layers, name)
+        """A routed expert of another rank or of the expert cache: never loaded here."""
+        return skipped_expert(self.model.layers, name)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, return_prenorm: bool = False):

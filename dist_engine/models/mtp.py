@@ -20,6 +20,8 @@ copies in a checkpoint are ignored. No collectives here: the block's parallel la
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -27,11 +29,15 @@ from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator
 from dist_engine.layers.attention import AttentionMetadata
 from dist_engine.layers.linear import ColumnParallelLinear
+from dist_engine.layers.moe import SparseMoE
 from dist_engine.layers.norm import OffsetRMSNorm, RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 from dist_engine.models.deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3ForCausalLM
 from dist_engine.models.llama import KVCache, LlamaDecoderLayer, LlamaForCausalLM
 from dist_engine.models.qwen3_5 import PACKED_MODULES, Qwen3_5DecoderLayer, rotary_for
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 
 class SharedHead(nn.Module):
@@ -57,8 +63,8 @@ def _mtp_input(layer: nn.Module, emb: torch.Tensor, hidden: torch.Tensor) -> tor
 
 class LlamaMTPLayer(LlamaDecoderLayer):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)  # its checkpoint index
+                 dtype: torch.dtype, emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers, expert_cache)  # its checkpoint index
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
@@ -70,8 +76,8 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
     """DeepSeek-V3's MTP block: MLA and (past first_k_dense_replace) MoE, as in its checkpoints."""
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, emb_first: bool) -> None:
-        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers)
+                 dtype: torch.dtype, emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
+        super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers, expert_cache)
         _add_mtp_inputs(self, cfg, dtype, emb_first)
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
@@ -85,14 +91,15 @@ class Qwen3_5MTP(nn.Module):
     the input of ``layers.0``; ``norm`` is the final norm before the shared head."""
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
-                 emb_first: bool) -> None:
+                 emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.pre_fc_norm_embedding = OffsetRMSNorm(H, eps, dtype)
         self.pre_fc_norm_hidden = OffsetRMSNorm(H, eps, dtype)
         self.fc = ColumnParallelLinear(2 * H, {None: (0, H, 0)}, False, dtype)  # replicated
         self.layers = nn.ModuleList([Qwen3_5DecoderLayer(
-            cfg, comm, rotary_for(cfg, max_positions, dtype), dtype, cfg.num_hidden_layers, "full_attention")])
+            cfg, comm, rotary_for(cfg, max_positions, dtype), dtype, cfg.num_hidden_layers, "full_attention",
+            expert_cache, "mtp.layers.0.mlp.experts.")])
         self.norm = OffsetRMSNorm(H, eps, dtype)
         # the speculative decoder's name for the final norm (the same module: loaded once, as norm)
         self.shared_head = nn.Module()
@@ -118,11 +125,11 @@ class MTPModel(nn.Module):
     ignored_suffixes = ("embed_tokens.weight", "shared_head.head.weight", "rotary_emb.inv_freq")
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
-                 emb_first: bool) -> None:
+                 emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         if cfg.is_hybrid:
             self.packed_modules = PACKED_MODULES
-            self.mtp = Qwen3_5MTP(cfg, comm, dtype, max_positions, emb_first)
+            self.mtp = Qwen3_5MTP(cfg, comm, dtype, max_positions, emb_first, expert_cache)
             self._prefix, self._block = "mtp.", "mtp.layers.0."
             return
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
@@ -132,18 +139,18 @@ class MTPModel(nn.Module):
         self.packed_modules = main.packed_modules
         self.layer_index = cfg.num_hidden_layers
         self.model = nn.Module()
-        self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first)})
+        self.model.layers = nn.ModuleDict({str(self.layer_index): block(cfg, comm, rotary, dtype, emb_first,
+                                                                       expert_cache)})
         self._prefix = self._block = f"model.layers.{self.layer_index}."
 
     def skip_tensor(self, name: str) -> bool:
-        """Another rank's routed expert of an MoE MTP block, or a Qwen3.5 MTP layer past 0."""
+        """A routed expert of an MoE MTP block that another rank or the expert cache reads, or a
+        Qwen3.5 MTP layer past 0."""
         if name.startswith("mtp.layers.") and not name.startswith(self._block):
             return True
-        head = f"{self._block}mlp.experts."
-        expert = name[len(head):].split(".")[0]
-        if not name.startswith(head) or not expert.isdigit() or not hasattr(self.layer.mlp, "owns_expert"):
-            return False
-        return not self.layer.mlp.owns_expert(int(expert))
+        block = self.layer.layers[0] if hasattr(self, "mtp") else self.layer
+        head, mlp = f"{self._block}mlp.experts.", block.mlp
+        return name.startswith(head) and isinstance(mlp, SparseMoE) and mlp.skips_tensor(name[len(head):])
 
     @property
     def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer | Qwen3_5MTP:

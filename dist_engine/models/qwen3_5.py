@@ -14,6 +14,7 @@ here: they live in the layers.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +35,14 @@ from dist_engine.layers.linear import (
     SegmentedColumnLinear,
 )
 from dist_engine.layers.loading import copy_checked
-from dist_engine.layers.moe import SharedExperts, SparseMoE, run_experts
+from dist_engine.layers.moe import SharedExperts, SparseMoE
 from dist_engine.layers.norm import GatedRMSNorm, OffsetRMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
 from dist_engine.layers.state_cache import LayerState
 from dist_engine.models.llama import LlamaForCausalLM, LlamaMLP
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +162,11 @@ class Qwen3_5MoeSparseMoeBlock(SparseMoE):
     ``sigmoid(shared_expert_gate(x))``; one all-reduce for both (the gate is replicated, so it
     scales each rank's partial of the shared expert)."""
 
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, layer: int = 0,
+                 expert_cache: ExpertCache | None = None, prefix: str | None = None) -> None:
         super().__init__(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, 0,
-                         cfg.num_experts_per_tok, 1, 1, True, 1.0, comm, dtype, scoring="softmax")
+                         cfg.num_experts_per_tok, 1, 1, True, 1.0, comm, dtype, scoring="softmax",
+                         layer=layer, expert_cache=expert_cache, prefix=prefix)
         inter = cfg.shared_expert_intermediate_size
         self.shared_expert = SharedExperts(cfg.hidden_size, inter, comm, dtype) if inter else None
         self.shared_expert_gate = (ColumnParallelLinear(cfg.hidden_size, {None: (0, 1, 0)}, False, dtype)
@@ -168,24 +174,28 @@ class Qwen3_5MoeSparseMoeBlock(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         weights, ids = self.gate(x)  # [T, k] each, identical on every rank
-        y = run_experts(self.experts, x, weights, ids)
+        y = self.routed(x, weights, ids)
         if self.shared_expert is not None:
             y = y + rowwise(torch.sigmoid, self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.comm.all_reduce(y)
 
 
 class Qwen3_5DecoderLayer(nn.Module):
-    """``linear_attn`` or ``self_attn`` as the layer's type says, then the MLP or MoE block."""
+    """``linear_attn`` or ``self_attn`` as the layer's type says, then the MLP or MoE block
+    (its routed experts paged by ``expert_cache`` if given, under ``expert_prefix`` in the
+    checkpoint: default ``model.layers.{layer}.mlp.experts.``)."""
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, layer: int, layer_type: str | None = None) -> None:
+                 dtype: torch.dtype, layer: int, layer_type: str | None = None,
+                 expert_cache: ExpertCache | None = None, expert_prefix: str | None = None) -> None:
         super().__init__()
         self.layer_type = layer_type or cfg.layer_types[layer]
         if self.layer_type == "linear_attention":
             self.linear_attn = Qwen3_5GatedDeltaNet(cfg, comm, dtype, layer)
         else:
             self.self_attn = Qwen3_5Attention(cfg, comm, rotary, dtype)
-        self.mlp = Qwen3_5MoeSparseMoeBlock(cfg, comm, dtype) if cfg.n_routed_experts else LlamaMLP(cfg, comm, dtype)
+        self.mlp = (Qwen3_5MoeSparseMoeBlock(cfg, comm, dtype, layer, expert_cache, expert_prefix)
+                    if cfg.n_routed_experts else LlamaMLP(cfg, comm, dtype))
         self.input_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -211,11 +221,12 @@ def rotary_for(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> Rota
 
 
 class Qwen3_5Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         rotary = rotary_for(cfg, max_positions, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
-        self.layers = nn.ModuleList(Qwen3_5DecoderLayer(cfg, comm, rotary, dtype, i)
+        self.layers = nn.ModuleList(Qwen3_5DecoderLayer(cfg, comm, rotary, dtype, i, expert_cache=expert_cache)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -246,8 +257,9 @@ class Qwen3_5ForCausalLM(LlamaForCausalLM):
     model_class = Qwen3_5Model
     packed_modules = PACKED_MODULES
 
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
-        super().__init__(cfg, comm, dtype, max_positions)
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 expert_cache: ExpertCache | None = None) -> None:
+        super().__init__(cfg, comm, dtype, max_positions, expert_cache)
         self.multimodal = cfg.multimodal
         if cfg.multimodal:
             log.info("%s: serving the text model; the vision tower (%s*) is not loaded",

@@ -36,6 +36,20 @@ _SPEC_COUNTERS = (("spec_decode_num_drafts", "num_steps", "Verification steps th
                    "Sequences admitted under load, run without speculation."))
 
 
+_EXPERT_COUNTERS = (("expert_cache_hits", "hits", "Routed-expert lookups served by the expert cache."),
+                    ("expert_cache_misses", "misses", "Routed-expert lookups that had to load the expert."),
+                    ("expert_cache_prefetches", "prefetches", "Experts loaded ahead by the next layer's router."),
+                    ("expert_cache_prefetch_hits", "prefetch_hits", "Prefetched experts a layer then used."),
+                    ("expert_cache_evictions", "evictions", "Experts evicted from the expert cache."),
+                    ("expert_cache_bytes_paged", "bytes_read", "Bytes of routed experts paged in."))
+_EXPERT_GAUGES = (("expert_cache_hit_rate", "hit_rate", "Expert cache hits / lookups since start-up (0-1)."),
+                  ("expert_cache_bytes_paged_per_token", "bytes_per_token", "Expert bytes paged in per token."),
+                  ("expert_cache_resident_bytes", "resident_bytes", "Bytes of routed experts resident, all ranks."),
+                  ("expert_cache_budget_bytes", "budget_bytes", "Expert cache budget per rank."),
+                  ("expert_cache_worker_rss_anon_bytes", "rss_anon_bytes", "Largest worker's heap (RssAnon)."),
+                  ("expert_cache_worker_rss_file_bytes", "rss_file_bytes", "Largest worker's mapped file pages (RssFile)."))
+
+
 class _EngineCollector:
     def __init__(self, stats) -> None:
         self.stats = stats
@@ -56,6 +70,12 @@ class _EngineCollector:
             for j, accepted in enumerate(spec["accepted_at"]):
                 per_pos.add_metric([str(j)], accepted)
             yield per_pos
+        experts = s.get("expert_cache")
+        if experts:
+            for name, key, doc in _EXPERT_COUNTERS:
+                yield CounterMetricFamily(P + name, doc, value=experts[key])
+            for name, key, doc in _EXPERT_GAUGES:
+                yield GaugeMetricFamily(P + name, doc, value=experts[key])
 
 
 class ServerMetrics:

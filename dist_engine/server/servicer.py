@@ -57,6 +57,10 @@ def _response(rid: str, out: RequestOutput, c: CompletionOutput, final: bool) ->
     return msg
 
 
+def expert_stats(d: dict) -> pb.ExpertCacheStats:
+    return pb.ExpertCacheStats(**{f.name: d[f.name] for f in pb.ExpertCacheStats.DESCRIPTOR.fields})
+
+
 def spec_stats(d: dict) -> pb.SpeculativeStats:
     return pb.SpeculativeStats(
         num_steps=d["num_steps"], num_draft_tokens=d["num_draft_tokens"],
@@ -150,4 +154,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"], num_preemptions=s["num_preemptions"],
             prompt_tokens_total=s["prompt_tokens_computed"], generation_tokens_total=s["generation_tokens"],
             requests_finished_total=s["num_finished"], requests_aborted_total=s["num_aborted"],
-            speculative=spec_stats(s["spec_decode"]) if s["spec_decode"] else None)
+            speculative=spec_stats(s["spec_decode"]) if s["spec_decode"] else None,
+            expert_cache=expert_stats(s["expert_cache"]) if s.get("expert_cache") else None)

@@ -218,8 +218,44 @@ class GetServerStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ExpertCacheStats(_message.Message):
+    __slots__ = ("budget_bytes", "num_slots", "expert_bytes", "num_experts", "resident_bytes", "hits", "misses", "hit_rate", "prefetches", "prefetch_hits", "evictions", "bytes_read", "bytes_per_token", "wait_s", "rss_anon_bytes", "rss_file_bytes")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    RSS_ANON_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    num_slots: int
+    expert_bytes: int
+    num_experts: int
+    resident_bytes: int
+    hits: int
+    misses: int
+    hit_rate: float
+    prefetches: int
+    prefetch_hits: int
+    evictions: int
+    bytes_read: int
+    bytes_per_token: float
+    wait_s: float
+    rss_anon_bytes: int
+    rss_file_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., num_experts: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., prefetches: _Optional[int] = ..., prefetch_hits: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., wait_s: _Optional[float] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ...) -> None: ...
+
 class ServerStats(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "requests_aborted_total", "speculative")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "requests_aborted_total", "speculative", "expert_cache")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +267,7 @@ class ServerStats(_message.Message):
     REQUESTS_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ABORTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CACHE_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     kv_cache_usage: float
@@ -242,4 +279,5 @@ class ServerStats(_message.Message):
     requests_finished_total: int
     requests_aborted_total: int
     speculative: SpeculativeStats
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ...) -> None: ...
+    expert_cache: ExpertCacheStats
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., expert_cache: _Optional[_Union[ExpertCacheStats, _Mapping]] = ...) -> None: ...

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from dist_engine.experts.stats import ExpertCacheStats
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -116,6 +118,8 @@ class StepOutput:
     # seq_id -> final-norm hidden states [n, H] of the positions verified this step, from the
     # first one fed on, for sequences fed with ``return_hidden`` (rank 0 only)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the expert cache's counters after this step (paged experts only; merged over ranks)
+    experts: ExpertCacheStats | None = None
     # seq_id -> per fed prompt position p: (logprob of prompt token p + 1, top-n (id, logprob))
     prompt_logprobs: dict[int, tuple[tuple[float, tuple[tuple[int, float], ...]], ...]] = field(
         default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -11,6 +12,7 @@ import torch
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator
+from dist_engine.experts.cache import ExpertCache
 from dist_engine.kernels.decoder import attach as attach_cpu_decoder
 from dist_engine.kernels.paged_attention import available as paged_kernel_available
 from dist_engine.kv_cache.kinds import (
@@ -69,9 +71,11 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         mcfg = config.model
         t0 = time.perf_counter()
+        # routed experts paged under a budget instead of loaded (the MoE layers register here)
+        self.expert_cache = ExpertCache(config.experts, device) if config.experts is not None else None
         with torch.device(device):
             self.model = model_class(mcfg.architecture)(
-                mcfg, comm, self.dtype, config.scheduler.max_model_len
+                mcfg, comm, self.dtype, config.scheduler.max_model_len, self.expert_cache
             )
         # MTP layers shipped in the checkpoint (model.layers.{num_hidden_layers + j}, or mtp.*)
         # belong to the speculative decoder
@@ -87,6 +91,9 @@ class ModelRunner:
             from dist_engine.worker.spec_decode import MTPDecoder
 
             self.mtp = MTPDecoder(self, config)
+        if self.expert_cache is not None:
+            self.expert_cache.start(mcfg.path, self.model.packed_modules,
+                                    getattr(self.model, "checkpoint_name", None))
         self.load_seconds = time.perf_counter() - t0
         # what each layer keeps between steps (the MTP layer's cache last)
         window = mcfg.sliding_window
@@ -200,15 +207,18 @@ class ModelRunner:
         sc = self.seq_comm  # with sequence shards this rank writes only its own blocks
         own = sum(1 for b in range(1, blocks + 1) if sc is None or b % sc.world_size == sc.rank)
         kv_written = own * self.kv_bytes_per_block()  # block 0 was zeroed before the baseline
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            self.execute(step)
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - base
-        else:
-            peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
+        # paged experts: the same shapes, none read (the chunk's output is discarded)
+        dry = self.expert_cache.dry_run() if self.expert_cache is not None else contextlib.nullcontext()
+        with dry:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                self.execute(step)
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) - base
+            else:
+                peak = _rss_peak_during(lambda: self.execute(step)) - kv_written
         self.kv_caches = []
         if self.mtp is not None:
             self.mtp.kv = None
@@ -233,6 +243,8 @@ class ModelRunner:
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
         self._make_caches(layout, None, self.kv_scales)
+        if self.expert_cache is not None:  # count serving only, not the start-up passes
+            self.expert_cache.reset_stats()
 
     def _make_caches(self, layout: CacheLayout, dtype: torch.dtype | None,
                      scales: list[tuple[float, float]] | None) -> None:

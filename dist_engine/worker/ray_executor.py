@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -20,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dist_engine.config import EngineConfig
+from dist_engine.experts.stats import ExpertCacheStats
 from dist_engine.kv_cache.kinds import CacheLayout
 from dist_engine.worker.executor import EngineDeadError, Executor
 from dist_engine.worker.messages import StepInput, StepOutput
@@ -183,6 +185,8 @@ class RayExecutor(Executor):
                any(o.sampled[k].token_ids != outs[0].sampled[k].token_ids for k in o.sampled)
                for o in outs[1:]):
             self._abort("ranks sampled different tokens (they must stay bit-identical)")
+        if outs[0].experts is not None:  # each rank pages its own experts
+            return replace(outs[0], experts=ExpertCacheStats.merge([o.experts for o in outs]))
         return outs[0]
 
     def check_health(self) -> None:

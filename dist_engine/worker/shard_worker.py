@@ -106,10 +106,15 @@ class ShardWorker:
     def cache_info(self) -> dict:
         r = self.runner
         formats = {f"weight_bytes[{k}]": v for k, v in r.weight_formats().items()}
-        return {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
+        info = {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
                 "bytes_per_block_by_group": r.bytes_per_block(),
                 "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(), **formats,
                 **r.memory_report}
+        if r.expert_cache is not None:
+            s = r.expert_cache.stats()
+            info.update(expert_cache_budget_bytes=s.budget_bytes, expert_cache_slots=s.num_slots,
+                        expert_bytes=s.expert_bytes)
+        return info
 
     def init_cache(self, layout: CacheLayout) -> None:
         self.runner.init_cache(layout)
@@ -118,6 +123,8 @@ class ShardWorker:
         out = self.runner.execute(step)
         if out.hidden and self.rank != 0:  # every rank has them; the driver reads rank 0's
             out = replace(out, hidden={})
+        if self.runner.expert_cache is not None:
+            out = replace(out, experts=self.runner.expert_cache.stats())
         return out
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
@@ -136,5 +143,7 @@ class ShardWorker:
         return self.rank
 
     def shutdown(self) -> None:
+        if self.runner is not None and self.runner.expert_cache is not None:
+            self.runner.expert_cache.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -59,7 +59,7 @@ class MTPDecoder:
         mcfg = config.model
         with torch.device(runner.device):
             self.mtp = MTPModel(mcfg, runner.comm, runner.dtype, config.scheduler.max_model_len,
-                                emb_first=spec.concat_order == "emb_hidden")
+                                emb_first=spec.concat_order == "emb_hidden", expert_cache=runner.expert_cache)
         prefix = self.mtp.prefix()
         src = spec.model or mcfg.path
         load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
