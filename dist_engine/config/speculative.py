@@ -10,6 +10,7 @@ CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
 STAGES = ("normed", "raw")
 DRAFT_DTYPES = ("auto", *DTYPES)
 ACCEPTANCE = ("rejection", "gumbel")
+MAX_SPECULATIVE_TOKENS = 8  # drafts per step at most (sizes what a verification may write)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class SpeculativeConfig:
             raise ValueError(f"unseeded_acceptance must be one of {ACCEPTANCE}, got {self.unseeded_acceptance!r}")
         if self.method != "mtp":
             raise ValueError(f"speculative method {self.method!r} is not supported; use 'mtp'")
-        if not 1 <= self.num_speculative_tokens <= 8:
-            raise ValueError(f"num_speculative_tokens must be in 1..8, got {self.num_speculative_tokens}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got "
+                             f"{self.num_speculative_tokens}")
         if self.concat_order not in CONCAT_ORDERS:
             raise ValueError(f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}")
         for name in ("hidden_stage", "feedback"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from dist_engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dist_engine.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dist_engine.models.llama import LlamaForCausalLM
 from dist_engine.models.qwen3_5 import Qwen3_5ForCausalLM
 
@@ -15,6 +16,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
     # Qwen3.5 / Qwen 3.6; the multimodal checkpoints' text part (the vision tower is not loaded)
     "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForCausalLM": Qwen3_5ForCausalLM,
