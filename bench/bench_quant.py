@@ -1,11 +1,15 @@
 """Quantized weights on CPU: ours against llama.cpp, one run, engines taking turns.
 
-    python bench/bench_quant.py [--tokens 128] [--reps 3] [--skip-llamacpp]
+    python bench/bench_quant.py [--tokens 128] [--reps 3] [--skip-llamacpp] [--parts speed,concurrent,mtp]
+
+Run it with ``OMP_WAIT_POLICY=passive`` on a shared machine: a dozen engines live in this one
+process, and spinning OpenMP pools (torch's, the kernels', llama.cpp's) steal each other's
+cores (a first run without it decoded at 0.3 tok/s).
 
 Default model (SmolLM2-135M-Instruct, shipped as Q4_1 GGUF). llama.cpp (``pip install
 ".[llamacpp]"``) runs its own requantization of the shipped file to F32 / F16 / Q8_0 and the
-shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows read the
-dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
+shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows and
+transformers' read the dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
 at load. Parts:
 
 1. batch-1 decode tok/s (chat prompt, 128 greedy tokens; each engine keeps its best round),
@@ -59,7 +63,8 @@ class Ours:
     def __init__(self, **kw) -> None:
         from dist_engine import LLM
 
-        self.llm = LLM(max_model_len=1024, enable_prefix_caching=False, **kw)
+        # a fixed KV budget: a dozen engines share the machine's memory
+        self.llm = LLM(max_model_len=1024, enable_prefix_caching=False, kv_cache_memory="256MiB", **kw)
 
     def decode(self, ids: list[int], n: int) -> float:
         from dist_engine import SamplingParams
@@ -113,6 +118,31 @@ class LlamaCpp:
         self.llm.close()
 
 
+class Transformers:
+    """transformers' own generate on the dequantized folder (the oracle; no quantized rows)."""
+
+    def __init__(self, path: str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def decode(self, ids: list[int], n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)
+        assert out.shape[1] == len(ids) + n
+        return n / (time.perf_counter() - t)
+
+    def nll(self, window: list[int]) -> float:
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([window])).logits[0, :-1].float()
+        return -torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum().item()
+
+    def close(self) -> None:
+        del self.model
+
+
 def taking_turns(engines: dict, fn, reps: int) -> dict:
     best = dict.fromkeys(engines, 0.0)
     for _ in range(reps):
@@ -126,7 +156,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--parts", default="speed,concurrent,mtp",
+                    help="speed (with perplexity), concurrent, mtp: which parts to run")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     from dist_engine.weights.registry import (
         DEFAULT_MODEL,
         dequantized_folder,
@@ -139,7 +172,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        peers = {} if a.skip_llamacpp else llamacpp_files(shipped, tmp)
+        peers = {} if a.skip_llamacpp or "speed" not in parts else llamacpp_files(shipped, tmp)
     except ImportError:
         peers = {}
         print("llama-cpp-python is not installed (pip install '.[llamacpp]'): our rows only")
@@ -159,7 +192,9 @@ def main() -> None:
         engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
     for name, path in peers.items():
         engines[f"llama.cpp {name}"] = lambda path=path: LlamaCpp(path)
-    loaded = {k: make() for k, make in engines.items()}
+    engines["transformers fp32"] = lambda: Transformers(folder, torch.float32)
+    engines["transformers bf16"] = lambda: Transformers(folder, torch.bfloat16)
+    loaded = {k: make() for k, make in engines.items()} if "speed" in parts else {}
     try:
         from transformers import AutoTokenizer
 
@@ -178,8 +213,8 @@ def main() -> None:
     finally:
         for e in loaded.values():
             e.close()
-    concurrent = concurrency(folder, DEFAULT_MODEL, tok)
-    mtp = speculation(folder, tok, a.tokens)
+    concurrent = concurrency(folder, DEFAULT_MODEL, tok) if "concurrent" in parts else None
+    mtp = speculation(folder, tok, a.tokens) if "mtp" in parts else None
     write(speed, ppl, concurrent, mtp, a, len(windows))
 
 
@@ -245,6 +280,7 @@ def speculation(folder: str, tok, n: int) -> dict:
 
 
 def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
+    hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
     pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF Q8_0": "llama.cpp Q8_0",
              "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
              "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
@@ -252,36 +288,42 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
              "ours int4 int8-act": "llama.cpp Q4_1"}
     peers = [k for k in speed if k.startswith("llama.cpp")]
     best_peer = max((speed[k] for k in peers), default=None)
-    best_ours = max(v for k, v in speed.items() if k.startswith("ours"))
-    lines = ["| engine | tok/s | vs llama.cpp at matched precision | perplexity | vs llama.cpp's |",
-             "|---|---|---|---|---|"]
+    best_ours = max((v for k, v in speed.items() if k.startswith("ours")), default=None)
+    lines = [] if not speed else ["| engine | tok/s | vs llama.cpp at matched precision | vs transformers | perplexity | vs llama.cpp's |",
+             "|---|---|---|---|---|---|"]
     for k, v in speed.items():
         peer = pairs.get(k)
         ratio = f"{v / speed[peer]:.2f}x ({peer})" if peer in speed else ""
+        vs_hf = f"{v / speed[hf[k]]:.2f}x" if hf.get(k) in speed else ""
         pr = f"{ppl[k] / ppl[peer]:.3f}x" if peer in ppl else ""
-        lines.append(f"| {k} | {v:.1f} | {ratio} | {ppl[k]:.3f} | {pr} |")
+        lines.append(f"| {k} | {v:.1f} | {ratio} | {vs_hf} | {ppl[k]:.3f} | {pr} |")
     if best_peer:
         lines += ["", f"Best vs best: ours {best_ours:.1f} tok/s against llama.cpp's {best_peer:.1f}: "
                       f"{best_ours / best_peer:.2f}x."]
-    lines += ["", "16 concurrent requests (64 tokens each), tok/s:", "", "| weights | tok/s | vs fp32 |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
-    t = mtp["tok_s"]
-    lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
-              "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
-    for w in ("int4", "GGUF Q4_1"):
-        s = mtp["spec"].get(f"{w} K=3", {})
-        acc = s.get("mean_accepted_length", "")
-        lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
-                     f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
+    if conc:
+        lines += ["", "16 concurrent requests (64 tokens each), tok/s:", "", "| weights | tok/s | vs fp32 |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
+    if mtp:
+        t = mtp["tok_s"]
+        lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
+                  "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
+        for w in ("int4", "GGUF Q4_1"):
+            s = mtp["spec"].get(f"{w} K=3", {})
+            acc = s.get("mean_accepted_length", "")
+            lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
+                         f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"tokens": a.tokens, "reps": a.reps, "prompt": PROMPT, "perplexity_windows": n_windows,
+    meta = {"tokens": a.tokens, "reps": a.reps, "parts": a.parts, "prompt": PROMPT,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "perplexity_windows": n_windows,
             "window": WINDOW, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "quant.json"), "w") as f:
+    name = "quant" if speed else "quant_" + "_".join(sorted(a.parts.split(",")))  # a later part alone
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "tok_s": speed, "perplexity": ppl, "concurrent16": conc, "mtp": mtp}, f, indent=2)
-    with open(os.path.join(RESULTS, "quant.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(f"# Quantized weights vs llama.cpp ({meta['date']}, {meta['cpus']} CPUs)\n\n{table}\n")
 
 

@@ -27,6 +27,13 @@
    resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
    decode tok/s all resident vs device caches of 25% and 50% of the experts fed from pinned host
    memory, prefetch on and off, with hit rates and time spent waiting for copies.
+7. TurboQuant KV cache on the device (PyTorch path: gathered rows dequantized in the rotated
+   basis, under CUDA graphs): the tiny long-context Llama's greedy tokens with turboquant4 / 3
+   through graphs against eager and against the same cache on CPU (C kernels), the top-5 logprob
+   distance from the exact cache, and the 1B shape's decode tok/s at a 3500-token context per
+   cache format (see ``turboquant``).
+8. Qwen3.5 hybrid Gated DeltaNet (``bench/gpu_qwen3_5.py``): parity, MTP and prefix-cache
+   exactness on the device, decode speed per context against a Llama of the same hidden size.
 Each part records its error and the rest still run. Writes gpu_check.json and gpu_check.md.
 """
 
@@ -165,6 +172,44 @@ def long_context(tmp: str, dev: str) -> dict:
                      num_kv_blocks=2048, enforce_eager=eager, speculative="none") as llm:
                 llm.generate(prompt_token_ids=long, sampling_params=SamplingParams(max_tokens=4))
                 res[f"1b_ctx3500_{'eager' if eager else 'graphs'}_tok_s"] = timed_generate(llm, long, sp, dev)
+    return res
+
+
+def turboquant(tmp: str, dev: str) -> dict:
+    """TurboQuant caches on the device against eager, CPU and the exact cache (tiny Llama, fp32,
+    a 3000-token prompt, 32 greedy tokens), and decode speed per format (1B shape, bf16)."""
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+
+    path = os.path.join(tmp, "long")
+    if not os.path.isdir(path):
+        make_tiny("llama1kv_long", path)
+    prompt = [[1] + [(37 * i) % 300 + 3 for i in range(3000)]]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    res: dict = {}
+
+    def greedy(fmt: str, device: str, eager: bool):
+        with LLM(path, device=device, skip_tokenizer_init=True, max_model_len=6144, enforce_eager=eager,
+                 speculative="none", kv_cache_dtype=fmt, num_kv_blocks=400) as llm:
+            return llm.generate(prompt_token_ids=prompt, sampling_params=sp)[0].outputs[0]
+
+    exact = greedy("auto", dev, False)
+    for fmt in ("turboquant4", "turboquant3"):
+        g, e, c = greedy(fmt, dev, False), greedy(fmt, dev, True), greedy(fmt, "cpu", True)
+        res[fmt] = {"graphs_equal_eager": g.token_ids == e.token_ids,
+                    "device_equals_cpu_tokens": g.token_ids == c.token_ids,
+                    "first_token_top5_vs_exact": max(abs(g.logprobs[0][t] - exact.logprobs[0][t])
+                                                     for t in g.logprobs[0] if t in exact.logprobs[0])}
+    path = os.path.join(tmp, "llama-1b-shape")
+    if os.path.isdir(path):
+        long = [[1] + [(7 * i) % 1000 + 3 for i in range(3500)]]
+        sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        for fmt in ("auto", "fp8_e4m3", "turboquant4", "turboquant3"):
+            with LLM(path, device=dev, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=4096,
+                     kv_cache_dtype=fmt, speculative="none") as llm:
+                llm.generate(prompt_token_ids=long, sampling_params=SamplingParams(max_tokens=4))
+                res[f"1b_ctx3500_{fmt}_tok_s"] = timed_generate(llm, long, sp, dev)
+                res[f"1b_{fmt}_bytes_per_token"] = llm.engine.cache_info["bytes_per_block"] // 16
     return res
 
 
@@ -442,9 +487,19 @@ def report(res: dict) -> str:
         from gpu_quant import report as quant_report
 
         lines += quant_report(res["quant"])
+    if "deepseek_v4" in res:
+        from gpu_deepseek_v4 import report as v4_report
+
+        lines += v4_report(res["deepseek_v4"])
     if "expert_cache" in res:
         lines += ["", "## Routed experts paged into a device cache (from pinned host memory)", "",
                   f"`{json.dumps(res['expert_cache'])}`"]
+    if "turboquant" in res:
+        lines += ["", "## TurboQuant KV cache on the device", "", f"`{json.dumps(res['turboquant'])}`"]
+    if "qwen3_5" in res:
+        from gpu_qwen3_5 import report as qwen3_5_report
+
+        lines += qwen3_5_report(res["qwen3_5"])
     return "\n".join(lines) + "\n"
 
 
@@ -452,7 +507,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a dry run: two archs, the small shape, 16 tokens")
-    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,experts,gemma4,drafters",
+    ap.add_argument("--parts", default="parity,speculation,speed,long,structured,quant,experts,deepseek_v4,turboquant,qwen3_5,gemma4,drafters",
                     help="comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "results")))
     a = ap.parse_args()
@@ -507,6 +562,20 @@ def main() -> None:
 
             res["expert_cache"] = guarded(gpu_experts.expert_cache, tmp, dev, a.quick)
             save("expert_cache")
+        if "deepseek_v4" in parts:
+            import gpu_deepseek_v4
+
+            res["deepseek_v4"] = {"parity": guarded(gpu_deepseek_v4.parity, tmp, dev),
+                                  "steps": guarded(gpu_deepseek_v4.step_times, tmp, dev, a.quick)}
+            save("deepseek_v4")
+        if "turboquant" in parts:
+            res["turboquant"] = guarded(turboquant, tmp, dev)
+            save("turboquant")
+        if "qwen3_5" in parts:
+            import gpu_qwen3_5
+
+            res["qwen3_5"] = gpu_qwen3_5.check(tmp, dev, a.quick, guarded)
+            save("qwen3_5")
 
 
 if __name__ == "__main__":

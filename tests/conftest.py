@@ -236,8 +236,9 @@ def randomise_qwen3_5(module: torch.nn.Module) -> None:
                 p.normal_(0.0, 0.08)
 
 
-def make_qwen3_5(name: str, path: str, mtp: bool = True, seed: int = 0) -> str:
-    """A tiny random Qwen3.5 checkpoint written by transformers; with ``mtp``, plus an MTP
+def make_qwen3_5(name: str, path: str, mtp: bool = True, seed: int = 0, **shape) -> str:
+    """A tiny random Qwen3.5 checkpoint (``shape`` overrides config fields: the benchmark's
+    larger one) written by transformers; with ``mtp``, plus an MTP
     module in Qwen3.5's naming (``mtp.*`` in its own file, which transformers does not read;
     the MoE layer's experts fused as ``experts.gate_up_proj`` / ``down_proj``, as transformers
     holds them) and ``mtp_num_hidden_layers`` in config.json."""
@@ -247,7 +248,7 @@ def make_qwen3_5(name: str, path: str, mtp: bool = True, seed: int = 0) -> str:
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
 
     cls_name, kw = QWEN3_5[name]
-    cfg = getattr(transformers, cls_name)(**QWEN3_5_SHAPE, **kw)
+    cfg = getattr(transformers, cls_name)(**{**QWEN3_5_SHAPE, **kw, **shape})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     randomise_qwen3_5(model)

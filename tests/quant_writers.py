@@ -226,3 +226,44 @@ def modelopt_nvfp4_checkpoint(path: str) -> torch.nn.Module:
     _save(model, path, tensors, {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
                                  "exclude_modules": ["lm_head"]})
     return model
+
+
+def fp8_block_copy(src: str, dst: str, dense=lambda name: False, block: int = 32) -> dict:
+    """A block-FP8 copy (``quant_method: fp8``, ``weight_scale_inv`` tiles of ``block`` x
+    ``block``, a partial last tile row where the rows do not fill one) of the float checkpoint
+    folder ``src``: every 2-D weight with whole tiles of inputs but the embedding, the head,
+    the MoE router and those ``dense(name)`` picks, as Qwen's FP8 releases leave some layers unconverted
+    (``modules_to_not_convert``). Returns name -> the float values the FP8 weights stand for."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    values, out = {}, {}
+    for file in sorted(f for f in os.listdir(dst) if f.endswith(".safetensors")):
+        for name, w in load_file(os.path.join(dst, file)).items():
+            if (w.dim() != 2 or not name.endswith(".weight") or "embed_tokens" in name or "lm_head" in name
+                    or name.endswith("mlp.gate.weight") or name.startswith("mtp.") or dense(name)
+                    or w.shape[1] % block):  # (inputs in whole tiles, as real checkpoints have)
+                out[name] = w
+                continue
+            N, K = w.shape
+            rows = torch.arange(N) // block
+            tiles = torch.stack([w[rows == i].abs().view(-1, K // block, block).amax((0, 2))
+                                 for i in range(-(-N // block))])  # [ceil(N / B), K / B]
+            scale = tiles / 448
+            full = scale[rows].repeat_interleave(block, 1)
+            q = (w / full).to(torch.float8_e4m3fn)
+            out[name], out[name[:-len("weight")] + "weight_scale_inv"] = q, scale
+            values[name] = q.float() * full
+        os.remove(os.path.join(dst, file))
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    for index in (f for f in os.listdir(dst) if f.endswith(".index.json")):
+        os.remove(os.path.join(dst, index))
+    with open(os.path.join(dst, "config.json")) as f:
+        raw = json.load(f)
+    raw["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    return values

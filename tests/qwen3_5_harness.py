@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist_engine import SamplingParams
 from dist_engine.config import ModelConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator
 from dist_engine.kv_cache.kinds import PagedKV
@@ -91,3 +92,21 @@ class Harness:
     def states(self, slot: int) -> list[dict[str, torch.Tensor]]:
         return [{k: t[slot].clone() for k, t in c.tensors.items()} for c in self.caches
                 if isinstance(c, LayerState)]
+
+
+# Through the engine: per-kind caches, state slots and checkpoints (worker/caches.py)
+ENGINE = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory="8MiB", cpu_threads=1,
+              state_checkpoint_interval=64)  # the shortest: a hit resumes from a saved state
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, seed=7, max_tokens=32, ignore_eos=True)
+
+
+def engine_prompts() -> list[list[int]]:
+    """Lengths off and on the 64-token grid; the last extends the first mid-prompt."""
+    g = torch.Generator().manual_seed(5)
+    rest = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (7, 64, 200)]
+    return [PROMPT[:150], *rest, PROMPT[:100] + rest[0]]
+
+
+def generate(llm, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]

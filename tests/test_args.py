@@ -61,8 +61,9 @@ def test_cli_defaults_are_the_python_defaults():
         assert engine_args(build_parser().parse_args(cmd)) == EngineArgs()
     d = EngineArgs()
     assert d.speculative == "auto"  # LLM() speculates where the CLI does
-    assert (d.block_size, d.memory_fraction, d.enable_prefix_caching) == (
-        CacheConfig.block_size, CacheConfig.memory_fraction, CacheConfig.enable_prefix_caching)
+    assert (d.memory_fraction, d.enable_prefix_caching) == (
+        CacheConfig.memory_fraction, CacheConfig.enable_prefix_caching)
+    assert d.block_size is None  # CacheConfig.block_size unless the model needs larger blocks
     assert d.max_num_seqs == SchedulerConfig.max_num_seqs
     assert d.placement_strategy == ParallelConfig.placement_strategy
     flagged = [f.name for f in dataclasses.fields(EngineArgs) if f.metadata.get("cli_flag")]

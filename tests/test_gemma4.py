@@ -22,7 +22,7 @@ from dist_engine.kv_cache.kinds import CacheLayout, SharedKV, group_window, page
 from dist_engine.models import model_class
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker.batch import build_batch
-from dist_engine.worker.caches import allocate, layer_kind
+from dist_engine.worker.caches import allocate, layer_kinds
 from dist_engine.worker.messages import SeqWork
 from dist_engine.worker.model_runner import group_heads
 
@@ -56,10 +56,11 @@ def our_logits(path: str, tokens: list[int], chunks: list[int], paged: bool) -> 
     model = model_class(cfg.architecture)(cfg, NullCommunicator(), torch.float32, 512)
     load_weights(model, path)
     layers = list(model.model.layers)
-    kinds = [layer_kind(layer, torch.float32, None) for layer in layers]
+    per_layer = [layer_kinds(layer, torch.float32, None) for layer in layers]
+    kinds = [k for ks in per_layer for k in ks]
     groups = tuple(paged_groups(kinds))
     caches = allocate(kinds, CacheLayout(tuple((g, 32) for g in groups)), 4, torch.device("cpu"), 4)
-    (heads, fold), *others = group_heads(layers, kinds, groups, 1)
+    (heads, fold), *others = group_heads(layers, per_layer, groups, 1)
     table = tuple(reversed(range(1, 32)))  # non-trivial block ids, the same in every group
     out, start = [], 0
     with torch.inference_mode():

@@ -184,13 +184,38 @@ def _self_signed(folder) -> tuple[str, str]:
     return cert_file, key_file
 
 
+def _https_checks(where: str, cert: str) -> None:
+    """The HTTP API on the same server: the same certificate and key, health open."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    tls = ssl.create_default_context(cafile=cert)
+    assert urllib.request.urlopen(f"https://{where}/health", context=tls, timeout=10).status == 200
+    with openai.DefaultHttpxClient(verify=tls) as h:
+        def client(key: str) -> openai.OpenAI:  # (closing it would close the shared client)
+            return openai.OpenAI(base_url=f"https://{where}/v1", api_key=key, http_client=h,
+                                 max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client("wrong").models.list()
+        r = client("s3cret").completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                                extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP on the TLS port
+        urllib.request.urlopen(f"http://{where}/health", timeout=5)
+
+
 def test_tls_and_bearer_token(tiny_models, tmp_path):
     """TLS with a self-signed certificate plus a bearer token: health stays open for probes,
     every other call needs the token, and plaintext clients cannot connect at all."""
     cert, key = _self_signed(tmp_path)
+    http_port = free_port()
     proc, target, _ = start_server(tiny_models("llama"), "--api-key", "s3cret", "--tls-cert", cert,
-                                   "--tls-key", key, tls_ca=cert)
+                                   "--tls-key", key, "--http-port", str(http_port), tls_ca=cert)
     try:
+        _https_checks(f"localhost:{http_port}", cert)
         with Client(target, tls_ca=cert) as c:
             with pytest.raises(grpc.RpcError) as e:
                 c.model_info()

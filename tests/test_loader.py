@@ -81,7 +81,7 @@ def test_unsupported_architecture_and_bad_settings(tiny_models, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*not supported"):
         LLM(str(dst), skip_tokenizer_init=True)
-    with pytest.raises(ValueError, match="neither a local HF-format folder nor a known name"):
+    with pytest.raises(ValueError, match="neither a local HF-format folder, a .gguf file, nor a known name"):
         LLM("no-such-model")
     with pytest.raises(ValueError, match="tensor_parallel_size=4 exceeds num_key_value_heads=3"):
         LLM(tiny_models("llama"), tensor_parallel_size=4, skip_tokenizer_init=True)

@@ -5,6 +5,8 @@ identical), TP=2, and the errors a user can act on."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import quant_writers as W
 import torch
@@ -12,7 +14,7 @@ from test_parity import our_logits
 
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import ModelConfig
-from dist_engine.kernels import qlinear
+from dist_engine.kernels import decoder, qlinear
 from dist_engine.quant.groups import GroupQuant, ShardError, quantize
 
 PROMPT = [1, 17, 230, 45, 99, 3, 150, 150, 7, 310, 64, 12, 88, 5, 201, 33]
@@ -86,6 +88,73 @@ def test_quantization_at_load_runs_the_quantized_weights(tiny_models, method):
     lps = out[0].outputs[0].logprobs[0]
     ref = torch.log_softmax(ref_logits[-1], -1)
     assert all(abs(lp - ref[t].item()) < 1e-4 for t, lp in lps.items())
+
+
+def test_quantization_at_load_on_the_hybrid_qwen3_5_model(qwen3_5_models):
+    """``--quantization int4`` on Qwen3.5-MoE: the Gated DeltaNet projections (one fused
+    ``in_proj``), gated attention, router, experts, shared expert and head are all quantized and
+    computed with exactly those values (transformers holding the same int4 values is the
+    reference); the router and the depthwise conv stay dense, as in vLLM; the layers stay on
+    the Python path (the one-call C decoder does not know them)."""
+    from conftest import hf_model
+
+    path = qwen3_5_models("qwen3_5_moe")
+    with torch.inference_mode():
+        model = hf_model(path)
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or "embed_tokens" in name:
+                continue
+            if p.dim() == 2 or name.endswith(("gate_up_proj", "down_proj")):  # experts [E, out, in]
+                p.copy_(quantize(p.reshape(-1, p.shape[-1]), 4, 32, False).dequantize().view_as(p))
+    ref_logits, ref_tokens = reference(model)
+    with LLM(path, **KW, quantization="int4", cpu_threads=1) as llm:  # tiny shapes: one thread
+        ours = llm.engine.executor.worker.runner.model
+        assert getattr(ours.model, "cpu_decoder", None) is None
+        assert decoder.CPUDecoder.attach(ours.model) is None  # asked directly, it declines
+        dense = [n for n, m in ours.named_modules() if getattr(m, "weight", None) is not None
+                 and m.weight.dim() == 2 and m.weight.numel() and "embed_tokens" not in n]
+        assert {n.split(".", 3)[-1] for n in dense} == {"linear_attn.conv1d", "mlp.gate"}
+        out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, logprobs=5))[0].outputs[0]
+    assert out.token_ids == ref_tokens
+    ref = torch.log_softmax(ref_logits[-1], -1)
+    assert all(abs(lp - ref[t].item()) < 1e-4 for t, lp in out.logprobs[0].items())
+
+
+def test_fp8_qwen3_5_with_unconverted_layers(qwen3_5_models, tmp_path):
+    """A block-FP8 Qwen3.5-MoE checkpoint as Qwen's FP8 releases are: layer 0 keeps
+    ``in_proj_a`` / ``in_proj_b`` unconverted beside FP8 ``in_proj_qkv`` / ``in_proj_z`` (the
+    fused ``in_proj`` is held dense with the FP8 parts' exact values), the other layers' four
+    parts all FP8 (packed as one quantized weight), attention, shared experts and ``out_proj``
+    FP8 (partial tile rows: 40-row shared-expert parts in 32-row tiles; grids one tile wide:
+    32-input expert down_proj); = transformers holding the same values."""
+    from conftest import hf_model
+
+    src, path = qwen3_5_models("qwen3_5_moe"), str(tmp_path / "fp8")
+    unconverted = ("model.layers.0.linear_attn.in_proj_a.weight", "model.layers.0.linear_attn.in_proj_b.weight")
+    values = W.fp8_block_copy(src, path, dense=lambda name: name in unconverted)
+    with torch.inference_mode():
+        model = hf_model(src)
+        params = dict(model.named_parameters())
+        for name, v in values.items():
+            if ".experts." in name:  # saved per expert; transformers holds [E, out, in] stacks
+                layer, e, proj = re.match(r"(.*\.experts)\.(\d+)\.(\w+)_proj\.weight", name).groups()
+                stack, at = (f"{layer}.down_proj", 0) if proj == "down" else (
+                    f"{layer}.gate_up_proj", 0 if proj == "gate" else v.shape[0])
+                params[stack][int(e), at:at + v.shape[0]] = v
+            else:
+                params[name].copy_(v)
+    ref_logits, ref_tokens = reference(model)
+    with LLM(path, **KW, cpu_threads=1) as llm:
+        layers = llm.engine.executor.worker.runner.model.model.layers
+        assert not isinstance(layers[0].linear_attn.in_proj.weight_packed, qlinear.QWeight)
+        assert isinstance(layers[1].linear_attn.in_proj.weight_packed, qlinear.QWeight)
+        assert isinstance(layers[3].self_attn.o_proj.weight_packed, qlinear.QWeight)
+        out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, logprobs=5))[0].outputs[0]
+    assert out.token_ids == ref_tokens
+    ref = torch.log_softmax(ref_logits[-1], -1)
+    assert all(abs(lp - ref[t].item()) < 1e-4 for t, lp in out.logprobs[0].items())
 
 
 @pytest.mark.distributed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import hf_model
-from dist_engine import LLM, SamplingParams
+from dist_engine import LLM
 from dist_engine.config import EngineArgs, ModelConfig
 from dist_engine.distributed.comm import NullCommunicator
 from dist_engine.models.mtp import MTPModel
@@ -22,9 +22,14 @@ from qwen3_5_harness import (  # noqa: F401  (one_thread: an autouse fixture)
     BLOCK,
     BLOCKS_PER_SEQ,
     CPU,
+    ENGINE,
+    GREEDY,
     PROMPT,
+    SEEDED,
     Harness,
     caches_for,
+    engine_prompts,
+    generate,
     load_ours,
     one_thread,
 )
@@ -122,24 +127,6 @@ def test_missing_mtp_tensor_is_named(qwen3_5_models, tmp_path):
     assert EngineArgs(model=str(dst)).speculative_for(str(dst), cfg) is None
 
 
-# Through the engine: per-kind caches, state slots and checkpoints (worker/caches.py)
-ENGINE = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory="8MiB", cpu_threads=1,
-              state_checkpoint_interval=64)  # the shortest: a hit resumes from a saved state
-GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-SEEDED = SamplingParams(temperature=0.8, seed=7, max_tokens=32, ignore_eos=True)
-
-
-def engine_prompts() -> list[list[int]]:
-    """Lengths off and on the 64-token grid; the last extends the first mid-prompt."""
-    g = torch.Generator().manual_seed(5)
-    rest = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (7, 64, 200)]
-    return [PROMPT[:150], *rest, PROMPT[:100] + rest[0]]
-
-
-def generate(llm, prompts, params) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
-
-
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
 def test_engine_matches_transformers_batched_and_cached(qwen3_5_models, qwen3_5_generated, name):
     """``LLM`` end to end: 32 greedy tokens = transformers'; a batch = each prompt alone (the
@@ -158,7 +145,7 @@ def test_engine_matches_transformers_batched_and_cached(qwen3_5_models, qwen3_5_
 def test_engine_speculative_matches_plain(qwen3_5_models, monkeypatch):
     """Native MTP (``mtp.*``) drives the speculative decoder; output = plain decoding, greedy
     and seeded. The tiny MTP layer is random (its drafts are rejected), so a second run drafts
-    plain decoding's own tokens, every third one wrong: drafts are accepted to every depth and
+    plain decoding's own tokens, every fourth one wrong: drafts are accepted to every depth and
     rejected at every depth, and the recurrent state after each verification must be exactly
     the state after the accepted tokens for the output to stay the same."""
     from dist_engine.worker import spec_decode
@@ -175,7 +162,7 @@ def test_engine_speculative_matches_plain(qwen3_5_models, monkeypatch):
     current: list[int] = []  # the prompt being generated and plain decoding's tokens after it
 
     def oracle(self, g, seqs, specs, positions):
-        return [((current[p] + (p % 3 == 0)) % 320 if p < len(current) else 0) for p in positions]
+        return [((current[p] + (p % 4 == 0)) % 320 if p < len(current) else 0) for p in positions]
 
     monkeypatch.setattr(spec_decode.MTPDecoder, "_draft", oracle)
     with LLM(path, speculative="mtp", num_speculative_tokens=3, min_draft_acceptance=0.0, **ENGINE) as llm:

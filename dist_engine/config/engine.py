@@ -96,6 +96,8 @@ class EngineConfig:
                 f"tensor_parallel_size={tp} exceeds num_attention_heads={m.num_attention_heads}: "
                 "some ranks would hold no attention head"
             )
+        if m.is_v4:
+            _check_v4(self)
         spec = self.speculative
         if spec is not None:
             if spec.model is None and m.num_mtp_layers == 0:
@@ -108,6 +110,11 @@ class EngineConfig:
                     f"speculation with K={spec.num_speculative_tokens} needs "
                     f"num_lookahead_slots >= {spec.num_lookahead_slots}"
                 )
+        row = m.kv_lora_rank + m.qk_rope_head_dim if m.is_mla else m.head_dim  # one cached row
+        if self.cache.kv_cache_dtype.startswith("turboquant") and row % 8:
+            raise ValueError(
+                f"kv_cache_dtype={self.cache.kv_cache_dtype} packs codes in groups of 8, but this "
+                f"model caches rows of {row} values; use fp8_e4m3 or auto")
         if self.experts is not None and not any(m.is_moe_layer(i) for i in range(m.num_hidden_layers)):
             raise ValueError(f"expert_cache_memory is set, but {m.architecture} at {m.path} has no routed "
                              "experts to page; leave it unset for dense models")
@@ -126,3 +133,28 @@ class EngineConfig:
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
                 f"max_position_embeddings={m.max_position_embeddings}; lower --max-model-len"
             )
+
+
+def _check_v4(config: EngineConfig) -> None:
+    """DeepSeek-V4 on this layout: blocks hold whole compressed rows, ranks whole head groups
+    of the grouped output projection."""
+    m, tp, bs = config.model, config.parallel.tensor_parallel_size, config.cache.block_size
+    if bs % m.min_block_size:
+        raise ValueError(f"block_size={bs} must be a multiple of every compression ratio "
+                         f"{m.v4.ratios} (a block holds whole compressed rows); use --block-size "
+                         f"{max(bs, m.min_block_size)} or leave it unset")
+    if m.v4.o_groups % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide o_groups={m.v4.o_groups}: each "
+                         "rank projects whole head groups of the grouped output projection")
+    spec = config.speculative
+    if spec is not None and spec.model is None and (spec.hidden_stage, spec.feedback) != ("raw", "raw"):
+        raise ValueError("DeepSeek-V4's MTP layer reads the hyper-connection streams: speculation needs "
+                         "hidden_stage='raw' and feedback='raw' (the defaults for its native MTP)")
+    if config.experts is not None:
+        raise ValueError("--expert-cache-memory does not page DeepSeek-V4's experts yet (its released "
+                         "w1/w2/w3 names and MXFP4 experts are not indexed by the expert cache); "
+                         "leave it unset")
+    if config.cache.kv_cache_dtype not in ("auto", config.dtype):
+        raise ValueError(f"kv_cache_dtype={config.cache.kv_cache_dtype!r} is not supported for "
+                         "DeepSeek-V4 yet (its window, compressed rows and indexer keys are kept in "
+                         "the model dtype); use 'auto'")

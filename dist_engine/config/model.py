@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_engine.config import gemma4, qwen3_5
+from dist_engine.config.deepseek_v4 import V4_ARCHITECTURES, V4Config, v4_fields
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -17,6 +18,7 @@ SUPPORTED_ARCHITECTURES = (
     "DeepseekV3ForCausalLM",
     "Qwen3MoeForCausalLM",
     *gemma4.GEMMA4_ARCHITECTURES,
+    *V4_ARCHITECTURES,
     *qwen3_5.QWEN3_5_ARCHITECTURES,
 )
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,6 +75,8 @@ class ModelConfig:
     # FP8 block-scaled weights of DeepSeek-V3 (quantization_config quant_method "fp8" with
     # weight_block_size, layers/fp8.py): tile rows x cols
     fp8_block: tuple[int, int] | None = None
+    # DeepSeek-V4 (config/deepseek_v4.py): layer types, compression, indexer, hyper-connections
+    v4: V4Config | None = None
     # Each layer's type (empty: every layer attends alike). Gemma 4 (config/gemma4.py):
     # "sliding_attention" / "full_attention", with each layer's head dim and KV-head count
     # (empty: head_dim and num_key_value_heads everywhere) and the RoPE of each layer type:
@@ -132,6 +136,21 @@ class ModelConfig:
         return out
 
     @property
+    def is_v4(self) -> bool:
+        return self.v4 is not None
+
+    @property
+    def min_block_size(self) -> int:
+        """The smallest KV block that holds whole rows of every compressed layer (1: any)."""
+        return max(self.v4.ratios, default=1) if self.v4 is not None else 1
+
+    @property
+    def native_mtp_settings(self) -> dict[str, str]:
+        """Speculation settings the model's own MTP layers need (DeepSeek-V4's reads the
+        hyper-connection streams before the final collapse, and feeds its own back)."""
+        return {"hidden_stage": "raw", "feedback": "raw"} if self.is_v4 else {}
+
+    @property
     def is_hybrid(self) -> bool:
         """Qwen3.5 family: Gated DeltaNet and gated attention layers as ``layer_types`` says."""
         return self.architecture in qwen3_5.QWEN3_5_ARCHITECTURES
@@ -150,6 +169,8 @@ class ModelConfig:
         """Checkpoint-name prefixes of the MTP layers (not the main model's tensors)."""
         if self.is_hybrid:
             return ("mtp.",) if self.mtp_num_hidden_layers else ()
+        if self.is_v4:
+            return ("mtp.",) if self.num_nextn_predict_layers else ()
         return tuple(f"model.layers.{self.num_hidden_layers + j}." for j in range(self.num_nextn_predict_layers))
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -170,9 +191,13 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
             )
-        if self.fp8_block is not None and not self.is_mla:
-            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepseekV3ForCausalLM only, "
+        if self.fp8_block is not None and not (self.is_mla or self.is_v4):
+            raise ValueError(f"FP8 block-scaled checkpoints are supported for DeepSeek-V3 and V4 only, "
                              f"not {self.architecture}; use a bf16/fp32 checkpoint")
+        if self.is_v4 and self.quantization is not None:
+            raise ValueError(f"DeepSeek-V4 checkpoints are read as DeepSeek ships them (FP8 with "
+                             f"weight_block_size, MXFP4 experts); quantization method "
+                             f"{self.quantization.method!r} is not supported for them")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group="
@@ -242,7 +267,8 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         quant = raw.get("quantization_config")
         fp8_block = quantization = None
-        if quant and quant.get("quant_method") == "fp8" and quant.get("weight_block_size") and raw.get("kv_lora_rank"):
+        if quant and quant.get("quant_method") == "fp8" and quant.get("weight_block_size") and (
+                raw.get("kv_lora_rank") or arch in V4_ARCHITECTURES):
             fp8_block = tuple(quant["weight_block_size"])
         elif quant:
             from dist_engine.quant import parse_config
@@ -278,6 +304,8 @@ class ModelConfig:
                        head_dim=raw.get("head_dim") or hidden // n_heads)
         if arch in qwen3_5.QWEN3_5_ARCHITECTURES:
             family = qwen3_5.hybrid_fields(raw)
+        if arch in V4_ARCHITECTURES:
+            family = v4_fields(raw, path)
         inter = family.pop("intermediate_size", None) or raw["intermediate_size"]
         qk_norm = family.pop("qk_norm", arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"))
         fields = dict(

@@ -64,7 +64,8 @@ class ParallelConfig:
         return self.executor == "ray" or (self.executor == "auto" and self.world_size > 1)
 
 
-KV_CACHE_DTYPES = ("auto", *DTYPES, "fp8_e4m3")
+# turboquant4 / turboquant3: 4- or 3-bit TurboQuant codes and an fp16 scale per K/V row
+KV_CACHE_DTYPES = ("auto", *DTYPES, "fp8_e4m3", "turboquant4", "turboquant3")
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,10 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes per rank (or a size string: "2GiB")
     memory_fraction: float = 0.5  # of the memory left after weights and peak activations
     enable_prefix_caching: bool = True
-    # storage of K/V: "auto" (the model dtype), a float dtype, or "fp8_e4m3" (one byte per
-    # element with per-layer scales calibrated at start-up; half the bytes of bfloat16)
+    # storage of K/V: "auto" (the model dtype), a float dtype, "fp8_e4m3" (one byte per
+    # element with per-layer scales calibrated at start-up; half the bytes of bfloat16), or
+    # "turboquant4" / "turboquant3" (4 / 3 bits per element plus an fp16 scale per head and
+    # token, rotated and codebook-quantized: 3.8x / 4.9x fewer bytes than bfloat16 at head 64)
     kv_cache_dtype: str = "auto"
     # Models with recurrent layers (Gated DeltaNet): a prefix-cache hit resumes from a state
     # checkpoint kept every this many tokens (a multiple of 64, the delta rule's chunk, and of

@@ -17,6 +17,8 @@ METHODS = ("mtp", "gemma4_assistant", "dflash")
 MAX_TOKENS = {"mtp": 8, "gemma4_assistant": 8, "dflash": 63}  # K; dflash: up to its block size - 1
 # vLLM's per-family names of the MTP method (it maps them all to "mtp" too)
 MTP_ALIASES = ("deepseek_mtp", "mimo_mtp", "qwen3_next_mtp", "glm4_moe_mtp", "ernie_mtp")
+# drafts per step of MTP at most (sizes what DeepSeek-V4's compressors keep for a verification)
+MAX_SPECULATIVE_TOKENS = MAX_TOKENS["mtp"]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from dist_engine.engine.structured import GrammarChecker
 from dist_engine.experts.stats import ExpertCacheStats
 from dist_engine.kv_cache.block_manager import BlockManager
 from dist_engine.kv_cache.kinds import group_window
-from dist_engine.kv_cache.state_slots import DELTA_CHUNK
 from dist_engine.kv_cache.window_groups import WindowGroups
 from dist_engine.worker.executor import make_executor
 from dist_engine.worker.messages import StepInput
@@ -67,11 +66,12 @@ class LLMEngine:
                                    hash_next_token=spec is not None, num_shards=shards)
         self.state = None
         if layout.num_state_slots:
-            if config.scheduler.max_num_batched_tokens < DELTA_CHUNK:
-                raise ValueError(f"models with recurrent layers prefill in chunks of {DELTA_CHUNK} "
-                                 f"tokens: raise --max-num-batched-tokens to at least {DELTA_CHUNK}")
+            grid = layout.state_grid
+            if config.scheduler.max_num_batched_tokens < grid:
+                raise ValueError(f"this model's recurrent layers prefill in chunks of {grid} tokens: "
+                                 f"raise --max-num-batched-tokens to at least {grid}")
             self.state = StateKeeper(layout.num_state_slots, layout.num_checkpoints,
-                                     config.cache.state_checkpoint_interval, self.blocks)
+                                     config.cache.state_checkpoint_interval, self.blocks, grid)
         self.spec_stats = SpecDecodeStats()
         self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
         self.draft_depth = DraftDepth(spec.num_speculative_tokens, spec.min_draft_acceptance) if spec else None
@@ -255,32 +255,33 @@ class LLMEngine:
             seq = s.seq
             self.num_prompt_tokens += max(0, min(len(seq.prompt_token_ids) - seq.num_computed, s.num_new))
             seq.num_computed += s.num_new
-            self.scheduler.free_behind_window(seq)
             if seq.seq_id in result.hidden:
                 seq.hidden_chunks.append(result.hidden[seq.seq_id])
             for j, (lp, top) in enumerate(result.prompt_logprobs.get(seq.seq_id, ())):
                 pos = seq.num_computed - s.num_new + 1 + j  # the prompt token this row predicted
                 seq.prompt_logprobs[pos] = {**dict(top), seq.token_ids[pos]: lp}
             sampled = result.sampled.get(seq.seq_id)
-            if sampled is None:
-                if self.state is not None:
-                    self.state.after_step(seq)
-                continue
-            if self.num_spec_tokens:
-                seq.num_computed += sampled.num_accepted  # their K/V were written by verification
-                seq.draft_token_ids = list(sampled.draft_token_ids)
-                self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
-                self.draft_depth.record(sampled.num_drafts, sampled.num_accepted)
-                seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
-            before = len(seq.output_token_ids)
-            append_tokens(seq, sampled, self.eos_token_ids, now)
-            self.num_generated_tokens += len(seq.output_token_ids) - before
+            if sampled is not None:
+                if self.num_spec_tokens:
+                    seq.num_computed += sampled.num_accepted  # their K/V were written by verification
+                    seq.draft_token_ids = list(sampled.draft_token_ids)
+                    self.spec_stats.record(sampled.num_drafts, sampled.num_accepted)
+                    self.draft_depth.record(sampled.num_drafts, sampled.num_accepted)
+                    seq.metrics.spec.record(sampled.num_drafts, sampled.num_accepted)
+                before = len(seq.output_token_ids)
+                append_tokens(seq, sampled, self.eos_token_ids, now)
+                self.num_generated_tokens += len(seq.output_token_ids) - before
+            # full blocks of verified tokens are hashed (prefill chunks included) before a window
+            # group gives any back, so a later prefix finds the window blocks it needs
             self.blocks.commit(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed,
                                seq.cache_root)
             if self.others is not None:
                 self.others.commit(seq)
+            self.scheduler.free_behind_window(seq)
             if self.state is not None:
                 self.state.after_step(seq)
+            if sampled is None:
+                continue
             if seq.finished:
                 self.scheduler.finish(seq)
                 self._released.append(seq.seq_id)

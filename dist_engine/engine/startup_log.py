@@ -22,15 +22,21 @@ def log_cache(config: EngineConfig, info: dict, layout: CacheLayout) -> None:
                         if k.startswith("weight_bytes["))
     log.info("memory per rank: weights %.0f MiB (%s MiB)%s", info["weight_bytes"] / MIB, formats, measured)
     allocated = info["allocated_bytes"]
+    roles = info.get("bytes_by_role", {})
     for group, per_block in info["bytes_per_block_by_group"].items():
-        log.info("KV cache per rank, %s attention: %d blocks x %d tokens, %g bytes/token (%s), "
-                 "%.1f MiB", group, layout.group_blocks(group), bs, per_block / bs,
+        parts = roles.get(group, {})
+        detail = (" = " + " + ".join(f"{label} {b:g}" for label, b in parts.items())
+                  if len(parts) > 1 or any("1/" in label for label in parts) else "")
+        log.info("KV cache per rank, %s attention: %d blocks x %d tokens, %g bytes/token%s (%s), "
+                 "%.1f MiB", group, layout.group_blocks(group), bs, per_block / bs, detail,
                  config.cache.kv_cache_dtype, allocated.get(group, 0) / MIB)
     if layout.num_state_slots:
         per_seq = info["state_bytes_per_seq"]
-        log.info("recurrent state per rank: %d bytes/sequence (= %d tokens of attention KV); %d "
+        parts = roles.get("state", {})
+        detail = " (" + " + ".join(f"{label} {b:g}" for label, b in parts.items()) + ")" if parts else ""
+        log.info("recurrent state per rank: %d bytes/sequence%s (= %d tokens of attention KV); %d "
                  "live slots (at most %d sequences run at once) + %d prefix checkpoints every %d "
-                 "tokens, %.1f MiB", per_seq, per_seq // max(1, info["bytes_per_block"] // bs),
+                 "tokens, %.1f MiB", per_seq, detail, per_seq // max(1, info["bytes_per_block"] // bs),
                  layout.num_state_slots, layout.num_state_slots, layout.num_checkpoints,
                  config.cache.state_checkpoint_interval, allocated.get("state", 0) / MIB)
     shards = par.num_kv_shards

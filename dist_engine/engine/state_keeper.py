@@ -1,6 +1,6 @@
 """The scheduler's side of recurrent state (models with Gated DeltaNet layers), plain Python.
 
-Every running sequence holds a live state slot. Prefill chunks end on the 64-token grid and at
+Every running sequence holds a live state slot. Prefill chunks end on the kinds' grid and at
 checkpoint positions (``ChunkGrid``), where the step saves the state into a checkpoint slot.
 A prefix-cache hit resumes from the latest checkpoint at or before its cached blocks: blocks
 past it are given back and recomputed, so a resumed prefill runs exactly the chunks an
@@ -12,17 +12,22 @@ from __future__ import annotations
 
 from dist_engine.engine.sequence import Sequence
 from dist_engine.kv_cache.block_manager import BlockManager
-from dist_engine.kv_cache.state_slots import DELTA_CHUNK, ChunkGrid, StateCheckpoints, StateSlots
+from dist_engine.kv_cache.state_slots import ChunkGrid, StateCheckpoints, StateSlots
 
 
 class StateKeeper:
-    def __init__(self, num_slots: int, num_checkpoints: int, interval: int, blocks: BlockManager) -> None:
+    def __init__(self, num_slots: int, num_checkpoints: int, interval: int, blocks: BlockManager,
+                 grid: int) -> None:
         self.slots = StateSlots(num_slots)
         self.checkpoints = StateCheckpoints(num_checkpoints, interval)
-        # checkpoints at prefix positions only serve prefix caching; forks use them regardless
-        self.grid = ChunkGrid(interval if blocks.prefix_caching and num_checkpoints else 0)
+        # Prefill chunks end on checkpoint positions whether or not checkpoints are saved: a
+        # step's chunking decides the last bits of the attention layers' output, so with the
+        # same chunks prefix caching on computes bitwise what it computes off. Checkpoints at
+        # prefix positions only serve prefix caching; forks use the slots regardless.
+        self.grid = ChunkGrid(interval, grid)
+        self.saving = blocks.prefix_caching and num_checkpoints > 0
         self.blocks = blocks
-        self.fork_unit = max(DELTA_CHUNK, blocks.block_size)
+        self.fork_unit = max(grid, blocks.block_size)
 
     # ---- admission ---------------------------------------------------------------------------
     def admit(self, seq: Sequence) -> bool:
@@ -87,8 +92,8 @@ class StateKeeper:
         """Checkpoints to save this step, up to position ``reach`` (drafts included; a save
         past what verification accepts is not made). Slots are reserved now."""
         start = seq.num_computed
-        wanted = [p for p in self.grid.positions(start, reach)
-                  if p not in {q for q, _ in seq.pending_saves}]
+        wanted = [p for p in self.grid.positions(start, reach) if self.saving
+                  and p not in {q for q, _ in seq.pending_saves}]
         fork = self.fork_point(seq)
         if fork and seq.fork is None and start < fork <= reach:
             wanted.append(fork)

@@ -96,17 +96,25 @@ class CPUDecoder:
     @classmethod
     def attach(cls, model) -> CPUDecoder | None:
         """The driver for ``model`` (a ``LlamaModel``), or None where it does not apply."""
-        from dist_engine.models.llama import LlamaAttention, LlamaMLP
+        from dist_engine.layers.norm import RMSNorm
+        from dist_engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
-        dtype = model.norm.weight.dtype
-        if model.norm.weight.device.type != "cpu" or dtype not in SUFFIX or not qlinear.available():
+        norm = getattr(model, "norm", None)
+        if type(norm) is not RMSNorm:  # e.g. Qwen3.5's (1 + w) norm: not the C driver's arithmetic
+            return None
+        dtype = norm.weight.dtype
+        if norm.weight.device.type != "cpu" or dtype not in SUFFIX or not qlinear.available():
             return None
         fns = _addresses(dtype)
         if fns is None:
             return None
         layers, keep = [], []
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            # exact types: the driver encodes LlamaDecoderLayer's forward, so a layer kind it does
+            # not know (a subclass, a linear-attention or MLA layer, MoE) keeps the Python path
+            if type(layer) is not LlamaDecoderLayer:
+                return None
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             if (type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.qk_norm
                     or attn.o_proj.comm.world_size != 1 or attn.o_proj.bias is not None
                     or attn.rotary_emb.cos.dtype != dtype):
@@ -114,8 +122,8 @@ class CPUDecoder:
             prods = [_product(m, dtype, fns, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if any(p is None for p in prods) or prods[1].bias or prods[2].bias or prods[3].bias:
                 return None
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if not norm.use_kernel or norm.weight.dtype != dtype:
+            for ln in (layer.input_layernorm, layer.post_attention_layernorm):
+                if type(ln) is not RMSNorm or not ln.use_kernel or ln.weight.dtype != dtype:
                     return None
             layers.append(_Layer(layer.input_layernorm.weight.data_ptr(),
                                  layer.post_attention_layernorm.weight.data_ptr(), *prods, None, None))
@@ -131,7 +139,8 @@ class CPUDecoder:
                 or x.dtype != self.dtype or not x.is_contiguous() or torch.is_grad_enabled()):
             return None
         if self.cache_ptrs is None or self.cache_ptrs[0] is not kv_caches:
-            if any(kv.observe or kv.shared or kv.k.dtype != self.dtype for kv in kv_caches):
+            # K/V stored as they are in the model's dtype (not FP8, not TurboQuant codes)
+            if any(kv.observe or kv.shared or not kv.plain or kv.k.dtype != self.dtype for kv in kv_caches):
                 return None
             for layer, kv in zip(self.layers, kv_caches):
                 layer.k_cache, layer.v_cache = kv.k.data_ptr(), kv.v.data_ptr()
@@ -150,7 +159,8 @@ class CPUDecoder:
 
 
 def attach(causal_lm) -> None:
-    """Give a Llama-family model (``model.model.cpu_decoder``) its C driver where it applies."""
+    """Give a Llama-family model (``model.model.cpu_decoder``) its C driver where it applies;
+    models without the attribute (Qwen3.5's hybrid layers) always run their Python path."""
     inner = getattr(causal_lm, "model", None)
     if inner is not None and hasattr(inner, "cpu_decoder"):
         inner.cpu_decoder = CPUDecoder.attach(inner)

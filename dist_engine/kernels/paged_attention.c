@@ -18,6 +18,12 @@
  *   q_start, q_len, ctx  [B]: first query token, number of queries, context length
  *   tables [B, max_blocks]: block ids
  * Scores and softmax in fp32; bf16 inputs are widened, outputs rounded to nearest even.
+ *
+ * TurboQuant caches (the *_tq entry points; kernels/tq.h, layers/tq_cache.py): K and V are rows
+ * of codes with an fp16 scale instead of k and v, and q and out are in each KV head's rotated
+ * basis. A key's row is looked up in the codebook (eight codes per permute) and its dot product
+ * with the query times its scale is the score; a task decodes its chunk's value rows once (times
+ * their scales) before the value phase, which then reads them as an fp32 cache.
  */
 #include <math.h>
 #include <omp.h>
@@ -26,6 +32,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "tq.h"
 
 /* glibc's vector expf (libmvec) for the softmax loop, declared without -ffast-math (which would
  * change the process's floating-point mode when the library loads) */
@@ -91,6 +98,7 @@ typedef struct {
     int64_t q_row, Hq, Hk, D, bs, window;
     float scale;
     int is_bf16;
+    const TQRows *tk, *tv; /* TurboQuant K and V; NULL for plain caches */
 } Args;
 
 /* The key loop of the value phase around BODY (which adds x * the value row vr). */
@@ -99,7 +107,9 @@ typedef struct {
         if (w[j] == 0.0f) continue;                                                              \
         const int64_t at = (slot[j] * Hk + h) * D + d0;                                          \
         const float *vr = (const float *)a->v + at;                                              \
-        if (is_bf16) {                                                                           \
+        if (tq) { /* the chunk's decoded rows */                                                \
+            vr = vdec + ((h - h0) * n + j) * D + d0;                                             \
+        } else if (is_bf16) {                                                                    \
             load_row(a->v, at, width, 1, row);                                                   \
             vr = row;                                                                            \
         }                                                                                        \
@@ -112,16 +122,18 @@ typedef struct {
  * acc = sum exp(score - m) v. Rows are (query token, query head), token major; other rows are
  * left alone. Returns -1 when out of memory. */
 static inline __attribute__((always_inline)) int attend_chunk(
-        const Args *a, int is_bf16, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
+        const Args *a, int is_bf16, int tq, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
         int64_t j0, int64_t j1, int64_t h0, int64_t h1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
-    const int64_t floats = (R * D + R * n + D + TILE * D + 1) / 2 * 2; /* even: the slots align */
+    const int64_t decoded = tq ? (h1 - h0) * n * D : 0; /* TurboQuant: the chunk's value rows */
+    const int64_t floats = (R * D + R * n + D + TILE * D + decoded + 1) / 2 * 2; /* even: slots align */
     float *qf = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(int64_t));
     if (qf == NULL) return -1;
     float *scores = qf + R * D; /* [R, n] */
     float *row = scores + R * n; /* [D]: one widened value */
     float *kbuf = row + D;       /* [TILE, D]: widened keys */
+    float *vdec = kbuf + TILE * D; /* [h1 - h0, n, D]: decoded values (TurboQuant) */
     int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
@@ -135,10 +147,17 @@ static inline __attribute__((always_inline)) int attend_chunk(
         const int64_t nt = j1 - t0 < TILE ? j1 - t0 : TILE;
         for (int64_t h = h0; h < h1; h++) {
             const float *kp[TILE];
+            float ks[TILE]; /* TurboQuant: each key's scale */
             for (int64_t t = 0; t < TILE; t++) {
                 const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
                 const int64_t at = (slot[j - j0] * Hk + h) * D;
-                if (is_bf16) {
+                if (tq) {
+                    const int64_t tr = slot[j - j0] * Hk + h;
+                    tq_lookup(a->tk->codes + tr * a->tk->row_bytes, a->tk->bits, a->tk->centroids,
+                              0, D, kbuf + t * D);
+                    kp[t] = kbuf + t * D;
+                    ks[t] = tq_half(a->tk->scales[tr]);
+                } else if (is_bf16) {
                     load_row(a->k, at, D, 1, kbuf + t * D);
                     kp[t] = kbuf + t * D;
                 } else {
@@ -154,7 +173,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
                     for (int64_t t = 0; t < nt; t++) {
                         const int64_t j = t0 + t;
                         const int visible = j <= pos && (a->window <= 0 || j > pos - a->window);
-                        scores[r * n + (j - j0)] = visible ? dots[t] : -INFINITY;
+                        scores[r * n + (j - j0)] = visible ? (tq ? dots[t] * ks[t] : dots[t]) : -INFINITY;
                     }
                 }
             }
@@ -175,6 +194,15 @@ static inline __attribute__((always_inline)) int attend_chunk(
         m_out[r] = m;
         s_out[r] = s;
     }
+    if (tq) /* each value row once (not once per query row), scaled */
+        for (int64_t h = h0; h < h1; h++)
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t tr = slot[j] * Hk + h;
+                float *dst = vdec + ((h - h0) * n + j) * D;
+                tq_lookup(a->tv->codes + tr * a->tv->row_bytes, a->tv->bits, a->tv->centroids, 0, D, dst);
+                const float sc = tq_half(a->tv->scales[tr]);
+                for (int64_t d = 0; d < D; d++) dst[d] *= sc;
+            }
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */
@@ -222,12 +250,15 @@ static inline int64_t skipped(int64_t L, int64_t Q, int64_t window) {
     return (L - Q - window + 1) / KEY_CHUNK;
 }
 
-/* Returns 0 on success, -1 if a task could not allocate its scratch memory. */
-static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const void *v, void *out,
-               const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,
-               const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,
-               int64_t D, int64_t bs, int64_t window, float scale, int64_t threads) {
-    const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16};
+/* Returns 0 on success, -1 if a task could not allocate its scratch memory. Inlined into each
+ * entry point, so the element type and the cache format are constants there. */
+static inline __attribute__((always_inline)) int run(
+        int is_bf16, int tq, const void *q, int64_t q_row, const void *k, const void *v,
+        const TQRows *tk, const TQRows *tv, void *out, const int64_t *q_start,
+        const int64_t *q_len, const int64_t *ctx, const int64_t *tables, int64_t max_blocks,
+        int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
+        int64_t threads) {
+    const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16, tk, tv};
     /* task list: (sequence, key chunk[, KV heads]); partial results at per-pair offsets */
     int64_t *first = malloc((size_t)(B + 1) * 2 * sizeof(int64_t)); /* first task, first row */
     if (first == NULL) return -1;
@@ -261,7 +292,7 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
             const int64_t h0 = part_h * Hk / split, h1 = (part_h + 1) * Hk / split;
             const int64_t j0 = (c + skipped(ctx[b], q_len[b], window)) * KEY_CHUNK;
             const int64_t j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
-            failed |= attend_chunk(&a, is_bf16, q_start[b], q_len[b], ctx[b],
+            failed |= attend_chunk(&a, is_bf16, tq, q_start[b], q_len[b], ctx[b],
                                    tables + b * max_blocks, j0, j1, h0, h1, pm + r, ps + r,
                                    pacc + r * D) != 0;
         }
@@ -306,9 +337,23 @@ static int run(int is_bf16, const void *q, int64_t q_row, const void *k, const v
              const int64_t *q_len, const int64_t *ctx, const int64_t *tables, int64_t max_blocks, \
              int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window,           \
              float scale, int64_t threads) {                                                      \
-        return run(IS_BF16, q, q_row, k, v, out, q_start, q_len, ctx, tables, max_blocks, B, Hq, \
-                   Hk, D, bs, window, scale, threads);                                            \
+        return run(IS_BF16, 0, q, q_row, k, v, NULL, NULL, out, q_start, q_len, ctx, tables,     \
+                   max_blocks, B, Hq, Hk, D, bs, window, scale, threads);                         \
     }
 
 ENTRY(paged_attention_f32, float, 0)
 ENTRY(paged_attention_bf16, bf16, 1)
+
+/* TurboQuant caches: K and V as TQRows, q and out in the rotated basis (D a multiple of 8). */
+#define ENTRY_TQ(NAME, T, IS_BF16)                                                                \
+    int NAME(const T *q, int64_t q_row, const TQRows *tk, const TQRows *tv, T *out,              \
+             const int64_t *q_start, const int64_t *q_len, const int64_t *ctx,                   \
+             const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,       \
+             int64_t D, int64_t bs, int64_t window, float scale, int64_t threads) {              \
+        if (D % 8) return -2;                                                                    \
+        return run(IS_BF16, 1, q, q_row, NULL, NULL, tk, tv, out, q_start, q_len, ctx, tables,   \
+                   max_blocks, B, Hq, Hk, D, bs, window, scale, threads);                         \
+    }
+
+ENTRY_TQ(paged_attention_tq_f32, float, 0)
+ENTRY_TQ(paged_attention_tq_bf16, bf16, 1)

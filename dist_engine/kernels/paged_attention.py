@@ -2,7 +2,9 @@
 
 ``PagedGroup`` is the per-step metadata (built once by ``worker/batch.py``, shared by every
 layer); ``attend`` runs one layer. Eligible: CPU tensors, fp32 or bf16 cache in the query's
-dtype, separate K and V (not MLA's shared latent), no sequence shards.
+dtype, separate K and V (not MLA's shared latent), no sequence shards. ``attend_tq`` runs one
+layer over a TurboQuant cache (``layers/tq_cache.py``): queries and output in the cache's
+rotated basis, K and V read as codes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class PagedGroup:
 def _fns() -> dict | None:
     return bind("paged_attention", ((torch.float32, "paged_attention_f32"),
                                     (torch.bfloat16, "paged_attention_bf16")), _ARGS, ctypes.c_int)
+
+
+@functools.cache
+def _tq_fns() -> dict | None:  # K and V as pointers to TQRows structures
+    return bind("paged_attention", ((torch.float32, "paged_attention_tq_f32"),
+                                    (torch.bfloat16, "paged_attention_tq_bf16")), _ARGS, ctypes.c_int)
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -85,5 +93,28 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Pag
             g.q_start.data_ptr(), g.q_len.data_ptr(), g.ctx.data_ptr(), g.tables.data_ptr(),
             width, B, Hq, k_cache.shape[1], D, g.block_size, g.window, scale,
             torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("paged attention kernel: out of memory for its score buffers")
+
+
+def attend_tq(q: torch.Tensor, kv, g: PagedGroup, scale: float, out: torch.Tensor) -> None:
+    """``attend`` over a ``TurboQuantKV`` ``kv``: q and ``out`` ``[T, Hq, D]`` (contiguous, q's
+    dtype) in the cache's rotated basis (``kv.to_cache_basis``)."""
+    T, Hq, D = q.shape
+    if not available(q.dtype):
+        raise RuntimeError(f"the paged attention kernel is not built for {q.dtype} here")
+    if not (q.device.type == out.device.type == "cpu" and out.dtype == q.dtype
+            and out.is_contiguous() and out.shape == q.shape and D == kv.head_dim
+            and Hq % kv.local_num_kv_heads == 0):
+        raise ValueError("paged attention kernel: q, out [T, Hq, D] must be CPU tensors of one "
+                         "dtype, D the cache's head size")
+    if q.stride(2) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    tk, tv = kv.c_rows()
+    B, width = g.tables.shape
+    rc = _tq_fns()[q.dtype](q.data_ptr(), q.stride(0), ctypes.addressof(tk), ctypes.addressof(tv),
+                            out.data_ptr(), g.q_start.data_ptr(), g.q_len.data_ptr(),
+                            g.ctx.data_ptr(), g.tables.data_ptr(), width, B, Hq, kv.local_num_kv_heads, D,
+                            g.block_size, g.window, scale, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("paged attention kernel: out of memory for its score buffers")

@@ -9,9 +9,10 @@ cached blocks instead of recomputing its whole prompt; least recently used ones 
 checkpoint slot is *reserved* when a step is asked to save into it and *committed* once the
 sequence has verified that far and its blocks' digests are known.
 
-``ChunkGrid`` is where prefill chunks of such models may end: on multiples of the delta rule's
-64-token chunk (so a chunk of the chunked form never straddles two steps) and never past the
-next checkpoint position (a checkpoint is the state at the end of a step's chunk).
+``ChunkGrid`` is where prefill chunks of such models may end: on multiples of the kinds' grid
+(``RecurrentState.grid``: the delta rule's 64-token chunk, so a chunk of the chunked form never
+straddles two steps; 1 for a state that any chunking computes alike) and never past the next
+checkpoint position (a checkpoint is the state at the end of a step's chunk).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from dist_engine.kv_cache.block_manager import Digest
 
-DELTA_CHUNK = 64  # the chunked delta rule's chunk: prefill chunk ends stay on its grid
+DELTA_CHUNK = 64  # the chunked delta rule's chunk: a Gated DeltaNet state's grid
 
 
 class StateSlots:
@@ -96,18 +97,19 @@ class StateCheckpoints:
 @dataclass(frozen=True)
 class ChunkGrid:
     interval: int  # checkpoint positions are multiples of this (0: no checkpoints)
+    grid: int = DELTA_CHUNK  # chunk ends sit on multiples of this (the kinds' grid)
 
     def chunk_end(self, start: int, end: int, total: int, stops: tuple[int, ...] = ()) -> int:
         """Where a chunk from ``start`` that could reach ``end`` (of ``total`` tokens) ends: not
         past the next checkpoint position or any of ``stops`` (a fork point), and on a
-        multiple of 64 unless it reaches ``total``. ``start`` when nothing fits."""
+        multiple of the grid unless it reaches ``total``. ``start`` when nothing fits."""
         bounds = [p for p in stops if start < p]
         if self.interval:
             bounds.append((start // self.interval + 1) * self.interval)
         end = min([end, *bounds])
         if end >= total:
             return total
-        return max(start, end - end % DELTA_CHUNK)
+        return max(start, end - end % self.grid)
 
     def positions(self, start: int, end: int) -> list[int]:
         """Checkpoint positions in ``(start, end]``."""

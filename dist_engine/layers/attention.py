@@ -1,7 +1,8 @@
 """Attention over the paged KV cache (and, for merging partials, its log-sum-exp).
 
 The cache of one layer on one rank is a ``LayerKV``: ``[num_slots, local_num_kv_heads, head_dim]`` for K
-and V (model dtype or FP8), slot = block_id * block_size + offset. Sequences are attended in groups: each group is a padded
+and V (model dtype or FP8), slot = block_id * block_size + offset; or a ``TurboQuantKV`` (codes),
+over which attention runs in each KV head's rotated basis (queries rotated in, output out). Sequences are attended in groups: each group is a padded
 batch ``[B, Q]`` of query tokens against ``[B, K]`` gathered key slots with a precomputed
 allowed-mask (causal by absolute position, sliding window, padding). Prefill chunks form their
 own groups; decode and verification tokens (a few per sequence) share one. The metadata is built
@@ -18,10 +19,11 @@ from typing import Any
 
 import torch
 
-from dist_engine.kernels import paged_attention as paged_kernel
 from dist_engine.kernels.paged_attention import PagedGroup
+from dist_engine.layers.compressed_rows import CompressedRows
 from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.state_cache import StateMetadata
+from dist_engine.layers.tq_cache import TurboQuantKV
 
 # Upper bound on score elements materialised at once; longer contexts are tiled over keys.
 MAX_SCORE_ELEMENTS = 1 << 24
@@ -80,13 +82,15 @@ class AttentionMetadata:
     # none is) and ``tail`` their own metadata. None: every row runs through every layer.
     tail_rows: torch.Tensor | None = None
     tail: AttentionMetadata | None = None
+    # compressed kinds (``PagedKV(ratio=m)``, in the primary group): where their rows are, by m
+    rows: dict[int, CompressedRows] = field(default_factory=dict)
 
     def for_group(self, group: str) -> AttentionMetadata:
         """The metadata a layer of paged group ``group`` attends with (this one: the primary)."""
         return self.by_group.get(group, self)
 
 
-def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+def write_kv(kv: LayerKV | TurboQuantKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     # k, v [T, Hk, D]; slot_mapping [W]
     if kv.observe:
         kv.note(k, v)
@@ -141,7 +145,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
-def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv: LayerKV | TurboQuantKV, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
     """q ``[T, Hq, D]`` against the cache -> out ``[T, Hq, D]``.
 
     With sequence shards (``meta.cp``)
@@ -155,7 +160,9 @@ def paged_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale
         q = _gather_split_queries(q, meta)  # [T, Hq, D]
     if meta.dcp is not None:
         q = torch.cat(meta.dcp.gather_all(q.contiguous()), dim=1)  # [T, DCP * Hq, D]
-    out, lse = _local_attention(q, kv, meta, scale, need_lse=meta.cp is not None)
+    # in the cache's basis (TurboQuant: rotated; out is linear in V, so partials merge as before)
+    out, lse = local_attention(kv.to_cache_basis(q), kv, meta, scale, need_lse=meta.cp is not None)
+    out = kv.from_cache_basis(out)
     if meta.cp is not None:  # a query with no key on a shard has out 0 and lse -inf there
         outs = meta.cp.gather_all(out.float())
         lses = meta.cp.gather_all(lse)
@@ -216,7 +223,7 @@ def _attend_tiled(qg: torch.Tensor, kv: LayerKV, g: AttentionGroup, scale: float
     return merge_partials(outs, lses)
 
 
-def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float,
+def local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float,
                      need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out ``[T, Hq, D]``, lse ``[T, Hq]`` fp32 or None unless ``need_lse``); a query with no
     visible key gets lse -inf (and, when merging, out 0)."""
@@ -228,14 +235,14 @@ def _local_attention(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scal
         return _static_decode(q, kv, first, scale), None
     if isinstance(first, PagedGroup) and first.covers_all:  # (never with sequence shards)
         out = q.new_empty(T, Hq, D)
-        paged_kernel.attend(q, kv.k, kv.v, first, scale, out)
+        kv.attend_paged(q, first, scale, out)
         return out, None
     single = len(meta.groups) == 1 and meta.groups[0].dense
     out = None if single else q.new_zeros(T, Hq, D)
     lse_out = None if single or not need_lse else torch.full((T, Hq), float("-inf"), device=q.device)
     for g in meta.groups:
         if isinstance(g, PagedGroup):
-            paged_kernel.attend(q, kv.k, kv.v, g, scale, out)
+            kv.attend_paged(q, g, scale, out)
             continue
         B, Q = g.q_index.shape
         qg = q.view(B, Q, Hq, D) if g.dense else q[g.q_index]  # [B, Q, Hq, D]

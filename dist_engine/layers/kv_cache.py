@@ -11,6 +11,11 @@ Error bound of ``fp8_e4m3`` (3 mantissa bits): a stored element in the normal ra
 2^-4 (6.25%) of its value relative to itself; below ``2^-6 * scale`` (subnormals) the absolute
 error is at most ``2^-10 * scale``; dequantizing into bf16/fp16 adds that format's rounding.
 docs/long_context.md has the measured effect on logits.
+
+A layer cache offers ``write``, ``gather``, ``window``, ``attend_paged`` (the C decode kernel) and
+``to_cache_basis`` / ``from_cache_basis`` (the basis attention runs in: the model's here, each
+KV head's rotated one for ``TurboQuantKV`` in ``layers/tq_cache.py``); its kind
+(``kv_cache/kinds.PagedKV``) gives its bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_engine.config import KV_CACHE_DTYPES
+from dist_engine.kernels import paged_attention as paged_kernel
+from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -31,6 +38,8 @@ def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     if kv_cache_dtype == "auto":
         return model_dtype
+    if kv_cache_dtype in TQ_PRESETS:
+        return torch.uint8  # codes (TurboQuantKV)
     return FP8 if kv_cache_dtype == "fp8_e4m3" else getattr(torch, kv_cache_dtype)
 
 
@@ -40,10 +49,13 @@ class LayerKV:
     v: torch.Tensor
     k_scale: float = 1.0  # FP8 only: stored = x / scale
     v_scale: float = 1.0
-    # calibration: when set, write_kv notes the largest |K| and |V| (full-precision caches)
+    # calibration: when set, write_kv notes the largest |K| and |V| and sums K per head
+    # (full-precision caches)
     observe: bool = False
     k_amax: float = 0.0
     v_amax: float = 0.0
+    k_sum: torch.Tensor | None = None  # [Hk, D] fp64
+    k_count: int = 0
 
     @classmethod
     def empty(cls, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -67,15 +79,36 @@ class LayerKV:
         return self.k.dtype == FP8
 
     @property
+    def plain(self) -> bool:  # K/V stored as they are: kernels may read and write them directly
+        return not self.is_fp8
+
+    def to_cache_basis(self, q: torch.Tensor) -> torch.Tensor:  # stored as computed: no change
+        return q
+
+    def from_cache_basis(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def attend_paged(self, q: torch.Tensor, group, scale: float, out: torch.Tensor) -> None:
+        """The C decode kernel over this cache for ``group`` (a ``PagedGroup``)."""
+        paged_kernel.attend(q, self.k, self.v, group, scale, out)
+
+    @property
     def local_num_kv_heads(self) -> int:
         return self.k.shape[1]
 
     def note(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Calibration: remember the largest |K| and |V| (every token of the step, so that
-        sequence shards, which store different tokens, agree)."""
+        """Calibration: remember the largest |K| and |V| and sum K (every token of the step, so
+        that sequence shards, which store different tokens, agree)."""
         if k.numel():
             self.k_amax = max(self.k_amax, k.abs().max().item())
             self.v_amax = max(self.v_amax, v.abs().max().item())
+            self.k_sum = k.double().sum(0) + (0 if self.k_sum is None else self.k_sum)
+            self.k_count += k.shape[0]
+
+    def calibrated_mean(self) -> torch.Tensor | None:
+        """The mean key ``[Hk, D]`` (fp32) seen while observing; None for shared storage (MLA's
+        latent is the value too) or when nothing was seen."""
+        return None if self.shared or not self.k_count else (self.k_sum / self.k_count).float()
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots [W]; k, v [W, Hk, D] (v ignored when it shares K's storage)

@@ -184,7 +184,10 @@ class SegmentedColumnLinear(ColumnParallelLinear):
         if which != "weight":
             raise ValueError(f"checkpoint has a {which} this layer does not use")
         for src, n, dst in self.segments[shard_id]:
-            copy_checked(self.weight.data[dst:dst + n], full[src:src + n])
+            if isinstance(full, QuantTensor):  # kept quantized: each segment's rows
+                quant_linear.take(self, _rows_of(full, src, n, self.in_features), dst)
+            else:
+                copy_checked(self.weight.data[dst:dst + n], full[src:src + n])
 
 
 class RowParallelLinear(nn.Module):

@@ -1,10 +1,13 @@
 """Mixture-of-experts pieces with DeepSeek-V3's routing; experts are sharded across TP ranks.
 
-Routing (``TopkRouter``): sigmoid scores of a replicated fp32 gate; a per-expert correction bias
-is added for *choosing* only; experts are split into ``n_group`` groups, each scored by the sum
-of its two best biased scores, the best ``topk_group`` groups stay eligible, and the top
-``num_experts_per_tok`` experts among them are chosen. Their weights are the unbiased scores,
-optionally normalised to sum to one, times ``routed_scaling_factor``.
+Routing (``TopkRouter``): sigmoid scores of a replicated fp32 gate (DeepSeek-V4: sqrt(softplus));
+a per-expert correction bias is added for *choosing* only; experts are split into ``n_group``
+groups, each scored by the sum of its two best biased scores, the best ``topk_group`` groups stay
+eligible, and the top ``num_experts_per_tok`` experts among them are chosen. Their weights are
+the unbiased scores, optionally normalised to sum to one, times ``routed_scaling_factor``.
+DeepSeek-V4's first layers route by token id instead (``HashRouter``: a fixed table of
+``num_experts_per_tok`` experts per vocabulary entry), weighted by the same scores; its experts
+clamp the SwiGLU inputs (``swiglu_limit``).
 
 Expert parallelism: rank r holds the contiguous expert range ``split_range(E, tp, r)`` with full
 weights per expert and computes, for every token, the weighted outputs of its own experts only;
@@ -30,13 +33,16 @@ from dist_engine.distributed.partition import split_range
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear, merged_column
 from dist_engine.layers.loading import copy_checked
 
+SCORES = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt()}
+
 if TYPE_CHECKING:
     from dist_engine.experts.cache import ExpertCache
 
 
 class TopkRouter(nn.Module):
-    """``scoring="sigmoid"``: DeepSeek-V3's routing above. ``"softmax"`` (Qwen3-MoE): softmax
-    over all experts, the top ``top_k`` (optionally renormalised); no groups, no bias."""
+    """``scoring="sigmoid"``: DeepSeek-V3's routing above (``"sqrtsoftplus"``: DeepSeek-V4's,
+    ungrouped). ``"softmax"`` (Qwen3-MoE): softmax over all experts, the top ``top_k``
+    (optionally renormalised); no groups, no bias."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
                  norm_topk_prob: bool, scaling: float, scoring: str = "sigmoid") -> None:
@@ -45,7 +51,7 @@ class TopkRouter(nn.Module):
         self.norm_topk_prob, self.scaling, self.scoring = norm_topk_prob, scaling, scoring
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)  # fp32
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts), requires_grad=False)
-                                        if scoring == "sigmoid" else None)
+                                        if scoring in SCORES else None)
 
     def load(self, which: str, full, shard_id: object = None) -> None:
         copy_checked(getattr(self, which).data, full[:])
@@ -58,13 +64,14 @@ class TopkRouter(nn.Module):
             if self.norm_topk_prob:
                 weights = weights / weights.sum(-1, keepdim=True)
             return weights * self.scaling, ids
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        scores = SCORES[self.scoring](F.linear(x.float(), self.weight))  # [T, E]
         choice = scores + self.e_score_correction_bias
-        groups = choice.view(T, self.n_group, E // self.n_group)
-        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
-        keep = torch.zeros_like(group_score, dtype=torch.bool)
-        keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+        if self.n_group > 1:
+            groups = choice.view(T, self.n_group, E // self.n_group)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
         ids = choice.topk(self.top_k, dim=-1).indices  # [T, k]
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
@@ -72,21 +79,51 @@ class TopkRouter(nn.Module):
         return weights * self.scaling, ids
 
 
+class HashRouter(nn.Module):
+    """DeepSeek-V4's hash routing: the experts of each token are ``tid2eid[token id]`` ``[k]``
+    (a fixed table), weighted by their normalised scores of the gate, times the scaling."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, vocab_size: int, scaling: float,
+                 scoring: str) -> None:
+        super().__init__()
+        self.scaling, self.scoring = scaling, scoring
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)  # fp32
+        self.tid2eid = nn.Parameter(torch.zeros(vocab_size, top_k, dtype=torch.long), requires_grad=False)
+
+    def load(self, which: str, full, shard_id: object = None) -> None:
+        copy_checked(getattr(self, which).data, full[:].to(getattr(self, which).dtype))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, hidden]``, token_ids ``[T]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]``)."""
+        scores = SCORES[self.scoring](F.linear(x.float(), self.weight))  # [T, E]
+        ids = self.tid2eid[token_ids]
+        weights = scores.gather(1, ids)
+        return weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.scaling, ids
+
+
+def swiglu(gate_up: torch.Tensor, limit: float | None, act=F.silu) -> torch.Tensor:
+    """``act(gate) * up`` of ``[N, 2I]`` (gate first; SiLU, or Gemma 4's tanh GELU); with
+    ``limit`` the gate is clamped from above and up to ``[-limit, limit]`` first (DeepSeek-V4)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return act(gate) * up
+
+
 class Expert(nn.Module):
     """One expert's gated MLP (SwiGLU, or ``act`` for another gate) with full (unsharded)
     weights: gate and up in one matmul."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, quant: tuple[int, int] | None = None,
-                 act=F.silu) -> None:
+                 act=F.silu, limit: float | None = None) -> None:
         super().__init__()
-        self.act = act
+        self.act, self.limit = act, limit
         self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False,
                                                  dtype, quant)
         self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x), self.limit, self.act))
 
 
 class ExpertDict(nn.ModuleDict):
@@ -122,10 +159,11 @@ class ExpertDict(nn.ModuleDict):
 
 
 def local_experts(hidden: int, inter: int, expert_range: tuple[int, int], dtype: torch.dtype,
-                  quant: tuple[int, int] | None = None, num_experts: int | None = None) -> ExpertDict:
+                  quant: tuple[int, int] | None = None, limit: float | None = None,
+                  num_experts: int | None = None) -> ExpertDict:
     """This rank's experts ``[first, first + count)`` of ``num_experts`` (default: these)."""
     first, count = expert_range
-    return ExpertDict({str(e): Expert(hidden, inter, dtype, quant) for e in range(first, first + count)},
+    return ExpertDict({str(e): Expert(hidden, inter, dtype, quant, limit) for e in range(first, first + count)},
                       num_experts if num_experts is not None else first + count)
 
 
@@ -162,15 +200,15 @@ class SharedExperts(nn.Module):
     this rank's partial (the MoE block reduces it together with the routed experts)."""
 
     def __init__(self, hidden: int, inter: int, comm: Communicator, dtype: torch.dtype,
-                 quant: tuple[int, int] | None = None) -> None:
+                 quant: tuple[int, int] | None = None, limit: float | None = None) -> None:
         super().__init__()
+        self.limit = limit
         self.gate_up_proj = merged_column(hidden, [inter, inter], comm, dtype, quant)
         self.down_proj = RowParallelLinear(split_range(inter, comm.world_size, comm.rank), hidden,
                                            comm, False, dtype, reduce=False, quant_block=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x), self.limit))
 
 
 class SparseMoE(nn.Module):
@@ -184,21 +222,30 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden: int, num_experts: int, inter: int, num_shared: int, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
                  comm: Communicator, dtype: torch.dtype, quant: tuple[int, int] | None = None,
-                 scoring: str = "sigmoid", layer: int = 0, expert_cache: ExpertCache | None = None,
-                 prefix: str | None = None) -> None:
+                 scoring: str = "sigmoid", limit: float | None = None,
+                 hash_vocab: int | None = None, packed_experts: bool = False, layer: int = 0,
+                 expert_cache: ExpertCache | None = None, prefix: str | None = None) -> None:
+        """``quant``: FP8 block size of the expert weights; ``packed_experts``: the routed
+        experts arrive kept quantized (``quant/``, e.g. DeepSeek-V4's MXFP4) and take no FP8
+        form, the shared experts keep ``quant``; ``hash_vocab``: route by token id (V4's hash
+        layers)."""
         super().__init__()
         self.comm = comm
         self.expert_range = split_range(num_experts, comm.world_size, comm.rank)
-        self.gate = TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling, scoring)
+        self.gate = (HashRouter(hidden, num_experts, top_k, hash_vocab, scaling, scoring) if hash_vocab
+                     else TopkRouter(hidden, num_experts, top_k, n_group, topk_group, norm_topk_prob,
+                                     scaling, scoring))
+        routed_quant = None if packed_experts else quant
         if expert_cache is None:
-            self.experts = local_experts(hidden, inter, self.expert_range, dtype, quant, num_experts)
+            self.experts = local_experts(hidden, inter, self.expert_range, dtype, routed_quant, limit, num_experts)
             self.paged = None
         else:
             self.experts = None
             self.paged = expert_cache.register(layer, prefix or f"model.layers.{layer}.mlp.experts.",
-                                               self.expert_range, lambda: Expert(hidden, inter, dtype, quant),
-                                               self.gate)
-        self.shared_experts = SharedExperts(hidden, inter * num_shared, comm, dtype, quant) if num_shared else None
+                                               self.expert_range,
+                                               lambda: Expert(hidden, inter, dtype, routed_quant, limit), self.gate)
+        self.shared_experts = (SharedExperts(hidden, inter * num_shared, comm, dtype, quant, limit)
+                               if num_shared else None)
 
     def skips_tensor(self, rest: str) -> bool:
         """The checkpoint tensor ``...mlp.experts.{rest}`` is not loaded into this module: the
@@ -215,8 +262,10 @@ class SparseMoE(nn.Module):
             return self.paged.run(x, weights, ids)
         return run_experts(self.experts, x, weights, ids)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        weights, ids = self.gate(x)  # [T, k] each, identical on every rank
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[T, hidden]``; ``token_ids`` ``[T]`` for hash routing."""
+        # [T, k] each, identical on every rank
+        weights, ids = self.gate(x, token_ids) if isinstance(self.gate, HashRouter) else self.gate(x)
         y = self.routed(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

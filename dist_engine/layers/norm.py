@@ -42,6 +42,24 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
+class Fp32RMSNorm(RMSNorm):
+    """RMSNorm whose weight stays fp32 and scales in fp32 before one rounding to the input's
+    dtype (DeepSeek-V4 keeps its norms in fp32 whatever the model dtype)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return (self.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps)).to(x.dtype)
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` over the last dim, the factor computed in fp32 and rounded to x's dtype."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
 class OffsetRMSNorm(RMSNorm):
     """RMSNorm whose checkpoint stores ``w`` for a scale of ``1 + w`` (Qwen3.5's zero-centred
     norm, initialised to zeros). The offset is folded in once at load, in fp32, so the forward

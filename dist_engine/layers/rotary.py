@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 
-def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[head_dim/2]`` and the attention scale factor for cos/sin."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+              dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[head_dim/2]`` and the attention scale factor for cos/sin, computed
+    in ``dtype`` (float32 repeats transformers' arithmetic exactly)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv, 1.0
@@ -29,7 +31,7 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tu
         mid = (wavelen <= low_wl) & (wavelen >= high_wl)
         return torch.where(mid, blended, out), 1.0
     if kind == "yarn":
-        return _yarn(inv, head_dim, theta, scaling)
+        return _yarn(head_dim, theta, scaling, dtype)
     if kind == "proportional":
         # Gemma 4's global layers: the first partial_rotary_factor of each half turns at the
         # frequencies a full-width head would give them; the rest get frequency 0 (cos 1,
@@ -41,7 +43,7 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tu
                      "llama3, yarn, proportional)")
 
 
-def _yarn(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any]
+def _yarn(head_dim: int, theta: float, scaling: dict[str, Any], dtype: torch.dtype
           ) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023): dimensions that rotate many times over the original context keep
     their frequency, slow ones are divided by ``factor``, a linear ramp in between; cos/sin are
@@ -69,9 +71,10 @@ def _yarn(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=dtype) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: keep the original frequency (extrapolate), 0: divide by factor
-    return inv / factor * (1 - keep) + inv * keep, float(att)
+    base = theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    return 1.0 / (factor * base) * (1 - keep) + 1.0 / base * keep, float(att)
 
 
 class RotaryEmbedding(nn.Module):
@@ -106,3 +109,33 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class TrailingRotary(nn.Module):
+    """RoPE on the last ``rope_dim`` dims of each head with consecutive pairs rotated together
+    (DeepSeek-V4's layout: ``[nope | rope]``, pairs (x0, x1), (x2, x3), ...). The cos/sin
+    tables are built in fp32 as transformers builds them (``position * inv_freq``), rounded to
+    the model dtype, and the rotation runs in fp32. ``inverse`` rotates by -position (V4 undoes
+    the keys' rotation on the attention output, since K is also V)."""
+
+    def __init__(self, rope_dim: int, max_positions: int, theta: float,
+                 scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv, mscale = _inv_freq(rope_dim, theta, scaling, torch.float32)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv[None, :]  # [P, rd/2]
+        self.register_buffer("cos", (freqs.cos() * mscale).to(dtype), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * mscale).to(dtype), persistent=False)
+        self.rope_dim = rope_dim
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``x`` ``[T, H, D]`` (or ``[T, D]``) at ``positions`` ``[T]``."""
+        cos, sin = self.cos[positions].float(), self.sin[positions].float()  # [T, rd/2]
+        if x.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if inverse:
+            sin = -sin
+        rd = self.rope_dim
+        rope = x[..., -rd:].float()
+        x1, x2 = rope[..., 0::2], rope[..., 1::2]
+        rotated = torch.stack((x1 * cos + -x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((x[..., :-rd], rotated.to(x.dtype)), dim=-1)

@@ -12,7 +12,9 @@ whose chunks sit on a grid of absolute positions so that a prefill resumed from 
 computes exactly what an uninterrupted one does); write the final state back into the slot;
 and with ``keep_per_token`` (a verification step) also store, for each sequence that runs token
 by token, the state after each of its tokens in ``kept[layer][name][b, j]``, from which the
-runner restores the state after the accepted tokens once the drafts are judged.
+runner restores the state after the accepted tokens once the drafts are judged. A *positional*
+state (``RecurrentState.positional``: rows in a ring indexed by position) keeps nothing: the
+rows of rejected drafts sit past the accepted position and are rewritten before any read.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ class LayerState:
     """One recurrent layer's slots: ``tensors[name]`` is ``[num_slots, *shape]``."""
 
     tensors: dict[str, torch.Tensor]
+    positional: bool = False  # the kind's rows are indexed by position: no per-token copies
 
     @classmethod
     def empty(cls, kind: RecurrentState, num_slots: int, device: torch.device) -> LayerState:
         return cls({name: torch.zeros(num_slots, *shape, dtype=dtype, device=device)
-                    for name, shape, dtype in kind.tensors})
+                    for name, shape, dtype in kind.tensors}, kind.positional)
 
     @property
     def num_slots(self) -> int:

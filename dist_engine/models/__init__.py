@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from dist_engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dist_engine.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dist_engine.models.gemma4 import Gemma4ForCausalLM
 from dist_engine.models.llama import LlamaForCausalLM
 from dist_engine.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -18,6 +19,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "Gemma4ForCausalLM": Gemma4ForCausalLM,
     "Gemma4ForConditionalGeneration": Gemma4ForCausalLM,
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
     # Qwen3.5 / Qwen 3.6; the multimodal checkpoints' text part (the vision tower is not loaded)
     "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForCausalLM": Qwen3_5ForCausalLM,

@@ -29,7 +29,7 @@ from dist_engine.layers.rotary import RotaryEmbedding
 if TYPE_CHECKING:
     from dist_engine.experts.cache import ExpertCache
 
-KVCache = LayerKV  # K, V: [num_slots, local_num_kv_heads, head_dim] each (model dtype or FP8)
+KVCache = LayerKV  # K, V: [num_slots, local_num_kv_heads, head_dim] each (model dtype or FP8), or TurboQuantKV
 
 
 class LlamaAttention(nn.Module):
@@ -78,8 +78,9 @@ class LlamaAttention(nn.Module):
     def _rope_and_store(self, positions: torch.Tensor, qkv: torch.Tensor, kv: KVCache,
                         meta: AttentionMetadata) -> torch.Tensor | None:
         """Rotated q ``[T, Hq, D]`` with K and V already in the cache (kernels/fused.c), or None
-        where the kernel does not apply: FP8 or shared caches, calibration, sequence shards."""
-        if kv.observe or kv.is_fp8 or kv.shared or meta.write_index is not None:
+        where the kernel does not apply: FP8, TurboQuant or shared caches, calibration, sequence
+        shards."""
+        if kv.observe or not kv.plain or kv.shared or meta.write_index is not None:
             return None
         rot = self.rotary_emb
         return fused.rope_store(qkv, self.local_num_heads, self.local_num_kv_heads, self.head_dim, positions,

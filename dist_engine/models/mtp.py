@@ -10,8 +10,9 @@ p + 1, and its output predicts token p + 2::
 
 Module names follow the checkpoints that ship MTP weights (DeepSeek-V3, GLM-4.5):
 ``model.layers.{num_hidden_layers}.{enorm,hnorm,eh_proj,shared_head.norm,self_attn,mlp,...}``.
-Qwen3.5 names the same parts ``mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc, layers.0,
-norm}`` (its norms scale by ``1 + w``, ``layers.0`` is a gated full-attention layer with the
+DeepSeek-V4 ships ``mtp.{i}.*`` with two input projections summed and hyper-connection streams
+(``models/deepseek_v4_mtp.py``). Qwen3.5 names the same parts ``mtp.{pre_fc_norm_embedding,
+pre_fc_norm_hidden, fc, layers.0, norm}`` (its norms scale by ``1 + w``, ``layers.0`` is a gated full-attention layer with the
 model's MLP or MoE); ``Qwen3_5MTP`` exposes ``norm`` as ``shared_head.norm`` too, so the
 speculative decoder drives both alike. The embedding and head are the main model's; their
 copies in a checkpoint are ignored. No collectives here: the block's parallel layers hold them,
@@ -127,6 +128,15 @@ class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
                  emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
+        if cfg.is_v4:
+            from dist_engine.models.deepseek_v4 import DeepseekV4ForCausalLM
+            from dist_engine.models.deepseek_v4_mtp import DeepseekV4MTPLayer, mtp_checkpoint_name
+
+            self.packed_modules = DeepseekV4ForCausalLM.packed_modules
+            self.checkpoint_name = mtp_checkpoint_name
+            self.mtp = nn.ModuleList([DeepseekV4MTPLayer(cfg, comm, dtype, max_positions)])
+            self._prefix = self._block = "mtp.0."
+            return
         if cfg.is_hybrid:
             self.packed_modules = PACKED_MODULES
             self.mtp = Qwen3_5MTP(cfg, comm, dtype, max_positions, emb_first, expert_cache)
@@ -148,14 +158,15 @@ class MTPModel(nn.Module):
         Qwen3.5 MTP layer past 0."""
         if name.startswith("mtp.layers.") and not name.startswith(self._block):
             return True
-        block = self.layer.layers[0] if hasattr(self, "mtp") else self.layer
+        block = self.layer.layers[0] if hasattr(self.layer, "layers") else self.layer
         head, mlp = f"{self._block}mlp.experts.", block.mlp
         return name.startswith(head) and isinstance(mlp, SparseMoE) and mlp.skips_tensor(name[len(head):])
 
     @property
-    def layer(self) -> LlamaMTPLayer | DeepseekV3MTPLayer | Qwen3_5MTP:
+    def layer(self) -> nn.Module:
+        """MTP layer 0 (``LlamaMTPLayer``, ``DeepseekV3MTPLayer``, ``DeepseekV4MTPLayer`` or ``Qwen3_5MTP``)."""
         if hasattr(self, "mtp"):
-            return self.mtp
+            return self.mtp[0] if isinstance(self.mtp, nn.ModuleList) else self.mtp
         return self.model.layers[str(self.layer_index)]
 
     def prefix(self) -> str:

@@ -13,7 +13,8 @@
 - ``checkpoint.py``: groups a checkpoint's tensors per layer for the loader.
 - ``linear.py``: how layers hold and multiply them; the kernels are ``kernels/qlinear.*``.
 
-DeepSeek-V3's block-scaled FP8 stays in ``layers/fp8.py`` (``ModelConfig.fp8_block``).
+DeepSeek-V3 and V4 block-scaled FP8 stays in ``layers/fp8.py`` (``ModelConfig.fp8_block``);
+V4's MXFP4 routed experts are read by ``fp4.packed_mxfp4_weights``.
 """
 
 from __future__ import annotations

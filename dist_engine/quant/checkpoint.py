@@ -19,21 +19,41 @@ import json
 import os
 from collections.abc import Iterator
 
+from dist_engine.config.deepseek_v4 import V4_ARCHITECTURES
 from dist_engine.quant import method_module, parse_config
+from dist_engine.quant.fp4 import packed_mxfp4_weights
+
+
+def _config(path: str) -> dict:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        return {}
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def _deepseek_block_fp8(config: dict, raw: dict) -> bool:
+    """DeepSeek-V3/V4's block-scaled FP8: layers/fp8.py reads its tensors directly."""
+    return (raw.get("quant_method") == "fp8" and bool(raw.get("weight_block_size"))
+            and (bool(config.get("kv_lora_rank")) or V4_ARCHITECTURES[0] in (config.get("architectures") or [])))
 
 
 def checkpoint_quantization(path: str):
     """The checkpoint's typed quantization config, or None."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        return None
-    with open(cfg_file) as f:
-        config = json.load(f)
+    config = _config(path)
     raw = config.get("quantization_config")
-    if not raw or (raw.get("quant_method") == "fp8" and raw.get("weight_block_size")
-                   and config.get("kv_lora_rank")):
-        return None  # DeepSeek's block-scaled FP8: layers/fp8.py reads its tensors directly
+    if not raw or _deepseek_block_fp8(config, raw):
+        return None
     return parse_config(raw, path)
+
+
+def fp4_experts(path: str) -> bool:
+    """DeepSeek-V4 with MXFP4 routed experts (``expert_dtype: "fp4"``, top level or in the
+    quantization config)."""
+    config = _config(path)
+    quant = config.get("quantization_config") or {}
+    return (V4_ARCHITECTURES[0] in (config.get("architectures") or [])
+            and quant.get("expert_dtype", config.get("expert_dtype")) == "fp4")
 
 
 def logical_tensors(path: str, tensors: dict) -> Iterator[tuple[str, object]]:
@@ -41,7 +61,7 @@ def logical_tensors(path: str, tensors: dict) -> Iterator[tuple[str, object]]:
     replaced by one ``<layer>.weight`` ``QuantTensor``."""
     cfg = checkpoint_quantization(path)
     if cfg is None:
-        yield from tensors.items()
+        yield from (packed_mxfp4_weights(tensors) if fp4_experts(path) else tensors.items())
         return
     fmt = method_module(cfg.method)
     layers: dict[str, dict] = {}

@@ -17,9 +17,12 @@ and the halving are exact in fp32, so the kernels' values equal the format's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from dist_engine.quant.groups import E2M1_DOUBLED, GroupQuant
+from dist_engine.quant.lazy import QuantTensor
 from dist_engine.quant.packing import unpack_nibbles
 
 E2M1_VALUES = tuple(v / 2 for v in E2M1_DOUBLED)  # code -> value
@@ -67,3 +70,41 @@ def nvfp4(packed: torch.Tensor, scales: torch.Tensor, multiply: torch.Tensor | N
 def dequantize(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 ``[N, K / 2]`` codes and ``[N, K / 32]`` UE8M0 scales -> fp32 ``[N, K]``."""
     return mxfp4(packed, scales).dequantize()
+
+
+# where a packed MXFP4 weight's UE8M0 scales sit beside it: DeepSeek's released naming, then
+# transformers' spellings
+SCALE_LEAVES = ("scale", "weight_scale_inv", "weight_scale")
+
+
+def mxfp4_tensor(packed, scales, name: str) -> QuantTensor:
+    """A checkpoint's packed MXFP4 weight (lazy ``[N, K / 2]`` bytes) and its lazy UE8M0
+    ``[N, K / 32]`` scales as one ``QuantTensor`` ``[N, K]``, decoded per row range."""
+    n, half = packed.shape
+    if tuple(scales.shape) != (n, half * 2 // 32):
+        raise ValueError(f"{name}: MXFP4 weight {tuple(packed.shape)} needs scales {(n, half * 2 // 32)}, "
+                         f"got {tuple(scales.shape)}")
+
+    def decode(rows: slice | torch.Tensor) -> GroupQuant:
+        if isinstance(rows, slice):
+            return mxfp4(packed[rows], scales[rows], "mxfp4")
+        return mxfp4(packed[:][rows], scales[:][rows], "mxfp4")
+
+    return QuantTensor((n, half * 2), decode, "mxfp4")
+
+
+def packed_mxfp4_weights(tensors: dict) -> Iterator[tuple[str, object]]:
+    """(name, tensor) with every ``<layer>.weight`` stored as int8/uint8 bytes (two E2M1 codes
+    each, DeepSeek-V4's routed experts) and its ``<layer>.scale`` replaced by one MXFP4
+    ``QuantTensor``; other tensors unchanged."""
+    consumed = set()
+    for name, t in tensors.items():
+        if not name.endswith(".weight") or t.dtype not in (torch.int8, torch.uint8):
+            continue
+        stem = name[:-len(".weight")]
+        scale = next((f"{stem}.{leaf}" for leaf in SCALE_LEAVES if f"{stem}.{leaf}" in tensors), None)
+        if scale is None:
+            raise ValueError(f"checkpoint tensor {name!r} is packed FP4 but has no {stem}.scale")
+        consumed.update((name, scale))
+        yield name, mxfp4_tensor(t, tensors[scale], name)
+    yield from ((name, t) for name, t in tensors.items() if name not in consumed)

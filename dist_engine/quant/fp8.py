@@ -34,19 +34,28 @@ def quantized(parts: dict) -> bool:
     return "weight" in parts and parts["weight"].dtype == torch.float8_e4m3fn
 
 
-def e4m3_rows(weight, scale, rows: slice | torch.Tensor, fmt: str) -> GroupQuant:
-    """Rows of an FP8 weight with a scalar, per-row ``[N]`` / ``[N, 1]`` or tile-grid
-    ``[ceil(N / B), ceil(K / B)]`` scale."""
+def e4m3_rows(weight, scale, rows: slice | torch.Tensor, fmt: str, tiles: bool = False,
+              block: tuple[int, int] | None = None) -> GroupQuant:
+    """Rows of an FP8 weight with a scalar, per-row ``[N]`` / ``[N, 1]`` or (``tiles``) tile-grid
+    ``[ceil(N / Br), ceil(K / Bc)]`` scale, ``block`` = (Br, Bc) as the config declares it (a
+    grid one tile wide is ``[N / Br, 1]``, and a partial last tile hides the tile size: only the
+    config, not the shape, tells them apart)."""
     N, K = weight.shape
     w = weight[rows] if isinstance(rows, slice) else weight[:][rows]
     n = w.shape[0]
     s = scale[:].float()
-    if s.numel() == 1:
+    if s.numel() == 1 and not tiles:
         s = s.reshape(1, 1).expand(n, 1)
-    elif s.dim() == 1 or s.shape[1] == 1:
+    elif not tiles:
+        if s.numel() != N:
+            raise ValueError(f"{fmt}: a per-row scale of shape {tuple(s.shape)} for {N} rows")
         s = s.reshape(N, 1)[rows]
     else:  # tiles: each row reads its tile row; columns stay groups of the tile width
-        br, bc = -(-N // s.shape[0]), -(-K // s.shape[1])
+        s = s.reshape(s.shape[0] if s.dim() else 1, -1)
+        br, bc = block or (-(-N // s.shape[0]), -(-K // s.shape[1]))
+        if s.shape != (-(-N // br), -(-K // bc)) or (block is None and (N % br or K % bc)):
+            raise ValueError(f"{fmt}: a scale grid of shape {tuple(s.shape)} does not tile a {N} x {K} "
+                             f"weight in {'blocks of ' + str(block) if block else 'whole tiles'}")
         if K % bc:
             raise ValueError(f"{fmt}: {K} inputs are not whole tiles of {bc}")
         s = s[torch.arange(N)[rows] // br]
@@ -58,7 +67,8 @@ def tensor(cfg: Config, prefix: str, parts: dict) -> QuantTensor:
     if scale is None:
         raise ValueError(f"FP8 layer {prefix} has no weight_scale / weight_scale_inv")
     weight = parts["weight"]
-    kind = "block" if len(scale.shape) == 2 and scale.shape[1] > 1 else (
-        "per channel" if scale.shape and scale.shape[0] > 1 else "per tensor")
+    # weight_scale_inv (and any scale of a checkpoint declaring weight_block_size) is a tile grid
+    tiles = "weight_scale_inv" in parts or cfg.block is not None
+    kind = "block" if tiles else ("per channel" if scale.shape and scale.shape[0] > 1 else "per tensor")
     fmt = f"fp8 e4m3 ({kind})"
-    return QuantTensor(tuple(weight.shape), lambda rows: e4m3_rows(weight, scale, rows, fmt), fmt)
+    return QuantTensor(tuple(weight.shape), lambda rows: e4m3_rows(weight, scale, rows, fmt, tiles, cfg.block), fmt)

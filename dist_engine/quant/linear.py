@@ -44,16 +44,33 @@ def finalize(root: nn.Module) -> None:
         rows = module.weight.shape[0]
         order = sorted(parts)
         got = [parts[d] for d in order]
-        edges = [d for d in order] + [rows]
-        if order[0] != 0 or any(edges[i] + p.shape[0] != edges[i + 1] for i, p in enumerate(got)):
-            raise ValueError(f"quantized parts {[(d, p.shape) for d, p in parts.items()]} do not "
-                             f"cover the {rows} output rows of {type(module).__name__}")
-        set_packed(module, GroupQuant.cat(got).pack())
+        ends = [d + p.shape[0] for d, p in zip(order, got)]
+        if ends[-1] > rows or any(e > d for e, d in zip(ends, order[1:])):
+            raise ValueError(f"quantized parts {[(d, p.shape) for d, p in parts.items()]} overlap or "
+                             f"exceed the {rows} output rows of {type(module).__name__}")
+        if sum(p.shape[0] for p in got) == rows:
+            set_packed(module, GroupQuant.cat(got).pack())
+        else:  # dense parts beside quantized ones in one fused weight (the loader checked that
+            # every part arrived): one product must hold one form, so the layer stays dense
+            _mixed_dense(module, parts)
     for module in root.modules():  # a head tied to a quantized table reads the same weight
         tied = getattr(module, "tied", None)
         if tied is not None and module.weight_packed is None and tied.weight_packed is not None:
             module.weight_packed = tied.weight_packed
             module.weight = tied.weight  # the emptied table, not the dense one it replaced
+
+
+def _mixed_dense(module: nn.Module, parts: dict[int, GroupQuant]) -> None:
+    """A fused weight whose checkpoint keeps some parts dense (e.g. FP8 Qwen3.5 checkpoints
+    leave Gated DeltaNet's ``in_proj_a`` / ``in_proj_b`` unconverted beside a quantized
+    ``in_proj_qkv`` / ``in_proj_z``): the quantized parts' exact values written into the dense
+    weight beside the dense rows."""
+    w = module.weight.data  # [out, in]
+    for dst, part in parts.items():
+        w[dst:dst + part.shape[0]] = part.dequantize().to(w.dtype)
+    log.info("%s: %d of %d rows quantized, the rest dense in the checkpoint; held dense (%s)",
+             type(module).__name__, sum(p.shape[0] for p in parts.values()), w.shape[0],
+             next(iter(parts.values())).fmt)
 
 
 def set_packed(module: nn.Module, qw: qlinear.QWeight) -> None:

@@ -22,9 +22,9 @@ from dist_engine.quant import linear as quant_linear
 from dist_engine.quant.checkpoint import logical_tensors
 from dist_engine.weights.gguf_meta import GGUF_LINK
 
-_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F32": torch.float32, "I32": torch.int32, "I64": torch.int64, "I8": torch.int8,
-           "U8": torch.uint8, "I16": torch.int16}
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
+           "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16}
 
 
 class LazySlice:

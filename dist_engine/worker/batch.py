@@ -9,6 +9,7 @@ import torch
 from dist_engine.kernels.paged_attention import available as paged_available
 from dist_engine.kernels.paged_attention import make_group
 from dist_engine.layers.attention import AttentionGroup, AttentionMetadata
+from dist_engine.layers.compressed_rows import build_rows
 from dist_engine.layers.state_cache import StateMetadata
 from dist_engine.worker.messages import SampledTokens, SeqWork, StepInput
 
@@ -37,10 +38,15 @@ def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Te
     return tables.gather(1, pos // block_size) * block_size + pos % block_size
 
 
-def _local_keys(s: SeqWork, block_size: int, shard: int, num_shards: int
+def _first_key(s: SeqWork, window: int | None) -> int:
+    """The first position any query of ``s`` this step attends (a window starts past 0)."""
+    return 0 if window is None else max(0, s.start_pos - window + 1)
+
+
+def _local_keys(s: SeqWork, block_size: int, shard: int, num_shards: int, first: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and cache slots of the keys of ``s`` that live on this shard."""
-    pos = torch.arange(s.context_len)
+    """Positions (from ``first`` on) and cache slots of the keys of ``s`` on this shard."""
+    pos = torch.arange(first, s.context_len)
     used = (s.context_len + block_size - 1) // block_size
     blocks = torch.tensor(s.block_table[:used], dtype=torch.long)[pos // block_size]
     keep = blocks % num_shards == shard
@@ -64,19 +70,22 @@ def _group(seqs: list[SeqWork], starts: list[int], block_size: int, window: int 
     i = torch.arange(Q).view(1, Q)
     q_valid = i < qlen  # [B, Q]
     q_pos = ctx - qlen + i  # [B, Q] absolute position of each query
+    # a sliding window reads only its last keys: positions before the first query's window are
+    # neither gathered nor masked (their blocks may have been given back)
+    first = torch.tensor([_first_key(s, window) for s in seqs]).view(B, 1)
     if num_shards == 1:
-        K = max(s.context_len for s in seqs)
-        n_blocks = (K + block_size - 1) // block_size
+        K = max(s.context_len - f for s, f in zip(seqs, first.flatten().tolist()))
+        n_blocks = (max(s.context_len for s in seqs) + block_size - 1) // block_size
         tables = torch.zeros(B, n_blocks, dtype=torch.long)
         for b, s in enumerate(seqs):
             used = (s.context_len + block_size - 1) // block_size
             tables[b, :used] = torch.tensor(s.block_table[:used], dtype=torch.long)
         j = torch.arange(K).view(1, K)
-        key_pos = j.expand(B, K)  # [B, K]
-        key_valid = j < ctx
+        key_pos = (first + j).clamp(max=n_blocks * block_size - 1)  # [B, K]
+        key_valid = first + j < ctx
         kv_slots = _slots(tables, key_pos, block_size).masked_fill(~key_valid, 0)
     else:  # only this shard's keys: [B, K] with K the most any sequence has here
-        keys = [_local_keys(s, block_size, shard, num_shards) for s in seqs]
+        keys = [_local_keys(s, block_size, shard, num_shards, _first_key(s, window)) for s in seqs]
         K = max(1, max(len(p) for p, _ in keys))
         key_pos = torch.zeros(B, K, dtype=torch.long)
         kv_slots = torch.zeros(B, K, dtype=torch.long)
@@ -116,13 +125,16 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, windows: list[int | 
                 heads_per_kv: int, dtype: torch.dtype, device: torch.device,
                 shard: int = 0, num_shards: int = 1, cp=None, dcp=None, fold: bool = True,
                 paged: bool = False, groups: tuple[str, ...] = ("full",),
-                group_heads: tuple[tuple[int, bool], ...] | None = None) -> ForwardBatch:
+                group_heads: tuple[tuple[int, bool], ...] | None = None,
+                ratios: tuple[int, ...] = ()) -> ForwardBatch:
     """``windows``: the sliding window of each paged group (``groups``, primary first; a
     sequence's ``block_table`` is the primary's, ``group_tables`` the others'), each group
     getting attention metadata of its own. ``heads_per_kv``: query heads per KV head attended
     together (folded into the mask for short query groups when ``fold``; pass False with one KV
     head per rank), the primary group's; ``group_heads`` the other groups' ``(heads_per_kv,
-    fold)`` where they differ (Gemma 4's global layers have fewer KV heads). ``paged``: the sequences feeding few tokens go to the C kernel over block
+    fold)`` where they differ (Gemma 4's global layers have fewer KV heads). ``ratios``: the
+    compressed kinds' ratios, whose rows (in the primary group's blocks) get ``CompressedRows``
+    each. ``paged``: the sequences feeding few tokens go to the C kernel over block
     tables instead (a ``PagedGroup``; the caller checks CPU and a full-precision cache of
     separate K/V, one shard and a built kernel are checked here).
 
@@ -144,6 +156,7 @@ def build_batch(seqs: tuple[SeqWork, ...], block_size: int, windows: list[int | 
               num_shards=num_shards, cp=cp, dcp=dcp, fold=fold, paged=paged)
     meta, shard_tokens = _table_meta(seqs, starts, len(ids), block_size, windows[0], **kw)
     meta.state = state_metadata(seqs, starts, device)
+    meta.rows = {m: build_rows(seqs, m, block_size, shard, num_shards, device) for m in ratios}
     for i, (group, window) in enumerate(zip(groups[1:], windows[1:])):
         own = tuple(replace(s, block_table=s.group_tables[i]) for s in seqs)
         if group_heads is not None:

@@ -25,18 +25,21 @@ from dist_engine.kv_cache.kinds import (
     paged_groups,
     state_bytes_per_seq,
 )
-from dist_engine.layers.kv_cache import LayerKV, storage_dtype
+from dist_engine.layers.kv_cache import storage_dtype
 from dist_engine.layers.linear import pack_weights, weight_bytes
-from dist_engine.layers.state_cache import LayerState
+from dist_engine.layers.turboquant import PRESETS as TQ_PRESETS
 from dist_engine.models import model_class
 from dist_engine.quant import linear as quant_linear
 from dist_engine.weights.loader import load_weights
 from dist_engine.worker import cuda_graph
 from dist_engine.worker.batch import ForwardBatch, build_batch, hidden_rows
 from dist_engine.worker.caches import (
+    LayerCache,
     allocate,
+    by_layer,
     bytes_by_group,
-    layer_kind,
+    flat_caches,
+    layer_kinds,
     plan_layout,
     restore_states,
     settle_states,
@@ -69,6 +72,9 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.kv_dtype = storage_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.kv_scales: list[tuple[float, float]] | None = None  # FP8: per layer, calibrated once
+        # TurboQuant codes (layers/tq_cache.py): the preset, and per layer the calibrated mean key
+        self.tq_preset = config.cache.kv_cache_dtype if config.cache.kv_cache_dtype in TQ_PRESETS else None
+        self.kv_means: list[torch.Tensor | None] | None = None
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
         mcfg = config.model
@@ -94,29 +100,37 @@ class ModelRunner:
             self.expert_cache.start(mcfg.path, self.model.packed_modules,
                                     getattr(self.model, "checkpoint_name", None))
         self.load_seconds = time.perf_counter() - t0
-        # what each layer keeps between steps (a drafter layer's own cache last)
+        # what each layer keeps between steps (a drafter layer's own cache last): its kinds, and
+        # all of them in layer order
         window = mcfg.sliding_window
         layers = list(self.model.model.layers) + (self.drafter.cache_layers() if self.drafter else [])
-        self.kinds = [layer_kind(layer, self.kv_dtype, window) for layer in layers]
+        self.layer_kinds = [layer_kinds(layer, self.kv_dtype, window, self.tq_preset) for layer in layers]
+        self.kinds = [k for kinds in self.layer_kinds for k in kinds]
         self.has_state = any(isinstance(k, RecurrentState) for k in self.kinds)
+        # compressed kinds (one row per ratio positions) get row metadata every step
+        self.ratios = tuple(sorted({k.ratio for k in self.kinds if isinstance(k, PagedKV) and k.ratio > 1}))
         self.groups = tuple(paged_groups(self.kinds))  # paged groups, primary first
         self.windows = [group_window(g) for g in self.groups]
         attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
         self.local_num_kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.latent_cache = getattr(attn, "latent_cache", False)  # MLA: one tensor, no separate V
+        # this rank's first global KV head (TurboQuant rotations are per global head)
+        self.kv_head_start = attn.part.kv_start if hasattr(attn, "part") else 0
         # query heads per KV head that attention folds together (the whole DCP group's), and
         # whether it folds them, per paged group (primary first)
         # (the drafter layers that attend through the runner's metadata count; DFlash's do not)
         attending = list(self.model.model.layers) + (self.drafter.metadata_layers() if self.drafter else [])
-        self.group_heads = group_heads(attending, self.kinds, self.groups,
+        self.group_heads = group_heads(attending, self.layer_kinds, self.groups,
                                        self.dcp_comm.world_size if self.dcp_comm else 1)
         self.heads_per_kv = self.group_heads[0][0] if self.groups else 1
         # decode / verification attention through the C kernel over block tables (CPU, one
-        # sequence shard, a full-precision cache of separate K and V); a switch for A/B checks
-        self.use_paged_kernel = (device.type == "cpu" and self.kv_dtype == self.dtype
+        # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
+        # for A/B checks
+        self.use_paged_kernel = (device.type == "cpu"
+                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
-        self.kv_caches: list[LayerKV | LayerState] = []  # one per layer of the main model
+        self.kv_caches: list[LayerCache] = []  # one per layer of the main model
         self.layout: CacheLayout | None = None
         # decode steps replayed as CUDA graphs; on CPU the same static-shape path only when a
         # test asks for it (cuda_graph.STATIC_DECODE_ON_CPU)
@@ -138,7 +152,7 @@ class ModelRunner:
                             heads, self.dtype, self.device, groups=self.groups,
                             shard=sc.rank if sc else 0, num_shards=sc.world_size if sc else 1, cp=sc,
                             dcp=self.dcp_comm, fold=fold, paged=self.use_paged_kernel,
-                            group_heads=tuple(others))
+                            group_heads=tuple(others), ratios=self.ratios)
         if self._sampled_rows_suffice(seqs, batch):
             tail = tuple(dataclasses.replace(s, token_ids=s.token_ids[-n:], start_pos=s.context_len - n)
                          for s in seqs if s.sample for n in (1 + s.num_drafts,))
@@ -260,9 +274,12 @@ class ModelRunner:
 
     def init_cache(self, layout: CacheLayout) -> None:
         """Allocate ``layout`` on this rank (with sequence shards, local block i is global block
-        i * shards + shard). FP8 caches get their scales from a calibration pass first."""
+        i * shards + shard). FP8 caches get their scales, TurboQuant caches their mean keys
+        from a calibration pass first."""
         if self.kv_dtype == torch.float8_e4m3fn and self.kv_scales is None:
             self.kv_scales = self.calibrate_kv_scales()
+        if self.tq_preset is not None and self.kv_means is None:
+            self.kv_means = self.calibrate_kv_means()
         self._make_caches(layout, None, self.kv_scales)
         if self.expert_cache is not None:  # count serving only, not the start-up passes
             self.expert_cache.reset_stats()
@@ -271,9 +288,10 @@ class ModelRunner:
                      scales: list[tuple[float, float]] | None) -> None:
         scratch = self.graphs is not None  # one more block, for the padding rows of graphs
         self.layout = layout
-        self.kv_caches = allocate(self.kinds, layout, self.block_size, self.device,
-                                  zero_slots=self.block_size, extra_blocks=int(scratch),
-                                  scales=scales, dtype=dtype)
+        flat = allocate(self.kinds, layout, self.block_size, self.device, zero_slots=self.block_size,
+                        extra_blocks=int(scratch), scales=scales, dtype=dtype, k_means=self.kv_means,
+                        kv_head_start=self.kv_head_start)
+        self.kv_caches = by_layer(flat, self.layer_kinds)
         n = len(self.drafter.cache_layers()) if self.drafter is not None else 0
         if n:  # the drafter's own layers' caches (last): same blocks and slots
             self.kv_caches, self.drafter.caches = self.kv_caches[:-n], self.kv_caches[-n:]
@@ -285,8 +303,8 @@ class ModelRunner:
         return bytes_by_group(self._all_caches(), self.kinds)
 
     def _all_caches(self) -> list:
-        """The model's caches, then the drafter layers', in ``self.kinds`` order."""
-        return self.kv_caches + (self.drafter.caches if self.drafter is not None else [])
+        """Every kind's storage: the model's, then the drafter layers', in ``self.kinds`` order."""
+        return flat_caches(self.kv_caches + (self.drafter.caches if self.drafter is not None else []))
 
     def _drop_caches(self) -> None:
         self.kv_caches = []
@@ -294,15 +312,39 @@ class ModelRunner:
             self.drafter.caches = []
 
     def calibrate_kv_scales(self, num_tokens: int = 256) -> list[tuple[float, float]]:
-        """Per-layer FP8 scales from the largest |K| and |V| of one prefill of pseudo-random
-        tokens (the same on every rank, so sequence shards of one tensor agree)."""
+        """Per-layer FP8 scales from the largest |K| and |V| of the calibration prefill."""
+        # per kind (recurrent state has no K/V and a shared kind uses its source's: unused)
+        scales = [c.calibrated_scales() if isinstance(k, PagedKV) else (1.0, 1.0)
+                  for k, c in zip(self.kinds, self._calibration_prefill(num_tokens))]
+        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
+                 min(k for k, _ in scales), max(k for k, _ in scales),
+                 min(v for _, v in scales), max(v for _, v in scales))
+        return scales
+
+    def calibrate_kv_means(self, num_tokens: int = 256) -> list[torch.Tensor | None]:
+        """Per-layer mean keys ``[local_num_kv_heads, head_dim]`` of the calibration prefill,
+        which TurboQuant caches subtract before quantizing (None: a recurrent layer, or a
+        shared latent)."""
+        means = [c.calibrated_mean() if isinstance(k, PagedKV) else None
+                 for k, c in zip(self.kinds, self._calibration_prefill(num_tokens))]
+        norms = [m.norm(dim=-1) for m in means if m is not None]
+        if norms:
+            log.info("TurboQuant mean keys calibrated: norm %.3g..%.3g",
+                     min(n.min().item() for n in norms), max(n.max().item() for n in norms))
+        return means
+
+    def _calibration_prefill(self, num_tokens: int) -> list:
+        """Every kind's cache (aligned with ``self.kinds``, a drafter's last; paged ones in full
+        precision) after observing one prefill of pseudo-random tokens, the same on every rank
+        (so sequence shards of one tensor agree). The caches are not kept."""
         n = min(num_tokens, self.config.scheduler.max_model_len)
         blocks = (n + self.block_size - 1) // self.block_size
         self._make_caches(self._scratch_layout(blocks + 1), self.dtype, None)
-        caches = [c for c in self._all_caches() if isinstance(c, LayerKV)]
-        for kv in caches:
-            kv.observe = True
-        self.calibrating = True  # every rank runs every token, so CP shards see the same maxima
+        caches = self._all_caches()  # aligned with self.kinds
+        for kv, kind in zip(caches, self.kinds):
+            if isinstance(kind, PagedKV):
+                kv.observe = True
+        self.calibrating = True  # every rank runs every token, so CP shards see the same
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=gen).tolist()
         work = self._scratch_work(tuple(ids), blocks)
@@ -310,14 +352,8 @@ class ModelRunner:
             self.execute(StepInput(step_id=-1, seqs=(work,)))
         finally:
             self.calibrating = False
-        # per layer (a recurrent layer has no K/V and a shared one uses its source's: unused)
-        scales = [c.calibrated_scales() if isinstance(k, PagedKV) else (1.0, 1.0)
-                  for k, c in zip(self.kinds, self._all_caches())]
         self._drop_caches()
-        log.info("FP8 KV scales calibrated: K %.3g..%.3g, V %.3g..%.3g",
-                 min(k for k, _ in scales), max(k for k, _ in scales),
-                 min(v for _, v in scales), max(v for _, v in scales))
-        return scales
+        return caches
 
     # ---- one engine step ---------------------------------------------------------------------
     def _forward(self, batch: ForwardBatch, raw: bool = False):
@@ -411,13 +447,13 @@ class ModelRunner:
         }, rows)
 
 
-def group_heads(layers, kinds, groups: tuple[str, ...], dcp: int) -> list[tuple[int, bool]]:
+def group_heads(layers, layer_kinds, groups: tuple[str, ...], dcp: int) -> list[tuple[int, bool]]:
     """Per paged group: (query heads per KV head attended together, whether short query groups
     fold them into the mask). A group whose layers have different ratios, or one KV head per
     rank (MLA, DCP, replicated KV heads), does not fold: one mask serves every head."""
     out = []
     for g in groups:
-        attns = [layer.self_attn for layer, k in zip(layers, kinds)
+        attns = [layer.self_attn for layer, kinds in zip(layers, layer_kinds) for k in kinds
                  if isinstance(k, (PagedKV, SharedKV)) and k.group == g and hasattr(layer, "self_attn")]
         ratios = {a.local_num_heads // a.local_num_kv_heads for a in attns}
         fold = len(ratios) == 1 and all(a.local_num_kv_heads > 1 for a in attns)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dist_engine.config import EngineConfig
 from dist_engine.distributed.comm import Communicator, NullCommunicator, TorchCommunicator
-from dist_engine.kv_cache.kinds import CacheLayout
+from dist_engine.kv_cache.kinds import CacheLayout, bytes_by_role
 from dist_engine.worker.messages import StepInput, StepOutput
 from dist_engine.worker.model_runner import ModelRunner, default_threads
 
@@ -107,7 +107,7 @@ class ShardWorker:
         r = self.runner
         formats = {f"weight_bytes[{k}]": v for k, v in r.weight_formats().items()}
         info = {"bytes_per_block": r.kv_bytes_per_block(), "state_bytes_per_seq": r.state_bytes_per_seq(),
-                "bytes_per_block_by_group": r.bytes_per_block(),
+                "bytes_per_block_by_group": r.bytes_per_block(), "bytes_by_role": bytes_by_role(r.kinds),
                 "allocated_bytes": r.allocated_bytes(), "weight_bytes": r.weight_bytes(), **formats,
                 **r.memory_report}
         if r.expert_cache is not None:

@@ -96,7 +96,8 @@ def plan(ctx: Context, req: ChatCompletionRequest) -> Plan:
         if req.response_format is not None or req.structured_outputs is not None:
             raise ValueError("tool_choice required or named cannot be combined with response_format")
         named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
-        constraint = StructuredOutputs(grammar=parser.grammar(tools, named, req.parallel_tool_calls))
+        constraint = StructuredOutputs(grammar=parser.grammar(tools, named, req.parallel_tool_calls,
+                                                             ctx.terminals))
     return Plan(tools, parser, ctx.reasoning_parser is not None, constraint)
 
 

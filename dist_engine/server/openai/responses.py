@@ -4,8 +4,9 @@ Input is a string or a list of items (messages, ``function_call`` and ``function
 items from earlier turns); ``instructions`` become the system message; function tools are
 given flat (``{"type": "function", "name", "parameters"}``). Output items: ``reasoning`` (with
 a reasoning parser), one ``message`` with ``output_text``, and ``function_call`` items.
-Streaming sends the typed events (``response.created``, ``response.output_text.delta``,
-``response.function_call_arguments.done``, ``response.completed``, ...). Stateless: no
+Streaming sends the typed events (``response.created``, ``response.reasoning_text.delta``,
+``response.output_text.delta``, ``response.function_call_arguments.done``,
+``response.completed``, ...). Stateless: no
 ``previous_response_id`` (send the conversation again, as with ``store: false``).
 """
 
@@ -85,18 +86,29 @@ def _message(text: str, status: str = "completed") -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
+def _reasoning(text: str, status: str = "completed") -> dict:
+    return {"type": "reasoning", "id": new_id("rs"), "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
 def _call(name: str, arguments: str, call_id: str, status: str = "completed") -> dict:
     return {"type": "function_call", "id": new_id("fc"), "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}
 
 
-def _response(rid: str, model: str, output: list, out=None, status: str = "completed") -> dict:
+def _response(rid: str, model: str, req: ResponsesRequest, output: list, out=None,
+              status: str = "completed") -> dict:
+    """The response object; the request's tool settings are echoed, as OpenAI's are (typed
+    clients require them)."""
     body = {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
-            "model": model, "output": output}
+            "model": model, "output": output, "tools": req.tools or [],
+            "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": req.parallel_tool_calls}
     if out is not None:
         done = out.outputs[0]
         body["usage"] = {"input_tokens": len(out.prompt_token_ids),
-                         "input_tokens_details": {"cached_tokens": out.metrics.prefix_hit_tokens},
+                         # cache writes are not priced apart here: reported as none
+                         "input_tokens_details": {"cached_tokens": out.metrics.prefix_hit_tokens,
+                                                  "cache_write_tokens": 0},
                          "output_tokens": len(done.token_ids),
                          "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": len(out.prompt_token_ids) + len(done.token_ids)}
@@ -110,14 +122,13 @@ async def create(ctx: Context, req: ResponsesRequest, raw: Request, tenant: str 
     if not req.stream:
         (out,) = await finals(raw, [stream])
         reasoning, content, calls, _ = chat.split(ctx, p, out.outputs[0])
-        items = [{"type": "reasoning", "id": new_id("rs"), "summary": [],
-                  "content": [{"type": "reasoning_text", "text": reasoning}]}] if reasoning else []
+        items = [_reasoning(reasoning)] if reasoning else []
         if content:
             items.append(_message(content))
         items += [_call(c.function.name, c.function.arguments, c.id) for c in calls]
-        return _response(rid, ctx.front.name, items, out)
+        return _response(rid, ctx.front.name, req, items, out)
     stream = await primed(stream)
-    return StreamingResponse(sse_stream(_events(ctx, p, rid, stream)), media_type="text/event-stream")
+    return StreamingResponse(sse_stream(_events(ctx, req, p, rid, stream)), media_type="text/event-stream")
 
 
 class _Events:
@@ -129,18 +140,27 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': self.seq, **body})}\n\n"
 
 
-async def _events(ctx: Context, p: chat.Plan, rid: str, stream) -> AsyncIterator[str]:
+async def _events(ctx: Context, req: ResponsesRequest, p: chat.Plan, rid: str, stream) -> AsyncIterator[str]:
     ev, name = _Events(), ctx.front.name
-    yield ev("response.created", response=_response(rid, name, [], status="in_progress"))
+    yield ev("response.created", response=_response(rid, name, req, [], status="in_progress"))
     state = chat.ChoiceStream(ctx, p)
     items: list[dict] = []
     text: dict | None = None  # the open message item
+    thought: dict | None = None  # the reasoning item
     calls: dict[int, dict] = {}
     last = None
     async for out in stream:
         last = out
         c = out.outputs[0]
         delta = state.feed(c.text_delta, c.finished)
+        if delta.reasoning_content:
+            if thought is None:
+                thought = _reasoning("", "in_progress")
+                items.append(thought)
+                yield ev("response.output_item.added", output_index=len(items) - 1, item=thought)
+            thought["content"][0]["text"] += delta.reasoning_content
+            yield ev("response.reasoning_text.delta", item_id=thought["id"],
+                     output_index=items.index(thought), content_index=0, delta=delta.reasoning_content)
         if delta.content:
             if text is None:
                 text = _message("", "in_progress")
@@ -150,7 +170,7 @@ async def _events(ctx: Context, p: chat.Plan, rid: str, stream) -> AsyncIterator
                          content_index=0, part={"type": "output_text", "text": "", "annotations": []})
             text["content"][0]["text"] += delta.content
             yield ev("response.output_text.delta", item_id=text["id"], output_index=items.index(text),
-                     content_index=0, delta=delta.content)
+                     content_index=0, delta=delta.content, logprobs=[])
         for frag in delta.tool_calls or []:
             if frag.index not in calls:
                 calls[frag.index] = _call(frag.function.name, "", frag.id, "in_progress")
@@ -163,13 +183,16 @@ async def _events(ctx: Context, p: chat.Plan, rid: str, stream) -> AsyncIterator
                          output_index=items.index(item), delta=frag.function.arguments)
     for i, item in enumerate(items):
         item["status"] = "completed"
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            yield ev("response.reasoning_text.done", item_id=item["id"], output_index=i,
+                     content_index=0, text=item["content"][0]["text"])
+        elif item["type"] == "message":
             yield ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
-                     text=item["content"][0]["text"])
+                     text=item["content"][0]["text"], logprobs=[])
             yield ev("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
                      part=item["content"][0])
         else:
             yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
                      arguments=item["arguments"])
         yield ev("response.output_item.done", output_index=i, item=item)
-    yield ev("response.completed", response=_response(rid, name, items, last))
+    yield ev("response.completed", response=_response(rid, name, req, items, last))

@@ -4,6 +4,7 @@ server-sent events, and running a request to its end unless the client goes away
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dist_engine.engine.structured import StructuredOutputs
 from dist_engine.server.frontend import Frontend
 from dist_engine.server.openai.errors import UnknownModel, as_api_error, error_body
 from dist_engine.server.openai.protocol import PromptTokensDetails, SamplingFields, Usage
+from dist_engine.server.openai.tool_parsers import Terminals
 from dist_engine.server.security import ApiKeys
 
 
@@ -34,6 +36,11 @@ class Context:
     @property
     def llm(self):
         return self.front.llm
+
+    @functools.cached_property
+    def terminals(self) -> Terminals:
+        """How tool-call grammars write a format's markers with this model's tokenizer."""
+        return Terminals(self.llm.tokenizer)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.front.name:
