@@ -276,7 +276,8 @@ class SparseMoE(nn.Module):
                     expert_cache: ExpertCache | None = None) -> SparseMoE:
         return cls(cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts,
                    cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
-                   cfg.routed_scaling_factor, comm, dtype, cfg.fp8_block, cfg.moe_scoring, layer, expert_cache)
+                   cfg.routed_scaling_factor, comm, dtype, cfg.fp8_block, cfg.moe_scoring, layer=layer,
+                   expert_cache=expert_cache)
 
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(.+)$")
