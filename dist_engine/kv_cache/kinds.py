@@ -142,6 +142,8 @@ def bytes_by_role(kinds: list[CacheKind]) -> dict[str, dict[str, float]]:
     per sequence; keyed by role (with the ratio for compressed kinds)."""
     out: dict[str, dict[str, float]] = {}
     for k in kinds:
+        if isinstance(k, SharedKV):  # reads its source's rows: no bytes of its own
+            continue
         if isinstance(k, PagedKV):
             label, cost = (k.role if k.ratio == 1 else f"{k.role} 1/{k.ratio}"), k.bytes_per_row() / k.ratio
         else:

@@ -115,9 +115,9 @@ class Expert(nn.Module):
     weights: gate and up in one matmul."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, quant: tuple[int, int] | None = None,
-                 act=F.silu, limit: float | None = None) -> None:
+                 limit: float | None = None, act=F.silu) -> None:
         super().__init__()
-        self.act, self.limit = act, limit
+        self.limit, self.act = limit, act
         self.gate_up_proj = ColumnParallelLinear(hidden, {0: (0, inter, 0), 1: (0, inter, inter)}, False,
                                                  dtype, quant)
         self.down_proj = ColumnParallelLinear(inter, {None: (0, hidden, 0)}, False, dtype, quant)
