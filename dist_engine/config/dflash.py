@@ -13,12 +13,10 @@ the drafter's config says so).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from dist_engine.config.model import ModelConfig
+from dist_engine.config.model import ModelConfig, read_config_json
 
 ARCHITECTURE = "DFlashDraftModel"
 
@@ -52,11 +50,7 @@ class DFlashConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> DFlashConfig:
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ValueError(f"{path} has no config.json: pass a DFlash drafter checkpoint folder")
-        with open(cfg_file) as f:
-            return cls.from_dict(json.load(f), path)
+        return cls.from_dict(read_config_json(path, "a DFlash drafter checkpoint folder"), path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "<dict>") -> DFlashConfig:

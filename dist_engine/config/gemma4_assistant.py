@@ -12,13 +12,11 @@ the tokens of the ``centroid_intermediate_top_k`` best of ``num_centroids`` toke
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from dist_engine.config.gemma4 import FULL, SLIDING
-from dist_engine.config.model import ModelConfig
+from dist_engine.config.model import ModelConfig, read_config_json
 
 MODEL_TYPE = "gemma4_assistant"
 
@@ -46,12 +44,7 @@ class Gemma4AssistantConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> Gemma4AssistantConfig:
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ValueError(f"{path} has no config.json: pass a Gemma 4 assistant checkpoint folder")
-        with open(cfg_file) as f:
-            raw = json.load(f)
-        return cls.from_dict(raw, path)
+        return cls.from_dict(read_config_json(path, "a Gemma 4 assistant checkpoint folder"), path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "<dict>") -> Gemma4AssistantConfig:

@@ -232,11 +232,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> ModelConfig:
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ValueError(f"{path} has no config.json: pass an HF-format model folder or a known name")
-        with open(cfg_file) as f:
-            return cls.from_dict(json.load(f), path)
+        return cls.from_dict(read_config_json(path, "an HF-format model folder or a known name"), path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "<dict>") -> ModelConfig:
@@ -335,3 +331,12 @@ class ModelConfig:
         )
         fields.update(family)  # architecture-specific values win over the generic reading
         return cls(**fields)
+
+
+def read_config_json(path: str, what: str) -> dict[str, Any]:
+    """``path/config.json`` as a dict; a folder without one is a ValueError asking for ``what``."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"{path} has no config.json: pass {what}")
+    with open(cfg_file) as f:
+        return json.load(f)

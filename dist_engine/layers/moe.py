@@ -151,6 +151,8 @@ class ExpertDict(nn.ModuleDict):
                 expert.down_proj.load("weight", w)
                 filled.append((f"{key}.down_proj.weight", None))
                 continue
+            if w.shape[0] % 2:
+                raise ValueError(f"gate_up_proj rows {w.shape[0]} do not split into gate and up")
             inter = w.shape[0] // 2
             for part, rows in enumerate((w[:inter], w[inter:])):
                 expert.gate_up_proj.load("weight", rows, part)
