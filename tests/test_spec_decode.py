@@ -512,21 +512,21 @@ def test_unseeded_requests_use_rejection_sampling(grafted, monkeypatch):
     vocabulary here); greedy and seeded requests in the same batch still equal plain decoding.
     With ``unseeded_acceptance="gumbel"`` unseeded requests give exactly the plain tokens of
     their admission seeds (same engine seed)."""
-    from dist_engine.worker import spec_decode
+    from dist_engine.worker import speculative
 
     path, folder, _ = grafted
     params = [dataclasses.replace(p, seed=None) if i in (1, 5) else p for i, p in enumerate(mixed_params())]
     expected, llm = run(path, params, seed=7)
     llm.shutdown()
     calls = []
-    real_verify = spec_decode.verify
+    real_verify = speculative.verify
 
     def counting_verify(*a, **kw):
         out = real_verify(*a, **kw)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(spec_decode, "verify", counting_verify)
+    monkeypatch.setattr(speculative, "verify", counting_verify)
     cfg = spec(folder, 3, max_draft_tokens_per_step=0, draft_vocab_size=100)
     got, llm = run(path, params, seed=7, speculative_config=cfg)
     with llm:
