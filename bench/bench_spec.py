@@ -229,7 +229,7 @@ def main() -> None:
     with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(os.path.join(RESULTS, f"{a.name}.md"), "w") as f:
-        f.write(f"Default model, fp32, {a.tokens} tokens, {len(prompts)} prompts x {a.reps} rounds, "
+        f.write(f"Default model ({a.model}: served as the engine serves it; the shipped GGUF's Q4_1 weights kept quantized, fp32 activations), {a.tokens} tokens, {len(prompts)} prompts x {a.reps} rounds, "
                 f"{meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}\n\n{text}\n")
 
 
