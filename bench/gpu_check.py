@@ -94,6 +94,34 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def against_transformers(hf, prompt: list[int], out, dev: str) -> dict:
+    """Our greedy ``out`` (a CompletionOutput with top logprobs) against transformers' ``hf``
+    on ``prompt``: the same tokens, and the largest logprob difference."""
+    n = len(out.token_ids)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=dev)
+        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        full = torch.tensor([prompt + out.token_ids], device=dev)
+        ref_lp = torch.log_softmax(hf(full).logits[0].float(), -1)[len(prompt) - 1:]
+    err = max(abs(lp - ref_lp[i, t].item()) for i, step in enumerate(out.logprobs) for t, lp in step.items())
+    return {"greedy_identical": out.token_ids == ref, "max_logprob_err": err}
+
+
+def transformers_tok_s(hf, ids: torch.Tensor, tokens: int, dev: str) -> float:
+    """transformers' batch-1 greedy decode rate on ``ids``: best of two timed runs after a warm-up."""
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        best = 0.0
+        for _ in range(2):
+            sync(dev)
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            sync(dev)
+            best = max(best, tokens / (time.perf_counter() - t))
+    return best
+
+
 def parity(tmp: str, dev: str, arch: str) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -108,14 +136,7 @@ def parity(tmp: str, dev: str, arch: str) -> dict:
         out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
             temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0].outputs[0]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
-    with torch.inference_mode():
-        ids = torch.tensor([prompt], device=dev)
-        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0)[0, len(prompt):].tolist()
-        full = torch.tensor([prompt + out.token_ids], device=dev)
-        ref_lp = torch.log_softmax(hf(full).logits[0].float(), -1)[len(prompt) - 1:]
-    err = max(abs(lp - ref_lp[i, t].item()) for i, step in enumerate(out.logprobs) for t, lp in step.items())
-    return {"greedy_identical": out.token_ids == ref, "max_logprob_err": err}
+    return against_transformers(hf, prompt, out, dev)
 
 
 def speculation(tmp: str, dev: str) -> dict:
@@ -357,15 +378,7 @@ def speed(tmp: str, dev: str, name: str, kw: dict, tokens: int) -> dict:
     res["fraction_of_limit"] = res["plain_tok_s"] / res["hbm_limit_tok_s"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     ids = torch.tensor(prompt, device=dev)
-    with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        best = 0.0
-        for _ in range(2):
-            sync(dev)
-            t = time.perf_counter()
-            hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-            sync(dev)
-            best = max(best, tokens / (time.perf_counter() - t))
+    best = transformers_tok_s(hf, ids, tokens, dev)
     res["transformers_tok_s"] = best
     res["vs_transformers"] = res["plain_tok_s"] / best
     del hf
@@ -433,15 +446,7 @@ def gemma4(tmp: str, dev: str, tokens: int, quick: bool) -> dict:
                                                     llm.engine.cache_info["bytes_per_block_by_group"].items()}
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
         ids = torch.tensor([long_prompt[0][:32]], device=dev)
-        with torch.inference_mode():
-            hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-            best = 0.0
-            for _ in range(2):
-                sync(dev)
-                t = time.perf_counter()
-                hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-                sync(dev)
-                best = max(best, tokens / (time.perf_counter() - t))
+        best = transformers_tok_s(hf, ids, tokens, dev)
         del hf
         r["transformers_tok_s"], r["vs_transformers"] = best, r["tok_s"] / best
         res[name] = r

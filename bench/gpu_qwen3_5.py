@@ -21,12 +21,9 @@ import torch
 TINY_PROMPT = torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def _sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
 def parity(tmp: str, dev: str, name: str) -> dict:
+    from gpu_check import against_transformers
+
     from conftest import hf_model, make_qwen3_5
     from dist_engine import LLM, SamplingParams
 
@@ -37,14 +34,7 @@ def parity(tmp: str, dev: str, name: str) -> dict:
         out = llm.generate(prompt_token_ids=[TINY_PROMPT], sampling_params=SamplingParams(
             temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0].outputs[0]
     hf = hf_model(path).to(dev)
-    with torch.inference_mode():
-        ids = torch.tensor([TINY_PROMPT], device=dev)
-        ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0)[0, len(TINY_PROMPT):].tolist()
-        full = torch.tensor([TINY_PROMPT + out.token_ids], device=dev)
-        ref_lp = torch.log_softmax(hf(full).logits[0].float(), -1)[len(TINY_PROMPT) - 1:]
-    err = max(abs(lp - ref_lp[i, t].item()) for i, step in enumerate(out.logprobs) for t, lp in step.items())
-    return {"greedy_identical": out.token_ids == ref, "max_logprob_err": err}
+    return against_transformers(hf, TINY_PROMPT, out, dev)
 
 
 def exactness(tmp: str, dev: str, quick: bool) -> dict:
@@ -81,13 +71,15 @@ def _prompt(n: int) -> list[int]:
 
 
 def _tok_s(llm, prompts, n: int, dev: str) -> float:
+    from gpu_check import sync
+
     from dist_engine import SamplingParams
 
-    _sync(dev)
+    sync(dev)
     t = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
         temperature=0, max_tokens=n, ignore_eos=True))
-    _sync(dev)
+    sync(dev)
     m = outs[0].metrics
     return 1.0 / m.time_per_output_token if len(prompts) == 1 else \
         sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
