@@ -132,6 +132,10 @@ class EngineArgs:
                                help="CPU ranks on one host reduce through shared memory")
     enforce_eager: bool = _arg(EngineConfig.enforce_eager, "--enforce-eager",
                                "CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    hidden_state_layers: tuple | list = _arg(
+        EngineConfig.hidden_state_layers,
+        help="decoder layers whose outputs follow the final-norm state in the rows that requests "
+             "with return_hidden_states get back ([n, H * (1 + len)]; DFlash drafter training)")
     speculative: str = _arg(
         "auto", "--speculative",
         "speculative decoding method: mtp (the model's MTP layers or a graft; vLLM's deepseek_mtp "
@@ -221,6 +225,7 @@ class EngineArgs:
             speculative=spec, enforce_eager=self.enforce_eager,
             quantization=self.quantization if own is None else None,
             int8_activations=self.int8_activations,
+            hidden_state_layers=tuple(self.hidden_state_layers),
             experts=ExpertCacheConfig(self.expert_cache_memory, self.expert_cache_policy, self.expert_prefetch)
             if self.expert_cache_memory is not None else None)
 

@@ -43,6 +43,9 @@ class EngineConfig:
     quantization: str | None = None
     # CPU products against quantized weights quantize activations to int8 (VNNI)
     int8_activations: bool = False
+    # decoder layers whose outputs are appended to the final-norm hidden states that requests
+    # with ``return_hidden_states`` get back (worker/layer_taps.py; DFlash training data)
+    hidden_state_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +71,12 @@ class EngineConfig:
                     f"heads cannot be replicated evenly; use TP <= {min(m.kv_head_counts)} or a "
                     f"multiple of {' and '.join(map(str, sorted(m.kv_head_counts)))}"
                 )
+        bad = [i for i in self.hidden_state_layers if not 0 <= i < m.num_hidden_layers]
+        if bad:
+            raise ValueError(f"hidden_state_layers {bad} are not layers of {m.architecture} "
+                             f"(0..{m.num_hidden_layers - 1})")
+        if self.hidden_state_layers and self.parallel.context_parallel_size > 1:
+            raise ValueError("hidden_state_layers cannot be returned with context parallelism (--cp)")
         dcp = self.parallel.decode_context_parallel_size
         if dcp > 1:
             if len(m.kv_head_counts) > 1:

@@ -2,7 +2,8 @@
 batched engine and kept in a JSON-lines file (one object per answer), so a run can resume.
 
 The engine also returns the final-norm hidden state of every position it ran (the teacher
-signal the graft trains on); they are saved next to the answers, one file per batch, so the
+signal the graft trains on), and with ``layers`` the outputs of those decoder layers (a DFlash
+drafter's context features); they are saved next to the answers, one file per batch, so the
 teacher pass only has to compute what is missing."""
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from tqdm import tqdm
 
 def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_per_prompt: int = 1,
                      temperature: float = 0.7, max_tokens: int = 256, dtype: str = "float32",
-                     batch: int = 64, hidden_dir: str | None = None, device: str = "cpu") -> list[dict]:
+                     batch: int = 64, hidden_dir: str | None = None, device: str = "cpu",
+                     layers: tuple[int, ...] = ()) -> list[dict]:
     """Answer every prompt ``samples_per_prompt`` times (answer 0 greedy, the rest sampled at
     ``temperature`` with fixed seeds); append to ``out_file``, skipping answers already there.
     ``hidden_dir``: also save each answer's final-norm hidden states (``[L - 1, H]`` for its L
-    prompt + answer tokens) there, a file per batch (see :func:`load_hidden`)."""
+    prompt + answer tokens) there, a file per batch (see :func:`load_hidden`), and with
+    ``layers`` those decoder layers' outputs (``[L - 1, len(layers) * H]``, :func:`load_features`)."""
     from dist_engine import LLM, SamplingParams
 
     done = load_answers(out_file)
@@ -31,7 +34,7 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
         return done
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     with LLM(model, dtype=dtype, device=device, max_num_seqs=batch, max_num_batched_tokens=1024,
-             speculative="none") as llm, \
+             speculative="none", hidden_state_layers=tuple(layers) if hidden_dir else ()) as llm, \
             open(out_file, "a") as f, tqdm(total=len(todo), desc="answers", unit="ans") as bar:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
@@ -49,7 +52,7 @@ def generate_answers(model: str, prompts: list[str], out_file: str, *, samples_p
                 seqs.append(pid + rec["output_ids"])
                 hidden.append(out.outputs[0].hidden_states.cpu())
             if keep:
-                save_hidden(hidden_dir, f"{len(done):07d}", seqs, hidden)
+                save_hidden(hidden_dir, f"{len(done):07d}", seqs, hidden, tuple(layers))
             f.flush()
             bar.update(len(chunk))
     return done
@@ -74,11 +77,17 @@ def split_answers(recs: list[dict], held_prompts: list[str]
     return out[False], out[True]
 
 
-def save_hidden(hidden_dir: str, name: str, seqs: list[list[int]], hidden: list[torch.Tensor]) -> None:
-    """One batch of sequences and their final-norm hidden states ``[L - 1, H]`` (fp32)."""
+def save_hidden(hidden_dir: str, name: str, seqs: list[list[int]], hidden: list[torch.Tensor],
+                layers: tuple[int, ...] = ()) -> None:
+    """One batch of sequences and their final-norm hidden states ``[L - 1, H]`` (fp32); rows
+    the engine widened with ``layers``' outputs (``[L - 1, H * (1 + len(layers))]``) keep those
+    apart in fp16 (context features need no more, and they are most of the bytes)."""
     os.makedirs(hidden_dir, exist_ok=True)
-    torch.save({"seqs": seqs, "hidden": [h.float() for h in hidden]},
-               os.path.join(hidden_dir, f"{name}.pt"))
+    H = hidden[0].shape[-1] // (1 + len(layers)) if hidden else 0
+    part = {"seqs": seqs, "hidden": [h[:, :H].float() for h in hidden]}
+    if layers:
+        part.update(layers=list(layers), features=[h[:, H:].half() for h in hidden])
+    torch.save(part, os.path.join(hidden_dir, f"{name}.pt"))
 
 
 def load_hidden(hidden_dir: str | None) -> dict[tuple[int, ...], torch.Tensor]:
@@ -89,4 +98,21 @@ def load_hidden(hidden_dir: str | None) -> dict[tuple[int, ...], torch.Tensor]:
     for path in sorted(glob.glob(os.path.join(hidden_dir, "*.pt"))):
         part = torch.load(path, weights_only=True)
         out.update((tuple(s), h) for s, h in zip(part["seqs"], part["hidden"]))
+    return out
+
+
+def load_features(hidden_dir: str | None, layers: list[int]) -> dict[tuple[int, ...], torch.Tensor]:
+    """Sequence -> the outputs of decoder ``layers`` ``[L - 1, len(layers) * H]`` (fp16) saved by
+    :func:`generate_answers`, from the files that saved (at least) those layers."""
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    if not hidden_dir:
+        return out
+    for path in sorted(glob.glob(os.path.join(hidden_dir, "*.pt"))):
+        part = torch.load(path, weights_only=True)
+        have = part.get("layers") or []
+        if not set(layers) <= set(have):
+            continue
+        H = part["features"][0].shape[-1] // len(have) if part["features"] else 0
+        cols = torch.cat([torch.arange(have.index(i) * H, (have.index(i) + 1) * H) for i in layers])
+        out.update((tuple(s), f[:, cols]) for s, f in zip(part["seqs"], part["features"]))
     return out

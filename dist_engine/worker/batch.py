@@ -249,10 +249,13 @@ def state_metadata(seqs: tuple[SeqWork, ...], starts: list[int], device: torch.d
 
 
 def hidden_rows(step: StepInput, batch: ForwardBatch, hidden: torch.Tensor,
-                sampled: dict[int, SampledTokens]) -> dict[int, torch.Tensor]:
+                sampled: dict[int, SampledTokens], taps=None) -> dict[int, torch.Tensor]:
     """The final-norm hidden states ``hidden`` ``[T, H]`` of the positions this step verified,
-    for the sequences that asked for them: every fed token but rejected drafts."""
+    for the sequences that asked for them: every fed token but rejected drafts. ``taps``
+    (``worker.layer_taps.LayerTaps``): the tapped layers' outputs appended to each row."""
     out = {}
+    if taps is not None and any(s.return_hidden for s in step.seqs):
+        hidden = taps.widen(hidden)  # [T, H * (1 + len(taps.layer_ids))]
     for s, start in zip(step.seqs, batch.starts):
         if s.return_hidden:
             n = len(s.token_ids) - s.num_drafts

@@ -36,6 +36,7 @@ from dist_engine.worker.caches import (
     settle_states,
 )
 from dist_engine.worker.grammar import Grammars
+from dist_engine.worker.layer_taps import LayerTaps
 from dist_engine.worker.messages import SampledTokens, StepInput, StepOutput
 from dist_engine.worker.prompt_logprobs import prompt_logprob_rows
 from dist_engine.worker.runner_cache import RunnerCaches
@@ -84,6 +85,8 @@ class ModelRunner(RunnerCaches):
         pack_weights(self.model)
         self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
         attach_cpu_decoder(self.model)
+        # decoder layers whose outputs come back with the hidden states a request asks for
+        self.taps = LayerTaps(self.model, config.hidden_state_layers) if config.hidden_state_layers else None
         # speculation: the decoder of the configured method (worker/speculative.py)
         self.drafter = make_decoder(self, config) if config.speculative is not None else None
         if self.expert_cache is not None:
@@ -216,7 +219,7 @@ class ModelRunner(RunnerCaches):
             self.drafter.seconds["main_forward"] += time.perf_counter() - t0
             return self.drafter.step(step, batch, hidden, prenorm)
         hidden = self._forward(batch)  # [T, hidden]
-        rows = hidden_rows(step, batch, hidden, {})
+        rows = hidden_rows(step, batch, hidden, {}, self.taps)
         if not batch.sample_seqs:
             self.settle_states(step, batch, {})
             return StepOutput(step.step_id, {}, rows)
@@ -243,7 +246,7 @@ class ModelRunner(RunnerCaches):
             result = self.drafter.step(step, batch, hidden, prenorm)
         else:
             hidden = self._forward(batch)  # [T, hidden]
-            rows = hidden_rows(step, batch, hidden, {})
+            rows = hidden_rows(step, batch, hidden, {}, self.taps)
             result = (self._sample(step, batch.sample_seqs, hidden[batch.sample_index], rows)
                       if batch.sample_seqs else StepOutput(step.step_id, {}, rows))
             self.settle_states(step, batch, result.sampled)

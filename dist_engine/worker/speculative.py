@@ -77,7 +77,7 @@ class SpeculativeDecoder:
         sampled = self.verify(batch, hidden)
         self.runner.settle_states(step, batch, sampled)  # rejected drafts leave no state behind
         self.seconds["verify"] += time.perf_counter() - t0
-        rows_out = hidden_rows(step, batch, hidden, sampled)
+        rows_out = hidden_rows(step, batch, hidden, sampled, self.runner.taps)
         for sid, drafts in self.propose_next(step, batch, hidden, prenorm, sampled).items():
             sampled[sid] = replace(sampled[sid], draft_token_ids=drafts)
         return StepOutput(step.step_id, sampled, rows_out)
