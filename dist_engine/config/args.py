@@ -233,7 +233,7 @@ class EngineArgs:
         """Speculation as the user asked: ``none``; ``mtp`` (an error where there is no MTP
         layer); ``auto`` (on where the model ships MTP layers, a graft folder is given or one
         ships for a known model, off where plain decode replays CUDA graphs)."""
-        from dist_engine.graft.artifact import shipped_graft, speculative_config
+        from dist_engine.graft.artifact import check_drafter_base, shipped_graft, speculative_config
 
         if self.speculative == "none":
             return None
@@ -259,6 +259,8 @@ class EngineArgs:
         if self.speculative == "auto" and "method" not in (self.speculative_config or {}):
             spec["method"] = drafter_method(spec.get("model")) or "mtp"
         if spec["method"] not in ("mtp", *MTP_ALIASES):  # a drafter model: no graft to look up
+            if spec["method"] == "dflash" and spec.get("model"):
+                check_drafter_base(spec["model"], path)
             return SpeculativeConfig(**spec)
         if native and not spec.get("model"):
             spec = {**mcfg.native_mtp_settings, **spec}

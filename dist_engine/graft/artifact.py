@@ -58,6 +58,23 @@ def read_graft_for(folder: str, model_path: str, fingerprint: str | None = None)
     return meta
 
 
+def check_drafter_base(folder: str, model_path: str) -> None:
+    """A drafter folder whose config.json records ``base_fingerprint`` (``graft-dflash`` writes
+    it; published drafters do not) is refused for other base weights, as a graft is."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("base_fingerprint") is None:
+        return
+    fp = base_fingerprint(model_path)
+    if fp not in (meta["base_fingerprint"], *meta.get("equivalent_base_fingerprints", ())):
+        raise ValueError(f"the drafter in {folder} was trained on a different base model (fingerprint "
+                         f"{meta['base_fingerprint'][:12]}..., this one {fp[:12]}...); train one for "
+                         "these weights with `dist-engine graft-dflash`")
+
+
 def shipped_graft(model_name: str) -> str | None:
     """The graft that ships with the package for a known model name (or its converted folder,
     named after it; the base fingerprint is checked on use anyway), if any."""

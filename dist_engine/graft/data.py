@@ -65,12 +65,15 @@ def load_answers(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def split_answers(recs: list[dict], held_prompts: list[str]
+def split_answers(recs: list[dict], held_prompts: list[str], train_prompts: list[str] | None = None
                   ) -> tuple[tuple[list[list[int]], list[int]], tuple[list[list[int]], list[int]]]:
-    """(training, held-out) answers, each as (prompt + answer token ids, prompt lengths)."""
-    held = set(held_prompts)
+    """(training, held-out) answers, each as (prompt + answer token ids, prompt lengths);
+    ``train_prompts``: only answers to those count as training ones (default: all others)."""
+    held, train = set(held_prompts), set(train_prompts) if train_prompts is not None else None
     out: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
     for r in recs:
+        if train is not None and r["prompt"] not in held and r["prompt"] not in train:
+            continue
         seqs, lens = out[r["prompt"] in held]
         seqs.append(r["prompt_ids"] + r["output_ids"])
         lens.append(len(r["prompt_ids"]))

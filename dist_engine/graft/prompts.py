@@ -34,9 +34,10 @@ def graft_prompts() -> list[str]:
     return [p for _, prompts in prompt_sets() for p in prompts]
 
 
-def split_prompts(held_out_every: int = 10) -> tuple[list[str], list[str]]:
-    """(train, held-out): every ``held_out_every``-th prompt is held out."""
-    prompts = graft_prompts()
+def split_prompts(held_out_every: int = 10, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """(train, held-out): every ``held_out_every``-th prompt is held out; ``limit``: of the
+    first ``limit`` prompts only (each keeps its side of the split)."""
+    prompts = graft_prompts()[:limit]
     held = [p for i, p in enumerate(prompts) if i % held_out_every == held_out_every - 1]
     train = [p for i, p in enumerate(prompts) if i % held_out_every != held_out_every - 1]
     return train, held

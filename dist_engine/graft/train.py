@@ -209,7 +209,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
           draft_vocab_size: int = 8192, seed: int = 0, dtype: str = "bfloat16",
           targets: str = "soft", feedback: str = "normed", init_from: str | None = None,
           prompt_lens: list[int] | None = None, hidden_dir: str | None = None,
-          extra_meta: dict | None = None, device: str = "cpu") -> dict:
+          extra_meta: dict | None = None, device: str = "cpu", time_budget_s: float | None = None) -> dict:
     """``prompt_lens`` (train then held-out order): learn and score only predictions of answer
     tokens, where drafts are used (a chat template's fixed system prompt would otherwise be
     memorised and inflate the score). ``targets``: ``hard`` = cross-entropy against the base's
@@ -219,7 +219,9 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
     the copy of the base's last layer. ``hidden_dir``: the base's hidden states saved while
     generating the answers (:func:`teacher_pass` computes only the rest). ``feedback``: what a
     chained step feeds the next (``SpeculativeConfig.feedback``; recorded in the graft).
-    ``device``: where the teacher pass and the training run (``cuda`` for a large base)."""
+    ``device``: where the teacher pass and the training run (``cuda`` for a large base).
+    ``time_budget_s``: stop training after this many seconds (evaluation excluded), the
+    learning rate decaying over the budget (equal-time comparisons with ``graft-dflash``)."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', not {targets!r}")
     if feedback not in ("normed", "raw"):
@@ -267,8 +269,13 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
                    batch_size, None, dev)
     opt = torch.optim.AdamW(mtp.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * len(Batches(train_seqs, t_train, batch_size, None))
+    clock = {"trained": 0.0}  # seconds spent in optimiser steps
+
+    def progress(i: int) -> float:
+        return min(1.0, max(i / steps, clock["trained"] / time_budget_s if time_budget_s else 0.0))
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress(i))))
     ckpt = os.path.join(out_dir, "graft_checkpoint.pt")
     start_epoch = 0
     if os.path.isfile(ckpt):
@@ -278,13 +285,17 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         sched.load_state_dict(state["sched"])
         start_epoch = state["epoch"]
         report = state["report"]
+        clock["trained"] = state.get("seconds", 0.0)
         log.info("resuming from %s after epoch %d", ckpt, start_epoch)
     weights = [1.0, 0.5, 0.35, 0.25][:depth] + [0.25] * max(0, depth - 4)
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
+        if time_budget_s is not None and clock["trained"] >= time_budget_s:
+            break
         bar = tqdm(Batches(train_seqs, t_train, batch_size, seed + epoch, dev),
                    desc=f"epoch {epoch + 1}/{epochs}")
         for x, h, y in bar:
+            t_step = time.perf_counter()
             loss = torch.zeros(())
             probs = base_probs(h, head) if targets == "soft" else None
             for d, logits in enumerate(chained_logits(mtp, embed, head, x, h, depth, feedback), start=1):
@@ -295,12 +306,16 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            clock["trained"] += time.perf_counter() - t_step
+            if time_budget_s is not None and clock["trained"] >= time_budget_s:
+                break
         report[f"epoch_{epoch + 1}"] = evaluate(mtp, embed, head, remap, held, depth, feedback)
         report[f"epoch_{epoch + 1}"]["train_subset_accuracy_per_depth"] = evaluate(
             mtp, embed, head, remap, seen, depth, feedback)["accuracy_per_depth"]
         log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
+        report[f"epoch_{epoch + 1}"]["train_seconds"] = round(clock["trained"], 1)
         torch.save({"model": mtp.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "report": report}, ckpt)
+                    "epoch": epoch + 1, "report": report, "seconds": clock["trained"]}, ckpt)
     tensors = {k: v.cpu() for k, v in mtp.export(getattr(torch, dtype)).items()}
     tensors[DRAFT_VOCAB_TENSOR] = vocab_ids.contiguous()
     save_file(tensors, os.path.join(out_dir, GRAFT_WEIGHTS))
@@ -313,6 +328,7 @@ def graft(model_path: str, train_seqs: list[list[int]], held_seqs: list[list[int
         "training": {"epochs": epochs, "depth": depth, "lr": lr, "batch_size": batch_size,
                      "train_sequences": len(train_seqs), "train_tokens": sum(map(len, train_seqs)),
                      "held_out_sequences": len(held_seqs), "seconds": round(time.time() - t0, 1),
+                     "train_seconds": round(clock["trained"], 1), "time_budget_s": time_budget_s,
                      "targets": ("soft + hard (base distribution over the draft vocabulary and "
                                  "its greedy token)" if targets == "soft" else
                                  "hard (base greedy predictions)"),

@@ -1,0 +1,113 @@
+"""``graft-dflash``: the engine's tapped layer outputs (the drafter's context features) against
+transformers, and a DFlash drafter trained on a tiny random Llama's own greedy continuations
+reaching a stated acceptance floor in the engine's own speculative decoding (which an
+untrained drafter stays far below), with output identical to plain decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from conftest import hf_model, make_tiny
+
+from dist_engine import LLM, SamplingParams
+from dist_engine.config import EngineArgs
+from dist_engine.graft.data import save_hidden
+from dist_engine.graft.dflash_train import dflash_teacher, graft_dflash
+from dist_engine.graft.train import base_head
+
+LAYERS = [1, 2]  # of the tiny model's 4
+FLOOR = 1.8  # mean accepted length with K = 3 (an untrained drafter: ~1.02)
+ENGINE = dict(skip_tokenizer_init=True, max_model_len=128)
+SPEC = dict(speculative="dflash", num_speculative_tokens=3, min_draft_acceptance=0.0,
+            speculative_disable_by_batch_size=0, speculative_config={"max_draft_tokens_per_step": 256})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The tiny Llama (4 layers) and its greedy continuations of 300 fixed prompts, made with
+    the tapped layers' outputs saved, as ``graft-dflash`` generates its answers."""
+    root = tmp_path_factory.mktemp("dflash_graft")
+    path = make_tiny("llama", str(root / "target"), num_hidden_layers=4)
+    r = random.Random(0)
+    prompts = [[1] + [r.randrange(3, 300) for _ in range(r.randrange(4, 12))] for _ in range(300)]
+    with LLM(path, **ENGINE, hidden_state_layers=LAYERS) as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            temperature=0, max_tokens=40, ignore_eos=True, return_hidden_states=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    save_hidden(str(root / "hidden"), "0", seqs, [o.outputs[0].hidden_states for o in outs], tuple(LAYERS))
+    return path, root, prompts, seqs
+
+
+def test_tapped_layers_match_transformers(data):
+    """Rows ``[final-norm state | layer 1 | layer 2]`` of every verified position, through
+    chunked prefill; the saved features and an engine prefill of the same answers agree."""
+    path, root, prompts, seqs = data
+    model = hf_model(path)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, return_hidden_states=True)
+    with LLM(path, **ENGINE, hidden_state_layers=LAYERS, block_size=4, max_num_batched_tokens=5) as llm:
+        outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=params)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            hs = model(torch.tensor([(p + o.outputs[0].token_ids)[:-1]]), output_hidden_states=True).hidden_states
+        ref = torch.cat([hs[-1][0]] + [hs[i + 1][0] for i in LAYERS], -1)  # hs[i + 1]: layer i's output
+        torch.testing.assert_close(o.outputs[0].hidden_states, ref, atol=1e-4, rtol=1e-4)
+    head = base_head(path)
+    saved = dflash_teacher(path, seqs[:4], LAYERS, head, str(root / "hidden"))
+    fresh = dflash_teacher(path, seqs[:4], LAYERS, head)  # no saved rows: an engine prefill
+    for (f1, y1), (f2, y2) in zip(saved, fresh):
+        torch.testing.assert_close(f1[:-1].float(), f2[:-1].float(), atol=2e-3, rtol=2e-3)  # fp16 storage
+        assert torch.equal(y1[:-1], y2[:-1]) and y1[-1] == -1
+    with pytest.raises(ValueError, match="hidden_state_layers"):
+        EngineArgs(model=path, hidden_state_layers=[7]).engine_config(path)
+
+
+def spec_run(path: str, drafter: str, prompts, params):
+    with LLM(path, **ENGINE, **SPEC, speculative_model=drafter) as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.spec_stats
+
+
+def test_trained_drafter_reaches_acceptance_floor(data, tmp_path):
+    path, root, prompts, seqs = data
+    lens = [len(p) for p in prompts]
+    kw = dict(prompt_lens=lens, block_size=4, num_layers=1, target_layer_ids=LAYERS, lr=3e-3, batch_size=16,
+              anchors=16, dtype="float32", hidden_dir=str(root / "hidden"))
+    untrained = str(tmp_path / "untrained")
+    graft_dflash(path, seqs[:270], seqs[270:], untrained, epochs=0, **kw)
+    trained = str(tmp_path / "trained")
+    meta = graft_dflash(path, seqs[:270], seqs[270:], trained, epochs=8, **kw)
+    cfg = json.load(open(os.path.join(trained, "config.json")))
+    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["block_size"] == 4
+    assert cfg["dflash_config"]["target_layer_ids"] == LAYERS and cfg["base_fingerprint"]
+
+    held = prompts[270:]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got, stats = spec_run(path, trained, held, greedy)
+    assert got == [s[n:] for s, n in zip(seqs[270:], lens[270:])]  # identical to plain greedy
+    assert stats.mean_accepted_length >= FLOOR, stats.as_dict()
+    # the report's estimate is the engine's greedy process, teacher-forced on the same answers
+    estimate = meta["held_out"]["epoch_8"]["mean_accepted_length_per_k"][2]
+    assert abs(estimate - stats.mean_accepted_length) < 0.15, (estimate, stats.as_dict())
+    _, base = spec_run(path, untrained, held, greedy)
+    assert base.mean_accepted_length < 1.2 < FLOOR, base.as_dict()
+
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(8)]
+    with LLM(path, **ENGINE) as llm:
+        plain = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=held[:8], sampling_params=seeded)]
+    assert spec_run(path, trained, held[:8], seeded)[0] == plain
+
+
+def test_drafter_for_other_weights_is_refused(data, tmp_path):
+    path, root, prompts, seqs = data
+    drafter = str(tmp_path / "drafter")
+    graft_dflash(path, seqs[:20], seqs[290:], drafter, epochs=0, block_size=4, num_layers=1,
+                 target_layer_ids=LAYERS, hidden_dir=str(root / "hidden"))
+    other = make_tiny("llama", str(tmp_path / "other"), seed=1, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="trained on a different base model"):
+        LLM(other, **ENGINE, **SPEC, speculative_model=drafter)
+    with pytest.raises(ValueError, match="num_layers must be"):
+        graft_dflash(path, seqs[:20], seqs[290:], drafter, num_layers=9)
