@@ -11,8 +11,8 @@ import random
 
 import pytest
 import torch
-from conftest import hf_model, make_tiny
 
+from conftest import hf_model, make_tiny
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import EngineArgs
 from dist_engine.graft.data import save_hidden
