@@ -211,6 +211,7 @@ def cmd_graft_dflash(a: argparse.Namespace) -> int:
                         num_layers=a.num_layers, target_layer_ids=layers, mask_token_id=a.mask_token_id,
                         gamma=a.loss_decay_gamma, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                         anchors=a.anchors, eval_answers=a.eval_answers, time_budget_s=a.time_budget,
+                        draft_vocab_size=a.draft_vocab or None,
                         dtype=a.save_dtype, init_from=a.init, hidden_dir=hidden_dir, device=device,
                         extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     ho = meta["held_out"]
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--batch-size", type=int, default=4, help="answers per optimiser step")
     gd.add_argument("--anchors", type=int, default=32, help="random blocks per answer and step")
     gd.add_argument("--eval-answers", type=int, default=64, help="held-out answers scored after each epoch")
+    gd.add_argument("--draft-vocab", type=int, default=8192,
+                    help="train and draft over this many most frequent predicted tokens (0: all)")
     gd.add_argument("--save-dtype", choices=DTYPES, default="bfloat16")
     gd.add_argument("--init", default=None, metavar="DRAFTER_DIR",
                     help="continue from a drafter this command wrote for the same model")

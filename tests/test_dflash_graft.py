@@ -75,7 +75,7 @@ def test_trained_drafter_reaches_acceptance_floor(data, tmp_path):
     path, root, prompts, seqs = data
     lens = [len(p) for p in prompts]
     kw = dict(prompt_lens=lens, block_size=4, num_layers=1, target_layer_ids=LAYERS, lr=3e-3, batch_size=16,
-              anchors=16, dtype="float32", hidden_dir=str(root / "hidden"))
+              anchors=16, dtype="float32", draft_vocab_size=200, hidden_dir=str(root / "hidden"))
     untrained = str(tmp_path / "untrained")
     graft_dflash(path, seqs[:270], seqs[270:], untrained, epochs=0, **kw)
     trained = str(tmp_path / "trained")
@@ -83,6 +83,7 @@ def test_trained_drafter_reaches_acceptance_floor(data, tmp_path):
     cfg = json.load(open(os.path.join(trained, "config.json")))
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["block_size"] == 4
     assert cfg["dflash_config"]["target_layer_ids"] == LAYERS and cfg["base_fingerprint"]
+    assert meta["draft_vocab_size"] == 200 and meta["draft_vocab_coverage"] > 0.9
 
     held = prompts[270:]
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -22,6 +22,7 @@ from torch import nn
 from dist_engine.config import ModelConfig
 from dist_engine.config.dflash import ARCHITECTURE
 from dist_engine.layers.rotary import RotaryEmbedding
+from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR
 
 DFLASH_WEIGHTS = "model.safetensors"
 
@@ -123,11 +124,14 @@ class GraftDFlash(nn.Module):
             x = layer(x, pos, c, cpos, mask)
         return self.norm(x)
 
-    def export(self, out_dir: str, dtype: torch.dtype, extra: dict) -> None:
-        """The published format: ``model.safetensors`` and ``config.json`` (``extra``: our keys)."""
-        tensors = dict(self.named_parameters())  # the checkpoint's names
+    def export(self, out_dir: str, dtype: torch.dtype, extra: dict, vocab_ids: torch.Tensor | None = None) -> None:
+        """The published format: ``model.safetensors`` and ``config.json`` (``extra``: our keys);
+        ``vocab_ids``: the draft vocabulary, kept as the ``draft_vocab`` tensor."""
+        tensors = {k: v.detach().to(dtype) for k, v in self.named_parameters()}  # the checkpoint's names
+        if vocab_ids is not None:
+            tensors[DRAFT_VOCAB_TENSOR] = vocab_ids
         os.makedirs(out_dir, exist_ok=True)
-        save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in tensors.items()},
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()},
                   os.path.join(out_dir, DFLASH_WEIGHTS))
         c = self.cfg
         config = {"architectures": [ARCHITECTURE], "model_type": "qwen3", "hidden_size": c.hidden_size,
@@ -147,6 +151,8 @@ class GraftDFlash(nn.Module):
         """Start from a drafter written by :meth:`export` (same base and shape)."""
         own = dict(self.named_parameters())
         for name, t in tensors.items():
+            if name == DRAFT_VOCAB_TENSOR:
+                continue
             if name not in own or own[name].shape != t.shape:
                 raise ValueError(f"the drafter to start from has {name} {tuple(t.shape)}, which this "
                                  "drafter (its base, layer count and target layers) does not")

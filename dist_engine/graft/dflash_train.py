@@ -115,8 +115,9 @@ class Blocks:
 
 
 def block_logits(model: GraftDFlash, embed: torch.Tensor, head: torch.Tensor, x, f, y, a):
-    """Draft logits ``[N, n, B - 1, V]`` of every anchor's block and their targets ``[N, n, B - 1]``
-    (-1: none: a padded anchor, past the answer's end)."""
+    """Draft logits ``[N, n, B - 1, V']`` (``head``: the draft vocabulary's rows) of every
+    anchor's block and their target token ids ``[N, n, B - 1]`` (-1: none: a padded anchor,
+    past the answer's end)."""
     N, L = x.shape
     n, B = a.shape[1], model.block_size
     anchor = a.clamp(min=0)
@@ -135,7 +136,7 @@ def block_logits(model: GraftDFlash, embed: torch.Tensor, head: torch.Tensor, x,
     return logits, tgt
 
 
-def evaluate(model, embed, head, blocks: Blocks) -> dict:
+def evaluate(model, embed, head, remap, blocks: Blocks) -> dict:
     """Teacher-forced per-slot accuracy over every anchor, and the mean accepted length greedy
     speculation would reach with K = 1..B-1 drafts: each answer decoded as the engine does,
     the first block after the prompt, the next one after the accepted drafts and the bonus
@@ -148,7 +149,7 @@ def evaluate(model, embed, head, blocks: Blocks) -> dict:
             run = []
             for j in range(0, a.shape[1], 32):  # a few anchors at a time: logits are [N, n, B - 1, V]
                 logits, tgt = block_logits(model, embed, head, x, f, y, a[:, j:j + 32])
-                ok = (logits.argmax(-1) == tgt) & (tgt >= 0)  # [N, n', B - 1]
+                ok = (remap[logits.argmax(-1)] == tgt) & (tgt >= 0)  # [N, n', B - 1]
                 hits += ok.sum((0, 1)).float().cpu()
                 total += (tgt >= 0).sum((0, 1)).float().cpu()
                 run.append(ok.int().cumprod(-1).sum(-1).cpu())
@@ -179,7 +180,8 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
                  target_layer_ids: list[int] | None = None, num_target_layers: int = 4,
                  mask_token_id: int | None = None, gamma: float | None = None, epochs: int = 2,
                  lr: float = 6e-4, batch_size: int = 4, anchors: int = 32, eval_answers: int | None = 64,
-                 time_budget_s: float | None = None, seed: int = 0, dtype: str = "bfloat16",
+                 time_budget_s: float | None = None, draft_vocab_size: int | None = 8192,
+                 seed: int = 0, dtype: str = "bfloat16",
                  init_from: str | None = None, hidden_dir: str | None = None, device: str = "cpu",
                  extra_meta: dict | None = None) -> dict:
     """Train a DFlash drafter for ``model_path`` on its answers (token ids: prompt + answer;
@@ -191,6 +193,8 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
     16 / 10 / 8, scaled alike for other sizes). ``time_budget_s``: stop training after this
     many seconds (evaluation excluded), the learning rate decaying over the budget.
     ``eval_answers``: score on at most this many held-out answers (every position is an anchor).
+    ``draft_vocab_size``: train and draft over the ids the base predicts most often in the
+    training answers (None: the whole vocabulary; the head's product dominates the cost).
     ``init_from``: a drafter folder of this trainer (same base and shape) to continue."""
     cfg = ModelConfig.from_pretrained(model_path)
     if block_size < 2:
@@ -214,8 +218,15 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
     teach = dflash_teacher(model_path, train_seqs + held_seqs, layers, head, hidden_dir, device)
     t_train, t_held = teach[:len(train_seqs)], teach[len(train_seqs):]
     l_train, l_held = prompt_lens[:len(train_seqs)], prompt_lens[len(train_seqs):]
+    answer_preds = [y[max(0, n - 1):] for (_, y), n in zip(t_train, l_train)]  # of answer tokens
+    counts = torch.bincount(torch.cat([y[y >= 0] for y in answer_preds]), minlength=cfg.vocab_size)
+    vocab_ids = torch.argsort(counts, descending=True, stable=True)[:draft_vocab_size or cfg.vocab_size]
+    coverage = float(counts[vocab_ids].sum() / counts.sum().clamp(min=1))
+    to_draft = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+    to_draft[vocab_ids] = torch.arange(len(vocab_ids))
     dev = torch.device(device)
-    embed, head = embed.to(dev), head.to(dev)
+    embed, head = embed.to(dev), head[vocab_ids].to(dev)  # head [V', H]
+    remap, to_draft = vocab_ids.to(dev), to_draft.to(dev)  # draft index -> token id, and back
     max_len = max(len(s) for s in train_seqs + held_seqs)
     model = GraftDFlash(cfg, num_layers, layers, block_size, mask, max_len)
     model.init_from_base(base)
@@ -226,7 +237,7 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
     every = max(1, len(held_seqs) // eval_answers) if eval_answers else 1  # an even spread of them
     held = Blocks(held_seqs[::every][:eval_answers], t_held[::every][:eval_answers],
                   l_held[::every][:eval_answers], batch_size, anchors, None, dev)
-    report = {"initial": evaluate(model, embed, head, held)}
+    report = {"initial": evaluate(model, embed, head, remap, held)}
     log.info("held-out before training: %s", report["initial"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * len(Blocks(train_seqs, t_train, l_train, batch_size, anchors, None))
@@ -250,6 +261,7 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
             for g in opt.param_groups:  # warm-up, then cosine decay over the steps or the budget
                 g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
             logits, tgt = block_logits(model, embed, head, x, f, y, a)
+            tgt = torch.where(tgt >= 0, to_draft[tgt.clamp(min=0)], -1)  # outside the draft vocab: no loss
             valid = tgt >= 0
             ce = F.cross_entropy(logits[valid], tgt[valid], reduction="none")  # [M]
             w = weights.expand_as(tgt)[valid]
@@ -263,12 +275,13 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if time_budget_s is not None and trained >= time_budget_s:
                 break
-        report[f"epoch_{epoch + 1}"] = {**evaluate(model, embed, head, held), "steps": step,
+        report[f"epoch_{epoch + 1}"] = {**evaluate(model, embed, head, remap, held), "steps": step,
                                         "train_seconds": round(trained, 1)}
         log.info("epoch %d held-out: %s", epoch + 1, report[f"epoch_{epoch + 1}"])
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "step": step,
                     "seconds": trained, "report": report}, ckpt)
     meta = {"base_model": os.path.basename(os.path.normpath(model_path)), "base_fingerprint": fingerprint,
+            "draft_vocab_size": len(vocab_ids), "draft_vocab_coverage": round(coverage, 4),
             "training": {"epochs": epochs, "steps": step, "train_seconds": round(trained, 1),
                          "time_budget_s": time_budget_s, "lr": lr, "batch_size": batch_size,
                          "anchors_per_answer": anchors, "loss_decay_gamma": gamma,
@@ -277,7 +290,8 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
                          "initialised_from": init_from or f"the base's last {num_layers} layers",
                          **(extra_meta or {})},
             "held_out": report}
-    model.cpu().export(out_dir, getattr(torch, dtype), {"base_fingerprint": fingerprint})
+    model.cpu().export(out_dir, getattr(torch, dtype), {"base_fingerprint": fingerprint},
+                       vocab_ids if len(vocab_ids) < cfg.vocab_size else None)
     with open(os.path.join(out_dir, REPORT), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

@@ -12,7 +12,9 @@ the layers' own outputs, whatever the model). After verification, in the same ca
    verifier will use at its position (greedy, seeded Gumbel, or kept for rejection sampling).
 
 The whole block is always run (the drafter was trained on blocks of B); with K < B - 1 only the
-first K rows are drafted. Nothing is written past the verified positions, so the method needs
+first K rows are drafted. A drafter from ``graft-dflash`` may carry a ``draft_vocab`` tensor (the
+token ids it was trained to draft, as an MTP graft does): its rows are then scored over those ids
+only (the target's head restricted to them); verification stays full-vocabulary. Nothing is written past the verified positions, so the method needs
 only the K lookahead slots verification uses.
 """
 
@@ -27,9 +29,11 @@ from dist_engine.config import EngineConfig
 from dist_engine.config.dflash import DFlashConfig
 from dist_engine.layers.linear import pack_weights
 from dist_engine.models.dflash import DFlashDraftModel
-from dist_engine.weights.loader import load_weights
+from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch
+from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
 from dist_engine.worker.messages import SampledTokens, SamplingSpec, SeqWork, StepInput
+from dist_engine.worker.spec_decode import DRAFT_VOCAB_TENSOR
 from dist_engine.worker.speculative import SpeculativeDecoder
 
 
@@ -56,9 +60,16 @@ class DFlashDecoder(SpeculativeDecoder):
                              f"proposes ({cfg.block_size - 1})")
         with torch.device(runner.device):
             self.model = DFlashDraftModel(cfg, mcfg.hidden_size, runner.dtype, config.scheduler.max_model_len)
-        load_weights(self.model, path)
+        load_weights(self.model, path, select=lambda n: n != DRAFT_VOCAB_TENSOR)
         self.model.eval()
         pack_weights(self.model)
+        self.draft_head = None
+        for name, lazy in iter_checkpoint(path):
+            if name == DRAFT_VOCAB_TENSOR:
+                ids = lazy[:].long()
+                weight = full_head_weight(runner, config)[ids].to(runner.device)
+                self.draft_head = DraftHead(weight.contiguous(), ids.to(runner.device),
+                                            draft_dtype(self.spec.draft_dtype, runner.dtype))
         # the target layers' outputs of the last main pass, kept by hooks on those layers
         self._features: dict[int, torch.Tensor] = {}
         layers = runner.model.model.layers
@@ -73,7 +84,7 @@ class DFlashDecoder(SpeculativeDecoder):
         return keep
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
+        return [self.model] + ([self.draft_head] if self.draft_head is not None else [])
 
     def cache_layers(self) -> list[torch.nn.Module]:
         return list(self.model.layers)
@@ -111,7 +122,8 @@ class DFlashDecoder(SpeculativeDecoder):
         seqs = [s for s, _, _ in plans]
 
         def draft(col: _Column, active: list[SeqWork], specs: list[SamplingSpec], positions: list[int]) -> list[int]:
-            return self.draft_tokens(col.logits[:, col.j], None, active, specs, positions)
+            ids = self.draft_head.vocab_ids if self.draft_head is not None else None
+            return self.draft_tokens(col.logits[:, col.j], ids, active, specs, positions)
 
         def advance(col: _Column, keep: list[int], fed: list[SeqWork]) -> _Column:
             return _Column(col.logits[torch.tensor(keep, device=col.logits.device)], col.j + 1)
@@ -122,8 +134,9 @@ class DFlashDecoder(SpeculativeDecoder):
         return out
 
     def _propose_blocks(self, plans: list[tuple[SeqWork, int, int]]) -> torch.Tensor:
-        """Draft logits ``[N, B - 1, V]`` fp32 of one block per plan (sequence, first position P,
-        known token), over the context cached at positions < P."""
+        """Draft logits ``[N, B - 1, V]`` fp32 (``V``: the draft vocabulary's size, if any) of one
+        block per plan (sequence, first position P, known token), over the context cached at
+        positions < P."""
         cfg, dev, bs = self.cfg, self.runner.device, self.runner.block_size
         B, N = cfg.block_size, len(plans)
         C = max(1, max(p for _, p, _ in plans))
@@ -138,7 +151,9 @@ class DFlashDecoder(SpeculativeDecoder):
         target = self.runner.model
         x = target.model.embed_tokens(ids.view(-1)) * cfg.input_embedding_scale  # [N * B, hidden]
         h = self.model(positions, x, self.caches, slots.to(dev), valid)
-        logits = target.lm_head(h.view(N, B, -1)[:, 1:].reshape(N * (B - 1), -1)).float() * cfg.output_multiplier
+        rows = h.view(N, B, -1)[:, 1:].reshape(N * (B - 1), -1)
+        head = self.draft_head if self.draft_head is not None else target.lm_head
+        logits = head(rows).float() * cfg.output_multiplier
         if cfg.final_logit_softcapping:
             logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return logits.view(N, B - 1, -1)
