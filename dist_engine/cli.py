@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--batch", type=int, default=96, help="concurrent generations")
     gd.add_argument("--block-size", type=int, default=8, help="tokens per block: the known one and B-1 masks")
     gd.add_argument("--num-layers", type=int, default=2,
-                    help="drafter layers (start as copies of the model's last layers)")
+                    help="drafter layers (start as copies of the model's first layers)")
     gd.add_argument("--target-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
                     metavar="I,J,...", help="model layers whose outputs are the drafter's context "
                     "(default: --num-target-layers spread from layer 1 to the fourth-last)")

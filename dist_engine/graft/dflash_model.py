@@ -97,20 +97,21 @@ class GraftDFlash(nn.Module):
 
     @torch.no_grad()
     def init_from_base(self, base: dict[str, torch.Tensor]) -> None:
-        """Layers = copies of the base's last ``num_layers`` decoder layers (q/k norms start at 1);
-        ``fc`` passes the deepest target layer's output through; ``hidden_norm`` = the first
-        copied layer's input norm (the context then enters K/V as that layer's input would);
-        ``norm`` = the base's final norm."""
-        first = self.cfg.num_hidden_layers - len(self.layers)
+        """Layers = copies of the base's first ``num_layers`` decoder layers (q/k norms start at
+        1): a block's rows start as token embeddings, what those layers were made to read (copies
+        of the last layers, fed embeddings, started at a loss of ~20 on the default model and
+        drafted slot 1 right 4.1% of the time after 22 steps, against 8.1% for these). ``fc`` passes the shallowest target layer's output through and ``hidden_norm`` is
+        the first layer's input norm, so the context enters K/V much as the base's own early
+        tokens do; ``norm`` = the base's final norm."""
         for j, layer in enumerate(self.layers):
-            pre = f"model.layers.{first + j}."
+            pre = f"model.layers.{j}."
             for name, p in layer.named_parameters():
                 p.copy_(base[pre + name] if pre + name in base else torch.ones_like(p))  # q/k norms: 1
         H = self.cfg.hidden_size
-        deepest = self.target_layer_ids.index(max(self.target_layer_ids))
+        first = self.target_layer_ids.index(min(self.target_layer_ids))
         self.fc.weight.zero_()
-        self.fc.weight[:, deepest * H:(deepest + 1) * H].copy_(torch.eye(H))
-        self.hidden_norm.weight.copy_(base[f"model.layers.{first}.input_layernorm.weight"])
+        self.fc.weight[:, first * H:(first + 1) * H].copy_(torch.eye(H))
+        self.hidden_norm.weight.copy_(base["model.layers.0.input_layernorm.weight"])
         self.norm.weight.copy_(base["model.norm.weight"])
 
     def forward(self, emb: torch.Tensor, pos: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -187,7 +187,7 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
     """Train a DFlash drafter for ``model_path`` on its answers (token ids: prompt + answer;
     ``prompt_lens`` in train-then-held-out order: only answer tokens are targets) and write it
     to ``out_dir`` in the published format, with the report. ``num_layers`` drafter layers
-    start as copies of the base's last ones; ``target_layer_ids`` default to
+    start as copies of the base's first ones; ``target_layer_ids`` default to
     ``num_target_layers`` layers spread over the base (the published rule). ``gamma``: slot
     ``k``'s loss weight ``exp(-(k - 1) / gamma)`` (default: the paper's 7 / 5 / 4 for blocks of
     16 / 10 / 8, scaled alike for other sizes). ``time_budget_s``: stop training after this
@@ -201,7 +201,7 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
         raise ValueError(f"block_size must be >= 2 (the known token and one mask), got {block_size}")
     if not 1 <= num_layers <= cfg.num_hidden_layers:
         raise ValueError(f"num_layers must be 1..{cfg.num_hidden_layers} (drafter layers start as "
-                         f"copies of the base's last layers), got {num_layers}")
+                         f"copies of the base's first layers), got {num_layers}")
     layers = list(target_layer_ids or default_target_layers(cfg.num_hidden_layers, num_target_layers))
     if any(not 0 <= i < cfg.num_hidden_layers for i in layers):
         raise ValueError(f"target_layer_ids {layers} must be layers of the base (0..{cfg.num_hidden_layers - 1})")
@@ -287,7 +287,7 @@ def graft_dflash(model_path: str, train_seqs: list[list[int]], held_seqs: list[l
                          "anchors_per_answer": anchors, "loss_decay_gamma": gamma,
                          "train_sequences": len(train_seqs), "train_tokens": sum(map(len, train_seqs)),
                          "held_out_sequences": len(held_seqs), "scored_held_out": len(held.seqs),
-                         "initialised_from": init_from or f"the base's last {num_layers} layers",
+                         "initialised_from": init_from or f"the base's first {num_layers} layers",
                          **(extra_meta or {})},
             "held_out": report}
     model.cpu().export(out_dir, getattr(torch, dtype), {"base_fingerprint": fingerprint},
