@@ -21,7 +21,8 @@
 6. Quantized weights (``bench/gpu_quant.py``): every checkpoint format against its float
    weights on the device, and int4 / int8 decode speed against bf16.
 7. Drafter-model speculation (``bench/gpu_drafters.py``): Gemma 4 assistant and DFlash drafters
-   lossless against plain decoding on the device, and what drafting costs per token.
+   lossless against plain decoding on the device, and what drafting costs per token; then
+   ``graft-dflash`` on the device (answers, training and speculation there).
 8. Routed experts paged under --expert-cache-memory on the device (``bench/gpu_experts.py``):
    the tiny Qwen3-MoE, DeepSeek-V3 and Qwen3.5-MoE with a few experts resident against all
    resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
@@ -482,6 +483,9 @@ def report(res: dict) -> str:
     if "drafters" in res:
         lines += ["", "## Drafter-model speculation (tiny Gemma 4, assistant and DFlash drafters)", "",
                   f"`{json.dumps(res['drafters'])}`"]
+    if "graft_dflash" in res:
+        lines += ["", "## graft-dflash on the device (tiny Llama, drafter trained there; CPU floor 1.8)", "",
+                  f"`{json.dumps(res['graft_dflash'])}`"]
     if "gemma4" in res:
         lines += ["", "## Gemma 4 (tiny fp32 parity, graphs vs eager; bf16 shapes, batch 1)", "",
                   f"`{json.dumps(res['gemma4'])}`"]
@@ -562,6 +566,8 @@ def main() -> None:
 
             res["drafters"] = guarded(gpu_drafters.drafters, tmp, dev, a.quick)
             save("drafters")
+            res["graft_dflash"] = guarded(gpu_drafters.graft_dflash, tmp, dev)
+            save("graft_dflash")
         if "experts" in parts:
             import gpu_experts
 

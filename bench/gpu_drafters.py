@@ -60,3 +60,42 @@ def drafters(tmp: str, dev: str, quick: bool) -> dict:
                 r["k3_time_per_token_vs_plain"] = s_per_token / plain_s
         res[method] = r
     return res
+
+
+def graft_dflash(tmp: str, dev: str) -> dict:
+    """``graft-dflash`` on the device: tests/test_dflash_graft.py's task (a 4-layer tiny Llama's
+    greedy continuations of 300 prompts, generated there with the tapped layers' outputs), the
+    drafter trained there (8 epochs), then its held-out output against plain decoding and the
+    engine's mean accepted length at K = 3 (the CPU test's floor: 1.8)."""
+    import random
+
+    from test_dflash_graft import ENGINE, LAYERS, SPEC
+
+    from conftest import make_tiny
+    from dist_engine import LLM, SamplingParams
+    from dist_engine.graft.data import save_hidden
+    from dist_engine.graft.dflash_train import graft_dflash as train
+
+    path = make_tiny("llama", os.path.join(tmp, "graft-dflash-target"), num_hidden_layers=4)
+    r = random.Random(0)
+    prompts = [[1] + [r.randrange(3, 300) for _ in range(r.randrange(4, 12))] for _ in range(300)]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(path, device=dev, **ENGINE, hidden_state_layers=LAYERS) as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=dataclasses.replace(
+            greedy, return_hidden_states=True))
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    hidden = os.path.join(tmp, "graft-dflash-hidden")
+    save_hidden(hidden, "0", seqs, [o.outputs[0].hidden_states.cpu() for o in outs], tuple(LAYERS))
+    folder = os.path.join(tmp, "graft-dflash")
+    t = time.perf_counter()
+    meta = train(path, seqs[:270], seqs[270:], folder, prompt_lens=[len(p) for p in prompts], block_size=4,
+                 num_layers=1, target_layer_ids=LAYERS, epochs=8, lr=3e-3, batch_size=16, anchors=16,
+                 dtype="float32", draft_vocab_size=200, hidden_dir=hidden, device=dev)
+    seconds = time.perf_counter() - t
+    with LLM(path, device=dev, **ENGINE, **SPEC, speculative_model=folder) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts[270:], sampling_params=greedy)]
+        stats = llm.engine.spec_stats
+    return {"identical": got == [s[len(p):] for s, p in zip(seqs[270:], prompts[270:])],
+            "mean_accepted_length": round(stats.mean_accepted_length, 3),
+            "report_estimate_k3": meta["held_out"]["epoch_8"]["mean_accepted_length_per_k"][2],
+            "train_seconds": round(seconds, 1)}
