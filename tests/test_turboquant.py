@@ -154,9 +154,12 @@ def test_attention_over_the_quantized_cache(preset, rel_bound):
     through_kernel = paged_attention(q, kv, meta, scale)
     through_torch = paged_attention(q, kv, _padded_groups(seqs, starts, block_size), scale)
     exact_out = paged_attention(q, exact, meta, scale)
-    # float64 attention over the dequantized rows (the keys' calibrated mean added back)
+    # float64 attention over the dequantized rows (the keys' calibrated mean added back; a few
+    # keys, shorter than their centred form, are stored uncentred and decode less the mean)
     slots = torch.arange(num_slots)
-    deq_k = tq.dequantize(kv.k.codes[slots], kv.k.scales[slots], kv.rot, kv.k.spec) + k.mean(0)
+    uncentred = torch.signbit(kv.k.scales.float())  # [num_slots, Hk]
+    assert 0.005 < uncentred.float().mean() < 0.1 and not torch.signbit(kv.v.scales.float()).any()
+    deq_k = tq.dequantize(kv.k.codes[slots], kv.k.scales[slots], kv.rot, kv.k.spec, kv.k.shift) + k.mean(0)
     deq_v = tq.dequantize(kv.v.codes[slots], kv.v.scales[slots], kv.rot, kv.v.spec)
     from test_cpu_kernels import reference
 
@@ -180,6 +183,35 @@ def test_c_kernel_result_does_not_depend_on_the_batch():
         alone = torch.empty(1, 6, 32)
         kv.attend_paged(q[i:i + 1], pk.make_group([s], [0], 16, None, 1), 0.2, alone)
         assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_shorter_than_their_centred_form_are_stored_uncentred(dtype):
+    """A key is stored centred unless it is shorter as it is (an attention sink's key, near 0
+    here): then its scale's sign bit is set, and every key decodes, C kernel and PyTorch alike,
+    to R (k^ - mean), within the codec's error of the shorter form; values never shift."""
+    gen = torch.Generator().manual_seed(8)
+    N, Hk, D = 64, 2, 64
+    mean = torch.randn(Hk, D, generator=gen)
+    k = mean + 0.3 * torch.randn(N, Hk, D, generator=gen)
+    k[0] = 0.05 * torch.randn(Hk, D, generator=gen)  # a sink: far from the mean, short itself
+    k = k.to(dtype)
+    kv = TurboQuantKV.empty("turboquant4", N, Hk, D, torch.device("cpu"), 0, layer=1, head_start=0,
+                            k_mean=mean)
+    kv.write(torch.arange(N), k, k)
+    kf = k.float()
+    raw = kf.norm(dim=-1) < (kf - mean).norm(dim=-1)  # [N, Hk]
+    assert raw[0].all() and raw.sum() == Hk
+    assert torch.equal(torch.signbit(kv.k.scales.float()), raw)
+    assert not torch.signbit(kv.v.scales.float()).any()
+    slots = torch.arange(N)
+    got = kv.gather(slots, torch.float32)[0]  # [N, Hk, D], the C kernel's rotated rows
+    ref = tq.decode(kv.k.codes, kv.k.scales, kv.k.spec, torch.float32, kv.k.shift)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    back = torch.einsum("hed,nhe->nhd", kv.rot, got) + mean  # k^
+    stored = torch.where(raw.unsqueeze(-1), kf, kf - mean)
+    err = ((back - kf) ** 2).sum(-1) / (stored ** 2).sum(-1)
+    assert err.mean() < paper_bound(4) and err[0].max() < 3 * paper_bound(4)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

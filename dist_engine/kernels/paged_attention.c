@@ -22,8 +22,9 @@
  * TurboQuant caches (the *_tq entry points; kernels/tq.h, layers/tq_cache.py): K and V are rows
  * of codes with an fp16 scale instead of k and v, and q and out are in each KV head's rotated
  * basis. A key's row is looked up in the codebook (eight codes per permute) and its dot product
- * with the query times its scale is the score; a task decodes its chunk's value rows once (times
- * their scales) before the value phase, which then reads them as an fp32 cache.
+ * with the query times its |scale| is the score, less the query's dot product with the rotated
+ * mean key for a key stored uncentred (sign bit of its scale); a task decodes its chunk's value
+ * rows once (times their scales) before the value phase, which then reads them as an fp32 cache.
  */
 #include <math.h>
 #include <omp.h>
@@ -126,7 +127,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
         int64_t j0, int64_t j1, int64_t h0, int64_t h1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
-    const int64_t decoded = tq ? (h1 - h0) * n * D : 0; /* TurboQuant: the chunk's value rows */
+    const int64_t decoded = tq ? (h1 - h0) * n * D + R : 0; /* TurboQuant: value rows, q . shift */
     const int64_t floats = (R * D + R * n + D + TILE * D + decoded + 1) / 2 * 2; /* even: slots align */
     float *qf = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(int64_t));
     if (qf == NULL) return -1;
@@ -134,6 +135,7 @@ static inline __attribute__((always_inline)) int attend_chunk(
     float *row = scores + R * n; /* [D]: one widened value */
     float *kbuf = row + D;       /* [TILE, D]: widened keys */
     float *vdec = kbuf + TILE * D; /* [h1 - h0, n, D]: decoded values (TurboQuant) */
+    float *qshift = vdec + (h1 - h0) * n * D; /* [R]: each query row . its head's key shift */
     int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
@@ -141,13 +143,20 @@ static inline __attribute__((always_inline)) int attend_chunk(
             float *dst = qf + (i * Hq + hq) * D;
             load_row(a->q, (qs + i) * a->q_row + hq * D, D, is_bf16, dst);
             for (int64_t d = 0; d < D; d++) dst[d] *= a->scale;
+            if (tq && a->tk->shift != NULL) { /* what an uncentred key's score is less */
+                const float *sh = a->tk->shift + hq / G * D;
+                float x = 0.0f;
+                for (int64_t d = 0; d < D; d++) x += dst[d] * sh[d];
+                qshift[i * Hq + hq] = x;
+            }
         }
     /* scores: TILE keys at a time per KV head (independent accumulators) */
     for (int64_t t0 = j0; t0 < j1; t0 += TILE) {
         const int64_t nt = j1 - t0 < TILE ? j1 - t0 : TILE;
         for (int64_t h = h0; h < h1; h++) {
             const float *kp[TILE];
-            float ks[TILE]; /* TurboQuant: each key's scale */
+            float ks[TILE]; /* TurboQuant: each key's |scale|, and whether it is shifted */
+            int kshift[TILE];
             for (int64_t t = 0; t < TILE; t++) {
                 const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
                 const int64_t at = (slot[j - j0] * Hk + h) * D;
@@ -156,7 +165,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
                     tq_lookup(a->tk->codes + tr * a->tk->row_bytes, a->tk->bits, a->tk->centroids,
                               0, D, kbuf + t * D);
                     kp[t] = kbuf + t * D;
-                    ks[t] = tq_half(a->tk->scales[tr]);
+                    ks[t] = tq_abs_half(a->tk->scales[tr]);
+                    kshift[t] = a->tk->shift != NULL && tq_shifted(a->tk->scales[tr]);
                 } else if (is_bf16) {
                     load_row(a->k, at, D, 1, kbuf + t * D);
                     kp[t] = kbuf + t * D;
@@ -173,7 +183,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
                     for (int64_t t = 0; t < nt; t++) {
                         const int64_t j = t0 + t;
                         const int visible = j <= pos && (a->window <= 0 || j > pos - a->window);
-                        scores[r * n + (j - j0)] = visible ? (tq ? dots[t] * ks[t] : dots[t]) : -INFINITY;
+                        const float score = tq ? dots[t] * ks[t] - (kshift[t] ? qshift[r] : 0.0f) : dots[t];
+                        scores[r * n + (j - j0)] = visible ? score : -INFINITY;
                     }
                 }
             }
@@ -196,13 +207,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
     }
     if (tq) /* each value row once (not once per query row), scaled */
         for (int64_t h = h0; h < h1; h++)
-            for (int64_t j = 0; j < n; j++) {
-                const int64_t tr = slot[j] * Hk + h;
-                float *dst = vdec + ((h - h0) * n + j) * D;
-                tq_lookup(a->tv->codes + tr * a->tv->row_bytes, a->tv->bits, a->tv->centroids, 0, D, dst);
-                const float sc = tq_half(a->tv->scales[tr]);
-                for (int64_t d = 0; d < D; d++) dst[d] *= sc;
-            }
+            for (int64_t j = 0; j < n; j++)
+                tq_row(a->tv, slot[j] * Hk + h, h, D, vdec + ((h - h0) * n + j) * D);
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
      * every key wait on a store of the previous one: 3/4 of a lone sequence's time) */

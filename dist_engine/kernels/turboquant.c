@@ -93,22 +93,22 @@ static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t 
     return 0;
 }
 
-/* Decode the rows of slots [N] into out [N, H, D], in their heads' rotated basis. */
+/* Decode the rows of slots [N] into out [N, H, D], in their heads' rotated basis: |scale| times
+ * the centroids, less shift [H, D] (may be NULL) where the scale's sign bit is set. */
 static int gather(int is_bf16, const uint8_t *codes, const uint16_t *scales, const int64_t *slots,
-                  int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits, void *out,
-                  int64_t threads) {
+                  int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits,
+                  const float *shift, void *out, int64_t threads) {
     if (D > MAX_D || D % 8) return -1;
     const int64_t row_bytes = D * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < N * H; r++) {
-        const int64_t at = slots[r / H] * H + r % H;
+        const TQRows t = {codes, scales, centroids, bits, row_bytes, shift};
         float row[MAX_D];
-        tq_lookup(codes + at * row_bytes, bits, centroids, 0, D, row);
-        const float s = tq_half(scales[at]);
+        tq_row(&t, slots[r / H] * H + r % H, r % H, D, row);
         if (is_bf16)
-            for (int64_t d = 0; d < D; d++) ((bf16 *)out)[r * D + d] = narrow(row[d] * s);
+            for (int64_t d = 0; d < D; d++) ((bf16 *)out)[r * D + d] = narrow(row[d]);
         else
-            for (int64_t d = 0; d < D; d++) ((float *)out)[r * D + d] = row[d] * s;
+            memcpy((float *)out + r * D, row, (size_t)D * sizeof(float));
     }
     return 0;
 }
@@ -128,8 +128,9 @@ static int gather(int is_bf16, const uint8_t *codes, const uint16_t *scales, con
     }                                                                                            \
     int tq_gather_##SUFFIX(const uint8_t *codes, const uint16_t *scales, const int64_t *slots,   \
                            int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits, \
-                           T *out, int64_t threads) {                                            \
-        return gather(IS_BF16, codes, scales, slots, N, H, D, centroids, bits, out, threads);    \
+                           const float *shift, T *out, int64_t threads) {                        \
+        return gather(IS_BF16, codes, scales, slots, N, H, D, centroids, bits, shift, out,        \
+                      threads);                                                                  \
     }
 
 ENTRIES(f32, float, 0)
