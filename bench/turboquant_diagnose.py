@@ -79,9 +79,12 @@ def compare(exact: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     return agree, kl
 
 
-def tq_sim(bits_k, bits_v, means, sink: int = 0, layers=None):
+def tq_sim(bits_k, bits_v, means, sink: int = 0, layers=None, shorter: bool = False, rope=None):
     """TurboQuant as the cache stores it (keys less the calibrated mean, rotation per layer and
-    head), dequantized back; positions < sink and layers outside ``layers`` stay exact."""
+    head), dequantized back; positions < sink and layers outside ``layers`` stay exact.
+    ``shorter``: a key shorter than its centred form is stored as it is (the engine since this
+    diagnosis). ``rope`` (``(fn(x, pos, inverse), pre-RoPE means)``): keys are centred on the
+    mean key before RoPE, rotated to each key's position, instead of one mean after RoPE."""
     from dist_engine.layers import turboquant as tq
 
     def fq(layer, pos, k, v):
@@ -95,6 +98,11 @@ def tq_sim(bits_k, bits_v, means, sink: int = 0, layers=None):
             if bits is None:
                 out.append(x)
                 continue
+            if mean is not None and rope is not None:
+                mean = rope[0](rope[1][layer].expand_as(x), pos, False)  # [W, H, D]
+            if mean is not None and shorter:
+                mean = torch.where(x.norm(dim=-1, keepdim=True) < (x - mean).norm(dim=-1, keepdim=True),
+                                   0.0, mean)
             spec = tq.TQSpec(bits, D)
             xc = x - mean if mean is not None else x
             codes, scales = tq.encode(xc, rot, spec)
@@ -102,6 +110,18 @@ def tq_sim(bits_k, bits_v, means, sink: int = 0, layers=None):
             out.append(torch.where(keep, x, y))
         return tuple(out)
     return fq
+
+
+def rope_of(runner):
+    """The model's rotary embedding as ``fn(x [W, H, D], pos [W], inverse)`` (HF's rotate-half)."""
+    emb = next(m for m in runner.model.modules() if hasattr(m, "cos") and hasattr(m, "sin"))
+
+    def fn(x, pos, inverse):
+        cos, sin = emb.cos[pos].float().unsqueeze(1), emb.sin[pos].float().unsqueeze(1)  # [W, 1, D/2]
+        sin = -sin if inverse else sin
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return fn
 
 
 def lloyd_max_sim(bits_k, bits_v, means, sink: int = 0):
@@ -204,8 +224,18 @@ def main() -> None:
         ids = torch.randint(0, runner.config.model.vocab_size, (256,), generator=gen).tolist()
         for c in caches:
             c.observe, c.k_sum, c.k_count, c.k_amax, c.v_amax = True, None, 0, 0.0, 0.0
+        cal_rows = [[] for _ in range(n)]
+
+        def note_cal(layer, pos, k, v):
+            cal_rows[layer].append((pos, k.clone()))
+            return k, v
+        global FQ
+        FQ = note_cal
         llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=1))
+        FQ = None
         means = [c.calibrated_mean() for c in caches]
+        rope = rope_of(runner)
+        pre_means = [torch.cat([rope(k, pos, True) for pos, k in r]).mean(0) for r in cal_rows]
         fp8_scales = [c.calibrated_scales() for c in caches]
         cal_amax = [(c.k_amax, c.v_amax) for c in caches]
         for c in caches:
@@ -241,6 +271,10 @@ def main() -> None:
             row(f"tq{bits} V only", tq_sim(None, bits, means))
             row(f"tq{bits}, first token exact", tq_sim(bits, bits, means, sink=1))
             row(f"tq{bits}, first 4 tokens exact", tq_sim(bits, bits, means, sink=4))
+            row(f"tq{bits}, keys centred or as they are, whichever is shorter (built)",
+                tq_sim(bits, bits, means, shorter=True))
+            row(f"tq{bits}, that and keys centred before RoPE (not built)",
+                tq_sim(bits, bits, means, shorter=True, rope=(rope, pre_means)))
         row("K5 + V3 (tq4's bytes)", lloyd_max_sim(5, 3, means))
         row("K5 + V3, first token exact", lloyd_max_sim(5, 3, means, sink=1))
         row("K4 + V2 (tq3's bytes)", lloyd_max_sim(4, 2, means))
