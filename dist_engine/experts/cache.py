@@ -17,7 +17,6 @@ experts than slots streams them through the cache in waves.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from dist_engine.config import ExpertCacheConfig
+from dist_engine.experts.formats import ExpertFormat, refill_packed, slot_copy
 from dist_engine.experts.paged import PagedLayer
 from dist_engine.experts.policy import EvictionPolicy
 from dist_engine.experts.slots import LoadPlan, packs, refill, zero_fill
@@ -98,9 +98,12 @@ class ExpertCache:
         return paged
 
     def start(self, path: str, packed: dict[str, tuple[str, object]],
-              rename: Callable[[str], str | None] | None = None) -> None:
+              rename: Callable[[str], str | None] | None = None, quantization: str | None = None,
+              int8_activations: bool = False) -> None:
         """Index the checkpoint (``rename``: the model's stored name -> our name), check the
-        budget, allocate the slots, start the loader."""
+        budget, allocate the slots, start the loader. ``quantization`` / ``int8_activations``:
+        the engine's ``--quantization`` and ``--int8-activations`` (slots hold what a resident
+        expert would)."""
         self.layers.sort(key=lambda p: p.layer)
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b  # prefetch: each layer warms the next one it runs into
@@ -110,16 +113,19 @@ class ExpertCache:
         self.policy = EvictionPolicy(self.config.policy, LFU_HALF_LIFE_FORWARDS * per_forward)
         self.index = ExpertIndex(path, {p.prefix: p.expert_range for p in self.layers}, rename)
         drop_page_cache(sorted({r.file for refs in self.index.refs.values() for r in refs.values()}))
+        self.format = ExpertFormat(path, quantization, int8_activations)
+        read_bytes = self.index.expert_nbytes()
         with torch.device(self.device):
             staging = self._make_expert()
             self.plan = LoadPlan(staging, packed)
-            self.index.check_complete(self.plan.suffixes)
+            self.index.check_complete(self.plan.suffixes, self.format.name)
             probe = self._make_expert()
+            if self.format.quantized:
+                self._shape_quantized(probe, staging, read_bytes)
             pack_weights(probe)
         self.expert_bytes = weight_bytes(probe)
         self.staging = staging if packs(probe) else None
-        read_bytes = self.index.expert_nbytes()
-        overhead = 0 if self.cuda else read_bytes + (weight_bytes(staging) if self.staging is not None else 0)
+        overhead = (0 if self.cuda else read_bytes) + (weight_bytes(staging) if self.staging is not None else 0)
         wave = max(min(p.expert_range[1], p.router.top_k) for p in self.layers)
         need = wave * self.expert_bytes + overhead
         budget = self.config.memory
@@ -133,7 +139,7 @@ class ExpertCache:
                 f"{fmt(total * self.expert_bytes)})")
         n_slots = min(total, (budget - overhead) // self.expert_bytes)
         zero_fill(probe)  # then copies of it: every byte touched, so resident from start-up
-        self.slots = [Slot(probe, self.cuda)] + [Slot(copy.deepcopy(probe), self.cuda) for _ in range(n_slots - 1)]
+        self.slots = [Slot(probe, self.cuda)] + [Slot(slot_copy(probe), self.cuda) for _ in range(n_slots - 1)]
         self.free = list(reversed(self.slots))
         self.reader, self.tier = self._reader(read_bytes)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -142,6 +148,22 @@ class ExpertCache:
                  "%s), %s policy, prefetch %s, source: %s", n_slots, total, fmt(self.expert_bytes),
                  fmt(n_slots * self.expert_bytes + overhead), fmt(total * self.expert_bytes), self.config.policy,
                  "on" if self.config.prefetch else "off", self.tier)
+
+    def _shape_quantized(self, probe: nn.Module, staging: nn.Module, read_bytes: int) -> None:
+        """Quantized experts: the slots' packed form, learnt by loading the first expert of the
+        index into ``staging`` (``experts/formats.py``)."""
+        first = next(iter(self.index.refs))
+        reader = FileReader(read_bytes, pin=False, drop_page_cache=True)
+        try:
+            self.plan.load(staging, self.format.tensors(reader.read(self.index.refs[first])))
+        finally:
+            reader.close()
+        quantized = self.format.packs(staging)
+        self.format.shape_slot(probe, quantized)
+        if self.format.on_load is None:  # kept quantized: the staging copy's float weights are never read
+            for path in quantized:
+                m = staging.get_submodule(path)
+                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
     def _reader(self, read_bytes: int) -> tuple[Callable[[Key], dict[str, torch.Tensor]], str]:
         """How a load gets an expert's tensors, and the tier's name for the log."""
@@ -222,16 +244,21 @@ class ExpertCache:
         """On the loading thread: ``key``'s tensors into ``slot``."""
         tensors = self.reader(key)
         if not self.cuda:
-            if self.staging is None:
-                self.plan.load(slot.module, tensors)
-            else:
-                self.plan.load(self.staging, tensors)
-                refill(slot.module, self.staging)
-            return
+            return self._fill(slot, key, tensors)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(slot.released)  # the compute stream's last read of the slot
-            self.plan.load(slot.module, tensors)
+            self._fill(slot, key, tensors)
             self.stream.synchronize()
+
+    def _fill(self, slot: Slot, key: Key, tensors: dict[str, torch.Tensor]) -> None:
+        """Straight into the slot, or through the staging expert: packed into the slot's
+        panels (CPU) and, quantized, stacked and packed into its ``QWeight`` buffers."""
+        if self.staging is None:
+            return self.plan.load(slot.module, tensors)
+        self.plan.load(self.staging, self.format.tensors(tensors))
+        if self.format.quantized:
+            refill_packed(slot.module, self.format.packs(self.staging), f"{key[0]}{key[1]}")
+        refill(slot.module, self.staging)
 
     def wait(self, slot: Slot) -> None:
         """Block until ``slot``'s load is done (re-raising its error)."""

@@ -88,7 +88,9 @@ class ModelRunner(RunnerCaches):
         self.drafter = make_decoder(self, config) if config.speculative is not None else None
         if self.expert_cache is not None:
             self.expert_cache.start(mcfg.path, self.model.packed_modules,
-                                    getattr(self.model, "checkpoint_name", None))
+                                    getattr(self.model, "expert_checkpoint_name",
+                                            getattr(self.model, "checkpoint_name", None)),
+                                    config.quantization, config.int8_activations)
         self.load_seconds = time.perf_counter() - t0
         # what each layer keeps between steps (a drafter layer's own cache last): its kinds, and
         # all of them in layer order
