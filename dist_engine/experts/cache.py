@@ -85,6 +85,8 @@ class ExpertCache:
         self.hits = self.misses = self.prefetches = self.prefetch_hits = self.evictions = 0
         self.bytes_read = self.tokens = 0
         self.wait_s = 0.0
+        for layer in self.layers:
+            layer.hits = layer.misses = 0
 
     # ---- set-up -----------------------------------------------------------------------------
     def register(self, layer: int, prefix: str, expert_range: tuple[int, int],

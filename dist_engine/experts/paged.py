@@ -35,6 +35,7 @@ class PagedLayer:
         self.router = router
         self.next: PagedLayer | None = None  # the MoE layer after this one (prefetch target)
         self.counts_tokens = False  # the first layer counts the tokens of each forward
+        self.hits = self.misses = 0  # this layer's share of the cache's lookups
 
     def _local(self, ids: torch.Tensor) -> list[int]:
         first, count = self.expert_range
@@ -64,6 +65,8 @@ class PagedLayer:
                 held[e] = slot
         cache.hits += len(held)
         cache.misses += len(missing)
+        self.hits += len(held)
+        self.misses += len(missing)
         missing = self._start(missing, held)
         if not missing and self.next is not None and cache.config.prefetch:
             self.next.prefetch(x if router_input is None else router_input, token_ids)

@@ -44,6 +44,7 @@ from dist_engine.layers.loading import copy_checked
 from dist_engine.layers.moe import SparseMoE, skipped_expert
 from dist_engine.layers.norm import Fp32RMSNorm, unweighted_rms_norm
 from dist_engine.layers.rotary import TrailingRotary
+from dist_engine.models import deepseek_v4_names as v4_names
 from dist_engine.models.deepseek_v4_names import checkpoint_name
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         return None if stored.startswith("mtp.") else checkpoint_name(stored)
 
     # the expert cache indexes the MTP layer's experts too (``mtp.0.mlp.experts.``)
-    expert_checkpoint_name = staticmethod(checkpoint_name)
+    expert_checkpoint_name = staticmethod(v4_names.checkpoint_name)
 
     def skip_tensor(self, name: str) -> bool:
         """Another rank's routed expert: never read from the checkpoint here."""
