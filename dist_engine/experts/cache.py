@@ -197,6 +197,17 @@ class ExpertCache:
             self.file_reader.close()
 
     # ---- the model thread's calls -------------------------------------------------------------
+    def begin_forward(self, token_ids: torch.Tensor) -> None:
+        """A forward pass over ``token_ids`` ``[T]`` starts. A hash-routed first MoE layer
+        (DeepSeek-V4's) picks its experts from the token ids alone, so they start loading now,
+        exactly, overlapping the embedding and the first attention (each later layer prefetches
+        the next one's, exactly where that one is hash-routed too)."""
+        if self.dry or not self.config.prefetch or not self.layers:
+            return
+        first = self.layers[0]
+        if getattr(first.router, "tid2eid", None) is not None:
+            first.prefetch(None, token_ids)
+
     def claim(self, key: Key) -> Slot | None:
         """Pin ``key``'s slot if it is resident or loading (a hit)."""
         slot = self.where.get(key)

@@ -182,9 +182,13 @@ class ModelRunner(RunnerCaches):
         so every rank gets the owner's exact bits)."""
         split = _split_meta(self, batch)
         if split is None:
+            if self.expert_cache is not None:
+                self.expert_cache.begin_forward(batch.ids)
             return self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
         own = split.split_own
         self.num_split_steps += 1
+        if self.expert_cache is not None:
+            self.expert_cache.begin_forward(batch.ids[own])
         out = self.model(batch.ids[own], batch.positions[own], self.kv_caches, split, raw)
         full = []
         for x in (out if raw else (out,)):  # [W, hidden] -> [T, hidden]
