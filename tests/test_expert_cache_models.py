@@ -18,6 +18,7 @@ from v4_checkpoints import random_mtp, random_v4, save_v4
 
 from conftest import hf_greedy, make_tiny
 from dist_engine import LLM, SamplingParams
+from dist_engine.kernels import qlinear
 
 r = random.Random(7)
 PROMPTS = [[1] + [r.randrange(3, 320) for _ in range(40)], [1] + [r.randrange(3, 320) for _ in range(6)]]
@@ -51,8 +52,9 @@ def v4_reference(model, prompt: list[int], n: int) -> list[int]:
 def test_deepseek_v4_pages_hash_routed_and_mxfp4_experts(tmp_path):
     """Four layers of 8 experts (2 hash-routed), 4 slots: transformers' tokens and the resident
     logprobs; hash-routed layers' experts are always loaded exactly before they run (no miss
-    while decoding one token a step). Released naming with MXFP4 experts paged packed (a slot a sixth of fp32's), and
-    the MTP layer's experts paged too while it drafts."""
+    while decoding one token a step). The released checkpoints' form (DeepSeek's names, FP8
+    weights, MXFP4 experts) with the experts paged packed (a slot a sixth of fp32's), and the MTP
+    layer's experts paged too while it drafts."""
     model = random_v4(0)
     one, mtp = random_mtp(5)
     path = save_v4(model, str(tmp_path / "f32"))
@@ -69,7 +71,7 @@ def test_deepseek_v4_pages_hash_routed_and_mxfp4_experts(tmp_path):
         assert [layers[i].router.tid2eid is not None for i in (0, 1)] == [True, True]
         assert [(layers[i].hits, layers[i].misses) for i in (0, 1)] == [(12 * 2, 0)] * 2
 
-    fp4 = save_v4(model, str(tmp_path / "fp4"), naming="released", fp4_experts=True, extra=mtp)
+    fp4 = save_v4(model, str(tmp_path / "fp4"), naming="released", fp8_block=16, fp4_experts=True, extra=mtp)
     resident, _, _ = generate(fp4)
     paged, s, cache = generate(fp4, expert_cache_memory="24KiB")
     same(paged, resident)
@@ -128,10 +130,11 @@ def _gptq_experts(src: str, dst: str, group: int = 32) -> None:
 @pytest.mark.parametrize("form", ["gptq", "int4"])
 def test_quantized_experts_page_packed(tmp_path, form):
     """GPTQ int4 experts (a checkpoint format) and float experts quantized at load
-    (``--quantization int4``) page as packed int4 slots, refilled in place: the resident
+    (``--quantization int4``, with ``--int8-activations`` where the CPU has VNNI) page as packed
+    int4 slots, refilled in place: the resident
     quantized model's tokens and logprobs bit for bit, with evictions."""
     path = make_tiny("qwen3_moe", str(tmp_path / "f32"), decoder_sparse_step=1)
-    kw = {"quantization": "int4"} if form == "int4" else {}
+    kw = {"quantization": "int4", "int8_activations": True} if form == "int4" else {}
     if form == "gptq":
         _gptq_experts(path, str(tmp_path / "gptq"))
         path = str(tmp_path / "gptq")
@@ -141,4 +144,5 @@ def test_quantized_experts_page_packed(tmp_path, form):
     same(paged, resident)
     qw = cache.slots[1].module.down_proj.weight_packed
     assert type(qw).__name__ == "QWeight" and qw.scales.dtype == torch.float32
+    assert qw.int8_activations == (form == "int4" and qlinear.has_int8_activations())  # as resident
     assert s["expert_bytes"] < 24576 / 4 and s["evictions"] > 0

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -29,37 +29,14 @@ from dist_engine.config import ExpertCacheConfig
 from dist_engine.experts.formats import ExpertFormat, refill_packed, slot_copy
 from dist_engine.experts.paged import PagedLayer
 from dist_engine.experts.policy import EvictionPolicy
-from dist_engine.experts.slots import LoadPlan, packs, refill, zero_fill
+from dist_engine.experts.slots import Key, LoadPlan, Slot, fmt, packs, refill, zero_fill
 from dist_engine.experts.source import ExpertIndex, FileReader, HostReader, drop_page_cache
 from dist_engine.experts.stats import ExpertCacheStats, process_rss
 from dist_engine.layers.linear import pack_weights, weight_bytes
 
 log = logging.getLogger(__name__)
-Key = tuple[str, int]  # (checkpoint prefix of the layer's experts, expert id)
 HOST_TIER_FRACTION = 0.8  # CUDA: pin every expert in host memory if they fit in this much of it
 LFU_HALF_LIFE_FORWARDS = 16
-
-
-class Slot:
-    def __init__(self, module: nn.Module, cuda: bool) -> None:
-        self.module = module
-        self.key: Key | None = None
-        self.future: Future | None = None
-        self.seq = 0  # submission order (the loader is FIFO)
-        self.pins = 0
-        self.prefetched = False  # loaded ahead and not yet claimed by its layer
-        self.released = torch.cuda.Event() if cuda else None  # last compute read of the slot
-
-    @property
-    def ready(self) -> bool:
-        return self.future is None or self.future.done()
-
-
-def fmt(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 class ExpertCache:
@@ -123,7 +100,7 @@ class ExpertCache:
             self.index.check_complete(self.plan.suffixes, self.format.name)
             probe = self._make_expert()
             if self.format.quantized:
-                self._shape_quantized(probe, staging, read_bytes)
+                self.format.learn_form(probe, staging, self.plan, self.index, read_bytes)
             pack_weights(probe)
         self.expert_bytes = weight_bytes(probe)
         self.staging = staging if packs(probe) else None
@@ -150,22 +127,6 @@ class ExpertCache:
                  "%s), %s policy, prefetch %s, source: %s", n_slots, total, fmt(self.expert_bytes),
                  fmt(n_slots * self.expert_bytes + overhead), fmt(total * self.expert_bytes), self.config.policy,
                  "on" if self.config.prefetch else "off", self.tier)
-
-    def _shape_quantized(self, probe: nn.Module, staging: nn.Module, read_bytes: int) -> None:
-        """Quantized experts: the slots' packed form, learnt by loading the first expert of the
-        index into ``staging`` (``experts/formats.py``)."""
-        first = next(iter(self.index.refs))
-        reader = FileReader(read_bytes, pin=False, drop_page_cache=True)
-        try:
-            self.plan.load(staging, self.format.tensors(reader.read(self.index.refs[first])))
-        finally:
-            reader.close()
-        quantized = self.format.packs(staging)
-        self.format.shape_slot(probe, quantized)
-        if self.format.on_load is None:  # kept quantized: the staging copy's float weights are never read
-            for path in quantized:
-                m = staging.get_submodule(path)
-                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
     def _reader(self, read_bytes: int) -> tuple[Callable[[Key], dict[str, torch.Tensor]], str]:
         """How a load gets an expert's tensors, and the tier's name for the log."""

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from dist_engine.experts.source import ExpertIndex, FileReader
 from dist_engine.kernels import qlinear
 from dist_engine.kernels.qlinear import QWeight
 from dist_engine.quant.checkpoint import (
@@ -32,8 +34,11 @@ from dist_engine.quant.checkpoint import (
     logical_name,
     logical_view,
 )
-from dist_engine.quant.groups import GroupQuant, quantize
+from dist_engine.quant.groups import GroupQuant, fitting_group, quantize
 from dist_engine.quant.linear import ON_LOAD, build_int4pack
+
+if TYPE_CHECKING:
+    from dist_engine.experts.slots import LoadPlan
 
 CACHED = ("struct", "_int4pack", "_fp8_dense")  # what a QWeight caches about its tensors
 
@@ -75,8 +80,28 @@ class ExpertFormat:
                 out[path] = GroupQuant.cat([parts[d] for d in order]).pack()
             elif self.on_load is not None and hasattr(m, "weight_packed") and m.weight.numel():
                 bits, group, symmetric = self.on_load
-                out[path] = quantize(m.weight.detach(), bits, group, symmetric).pack()
+                if fitting_group(m.weight.shape[1], group) is not None:  # else dense, as resident
+                    out[path] = quantize(m.weight.detach(), bits, group, symmetric).pack()
         return out
+
+    def learn_form(self, probe: nn.Module, staging: nn.Module, plan: LoadPlan, index: ExpertIndex,
+                   read_bytes: int) -> None:
+        """Shape ``probe`` (the first slot) as the first expert of ``index`` loads: read it
+        once into ``staging`` through ``plan`` and pack it. The staging copy's float weights
+        are then dropped where the checkpoint keeps them quantized (never read again)."""
+        first = next(iter(index.refs))
+        with torch.device("cpu"):  # decoding makes host tensors, as on the loading thread
+            reader = FileReader(read_bytes, pin=False)
+            try:
+                plan.load(staging, self.tensors(reader.read(index.refs[first])))
+            finally:
+                reader.close()
+            quantized = self.packs(staging)
+        self.shape_slot(probe, quantized)
+        if self.on_load is None:
+            for path in quantized:
+                m = staging.get_submodule(path)
+                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
     def shape_slot(self, probe: nn.Module, packs: dict[str, QWeight]) -> None:
         """Give ``probe`` (a new expert) the slot form of ``packs``: each quantized layer holds

@@ -22,7 +22,8 @@ from torch import nn
 from dist_engine.layers.moe import add_in_order, expert_output
 
 if TYPE_CHECKING:
-    from dist_engine.experts.cache import ExpertCache, Slot
+    from dist_engine.experts.cache import ExpertCache
+    from dist_engine.experts.slots import Slot
 
 
 class PagedLayer:

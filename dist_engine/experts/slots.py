@@ -10,6 +10,8 @@ dense staging copy (``refill``), so the cache never allocates after start-up.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 from torch import nn
 
@@ -17,6 +19,34 @@ from dist_engine.experts.formats import zero_quantized
 from dist_engine.kernels import linear as cpu_linear
 from dist_engine.kernels.qlinear import QWeight
 from dist_engine.layers.linear import pack_weight
+
+Key = tuple[str, int]  # (checkpoint prefix of the layer's experts, expert id)
+
+
+class Slot:
+    """One expert's place in the cache: the module it computes with, what it holds, and its
+    state (loading while ``future`` is pending, pinned while a layer computes with it)."""
+
+    def __init__(self, module: nn.Module, cuda: bool) -> None:
+        self.module = module
+        self.key: Key | None = None
+        self.future: Future | None = None
+        self.seq = 0  # submission order (the loader is FIFO)
+        self.pins = 0
+        self.prefetched = False  # loaded ahead and not yet claimed by its layer
+        self.released = torch.cuda.Event() if cuda else None  # last compute read of the slot
+
+    @property
+    def ready(self) -> bool:
+        return self.future is None or self.future.done()
+
+
+def fmt(n: float) -> str:
+    """Bytes for a person."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 class LoadPlan:
