@@ -143,6 +143,7 @@ def test_quantized_experts_page_packed(tmp_path, form):
     paged, s, cache = generate(path, expert_cache_memory="24KiB" if form == "gptq" else "64KiB", **kw)
     same(paged, resident)
     qw = cache.slots[1].module.down_proj.weight_packed
-    assert type(qw).__name__ == "QWeight" and qw.scales.dtype == torch.float32
+    # a checkpoint's scales may or may not be exact in fp16 (slots: fp32); at load they always are
+    assert type(qw).__name__ == "QWeight" and qw.scales.dtype == (torch.float32 if form == "gptq" else torch.float16)
     assert qw.int8_activations == (form == "int4" and qlinear.has_int8_activations())  # as resident
     assert s["expert_bytes"] < 24576 / 4 and s["evictions"] > 0

@@ -9,10 +9,11 @@ allocates afterwards, and a slot computes with the same kernel and the same valu
 resident expert (bitwise the same output).
 
 The slots' form is learnt from the first expert of the index: which layers are quantized, in
-which code kind, group, offsets and table. Scales and offsets are kept in fp32 in the slots:
-the packer stores them in fp16 when every value of *that* weight is exact in fp16, which
-depends on the values; fp16 widens to fp32 exactly and the kernels compute in fp32, so the
-products do not change. An expert whose form differs (another group size, no offsets) is a
+which code kind, group, offsets and table. A checkpoint's scales and offsets are kept in fp32
+in the slots: the packer stores them in fp16 when every value of *that* weight is exact in
+fp16, which depends on the values; fp16 widens to fp32 exactly and the kernels compute in fp32,
+so the products do not change. Weights quantized at load (``--quantization``) always round
+their scales and offsets to fp16, so their slots keep fp16 (a fifth fewer bytes for int4). An expert whose form differs (another group size, no offsets) is a
 ``ValueError`` naming it.
 """
 
@@ -109,8 +110,9 @@ class ExpertFormat:
         dense weight."""
         for path, qw in packs.items():
             m = probe.get_submodule(path)
-            qw = dataclasses.replace(qw, scales=qw.scales.float(),
-                                     offsets=None if qw.offsets is None else qw.offsets.float())
+            if self.on_load is None:  # a checkpoint's scales: fp16-exact or not, expert by expert
+                qw = dataclasses.replace(qw, scales=qw.scales.float(),
+                                         offsets=None if qw.offsets is None else qw.offsets.float())
             if self.int8_activations and qlinear.int8_activations_apply(qw):
                 qw = dataclasses.replace(qw, int8_activations=True)
             m.weight_packed = qw.to(m.weight.device)
@@ -149,6 +151,9 @@ def refill_packed(slot: nn.Module, packs: dict[str, QWeight], where: str) -> Non
                              f"offsets {src.offsets is not None}, act order {src.in_perm is not None}) but "
                              f"the cache's slots were shaped by the first expert as {have}; the expert "
                              "cache needs every routed expert of a model in one quantized form")
+        if dst.scales.dtype == torch.float16 and src.scales.dtype != torch.float16:
+            raise ValueError(f"routed expert {where}: {path}'s scales are not exact in fp16, the "
+                             "slots' scale type for weights quantized at load")
         for d, s in ((dst.codes, src.codes), (dst.scales, src.scales), (dst.offsets, src.offsets),
                      (dst.in_perm, src.in_perm)):
             if d is not None:
