@@ -80,7 +80,9 @@ class ModelRunner(RunnerCaches):
         mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
-        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations,
+                             (("speculation",) if config.speculative is not None else ())
+                             + (("prefix caching",) if config.cache.enable_prefix_caching else ()))
         pack_weights(self.model)
         self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
         attach_cpu_decoder(self.model)
