@@ -1,8 +1,9 @@
 """Paged experts on DeepSeek-V4 (hash-routed first layers prefetched exactly from the token ids,
 DeepSeek's released names, MXFP4 experts, the MTP layer's experts) and Gemma 4 (fused 3-D
 experts, router scales, per-expert scales, beside the dense MLP), and quantized experts paged in
-their packed form (GPTQ int4, ``--quantization int4``): a few experts per layer resident give
-transformers' tokens and the all-resident run's logprobs bit for bit."""
+their packed form (GPTQ int4 with activation order, AWQ int4, ``--quantization int4``): a few
+experts per layer resident give transformers' tokens and the all-resident run's logprobs bit
+for bit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import random
 import pytest
 import torch
 from gemma4_tiny import make as make_gemma
-from quant_writers import _pack_rows
+from quant_writers import _awq_pack, _pack_rows
 from v4_checkpoints import random_mtp, random_v4, save_v4
 
 from conftest import hf_greedy, make_tiny
@@ -101,13 +102,14 @@ def test_gemma4_moe_pages_fused_experts_beside_the_dense_mlp(tmp_path):
     assert sorted(p.prefix for p in cache.layers)[0] == "model.layers.0.experts."
 
 
-def _gptq_experts(src: str, dst: str, group: int = 32) -> None:
-    """``src`` (a tiny Qwen3-MoE) with every routed expert as GPTQ int4 (random codes, zeros
-    and fp16 scales); the rest float."""
+def _quantized_experts(src: str, dst: str, method: str, group: int = 32) -> None:
+    """``src`` (a tiny Qwen3-MoE) with every routed expert as GPTQ (with activation order: each
+    expert's inputs in a random order of its own, gate and up sharing one) or AWQ int4: random
+    codes, zeros and fp16 scales; the rest float."""
     from safetensors.torch import load_file, save_file
 
     gen = torch.Generator().manual_seed(3)
-    out = {}
+    out, orders = {}, {}
     for name, w in load_file(os.path.join(src, "model.safetensors")).items():
         if ".experts." not in name:
             out[name] = w
@@ -116,34 +118,44 @@ def _gptq_experts(src: str, dst: str, group: int = 32) -> None:
         stem = name[:-len(".weight")]
         q = torch.randint(0, 16, (K, N), generator=gen)
         zero = torch.randint(1, 16, (K // group, N), generator=gen)
-        out.update({f"{stem}.qweight": _pack_rows(q, 4), f"{stem}.scales": (torch.rand(K // group, N, generator=gen)
-                                                                          * 0.01 + 0.005).half(),
-                    f"{stem}.qzeros": _pack_rows((zero - 1).T & 15, 4).T.contiguous(),
-                    f"{stem}.g_idx": (torch.arange(K) // group).to(torch.int32)})
+        scale = (torch.rand(K // group, N, generator=gen) * 0.01 + 0.005).half()
+        if method == "awq":
+            out.update({f"{stem}.qweight": _awq_pack(q), f"{stem}.qzeros": _awq_pack(zero), f"{stem}.scales": scale})
+            continue
+        expert, proj = stem.rsplit(".", 1)
+        key = expert + (".down" if proj == "down_proj" else ".gate_up")  # stacked parts share an order
+        g_idx = orders.setdefault(key, (torch.arange(K) // group)[torch.randperm(K, generator=gen)])
+        out.update({f"{stem}.qweight": _pack_rows(q, 4), f"{stem}.scales": scale, f"{stem}.g_idx": g_idx.to(torch.int32),
+                    f"{stem}.qzeros": _pack_rows((zero - 1).T & 15, 4).T.contiguous()})
     os.makedirs(dst)
     save_file(out, os.path.join(dst, "model.safetensors"))
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False}
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                   "version": "gemm"} if method == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True})
     json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
 
 
-@pytest.mark.parametrize("form", ["gptq", "int4"])
+@pytest.mark.parametrize("form", ["gptq", "awq", "int4"])
 def test_quantized_experts_page_packed(tmp_path, form):
-    """GPTQ int4 experts (a checkpoint format) and float experts quantized at load
-    (``--quantization int4``, with ``--int8-activations`` where the CPU has VNNI) page as packed
-    int4 slots, refilled in place: the resident
-    quantized model's tokens and logprobs bit for bit, with evictions."""
+    """GPTQ int4 experts with activation order (each slot's input permutation refilled too) and
+    AWQ int4 experts (checkpoint formats), and float experts quantized at load (``--quantization
+    int4``, with ``--int8-activations`` where the CPU has VNNI) page as packed int4 slots,
+    refilled in place: the resident quantized model's tokens and logprobs bit for bit, with
+    evictions."""
     path = make_tiny("qwen3_moe", str(tmp_path / "f32"), decoder_sparse_step=1)
     kw = {"quantization": "int4", "int8_activations": True} if form == "int4" else {}
-    if form == "gptq":
-        _gptq_experts(path, str(tmp_path / "gptq"))
-        path = str(tmp_path / "gptq")
+    if form != "int4":
+        _quantized_experts(path, str(tmp_path / form), form)
+        path = str(tmp_path / form)
     resident, _, _ = generate(path, **kw)
     # --quantization: the staging copy and read buffer hold a float expert (48 KiB)
-    paged, s, cache = generate(path, expert_cache_memory="24KiB" if form == "gptq" else "64KiB", **kw)
+    paged, s, cache = generate(path, expert_cache_memory="64KiB" if form == "int4" else "24KiB", **kw)
     same(paged, resident)
     qw = cache.slots[1].module.down_proj.weight_packed
     # a checkpoint's scales may or may not be exact in fp16 (slots: fp32); at load they always are
-    assert type(qw).__name__ == "QWeight" and qw.scales.dtype == (torch.float32 if form == "gptq" else torch.float16)
+    assert type(qw).__name__ == "QWeight" and qw.scales.dtype == (torch.float16 if form == "int4" else torch.float32)
+    gate_up = cache.slots[1].module.gate_up_proj.weight_packed  # 64 inputs: two groups to order
+    assert (gate_up.in_perm is not None) == (form == "gptq")
     assert qw.int8_activations == (form == "int4" and qlinear.has_int8_activations())  # as resident
     assert s["expert_bytes"] < 24576 / 4 and s["evictions"] > 0
