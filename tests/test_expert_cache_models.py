@@ -104,8 +104,8 @@ def test_gemma4_moe_pages_fused_experts_beside_the_dense_mlp(tmp_path):
 
 def _quantized_experts(src: str, dst: str, method: str, group: int = 32) -> None:
     """``src`` (a tiny Qwen3-MoE) with every routed expert as GPTQ (with activation order: each
-    expert's inputs in a random order of its own, gate and up sharing one) or AWQ int4: random
-    codes, zeros and fp16 scales; the rest float."""
+    expert's inputs in a random order of its own, gate and up sharing one) or AWQ int4 (random codes,
+    zeros and fp16 scales), or compressed-tensors pack-quantized symmetric int4; the rest float."""
     from safetensors.torch import load_file, save_file
 
     gen = torch.Generator().manual_seed(3)
@@ -122,6 +122,10 @@ def _quantized_experts(src: str, dst: str, method: str, group: int = 32) -> None
         if method == "awq":
             out.update({f"{stem}.qweight": _awq_pack(q), f"{stem}.qzeros": _awq_pack(zero), f"{stem}.scales": scale})
             continue
+        if method == "compressed-tensors":  # pack-quantized, symmetric: codes stored + 8, packed along K
+            out.update({f"{stem}.weight_packed": _pack_rows(q, 4).T.contiguous(), f"{stem}.weight_scale": scale.T.contiguous(),
+                        f"{stem}.weight_shape": torch.tensor([N, K])})
+            continue
         expert, proj = stem.rsplit(".", 1)
         key = expert + (".down" if proj == "down_proj" else ".gate_up")  # stacked parts share an order
         g_idx = orders.setdefault(key, (torch.arange(K) // group)[torch.randperm(K, generator=gen)])
@@ -130,16 +134,19 @@ def _quantized_experts(src: str, dst: str, method: str, group: int = 32) -> None
     os.makedirs(dst)
     save_file(out, os.path.join(dst, "model.safetensors"))
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                   "version": "gemm"} if method == "awq" else
-                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True})
+    cfg["quantization_config"] = {
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True},
+        "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "strategy": "group",
+                                                           "group_size": group, "symmetric": True}}}}}[method]
     json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
 
 
-@pytest.mark.parametrize("form", ["gptq", "awq", "int4"])
+@pytest.mark.parametrize("form", ["gptq", "awq", "compressed-tensors", "int4"])
 def test_quantized_experts_page_packed(tmp_path, form):
-    """GPTQ int4 experts with activation order (each slot's input permutation refilled too) and
-    AWQ int4 experts (checkpoint formats), and float experts quantized at load (``--quantization
+    """GPTQ int4 experts with activation order (each slot's input permutation refilled too), AWQ
+    and compressed-tensors pack-quantized int4 experts (checkpoint formats), and float experts quantized at load (``--quantization
     int4``, with ``--int8-activations`` where the CPU has VNNI) page as packed int4 slots,
     refilled in place: the resident quantized model's tokens and logprobs bit for bit, with
     evictions."""
