@@ -204,6 +204,9 @@ def test_keys_shorter_than_their_centred_form_are_stored_uncentred(dtype):
     assert raw[0].all() and raw.sum() == Hk
     assert torch.equal(torch.signbit(kv.k.scales.float()), raw)
     assert not torch.signbit(kv.v.scales.float()).any()
+    codes, scales = tq.encode(k, kv.rot, kv.k.spec, kv.k.shift)  # the PyTorch path decides alike
+    assert torch.equal(torch.signbit(scales.float()), raw)
+    assert (tq.unpack(codes, 4) != tq.unpack(kv.k.codes, 4)).float().mean() < 1e-2
     slots = torch.arange(N)
     got = kv.gather(slots, torch.float32)[0]  # [N, Hk, D], the C kernel's rotated rows
     ref = tq.decode(kv.k.codes, kv.k.scales, kv.k.spec, torch.float32, kv.k.shift)

@@ -59,11 +59,13 @@ static int rotate(int is_bf16, const void *x, int64_t x_row, void *out, int64_t 
 
 /* Quantize rows x [N, H, D] into the cache at slots: rotate (Rt = R^T per head), divide by the
  * norm, code each coordinate by the number of boundaries below it, pack; the scale is the norm,
- * or with norm correction the norm over the centroid vector's norm. */
+ * or with norm correction the norm over the centroid vector's norm. With shift [H, D] (keys:
+ * the rotated mean), a row is stored less its head's shift unless it is shorter as it is: then
+ * as it is, with the scale's sign bit set. */
 static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t H, int64_t D,
                   const float *Rt, const float *centroids, const float *bounds, int64_t bits,
-                  int64_t norm_correction, const int64_t *slots, uint8_t *codes, uint16_t *scales,
-                  int64_t threads) {
+                  int64_t norm_correction, const float *shift, const int64_t *slots,
+                  uint8_t *codes, uint16_t *scales, int64_t threads) {
     if (D > MAX_D || D % 8) return -1;
     const int64_t levels = (int64_t)1 << bits, row_bytes = D * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -74,6 +76,17 @@ static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t 
         rotate_row(row, Rt + h * D * D, D, y);
         float sq = 0.0f;
         for (int64_t d = 0; d < D; d++) sq += y[d] * y[d];
+        int raw = 0;
+        if (shift != NULL) {
+            const float *sh = shift + h * D;
+            float csq = 0.0f;
+            for (int64_t d = 0; d < D; d++) csq += (y[d] - sh[d]) * (y[d] - sh[d]);
+            raw = sq < csq;
+            if (!raw) {
+                for (int64_t d = 0; d < D; d++) y[d] -= sh[d];
+                sq = csq;
+            }
+        }
         const float norm = sqrtf(sq), div = norm > 0.0f ? norm : 1.17549435e-38f;
         uint8_t *out = codes + (slots[n] * H + h) * row_bytes;
         float csq = 0.0f;
@@ -88,7 +101,8 @@ static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t 
             }
             for (int64_t b = 0; b < bits; b++) out[g * bits + b] = (uint8_t)(word >> (8 * b));
         }
-        scales[slots[n] * H + h] = tq_to_half(norm_correction ? norm / sqrtf(csq) : norm);
+        const uint16_t scale = tq_to_half(norm_correction ? norm / sqrtf(csq) : norm);
+        scales[slots[n] * H + h] = raw ? scale | 0x8000 : scale;
     }
     return 0;
 }
@@ -121,10 +135,11 @@ static int gather(int is_bf16, const uint8_t *codes, const uint16_t *scales, con
     }                                                                                            \
     int tq_encode_##SUFFIX(const T *x, int64_t x_row, int64_t N, int64_t H, int64_t D,           \
                            const float *Rt, const float *centroids, const float *bounds,         \
-                           int64_t bits, int64_t norm_correction, const int64_t *slots,          \
-                           uint8_t *codes, uint16_t *scales, int64_t threads) {                  \
+                           int64_t bits, int64_t norm_correction, const float *shift,            \
+                           const int64_t *slots, uint8_t *codes, uint16_t *scales,               \
+                           int64_t threads) {                                                    \
         return encode(IS_BF16, x, x_row, N, H, D, Rt, centroids, bounds, bits, norm_correction, \
-                      slots, codes, scales, threads);                                            \
+                      shift, slots, codes, scales, threads);                                     \
     }                                                                                            \
     int tq_gather_##SUFFIX(const uint8_t *codes, const uint16_t *scales, const int64_t *slots,   \
                            int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits, \

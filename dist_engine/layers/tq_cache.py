@@ -141,23 +141,17 @@ class TurboQuantKV:
     # ---- storage ----------------------------------------------------------------------------
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots [W]; k, v [W, Hk, D] (v ignored when it shares K's storage)
-        raw = None  # [W, Hk] keys stored uncentred: shorter than their centred form (sinks)
-        if self.k_mean is not None:
-            centred = k.float() - self.k_mean  # [W, Hk, D]
-            raw = k.float().norm(dim=-1) < centred.norm(dim=-1)
-            k = torch.where(raw.unsqueeze(-1), k.float(), centred)
+        # keys with a calibrated mean: centred in the rotated basis (less K's shift, R m) unless
+        # shorter as they are (then flagged by the scale's sign bit)
         pairs = ((self.k, k),) if self.shared else ((self.k, k), (self.v, v))
         for side, x in pairs:
             if self._kernel(x.dtype):
                 tq_kernel.encode(x, self.rot_t, side.centroids, side.bounds, side.spec.bits,
-                                 side.spec.norm_correction, slots, side.codes, side.scales)
+                                 side.spec.norm_correction, slots, side.codes, side.scales, side.shift)
             else:
-                codes, scales = tq.encode(x, self.rot, side.spec)
+                codes, scales = tq.encode(x, self.rot, side.spec, side.shift)
                 side.codes.index_copy_(0, slots, codes)
                 side.scales.index_copy_(0, slots, scales)
-        if raw is not None:  # the sign bit marks them (a scale is >= 0); no host sync here
-            scales = self.k.scales.index_select(0, slots)  # [W, Hk]
-            self.k.scales.index_copy_(0, slots, torch.where(raw, -scales, scales))
 
     def _decode(self, side: _Side, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self._kernel(dtype):

@@ -138,17 +138,25 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).long().view(*lead, C // bits * 8)
 
 
-def encode(x: torch.Tensor, rot: torch.Tensor, spec: TQSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, rot: torch.Tensor, spec: TQSpec,
+           shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[N, H, D]`` and rotations ``[H, D, D]`` -> (codes ``[N, H, row_bytes]`` uint8, scales
-    ``[N, H]`` fp16). A zero row gets scale 0 (and reconstructs as zeros)."""
+    ``[N, H]`` fp16). A zero row gets scale 0 (and reconstructs as zeros). ``shift`` ``[H, D]``
+    (keys: the rotated mean ``R m``): each row is stored as ``R x - shift`` unless ``R x`` is
+    the shorter, which is stored as it is with its scale's sign bit set."""
     centroids, bounds = (t.to(x.device) for t in codebook(spec.dim, spec.bits))
     y = torch.einsum("hed,nhd->nhe", rot, x.float()).contiguous()  # [N, H, D], each head's basis
+    if shift is not None:
+        centred = y - shift
+        raw = y.square().sum(-1) < centred.square().sum(-1)  # [N, H]
+        y = torch.where(raw.unsqueeze(-1), y, centred)
     norm = y.norm(dim=-1, keepdim=True)  # [N, H, 1]
     codes = torch.bucketize(y / norm.clamp_min(torch.finfo(torch.float32).tiny), bounds)
     scale = norm.squeeze(-1)
     if spec.norm_correction:  # the reconstruction gets exactly the row's norm
         scale = scale / centroids[codes].norm(dim=-1)
-    return pack(codes, spec.bits), scale.clamp_max(FP16_MAX).to(torch.float16)
+    scale = scale.clamp_max(FP16_MAX).to(torch.float16)
+    return pack(codes, spec.bits), scale if shift is None else torch.where(raw, -scale, scale)
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, spec: TQSpec, dtype: torch.dtype,
