@@ -118,10 +118,11 @@ class ModelRunner(RunnerCaches):
                                        self.dcp_comm.world_size if self.dcp_comm else 1)
         self.heads_per_kv = self.group_heads[0][0] if self.groups else 1
         # decode / verification attention through the C kernel over block tables (CPU, one
-        # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
-        # for A/B checks
+        # sequence shard, a full-precision, FP8 (rows of 8k values) or TurboQuant cache of
+        # separate K and V); a switch for A/B checks
+        fp8 = self.kv_dtype == torch.float8_e4m3fn and self.head_dim % 8 == 0
         self.use_paged_kernel = (device.type == "cpu"
-                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None)
+                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None or fp8)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
         self.kv_caches: list[LayerCache] = []  # one per layer of the main model
