@@ -160,11 +160,17 @@ def noise_sim(err_k, err_v, means):
     return fq
 
 
-def fp8_sim(scales):
+def fp8_sim(scales, sides: str = "kv", means=None):
+    """FP8 as the engine stores it (per-layer scales), on the ``sides`` named; ``means``: keys
+    centred first (and the mean added back)."""
+    f = torch.float8_e4m3fn
+
     def fq(layer, pos, k, v):
         ks, vs = scales[layer]
-        f = torch.float8_e4m3fn
-        return ((k / ks).clamp(-448, 448).to(f).float() * ks, (v / vs).clamp(-448, 448).to(f).float() * vs)
+        m = 0 if means is None else means[layer]
+        kq = ((k - m) / ks).clamp(-448, 448).to(f).float() * ks + m
+        vq = (v / vs).clamp(-448, 448).to(f).float() * vs
+        return (kq if "k" in sides else k), (vq if "v" in sides else v)
     return fq
 
 
@@ -236,6 +242,7 @@ def main() -> None:
         means = [c.calibrated_mean() for c in caches]
         rope = rope_of(runner)
         pre_means = [torch.cat([rope(k, pos, True) for pos, k in r]).mean(0) for r in cal_rows]
+        cal_rows_kv = [(torch.cat([k for _, k in r]),) for r in cal_rows]  # calibration keys
         fp8_scales = [c.calibrated_scales() for c in caches]
         cal_amax = [(c.k_amax, c.v_amax) for c in caches]
         for c in caches:
@@ -265,6 +272,12 @@ def main() -> None:
         row("exact again (determinism)", None)
         row("bf16", lambda layer, pos, k, v: (k.bfloat16().float(), v.bfloat16().float()))
         row("fp8_e4m3, engine's per-layer scales", fp8_sim(fp8_scales))
+        row("fp8_e4m3, K only", fp8_sim(fp8_scales, "k"))
+        row("fp8_e4m3, V only", fp8_sim(fp8_scales, "v"))
+        centred_scales = [(max(float((r[0] - m).abs().max()), 1e-6) * 2 / 448, s[1])
+                          for r, m, s in zip(cal_rows_kv, means, fp8_scales)]
+        row("fp8_e4m3, keys centred first (scales of the centred keys)",
+            fp8_sim(centred_scales, means=means))
         for bits in (4, 3):
             row(f"tq{bits} K and V", tq_sim(bits, bits, means))
             row(f"tq{bits} K only", tq_sim(bits, None, means))
