@@ -1,9 +1,11 @@
 """Routed experts paged under a budget (``--expert-cache-memory``) on a MoE several times larger
 than the budget: peak resident memory, tok/s, hit rate and bytes read per token at budgets of
 25%, 50% and 100% of the experts, against the same model with every expert resident; prefetch
-on vs off, LFU vs LRU.
+on vs off, LFU vs LRU; and ``--quantization int4`` all resident vs a 25% budget (int4 slots:
+the same bytes hold ~3.5x the experts; each miss reads the bf16 expert and quantizes it).
+A row's ratios are against the all-resident run of its own weights (bf16 or int4).
 
-    python bench/bench_expert_cache.py [--tokens 48] [--root DIR] [--quick]
+    python bench/bench_expert_cache.py [--tokens 48] [--root DIR] [--quick] [--only NAME,NAME]
 
 The model: a random Qwen3-MoE shape, bfloat16 (hidden 1024, 24 layers of 64 experts, 6 per
 token, moe_intermediate 512: 1536 experts of 3 MiB = 4.5 GiB of experts, ~4.8 GB on disk),
@@ -111,10 +113,11 @@ def drop_page_cache(path: str) -> None:
             os.close(fd)
 
 
-def probe(path: str, tokens: int, budget: int | None, policy: str = "lfu", prefetch: bool = True) -> dict:
+def probe(path: str, tokens: int, budget: int | None, policy: str = "lfu", prefetch: bool = True,
+          quantization: str | None = None) -> dict:
     drop_page_cache(path)
     args = [sys.executable, PROBE, path, "--tokens", str(tokens), "--prompts", "1", "--dtype", "bfloat16",
-            "--prompt-len", "32", "--policy", policy]
+            "--prompt-len", "32", "--policy", policy] + (["--quantization", quantization] if quantization else [])
     if budget is not None:
         args += ["--budget", str(budget)] + ([] if prefetch else ["--no-prefetch"])
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -167,6 +170,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "dist_engine_bench"))
     ap.add_argument("--quick", action="store_true", help="a small model, for a dry run")
+    ap.add_argument("--only", default=None, help="comma-separated configurations to run (results then go to "
+                    "expert_cache_<last word of the last one>.{json,md}), e.g. 'all resident int4,25%% lfu prefetch int4'")
     a = ap.parse_args()
     shape = QUICK if a.quick else SHAPE
     path = make_checkpoint(os.path.join(a.root, "moe-quick" if a.quick else "moe-4.5g"), shape)
@@ -180,17 +185,26 @@ def main() -> None:
             ("25% lru prefetch", budget(0.25), "lru", True),
             ("50% lfu prefetch", budget(0.5), "lfu", True), ("50% lfu no prefetch", budget(0.5), "lfu", False),
             ("50% lru prefetch", budget(0.5), "lru", True),
-            ("100% lfu prefetch", budget(1.0), "lfu", True)]
+            ("100% lfu prefetch", budget(1.0), "lfu", True),
+            # --quantization int4 (per load): the same bytes of budget hold ~3.5x the experts
+            ("all resident int4", None, "lfu", True), ("25% lfu prefetch int4", budget(0.25), "lfu", True)]
+    if a.only:
+        keep = a.only.split(",")
+        runs = [r for r in runs if r[0] in keep]
     results, rows = {}, []
     for name, b, policy, prefetch in runs:
         print(f"{name} ...", flush=True)
-        results[name] = probe(path, a.tokens, b, policy, prefetch)
-        rows.append(row(name, results[name], results.get("all resident"), experts_bytes))
+        quant = "int4" if name.endswith("int4") else None
+        results[name] = probe(path, a.tokens, b, policy, prefetch, quant)
+        base = results.get("all resident int4" if quant else "all resident")
+        rows.append(row(name, results[name], base, experts_bytes))
         print(json.dumps(rows[-1]), flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "experts_gib": experts_bytes / 2**30,
             "tokens": a.tokens, "prompt_len": 32, "threads": torch.get_num_threads()}
     os.makedirs(RESULTS, exist_ok=True)
     name = "expert_cache_quick" if a.quick else "expert_cache"
+    if a.only:
+        name += "_" + runs[-1][0].split()[-1].replace("%", "")
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:

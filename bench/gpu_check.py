@@ -24,8 +24,8 @@
    lossless against plain decoding on the device, and what drafting costs per token; then
    ``graft-dflash`` on the device (answers, training and speculation there).
 8. Routed experts paged under --expert-cache-memory on the device (``bench/gpu_experts.py``):
-   the tiny Qwen3-MoE, DeepSeek-V3 and Qwen3.5-MoE with a few experts resident against all
-   resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
+   the tiny Qwen3-MoE, DeepSeek-V3, Qwen3.5-MoE, DeepSeek-V4 (float and MXFP4), Gemma 4 MoE and
+   int4 (--quantization) experts with a few resident against all resident (tokens and logprobs), then a bf16 random MoE shape (bench/bench_expert_cache.py's checkpoint, smaller):
    decode tok/s all resident vs device caches of 25% and 50% of the experts fed from pinned host
    memory, prefetch on and off, with hit rates and time spent waiting for copies.
 7. TurboQuant KV cache on the device (PyTorch path: gathered rows dequantized in the rotated

@@ -2,8 +2,9 @@
 under ``--expert-cache-memory`` into a device cache.
 
 1. Exactness on the device: the tiny Qwen3-MoE and DeepSeek-V3 of ``tests/test_expert_cache.py``
-   (5 of 16 experts resident) and a tiny Qwen3.5-MoE (fused 3-D expert tensors, 4 of 32):
-   tokens and logprobs against the same model all resident.
+   (5 of 16 experts resident), a tiny Qwen3.5-MoE (fused 3-D expert tensors, 4 of 32), DeepSeek-V4
+   (float and MXFP4 experts), Gemma 4's MoE and int4 experts (``--quantization int4``), 6 slots
+   each: tokens and logprobs against the same model all resident.
 2. Speed: a bf16 random MoE shape (``bench/bench_expert_cache.py``'s checkpoint, 16 layers):
    decode tok/s all resident vs device caches of 25% and 50% of the experts fed from pinned
    host memory, prefetch on and off, with hit rates, time spent waiting for copies and MiB
@@ -18,8 +19,10 @@ import os
 def expert_cache(tmp: str, dev: str, quick: bool) -> dict:
     """Paged experts on the device: exactness on tiny models, then speed against all resident."""
     from bench_expert_cache import QUICK, SHAPE, make_checkpoint
+    from gemma4_tiny import make as make_gemma
     from gpu_check import timed_generate
     from test_expert_cache import ARGS, DEEP, GREEDY, PROMPTS
+    from v4_checkpoints import random_v4, save_v4
 
     from conftest import make_qwen3_5, make_tiny
     from dist_engine import LLM, SamplingParams
@@ -43,6 +46,16 @@ def expert_cache(tmp: str, dev: str, quick: bool) -> dict:
     # Qwen3.5-MoE: fused 3-D expert tensors, 4 of 32 experts
     res["qwen3_5_moe"] = exactness(make_qwen3_5("qwen3_5_moe", os.path.join(tmp, "paged_qwen3_5_moe"), mtp=False),
                                    4 * 24 * 1024, max_num_batched_tokens=64)  # its recurrent layers' chunk
+    # DeepSeek-V4 (hash-routed first layers; float, then MXFP4 experts in packed slots), Gemma 4's
+    # MoE, and float experts quantized per load (--quantization int4: tinygemm's layout rebuilt
+    # per load); quantized slots go through a staging copy (a float one for int4: its bytes added)
+    v4, v4_args = random_v4(0), dict(block_size=16, max_num_batched_tokens=40)
+    res["deepseek_v4"] = exactness(save_v4(v4, os.path.join(tmp, "paged_v4")), 6 * 24 * 1024, **v4_args)
+    res["deepseek_v4_mxfp4"] = exactness(save_v4(v4, os.path.join(tmp, "paged_v4_fp4"), naming="released",
+                                                 fp4_experts=True), 6 * 3872 + 4096, **v4_args)
+    res["gemma4_moe"] = exactness(make_gemma("moe", os.path.join(tmp, "paged_gemma4")), 6 * 24 * 1024)
+    res["qwen3_moe_int4"] = exactness(make_tiny("qwen3_moe", os.path.join(tmp, "paged_int4"), **DEEP["qwen3_moe"]),
+                                      6 * 4608 + 48 * 1024, quantization="int4")
     shape = dict(QUICK if quick else SHAPE, num_hidden_layers=4 if quick else 16)
     path = make_checkpoint(os.path.join(tmp, "paged_shape"), shape)
     E, L = shape["num_experts"], shape["num_hidden_layers"]

@@ -82,13 +82,14 @@ def main() -> None:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--policy", default="lfu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default=None, help="int8 | int4: quantize the float weights at load")
     a = ap.parse_args()
 
     from dist_engine import LLM, SamplingParams
     from dist_engine.experts.stats import process_rss
 
     kw = dict(skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=64,
-              dtype=a.dtype)
+              dtype=a.dtype, quantization=a.quantization)
     if a.budget:
         kw.update(expert_cache_memory=a.budget, expert_prefetch=not a.no_prefetch, expert_cache_policy=a.policy)
     t0 = time.perf_counter()

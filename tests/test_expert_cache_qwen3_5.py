@@ -1,6 +1,6 @@
 """Paged experts on Qwen3.5-MoE: fused 3-D expert tensors (one expert's slice read), the hybrid
 model's recurrent layers beside paged MoE blocks, the native MTP module (``mtp.*``) whose MoE
-block pages through the same cache; and the quantized formats the cache refuses."""
+block pages through the same cache; and GGUF, which the cache refuses."""
 
 from __future__ import annotations
 
@@ -54,22 +54,22 @@ def test_qwen3_5_moe_pages_fused_experts(qwen3_5_models, qwen3_5_generated):
     assert s["num_experts"] == 40  # the MTP block's experts in the same cache
 
 
-def test_quantized_experts_are_refused(qwen3_5_models, tmp_path):
-    """Quantized experts do not page yet: a quantized checkpoint and --quantization at load are
-    refused at start-up with what to do, before any weight is read."""
+def test_gguf_experts_are_refused(qwen3_5_models, tmp_path):
+    """A GGUF model has no safetensors headers to index its experts by: refused at start-up with
+    what to do, before any weight is read (quantized safetensors experts page: see
+    test_expert_cache_models.py)."""
     src = qwen3_5_models("qwen3_5_moe")
-    with pytest.raises(ValueError, match="--quantization int8 with --expert-cache-memory is not supported"):
-        LLM(src, quantization="int8", expert_cache_memory="1MiB", **ENGINE)
     for f in os.listdir(src):
         if f != "config.json":
             os.symlink(os.path.join(src, f), tmp_path / f)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    cfg["quantization_config"] = {"quant_method": "gguf"}
     with open(tmp_path / "config.json", "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match="gptq checkpoint, and paging quantized routed experts is not supported"):
-        LLM(str(tmp_path), expert_cache_memory="1MiB", **ENGINE)
+    with pytest.raises(ValueError, match="is a GGUF file, and the expert cache pages routed experts from "
+                                         "safetensors checkpoints only"):
+        LLM(str(tmp_path), expert_cache_memory="1MiB", speculative="none", **ENGINE)
 
 
 def test_multimodal_checkpoint_names_index_as_the_loader_sees_them(tmp_path):

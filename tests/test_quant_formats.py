@@ -197,11 +197,14 @@ def test_errors_name_the_method(tmp_path, tiny_models):
 
 
 @pytest.mark.skipif(not qlinear.has_int8_activations(), reason="no AVX-512 VNNI on this CPU")
-def test_int8_activations_stay_close_to_the_float_product(tmp_path):
+def test_int8_activations_stay_close_to_the_float_product(tmp_path, caplog):
     W.gptq_checkpoint(str(tmp_path))
-    with LLM(str(tmp_path), **KW, int8_activations=True) as llm:
-        out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
-            temperature=0, max_tokens=1, logprobs=3))
+    with caplog.at_level("WARNING", logger="dist_engine.quant.linear"):
+        with LLM(str(tmp_path), **KW, int8_activations=True) as llm:
+            out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
+                temperature=0, max_tokens=1, logprobs=3))
+    # prefix caching is on (KW): the user is told greedy output may part from plain decoding
+    assert any("with prefix caching" in r.getMessage() for r in caplog.records)
     ref = torch.log_softmax(our_logits(str(tmp_path), PROMPT, [len(PROMPT)])[-1], -1)
     for tok, lp in out[0].outputs[0].logprobs[0].items():
         assert abs(lp - ref[tok].item()) < 0.05

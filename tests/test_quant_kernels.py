@@ -72,22 +72,18 @@ def test_product_matches_dequantized_reference_and_ignores_the_batch(case, dtype
                          ids=lambda c: f"{c[0]}-{c[1]}-{'off' if c[2] else 'sym'}-g{c[3]}")
 def test_int8_activations_equal_an_exact_product_of_quantized_rows(case):
     """int8 activations: each row quantized per 32 inputs (scale max|x| / 127, round half to
-    even), then the exact product; the kernel may differ from it only by fp32 rounding of the
-    per-group partial sums."""
+    even), then the exact product of the quantized row with the weights, offsets included; the
+    kernel may differ from it only by fp32 rounding of the per-group partial sums."""
     gq = make(*case)
     qw = gq.pack()
-    x = torch.randn(64, gq.shape[1])
+    x = torch.randn(64, gq.shape[1], generator=torch.Generator().manual_seed(1))
     y = qlinear.linear(x, qw, int8_activations=True)
-    blocks = x.double().view(64, -1, 32)
-    scale = blocks.abs().amax(-1, keepdim=True).float() / 127
-    inv = torch.where(scale > 0, 127 / blocks.abs().amax(-1, keepdim=True).float(), torch.zeros_like(scale))
-    xq = torch.round(blocks.float() * inv).double() * scale.double()  # torch.round: half to even
-    exact = xq.view(64, -1)
-    w = gq.values().double().view(gq.shape[0], -1, gq.group) * gq.scales.double().unsqueeze(-1)
-    ref = F.linear(exact, w.view(gq.shape))
-    if gq.offsets is not None:  # offsets multiply the exact sums of the float inputs
-        xs = x.double().view(64, -1, gq.group).sum(-1)
-        ref = ref + xs @ gq.offsets.double().T
+    amax = x.view(64, -1, 32).abs().amax(-1, keepdim=True)
+    # an IEEE division, as the kernel's (torch's 127 / tensor multiplies by a reciprocal, an ulp
+    # away at times, which moves an x * inv of k + 0.5 to the other side of the tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(x.view(64, -1, 32) * inv)  # torch.round: half to even, as lrintf
+    ref = reference(gq, (codes.double() * (amax / 127).double()).view(64, -1))
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     alone = torch.cat([qlinear.linear(x[i:i + 1], qw, int8_activations=True) for i in range(64)])
     assert torch.equal(alone, y)

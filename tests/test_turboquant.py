@@ -4,9 +4,10 @@ The quantizer against the paper's bound on random unit vectors (and the C kernel
 PyTorch maths); attention over a quantized cache, through the C decode kernel and the PyTorch
 path, against attention over its dequantized rows in float64 and against the exact cache; the
 engine: bytes per token, greedy output the same batched or alone, chunked, preempted, with and
-without prefix caching and the C kernel. Speculation, the static decode path, TP / CP / DCP, the
-hybrid Qwen3.5 and quantized weights are in ``test_turboquant_compose.py``; the default model's
-teacher-forced agreement is in ``test_turboquant_default_model.py``.
+without prefix caching and the C kernel; what TP, CP and DCP rely on, in one process.
+Speculation, the static decode path, TP=2 + DCP=2 over Ray, the hybrid Qwen3.5 and quantized
+weights are in ``test_turboquant_compose.py``; the default model's teacher-forced agreement is in
+``test_turboquant_default_model.py``.
 """
 
 from __future__ import annotations
@@ -153,9 +154,12 @@ def test_attention_over_the_quantized_cache(preset, rel_bound):
     through_kernel = paged_attention(q, kv, meta, scale)
     through_torch = paged_attention(q, kv, _padded_groups(seqs, starts, block_size), scale)
     exact_out = paged_attention(q, exact, meta, scale)
-    # float64 attention over the dequantized rows (the keys' calibrated mean added back)
+    # float64 attention over the dequantized rows (the keys' calibrated mean added back; a few
+    # keys, shorter than their centred form, are stored uncentred and decode less the mean)
     slots = torch.arange(num_slots)
-    deq_k = tq.dequantize(kv.k.codes[slots], kv.k.scales[slots], kv.rot, kv.k.spec) + k.mean(0)
+    uncentred = torch.signbit(kv.k.scales.float())  # [num_slots, Hk]
+    assert 0.005 < uncentred.float().mean() < 0.1 and not torch.signbit(kv.v.scales.float()).any()
+    deq_k = tq.dequantize(kv.k.codes[slots], kv.k.scales[slots], kv.rot, kv.k.spec, kv.k.shift) + k.mean(0)
     deq_v = tq.dequantize(kv.v.codes[slots], kv.v.scales[slots], kv.rot, kv.v.spec)
     from test_cpu_kernels import reference
 
@@ -179,6 +183,87 @@ def test_c_kernel_result_does_not_depend_on_the_batch():
         alone = torch.empty(1, 6, 32)
         kv.attend_paged(q[i:i + 1], pk.make_group([s], [0], 16, None, 1), 0.2, alone)
         assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_shorter_than_their_centred_form_are_stored_uncentred(dtype):
+    """A key is stored centred unless it is shorter as it is (an attention sink's key, near 0
+    here): then its scale's sign bit is set, and every key decodes, C kernel and PyTorch alike,
+    to R (k^ - mean), within the codec's error of the shorter form; values never shift."""
+    gen = torch.Generator().manual_seed(8)
+    N, Hk, D = 64, 2, 64
+    mean = torch.randn(Hk, D, generator=gen)
+    k = mean + 0.3 * torch.randn(N, Hk, D, generator=gen)
+    k[0] = 0.05 * torch.randn(Hk, D, generator=gen)  # a sink: far from the mean, short itself
+    k = k.to(dtype)
+    kv = TurboQuantKV.empty("turboquant4", N, Hk, D, torch.device("cpu"), 0, layer=1, head_start=0,
+                            k_mean=mean)
+    kv.write(torch.arange(N), k, k)
+    kf = k.float()
+    raw = kf.norm(dim=-1) < (kf - mean).norm(dim=-1)  # [N, Hk]
+    assert raw[0].all() and raw.sum() == Hk
+    assert torch.equal(torch.signbit(kv.k.scales.float()), raw)
+    assert not torch.signbit(kv.v.scales.float()).any()
+    codes, scales = tq.encode(k, kv.rot, kv.k.spec, kv.k.shift)  # the PyTorch path decides alike
+    assert torch.equal(torch.signbit(scales.float()), raw)
+    assert (tq.unpack(codes, 4) != tq.unpack(kv.k.codes, 4)).float().mean() < 1e-2
+    slots = torch.arange(N)
+    got = kv.gather(slots, torch.float32)[0]  # [N, Hk, D], the C kernel's rotated rows
+    ref = tq.decode(kv.k.codes, kv.k.scales, kv.k.spec, torch.float32, kv.k.shift)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    back = torch.einsum("hed,nhe->nhd", kv.rot, got) + mean  # k^
+    stored = torch.where(raw.unsqueeze(-1), kf, kf - mean)
+    err = ((back - kf) ** 2).sum(-1) / (stored ** 2).sum(-1)
+    assert err.mean() < paper_bound(4) and err[0].max() < 3 * paper_bound(4)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_shards_store_like_one_rank_and_merge_in_the_rotated_basis(preset):
+    """What TP, CP and DCP rely on, in one process (the engine with TP=2 + DCP=2 over Ray is in
+    test_turboquant_compose.py): a rank holding KV heads 1..2 of 3 (TP) stores their rows bit
+    for bit as the one-rank cache does, and rotates queries alike; caches holding alternate
+    blocks of the tokens (CP / DCP shards, same calibrated mean) store them alike too, and
+    their partial attentions in the rotated basis, merged by log-sum-exp, rotated back once,
+    equal one cache's attention over all the tokens."""
+    from dist_engine.layers.attention import _attend, merge_partials
+
+    gen = torch.Generator().manual_seed(6)
+    N, Hk, D, cpu = 96, 3, 64, torch.device("cpu")
+    k, v = torch.randn(N, Hk, D, generator=gen) + 0.5, torch.randn(N, Hk, D, generator=gen)
+    mean = k.mean(0)
+    one = TurboQuantKV.empty(preset, N, Hk, D, cpu, 0, layer=4, head_start=0, k_mean=mean)
+    one.write(torch.arange(N), k, v)
+    tp = TurboQuantKV.empty(preset, N, 2, D, cpu, 0, layer=4, head_start=1, k_mean=mean[1:])
+    tp.write(torch.arange(N), k[:, 1:], v[:, 1:])
+    for a, b in ((one.k, tp.k), (one.v, tp.v)):
+        assert torch.equal(a.codes[:, 1:], b.codes) and torch.equal(a.scales[:, 1:], b.scales)
+    q = torch.randn(5, 9, D, generator=gen) * 2  # 3 query heads per KV head
+    assert torch.equal(one.to_cache_basis(q)[:, 3:], tp.to_cache_basis(q[:, 3:].contiguous()))
+
+    blocks = torch.arange(N).view(-1, 16)  # 6 blocks of 16 tokens: shard r holds blocks r, r + 2, ...
+    shards = []
+    for r in range(2):
+        mine = blocks[r::2].reshape(-1)
+        kv = TurboQuantKV.empty(preset, N, Hk, D, cpu, 0, layer=4, head_start=0, k_mean=mean)
+        kv.write(torch.arange(len(mine)), k[mine], v[mine])  # its own slots, packed from 0
+        assert torch.equal(kv.k.codes[:len(mine)], one.k.codes[mine])
+        assert torch.equal(kv.v.scales[:len(mine)], one.v.scales[mine])
+        shards.append((kv, len(mine)))
+
+    def partial(kv: TurboQuantKV, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kr, vr = kv.window(0, n, torch.float32)  # [n, Hk, D], rotated
+        qr = kv.to_cache_basis(q).view(5, Hk, 3, D).permute(1, 2, 0, 3).reshape(1, Hk, 15, D)
+        out, lse = _attend(qr, kr.permute(1, 0, 2).unsqueeze(0), vr.permute(1, 0, 2).unsqueeze(0),
+                           None, D ** -0.5)
+        return out, lse  # [1, Hk, 15, D], [1, Hk, 15]
+
+    def back(kv: TurboQuantKV, out: torch.Tensor) -> torch.Tensor:  # -> [5, 9, D] model basis
+        return kv.from_cache_basis(out.view(Hk, 3, 5, D).permute(2, 0, 1, 3).reshape(5, 9, D))
+
+    parts = [partial(kv, n) for kv, n in shards]
+    merged = merge_partials([o for o, _ in parts], [lse for _, lse in parts])[0]
+    whole = back(one, partial(one, N)[0])
+    torch.testing.assert_close(back(shards[0][0], merged), whole, atol=1e-5, rtol=0)
 
 
 # ---- the engine ------------------------------------------------------------------------------

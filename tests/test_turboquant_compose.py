@@ -1,5 +1,5 @@
 """TurboQuant caches combined with the rest of the engine: MTP speculation, the static decode
-path CUDA graphs record, TP / CP / DCP, the hybrid Qwen3.5 (Gated DeltaNet layers keep their
+path CUDA graphs record, TP=2 + DCP=2, the hybrid Qwen3.5 (Gated DeltaNet layers keep their
 recurrent state, the full-attention layers and the MTP layer store codes) and quantized weights
 (the one-call CPU decoder reads plain K/V only, so it steps aside for codes)."""
 
@@ -55,20 +55,19 @@ def test_static_decode_path_reads_the_codes(tiny_models, monkeypatch):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("arch,layout", [
-    ("llama", dict(tensor_parallel_size=2)),
-    ("llama", dict(context_parallel_size=2)),
-    ("llama1kv", dict(tensor_parallel_size=2, decode_context_parallel_size=2)),
-], ids=["tp2", "cp2", "tp2-dcp2"])
-def test_sharded_layouts_match_one_rank(tiny_models, ray_session, arch, layout):
-    """TP ranks quantize their own KV heads (replicas with the same rotation), CP / DCP shards
-    their own blocks; partial attentions in the rotated basis merge by log-sum-exp unchanged:
-    the tokens of one rank, a prefix hit, every block back."""
-    path = tiny_models(arch)
+def test_tp2_dcp2_matches_one_rank(tiny_models, ray_session):
+    """TP=2 + DCP=2 over Ray (one KV head: both TP ranks hold it, with the same rotation, and
+    shard its blocks by DCP; partial attentions in the rotated basis merge by log-sum-exp):
+    the tokens of one rank, a prefix hit, every block back. One multi-rank layout keeps CI
+    short (~80 s each under load); what TP alone and CP rely on (a rank's heads stored as the
+    one-rank cache stores them, shards merged in the rotated basis) is checked in-process by
+    test_turboquant.py::test_shards_store_like_one_rank_and_merge_in_the_rotated_basis, and CP
+    itself with plain caches by test_context_parallel.py."""
+    path = tiny_models("llama1kv")
     kw = dict(kv_cache_dtype="turboquant4", num_kv_blocks=160, max_num_batched_tokens=64, **ARGS)
     with LLM(path, **kw) as llm:
         expected = _greedy(llm)
-    with LLM(path, **layout, **kw) as llm:
+    with LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, **kw) as llm:
         assert _greedy(llm) == expected
         again = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=SamplingParams(
             temperature=0, max_tokens=16, ignore_eos=True))[0]

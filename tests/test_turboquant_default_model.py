@@ -1,12 +1,28 @@
 """TurboQuant on the default model (SmolLM2-135M-Instruct): teacher-forced next-token agreement
-with the exact fp32 cache over 4 x 256 tokens of English text, FP8 beside it, and the quantizer's
-error on the model's real K/V rows against the paper's bound.
+with the exact fp32 cache over 4 x 256 tokens of English text, a bf16 cache (the noise floor)
+and FP8 beside it, and the quantizer's error on the model's real K/V rows against the paper's
+bound.
 
-Top-1 agreement on natural text is bounded by how often the model's two best tokens nearly tie
-(median top-1 probability 0.30 on such text; 5% of positions within 0.05 logits): even FP8, with
-about a seventh of 4-bit TurboQuant's squared error, changes 4% of them. Measured on these
-windows (docs/kv_quantization.md; the default model's GGUF Q4_1 weights): FP8 0.961 / KL 0.0070,
-turboquant4 0.868 / 0.047, turboquant3 0.776 / 0.169.
+The issue's goals (top-1 agreement >= 98% at 4 bits, >= 95% at 3 bits) are not reachable on this
+model at these sizes, and the floors below say what is (bench/turboquant_diagnose.py,
+bench/results/turboquant_diagnose.md, the default model's GGUF Q4_1 weights):
+
+- near-ties are not the limit: a bf16 cache agrees 99.9% (KL 4e-5), so the model resolves its
+  top token far below 4-bit error;
+- the codec is not at fault: on the real rows its relative squared error is the one of random
+  unit vectors (0.0088 / 0.033 at 4 / 3 bits, within the bound 0.0106 / 0.0425), no outlier
+  channel survives the rotation (largest / median channel RMS 1.3-2.0), and FP8 does not
+  saturate (real text's largest |K| / |V| is at most 1.6x calibration's; the scales allow 2x);
+- the model needs far less error than 4 bits give: isotropic noise on K and V of relative
+  squared error 0.0024 / 0.0006 / 0.00015 (about Lloyd-Max's at 5 / 6 / 7 bits) agrees
+  0.925 / 0.963 / 0.979;
+  keys of any single layer at 3 bits cost 1-6%. Keys matter most (4 bits: K alone 90.2%, V alone
+  95.0%); splitting the same bytes as K5 + V3 gives 88.7% (K4 + V4: 86.9%).
+
+Keys that are shorter than their centred form (mostly the first token's, the attention sink)
+are stored uncentred (the sign bit of their scale; layers/tq_cache.py): 0.868 -> 0.904 at 4
+bits, 0.776 -> 0.807 at 3, at no cost in bytes. Measured here: bf16 0.999 / KL 4e-5, FP8 0.961
+/ 0.0070, turboquant4 0.904 / 0.032, turboquant3 0.807 / 0.120.
 """
 
 from __future__ import annotations
@@ -24,9 +40,11 @@ from dist_engine.worker.messages import SeqWork, StepInput
 
 pytestmark = pytest.mark.slow
 WINDOWS, WINDOW = 4, 256
-FORMATS = ("float32", "fp8_e4m3", "turboquant4", "turboquant3")
-# (top-1 agreement at least, mean KL at most): measured values less a margin
-FLOORS = {"fp8_e4m3": (0.90, 0.015), "turboquant4": (0.84, 0.06), "turboquant3": (0.70, 0.25)}
+FORMATS = ("float32", "bfloat16", "fp8_e4m3", "turboquant4", "turboquant3")
+# (top-1 agreement at least, mean KL at most): measured values less a margin; bf16 is the floor
+# of the measurement itself (a cache that rounds, far below any 3-8-bit format's error)
+FLOORS = {"bfloat16": (0.99, 1e-3), "fp8_e4m3": (0.93, 0.012), "turboquant4": (0.88, 0.04),
+          "turboquant3": (0.76, 0.16)}
 
 
 def english_windows(tokenizer) -> list[list[int]]:
@@ -77,17 +95,19 @@ def test_teacher_forced_agreement_with_the_fp32_cache(runs):
         agree = (got.argmax(-1) == ref_top).float().mean().item()
         kl = (ref_lp.exp() * (ref_lp - got.log_softmax(-1))).sum(-1).mean().item()
         found[fmt] = (agree, kl)
-        print(f"{fmt}: top-1 agreement {agree:.4f}, mean KL {kl:.4f}")
+        print(f"{fmt}: top-1 agreement {agree:.4f}, mean KL {kl:.2g}")
     for fmt, (min_agree, max_kl) in FLOORS.items():
         assert found[fmt][0] >= min_agree and found[fmt][1] <= max_kl, (fmt, found[fmt])
-    # more bits, closer: FP8 (8) > turboquant4 > turboquant3
-    assert found["fp8_e4m3"][1] < found["turboquant4"][1] < found["turboquant3"][1]
+    # more bits, closer: bf16 (16) > FP8 (8) > turboquant4 > turboquant3
+    kls = [found[f][1] for f in ("bfloat16", "fp8_e4m3", "turboquant4", "turboquant3")]
+    assert kls == sorted(kls) and len(set(kls)) == 4
 
 
 def test_real_kv_rows_within_the_paper_bound(runs):
     """The model's own K and V rows (exact cache, a 256-token passage) quantized as the cache
-    does (keys less the calibrated mean): mean squared error relative to the stored row's
-    squared norm within (sqrt(3) pi / 2) 4^-b, layer by layer."""
+    does (keys less the calibrated mean, or as they are where that is shorter): mean squared
+    error relative to the stored row's squared norm within (sqrt(3) pi / 2) 4^-b, layer by
+    layer."""
     rows, means, rots = runs["float32"]["rows"], runs["turboquant4"]["means"], runs["turboquant4"]["rots"]
     means = means[:len(rows)]  # the main model's 30 layers (the MTP graft's mean follows them)
     assert len(rows) == len(means) == 30 and all(isinstance(m, torch.Tensor) for m in means)
@@ -95,7 +115,8 @@ def test_real_kv_rows_within_the_paper_bound(runs):
         bound = math.sqrt(3) * math.pi / 2 * 4.0 ** -bits
         spec = tq.TQSpec(bits, 64)
         for layer, ((k, v), mean, rot) in enumerate(zip(rows, means, rots)):
-            for x in (k - mean, v):  # [256, 3, 64]: what each cache side stores
+            raw = k.norm(dim=-1, keepdim=True) < (k - mean).norm(dim=-1, keepdim=True)
+            for x in (torch.where(raw, k, k - mean), v):  # [256, 3, 64]: what each side stores
                 codes, scales = tq.encode(x, rot, spec)
                 err = ((tq.dequantize(codes, scales, rot, spec) - x) ** 2).sum(-1) / (x ** 2).sum(-1)
                 assert err.mean() <= bound, (bits, layer, err.mean().item())

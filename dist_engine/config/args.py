@@ -69,7 +69,8 @@ class EngineArgs:
         EngineConfig.int8_activations, "--int8-activations",
         "CPU products against 4/8-bit weights quantize each activation row to int8 per 32 "
         "inputs and use VNNI dot products (llama.cpp's arithmetic: faster, results differ slightly "
-        "from the float product); needs an AVX-512 VNNI CPU")
+        "from the float product, and greedy output under speculation or prefix caching can part "
+        "from plain decoding); needs an AVX-512 VNNI CPU")
     device: str = _arg(EngineConfig.device, "--device", "where the ranks compute",
                        choices=("cpu", "cuda"))
     max_model_len: int | None = _arg(

@@ -127,16 +127,12 @@ class EngineConfig:
         if self.experts is not None and not any(m.is_moe_layer(i) for i in range(m.num_hidden_layers)):
             raise ValueError(f"expert_cache_memory is set, but {m.architecture} at {m.path} has no routed "
                              "experts to page; leave it unset for dense models")
-        if self.experts is not None and m.quantization is not None:
+        if self.experts is not None and m.quantization is not None and m.quantization.method == "gguf":
             raise ValueError(
-                f"expert_cache_memory: {m.path} is a {m.quantization.method} checkpoint, and paging "
-                "quantized routed experts is not supported yet (they page in float / bf16 and "
-                "DeepSeek's block FP8); serve it without --expert-cache-memory, or page a float checkpoint")
-        if self.experts is not None and self.quantization is not None:
-            raise ValueError(
-                f"--quantization {self.quantization} with --expert-cache-memory is not supported yet: "
-                "paged experts would stay in the checkpoint's dtype while the rest is quantized; "
-                "leave one of the two out")
+                f"expert_cache_memory: {m.path} is a GGUF file, and the expert cache pages routed "
+                "experts from safetensors checkpoints only (it reads one expert's byte ranges from "
+                "their headers); serve it without --expert-cache-memory, or page a safetensors "
+                "checkpoint (float, FP8, GPTQ, AWQ, compressed-tensors, ModelOpt)")
         if self.scheduler.max_model_len > m.max_position_embeddings and not m.rope_scaling:
             raise ValueError(
                 f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
@@ -159,10 +155,6 @@ def _check_v4(config: EngineConfig) -> None:
     if spec is not None and spec.model is None and (spec.hidden_stage, spec.feedback) != ("raw", "raw"):
         raise ValueError("DeepSeek-V4's MTP layer reads the hyper-connection streams: speculation needs "
                          "hidden_stage='raw' and feedback='raw' (the defaults for its native MTP)")
-    if config.experts is not None:
-        raise ValueError("--expert-cache-memory does not page DeepSeek-V4's experts yet (its released "
-                         "w1/w2/w3 names and MXFP4 experts are not indexed by the expert cache); "
-                         "leave it unset")
     if config.cache.kv_cache_dtype not in ("auto", config.dtype):
         raise ValueError(f"kv_cache_dtype={config.cache.kv_cache_dtype!r} is not supported for "
                          "DeepSeek-V4 yet (its window, compressed rows and indexer keys are kept in "

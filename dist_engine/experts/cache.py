@@ -17,49 +17,26 @@ experts than slots streams them through the cache in waves.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from dist_engine.config import ExpertCacheConfig
+from dist_engine.experts.formats import ExpertFormat, refill_packed, slot_copy
 from dist_engine.experts.paged import PagedLayer
 from dist_engine.experts.policy import EvictionPolicy
-from dist_engine.experts.slots import LoadPlan, packs, refill, zero_fill
+from dist_engine.experts.slots import Key, LoadPlan, Slot, fmt, packs, refill, zero_fill
 from dist_engine.experts.source import ExpertIndex, FileReader, HostReader, drop_page_cache
 from dist_engine.experts.stats import ExpertCacheStats, process_rss
 from dist_engine.layers.linear import pack_weights, weight_bytes
 
 log = logging.getLogger(__name__)
-Key = tuple[str, int]  # (checkpoint prefix of the layer's experts, expert id)
 HOST_TIER_FRACTION = 0.8  # CUDA: pin every expert in host memory if they fit in this much of it
 LFU_HALF_LIFE_FORWARDS = 16
-
-
-class Slot:
-    def __init__(self, module: nn.Module, cuda: bool) -> None:
-        self.module = module
-        self.key: Key | None = None
-        self.future: Future | None = None
-        self.seq = 0  # submission order (the loader is FIFO)
-        self.pins = 0
-        self.prefetched = False  # loaded ahead and not yet claimed by its layer
-        self.released = torch.cuda.Event() if cuda else None  # last compute read of the slot
-
-    @property
-    def ready(self) -> bool:
-        return self.future is None or self.future.done()
-
-
-def fmt(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 class ExpertCache:
@@ -85,6 +62,8 @@ class ExpertCache:
         self.hits = self.misses = self.prefetches = self.prefetch_hits = self.evictions = 0
         self.bytes_read = self.tokens = 0
         self.wait_s = 0.0
+        for layer in self.layers:
+            layer.hits = layer.misses = 0
 
     # ---- set-up -----------------------------------------------------------------------------
     def register(self, layer: int, prefix: str, expert_range: tuple[int, int],
@@ -98,9 +77,12 @@ class ExpertCache:
         return paged
 
     def start(self, path: str, packed: dict[str, tuple[str, object]],
-              rename: Callable[[str], str | None] | None = None) -> None:
+              rename: Callable[[str], str | None] | None = None, quantization: str | None = None,
+              int8_activations: bool = False) -> None:
         """Index the checkpoint (``rename``: the model's stored name -> our name), check the
-        budget, allocate the slots, start the loader."""
+        budget, allocate the slots, start the loader. ``quantization`` / ``int8_activations``:
+        the engine's ``--quantization`` and ``--int8-activations`` (slots hold what a resident
+        expert would)."""
         self.layers.sort(key=lambda p: p.layer)
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b  # prefetch: each layer warms the next one it runs into
@@ -110,16 +92,19 @@ class ExpertCache:
         self.policy = EvictionPolicy(self.config.policy, LFU_HALF_LIFE_FORWARDS * per_forward)
         self.index = ExpertIndex(path, {p.prefix: p.expert_range for p in self.layers}, rename)
         drop_page_cache(sorted({r.file for refs in self.index.refs.values() for r in refs.values()}))
+        self.format = ExpertFormat(path, quantization, int8_activations)
+        read_bytes = self.index.expert_nbytes()
         with torch.device(self.device):
             staging = self._make_expert()
             self.plan = LoadPlan(staging, packed)
-            self.index.check_complete(self.plan.suffixes)
+            self.index.check_complete(self.plan.suffixes, self.format.name)
             probe = self._make_expert()
+            if self.format.quantized:
+                self.format.learn_form(probe, staging, self.plan, self.index, read_bytes)
             pack_weights(probe)
         self.expert_bytes = weight_bytes(probe)
         self.staging = staging if packs(probe) else None
-        read_bytes = self.index.expert_nbytes()
-        overhead = 0 if self.cuda else read_bytes + (weight_bytes(staging) if self.staging is not None else 0)
+        overhead = (0 if self.cuda else read_bytes) + (weight_bytes(staging) if self.staging is not None else 0)
         wave = max(min(p.expert_range[1], p.router.top_k) for p in self.layers)
         need = wave * self.expert_bytes + overhead
         budget = self.config.memory
@@ -133,7 +118,7 @@ class ExpertCache:
                 f"{fmt(total * self.expert_bytes)})")
         n_slots = min(total, (budget - overhead) // self.expert_bytes)
         zero_fill(probe)  # then copies of it: every byte touched, so resident from start-up
-        self.slots = [Slot(probe, self.cuda)] + [Slot(copy.deepcopy(probe), self.cuda) for _ in range(n_slots - 1)]
+        self.slots = [Slot(probe, self.cuda)] + [Slot(slot_copy(probe), self.cuda) for _ in range(n_slots - 1)]
         self.free = list(reversed(self.slots))
         self.reader, self.tier = self._reader(read_bytes)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -173,6 +158,17 @@ class ExpertCache:
             self.file_reader.close()
 
     # ---- the model thread's calls -------------------------------------------------------------
+    def begin_forward(self, token_ids: torch.Tensor) -> None:
+        """A forward pass over ``token_ids`` ``[T]`` starts. A hash-routed first MoE layer
+        (DeepSeek-V4's) picks its experts from the token ids alone, so they start loading now,
+        exactly, overlapping the embedding and the first attention (each later layer prefetches
+        the next one's, exactly where that one is hash-routed too)."""
+        if self.dry or not self.config.prefetch or not self.layers:
+            return
+        first = self.layers[0]
+        if getattr(first.router, "tid2eid", None) is not None:
+            first.prefetch(None, token_ids)
+
     def claim(self, key: Key) -> Slot | None:
         """Pin ``key``'s slot if it is resident or loading (a hit)."""
         slot = self.where.get(key)
@@ -222,16 +218,21 @@ class ExpertCache:
         """On the loading thread: ``key``'s tensors into ``slot``."""
         tensors = self.reader(key)
         if not self.cuda:
-            if self.staging is None:
-                self.plan.load(slot.module, tensors)
-            else:
-                self.plan.load(self.staging, tensors)
-                refill(slot.module, self.staging)
-            return
+            return self._fill(slot, key, tensors)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(slot.released)  # the compute stream's last read of the slot
-            self.plan.load(slot.module, tensors)
+            self._fill(slot, key, tensors)
             self.stream.synchronize()
+
+    def _fill(self, slot: Slot, key: Key, tensors: dict[str, torch.Tensor]) -> None:
+        """Straight into the slot, or through the staging expert: packed into the slot's
+        panels (CPU) and, quantized, stacked and packed into its ``QWeight`` buffers."""
+        if self.staging is None:
+            return self.plan.load(slot.module, tensors)
+        self.plan.load(self.staging, self.format.tensors(tensors))
+        if self.format.quantized:
+            refill_packed(slot.module, self.format.packs(self.staging), f"{key[0]}{key[1]}")
+        refill(slot.module, self.staging)
 
     def wait(self, slot: Slot) -> None:
         """Block until ``slot``'s load is done (re-raising its error)."""

@@ -22,7 +22,8 @@ from torch import nn
 from dist_engine.layers.moe import add_in_order, expert_output
 
 if TYPE_CHECKING:
-    from dist_engine.experts.cache import ExpertCache, Slot
+    from dist_engine.experts.cache import ExpertCache
+    from dist_engine.experts.slots import Slot
 
 
 class PagedLayer:
@@ -35,14 +36,18 @@ class PagedLayer:
         self.router = router
         self.next: PagedLayer | None = None  # the MoE layer after this one (prefetch target)
         self.counts_tokens = False  # the first layer counts the tokens of each forward
+        self.hits = self.misses = 0  # this layer's share of the cache's lookups
 
     def _local(self, ids: torch.Tensor) -> list[int]:
         first, count = self.expert_range
         return [e for e in torch.unique(ids).tolist() if first <= e < first + count]
 
-    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, token_ids: torch.Tensor | None = None,
+            router_input: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's share of the routed experts' output ``[T, hidden]`` for x ``[T, hidden]``
-        and routing weights, ids ``[T, k]``."""
+        and routing weights, ids ``[T, k]``. The next layer's prefetch routes ``router_input``
+        (default x; Gemma 4 routes the residual stream, not the experts' normed input) or, for a
+        hash-routed next layer, looks ``token_ids`` ``[T]`` up."""
         cache = self.cache
         needed = self._local(ids)  # ascending
         if cache.dry:
@@ -61,9 +66,11 @@ class PagedLayer:
                 held[e] = slot
         cache.hits += len(held)
         cache.misses += len(missing)
+        self.hits += len(held)
+        self.misses += len(missing)
         missing = self._start(missing, held)
         if not missing and self.next is not None and cache.config.prefetch:
-            self.next.prefetch(x)
+            self.next.prefetch(x if router_input is None else router_input, token_ids)
         parts = {}
         while held or missing:
             if held:
@@ -86,11 +93,23 @@ class PagedLayer:
             held[e] = slot
         return []
 
+    def predict(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The experts ``[T, k]`` this layer will likely pick: a hash-routed layer's exactly,
+        from its table of the token ids (DeepSeek-V4's first layers); otherwise its router
+        applied early to ``x`` (the previous layer's input). None when neither is possible."""
+        table = getattr(self.router, "tid2eid", None)
+        if table is not None:
+            return None if token_ids is None else table[token_ids]
+        return self.router(x)[1]
+
     @torch.inference_mode()
-    def prefetch(self, x: torch.Tensor) -> None:
-        """Start loading the experts this layer's router picks for ``x`` ``[T, hidden]`` (the
-        previous layer's input), most-picked first, into slots nothing else protects."""
-        _, ids = self.router(x)
+    def prefetch(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
+        """Start loading the experts this layer will pick for ``x`` ``[T, hidden]`` (the
+        previous layer's input) and ``token_ids``, most-picked first, into slots nothing else
+        protects."""
+        ids = self.predict(x, token_ids)
+        if ids is None:
+            return
         first, count = self.expert_range
         local = ids[(ids >= first) & (ids < first + count)]
         picked, votes = torch.unique(local, return_counts=True)

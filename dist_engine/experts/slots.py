@@ -10,11 +10,43 @@ dense staging copy (``refill``), so the cache never allocates after start-up.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 from torch import nn
 
+from dist_engine.experts.formats import zero_quantized
 from dist_engine.kernels import linear as cpu_linear
+from dist_engine.kernels.qlinear import QWeight
 from dist_engine.layers.linear import pack_weight
+
+Key = tuple[str, int]  # (checkpoint prefix of the layer's experts, expert id)
+
+
+class Slot:
+    """One expert's place in the cache: the module it computes with, what it holds, and its
+    state (loading while ``future`` is pending, pinned while a layer computes with it)."""
+
+    def __init__(self, module: nn.Module, cuda: bool) -> None:
+        self.module = module
+        self.key: Key | None = None
+        self.future: Future | None = None
+        self.seq = 0  # submission order (the loader is FIFO)
+        self.pins = 0
+        self.prefetched = False  # loaded ahead and not yet claimed by its layer
+        self.released = torch.cuda.Event() if cuda else None  # last compute read of the slot
+
+    @property
+    def ready(self) -> bool:
+        return self.future is None or self.future.done()
+
+
+def fmt(n: float) -> str:
+    """Bytes for a person."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 class LoadPlan:
@@ -31,10 +63,10 @@ class LoadPlan:
             parent, _, leaf = path.rpartition(".")
             shards = getattr(sub, "shards", {None: None})
             for sid in shards:
-                if sid is None:
-                    name = path
-                elif leaf in by_ours and sid in by_ours[leaf]:
+                if leaf in by_ours and sid in by_ours[leaf]:  # a checkpoint name of its own (V4's w2)
                     name = f"{parent}.{by_ours[leaf][sid]}" if parent else by_ours[leaf][sid]
+                elif sid is None:
+                    name = path
                 else:
                     raise ValueError(f"expert parameter {pname} shard {sid!r} has no checkpoint name")
                 self.targets[f"{name}.{which}"] = (path, which, sid)
@@ -61,6 +93,7 @@ def zero_fill(module: nn.Module) -> None:
     """Touch every byte of a new slot, so its memory is resident (and counted) from start-up."""
     for p in module.parameters():
         p.data.zero_()
+    zero_quantized(module)
 
 
 def refill(slot: nn.Module, staging: nn.Module) -> None:
@@ -68,6 +101,8 @@ def refill(slot: nn.Module, staging: nn.Module) -> None:
     its weights into the slot's existing panels."""
     for dst, src in zip(slot.modules(), staging.modules()):
         packed = getattr(dst, "weight_packed", None)
+        if isinstance(packed, QWeight):  # refilled in place from the staging expert's packs
+            continue
         if isinstance(packed, cpu_linear.PanelWeight):
             cpu_linear.pack_into(packed, src.weight)
         elif packed is not None:  # another packed layout (oneDNN, no C compiler): pack anew

@@ -35,7 +35,8 @@ import torch
 from dist_engine.weights.loader import checkpoint_files
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+             "F8_E8M0": torch.float8_e8m0fnu, "I64": torch.int64,
              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
 # fused 3-D tensor -> the per-expert suffixes its rows split into (in order, equal parts)
@@ -123,10 +124,12 @@ class ExpertIndex:
                     parts = _fused_slices(whole, name, e, len(FUSED[fused]))
                     self.refs[prefix, e].update(zip(FUSED[fused], parts))
 
-    def check_complete(self, required: set[str]) -> None:
-        """Every expert has exactly the ``required`` suffixes (what its module loads)."""
+    def check_complete(self, required: set[str], logical: Callable[[str], str] = lambda s: s) -> None:
+        """Every expert has exactly the ``required`` suffixes (what its module loads), its
+        stored names taken through ``logical`` (a quantized weight's parts -> ``.weight``)."""
         for (prefix, e), refs in self.refs.items():
-            missing, extra = required - set(refs), set(refs) - required
+            have = {logical(s) for s in refs}
+            missing, extra = required - have, have - required
             if missing:
                 raise ValueError(f"checkpoint is missing routed expert tensors {prefix}{e}.{sorted(missing)}")
             if extra:

@@ -22,8 +22,13 @@
  * TurboQuant caches (the *_tq entry points; kernels/tq.h, layers/tq_cache.py): K and V are rows
  * of codes with an fp16 scale instead of k and v, and q and out are in each KV head's rotated
  * basis. A key's row is looked up in the codebook (eight codes per permute) and its dot product
- * with the query times its scale is the score; a task decodes its chunk's value rows once (times
- * their scales) before the value phase, which then reads them as an fp32 cache.
+ * with the query times its |scale| is the score, less the query's dot product with the rotated
+ * mean key for a key stored uncentred (sign bit of its scale); a task decodes its chunk's value
+ * rows once (times their scales) before the value phase, which then reads them as an fp32 cache.
+ *
+ * FP8 caches (the *_fp8 entry points; layers/kv_cache.py): K and V are float8_e4m3fn bytes with
+ * one scale per layer each; keys are widened through a 256-entry table into the score tiles, and
+ * a chunk's value rows are widened once, like TurboQuant's, before the value phase.
  */
 #include <math.h>
 #include <omp.h>
@@ -99,7 +104,24 @@ typedef struct {
     float scale;
     int is_bf16;
     const TQRows *tk, *tv; /* TurboQuant K and V; NULL for plain caches */
+    float k_scale, v_scale; /* FP8: stored = x / scale */
 } Args;
+
+/* float8_e4m3fn -> float, filled when the library loads (no NaN is ever stored: writes clamp) */
+static float e4m3[256];
+
+__attribute__((constructor)) static void fill_e4m3(void) {
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        const float x = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        e4m3[b] = (e == 15 && m == 7) ? NAN : (b & 128 ? -x : x);
+    }
+}
+
+static inline void fp8_row(const void *base, int64_t index, int64_t D, float scale, float *dst) {
+    const uint8_t *src = (const uint8_t *)base + index;
+    for (int64_t d = 0; d < D; d++) dst[d] = e4m3[src[d]] * scale;
+}
 
 /* The key loop of the value phase around BODY (which adds x * the value row vr). */
 #define VALUE_LOOP(...)                                                                          \
@@ -107,7 +129,7 @@ typedef struct {
         if (w[j] == 0.0f) continue;                                                              \
         const int64_t at = (slot[j] * Hk + h) * D + d0;                                          \
         const float *vr = (const float *)a->v + at;                                              \
-        if (tq) { /* the chunk's decoded rows */                                                \
+        if (tq || fp8) { /* the chunk's decoded rows */                                         \
             vr = vdec + ((h - h0) * n + j) * D + d0;                                             \
         } else if (is_bf16) {                                                                    \
             load_row(a->v, at, width, 1, row);                                                   \
@@ -122,18 +144,20 @@ typedef struct {
  * acc = sum exp(score - m) v. Rows are (query token, query head), token major; other rows are
  * left alone. Returns -1 when out of memory. */
 static inline __attribute__((always_inline)) int attend_chunk(
-        const Args *a, int is_bf16, int tq, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
+        const Args *a, int is_bf16, int tq, int fp8, int64_t qs, int64_t Q, int64_t L, const int64_t *table,
         int64_t j0, int64_t j1, int64_t h0, int64_t h1, float *m_out, float *s_out, float *acc) {
     const int64_t Hq = a->Hq, Hk = a->Hk, D = a->D, bs = a->bs, G = Hq / Hk, R = Q * Hq;
     const int64_t n = j1 - j0;
-    const int64_t decoded = tq ? (h1 - h0) * n * D : 0; /* TurboQuant: the chunk's value rows */
+    /* TurboQuant and FP8: the chunk's value rows (and TurboQuant's q . shift per row) */
+    const int64_t decoded = tq || fp8 ? (h1 - h0) * n * D + R : 0;
     const int64_t floats = (R * D + R * n + D + TILE * D + decoded + 1) / 2 * 2; /* even: slots align */
     float *qf = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(int64_t));
     if (qf == NULL) return -1;
     float *scores = qf + R * D; /* [R, n] */
     float *row = scores + R * n; /* [D]: one widened value */
     float *kbuf = row + D;       /* [TILE, D]: widened keys */
-    float *vdec = kbuf + TILE * D; /* [h1 - h0, n, D]: decoded values (TurboQuant) */
+    float *vdec = kbuf + TILE * D; /* [h1 - h0, n, D]: decoded values (TurboQuant, FP8) */
+    float *qshift = vdec + (h1 - h0) * n * D; /* [R]: each query row . its head's key shift */
     int64_t *slot = (int64_t *)(qf + floats); /* [n]: cache slot of each key, for K and V */
     for (int64_t j = j0; j < j1; j++) slot[j - j0] = table[j / bs] * bs + j % bs;
     for (int64_t i = 0; i < Q; i++)
@@ -141,13 +165,20 @@ static inline __attribute__((always_inline)) int attend_chunk(
             float *dst = qf + (i * Hq + hq) * D;
             load_row(a->q, (qs + i) * a->q_row + hq * D, D, is_bf16, dst);
             for (int64_t d = 0; d < D; d++) dst[d] *= a->scale;
+            if (tq && a->tk->shift != NULL) { /* what an uncentred key's score is less */
+                const float *sh = a->tk->shift + hq / G * D;
+                float x = 0.0f;
+                for (int64_t d = 0; d < D; d++) x += dst[d] * sh[d];
+                qshift[i * Hq + hq] = x;
+            }
         }
     /* scores: TILE keys at a time per KV head (independent accumulators) */
     for (int64_t t0 = j0; t0 < j1; t0 += TILE) {
         const int64_t nt = j1 - t0 < TILE ? j1 - t0 : TILE;
         for (int64_t h = h0; h < h1; h++) {
             const float *kp[TILE];
-            float ks[TILE]; /* TurboQuant: each key's scale */
+            float ks[TILE]; /* TurboQuant: each key's |scale|, and whether it is shifted */
+            int kshift[TILE];
             for (int64_t t = 0; t < TILE; t++) {
                 const int64_t j = t0 + (t < nt ? t : 0); /* past the end: key t0 again, unused */
                 const int64_t at = (slot[j - j0] * Hk + h) * D;
@@ -156,7 +187,11 @@ static inline __attribute__((always_inline)) int attend_chunk(
                     tq_lookup(a->tk->codes + tr * a->tk->row_bytes, a->tk->bits, a->tk->centroids,
                               0, D, kbuf + t * D);
                     kp[t] = kbuf + t * D;
-                    ks[t] = tq_half(a->tk->scales[tr]);
+                    ks[t] = tq_abs_half(a->tk->scales[tr]);
+                    kshift[t] = a->tk->shift != NULL && tq_shifted(a->tk->scales[tr]);
+                } else if (fp8) {
+                    fp8_row(a->k, at, D, a->k_scale, kbuf + t * D);
+                    kp[t] = kbuf + t * D;
                 } else if (is_bf16) {
                     load_row(a->k, at, D, 1, kbuf + t * D);
                     kp[t] = kbuf + t * D;
@@ -173,7 +208,8 @@ static inline __attribute__((always_inline)) int attend_chunk(
                     for (int64_t t = 0; t < nt; t++) {
                         const int64_t j = t0 + t;
                         const int visible = j <= pos && (a->window <= 0 || j > pos - a->window);
-                        scores[r * n + (j - j0)] = visible ? (tq ? dots[t] * ks[t] : dots[t]) : -INFINITY;
+                        const float score = tq ? dots[t] * ks[t] - (kshift[t] ? qshift[r] : 0.0f) : dots[t];
+                        scores[r * n + (j - j0)] = visible ? score : -INFINITY;
                     }
                 }
             }
@@ -194,14 +230,12 @@ static inline __attribute__((always_inline)) int attend_chunk(
         m_out[r] = m;
         s_out[r] = s;
     }
-    if (tq) /* each value row once (not once per query row), scaled */
+    if (tq || fp8) /* each value row once (not once per query row), scaled */
         for (int64_t h = h0; h < h1; h++)
             for (int64_t j = 0; j < n; j++) {
-                const int64_t tr = slot[j] * Hk + h;
                 float *dst = vdec + ((h - h0) * n + j) * D;
-                tq_lookup(a->tv->codes + tr * a->tv->row_bytes, a->tv->bits, a->tv->centroids, 0, D, dst);
-                const float sc = tq_half(a->tv->scales[tr]);
-                for (int64_t d = 0; d < D; d++) dst[d] *= sc;
+                if (tq) tq_row(a->tv, slot[j] * Hk + h, h, D, dst);
+                else fp8_row(a->v, (slot[j] * Hk + h) * D, D, a->v_scale, dst);
             }
     /* values: per row, the weighted sum over the chunk's keys in key order, 64 columns at a
      * time in eight vector accumulators that stay in registers (accumulating into memory made
@@ -253,12 +287,12 @@ static inline int64_t skipped(int64_t L, int64_t Q, int64_t window) {
 /* Returns 0 on success, -1 if a task could not allocate its scratch memory. Inlined into each
  * entry point, so the element type and the cache format are constants there. */
 static inline __attribute__((always_inline)) int run(
-        int is_bf16, int tq, const void *q, int64_t q_row, const void *k, const void *v,
-        const TQRows *tk, const TQRows *tv, void *out, const int64_t *q_start,
+        int is_bf16, int tq, int fp8, const void *q, int64_t q_row, const void *k, const void *v,
+        const TQRows *tk, const TQRows *tv, float k_scale, float v_scale, void *out, const int64_t *q_start,
         const int64_t *q_len, const int64_t *ctx, const int64_t *tables, int64_t max_blocks,
         int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,
         int64_t threads) {
-    const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16, tk, tv};
+    const Args a = {q, k, v, out, q_row, Hq, Hk, D, bs, window, scale, is_bf16, tk, tv, k_scale, v_scale};
     /* task list: (sequence, key chunk[, KV heads]); partial results at per-pair offsets */
     int64_t *first = malloc((size_t)(B + 1) * 2 * sizeof(int64_t)); /* first task, first row */
     if (first == NULL) return -1;
@@ -292,7 +326,7 @@ static inline __attribute__((always_inline)) int run(
             const int64_t h0 = part_h * Hk / split, h1 = (part_h + 1) * Hk / split;
             const int64_t j0 = (c + skipped(ctx[b], q_len[b], window)) * KEY_CHUNK;
             const int64_t j1 = ctx[b] < j0 + KEY_CHUNK ? ctx[b] : j0 + KEY_CHUNK;
-            failed |= attend_chunk(&a, is_bf16, tq, q_start[b], q_len[b], ctx[b],
+            failed |= attend_chunk(&a, is_bf16, tq, fp8, q_start[b], q_len[b], ctx[b],
                                    tables + b * max_blocks, j0, j1, h0, h1, pm + r, ps + r,
                                    pacc + r * D) != 0;
         }
@@ -337,12 +371,27 @@ static inline __attribute__((always_inline)) int run(
              const int64_t *q_len, const int64_t *ctx, const int64_t *tables, int64_t max_blocks, \
              int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window,           \
              float scale, int64_t threads) {                                                      \
-        return run(IS_BF16, 0, q, q_row, k, v, NULL, NULL, out, q_start, q_len, ctx, tables,     \
-                   max_blocks, B, Hq, Hk, D, bs, window, scale, threads);                         \
+        return run(IS_BF16, 0, 0, q, q_row, k, v, NULL, NULL, 1.0f, 1.0f, out, q_start, q_len,  \
+                   ctx, tables, max_blocks, B, Hq, Hk, D, bs, window, scale, threads);            \
     }
 
 ENTRY(paged_attention_f32, float, 0)
 ENTRY(paged_attention_bf16, bf16, 1)
+
+/* FP8 caches: K and V float8_e4m3fn bytes with their scales (D a multiple of 8). */
+#define ENTRY_FP8(NAME, T, IS_BF16)                                                               \
+    int NAME(const T *q, int64_t q_row, const uint8_t *k, const uint8_t *v, float k_scale,       \
+             float v_scale, T *out, const int64_t *q_start, const int64_t *q_len,                 \
+             const int64_t *ctx, const int64_t *tables, int64_t max_blocks, int64_t B,            \
+             int64_t Hq, int64_t Hk, int64_t D, int64_t bs, int64_t window, float scale,          \
+             int64_t threads) {                                                                   \
+        if (D % 8) return -2;                                                                    \
+        return run(IS_BF16, 0, 1, q, q_row, k, v, NULL, NULL, k_scale, v_scale, out, q_start,    \
+                   q_len, ctx, tables, max_blocks, B, Hq, Hk, D, bs, window, scale, threads);     \
+    }
+
+ENTRY_FP8(paged_attention_fp8_f32, float, 0)
+ENTRY_FP8(paged_attention_fp8_bf16, bf16, 1)
 
 /* TurboQuant caches: K and V as TQRows, q and out in the rotated basis (D a multiple of 8). */
 #define ENTRY_TQ(NAME, T, IS_BF16)                                                                \
@@ -351,8 +400,8 @@ ENTRY(paged_attention_bf16, bf16, 1)
              const int64_t *tables, int64_t max_blocks, int64_t B, int64_t Hq, int64_t Hk,       \
              int64_t D, int64_t bs, int64_t window, float scale, int64_t threads) {              \
         if (D % 8) return -2;                                                                    \
-        return run(IS_BF16, 1, q, q_row, NULL, NULL, tk, tv, out, q_start, q_len, ctx, tables,   \
-                   max_blocks, B, Hq, Hk, D, bs, window, scale, threads);                         \
+        return run(IS_BF16, 1, 0, q, q_row, NULL, NULL, tk, tv, 1.0f, 1.0f, out, q_start, q_len, \
+                   ctx, tables, max_blocks, B, Hq, Hk, D, bs, window, scale, threads);            \
     }
 
 ENTRY_TQ(paged_attention_tq_f32, float, 0)

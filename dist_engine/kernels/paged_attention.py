@@ -4,7 +4,8 @@
 layer); ``attend`` runs one layer. Eligible: CPU tensors, fp32 or bf16 cache in the query's
 dtype, separate K and V (not MLA's shared latent), no sequence shards. ``attend_tq`` runs one
 layer over a TurboQuant cache (``layers/tq_cache.py``): queries and output in the cache's
-rotated basis, K and V read as codes.
+rotated basis, K and V read as codes. ``attend_fp8`` reads an FP8 cache (float8_e4m3fn bytes
+and a scale per side, ``layers/kv_cache.py``), widening rows as it reads them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def _fns() -> dict | None:
 def _tq_fns() -> dict | None:  # K and V as pointers to TQRows structures
     return bind("paged_attention", ((torch.float32, "paged_attention_tq_f32"),
                                     (torch.bfloat16, "paged_attention_tq_bf16")), _ARGS, ctypes.c_int)
+
+
+_FP8_ARGS = (*_ARGS[:4], ctypes.c_float, ctypes.c_float, *_ARGS[4:])
+
+
+@functools.cache
+def _fp8_fns() -> dict | None:  # K and V float8_e4m3fn bytes, then their two scales
+    return bind("paged_attention", ((torch.float32, "paged_attention_fp8_f32"),
+                                    (torch.bfloat16, "paged_attention_fp8_bf16")), _FP8_ARGS, ctypes.c_int)
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -116,5 +126,31 @@ def attend_tq(q: torch.Tensor, kv, g: PagedGroup, scale: float, out: torch.Tenso
                             out.data_ptr(), g.q_start.data_ptr(), g.q_len.data_ptr(),
                             g.ctx.data_ptr(), g.tables.data_ptr(), width, B, Hq, kv.local_num_kv_heads, D,
                             g.block_size, g.window, scale, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("paged attention kernel: out of memory for its score buffers")
+
+
+def attend_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float,
+               v_scale: float, g: PagedGroup, scale: float, out: torch.Tensor) -> None:
+    """``attend`` over an FP8 cache: K/V ``[num_slots, Hk, D]`` float8_e4m3fn (D a multiple of
+    8), each element times its side's scale; q and ``out`` in the model's dtype."""
+    T, Hq, D = q.shape
+    if not available(q.dtype):
+        raise RuntimeError(f"the paged attention kernel is not built for {q.dtype} here")
+    if not (q.device.type == k_cache.device.type == out.device.type == "cpu"
+            and k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn and out.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+            and out.shape == q.shape and k_cache.shape == v_cache.shape
+            and k_cache.shape[2] == D and D % 8 == 0 and Hq % k_cache.shape[1] == 0):
+        raise ValueError("paged attention kernel: q, out [T, Hq, D] in one dtype and contiguous "
+                         "float8_e4m3fn K/V caches [slots, Hk, D] on CPU, D a multiple of 8")
+    if q.stride(2) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    B, width = g.tables.shape
+    rc = _fp8_fns()[q.dtype](q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                             k_scale, v_scale, out.data_ptr(), g.q_start.data_ptr(),
+                             g.q_len.data_ptr(), g.ctx.data_ptr(), g.tables.data_ptr(), width, B,
+                             Hq, k_cache.shape[1], D, g.block_size, g.window, scale,
+                             torch.get_num_threads())
     if rc != 0:
         raise MemoryError("paged attention kernel: out of memory for its score buffers")

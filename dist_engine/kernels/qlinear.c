@@ -18,7 +18,7 @@
  *  - int8 activations (AVX-512 VNNI, qlinear_*_i8): each row of x is quantized per block of
  *    32 inputs to int8 with one fp32 scale (as llama.cpp does), an exact integer dot product
  *    per block of codes (vpdpbusd: 64 multiply-adds per instruction), then
- *    y += (scale * x_scale) * sum (+ offset * exact fp32 sum of the group's inputs). About five
+ *    y += (scale * x_scale) * sum (+ offset * sum of the group's quantized inputs). About five
  *    times fewer instructions than the float path, which makes 4-bit decode memory-bound.
  * x [M, K] with row stride x_row; bias [N] or NULL (the output's dtype); y [M, N] contiguous.
  */
@@ -363,6 +363,23 @@ static void quantize_rows(const float *x, int64_t xs, int64_t rows, int64_t K, i
         }
 }
 
+/* Sums of each group's quantized inputs (x_scale * code sum per unit, in unit order), which
+ * the offsets multiply: the product is then exactly that of the quantized row, whose rounding
+ * errors meet the weights as they are (centred near zero). Exact float sums instead let the
+ * errors meet the bare codes (0..15, all of one sign): on a Q4_1 layer of the default model
+ * that made the product's relative error 2.4x that of the quantized row's own product (1.60%
+ * against 0.68%). llama.cpp's Q8_1 block sums do the same as this. */
+static void quantized_group_sums(const qact *a, int64_t rows, int64_t K, int64_t G, int64_t unit, float *xsum) {
+    const int64_t groups = K / G, units = K / unit;
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t u = g * G / unit; u < (g + 1) * G / unit; u++)
+                s += a->scale[m * (K / ACT_BLOCK) + u * unit / ACT_BLOCK] * (float)a->qsum[m * units + u];
+            xsum[m * groups + g] = s;
+        }
+}
+
 /* The codes of one block as unsigned bytes for vpdpbusd: S8 and table codes are shifted by
  * +128 (the product subtracts 128 x the activations' sum again); plain U4 codes are 0..15. */
 static inline __attribute__((always_inline)) void u8_codes(int kind, int has_lut, __m512i d,
@@ -517,7 +534,7 @@ static int int_product(const qweight *w, const void *x, int64_t x_row, const voi
             xs = K;
         }
         quantize_rows(xb, xs, rows, K, unit, &a);
-        if (w->offsets) group_sums(xb, xs, rows, K, G, xsum);
+        if (w->offsets) quantized_group_sums(&a, rows, K, G, unit, xsum);
         void *yb = (char *)y + m0 * w->n * (y16 ? 2 : 4);
 #pragma omp parallel num_threads(n_panels >= 4 ? threads : 1)
         {

@@ -5,12 +5,14 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One side (K or V) of a layer's cache, as attention reads it. */
+/* One side (K or V) of a layer's cache, as attention reads it. A row whose scale has its sign
+ * bit set is |scale| * centroids less shift[h] (keys stored uncentred; layers/turboquant.py). */
 typedef struct {
     const uint8_t *codes;    /* [num_slots, Hk, row_bytes] */
     const uint16_t *scales;  /* [num_slots, Hk] fp16 */
     const float *centroids;  /* [2^bits], ascending */
     int64_t bits, row_bytes; /* row_bytes = D * bits / 8 */
+    const float *shift;      /* [Hk, D]: the rotated mean key; NULL: no row is shifted */
 } TQRows;
 
 typedef float tq_vec8 __attribute__((vector_size(32)));
@@ -21,6 +23,10 @@ static inline float tq_half(uint16_t h) {
     memcpy(&x, &h, sizeof x);
     return (float)x;
 }
+
+/* |scale| of a stored fp16 scale, and whether its row is shifted (sign bit set) */
+static inline float tq_abs_half(uint16_t h) { return tq_half(h & 0x7fff); }
+static inline int tq_shifted(uint16_t h) { return h >> 15; }
 
 static inline uint16_t tq_to_half(float f) {
     const _Float16 x = (_Float16)(f > 65504.0f ? 65504.0f : f); /* saturate, never inf */
@@ -75,4 +81,15 @@ static inline void tq_lookup(const uint8_t *row, int64_t bits, const float *cent
             memcpy(dst + 8 * g - d0, &v, sizeof v);
         }
     }
+}
+
+/* Row tr (slot * Hk + h) of a side decoded into dst [D]: |scale| * centroids, less shift[h] if
+ * its scale's sign bit is set. */
+static inline void tq_row(const TQRows *t, int64_t tr, int64_t h, int64_t D, float *dst) {
+    tq_lookup(t->codes + tr * t->row_bytes, t->bits, t->centroids, 0, D, dst);
+    const uint16_t sc = t->scales[tr];
+    const float s = tq_abs_half(sc);
+    for (int64_t d = 0; d < D; d++) dst[d] *= s;
+    if (t->shift != NULL && tq_shifted(sc))
+        for (int64_t d = 0; d < D; d++) dst[d] -= t->shift[h * D + d];
 }

@@ -59,11 +59,13 @@ static int rotate(int is_bf16, const void *x, int64_t x_row, void *out, int64_t 
 
 /* Quantize rows x [N, H, D] into the cache at slots: rotate (Rt = R^T per head), divide by the
  * norm, code each coordinate by the number of boundaries below it, pack; the scale is the norm,
- * or with norm correction the norm over the centroid vector's norm. */
+ * or with norm correction the norm over the centroid vector's norm. With shift [H, D] (keys:
+ * the rotated mean), a row is stored less its head's shift unless it is shorter as it is: then
+ * as it is, with the scale's sign bit set. */
 static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t H, int64_t D,
                   const float *Rt, const float *centroids, const float *bounds, int64_t bits,
-                  int64_t norm_correction, const int64_t *slots, uint8_t *codes, uint16_t *scales,
-                  int64_t threads) {
+                  int64_t norm_correction, const float *shift, const int64_t *slots,
+                  uint8_t *codes, uint16_t *scales, int64_t threads) {
     if (D > MAX_D || D % 8) return -1;
     const int64_t levels = (int64_t)1 << bits, row_bytes = D * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -74,6 +76,17 @@ static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t 
         rotate_row(row, Rt + h * D * D, D, y);
         float sq = 0.0f;
         for (int64_t d = 0; d < D; d++) sq += y[d] * y[d];
+        int raw = 0;
+        if (shift != NULL) {
+            const float *sh = shift + h * D;
+            float csq = 0.0f;
+            for (int64_t d = 0; d < D; d++) csq += (y[d] - sh[d]) * (y[d] - sh[d]);
+            raw = sq < csq;
+            if (!raw) {
+                for (int64_t d = 0; d < D; d++) y[d] -= sh[d];
+                sq = csq;
+            }
+        }
         const float norm = sqrtf(sq), div = norm > 0.0f ? norm : 1.17549435e-38f;
         uint8_t *out = codes + (slots[n] * H + h) * row_bytes;
         float csq = 0.0f;
@@ -88,27 +101,28 @@ static int encode(int is_bf16, const void *x, int64_t x_row, int64_t N, int64_t 
             }
             for (int64_t b = 0; b < bits; b++) out[g * bits + b] = (uint8_t)(word >> (8 * b));
         }
-        scales[slots[n] * H + h] = tq_to_half(norm_correction ? norm / sqrtf(csq) : norm);
+        const uint16_t scale = tq_to_half(norm_correction ? norm / sqrtf(csq) : norm);
+        scales[slots[n] * H + h] = raw ? scale | 0x8000 : scale;
     }
     return 0;
 }
 
-/* Decode the rows of slots [N] into out [N, H, D], in their heads' rotated basis. */
+/* Decode the rows of slots [N] into out [N, H, D], in their heads' rotated basis: |scale| times
+ * the centroids, less shift [H, D] (may be NULL) where the scale's sign bit is set. */
 static int gather(int is_bf16, const uint8_t *codes, const uint16_t *scales, const int64_t *slots,
-                  int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits, void *out,
-                  int64_t threads) {
+                  int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits,
+                  const float *shift, void *out, int64_t threads) {
     if (D > MAX_D || D % 8) return -1;
     const int64_t row_bytes = D * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < N * H; r++) {
-        const int64_t at = slots[r / H] * H + r % H;
+        const TQRows t = {codes, scales, centroids, bits, row_bytes, shift};
         float row[MAX_D];
-        tq_lookup(codes + at * row_bytes, bits, centroids, 0, D, row);
-        const float s = tq_half(scales[at]);
+        tq_row(&t, slots[r / H] * H + r % H, r % H, D, row);
         if (is_bf16)
-            for (int64_t d = 0; d < D; d++) ((bf16 *)out)[r * D + d] = narrow(row[d] * s);
+            for (int64_t d = 0; d < D; d++) ((bf16 *)out)[r * D + d] = narrow(row[d]);
         else
-            for (int64_t d = 0; d < D; d++) ((float *)out)[r * D + d] = row[d] * s;
+            memcpy((float *)out + r * D, row, (size_t)D * sizeof(float));
     }
     return 0;
 }
@@ -121,15 +135,17 @@ static int gather(int is_bf16, const uint8_t *codes, const uint16_t *scales, con
     }                                                                                            \
     int tq_encode_##SUFFIX(const T *x, int64_t x_row, int64_t N, int64_t H, int64_t D,           \
                            const float *Rt, const float *centroids, const float *bounds,         \
-                           int64_t bits, int64_t norm_correction, const int64_t *slots,          \
-                           uint8_t *codes, uint16_t *scales, int64_t threads) {                  \
+                           int64_t bits, int64_t norm_correction, const float *shift,            \
+                           const int64_t *slots, uint8_t *codes, uint16_t *scales,               \
+                           int64_t threads) {                                                    \
         return encode(IS_BF16, x, x_row, N, H, D, Rt, centroids, bounds, bits, norm_correction, \
-                      slots, codes, scales, threads);                                            \
+                      shift, slots, codes, scales, threads);                                     \
     }                                                                                            \
     int tq_gather_##SUFFIX(const uint8_t *codes, const uint16_t *scales, const int64_t *slots,   \
                            int64_t N, int64_t H, int64_t D, const float *centroids, int64_t bits, \
-                           T *out, int64_t threads) {                                            \
-        return gather(IS_BF16, codes, scales, slots, N, H, D, centroids, bits, out, threads);    \
+                           const float *shift, T *out, int64_t threads) {                        \
+        return gather(IS_BF16, codes, scales, slots, N, H, D, centroids, bits, shift, out,        \
+                      threads);                                                                  \
     }
 
 ENTRIES(f32, float, 0)

@@ -14,8 +14,8 @@ from dist_engine.kernels import bind
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "rotate": (_P, _I, _P, _I, _I, _I, _I, _P, _I),
-    "encode": (_P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _P, _P, _I),
-    "gather": (_P, _P, _P, _I, _I, _I, _P, _I, _P, _I),
+    "encode": (_P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I),
+    "gather": (_P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _I),
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -56,26 +56,29 @@ def rotate(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
 
 def encode(x: torch.Tensor, rot_t: torch.Tensor, centroids: torch.Tensor, bounds: torch.Tensor,
            bits: int, norm_correction: bool, slots: torch.Tensor, codes: torch.Tensor,
-           scales: torch.Tensor) -> None:
+           scales: torch.Tensor, shift: torch.Tensor | None = None) -> None:
     """Quantize x ``[N, H, D]`` into ``codes`` ``[S, H, D*bits/8]`` / ``scales`` ``[S, H]`` (fp16)
-    at ``slots`` ``[N]``; ``rot_t`` ``[H, D, D]`` holds each head's rotation transposed."""
+    at ``slots`` ``[N]``; ``rot_t`` ``[H, D, D]`` holds each head's rotation transposed;
+    ``shift`` ``[H, D]`` fp32 as in ``layers/turboquant.encode`` (keys: the rotated mean)."""
     N, H, D = x.shape
     x = _rows(x)
     slots = slots.contiguous()
     _check(_fns("encode")[x.dtype](
         x.data_ptr(), x.stride(0), N, H, D, rot_t.data_ptr(), centroids.data_ptr(),
-        bounds.data_ptr(), bits, int(norm_correction), slots.data_ptr(), codes.data_ptr(),
-        scales.data_ptr(), torch.get_num_threads()), "encode")
+        bounds.data_ptr(), bits, int(norm_correction), None if shift is None else shift.data_ptr(),
+        slots.data_ptr(), codes.data_ptr(), scales.data_ptr(), torch.get_num_threads()), "encode")
 
 
 def gather(codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, centroids: torch.Tensor,
-           bits: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+           bits: int, dim: int, dtype: torch.dtype, shift: torch.Tensor | None = None) -> torch.Tensor:
     """The rows of ``slots`` (any shape ``[...]``) decoded in their heads' basis:
-    ``[..., H, D]`` in ``dtype``."""
+    ``[..., H, D]`` in ``dtype``; ``shift`` ``[H, D]`` fp32 is taken off the rows whose scale's
+    sign bit is set (``layers/turboquant.decode``)."""
     flat = slots.reshape(-1).contiguous()
     H = codes.shape[1]
     out = torch.empty(*slots.shape, H, dim, dtype=dtype)
     _check(_fns("gather")[dtype](codes.data_ptr(), scales.data_ptr(), flat.data_ptr(), flat.numel(),
-                                 H, dim, centroids.data_ptr(), bits, out.data_ptr(),
+                                 H, dim, centroids.data_ptr(), bits,
+                                 None if shift is None else shift.data_ptr(), out.data_ptr(),
                                  torch.get_num_threads()), "gather")
     return out

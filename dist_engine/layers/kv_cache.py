@@ -90,7 +90,10 @@ class LayerKV:
 
     def attend_paged(self, q: torch.Tensor, group, scale: float, out: torch.Tensor) -> None:
         """The C decode kernel over this cache for ``group`` (a ``PagedGroup``)."""
-        paged_kernel.attend(q, self.k, self.v, group, scale, out)
+        if self.is_fp8:
+            paged_kernel.attend_fp8(q, self.k, self.v, self.k_scale, self.v_scale, group, scale, out)
+        else:
+            paged_kernel.attend(q, self.k, self.v, group, scale, out)
 
     @property
     def local_num_kv_heads(self) -> int:

@@ -86,7 +86,7 @@ class HashRouter(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, vocab_size: int, scaling: float,
                  scoring: str) -> None:
         super().__init__()
-        self.scaling, self.scoring = scaling, scoring
+        self.top_k, self.scaling, self.scoring = top_k, scaling, scoring
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)  # fp32
         self.tid2eid = nn.Parameter(torch.zeros(vocab_size, top_k, dtype=torch.long), requires_grad=False)
 
@@ -258,17 +258,19 @@ class SparseMoE(nn.Module):
         first, count = self.expert_range
         return expert.isdigit() and not first <= int(expert) < first + count
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """This rank's routed experts' partial ``[T, hidden]``, held or paged."""
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's routed experts' partial ``[T, hidden]``, held or paged (``token_ids``
+        ``[T]`` let a paged layer prefetch a hash-routed next layer's experts exactly)."""
         if self.paged is not None:
-            return self.paged.run(x, weights, ids)
+            return self.paged.run(x, weights, ids, token_ids)
         return run_experts(self.experts, x, weights, ids)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[T, hidden]``; ``token_ids`` ``[T]`` for hash routing."""
         # [T, k] each, identical on every rank
         weights, ids = self.gate(x, token_ids) if isinstance(self.gate, HashRouter) else self.gate(x)
-        y = self.routed(x, weights, ids)
+        y = self.routed(x, weights, ids, token_ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return self.comm.all_reduce(y)

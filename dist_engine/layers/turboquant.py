@@ -21,6 +21,12 @@ once (``tq_cache.TurboQuantKV``). The C kernels (``kernels/turboquant.c``) compu
 thing row by row; this module is the PyTorch version (GPUs, no compiler, and the reference the
 kernels are tested against).
 
+Keys are stored centred (``x = k - m``, ``m`` a calibrated mean key; ``tq_cache``) unless the
+raw key is the shorter of the two, as an attention sink's key often is: then ``x = k`` and the
+scale's sign bit says so. Decoding gives ``R (k^ - m)`` either way (``shift = R m`` is taken off
+the rows whose sign bit is set), so every score moves by the same ``q . m``, which softmax
+ignores.
+
 Codes are packed in groups of eight: a group takes ``b`` bytes, code ``i`` of the group in bits
 ``b*i .. b*i + b - 1`` of the group's little-endian word. ``D`` must be a multiple of 8.
 """
@@ -132,25 +138,40 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).long().view(*lead, C // bits * 8)
 
 
-def encode(x: torch.Tensor, rot: torch.Tensor, spec: TQSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, rot: torch.Tensor, spec: TQSpec,
+           shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[N, H, D]`` and rotations ``[H, D, D]`` -> (codes ``[N, H, row_bytes]`` uint8, scales
-    ``[N, H]`` fp16). A zero row gets scale 0 (and reconstructs as zeros)."""
+    ``[N, H]`` fp16). A zero row gets scale 0 (and reconstructs as zeros). ``shift`` ``[H, D]``
+    (keys: the rotated mean ``R m``): each row is stored as ``R x - shift`` unless ``R x`` is
+    the shorter, which is stored as it is with its scale's sign bit set."""
     centroids, bounds = (t.to(x.device) for t in codebook(spec.dim, spec.bits))
     y = torch.einsum("hed,nhd->nhe", rot, x.float()).contiguous()  # [N, H, D], each head's basis
+    if shift is not None:
+        centred = y - shift
+        raw = y.square().sum(-1) < centred.square().sum(-1)  # [N, H]
+        y = torch.where(raw.unsqueeze(-1), y, centred)
     norm = y.norm(dim=-1, keepdim=True)  # [N, H, 1]
     codes = torch.bucketize(y / norm.clamp_min(torch.finfo(torch.float32).tiny), bounds)
     scale = norm.squeeze(-1)
     if spec.norm_correction:  # the reconstruction gets exactly the row's norm
         scale = scale / centroids[codes].norm(dim=-1)
-    return pack(codes, spec.bits), scale.clamp_max(FP16_MAX).to(torch.float16)
+    scale = scale.clamp_max(FP16_MAX).to(torch.float16)
+    return pack(codes, spec.bits), scale if shift is None else torch.where(raw, -scale, scale)
 
 
-def decode(codes: torch.Tensor, scales: torch.Tensor, spec: TQSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Rows in their head's rotated basis: ``[..., H, D]`` = scale * centroid[code]."""
+def decode(codes: torch.Tensor, scales: torch.Tensor, spec: TQSpec, dtype: torch.dtype,
+           shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows in their head's rotated basis: ``[..., H, D]`` = |scale| * centroid[code], less
+    ``shift`` ``[H, D]`` where the scale's sign bit is set (keys stored uncentred)."""
     centroids = codebook(spec.dim, spec.bits)[0].to(codes.device)
-    return (centroids[unpack(codes, spec.bits)] * scales.float().unsqueeze(-1)).to(dtype)
+    s = scales.float()
+    rows = centroids[unpack(codes, spec.bits)] * s.abs().unsqueeze(-1)
+    if shift is not None:
+        rows = rows - torch.signbit(s).unsqueeze(-1) * shift
+    return rows.to(dtype)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, rot: torch.Tensor, spec: TQSpec) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, rot: torch.Tensor, spec: TQSpec,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
     """Rows back in the original basis, fp32 ``[N, H, D]`` (tests and measurements)."""
-    return torch.einsum("hed,nhe->nhd", rot, decode(codes, scales, spec, torch.float32))
+    return torch.einsum("hed,nhe->nhd", rot, decode(codes, scales, spec, torch.float32, shift))

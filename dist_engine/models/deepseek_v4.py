@@ -22,6 +22,8 @@ indexer are replicated (sequence shards, ``--dcp``, avoid storing their rows twi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -42,7 +44,11 @@ from dist_engine.layers.loading import copy_checked
 from dist_engine.layers.moe import SparseMoE, skipped_expert
 from dist_engine.layers.norm import Fp32RMSNorm, unweighted_rms_norm
 from dist_engine.layers.rotary import TrailingRotary
+from dist_engine.models import deepseek_v4_names as v4_names
 from dist_engine.models.deepseek_v4_names import checkpoint_name
+
+if TYPE_CHECKING:
+    from dist_engine.experts.cache import ExpertCache
 
 
 def rotaries(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> dict[str, TrailingRotary]:
@@ -160,14 +166,18 @@ class DeepseekV4DecoderLayer(nn.Module):
     """Attention and MoE, each between a hyper-connection's collapse and expansion."""
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: dict[str, TrailingRotary],
-                 dtype: torch.dtype, layer_type: str, ratio: int, hashed: bool) -> None:
+                 dtype: torch.dtype, layer_type: str, ratio: int, hashed: bool, layer: int = 0,
+                 expert_cache: ExpertCache | None = None, expert_prefix: str | None = None) -> None:
+        """``layer``: the checkpoint index (the order MoE blocks run in, for the expert cache);
+        ``expert_prefix``: where its routed experts are (default ``model.layers.{layer}.mlp.experts.``)."""
         super().__init__()
         v4, H, eps = cfg.v4, cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn = DeepseekV4Attention(cfg, comm, layer_type, ratio, rotary, dtype)
         self.mlp = SparseMoE(H, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts,
                              cfg.num_experts_per_tok, 1, 1, True, cfg.routed_scaling_factor, comm, dtype,
                              cfg.fp8_block, cfg.moe_scoring, v4.swiglu_limit, cfg.vocab_size if hashed else None,
-                             packed_experts=v4.expert_dtype == "fp4")
+                             packed_experts=v4.expert_dtype == "fp4", layer=layer, expert_cache=expert_cache,
+                             prefix=expert_prefix)
         self.input_layernorm = Fp32RMSNorm(H, eps)
         self.post_attention_layernorm = Fp32RMSNorm(H, eps)
         self.attn_hc = HyperConnection(H, v4.hc_mult, v4.hc_sinkhorn_iters, v4.hc_eps, eps)
@@ -189,15 +199,16 @@ class DeepseekV4DecoderLayer(nn.Module):
 
 
 class DeepseekV4Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 expert_cache: ExpertCache | None = None) -> None:
         super().__init__()
         v4, H = cfg.v4, cfg.hidden_size
         rotary = rotaries(cfg, max_positions, dtype)
         self.hc_mult = v4.hc_mult
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, H, comm, dtype)
         self.layers = nn.ModuleList(
-            DeepseekV4DecoderLayer(cfg, comm, rotary, dtype, t, m, h)
-            for t, m, h in zip(v4.layer_types, v4.compress_ratios, v4.hash_layers))
+            DeepseekV4DecoderLayer(cfg, comm, rotary, dtype, t, m, h, i, expert_cache)
+            for i, (t, m, h) in enumerate(zip(v4.layer_types, v4.compress_ratios, v4.hash_layers)))
         self.norm = Fp32RMSNorm(H, cfg.rms_norm_eps)
         self.hc_head = HyperHead(H, v4.hc_mult, v4.hc_eps, cfg.rms_norm_eps)
 
@@ -222,16 +233,20 @@ class DeepseekV4ForCausalLM(nn.Module):
     ignored_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
-                 expert_cache: None = None) -> None:
-        super().__init__()  # paged experts are refused for V4 by EngineConfig (expert_cache stays None)
+                 expert_cache: ExpertCache | None = None) -> None:
+        """``expert_cache``: every layer's routed experts (hash-routed ones included) are paged."""
+        super().__init__()
         self.config = cfg
-        self.model = DeepseekV4Model(cfg, comm, dtype, max_positions)
+        self.model = DeepseekV4Model(cfg, comm, dtype, max_positions, expert_cache)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
 
     @staticmethod
     def checkpoint_name(stored: str) -> str | None:
         return None if stored.startswith("mtp.") else checkpoint_name(stored)
+
+    # the expert cache indexes the MTP layer's experts too (``mtp.0.mlp.experts.``)
+    expert_checkpoint_name = staticmethod(v4_names.checkpoint_name)
 
     def skip_tensor(self, name: str) -> bool:
         """Another rank's routed expert: never read from the checkpoint here."""

@@ -31,8 +31,10 @@ from dist_engine.models.deepseek_v4_names import checkpoint_name
 
 
 class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
-    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int) -> None:
-        super().__init__(cfg, comm, rotaries(cfg, max_positions, dtype), dtype, SLIDING, 0, False)
+    def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype, max_positions: int,
+                 expert_cache=None) -> None:
+        super().__init__(cfg, comm, rotaries(cfg, max_positions, dtype), dtype, SLIDING, 0, False,
+                         cfg.num_hidden_layers, expert_cache, "mtp.0.mlp.experts.")
         H, eps, v4 = cfg.hidden_size, cfg.rms_norm_eps, cfg.v4
         self.hidden, self.hc_mult = H, v4.hc_mult
         self.enorm = Fp32RMSNorm(H, eps)

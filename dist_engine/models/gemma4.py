@@ -119,7 +119,7 @@ class Gemma4TextMLP(nn.Module):
 
 class Gemma4TextDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, layer: int, reads: int | None = None) -> None:
+                 dtype: torch.dtype, layer: int, reads: int | None = None, expert_cache=None) -> None:
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.dtype = dtype
@@ -141,7 +141,8 @@ class Gemma4TextDecoderLayer(nn.Module):
         if self.moe:  # routed experts beside the dense MLP, each normed before they are summed
             self.router = Gemma4TextRouter(H, cfg.n_routed_experts, cfg.num_experts_per_tok, eps, dtype)
             self.experts = FusedExperts(H, cfg.moe_intermediate_size, cfg.n_routed_experts, comm,
-                                        dtype, act=gelu_tanh)
+                                        dtype, gelu_tanh, expert_cache, layer,
+                                        f"model.layers.{layer}.experts.", self.router)
             for name in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
                          "pre_feedforward_layernorm_2"):
                 setattr(self, name, Gemma4RMSNorm(H, eps, dtype))
@@ -164,7 +165,7 @@ class Gemma4TextDecoderLayer(nn.Module):
         h = self.mlp(h)
         if self.moe:
             weights, ids = self.router(x)  # routed on the residual stream itself
-            routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, ids)
+            routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, ids, x)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
         x = x + self.post_feedforward_layernorm(h)
         if self.per_layer_input:
@@ -175,7 +176,7 @@ class Gemma4TextDecoderLayer(nn.Module):
 
 class Gemma4TextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, expert_cache=None) -> None:
         super().__init__()
         rotary = rotary_by_layer_type(cfg, dtype, max_positions)
         H, L, P = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
@@ -183,7 +184,8 @@ class Gemma4TextModel(nn.Module):
         # the embedding is scaled by sqrt(hidden), rounded to the model dtype as transformers does
         self.register_buffer("embed_scale", torch.tensor(H ** 0.5, dtype=dtype), persistent=False)
         self.layers = nn.ModuleList(
-            Gemma4TextDecoderLayer(cfg, comm, rotary[cfg.layer_types[i]], dtype, i) for i in range(L))
+            Gemma4TextDecoderLayer(cfg, comm, rotary[cfg.layer_types[i]], dtype, i, expert_cache=expert_cache)
+            for i in range(L))
         self.norm = Gemma4RMSNorm(H, cfg.rms_norm_eps, dtype)
         # the first KV-shared layer: from there on no layer stores K/V (None: every layer does)
         self.tail_start = next((i for i, src in enumerate(kv_sources(cfg)) if src is not None), None)
@@ -242,12 +244,11 @@ class Gemma4ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, comm: Communicator, dtype: torch.dtype,
                  max_positions: int, expert_cache=None) -> None:
+        """``expert_cache``: the MoE variant's routed experts are paged (one expert's slices of
+        the fused tensors read at a time)."""
         super().__init__()
-        if expert_cache is not None:
-            raise ValueError("--expert-cache-memory (paged routed experts) does not cover Gemma 4's "
-                             "fused expert tensors yet; leave it out for this model")
         self.config = cfg
-        self.model = Gemma4TextModel(cfg, comm, dtype, max_positions)
+        self.model = Gemma4TextModel(cfg, comm, dtype, max_positions, expert_cache)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied)
         if cfg.tie_word_embeddings:
@@ -256,6 +257,8 @@ class Gemma4ForCausalLM(nn.Module):
         # checkpoints may keep k/v projections for the KV-shared layers, which never use them
         self.unused = tuple(f"model.layers.{i}.self_attn.{m}." for i, src in enumerate(kv_sources(cfg))
                             if src is not None for m in ("k_proj", "v_proj", "k_norm", "v_norm"))
+        if expert_cache is not None and cfg.n_routed_experts:  # the cache reads these, not the loader
+            self.unused += tuple(f"model.layers.{i}.experts." for i in range(cfg.num_hidden_layers))
         self.multimodal = cfg.architecture in GEMMA4_MULTIMODAL
         if self.multimodal and cfg.multimodal_towers and comm.rank == 0:
             log.info("%s: serving the text model; the %s tower(s) in the checkpoint are not loaded",

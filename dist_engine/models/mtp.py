@@ -134,7 +134,7 @@ class MTPModel(nn.Module):
 
             self.packed_modules = DeepseekV4ForCausalLM.packed_modules
             self.checkpoint_name = mtp_checkpoint_name
-            self.mtp = nn.ModuleList([DeepseekV4MTPLayer(cfg, comm, dtype, max_positions)])
+            self.mtp = nn.ModuleList([DeepseekV4MTPLayer(cfg, comm, dtype, max_positions, expert_cache)])
             self._prefix = self._block = "mtp.0."
             return
         if cfg.is_hybrid:

@@ -15,13 +15,14 @@ load), and every other tensor unchanged. A format module declares:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dist_engine.config.deepseek_v4 import V4_ARCHITECTURES
 from dist_engine.quant import method_module, parse_config
-from dist_engine.quant.fp4 import packed_mxfp4_weights
+from dist_engine.quant.fp4 import SCALE_LEAVES, packed_mxfp4_weights
 
 
 def _config(path: str) -> dict:
@@ -56,14 +57,39 @@ def fp4_experts(path: str) -> bool:
             and quant.get("expert_dtype", config.get("expert_dtype")) == "fp4")
 
 
+def logical_view(path: str) -> Callable[[dict], Iterator[tuple[str, object]]]:
+    """What ``logical_tensors`` does for this checkpoint, with its config read once: a function
+    of one group of tensors (name -> tensor or lazy slice), e.g. one paged expert's."""
+    cfg = checkpoint_quantization(path)
+    if cfg is None:
+        return packed_mxfp4_weights if fp4_experts(path) else lambda tensors: iter(tensors.items())
+    return functools.partial(_grouped, cfg, method_module(cfg.method))
+
+
+def logical_name(path: str) -> Callable[[str], str]:
+    """The name a stored tensor of this checkpoint is loaded under: a quantized weight's parts
+    (GPTQ's ``gate_proj.qzeros``, MXFP4's ``w1.scale``...) all feed ``<layer>.weight``."""
+    cfg = checkpoint_quantization(path)
+    if cfg is not None:
+        leaves = set(method_module(cfg.method).PARTS)
+    elif fp4_experts(path):
+        leaves = {"weight", *SCALE_LEAVES}
+    else:
+        return lambda name: name
+
+    def name(stored: str) -> str:
+        stem, _, leaf = stored.rpartition(".")
+        return f"{stem}.weight" if leaf in leaves else stored
+    return name
+
+
 def logical_tensors(path: str, tensors: dict) -> Iterator[tuple[str, object]]:
     """(name, tensor) with each quantized layer's parts in ``tensors`` (name -> lazy slice)
     replaced by one ``<layer>.weight`` ``QuantTensor``."""
-    cfg = checkpoint_quantization(path)
-    if cfg is None:
-        yield from (packed_mxfp4_weights(tensors) if fp4_experts(path) else tensors.items())
-        return
-    fmt = method_module(cfg.method)
+    return logical_view(path)(tensors)
+
+
+def _grouped(cfg, fmt, tensors: dict) -> Iterator[tuple[str, object]]:
     layers: dict[str, dict] = {}
     for name, t in tensors.items():
         prefix, _, leaf = name.rpartition(".")

@@ -83,14 +83,23 @@ def set_packed(module: nn.Module, qw: qlinear.QWeight) -> None:
     module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
 
-def prepare(root: nn.Module, quantization: str | None, int8_activations: bool) -> None:
+def prepare(root: nn.Module, quantization: str | None, int8_activations: bool,
+            features: tuple[str, ...] = ()) -> None:
     """After loading: quantize a float checkpoint (``--quantization``), then switch the
-    products to int8 activations (``--int8-activations``) where they take it."""
+    products to int8 activations (``--int8-activations``) where they take it. ``features``:
+    what is on whose output is token for token that of plain decoding only with float
+    activations (speculation, prefix caching), named in a warning."""
     if quantization is not None:
         quantize_dense(root, quantization)
-    if int8_activations and not use_int8_activations(root):
+    if not int8_activations:
+        return
+    if not use_int8_activations(root):
         log.warning("--int8-activations: no weight takes int8 activations here (it needs an "
                     "AVX-512 VNNI CPU and 4/8-bit weights); the products stay in float")
+    elif features:
+        log.warning("--int8-activations with %s: the activation rounding magnifies last-bit "
+                    "differences between decode, verification and prefix-hit steps, so greedy "
+                    "output can part from plain decoding (docs/quantization.md)", " and ".join(features))
 
 
 def quantize_dense(root: nn.Module, method: str) -> None:

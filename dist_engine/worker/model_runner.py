@@ -81,7 +81,9 @@ class ModelRunner(RunnerCaches):
         mtp_layers = mcfg.mtp_prefixes
         load_weights(self.model, mcfg.path, select=lambda n: not n.startswith(mtp_layers))
         self.model.eval()
-        quant_linear.prepare(self.model, config.quantization, config.int8_activations)
+        quant_linear.prepare(self.model, config.quantization, config.int8_activations,
+                             (("speculation",) if config.speculative is not None else ())
+                             + (("prefix caching",) if config.cache.enable_prefix_caching else ()))
         pack_weights(self.model)
         self.grammars = Grammars(mcfg.path, mcfg.vocab_size)  # structured output's matchers
         attach_cpu_decoder(self.model)
@@ -91,7 +93,9 @@ class ModelRunner(RunnerCaches):
         self.drafter = make_decoder(self, config) if config.speculative is not None else None
         if self.expert_cache is not None:
             self.expert_cache.start(mcfg.path, self.model.packed_modules,
-                                    getattr(self.model, "checkpoint_name", None))
+                                    getattr(self.model, "expert_checkpoint_name",
+                                            getattr(self.model, "checkpoint_name", None)),
+                                    config.quantization, config.int8_activations)
         self.load_seconds = time.perf_counter() - t0
         # what each layer keeps between steps (a drafter layer's own cache last): its kinds, and
         # all of them in layer order
@@ -117,10 +121,11 @@ class ModelRunner(RunnerCaches):
                                        self.dcp_comm.world_size if self.dcp_comm else 1)
         self.heads_per_kv = self.group_heads[0][0] if self.groups else 1
         # decode / verification attention through the C kernel over block tables (CPU, one
-        # sequence shard, a full-precision or TurboQuant cache of separate K and V); a switch
-        # for A/B checks
+        # sequence shard, a full-precision, FP8 (rows of 8k values) or TurboQuant cache of
+        # separate K and V); a switch for A/B checks
+        fp8 = self.kv_dtype == torch.float8_e4m3fn and self.head_dim % 8 == 0
         self.use_paged_kernel = (device.type == "cpu"
-                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None)
+                                 and (self.kv_dtype == self.dtype or self.tq_preset is not None or fp8)
                                  and not self.latent_cache and self.seq_comm is None
                                  and self.dcp_comm is None and paged_kernel_available(self.dtype))
         self.kv_caches: list[LayerCache] = []  # one per layer of the main model
@@ -183,9 +188,13 @@ class ModelRunner(RunnerCaches):
         so every rank gets the owner's exact bits)."""
         split = _split_meta(self, batch)
         if split is None:
+            if self.expert_cache is not None:
+                self.expert_cache.begin_forward(batch.ids)
             return self.model(batch.ids, batch.positions, self.kv_caches, batch.meta, raw)
         own = split.split_own
         self.num_split_steps += 1
+        if self.expert_cache is not None:
+            self.expert_cache.begin_forward(batch.ids[own])
         out = self.model(batch.ids[own], batch.positions[own], self.kv_caches, split, raw)
         full = []
         for x in (out if raw else (out,)):  # [W, hidden] -> [T, hidden]
