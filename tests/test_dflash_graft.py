@@ -1,7 +1,10 @@
 """``graft-dflash``: the engine's tapped layer outputs (the drafter's context features) against
 transformers, and a DFlash drafter trained on a tiny random Llama's own greedy continuations
 reaching a stated acceptance floor in the engine's own speculative decoding (which an
-untrained drafter stays far below), with output identical to plain decoding."""
+untrained drafter stays far below), with output identical to plain decoding; and the
+trainer's block forward equal to the engine's proposals with each slot's target aligned (the
+floor alone would not see a target shifted by one position: the tiny model's continuations
+repeat, so a drafter trained one token off still reaches it)."""
 
 from __future__ import annotations
 
@@ -112,3 +115,59 @@ def test_drafter_for_other_weights_is_refused(data, tmp_path):
         LLM(other, **ENGINE, **SPEC, speculative_model=drafter)
     with pytest.raises(ValueError, match="num_layers must be"):
         graft_dflash(path, seqs[:20], seqs[290:], drafter, num_layers=9)
+
+
+def test_training_forward_equals_the_engines_proposals(data, tmp_path, monkeypatch):
+    """The trainer's block forward (``block_logits``) over a verified prefix equals the draft
+    logits the engine computes for that block (context written from the taps, positions, the
+    draft head), and slot k's target is the base's prediction after ``x[:a + k]``."""
+    from safetensors.torch import load_file
+
+    from dist_engine.config import ModelConfig
+    from dist_engine.graft.dflash_model import GraftDFlash
+    from dist_engine.graft.dflash_train import block_logits
+    from dist_engine.worker.spec_dflash import DFlashDecoder
+
+    path, root, prompts, seqs = data
+    lens = [len(p) for p in prompts]
+    drafter = str(tmp_path / "drafter")
+    graft_dflash(path, seqs[:270], seqs[270:], drafter, prompt_lens=lens, block_size=4, num_layers=2,
+                 target_layer_ids=LAYERS, epochs=1, lr=3e-3, batch_size=16, anchors=16, dtype="float32",
+                 draft_vocab_size=200, hidden_dir=str(root / "hidden"))
+    blocks = []
+    real = DFlashDecoder._propose_blocks
+
+    def recording(self, plans):
+        out = real(self, plans)
+        blocks.append(([(p, tok) for _, p, tok in plans], out.clone()))
+        return out
+
+    monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    spec = {**SPEC, "speculative_config": {**SPEC["speculative_config"], "draft_dtype": "float32"}}
+    with LLM(path, **ENGINE, **spec, speculative_model=drafter) as llm:
+        llm.generate(prompt_token_ids=[prompts[280]], sampling_params=greedy)
+    text = seqs[280]
+    w = load_file(os.path.join(drafter, "model.safetensors"))
+    cfg = ModelConfig.from_pretrained(path)
+    model = GraftDFlash(cfg, 2, LAYERS, 4, json.load(open(os.path.join(drafter, "config.json")))
+                        ["dflash_config"]["mask_token_id"], 128)
+    model.load_exported(w)
+    head = base_head(path)
+    [(feats, y)] = dflash_teacher(path, [text], LAYERS, head)
+    x, f = torch.tensor([text]), feats[None].float()
+    assert len(blocks) >= 3
+    for [(P, token)], engine_logits in blocks:
+        assert token == text[P]
+        with torch.no_grad():
+            logits, tgt = block_logits(model, model_embed(path), head[w["draft_vocab"]], x, f, y[None],
+                                       torch.tensor([[P]]))
+        torch.testing.assert_close(logits[0, 0], engine_logits[0], atol=2e-3, rtol=2e-3)
+        want = [int(y[P + k - 1]) if P + k - 1 < len(text) else -1 for k in (1, 2, 3)]
+        assert tgt[0, 0].tolist() == want
+
+
+def model_embed(path: str) -> torch.Tensor:
+    from dist_engine.graft.train import load_base
+
+    return load_base(path)["model.embed_tokens.weight"].float()
