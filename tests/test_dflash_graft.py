@@ -18,7 +18,7 @@ import torch
 from conftest import hf_model, make_tiny
 from dist_engine import LLM, SamplingParams
 from dist_engine.config import EngineArgs
-from dist_engine.graft.data import save_hidden
+from dist_engine.graft.data import load_features, save_hidden
 from dist_engine.graft.dflash_train import dflash_teacher, graft_dflash
 from dist_engine.graft.train import base_head
 
@@ -59,6 +59,10 @@ def test_tapped_layers_match_transformers(data):
         ref = torch.cat([hs[-1][0]] + [hs[i + 1][0] for i in LAYERS], -1)  # hs[i + 1]: layer i's output
         torch.testing.assert_close(o.outputs[0].hidden_states, ref, atol=1e-4, rtol=1e-4)
     head = base_head(path)
+    rows = load_features(str(root / "hidden"), LAYERS)  # what the teacher pass reads back
+    assert len(rows) == len(seqs) and rows[tuple(seqs[0])][1].shape == (len(seqs[0]) - 1, 2 * 72)
+    second = load_features(str(root / "hidden"), [2])[tuple(seqs[0])][1]  # a subset of the saved layers
+    assert torch.equal(second, rows[tuple(seqs[0])][1][:, 72:])
     saved = dflash_teacher(path, seqs[:4], LAYERS, head, str(root / "hidden"))
     fresh = dflash_teacher(path, seqs[:4], LAYERS, head)  # no saved rows: an engine prefill
     for (f1, y1), (f2, y2) in zip(saved, fresh):

@@ -104,10 +104,12 @@ def load_hidden(hidden_dir: str | None) -> dict[tuple[int, ...], torch.Tensor]:
     return out
 
 
-def load_features(hidden_dir: str | None, layers: list[int]) -> dict[tuple[int, ...], torch.Tensor]:
-    """Sequence -> the outputs of decoder ``layers`` ``[L - 1, len(layers) * H]`` (fp16) saved by
-    :func:`generate_answers`, from the files that saved (at least) those layers."""
-    out: dict[tuple[int, ...], torch.Tensor] = {}
+def load_features(hidden_dir: str | None, layers: list[int]
+                  ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+    """Sequence -> (final-norm states ``[L - 1, H]``, the outputs of decoder ``layers``
+    ``[L - 1, len(layers) * H]`` fp16) saved by :func:`generate_answers`, from the files that
+    saved (at least) those layers; each file is read once."""
+    out: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     if not hidden_dir:
         return out
     for path in sorted(glob.glob(os.path.join(hidden_dir, "*.pt"))):
@@ -115,7 +117,7 @@ def load_features(hidden_dir: str | None, layers: list[int]) -> dict[tuple[int, 
         have = part.get("layers") or []
         if not set(layers) <= set(have):
             continue
-        H = part["features"][0].shape[-1] // len(have) if part["features"] else 0
+        H = part["hidden"][0].shape[-1] if part["hidden"] else 0
         cols = torch.cat([torch.arange(have.index(i) * H, (have.index(i) + 1) * H) for i in layers])
-        out.update((tuple(s), f[:, cols]) for s, f in zip(part["seqs"], part["features"]))
+        out.update((tuple(s), (h, f[:, cols])) for s, h, f in zip(part["seqs"], part["hidden"], part["features"]))
     return out

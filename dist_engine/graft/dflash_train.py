@@ -45,13 +45,13 @@ def dflash_teacher(model_path: str, seqs: list[list[int]], layers: list[int], he
     greedy predictions ``[L]``, -1 where none). Rows the engine saved while generating are used
     as they are (they lack the last position, never fed); the rest are prefilled by the engine."""
     from dist_engine import LLM, SamplingParams
-    from dist_engine.graft.data import load_features, load_hidden
+    from dist_engine.graft.data import load_features
 
-    feats, finals = load_features(hidden_dir, layers), load_hidden(hidden_dir)
+    saved = load_features(hidden_dir, layers)
     known = {}
     for s in seqs:
-        f, h = feats.get(tuple(s)), finals.get(tuple(s))
-        if f is not None and h is not None and len(f) == len(h) == len(s) - 1:
+        h, f = saved.get(tuple(s), (None, None))
+        if f is not None and len(f) == len(h) == len(s) - 1:
             y = torch.cat([(h @ head.t()).argmax(-1), torch.tensor([-1])])
             known[tuple(s)] = (torch.cat([f, f.new_zeros(1, f.shape[-1])]), y)
     todo = [s for s in seqs if tuple(s) not in known]
