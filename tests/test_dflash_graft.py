@@ -175,3 +175,19 @@ def model_embed(path: str) -> torch.Tensor:
     from dist_engine.graft.train import load_base
 
     return load_base(path)["model.embed_tokens.weight"].float()
+
+
+def test_time_budget_stops_both_trainers(data, tmp_path):
+    """``--time-budget`` (the equal-time comparison): training stops once its optimiser steps
+    have taken the budget, long before the epochs asked for, and says so in the report."""
+    from dist_engine.graft.train import graft
+
+    path, root, prompts, seqs = data
+    hidden = str(root / "hidden")
+    d = graft_dflash(path, seqs[:270], seqs[270:], str(tmp_path / "dflash"), block_size=4, num_layers=1,
+                     target_layer_ids=LAYERS, epochs=100, time_budget_s=1.0, eval_answers=4, hidden_dir=hidden)
+    m = graft(path, seqs[:270], seqs[270:], str(tmp_path / "mtp"), epochs=100, batch_size=16,
+              draft_vocab_size=320, time_budget_s=1.0, hidden_dir=hidden)
+    for t in (d["training"], m["training"]):
+        assert 1.0 <= t["train_seconds"] < 5.0 and t["time_budget_s"] == 1.0, t
+    assert d["training"]["steps"] < 100 * 17 and "epoch_100" not in d["held_out"] and "epoch_100" not in m["held_out"]
