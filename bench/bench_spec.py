@@ -1,6 +1,10 @@
 """MTP speculative decoding on the default model: plain vs speculative, batch 1 and 16, one run.
 
-    python bench/bench_spec.py [--tokens 128] [--ks 1,2,3] [--graft DIR] [--prompts 2] [--reps 3] [--name spec]
+    python bench/bench_spec.py [--tokens 128] [--ks 1,2,3] [--graft DIR] [--prompts 2] [--reps 3] [--name spec] [--fp32]
+
+Our engines load the model as ``LLM(model)`` serves it (the default model: its shipped GGUF's
+Q4_1 weights kept quantized); ``--fp32`` loads the dequantized fp32 folder instead, which
+transformers always reads.
 
 Batch 1: each held-out graft prompt (never trained on) plus one new prompt, chat template,
 ``--tokens`` new tokens (EOS ignored), greedy and temperature 0.7, without a seed (drafts verified
@@ -167,17 +171,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="held-out prompts (plus one new)")
     ap.add_argument("--reps", type=int, default=3, help="rounds over the prompts")
     ap.add_argument("--name", default="spec", help="results file stem in bench/results/")
+    ap.add_argument("--fp32", action="store_true", help="our engines on the dequantized fp32 folder")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
     from dist_engine.graft.prompts import split_prompts
     from dist_engine.weights.registry import dequantized_folder
 
-    path = dequantized_folder(a.model)
+    path = dequantized_folder(a.model)  # transformers' weights (and ours with --fp32)
+    served = path if a.fp32 else a.model  # the name: LLM resolves it and finds its shipped graft
     tok = AutoTokenizer.from_pretrained(path)
     texts = split_prompts()[1][: a.prompts] + [EXTRA_PROMPT]
     prompts = [chat_ids(tok, p) for p in texts]
-    llms = make_llms(path, [int(k) for k in a.ks.split(",")], a.graft)
+    llms = make_llms(served, [int(k) for k in a.ks.split(",")], a.graft)
     forced = llms.pop("K=3 forced")
     try:
         rows = batch1(llms, prompts, a.tokens, MODES, a.reps, hf=load_transformers(path))
@@ -217,19 +223,21 @@ def main() -> None:
             "speed-up against plain decoding on the same prompt in the same round. T=0.7: requests "
             "without a seed (drafts verified by rejection sampling); T=0.7 seeded: seed = prompt "
             "index (the shared-noise scheme, tokens identical to plain decoding).\n\n"
-            f"transformers batch-1 greedy (same weights, fp32, taking its turn in the greedy rounds): "
+            f"transformers batch-1 greedy (the same weights dequantized to fp32, taking its turn in the greedy rounds): "
             f"{hf['tok_s']:.1f} tok/s, {hf['median_paired_ratio']:.2f}x plain (median paired); "
             f"best speculative greedy ({best}) vs transformers: {rows[best]['T=0.0']['tok_s'] / hf['tok_s']:.2f}x\n\n"
             + "\n".join(b16) + "\n\nSeconds per phase, summed over the batch-1 prompts:\n\n" + "\n".join(phases))
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
-    meta = {"tokens": a.tokens, "prompts": texts, "batch": 1, "cpus": os.cpu_count(),
+    weights = ("fp32 (the dequantized folder)" if a.fp32 else
+               "as served: the shipped GGUF's Q4_1 weights kept quantized, fp32 activations")
+    meta = {"weights": weights, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "tokens": a.tokens, "prompts": texts, "batch": 1, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "transformers": hf}
     with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(os.path.join(RESULTS, f"{a.name}.md"), "w") as f:
-        f.write(f"Default model ({a.model}: served as the engine serves it; the shipped GGUF's Q4_1 weights kept quantized, fp32 activations), {a.tokens} tokens, {len(prompts)} prompts x {a.reps} rounds, "
+        f.write(f"Default model ({a.model}, our weights {weights}; OMP_WAIT_POLICY={meta['omp_wait_policy'] or 'unset'}), {a.tokens} tokens, {len(prompts)} prompts x {a.reps} rounds, "
                 f"{meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}\n\n{text}\n")
 
 
