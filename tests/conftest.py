@@ -304,3 +304,22 @@ def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture
+def dflash_blocks(monkeypatch) -> list:
+    """Every block the DFlash drafter proposes while the test runs: ``([(position, token) of
+    each sequence's plan], draft logits)`` per call."""
+    from dist_engine.worker.spec_dflash import DFlashDecoder
+
+    blocks = []
+    real = DFlashDecoder._propose_blocks
+
+    def recording(self, plans):
+        out = real(self, plans)
+        blocks.append(([(p, tok) for _, p, tok in plans], out.clone()))
+        return out
+
+    monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
+    return blocks
+

@@ -117,21 +117,13 @@ def run(path: str, params, prompts=PROMPTS, **kw):
         return (got if isinstance(params, tuple) else got[0]), llm.engine.spec_stats
 
 
-def test_block_logits_match_reference(pair, monkeypatch):
+def test_block_logits_match_reference(pair, dflash_blocks, monkeypatch):
     """Every block a 12-token greedy request proposes: its draft logits equal the reference
     over the verified context (the drafter's cache written from the hooked layers' outputs)."""
     from transformers import Gemma4ForCausalLM
 
     path, drafter = pair
-    blocks = []
-    real = DFlashDecoder._propose_blocks
-
-    def recording(self, plans):
-        out = real(self, plans)
-        blocks.append(([(p, tok) for _, p, tok in plans], out.clone()))
-        return out
-
-    monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
+    blocks = dflash_blocks
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     [out], _ = run(path, params, prompts=[PROMPT])
     text = PROMPT + list(out)

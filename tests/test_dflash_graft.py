@@ -121,7 +121,7 @@ def test_drafter_for_other_weights_is_refused(data, tmp_path):
         graft_dflash(path, seqs[:20], seqs[290:], drafter, num_layers=9)
 
 
-def test_training_forward_equals_the_engines_proposals(data, tmp_path, monkeypatch):
+def test_training_forward_equals_the_engines_proposals(data, tmp_path, dflash_blocks):
     """The trainer's block forward (``block_logits``) over a verified prefix equals the draft
     logits the engine computes for that block (context written from the taps, positions, the
     draft head), and slot k's target is the base's prediction after ``x[:a + k]``."""
@@ -130,7 +130,6 @@ def test_training_forward_equals_the_engines_proposals(data, tmp_path, monkeypat
     from dist_engine.config import ModelConfig
     from dist_engine.graft.dflash_model import GraftDFlash
     from dist_engine.graft.dflash_train import block_logits
-    from dist_engine.worker.spec_dflash import DFlashDecoder
 
     path, root, prompts, seqs = data
     lens = [len(p) for p in prompts]
@@ -138,15 +137,7 @@ def test_training_forward_equals_the_engines_proposals(data, tmp_path, monkeypat
     graft_dflash(path, seqs[:270], seqs[270:], drafter, prompt_lens=lens, block_size=4, num_layers=2,
                  target_layer_ids=LAYERS, epochs=1, lr=3e-3, batch_size=16, anchors=16, dtype="float32",
                  draft_vocab_size=200, hidden_dir=str(root / "hidden"))
-    blocks = []
-    real = DFlashDecoder._propose_blocks
-
-    def recording(self, plans):
-        out = real(self, plans)
-        blocks.append(([(p, tok) for _, p, tok in plans], out.clone()))
-        return out
-
-    monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
+    blocks = dflash_blocks
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     spec = {**SPEC, "speculative_config": {**SPEC["speculative_config"], "draft_dtype": "float32"}}
     with LLM(path, **ENGINE, **spec, speculative_model=drafter) as llm:
