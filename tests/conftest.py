@@ -323,3 +323,21 @@ def dflash_blocks(monkeypatch) -> list:
     monkeypatch.setattr(DFlashDecoder, "_propose_blocks", recording)
     return blocks
 
+
+@pytest.fixture
+def oracle_drafts(monkeypatch):
+    """``install(decoder_class, text)``: the drafter still computes its drafts, but they are
+    replaced by ``text`` (the plain continuation) except at every third position, so that a
+    random drafter's drafts are both accepted and rejected."""
+
+    def install(decoder_class, text: list[int]) -> None:
+        real = decoder_class.draft_tokens
+
+        def oracle(self, logits, ids, seqs, specs, positions):
+            real(self, logits, ids, seqs, specs, positions)
+            return [text[p] if p < len(text) and p % 3 else 0 for p in positions]
+
+        monkeypatch.setattr(decoder_class, "draft_tokens", oracle)
+
+    return install
+

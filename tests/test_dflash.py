@@ -117,7 +117,7 @@ def run(path: str, params, prompts=PROMPTS, **kw):
         return (got if isinstance(params, tuple) else got[0]), llm.engine.spec_stats
 
 
-def test_block_logits_match_reference(pair, dflash_blocks, monkeypatch):
+def test_block_logits_match_reference(pair, dflash_blocks, oracle_drafts):
     """Every block a 12-token greedy request proposes: its draft logits equal the reference
     over the verified context (the drafter's cache written from the hooked layers' outputs)."""
     from transformers import Gemma4ForCausalLM
@@ -127,15 +127,8 @@ def test_block_logits_match_reference(pair, dflash_blocks, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     [out], _ = run(path, params, prompts=[PROMPT])
     text = PROMPT + list(out)
-    # a random drafter is never right: its drafts are replaced by the plain continuation except
-    # at every third position, so that drafts are accepted (their context then written) and rejected
-    real_draw = DFlashDecoder.draft_tokens
-
-    def oracle(self, logits, ids, seqs, specs, positions):
-        real_draw(self, logits, ids, seqs, specs, positions)
-        return [text[p] if p < len(text) and p % 3 else 0 for p in positions]
-
-    monkeypatch.setattr(DFlashDecoder, "draft_tokens", oracle)
+    # drafts accepted (their context then written) and rejected
+    oracle_drafts(DFlashDecoder, text)
     [got], stats = run(path, params, prompts=[PROMPT], speculative="dflash", speculative_model=drafter,
                        num_speculative_tokens=3, min_draft_acceptance=0.0)
     assert list(got) == list(out) and 0 < stats.num_accepted_tokens < stats.num_draft_tokens

@@ -46,7 +46,7 @@ def run(path: str, params, prompts=PROMPTS, **kw):
 
 
 @pytest.mark.parametrize("target", ["dense", "e"])
-def test_drafter_forward_matches_transformers(pair, target, monkeypatch):
+def test_drafter_forward_matches_transformers(pair, target, monkeypatch, oracle_drafts):
     """The drafts proposed right after the prompt: each round's input hidden state, logits and
     projected output equal transformers' assistant reading the K/V transformers' target stores
     for the assistant (the E model's are its last non-shared layers' of each type); the
@@ -77,15 +77,8 @@ def test_drafter_forward_matches_transformers(pair, target, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     [out], _ = run(path, params, prompts=[PROMPT])
     text = PROMPT + list(out)
-    # a random drafter is never right: its drafts are replaced by the plain continuation except
-    # at every third position, so that verification accepts some (the drafter then reads their K/V)
-    real_draw = AssistantDecoder.draft_tokens
-
-    def oracle(self, logits, ids, seqs, specs, positions):
-        real_draw(self, logits, ids, seqs, specs, positions)
-        return [text[p] if p < len(text) and p % 3 else 0 for p in positions]
-
-    monkeypatch.setattr(AssistantDecoder, "draft_tokens", oracle)
+    # verification accepts some drafts (the drafter then reads their K/V) and rejects others
+    oracle_drafts(AssistantDecoder, text)
     [got], stats = run(path, params, prompts=[PROMPT], speculative="gemma4_assistant",
                        speculative_model=drafter, num_speculative_tokens=3, min_draft_acceptance=0.0)
     assert list(got) == list(out) and 0 < stats.num_accepted_tokens < stats.num_draft_tokens

@@ -25,6 +25,7 @@ from dist_engine.layers.kv_cache import LayerKV
 from dist_engine.layers.linear import ColumnParallelLinear, RowParallelLinear, merged_column
 from dist_engine.layers.norm import RMSNorm
 from dist_engine.layers.rotary import RotaryEmbedding
+from dist_engine.models.llama import LlamaForCausalLM
 
 
 class DFlashAttention(nn.Module):
@@ -102,8 +103,7 @@ class DFlashDecoderLayer(nn.Module):
 
 
 class DFlashDraftModel(nn.Module):
-    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    packed_modules = LlamaForCausalLM.packed_modules  # the same fused q/k/v and gate/up
 
     def __init__(self, cfg: DFlashConfig, target_hidden: int, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()

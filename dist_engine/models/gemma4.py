@@ -43,6 +43,7 @@ from dist_engine.models.gemma4_parts import (
     replicated,
     unit_rms_norm,
 )
+from dist_engine.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
@@ -232,13 +233,7 @@ class Gemma4ForCausalLM(nn.Module):
     """Also serves ``Gemma4ForConditionalGeneration`` checkpoints: their text weights live under
     ``model.language_model.*``; the vision / audio towers and their embedders are not loaded."""
 
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules = LlamaForCausalLM.packed_modules  # the same fused q/k/v and gate/up
     ignored_suffixes: tuple[str, ...] = ()
     TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
