@@ -27,6 +27,14 @@ def chi_square_p(counts: list[int], probs: list[float]) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+def pooled_chi_square_p(counts, probs) -> float:
+    """``chi_square_p`` of token ``counts`` [V] (a tensor) against ``probs`` [V], with the cells
+    expected fewer than 5 times pooled into one."""
+    big = probs * int(counts.sum()) >= 5
+    return chi_square_p(counts[big].tolist() + [int(counts[~big].sum())],
+                        probs[big].tolist() + [float(probs[~big].sum())])
+
+
 def test_greedy_is_argmax_and_seeded_draws_repeat():
     assert draws(SamplingSpec(temperature=0.0), 5) == [0] * 5
     spec = SamplingSpec(temperature=1.0, seed=7)
