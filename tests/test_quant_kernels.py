@@ -50,21 +50,24 @@ def reference(gq: GroupQuant, x: torch.Tensor, bias: torch.Tensor | None = None)
     return F.linear(x.double(), w.view(gq.shape), None if bias is None else bias.double())
 
 
+@pytest.mark.parametrize("float_codes", [False, True], ids=["default", "float-codes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'off' if c[2] else 'sym'}-g{c[3]}")
-def test_product_matches_dequantized_reference_and_ignores_the_batch(case, dtype):
+def test_product_matches_dequantized_reference_and_ignores_the_batch(case, dtype, float_codes):
+    """The default path (on VNNI CPUs: digits for u4 / s8, tests/test_quant_digits.py) and
+    codes as floats, which the others and FP8 take."""
     gq = make(*case)
     qw = gq.pack()
     x = torch.randn(64, gq.shape[1]).to(dtype)
     bias = torch.randn(gq.shape[0]).to(dtype)
-    y = qlinear.linear(x, qw, bias)
+    y = qlinear.linear(x, qw, bias, float_codes=float_codes)
     ref = reference(gq, x.float(), bias.float())
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output is rounded to bf16
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
-    alone = torch.cat([qlinear.linear(x[i:i + 1], qw, bias) for i in range(64)])
+    alone = torch.cat([qlinear.linear(x[i:i + 1], qw, bias, float_codes=float_codes) for i in range(64)])
     assert torch.equal(alone, y)  # every row's result is the same alone or in a batch
-    for m in (2, 3, 5, 17):  # the tile shapes of the kernel
-        assert torch.equal(qlinear.linear(x[:m], qw, bias), y[:m])
+    for m in (2, 3, 4, 5, 17):  # the tile shapes of the kernels
+        assert torch.equal(qlinear.linear(x[:m], qw, bias, float_codes=float_codes), y[:m])
 
 
 @pytest.mark.skipif(not qlinear.has_int8_activations(), reason="no AVX-512 VNNI on this CPU")

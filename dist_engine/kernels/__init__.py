@@ -3,9 +3,9 @@
 PyTorch's eager operators cover everything the engine does, but some steps cost far more than
 their arithmetic on a CPU: decode attention over a paged cache gathers every sequence's keys
 into a padded batch and builds a mask before the fused kernel runs. The few kernels here do such
-steps directly. Each is a plain C file next to this module, compiled once per machine with the
-system C compiler (``cc -O3 -march=native -fopenmp``) into ``$DIST_ENGINE_CACHE/kernels`` and
-keyed by its source, flags and CPU, so editing a kernel or moving the cache to another CPU
+steps directly. Each is a plain C file next to this module (or a few: ``EXTRA_SOURCES``),
+compiled once per machine with the system C compiler (``cc -O3 -march=native -fopenmp``) into
+``$DIST_ENGINE_CACHE/kernels`` and keyed by its sources, flags and CPU, so editing a kernel or moving the cache to another CPU
 rebuilds it. Each call passes ``torch.get_num_threads()``, so a kernel uses as many threads as
 the rank's PyTorch operators (shared runtime when torch's libgomp is the system's soname).
 
@@ -35,6 +35,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu11", "-
 # glibc's vector math (libmvec) where a kernel vectorises log / exp; other kernels only -lm
 LIBS = {name: ("-lmvec", "-lm") for name in ("sampling", "paged_attention", "fused")}
 EXTRA_FLAGS = {"fused": ("-ffp-contract=off",)}  # round a*b - c*d as PyTorch does (no FMA)
+EXTRA_SOURCES = {"qlinear": ("qlinear_int.c",)}  # libraries built from more than one file
 
 
 def enabled() -> bool:
@@ -80,12 +81,13 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 def _build(name: str, cc: str) -> Path:
-    src = Path(__file__).with_name(f"{name}.c")
+    here = Path(__file__).parent
+    srcs = [here / f"{name}.c", *(here / s for s in EXTRA_SOURCES.get(name, ()))]
     libs = LIBS.get(name, ("-lm",))
     flags = (*FLAGS, *EXTRA_FLAGS.get(name, ()))
-    headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))  # shared helpers
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join((cc, *flags, *libs)).encode()
-                         + _cpu_signature())
+    code = b"".join(s.read_bytes() for s in srcs)
+    headers = b"".join(h.read_bytes() for h in sorted(here.glob("*.h")))  # shared helpers
+    key = hashlib.sha256(code + headers + " ".join((cc, *flags, *libs)).encode() + _cpu_signature())
     out_dir = _kernel_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -96,7 +98,7 @@ def _build(name: str, cc: str) -> Path:
         if not lib.exists():
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             try:
-                subprocess.run([cc, *flags, str(src), "-o", str(tmp), *libs],
+                subprocess.run([cc, *flags, *map(str, srcs), "-o", str(tmp), *libs],
                                capture_output=True, text=True, check=True)
                 os.replace(tmp, lib)
             finally:

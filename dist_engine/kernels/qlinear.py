@@ -157,7 +157,8 @@ def _lib():
     lib = load("qlinear")
     if lib is None:
         return None
-    for name in ("qlinear_f32", "qlinear_bf16", "qlinear_f32_i8", "qlinear_bf16_i8"):
+    for name in ("qlinear_f32", "qlinear_bf16", "qlinear_f32_float", "qlinear_bf16_float",
+                 "qlinear_f32_i8", "qlinear_bf16_i8"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = list(_ARGS), ctypes.c_int
     lib.qdequant_rows.argtypes = [ctypes.POINTER(_QW), _P, _I64, _P]
@@ -171,7 +172,8 @@ def available() -> bool:
 
 
 def has_int8_activations() -> bool:
-    """Whether this machine's build has the int8-activation (VNNI) products."""
+    """Whether this machine's build has the integer-activation (VNNI) products: int8
+    activations, and the digit path of float activations."""
     lib = _lib()
     return lib is not None and bool(lib.qlinear_has_i8())
 
@@ -183,9 +185,17 @@ def int8_activations_apply(qw: QWeight) -> bool:
             and (qw.group == 16 or qw.group % ACT_BLOCK == 0))
 
 
+def digits_apply(qw: QWeight) -> bool:
+    """Whether float-activation products of this weight run as three base-256 digits of each
+    activation against the codes (VNNI; fp32-class, see qlinear.c) rather than codes as floats."""
+    return has_int8_activations() and int8_activations_apply(qw)
+
+
 def linear(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None = None,
-           int8_activations: bool = False) -> torch.Tensor:
-    """``x Wᵀ + b`` for CPU ``x`` ``[T, in]`` fp32 / bf16: ``[T, out]`` in x's dtype."""
+           int8_activations: bool = False, float_codes: bool = False) -> torch.Tensor:
+    """``x Wᵀ + b`` for CPU ``x`` ``[T, in]`` fp32 / bf16: ``[T, out]`` in x's dtype.
+    ``int8_activations``: activations rounded to int8 (W8A8); ``float_codes``: float activations
+    through codes turned into floats even where the digit path applies (tests, benchmarks)."""
     lib = _lib()
     dtype = x.dtype
     if x.dim() != 2 or x.shape[1] != qw.in_features or dtype not in (torch.float32, torch.bfloat16):
@@ -200,7 +210,8 @@ def linear(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None = None,
     rows = x.shape[0]
     y = torch.empty(rows, qw.out_features, dtype=dtype)
     if rows:
-        name = "qlinear_" + ("f32" if dtype == torch.float32 else "bf16") + ("_i8" if int8_activations else "")
+        suffix = "_i8" if int8_activations else "_float" if float_codes else ""
+        name = "qlinear_" + ("f32" if dtype == torch.float32 else "bf16") + suffix
         failed = getattr(lib, name)(x.data_ptr(), x.stride(0), ctypes.byref(qw.struct),
                                     None if bias is None else bias.data_ptr(), y.data_ptr(), rows,
                                     torch.get_num_threads())
