@@ -47,15 +47,49 @@ static void quantize_rows(const float *x, int64_t xs, int64_t rows, int64_t K, i
         }
 }
 
-/* Digits: per 32-block the exponent t with max|x| / 2^t <= DIGITS_MAX (and over half of it,
- * so the digits keep 22-23 bits of the block's largest input), v = x / 2^t rounded to the
- * nearest integer (exact: a power of two, in double), split into balanced digits. A power of
- * two keeps the represented input, 2^t v, exact in fp32, and scaling a row by 2^k scales its
- * digits' t alone. Block scales are stored relative to the row's largest (2^(t - top) <= 1)
- * and 2^top multiplies the result once: products of tiny or huge rows neither underflow nor
- * overflow before the result itself would. */
+/* Digits: per 32-block the exponent t with max|x| / 2^t <= DIGITS_MAX and above half of it
+ * (the digits keep 22-23 bits of the block's largest input; 2^t >= 2^-149, where subnormal
+ * inputs are whole multiples), v = x / 2^t rounded to the nearest integer, ties to even (exact:
+ * a power of two), split into balanced digits. A power of two keeps the represented input,
+ * 2^t v, exact in fp32, and scaling a row by 2^k moves its t alone. Block scales are stored
+ * relative to the row's largest (2^(t - top) <= 1) and 2^top multiplies the result once:
+ * products of tiny or huge rows neither underflow nor overflow before the result would. */
+static inline int block_exponent(float amax) {
+    uint32_t bits;
+    memcpy(&bits, &amax, 4);
+    const uint32_t E = bits >> 23, mant = bits & 0x7fffff;
+    if (E == 0) return -149 + (mant > DIGITS_MAX); /* subnormal: max|x| 2^149 = mant */
+    return (int)E - 149 + (((1u << 23) | mant) > 2 * DIGITS_MAX); /* max|x| 2^-t = significand / 2 */
+}
+
+/* 2^e as a float (e <= 0; 0 below the smallest subnormal). */
+static inline float pow2f(int e) {
+    if (e < -126) return ldexpf(1.0f, e);
+    const uint32_t bits = (uint32_t)(127 + e) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Sixteen inputs times 2^-t (exact) rounded to integers, as three planes of bytes. */
+static inline __attribute__((always_inline)) void digits16(__m512 x, int t, int8_t *q0, int8_t *q1,
+                                                          int8_t *q2, __m512i d[3]) {
+    if (t < -127) x = _mm512_mul_ps(x, _mm512_set1_ps(0x1p64f)); /* 2^-t beyond fp32: two steps */
+    const int shift = t < -127 ? -t - 64 : -t;
+    const __m512 p2 = _mm512_castsi512_ps(_mm512_set1_epi32((127 + shift) << 23));
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x, p2)); /* the current rounding: even */
+    d[2] = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);
+    const __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(v, d[2]), 8);
+    d[1] = _mm512_srai_epi32(_mm512_slli_epi32(r, 24), 24);
+    d[0] = _mm512_srai_epi32(_mm512_sub_epi32(r, d[1]), 8);
+    _mm_storeu_si128((__m128i *)q0, _mm512_cvtepi32_epi8(d[0]));
+    _mm_storeu_si128((__m128i *)q1, _mm512_cvtepi32_epi8(d[1]));
+    _mm_storeu_si128((__m128i *)q2, _mm512_cvtepi32_epi8(d[2]));
+}
+
 static void digitize_rows(const float *x, int64_t xs, int64_t rows, int64_t K, int64_t unit, qact *a) {
     const int64_t blocks = K / ACT_BLOCK, units = K / unit;
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     int t[blocks];
     for (int64_t m = 0; m < rows; m++) {
         const float *xm = x + m * xs;
@@ -63,48 +97,37 @@ static void digitize_rows(const float *x, int64_t xs, int64_t rows, int64_t K, i
         int32_t *sums = a->qsum + 3 * m * units;
         int finite = 1, top = INT_MIN;
         for (int64_t b = 0; b < blocks; b++) {
-            float amax = 0.0f;
-            for (int i = 0; i < ACT_BLOCK; i++) {
-                const float v = fabsf(xm[b * ACT_BLOCK + i]);
-                amax = v > amax ? v : amax;
-                finite &= v <= FLT_MAX; /* false for inf and NaN */
-            }
-            int e;
-            frexpf(amax, &e); /* amax = f 2^e, f in [0.5, 1) */
-            t[b] = amax > 0.0f ? e - 23 + (ldexpf(amax, 23 - e) > DIGITS_MAX) : INT_MIN;
-            if (t[b] != INT_MIN && t[b] < -149) t[b] = -149; /* subnormal x: v = x 2^149 exactly */
+            const __m512 lo = _mm512_and_ps(_mm512_loadu_ps(xm + b * ACT_BLOCK), abs_mask);
+            const __m512 hi = _mm512_and_ps(_mm512_loadu_ps(xm + b * ACT_BLOCK + 16), abs_mask);
+            const __m512 big = _mm512_set1_ps(FLT_MAX);
+            finite &= (_mm512_cmp_ps_mask(lo, big, _CMP_LE_OQ) & _mm512_cmp_ps_mask(hi, big, _CMP_LE_OQ)) == 0xffff;
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
+            t[b] = amax > 0.0f ? block_exponent(amax) : INT_MIN;
             top = t[b] > top ? t[b] : top;
         }
-        if (!finite || top == INT_MIN) { /* NaN results, or a zero row */
+        if (!finite || top == INT_MIN) { /* NaN results (inf or NaN in the row), or a zero row */
             memset(q0, 0, (size_t)(3 * K));
             memset(sums, 0, sizeof(int32_t) * (size_t)(3 * units));
             memset(a->scale + m * blocks, 0, sizeof(float) * (size_t)blocks);
             a->rowscale[m] = finite ? 1.0f : NAN;
             continue;
         }
-        a->rowscale[m] = ldexpf(1.0f, top);
+        a->rowscale[m] = ldexpf(1.0f, top); /* top >= -149: a float */
         for (int64_t b = 0; b < blocks; b++) {
-            const int zero = t[b] == INT_MIN;
-            const double inv = zero ? 0.0 : ldexp(1.0, -t[b]);
-            a->scale[m * blocks + b] = zero ? 0.0f : ldexpf(1.0f, t[b] - top);
-            for (int64_t k = b * ACT_BLOCK; k < (b + 1) * ACT_BLOCK; k++) {
-                const int32_t v = (int32_t)rint((double)xm[k] * inv);
-                const int32_t d2 = (int8_t)v, r = (v - d2) >> 8, d1 = (int8_t)r;
-                q0[k] = (int8_t)((r - d1) >> 8);
-                q1[k] = (int8_t)d1;
-                q2[k] = (int8_t)d2;
+            const int64_t k = b * ACT_BLOCK, u = k / unit;
+            const int tb = t[b] == INT_MIN ? 0 : t[b]; /* a zero block: any t gives zero digits */
+            __m512i lo[3], hi[3];
+            a->scale[m * blocks + b] = t[b] == INT_MIN ? 0.0f : pow2f(t[b] - top);
+            digits16(_mm512_loadu_ps(xm + k), tb, q0 + k, q1 + k, q2 + k, lo);
+            digits16(_mm512_loadu_ps(xm + k + 16), tb, q0 + k + 16, q1 + k + 16, q2 + k + 16, hi);
+            for (int d = 0; d < 3; d++) {
+                if (unit == ACT_BLOCK) {
+                    sums[d * units + u] = _mm512_reduce_add_epi32(_mm512_add_epi32(lo[d], hi[d]));
+                } else { /* groups of 16 */
+                    sums[d * units + u] = _mm512_reduce_add_epi32(lo[d]);
+                    sums[d * units + u + 1] = _mm512_reduce_add_epi32(hi[d]);
+                }
             }
-        }
-        for (int64_t u = 0; u < units; u++) {
-            int32_t s0 = 0, s1 = 0, s2 = 0;
-            for (int64_t k = u * unit; k < (u + 1) * unit; k++) {
-                s0 += q0[k];
-                s1 += q1[k];
-                s2 += q2[k];
-            }
-            sums[u] = s0;
-            sums[units + u] = s1;
-            sums[2 * units + u] = s2;
         }
     }
 }
@@ -267,40 +290,50 @@ static inline __attribute__((always_inline)) void itile(int kind, int has_lut, i
             for (int p = 0; p < NP; p++) out[m][p] *= a->rowscale[m];
 }
 
-#define ITILE(MR, NP)                                                                         \
-    {                                                                                         \
-        const qact am = {a->q + m0 * ND * K, a->scale + m0 * (K / ACT_BLOCK),                 \
-                         a->qsum + m0 * ND * (K / unit), a->rowscale + m0};                   \
-        itile(kind, has_lut, ND, MR, NP, w, &am, K, xsum + m0 * groups, pp, out);             \
-        STORE_TILE(MR, NP)                                                                    \
-    }
-
-static inline __attribute__((always_inline)) void int_rows(int kind, int has_lut, int ND, int y16,
-        const qweight *w, const qact *a, const float *xsum, int64_t rows, int64_t pa, int64_t pb,
+/* The panels [pa, pb) for rows m0 .. m0 + MR of the block: tiles of NP panels, then single
+ * panels for what is left. */
+static inline __attribute__((always_inline)) void panel_walk(int kind, int has_lut, int ND, int MR, int NP,
+        int y16, const qweight *w, const qact *a, const float *xsum, int64_t m0, int64_t pa, int64_t pb,
         const void *bias, void *y) {
     const int64_t N = w->n, K = w->k, groups = K / w->group;
     const int64_t unit = w->group < ACT_BLOCK ? w->group : ACT_BLOCK;
+    const qact am = {a->q + m0 * ND * K, a->scale + m0 * (K / ACT_BLOCK), a->qsum + m0 * ND * (K / unit),
+                     a->rowscale + m0};
     v16f out[4][4];
-    if (ND == 1) WALK_TILES(rows, pa, pb, 4, 4, 2, 2, ITILE)
-    else if (kind == U4) WALK_TILES(rows, pa, pb, 4, 1, 1, 1, ITILE)
-    else WALK_TILES(rows, pa, pb, 4, 2, 1, 1, ITILE)
+    int64_t pp = pa;
+    for (; pp + NP <= pb; pp += NP) {
+        itile(kind, has_lut, ND, MR, NP, w, &am, K, xsum + m0 * groups, pp, out);
+        STORE_TILE(MR, NP)
+    }
+    for (; pp < pb; pp++) {
+        itile(kind, has_lut, ND, MR, 1, w, &am, K, xsum + m0 * groups, pp, out);
+        STORE_TILE(MR, 1)
+    }
 }
 
-/* One function per code kind and activation form: one function holding them all came out of
- * the compiler up to 1.7x slower for some of them. */
-typedef void (*rows_fn)(int, const qweight *, const qact *, const float *, int64_t, int64_t, int64_t,
+/* One compiled function per code form, activation form and tile height: compiled together in
+ * one function the tiles' code came out up to 1.3x slower, differently with every change. */
+typedef void (*walk_fn)(int, const qweight *, const qact *, const float *, int64_t, int64_t, int64_t,
                         const void *, void *);
-#define ROWS_FN(NAME, KIND, LUT, ND)                                                          \
+#define WALK_FN(NAME, KIND, LUT, ND, MR, NP)                                                  \
     static __attribute__((noinline)) void NAME(int y16, const qweight *w, const qact *a,      \
-            const float *xsum, int64_t rows, int64_t pa, int64_t pb, const void *bias, void *y) { \
-        int_rows(KIND, LUT, ND, y16, w, a, xsum, rows, pa, pb, bias, y);                      \
+            const float *xsum, int64_t m0, int64_t pa, int64_t pb, const void *bias, void *y) { \
+        panel_walk(KIND, LUT, ND, MR, NP, y16, w, a, xsum, m0, pa, pb, bias, y);              \
     }
-ROWS_FN(rows_u4_i8, U4, 0, 1)
-ROWS_FN(rows_lut_i8, U4, 1, 1)
-ROWS_FN(rows_s8_i8, S8, 0, 1)
-ROWS_FN(rows_u4_d, U4, 0, 3)
-ROWS_FN(rows_lut_d, U4, 1, 3)
-ROWS_FN(rows_s8_d, S8, 0, 3)
+/* NAME[r - 1]: the tiles of r rows; NPr panels a tile (a tile's MR x NP x ND accumulators and
+ * its codes must fit the 32 vector registers: measured on the default model's shapes). */
+#define WALKS(NAME, KIND, LUT, ND, NP1, NP2, NP3, NP4)                                        \
+    WALK_FN(NAME##_1, KIND, LUT, ND, 1, NP1)                                                  \
+    WALK_FN(NAME##_2, KIND, LUT, ND, 2, NP2)                                                  \
+    WALK_FN(NAME##_3, KIND, LUT, ND, 3, NP3)                                                  \
+    WALK_FN(NAME##_4, KIND, LUT, ND, 4, NP4)                                                  \
+    static const walk_fn NAME[4] = {NAME##_1, NAME##_2, NAME##_3, NAME##_4};
+WALKS(walk_u4_i8, U4, 0, 1, 4, 4, 2, 2)
+WALKS(walk_lut_i8, U4, 1, 1, 4, 4, 2, 2)
+WALKS(walk_s8_i8, S8, 0, 1, 4, 4, 2, 2)
+WALKS(walk_u4_d, U4, 0, 3, 4, 1, 1, 1)
+WALKS(walk_lut_d, U4, 1, 3, 4, 1, 1, 1)
+WALKS(walk_s8_d, S8, 0, 3, 4, 2, 1, 1)
 
 int int_product(const qweight *w, const void *x, int64_t x_row, const void *bias, void *y,
                 int64_t M, int y16, int digits, int64_t threads) {
@@ -332,9 +365,12 @@ int int_product(const qweight *w, const void *x, int64_t x_row, const void *bias
         {
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
             const int64_t pa = n_panels * t / T, pb = n_panels * (t + 1) / T;
-            const rows_fn fn = digits ? (w->kind == S8 ? rows_s8_d : has_lut ? rows_lut_d : rows_u4_d)
-                                      : (w->kind == S8 ? rows_s8_i8 : has_lut ? rows_lut_i8 : rows_u4_i8);
-            fn(y16, w, &a, xsum, rows, pa, pb, bias, yb);
+            const walk_fn *walk = digits ? (w->kind == S8 ? walk_s8_d : has_lut ? walk_lut_d : walk_u4_d)
+                                         : (w->kind == S8 ? walk_s8_i8 : has_lut ? walk_lut_i8 : walk_u4_i8);
+            for (int64_t m0 = 0, mr; m0 < rows; m0 += mr) {
+                mr = rows - m0 < 4 ? rows - m0 : 4;
+                walk[mr - 1](y16, w, &a, xsum, m0, pa, pb, bias, yb);
+            }
         }
     }
     free(xsum);
