@@ -69,3 +69,26 @@ def test_shipped_mtp_graft_speculates_losslessly():
     spec_out, stats = run({"method": "mtp", "num_speculative_tokens": 3, "min_draft_acceptance": 0.0})
     assert spec_out == plain
     assert stats.mean_accepted_length >= MIN_MEAN_ACCEPTED_LENGTH, stats.as_dict()
+
+
+def test_prefix_cache_hits_keep_greedy_output_and_logprobs():
+    """A prompt served again hits the prefix cache: its prefill runs on cached K/V, whose
+    attention differs from the first run's in the last bits. The quantized products (digits of
+    the activations on VNNI CPUs, codes as floats elsewhere) carry such differences through at
+    their size, so the tokens stay the same and their logprobs within ~1e-5. (With
+    --int8-activations, activation rounding turns them into code flips: the same prompts part
+    after 13 and 16 tokens, logprobs 0.06-0.09 apart before that.)"""
+    prompts = ["Write a short story about a robot who learns to paint, with a twist at the end.",
+               "Explain how a hash map works, with an example in Python and a note on collisions."]
+    sp = SamplingParams(temperature=0, max_tokens=48, logprobs=1)
+    with LLM(DEFAULT_MODEL, max_model_len=512, num_kv_blocks=64, speculative="none",
+             enable_prefix_caching=True) as llm:
+        ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        first = llm.generate(prompt_token_ids=ids, sampling_params=sp)
+        second = llm.generate(prompt_token_ids=ids, sampling_params=sp)
+        assert llm.engine.stats()["prefix_cache_hit_tokens"] >= 32  # the second run hit the cache
+    for a, b in zip(first, second):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        diff = max(abs(la[t] - lb[t]) for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs,
+                                                          a.outputs[0].token_ids))
+        assert diff < 1e-4

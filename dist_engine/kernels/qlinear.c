@@ -12,14 +12,31 @@
  * input t (U4: input t in the low nibble, input t + 4 in the high one). Read as sixteen 32-bit
  * lanes, lane j is row j: one load feeds sixteen outputs.
  *
- * Two ways to compute (both give every output the same arithmetic whatever the batch):
- *  - float activations (fp32, or bf16 widened): codes become floats, one fp32 sum per group
- *    in input order, then y += scale * sum (+ offset * sum of the group's inputs);
- *  - int8 activations (AVX-512 VNNI, qlinear_*_i8): each row of x is quantized per block of
- *    32 inputs to int8 with one fp32 scale (as llama.cpp does), an exact integer dot product
- *    per block of codes (vpdpbusd: 64 multiply-adds per instruction), then
- *    y += (scale * x_scale) * sum (+ offset * sum of the group's quantized inputs). About five
- *    times fewer instructions than the float path, which makes 4-bit decode memory-bound.
+ * Three ways to compute; each gives every output the same arithmetic whatever the batch (a
+ * row's result never depends on the rows beside it):
+ *  - codes as floats (fp32 activations, or bf16 widened): one fp32 FMA per code and row, one
+ *    sum per group in input order, then y += scale * sum (+ offset * sum of the group's
+ *    inputs). Per 16 multiply-adds a row of one panel takes a shift or two and a conversion
+ *    besides the FMA: at batch 1 this path is bound by those instructions, not by memory.
+ *    FP8 codes, and U4 / S8 codes on CPUs without AVX-512 VNNI, always take it.
+ *  - digits (the default for U4 / S8 codes on VNNI CPUs; qlinear_int.c): per block of 32
+ *    inputs of a row, x = 2^t (65536 d0 + 256 d1 + d2) + e with 2^t a power of two chosen so
+ *    the block's largest |x| / 2^t lies in (DIGITS_MAX / 2, DIGITS_MAX] (DIGITS_MAX =
+ *    127 * 65793, the largest three balanced bytes hold), the d_i signed bytes, |e| <= 2^(t-1):
+ *    each input kept to 22-23 bits of its block's largest, fp32-class. Each byte plane meets
+ *    the codes in an exact integer dot product (vpdpbusd, 64 multiply-adds an instruction,
+ *    three per 64 codes and row), then per block f = 65536 acc0 + (256 acc1 + acc2) in fp32
+ *    (two roundings) and y += (scale * 2^t) * f (+ offset * sum of the group's represented
+ *    inputs). The result is the represented row's exact product to fp32 rounding, and a small
+ *    change of x moves it by about as much (no rounding steps that an ulp can cross, unlike
+ *    int8 activations): the engine's greedy output stays the same with and without
+ *    speculation and prefix caching, whose attention differs in the last bits.
+ *  - int8 activations (--int8-activations, VNNI; qlinear_*_i8): each row of x quantized per
+ *    block of 32 inputs to int8 with one fp32 scale (as llama.cpp does), one vpdpbusd per 64
+ *    codes and row, then y += (scale * x_scale) * sum (+ offset * sum of the group's quantized
+ *    inputs). Fastest, but activation rounding costs perplexity and token identity.
+ * S8 and table codes enter vpdpbusd as unsigned bytes, code + 128; the accumulators start at
+ * -128 x the activation bytes' sum to undo it.
  * x [M, K] with row stride x_row; bias [N] or NULL (the output's dtype); y [M, N] contiguous.
  */
 #include "qlinear.h"

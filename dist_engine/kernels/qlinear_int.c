@@ -1,11 +1,12 @@
 /* Quantized products with integer activations (AVX-512 VNNI), built into the qlinear library
- * with qlinear.c (whose header comment gives the layout and the arithmetic of both paths).
+ * with qlinear.c (whose header comment gives the layout and the arithmetic of each path).
  *
  * Each row of x is turned, per block of 32 inputs, into ND signed bytes per input:
  *  - int8 activations (ND = 1): one code, scale max|x| / 127 (llama.cpp's Q8 rounding);
- *  - digits (ND = 3): x = 2^t (65536 d0 + 256 d1 + d2) + (less than 2^(t-1)), d_i in -128..127.
+ *  - digits (ND = 3): x = 2^t (65536 d0 + 256 d1 + d2) + (at most 2^(t-1)), d_i in -128..127.
  * The weight codes meet each byte plane in exact integer dot products (vpdpbusd: 64 multiply-
- * adds an instruction); a 32-block's planes are then combined in fp32 and scaled.
+ * adds an instruction); a 32-block's planes are then combined in fp32 and scaled. A row holding
+ * inf or NaN gives NaN outputs with digits (the float path's give inf or NaN), and only that row.
  */
 #include <float.h>
 #include <limits.h>
