@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from dist_engine.config import EngineConfig
+from dist_engine.kernels.decoder import attach_block
 from dist_engine.layers.linear import pack_weights
 from dist_engine.models.mtp import MTPModel
 from dist_engine.weights.loader import iter_checkpoint, load_weights
@@ -48,6 +49,7 @@ class MTPDecoder(SpeculativeDecoder):
         # On CPU the MTP layer's products read 16-bit panels (the kernel's fp32-activation path):
         # activations, norms, attention and its cache keep the model's dtype.
         pack_weights(self.mtp, self.draft_dtype)
+        attach_block(self.mtp.layer)  # CPU: a plain Llama block drafts in one C call
         vocab_ids = None
         if spec.model is not None:
             for name, lazy in iter_checkpoint(spec.model):
