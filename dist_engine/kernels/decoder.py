@@ -59,7 +59,7 @@ def _addresses(dtype: torch.dtype) -> dict[str, int] | None:
             "rope_store": addr("fused", f"rope_store_{sfx}"), "silu_mul": addr("fused", f"silu_mul_{sfx}"),
             "attention": addr("paged_attention", f"paged_attention_{sfx}"),
             "dense": addr("linear", {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}[dtype]),
-            "dense_bf16w": addr("linear", "linear_f32_bf16w"),
+            "dense_bf16w": addr("linear", "linear_f32_bf16w"), "dense_f16w": addr("linear", "linear_f32_f16w"),
             "quant": addr("qlinear", f"qlinear_{sfx}"), "quant_i8": addr("qlinear", f"qlinear_{sfx}_i8")}
 
 
@@ -78,10 +78,11 @@ def _product(module, dtype: torch.dtype, fns: dict, keep: list) -> _Product | No
         return _Product(fn, 1, ctypes.addressof(packed.struct), b, packed.out_features, packed.in_features)
     if isinstance(packed, dense.PanelWeight) and packed.panels.dtype == dtype:
         return _Product(fns["dense"], 0, packed.panels.data_ptr(), b, packed.out_features, packed.panels.shape[1])
-    if isinstance(packed, dense.PanelWeight) and (dtype, packed.panels.dtype) == (torch.float32, torch.bfloat16):
-        # bf16 panels read into fp32 activations (the MTP layer's 16-bit weights)
-        return _Product(fns["dense_bf16w"], 0, packed.panels.data_ptr(), b, packed.out_features,
-                        packed.panels.shape[1])
+    mixed = ({torch.bfloat16: "dense_bf16w", torch.float16: "dense_f16w"}.get(packed.panels.dtype)
+             if isinstance(packed, dense.PanelWeight) else None)
+    if mixed and dtype == torch.float32:
+        # 16-bit panels read into fp32 activations (a 16-bit checkpoint's weights, the MTP layer's)
+        return _Product(fns[mixed], 0, packed.panels.data_ptr(), b, packed.out_features, packed.panels.shape[1])
     return None
 
 
