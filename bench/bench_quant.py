@@ -187,6 +187,8 @@ def main() -> None:
         "ours int4": lambda: Ours(model=folder, quantization="int4", **spec_off),
         "ours int4 int8-act": lambda: Ours(model=folder, quantization="int4", int8_activations=True, **spec_off),
     }
+    if "F16" in peers:  # llama.cpp's F16 file: its weights kept fp16 under fp32 activations
+        engines["ours GGUF F16"] = lambda: Ours(model=peers["F16"], **spec_off)
     if "Q8_0" in peers:
         engines["ours GGUF Q8_0"] = lambda: Ours(model=peers["Q8_0"], **spec_off)
         engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
@@ -281,7 +283,8 @@ def speculation(folder: str, tok, n: int) -> dict:
 
 def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
     hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
-    pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF Q8_0": "llama.cpp Q8_0",
+    pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF F16": "llama.cpp F16",
+             "ours GGUF Q8_0": "llama.cpp Q8_0",
              "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
              "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
              "ours GGUF Q4_1 int8-act": "llama.cpp Q4_1", "ours int4": "llama.cpp Q4_1",
