@@ -17,7 +17,8 @@ at load. Parts:
 2. perplexity of every engine on one fixed text (``bench/assets/perplexity_text.txt``, our
    tokenizer for all, windows of 256 tokens);
 3. 16 concurrent requests, tok/s: int8 / int4 / GGUF against fp32;
-4. MTP speculation (K=3, the shipped graft) with 4-bit weights against plain 4-bit decoding.
+4. MTP speculation (K=3, the shipped graft; and with its drafter at 4 bits too, and the default
+   K=1 on the shipped file) with 4-bit weights against plain 4-bit decoding.
 
 Writes bench/results/quant.{json,md}. The machine is shared: compare ratios within a run.
 """
@@ -187,6 +188,8 @@ def main() -> None:
         "ours int4": lambda: Ours(model=folder, quantization="int4", **spec_off),
         "ours int4 int8-act": lambda: Ours(model=folder, quantization="int4", int8_activations=True, **spec_off),
     }
+    if "F16" in peers:  # llama.cpp's F16 file: its weights kept fp16 under fp32 activations
+        engines["ours GGUF F16"] = lambda: Ours(model=peers["F16"], **spec_off)
     if "Q8_0" in peers:
         engines["ours GGUF Q8_0"] = lambda: Ours(model=peers["Q8_0"], **spec_off)
         engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
@@ -255,10 +258,14 @@ def speculation(folder: str, tok, n: int) -> dict:
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                             return_dict=True)["input_ids"]) for q in asks]
     k3 = dict(speculative="mtp", num_speculative_tokens=3)
+    k3_int4 = dict(k3, speculative_config={"draft_dtype": "int4"})  # the drafter at 4 bits as well
     confs = {"int4 plain": dict(model=folder, quantization="int4", speculative="none"),
              "int4 K=3": dict(model=folder, quantization="int4", **k3),
+             "int4 K=3 int4-draft": dict(model=folder, quantization="int4", **k3_int4),
              "GGUF Q4_1 plain": dict(model=DEFAULT_MODEL, speculative="none"),
-             "GGUF Q4_1 K=3": dict(model=DEFAULT_MODEL, **k3)}
+             "GGUF Q4_1 K=1": dict(model=DEFAULT_MODEL, speculative="mtp", num_speculative_tokens=1),
+             "GGUF Q4_1 K=3": dict(model=DEFAULT_MODEL, **k3),
+             "GGUF Q4_1 K=3 int4-draft": dict(model=DEFAULT_MODEL, **k3_int4)}
     engines = {k: Ours(**kw) for k, kw in confs.items()}
     sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -272,7 +279,7 @@ def speculation(folder: str, tok, n: int) -> dict:
         for e in engines.values():
             e.decode(prompts[0], 8)
         best = taking_turns(engines, run, 2)
-        accepted = {k: e.llm.engine.spec_stats.as_dict() for k, e in engines.items() if "K=3" in k}
+        accepted = {k: e.llm.engine.spec_stats.as_dict() for k, e in engines.items() if "K=" in k}
     finally:
         for e in engines.values():
             e.close()
@@ -281,7 +288,8 @@ def speculation(folder: str, tok, n: int) -> dict:
 
 def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
     hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
-    pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF Q8_0": "llama.cpp Q8_0",
+    pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF F16": "llama.cpp F16",
+             "ours GGUF Q8_0": "llama.cpp Q8_0",
              "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
              "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
              "ours GGUF Q4_1 int8-act": "llama.cpp Q4_1", "ours int4": "llama.cpp Q4_1",
@@ -306,13 +314,17 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
         lines += [f"| {k} | {v:.1f} | {v / conc['fp32']:.2f}x |" for k, v in conc.items()]
     if mtp:
         t = mtp["tok_s"]
-        lines += ["", "MTP speculation, K=3 (shipped graft), batch 1, greedy, 3 prompts:", "",
-                  "| weights | plain tok/s | K=3 tok/s | speed-up | mean accepted length |", "|---|---|---|---|---|"]
-        for w in ("int4", "GGUF Q4_1"):
-            s = mtp["spec"].get(f"{w} K=3", {})
+        lines += ["", "MTP speculation (shipped graft; the engine's adaptive depth), batch 1, greedy, 3 prompts:", "",
+                  "| weights | drafting | plain tok/s | tok/s | speed-up | mean accepted length |",
+                  "|---|---|---|---|---|---|"]
+        for key in t:
+            w, _, how = key.partition(" K=")
+            if not how:
+                continue
+            s = mtp["spec"].get(key, {})
             acc = s.get("mean_accepted_length", "")
-            lines.append(f"| {w} | {t[f'{w} plain']:.1f} | {t[f'{w} K=3']:.1f} | "
-                         f"{t[f'{w} K=3'] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
+            lines.append(f"| {w} | K={how} | {t[f'{w} plain']:.1f} | {t[key]:.1f} | "
+                         f"{t[key] / t[f'{w} plain']:.2f}x | {acc if acc == '' else f'{acc:.2f}'} |")
     table = "\n".join(lines)
     print(table)
     meta = {"tokens": a.tokens, "reps": a.reps, "parts": a.parts, "prompt": PROMPT,

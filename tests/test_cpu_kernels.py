@@ -219,19 +219,21 @@ def test_linear_kernel_matches_pytorch_and_ignores_the_batch(dtype):
     assert cl.pack(w.half()) is None  # no fp16 kernel: the caller keeps PyTorch
 
 
-def test_fp32_activations_against_bf16_panels_equal_the_fp32_product_of_rounded_weights():
-    """The mixed product (fp32 x and output, bf16 panels: the draft path of an fp32 model) is
-    bitwise the fp32 product of the weight rounded to bf16, for every row-count path, and a
-    layer packed that way keeps fp32 in and out."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_activations_against_16bit_panels_equal_the_fp32_product_of_rounded_weights(half):
+    """The mixed product (fp32 x and output, 16-bit panels: the draft path of an fp32 model, a
+    16-bit checkpoint served in fp32) is bitwise the fp32 product of the weight rounded to 16
+    bits, for every row-count path, and a layer packed that way keeps fp32 in and out."""
     from dist_engine.kernels import linear as cl
     from dist_engine.layers.linear import ColumnParallelLinear, pack_weight, weight_bytes
 
     gen = torch.Generator().manual_seed(3)
     for out in (83, 200):
         w = torch.randn(out, 72, generator=gen) * 0.1
+        w[0, :4] = torch.tensor([6e-6, -3e-7, 0.0, 60000.0])  # fp16 subnormals, zero, near its max
         b = torch.randn(out, generator=gen)
-        mixed, rounded = cl.pack(w, torch.bfloat16), cl.pack(w.bfloat16().float())
-        assert mixed.panels.dtype == torch.bfloat16
+        mixed, rounded = cl.pack(w, half), cl.pack(w.to(half).float())
+        assert mixed.panels.dtype == half
         for rows in (1, 2, 3, 4, 5, 9, 250):
             x = torch.randn(rows, 72, generator=gen)
             for bias in (None, b):
@@ -240,9 +242,9 @@ def test_fp32_activations_against_bf16_panels_equal_the_fp32_product_of_rounded_
     layer = ColumnParallelLinear(24, {None: (0, 40, 0)}, bias=True, dtype=torch.float32)
     layer.weight.data.normal_()
     dense, x = layer.weight.data.clone(), torch.randn(3, 24)
-    pack_weight(layer, torch.bfloat16)
+    pack_weight(layer, half)
     assert weight_bytes(layer) == (48 * 24) * 2 + 40 * 4
-    torch.testing.assert_close(layer(x), x @ dense.bfloat16().float().T + layer.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), x @ dense.to(half).float().T + layer.bias, atol=1e-5, rtol=1e-5)
     # no kernel reads bf16 activations against fp32 panels: a bf16 layer asked for fp32 panels
     # keeps its own dtype
     assert cl.pack(dense.bfloat16(), torch.float32) is None

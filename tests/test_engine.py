@@ -127,6 +127,13 @@ def test_requests_that_cannot_fit_are_rejected_up_front(tiny_models):
             llm.generate(prompt_token_ids=[[1] * 10], sampling_params=greedy(10))
         with pytest.raises(ValueError, match="out of the vocabulary"):
             llm.generate(prompt_token_ids=[[1, 5000]], sampling_params=greedy(2))
+        with pytest.raises(ValueError, match="must be integers, got str"):  # text where ids belong
+            llm.generate(prompt_token_ids=["hello"], sampling_params=greedy(2))
+        with pytest.raises(ValueError, match="must be integers, got float, list"):
+            llm.generate(prompt_token_ids=[[1, 2.0, [3]]], sampling_params=greedy(2))
+        import numpy as np  # NumPy integers are token ids too
+
+        assert llm.generate(prompt_token_ids=[np.array([1, 5, 7])], sampling_params=greedy(2))[0].outputs
         with pytest.raises(ValueError, match="empty"):
             llm.generate(prompt_token_ids=[[]], sampling_params=greedy(2))
         assert not llm.engine.has_unfinished() and llm.engine.blocks.num_free == 4

@@ -672,28 +672,31 @@ def test_speculation_off_for_sequences_admitted_under_load(grafted):
         SpeculativeConfig(disable_by_batch_size=-1)
 
 
-def test_draft_path_is_16_bit_by_default(grafted):
+def test_draft_path_is_16_bit_by_default_or_quantized(grafted):
     """With an fp32 model the reduced draft head and (CPU kernel) the MTP layer's products hold
-    bf16 weights unless told otherwise: the output is the same, and drafts only differ in
-    near-ties."""
+    bf16 weights unless told otherwise (fp32, or int8 / int4 groups): the output is the same,
+    and drafts only differ in near-ties."""
     from dist_engine.config import SpeculativeConfig
+    from dist_engine.kernels.qlinear import QWeight
 
     path, folder, _ = grafted
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outs, accepted = {}, {}
-    for name, dtype in (("auto", torch.bfloat16), ("float32", torch.float32)):
+    for name, dtype in (("auto", torch.bfloat16), ("float32", torch.float32), ("int4", "int4")):
         cfg = spec(folder, 3, draft_vocab_size=200, draft_dtype=name)
         with LLM(path, **ARGS, speculative_config=cfg) as llm:
             dec = llm.engine.executor.worker.runner.drafter
             assert dec.draft_head.dtype == dtype
-            assert dec.mtp.layer.mlp.gate_up_proj.weight_packed.panels.dtype == dtype
+            packed = dec.mtp.layer.mlp.gate_up_proj.weight_packed
+            assert packed.panels.dtype == dtype if name != "int4" else isinstance(packed, QWeight)
             outs[name] = [o.outputs[0].token_ids for o in llm.generate(
                 prompt_token_ids=PROMPTS[:4], sampling_params=p)]
             accepted[name] = llm.engine.spec_stats.mean_accepted_length
-    assert outs["auto"] == outs["float32"]
+    assert outs["auto"] == outs["float32"] == outs["int4"]
     assert accepted["float32"] > 1.2 and abs(accepted["auto"] - accepted["float32"]) < 0.1
+    assert abs(accepted["int4"] - accepted["float32"]) < 0.15, accepted
     with pytest.raises(ValueError, match="draft_dtype"):
-        SpeculativeConfig(draft_dtype="int8")
+        SpeculativeConfig(draft_dtype="int2")
 
 
 def test_draft_depth_in_engine_is_lossless(grafted):

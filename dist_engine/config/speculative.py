@@ -8,7 +8,7 @@ from dist_engine.config.model import DTYPES
 
 CONCAT_ORDERS = ("emb_hidden", "hidden_emb")
 STAGES = ("normed", "raw")
-DRAFT_DTYPES = ("auto", *DTYPES)
+DRAFT_DTYPES = ("auto", *DTYPES, "int8", "int4")
 ACCEPTANCE = ("rejection", "gumbel")
 # what proposes the drafts: the model's MTP layers or a graft of one; a Gemma 4 assistant
 # drafter (transformers' gemma4_assistant) reading the target's K/V; a DFlash block-diffusion
@@ -46,8 +46,9 @@ class SpeculativeConfig:
     draft_vocab_size: int | None = None
     # Weights of the draft path: the reduced draft head, and on CPU (the product kernel) the
     # MTP layer's linear weights; "auto" is 16-bit (the model's dtype when it is 16-bit, else
-    # bfloat16). Activations stay in the model's dtype. It halves what drafting streams and
-    # only changes which token is drafted in a near-tie (verification is the model's own).
+    # bfloat16); "int8" / "int4" quantize them at load as --quantization does. Activations stay
+    # in the model's dtype. It cuts what drafting streams and only changes which token is
+    # drafted in a near-tie (verification is the model's own).
     draft_dtype: str = "auto"
     # Lower K when a step would carry more draft tokens than this (the batch is then compute
     # bound and drafts cost more than they save); 0: never lower it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import random
 import time
 from dataclasses import replace
@@ -48,6 +49,17 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+def _is_index(t) -> bool:
+    """An integer token id: int, a NumPy integer, an integer 0-d tensor (not a bool)."""
+    if isinstance(t, bool):
+        return False
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return True
 
 
 class LLMEngine:
@@ -123,6 +135,10 @@ class LLMEngine:
         vocab = self.config.model.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        kinds = sorted({type(t).__name__ for t in prompt_ids if not _is_index(t)})
+        if kinds:  # e.g. a text prompt passed as prompt_token_ids, or nested lists
+            raise ValueError(f"token ids must be integers, got {', '.join(kinds)}: pass text as prompts, "
+                             "or each prompt as a flat list of ints")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")

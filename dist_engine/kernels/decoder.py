@@ -2,7 +2,7 @@
 
 ``CPUDecoder.attach(model)`` checks once that every layer is the plain form the C driver runs
 (one rank, no MoE, no q/k norm, no o_proj bias, products in the C kernels' layouts) and builds
-the per-layer descriptors; ``forward`` then takes a step's residual stream through all layers
+the per-layer descriptors (``attach_block``: the same for an MTP layer's block alone); ``forward`` then takes a step's residual stream through all layers
 when the step fits (decode and verification steps: queries attended by the paged kernel,
 caches of the model dtype). Anything else returns None and the model runs its Python path,
 which computes the same bits.
@@ -59,6 +59,7 @@ def _addresses(dtype: torch.dtype) -> dict[str, int] | None:
             "rope_store": addr("fused", f"rope_store_{sfx}"), "silu_mul": addr("fused", f"silu_mul_{sfx}"),
             "attention": addr("paged_attention", f"paged_attention_{sfx}"),
             "dense": addr("linear", {torch.float32: "linear_f32", torch.bfloat16: "linear_bf16"}[dtype]),
+            "dense_bf16w": addr("linear", "linear_f32_bf16w"), "dense_f16w": addr("linear", "linear_f32_f16w"),
             "quant": addr("qlinear", f"qlinear_{sfx}"), "quant_i8": addr("qlinear", f"qlinear_{sfx}_i8")}
 
 
@@ -77,57 +78,82 @@ def _product(module, dtype: torch.dtype, fns: dict, keep: list) -> _Product | No
         return _Product(fn, 1, ctypes.addressof(packed.struct), b, packed.out_features, packed.in_features)
     if isinstance(packed, dense.PanelWeight) and packed.panels.dtype == dtype:
         return _Product(fns["dense"], 0, packed.panels.data_ptr(), b, packed.out_features, packed.panels.shape[1])
+    mixed = ({torch.bfloat16: "dense_bf16w", torch.float16: "dense_f16w"}.get(packed.panels.dtype)
+             if isinstance(packed, dense.PanelWeight) else None)
+    if mixed and dtype == torch.float32:
+        # 16-bit panels read into fp32 activations (a 16-bit checkpoint's weights, the MTP layer's)
+        return _Product(fns[mixed], 0, packed.panels.data_ptr(), b, packed.out_features, packed.panels.shape[1])
     return None
 
 
+def _layer(layer, dtype: torch.dtype, fns: dict, keep: list) -> _Layer | None:
+    """The C view of one decoder block (``LlamaDecoderLayer``'s arithmetic), or None where the
+    driver cannot run it: attention or MLP of another kind, q/k norms, TP, an o_proj bias."""
+    from dist_engine.layers.norm import RMSNorm
+    from dist_engine.models.llama import LlamaAttention, LlamaMLP
+
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if (type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.qk_norm
+            or attn.o_proj.comm.world_size != 1 or attn.o_proj.bias is not None
+            or attn.rotary_emb.cos.dtype != dtype):
+        return None
+    prods = [_product(m, dtype, fns, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(p is None for p in prods) or prods[1].bias or prods[2].bias or prods[3].bias:
+        return None
+    for ln in (layer.input_layernorm, layer.post_attention_layernorm):
+        if type(ln) is not RMSNorm or not ln.use_kernel or ln.weight.dtype != dtype:
+            return None
+    return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                  *prods, None, None)
+
+
+def _functions(dtype: torch.dtype) -> dict | None:
+    """The kernels' entry points for activations of ``dtype``, or None (no C build, not CPU)."""
+    if dtype not in SUFFIX or not qlinear.available():
+        return None
+    return _addresses(dtype)
+
+
 class CPUDecoder:
-    def __init__(self, model, layers: list[_Layer], keep: list, fns: dict, dtype: torch.dtype) -> None:
+    def __init__(self, blocks: list, layers: list[_Layer], keep: list, fns: dict, dtype: torch.dtype) -> None:
         self.fns, self.dtype, self._keep = fns, dtype, keep  # keep: weights the structs point into
         self.layers = (_Layer * len(layers))(*layers)
-        attn = model.layers[0].self_attn
-        cfg_mlp = model.layers[0].mlp
+        attn, first = blocks[0].self_attn, blocks[0]
         self.args = _Decoder(
             fns["rms_norm"], fns["add_rms_norm"], fns["rope_store"], fns["silu_mul"], fns["attention"],
-            len(layers), model.norm.weight.shape[0], attn.local_num_heads, attn.local_num_kv_heads, attn.head_dim,
-            cfg_mlp.down_proj.local_in, dtype.itemsize, model.layers[0].input_layernorm.eps, attn.scale,
+            len(layers), first.input_layernorm.weight.shape[0], attn.local_num_heads, attn.local_num_kv_heads,
+            attn.head_dim, first.mlp.down_proj.local_in, dtype.itemsize, first.input_layernorm.eps, attn.scale,
             self.layers, attn.rotary_emb.cos.data_ptr(), attn.rotary_emb.sin.data_ptr())
-        self.cache_ptrs: tuple | None = None
+        self.cache_ptrs: list | None = None  # the caches the layer structs point into
 
     @classmethod
     def attach(cls, model) -> CPUDecoder | None:
         """The driver for ``model`` (a ``LlamaModel``), or None where it does not apply."""
         from dist_engine.layers.norm import RMSNorm
-        from dist_engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+        from dist_engine.models.llama import LlamaDecoderLayer
 
         norm = getattr(model, "norm", None)
         if type(norm) is not RMSNorm:  # e.g. Qwen3.5's (1 + w) norm: not the C driver's arithmetic
             return None
-        dtype = norm.weight.dtype
-        if norm.weight.device.type != "cpu" or dtype not in SUFFIX or not qlinear.available():
+        # exact types: the driver encodes LlamaDecoderLayer's forward, so a layer kind it does
+        # not know (a subclass, a linear-attention or MLA layer, MoE) keeps the Python path
+        if any(type(layer) is not LlamaDecoderLayer for layer in model.layers):
             return None
-        fns = _addresses(dtype)
+        return cls.for_blocks(list(model.layers))
+
+    @classmethod
+    def for_blocks(cls, blocks: list) -> CPUDecoder | None:
+        """The driver for a stack of blocks computing ``LlamaDecoderLayer``'s forward (the
+        model's layers; an MTP layer's block after its input projection), or None."""
+        if not blocks:
+            return None
+        dtype = blocks[0].input_layernorm.weight.dtype
+        fns = _functions(dtype) if blocks[0].input_layernorm.weight.device.type == "cpu" else None
         if fns is None:
             return None
-        layers, keep = [], []
-        for layer in model.layers:
-            # exact types: the driver encodes LlamaDecoderLayer's forward, so a layer kind it does
-            # not know (a subclass, a linear-attention or MLA layer, MoE) keeps the Python path
-            if type(layer) is not LlamaDecoderLayer:
-                return None
-            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-            if (type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.qk_norm
-                    or attn.o_proj.comm.world_size != 1 or attn.o_proj.bias is not None
-                    or attn.rotary_emb.cos.dtype != dtype):
-                return None
-            prods = [_product(m, dtype, fns, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if any(p is None for p in prods) or prods[1].bias or prods[2].bias or prods[3].bias:
-                return None
-            for ln in (layer.input_layernorm, layer.post_attention_layernorm):
-                if type(ln) is not RMSNorm or not ln.use_kernel or ln.weight.dtype != dtype:
-                    return None
-            layers.append(_Layer(layer.input_layernorm.weight.data_ptr(),
-                                 layer.post_attention_layernorm.weight.data_ptr(), *prods, None, None))
-        return cls(model, layers, keep, fns, dtype)
+        keep: list = []
+        layers = [_layer(block, dtype, fns, keep) for block in blocks]
+        return None if any(layer is None for layer in layers) else cls(blocks, layers, keep, fns, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor | None:
         """The residual stream after every layer (``x`` ``[T, H]`` updated in place), or None
@@ -138,13 +164,13 @@ class CPUDecoder:
                 or meta.by_group or meta.state is not None
                 or x.dtype != self.dtype or not x.is_contiguous() or torch.is_grad_enabled()):
             return None
-        if self.cache_ptrs is None or self.cache_ptrs[0] is not kv_caches:
+        if self.cache_ptrs is None or any(a is not b for a, b in zip(self.cache_ptrs, kv_caches)):
             # K/V stored as they are in the model's dtype (not FP8, not TurboQuant codes)
             if any(kv.observe or kv.shared or not kv.plain or kv.k.dtype != self.dtype for kv in kv_caches):
                 return None
             for layer, kv in zip(self.layers, kv_caches):
                 layer.k_cache, layer.v_cache = kv.k.data_ptr(), kv.v.data_ptr()
-            self.cache_ptrs = (kv_caches,)
+            self.cache_ptrs = list(kv_caches)
         a = self.args
         positions, slots = positions.contiguous(), meta.slot_mapping.contiguous()
         a.T, a.positions, a.slots = x.shape[0], positions.data_ptr(), slots.data_ptr()
@@ -164,3 +190,10 @@ def attach(causal_lm) -> None:
     inner = getattr(causal_lm, "model", None)
     if inner is not None and hasattr(inner, "cpu_decoder"):
         inner.cpu_decoder = CPUDecoder.attach(inner)
+
+
+def attach_block(block) -> None:
+    """Give an MTP layer whose block is a plain Llama block (``block.cpu_decoder``) the C driver
+    for that block, so that drafting costs one C call per step; others keep the Python path."""
+    if hasattr(block, "cpu_decoder"):
+        block.cpu_decoder = CPUDecoder.for_blocks([block])

@@ -1,4 +1,4 @@
-/* Dense products y = x W^T (+ b) on CPU for fp32 and bf16 weights, from a panel layout.
+/* Dense products y = x W^T (+ b) on CPU for fp32, bf16 and fp16 weights, from a panel layout.
  *
  * The weight [N, K] is repacked once (linear.py) into panels of 16 output rows stored k-major:
  * panel p holds W[16p .. 16p+15, k] contiguously for k = 0, 1, ..., so one sequential stream
@@ -29,22 +29,35 @@
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
 
 #define PANEL 16
-/* What a product reads and writes: bit 0 set for bf16 weight panels, bit 1 for bf16 output and
- * bias. fp32 is F32, bf16 is BF16, and MIXED reads bf16 panels into fp32 activations and output
- * (the arithmetic is fp32 in every mode; bf16 activations are widened first). */
+/* What a product reads and writes: bit 0 set for 16-bit weight panels, bit 1 for bf16 output and
+ * bias, bit 2 for fp16 (not bf16) panels. fp32 is F32, bf16 is BF16, MIXED reads bf16 panels
+ * and HALF fp16 panels into fp32 activations and output (the arithmetic is fp32 in every mode;
+ * bf16 activations are widened first, 16-bit weights exactly). */
 #define F32 0
 #define MIXED 1
 #define BF16 3
+#define HALF 5
 #define W16(mode) ((mode) & 1)
-#define Y16(mode) ((mode) >> 1)
+#define Y16(mode) (((mode) >> 1) & 1)
+/* the weight panels' kind for load_k / load_z: 0 fp32, 1 bf16, 2 fp16 */
+#define WKIND(mode) (W16(mode) ? ((mode) & 4 ? 2 : 1) : 0)
 #define ROW_BLOCK 240 /* rows of x per pass over the weight (a multiple of 4 and of 6) */
 
-/* Sixteen weights of one k as two fp32 vectors (rows 0-7, rows 8-15 of the panel). */
-static inline __attribute__((always_inline)) void load_k(int is_bf16, const void *panel,
+/* Sixteen weights of one k as two fp32 vectors (rows 0-7, rows 8-15 of the panel). kind: 0
+ * fp32, 1 bf16 (pair-interleaved), 2 fp16 (rows in order; a hardware conversion where the CPU
+ * has one, F16C on x86). */
+static inline __attribute__((always_inline)) void load_k(int kind, const void *panel,
                                                         int64_t k, v8f *lo, v8f *hi) {
-    if (is_bf16) {
+    if (kind == 2) {
+        v8h a, b;
+        memcpy(&a, (const uint16_t *)panel + k * PANEL, sizeof a);
+        memcpy(&b, (const uint16_t *)panel + k * PANEL + 8, sizeof b);
+        *lo = __builtin_convertvector(a, v8f);
+        *hi = __builtin_convertvector(b, v8f);
+    } else if (kind == 1) {
         v8u v;
         memcpy(&v, (const bf16 *)panel + k * PANEL, sizeof v);
         *lo = (v8f)(v << 16);
@@ -89,7 +102,7 @@ static inline __attribute__((always_inline)) void tile(int mode, int MR, const f
     v8f a3 = {0}, b3 = {0}, a4 = {0}, b4 = {0}, a5 = {0}, b5 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo, hi;
-        load_k(W16(mode), panel, k, &lo, &hi);
+        load_k(WKIND(mode), panel, k, &lo, &hi);
         ROW(0, a0, b0) ROW(1, a1, b1) ROW(2, a2, b2) ROW(3, a3, b3) ROW(4, a4, b4) ROW(5, a5, b5)
     }
     OUT(0, a0, b0) OUT(1, a1, b1) OUT(2, a2, b2) OUT(3, a3, b3) OUT(4, a4, b4) OUT(5, a5, b5)
@@ -105,10 +118,10 @@ static inline __attribute__((always_inline)) void row_x4(int mode, const float *
     v8f a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3;
-        load_k(W16(mode), p0, k, &lo0, &hi0);
-        load_k(W16(mode), p1, k, &lo1, &hi1);
-        load_k(W16(mode), p2, k, &lo2, &hi2);
-        load_k(W16(mode), p3, k, &lo3, &hi3);
+        load_k(WKIND(mode), p0, k, &lo0, &hi0);
+        load_k(WKIND(mode), p1, k, &lo1, &hi1);
+        load_k(WKIND(mode), p2, k, &lo2, &hi2);
+        load_k(WKIND(mode), p3, k, &lo3, &hi3);
         const float xv = x[k];
         a0 += lo0 * xv; b0 += hi0 * xv; a1 += lo1 * xv; b1 += hi1 * xv;
         a2 += lo2 * xv; b2 += hi2 * xv; a3 += lo3 * xv; b3 += hi3 * xv;
@@ -157,9 +170,9 @@ static inline __attribute__((always_inline)) void rows_x3(int mode, int MR, cons
     v8f a1 = {0}, b1 = {0}, c1 = {0}, d1 = {0}, e1 = {0}, f1 = {0};
     for (int64_t k = 0; k < K; k++) {
         v8f lo0, hi0, lo1, hi1, lo2, hi2;
-        load_k(W16(mode), p0, k, &lo0, &hi0);
-        load_k(W16(mode), p1, k, &lo1, &hi1);
-        load_k(W16(mode), p2, k, &lo2, &hi2);
+        load_k(WKIND(mode), p0, k, &lo0, &hi0);
+        load_k(WKIND(mode), p1, k, &lo1, &hi1);
+        load_k(WKIND(mode), p2, k, &lo2, &hi2);
         ROW3(0, a0, b0, c0, d0, e0, f0) ROW3(1, a1, b1, c1, d1, e1, f1)
     }
     OUT3(0, a0, b0, c0, d0, e0, f0) OUT3(1, a1, b1, c1, d1, e1, f1)
@@ -196,11 +209,18 @@ typedef float v16f __attribute__((vector_size(64)));
 #define Z_PANELS 4
 #define Z_ROWS 4
 
-static inline __attribute__((always_inline)) v16f load_z(int is_bf16, const void *panel, int64_t k) {
-    if (!is_bf16) {
+typedef _Float16 v16h __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v16f load_z(int kind, const void *panel, int64_t k) {
+    if (kind == 0) {
         v16f w;
         memcpy(&w, (const float *)panel + k * PANEL, sizeof w);
         return w;
+    }
+    if (kind == 2) {
+        v16h h;
+        memcpy(&h, (const uint16_t *)panel + k * PANEL, sizeof h);
+        return __builtin_convertvector(h, v16f);
     }
     v8f lo, hi; /* rows 0-7 and 8-15, side by side: the panel's rows in order */
     load_k(1, panel, k, &lo, &hi);
@@ -235,12 +255,12 @@ static inline __attribute__((always_inline)) void ztile(int mode, int MR, int NP
     const char *p0 = panel, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
     ZACC(0) ZACC(1) ZACC(2) ZACC(3)
     for (int64_t k = 0; k < K; k++) {
-        const v16f w0 = load_z(W16(mode), p0, k);
+        const v16f w0 = load_z(WKIND(mode), p0, k);
         v16f w1 = {0}, w2 = {0}, w3 = {0};
         if (NP > 1) {
-            w1 = load_z(W16(mode), p1, k);
-            w2 = load_z(W16(mode), p2, k);
-            w3 = load_z(W16(mode), p3, k);
+            w1 = load_z(WKIND(mode), p1, k);
+            w2 = load_z(WKIND(mode), p2, k);
+            w3 = load_z(WKIND(mode), p3, k);
         }
         ZROW(0) ZROW(1) ZROW(2) ZROW(3)
     }
@@ -299,7 +319,7 @@ static inline __attribute__((always_inline)) void rows_x_panel(int mode, const f
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();                      \
         const int64_t end = n_panels * (t + 1) / T;                                             \
         int64_t p = n_panels * t / T;                                                           \
-        if (rows == 1 && W16(MODE)) /* a lone row against bf16 panels: the 8-lane loop */       \
+        if (rows == 1 && WKIND(MODE) == 1) /* a lone row against bf16 panels: the 8-lane loop */ \
             for (; p + 4 <= end; p += 4)                                                        \
                 row_x4(MODE, X, at + p * K * PANEL * esz, K, bias, Y, N, p * PANEL);            \
         for (; p + Z_PANELS <= end; p += Z_PANELS)                                              \
@@ -370,4 +390,11 @@ int linear_bf16(const bf16 *x, int64_t x_row, const bf16 *panels, const bf16 *bi
 int linear_f32_bf16w(const float *x, int64_t x_row, const bf16 *panels, const float *bias,
                      float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
     return f32_rows(MIXED, x, x_row, panels, bias, y, M, N, K, threads);
+}
+
+/* fp32 activations against fp16 panels: an fp16 checkpoint's weights (GGUF F16, fp16
+ * safetensors) kept at their own 2 bytes, the values exact, the arithmetic fp32. */
+int linear_f32_f16w(const float *x, int64_t x_row, const uint16_t *panels, const float *bias,
+                    float *y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+    return f32_rows(HALF, x, x_row, panels, bias, y, M, N, K, threads);
 }

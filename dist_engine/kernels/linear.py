@@ -20,7 +20,8 @@ def _fns() -> dict | None:
     # keyed by (activation dtype, weight dtype)
     return bind("linear", (((torch.float32, torch.float32), "linear_f32"),
                            ((torch.bfloat16, torch.bfloat16), "linear_bf16"),
-                           ((torch.float32, torch.bfloat16), "linear_f32_bf16w")), _ARGS, ctypes.c_int)
+                           ((torch.float32, torch.bfloat16), "linear_f32_bf16w"),
+                           ((torch.float32, torch.float16), "linear_f32_f16w")), _ARGS, ctypes.c_int)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> PanelWeight 
     """``weight`` in the kernel's layout, or None where the kernel does not apply (not CPU,
     not fp32 / bf16, no kernel built here). Written in one copy: loading holds the dense weight
     and its panels at once, nothing more. ``dtype``: the panels' dtype when not the weight's
-    (bf16 panels of an fp32 weight serve fp32 activations at half the bytes)."""
+    (bf16 or fp16 panels of an fp32 weight serve fp32 activations at half the bytes)."""
     fns = _fns()
     dtype = dtype or weight.dtype
-    # panels for activations of the weight's dtype, or bf16 panels for fp32 activations
+    # panels for activations of the weight's dtype, or 16-bit panels for fp32 activations
     if (fns is None or weight.device.type != "cpu" or weight.dim() != 2
             or (weight.dtype, dtype) not in fns):
         return None

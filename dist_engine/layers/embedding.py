@@ -9,7 +9,7 @@ from torch import nn
 from dist_engine.distributed.comm import Communicator
 from dist_engine.distributed.partition import split_range, split_sizes
 from dist_engine.kernels import qlinear
-from dist_engine.layers.linear import project
+from dist_engine.layers.linear import note_checkpoint_dtype, project
 from dist_engine.layers.loading import copy_checked
 from dist_engine.quant import linear as quant_linear
 from dist_engine.quant.lazy import QuantTensor
@@ -22,6 +22,7 @@ def load_vocab_rows(module: nn.Module, full) -> None:
         if rows.shape != tuple(module.weight.shape):
             raise ValueError(f"expected a slice of shape {tuple(module.weight.shape)}, got {rows.shape}")
         return quant_linear.take(module, rows, 0)
+    note_checkpoint_dtype(module, full)
     copy_checked(module.weight.data, rows)
 
 

@@ -57,18 +57,38 @@ def pack_weight(module: nn.Module, dtype: torch.dtype | None = None) -> None:
 
     The dense parameter becomes empty (same dtype), so a stray direct read fails loudly; a tied
     embedding keeps its own reference to the shared tensor. ``dtype``: panels of another dtype
-    than the weight's (bf16 panels of an fp32 weight, read by fp32 activations); only the C
-    kernel does that, so where it cannot the weight is packed in its own dtype."""
+    than the weight's (bf16 panels of an fp32 weight, read by fp32 activations; by default the
+    16-bit dtype the checkpoint stored it in, ``checkpoint_16bit``); only the C kernel does
+    that, so where it cannot the weight is packed in its own dtype."""
     w = module.weight
     if (getattr(module, "weight_packed", None) is not None or w.device.type != "cpu"
             or getattr(module, "keep_dense", False)):
         return
+    dtype = dtype or checkpoint_16bit(module)
     packed = dtype not in (None, w.dtype) and cpu_linear.pack(w, dtype)
     packed = packed or cpu_linear.pack(w) or _onednn_pack(w)
     if packed is None:
         return
     module.weight_packed = packed
     module.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+
+
+def note_checkpoint_dtype(module: nn.Module, full) -> None:
+    """Remember the dtype the checkpoint stores ``module``'s weight in (each stacked part's)."""
+    module.checkpoint_dtypes = getattr(module, "checkpoint_dtypes", frozenset()) | {getattr(full, "dtype", None)}
+
+
+def checkpoint_16bit(module: nn.Module) -> torch.dtype | None:
+    """bf16 or fp16 where the checkpoint stores all of an fp32 layer's weight in it: its values
+    are exact at 2 bytes, so the CPU panels keep them there and fp32 activations read them
+    (bitwise the fp32 product, half the bytes: a 16-bit checkpoint or GGUF F16 file served
+    with fp32 activations, as llama.cpp serves F16 weights)."""
+    source = getattr(module, "tied", None) or module  # a tied head reads the embedding's table
+    kinds = getattr(source, "checkpoint_dtypes", frozenset())
+    if module.weight.dtype != torch.float32 or len(kinds) != 1:
+        return None
+    (kind,) = kinds
+    return kind if kind in (torch.bfloat16, torch.float16) else None
 
 
 def pack_weights(root: nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -136,6 +156,7 @@ class ColumnParallelLinear(nn.Module):
             return quant_linear.take(self, _rows_of(full, src, n, self.in_features), dst)
         if which == "weight":
             _check_fp8(self.weight, full)
+            note_checkpoint_dtype(self, full)
         param = self.weight if which == "weight" else self.bias
         if param is None:
             raise ValueError(f"checkpoint has a {which} this layer does not use")
@@ -187,6 +208,7 @@ class SegmentedColumnLinear(ColumnParallelLinear):
             if isinstance(full, QuantTensor):  # kept quantized: each segment's rows
                 quant_linear.take(self, _rows_of(full, src, n, self.in_features), dst)
             else:
+                note_checkpoint_dtype(self, full)
                 copy_checked(self.weight.data[dst:dst + n], full[src:src + n])
 
 
@@ -222,6 +244,7 @@ class RowParallelLinear(nn.Module):
             quant_linear.take(self, part, 0)
         elif which == "weight":
             _check_fp8(self.weight, full)
+            note_checkpoint_dtype(self, full)
             copy_checked(self.weight.data, full[:, self.in_start:self.in_start + self.local_in])
         elif self.bias is not None:
             copy_checked(self.bias.data, full[:])

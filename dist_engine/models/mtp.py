@@ -67,10 +67,15 @@ class LlamaMTPLayer(LlamaDecoderLayer):
                  dtype: torch.dtype, emb_first: bool, expert_cache: ExpertCache | None = None) -> None:
         super().__init__(cfg, comm, rotary, dtype, cfg.num_hidden_layers, expert_cache)  # its checkpoint index
         _add_mtp_inputs(self, cfg, dtype, emb_first)
+        # CPU: the block in one C call (kernels/decoder.py; same bits), set once weights are packed
+        self.cpu_decoder = None
 
     def forward(self, positions: torch.Tensor, emb: torch.Tensor, hidden: torch.Tensor,
                 kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        return super().forward(positions, _mtp_input(self, emb, hidden), kv, meta)  # raw [T, H]
+        x = _mtp_input(self, emb, hidden)  # [T, H]
+        if self.cpu_decoder is not None and self.cpu_decoder.forward(x, positions, (kv,), meta) is not None:
+            return x  # raw [T, H], updated in place
+        return super().forward(positions, x, kv, meta)  # raw [T, H]
 
 
 class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):

@@ -7,9 +7,11 @@ from torch import nn
 
 from dist_engine.config import EngineConfig
 from dist_engine.kernels.linear import PanelWeight
-from dist_engine.kernels.qlinear import QWeight, dequantize
+from dist_engine.kernels.qlinear import S8, QWeight, dequantize
 from dist_engine.layers.linear import pack_weight, project
+from dist_engine.quant import ON_LOAD_METHODS
 from dist_engine.quant.groups import GroupQuant
+from dist_engine.quant.linear import quantize_dense
 from dist_engine.weights.loader import iter_checkpoint
 
 
@@ -19,19 +21,25 @@ class DraftHead(nn.Module):
     product kernel reads bf16 panels straight into fp32 activations (other dtypes it packs in
     the weight's own); on other devices the weight and the input are cast."""
 
-    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor, dtype: torch.dtype | str) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V', H]
         self.vocab_ids = vocab_ids  # [V'] long
         self.weight_packed = None
-        pack_weight(self, dtype)
+        if isinstance(dtype, str):  # "int8" / "int4": quantized as --quantization does
+            quantize_dense(self, dtype)
+        else:
+            pack_weight(self, dtype)
         if self.weight_packed is None:  # no CPU product kernel: a dense weight of that dtype
-            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+            self.weight = nn.Parameter(weight.to(dtype if isinstance(dtype, torch.dtype) else weight.dtype),
+                                       requires_grad=False)
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the head's weights are held in."""
+    def dtype(self) -> torch.dtype | str:
+        """What the head's weights are held in: a dtype, or "int8" / "int4"."""
         packed = self.weight_packed
+        if isinstance(packed, QWeight):
+            return "int8" if packed.kind == S8 else "int4"
         return packed.panels.dtype if isinstance(packed, PanelWeight) else self.weight.dtype
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V'] fp32
@@ -40,8 +48,10 @@ class DraftHead(nn.Module):
         return project(self, h).float()
 
 
-def draft_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """``SpeculativeConfig.draft_dtype`` as a torch dtype ("auto": 16-bit)."""
+def draft_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype | str:
+    """``SpeculativeConfig.draft_dtype`` as a torch dtype ("auto": 16-bit), or "int8" / "int4"."""
+    if name in ON_LOAD_METHODS:
+        return name
     if name != "auto":
         return getattr(torch, name)
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16

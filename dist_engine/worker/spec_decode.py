@@ -13,8 +13,10 @@ from dataclasses import replace
 import torch
 
 from dist_engine.config import EngineConfig
+from dist_engine.kernels.decoder import attach_block
 from dist_engine.layers.linear import pack_weights
 from dist_engine.models.mtp import MTPModel
+from dist_engine.quant.linear import quantize_dense
 from dist_engine.weights.loader import iter_checkpoint, load_weights
 from dist_engine.worker.batch import ForwardBatch
 from dist_engine.worker.draft_head import DraftHead, draft_dtype, full_head_weight
@@ -45,9 +47,12 @@ class MTPDecoder(SpeculativeDecoder):
         load_weights(self.mtp, src, select=lambda n: n.startswith(prefix))
         self.mtp.eval()
         self.draft_dtype = draft_dtype(spec.draft_dtype, runner.dtype)
-        # On CPU the MTP layer's products read 16-bit panels (the kernel's fp32-activation path):
-        # activations, norms, attention and its cache keep the model's dtype.
-        pack_weights(self.mtp, self.draft_dtype)
+        # On CPU the MTP layer's products read 16-bit panels (the kernel's fp32-activation path)
+        # or int8 / int4 groups: activations, norms, attention and its cache keep the model's dtype.
+        if isinstance(self.draft_dtype, str):
+            quantize_dense(self.mtp, self.draft_dtype)
+        pack_weights(self.mtp, self.draft_dtype if isinstance(self.draft_dtype, torch.dtype) else None)
+        attach_block(self.mtp.layer)  # CPU: a plain Llama block drafts in one C call
         vocab_ids = None
         if spec.model is not None:
             for name, lazy in iter_checkpoint(spec.model):
