@@ -8,7 +8,9 @@ cores (a first run without it decoded at 0.3 tok/s).
 
 Default model (SmolLM2-135M-Instruct, shipped as Q4_1 GGUF). llama.cpp (``pip install
 ".[llamacpp]"``) runs its own requantization of the shipped file to F32 / F16 / Q8_0 and the
-shipped Q4_1 itself, so every row holds the same weights; our fp32 / bf16 rows and
+shipped Q4_1 itself, so every row holds the same weights (our "float-codes" rows: the GGUF
+engines with their products turned to codes as floats, the path before the digit path became
+the default on VNNI CPUs, bench_qlinear.py); our fp32 / bf16 rows and
 transformers' read the dequantized HF folder, our GGUF rows the same GGUF files, int8 / int4 quantize the fp32 folder
 at load. Parts:
 
@@ -90,6 +92,32 @@ class Ours:
 
     def close(self) -> None:
         self.llm.shutdown()
+
+
+class OursFloatCodes(Ours):
+    """Ours with its quantized products taking float activations the older way, codes turned
+    into floats (the default on VNNI CPUs is the digit path, kernels/qlinear.c): the same
+    engine's speed and perplexity both ways in one run."""
+
+    def __init__(self, **kw) -> None:
+        from bench_qlinear import FloatCodes
+
+        super().__init__(**kw)
+        self.switch = FloatCodes(self.llm)
+
+    def decode(self, ids: list[int], n: int) -> float:
+        self.switch.set(True)
+        try:
+            return super().decode(ids, n)
+        finally:
+            self.switch.set(False)
+
+    def nll(self, window: list[int]) -> float:
+        self.switch.set(True)
+        try:
+            return super().nll(window)
+        finally:
+            self.switch.set(False)
 
 
 class LlamaCpp:
@@ -183,6 +211,7 @@ def main() -> None:
         "ours bf16": lambda: Ours(model=folder, dtype="bfloat16", **spec_off),
         "ours GGUF Q4_1": lambda: Ours(model=DEFAULT_MODEL, **spec_off),
         "ours GGUF Q4_1 int8-act": lambda: Ours(model=DEFAULT_MODEL, int8_activations=True, **spec_off),
+        "ours GGUF Q4_1 float-codes": lambda: OursFloatCodes(model=DEFAULT_MODEL, **spec_off),
         "ours int8": lambda: Ours(model=folder, quantization="int8", **spec_off),
         "ours int8 int8-act": lambda: Ours(model=folder, quantization="int8", int8_activations=True, **spec_off),
         "ours int4": lambda: Ours(model=folder, quantization="int4", **spec_off),
@@ -193,6 +222,7 @@ def main() -> None:
     if "Q8_0" in peers:
         engines["ours GGUF Q8_0"] = lambda: Ours(model=peers["Q8_0"], **spec_off)
         engines["ours GGUF Q8_0 int8-act"] = lambda: Ours(model=peers["Q8_0"], int8_activations=True, **spec_off)
+        engines["ours GGUF Q8_0 float-codes"] = lambda: OursFloatCodes(model=peers["Q8_0"], **spec_off)
     for name, path in peers.items():
         engines[f"llama.cpp {name}"] = lambda path=path: LlamaCpp(path)
     engines["transformers fp32"] = lambda: Transformers(folder, torch.float32)
@@ -290,7 +320,8 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
     hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
     pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF F16": "llama.cpp F16",
              "ours GGUF Q8_0": "llama.cpp Q8_0",
-             "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours int8": "llama.cpp Q8_0",
+             "ours GGUF Q8_0 int8-act": "llama.cpp Q8_0", "ours GGUF Q8_0 float-codes": "llama.cpp Q8_0",
+             "ours GGUF Q4_1 float-codes": "llama.cpp Q4_1", "ours int8": "llama.cpp Q8_0",
              "ours int8 int8-act": "llama.cpp Q8_0", "ours GGUF Q4_1": "llama.cpp Q4_1",
              "ours GGUF Q4_1 int8-act": "llama.cpp Q4_1", "ours int4": "llama.cpp Q4_1",
              "ours int4 int8-act": "llama.cpp Q4_1"}
