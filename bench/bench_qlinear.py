@@ -11,10 +11,13 @@ three ways to take activations, side by side in one run.
   arithmetic).
 
 Weights: random codes in the default model's formats and shapes (SmolLM2-135M: q/k/v, o,
-gate/up, down of one layer, and the tied Q8_0 head), Q8_0 (int8 codes, fp16 scale per 32) and
-Q4_1 (4-bit codes, fp16 scale and minimum per 32). Time per call at batch 1 and 4 (the paths
-take turns within every round, best round kept), and each path's error against the dequantized
-weights' product in double precision (max |y - ref| / max |ref| over 64 random rows).
+gate/up, down), Q8_0 (int8 codes, fp16 scale per 32) and Q4_1 (4-bit codes, fp16 scale and
+minimum per 32). Two workloads at batch 1 and 4 (the paths take turns within every round, best
+round kept): "layer", one layer's four products called again and again (their 2-4 MB of
+weights stay in cache: the arithmetic alone), and "model", the 30 layers' products with 30
+different weights and the tied Q8_0 head (106-143 MB: what a decode step streams from DRAM).
+Each path's error against the dequantized weights' product in double precision (max
+|y - ref| / max |ref| over 64 random rows).
 ``--engine`` adds the whole engine on the default model's GGUF files (Q8_0: llama.cpp's
 requantization of the shipped Q4_1, needs llama-cpp-python), float activations both ways in one
 process: the C decoder's products and the head switched between digits and codes as floats,
@@ -41,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 H, KV, MLP, VOCAB = 576, 192, 1536, 49152  # SmolLM2-135M: hidden, k/v width, MLP width, vocabulary
 LAYER = [(H + 2 * KV, H), (H, H), (2 * MLP, H), (H, MLP)]  # [out, in]: qkv, o, gate_up, down
-HEAD = [(VOCAB, H)]
+HEAD = (VOCAB, H)
 PATHS = {"float": "_float", "digits": "", "int8": "_i8"}
 
 
@@ -70,21 +73,20 @@ def timed(fns: dict, rounds: int, calls: int = 10) -> dict:
     return best
 
 
-def speed(fmt: str, shapes: list, rows: int, rounds: int) -> dict:
+def speed(weights: list, rows: int, rounds: int, calls: int) -> dict:
     lib, threads = qlinear._lib(), torch.get_num_threads()
-    ws = [make(fmt, n, k, seed=i).pack() for i, (n, k) in enumerate(shapes)]
-    xs = [torch.randn(rows, k) for _, k in shapes]
-    ys = [torch.empty(rows, n) for n, _ in shapes]
+    xs = [torch.randn(rows, w.in_features) for w in weights]
+    ys = [torch.empty(rows, w.out_features) for w in weights]
 
     def call(suffix: str):
         fn = getattr(lib, "qlinear_f32" + suffix)  # the C entry point, without Python's checks
 
         def run() -> None:
-            for w, x, y in zip(ws, xs, ys):
+            for w, x, y in zip(weights, xs, ys):
                 fn(x.data_ptr(), x.stride(0), ctypes.byref(w.struct), None, y.data_ptr(), rows, threads)
         return run
 
-    return timed({path: call(suffix) for path, suffix in PATHS.items()}, rounds)
+    return timed({path: call(suffix) for path, suffix in PATHS.items()}, rounds, calls)
 
 
 def precision(fmt: str, n: int, k: int) -> dict:
@@ -200,14 +202,16 @@ def main() -> None:
         raise SystemExit("this CPU has no AVX-512 VNNI: only the float path runs here")
     rows = []
     for fmt in ("Q8_0", "Q4_1"):
-        for part, shapes in (("layer", LAYER), ("head", HEAD)):
-            if part == "head" and fmt == "Q4_1":
-                continue  # the model's head is Q8_0 in both files
+        layer = [make(fmt, n, k, seed=i).pack() for i, (n, k) in enumerate(LAYER)]
+        model = [make(fmt, n, k, seed=i).pack() for i, (n, k) in enumerate(LAYER * 30)]
+        model.append(make("Q8_0", *HEAD).pack())  # the tied embedding is Q8_0 in both files
+        for part, weights, calls in (("layer", layer, 10), ("model", model, 1)):
             for m in (1, 4):
-                t = speed(fmt, shapes, m, a.rounds)
+                t = speed(weights, m, a.rounds, calls)
                 rows.append({"format": fmt, "part": part, "rows": m, "us": {p: s * 1e6 for p, s in t.items()}})
                 print(f"{fmt} {part} batch {m}: " + ", ".join(
                     f"{p} {s * 1e6:.0f} us ({t['float'] / s:.2f}x)" for p, s in t.items()), flush=True)
+        del model
     err = {fmt: precision(fmt, 3 * H, MLP if fmt == "Q8_0" else H) for fmt in ("Q8_0", "Q4_1")}
     for fmt, e in err.items():
         print(f"{fmt} max error / max |y|: " + ", ".join(f"{p} {v:.2e}" for p, v in e.items()))
@@ -219,7 +223,7 @@ def main() -> None:
     lines = [f"Quantized products, default model shapes, {meta['threads']} threads, {meta['date']} "
              f"(OMP_WAIT_POLICY={meta['omp_wait_policy'] or 'unset'}); best of {a.rounds} rounds, "
              "paths taking turns\n",
-             "| weights | product | batch | float us | digits us | int8 us | digits vs float | int8 vs float |",
+             "| weights | products | batch | float us | digits us | int8 us | digits vs float | int8 vs float |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         us = r["us"]

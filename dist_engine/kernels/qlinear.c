@@ -121,6 +121,7 @@ static inline __attribute__((always_inline)) void ftile(int kind, int has_lut, i
             v16u d[4], lo[4], hi[4];
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
+                __builtin_prefetch(codes + p * pb + (b + PREFETCH) * BLOCK_BYTES);
                 d[p] = load_block(codes + p * pb + b * BLOCK_BYTES);
                 if (has_lut) {
                     lo[p] = (v16u)lookup(table, (v64b)(d[p] & 0x0f0f0f0f));

@@ -239,6 +239,7 @@ static inline __attribute__((always_inline)) void itile(int kind, int has_lut, i
                     }
 #pragma GCC unroll 4
                 for (int p = 0; p < NP; p++) {
+                    __builtin_prefetch(codes + p * pb + (b + PREFETCH) * BLOCK_BYTES);
                     __m512i lo, hi = _mm512_setzero_si512();
                     u8_codes(kind, has_lut, _mm512_loadu_si512(codes + p * pb + b * BLOCK_BYTES), table, &lo, &hi);
 #pragma GCC unroll 4
@@ -322,7 +323,9 @@ typedef void (*walk_fn)(int, const qweight *, const qact *, const float *, int64
         panel_walk(KIND, LUT, ND, MR, NP, y16, w, a, xsum, m0, pa, pb, bias, y);              \
     }
 /* NAME[r - 1]: the tiles of r rows; NPr panels a tile (a tile's MR x NP x ND accumulators and
- * its codes must fit the 32 vector registers: measured on the default model's shapes). */
+ * its codes must fit the 32 vector registers). Measured on the default model's 30 layers
+ * (weights from DRAM, 2 threads): digits of 2-4 rows one panel at a time beat 2 x 2 and 4 x 2
+ * tiles (s8 at 4 rows: 1.07x the float path against 1.04x and 0.71x). */
 #define WALKS(NAME, KIND, LUT, ND, NP1, NP2, NP3, NP4)                                        \
     WALK_FN(NAME##_1, KIND, LUT, ND, 1, NP1)                                                  \
     WALK_FN(NAME##_2, KIND, LUT, ND, 2, NP2)                                                  \
@@ -334,7 +337,7 @@ WALKS(walk_lut_i8, U4, 1, 1, 4, 4, 2, 2)
 WALKS(walk_s8_i8, S8, 0, 1, 4, 4, 2, 2)
 WALKS(walk_u4_d, U4, 0, 3, 4, 1, 1, 1)
 WALKS(walk_lut_d, U4, 1, 3, 4, 1, 1, 1)
-WALKS(walk_s8_d, S8, 0, 3, 4, 2, 1, 1)
+WALKS(walk_s8_d, S8, 0, 3, 4, 1, 1, 1)
 
 int int_product(const qweight *w, const void *x, int64_t x_row, const void *bias, void *y,
                 int64_t M, int y16, int digits, int64_t threads) {
