@@ -27,6 +27,10 @@
 
 #include "bf16.h"
 
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
@@ -52,11 +56,17 @@ typedef _Float16 v8h __attribute__((vector_size(16)));
 static inline __attribute__((always_inline)) void load_k(int kind, const void *panel,
                                                         int64_t k, v8f *lo, v8f *hi) {
     if (kind == 2) {
+        const uint16_t *h = (const uint16_t *)panel + k * PANEL;
+#if defined(__F16C__)
+        *lo = (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+        *hi = (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)));
+#else
         v8h a, b;
-        memcpy(&a, (const uint16_t *)panel + k * PANEL, sizeof a);
-        memcpy(&b, (const uint16_t *)panel + k * PANEL + 8, sizeof b);
+        memcpy(&a, h, sizeof a);
+        memcpy(&b, h + 8, sizeof b);
         *lo = __builtin_convertvector(a, v8f);
         *hi = __builtin_convertvector(b, v8f);
+#endif
     } else if (kind == 1) {
         v8u v;
         memcpy(&v, (const bf16 *)panel + k * PANEL, sizeof v);
@@ -209,19 +219,14 @@ typedef float v16f __attribute__((vector_size(64)));
 #define Z_PANELS 4
 #define Z_ROWS 4
 
-typedef _Float16 v16h __attribute__((vector_size(32)));
-
 static inline __attribute__((always_inline)) v16f load_z(int kind, const void *panel, int64_t k) {
     if (kind == 0) {
         v16f w;
         memcpy(&w, (const float *)panel + k * PANEL, sizeof w);
         return w;
     }
-    if (kind == 2) {
-        v16h h;
-        memcpy(&h, (const uint16_t *)panel + k * PANEL, sizeof h);
-        return __builtin_convertvector(h, v16f);
-    }
+    if (kind == 2) /* one conversion of the sixteen halves */
+        return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + k * PANEL)));
     v8f lo, hi; /* rows 0-7 and 8-15, side by side: the panel's rows in order */
     load_k(1, panel, k, &lo, &hi);
     return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
