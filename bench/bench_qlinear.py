@@ -15,7 +15,7 @@ gate/up, down), Q8_0 (int8 codes, fp16 scale per 32) and Q4_1 (4-bit codes, fp16
 minimum per 32). Two workloads at batch 1 and 4 (the paths take turns within every round, best
 round kept): "layer", one layer's four products called again and again (their 2-4 MB of
 weights stay in cache: the arithmetic alone), and "model", the 30 layers' products with 30
-different weights and the tied Q8_0 head (106-143 MB: what a decode step streams from DRAM).
+different weights and the tied Q8_0 head (96-143 MB: what a decode step streams from DRAM).
 Each path's error against the dequantized weights' product in double precision (max
 |y - ref| / max |ref| over 64 random rows).
 ``--engine`` adds the whole engine on the default model's GGUF files (Q8_0: llama.cpp's
