@@ -33,6 +33,8 @@ import json
 import math
 import os
 import platform
+import random
+import statistics
 import tempfile
 import time
 
@@ -172,11 +174,20 @@ class Transformers:
         del self.model
 
 
-def taking_turns(engines: dict, fn, reps: int) -> dict:
+def taking_turns(engines: dict, fn, reps: int, rounds: list | None = None) -> dict:
+    """Each engine's best over ``reps`` rounds; every round runs all engines, in a new (seeded)
+    order each time so that no engine always follows the same one. ``rounds``: gets each
+    round's results."""
     best = dict.fromkeys(engines, 0.0)
+    order = random.Random(0)
     for _ in range(reps):
-        for key, engine in engines.items():
-            best[key] = max(best[key], fn(engine))
+        keys = list(engines)
+        order.shuffle(keys)
+        got = {key: fn(engines[key]) for key in keys}
+        for key, v in got.items():
+            best[key] = max(best[key], v)
+        if rounds is not None:
+            rounds.append(got)
     return best
 
 
@@ -236,7 +247,8 @@ def main() -> None:
                                            return_dict=True)["input_ids"])
         for e in loaded.values():
             e.decode(ids, 8)  # warm-up
-        speed = taking_turns(loaded, lambda e: e.decode(ids, a.tokens), a.reps)
+        rounds: list[dict] = []
+        speed = taking_turns(loaded, lambda e: e.decode(ids, a.tokens), a.reps, rounds)
         text = open(os.path.join(HERE, "assets", "perplexity_text.txt")).read()
         tokens = tok(text, add_special_tokens=False)["input_ids"]
         windows = [[tok.bos_token_id or 1] + tokens[i:i + WINDOW - 1]
@@ -248,7 +260,7 @@ def main() -> None:
             e.close()
     concurrent = concurrency(folder, DEFAULT_MODEL, tok) if "concurrent" in parts else None
     mtp = speculation(folder, tok, a.tokens) if "mtp" in parts else None
-    write(speed, ppl, concurrent, mtp, a, len(windows))
+    write(speed, ppl, concurrent, mtp, a, len(windows), rounds)
 
 
 def concurrency(folder: str, gguf: str, tok) -> dict:
@@ -316,7 +328,7 @@ def speculation(folder: str, tok, n: int) -> dict:
     return {"tok_s": best, "spec": accepted}
 
 
-def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> None:
+def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int, rounds: list) -> None:
     hf = {"ours fp32": "transformers fp32", "ours bf16": "transformers bf16"}
     pairs = {"ours fp32": "llama.cpp F32", "ours bf16": "llama.cpp F16", "ours GGUF F16": "llama.cpp F16",
              "ours GGUF Q8_0": "llama.cpp Q8_0",
@@ -328,14 +340,18 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
     peers = [k for k in speed if k.startswith("llama.cpp")]
     best_peer = max((speed[k] for k in peers), default=None)
     best_ours = max((v for k, v in speed.items() if k.startswith("ours")), default=None)
-    lines = [] if not speed else ["| engine | tok/s | vs llama.cpp at matched precision | vs transformers | perplexity | vs llama.cpp's |",
-             "|---|---|---|---|---|---|"]
+    lines = [] if not speed else [
+        "| engine | tok/s | vs llama.cpp at matched precision | median paired ratio | vs transformers | perplexity | vs llama.cpp's |",
+        "|---|---|---|---|---|---|---|"]
     for k, v in speed.items():
         peer = pairs.get(k)
         ratio = f"{v / speed[peer]:.2f}x ({peer})" if peer in speed else ""
+        # the median over rounds of the ratio within each round: a slow spell of the machine
+        # moves both engines of a round alike
+        paired = f"{statistics.median(r[k] / r[peer] for r in rounds):.2f}x" if peer in speed else ""
         vs_hf = f"{v / speed[hf[k]]:.2f}x" if hf.get(k) in speed else ""
         pr = f"{ppl[k] / ppl[peer]:.3f}x" if peer in ppl else ""
-        lines.append(f"| {k} | {v:.1f} | {ratio} | {vs_hf} | {ppl[k]:.3f} | {pr} |")
+        lines.append(f"| {k} | {v:.1f} | {ratio} | {paired} | {vs_hf} | {ppl[k]:.3f} | {pr} |")
     if best_peer:
         lines += ["", f"Best vs best: ours {best_ours:.1f} tok/s against llama.cpp's {best_peer:.1f}: "
                       f"{best_ours / best_peer:.2f}x."]
@@ -365,7 +381,8 @@ def write(speed: dict, ppl: dict, conc: dict, mtp: dict, a, n_windows: int) -> N
     os.makedirs(RESULTS, exist_ok=True)
     name = "quant" if speed else "quant_" + "_".join(sorted(a.parts.split(",")))  # a later part alone
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "tok_s": speed, "perplexity": ppl, "concurrent16": conc, "mtp": mtp}, f, indent=2)
+        json.dump({"meta": meta, "tok_s": speed, "rounds": rounds, "perplexity": ppl, "concurrent16": conc,
+                   "mtp": mtp}, f, indent=2)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(f"# Quantized weights vs llama.cpp ({meta['date']}, {meta['cpus']} CPUs)\n\n{table}\n")
 
