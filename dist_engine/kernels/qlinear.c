@@ -206,14 +206,8 @@ static int float_product(const qweight *w, const void *x, int64_t x_row, const v
     }
     for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
         const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
-        const float *xb = (const float *)x + m0 * x_row;
-        int64_t xs = x_row;
-        if (y16) {
-            for (int64_t m = 0; m < rows; m++)
-                for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(((const bf16 *)x)[(m0 + m) * x_row + k]);
-            xb = xf;
-            xs = K;
-        }
+        int64_t xs;
+        const float *xb = fp32_rows(x, x_row, m0, rows, K, y16, xf, &xs);
         if (w->offsets) group_sums(xb, xs, rows, K, w->group, xsum);
         float_block(w, xb, xs, xsum, rows, bias, (char *)y + m0 * w->n * (y16 ? 2 : 4), y16, threads);
     }

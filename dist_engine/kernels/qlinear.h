@@ -88,6 +88,20 @@ static inline __attribute__((always_inline)) v16f load_scales(const qweight *w, 
 #endif
 }
 
+
+/* Rows [m0, m0 + rows) of x as fp32 with their row stride (*xs): fp32 x in place, bf16 x widened
+ * into xf ([rows, K]; exact). */
+static inline const float *fp32_rows(const void *x, int64_t x_row, int64_t m0, int64_t rows, int64_t K,
+                                     int y16, float *xf, int64_t *xs) {
+    if (!y16) {
+        *xs = x_row;
+        return (const float *)x + m0 * x_row;
+    }
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(((const bf16 *)x)[(m0 + m) * x_row + k]);
+    *xs = K;
+    return xf;
+}
 /* Output row of one panel: add the bias, narrow for bf16, store the valid columns. */
 static inline __attribute__((always_inline)) void store(int y16, v16f v, const void *bias,
                                                        void *y_row, int64_t n0, int64_t N) {

@@ -352,14 +352,8 @@ int int_product(const qweight *w, const void *x, int64_t x_row, const void *bias
     int failed = !xsum || (y16 && !xf) || !a.q || !a.scale || !a.qsum || !a.rowscale;
     for (int64_t m0 = 0; m0 < M && !failed; m0 += ROW_BLOCK) {
         const int64_t rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
-        const float *xb = (const float *)x + m0 * x_row;
-        int64_t xs = x_row;
-        if (y16) {
-            for (int64_t m = 0; m < rows; m++)
-                for (int64_t k = 0; k < K; k++) xf[m * K + k] = widen(((const bf16 *)x)[(m0 + m) * x_row + k]);
-            xb = xf;
-            xs = K;
-        }
+        int64_t xs;
+        const float *xb = fp32_rows(x, x_row, m0, rows, K, y16, xf, &xs);
         if (digits) digitize_rows(xb, xs, rows, K, unit, &a);
         else quantize_rows(xb, xs, rows, K, unit, &a);
         if (w->offsets && digits) digit_group_sums(&a, rows, K, G, unit, xsum);
