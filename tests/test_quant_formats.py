@@ -68,21 +68,22 @@ def test_checkpoint_kept_quantized_matches_its_dequantized_weights(tmp_path, fmt
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantization_at_load_runs_the_quantized_weights(tiny_models, method):
-    """``--quantization``: every product weight (the head too) group-quantized at load; the
-    engine computes with exactly those values."""
+    """``--quantization``: every product weight (the head too, at 8 bits under int4)
+    group-quantized at load; the engine computes with exactly those values."""
     path = tiny_models("qwen2")
     with torch.inference_mode():
         from conftest import hf_model
 
         model = hf_model(path)
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed_tokens" not in name:
-                p.copy_(quantize(p, 8 if method == "int8" else 4, 32, method == "int8").dequantize())
+            if p.dim() == 2 and "embed_tokens" not in name:  # the head keeps 8 bits under int4
+                eight = method == "int8" or name == "lm_head.weight"
+                p.copy_(quantize(p, 8 if eight else 4, 32, eight).dequantize())
     ref_logits, ref_tokens = reference(model)
     assert greedy(path, quantization=method) == ref_tokens
     with LLM(path, **KW, quantization=method) as llm:
         info = llm.engine.cache_info
-        assert info[f"weight_bytes[{method} g32]"] > 0
+        assert info[f"weight_bytes[{method} g32]"] > 0 and info["weight_bytes[int8 g32]"] > 0
         out = llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
             temperature=0, max_tokens=1, logprobs=5))
     lps = out[0].outputs[0].logprobs[0]
@@ -92,7 +93,7 @@ def test_quantization_at_load_runs_the_quantized_weights(tiny_models, method):
 
 def test_quantization_at_load_on_the_hybrid_qwen3_5_model(qwen3_5_models):
     """``--quantization int4`` on Qwen3.5-MoE: the Gated DeltaNet projections (one fused
-    ``in_proj``), gated attention, router, experts, shared expert and head are all quantized and
+    ``in_proj``), gated attention, router, experts, shared expert and head (8 bits) are all quantized and
     computed with exactly those values (transformers holding the same int4 values is the
     reference); the router and the depthwise conv stay dense, as in vLLM; the layers stay on
     the Python path (the one-call C decoder does not know them)."""
@@ -104,8 +105,9 @@ def test_quantization_at_load_on_the_hybrid_qwen3_5_model(qwen3_5_models):
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight") or "embed_tokens" in name:
                 continue
+            eight = name == "lm_head.weight"  # the head keeps 8 bits under int4
             if p.dim() == 2 or name.endswith(("gate_up_proj", "down_proj")):  # experts [E, out, in]
-                p.copy_(quantize(p.reshape(-1, p.shape[-1]), 4, 32, False).dequantize().view_as(p))
+                p.copy_(quantize(p.reshape(-1, p.shape[-1]), 8 if eight else 4, 32, eight).dequantize().view_as(p))
     ref_logits, ref_tokens = reference(model)
     with LLM(path, **KW, quantization="int4", cpu_threads=1) as llm:  # tiny shapes: one thread
         ours = llm.engine.executor.worker.runner.model

@@ -71,6 +71,8 @@ class ParallelLMHead(nn.Module):
     embedding's (same split).
     """
 
+    quant_min_bits = 8  # --quantization int4 keeps the head at int8 (quant/linear.py)
+
     def __init__(self, vocab_size: int, hidden: int, comm: Communicator, dtype: torch.dtype,
                  tied: VocabParallelEmbedding | None = None) -> None:
         super().__init__()
