@@ -9,29 +9,39 @@ from dist_engine.config import DTYPES
 from dist_engine.config.args import DEFAULT_MODEL
 
 
-def cmd_graft(a: argparse.Namespace) -> int:
+def _training_data(a: argparse.Namespace, layers: tuple[int, ...] = ()):
+    """What both trainers read: the model's own answers to the graft prompts (generated into
+    ``--answers`` or ``OUT/answers.jsonl``, hidden states beside them; ``layers``: decoder layers
+    whose outputs are kept too), split into train and held-out by prompt. Returns (train, held,
+    prompt lengths, hidden-state folder, device)."""
     import os
 
     import torch
 
     from dist_engine.graft.data import generate_answers, split_answers
     from dist_engine.graft.prompts import split_prompts
-    from dist_engine.graft.train import graft
-    from dist_engine.weights.registry import resolve_model
 
-    path = resolve_model(a.model)
     train_p, held_p = split_prompts(limit=a.num_prompts)
     answers_file = a.answers or os.path.join(a.out, "answers.jsonl")
     hidden_dir = os.path.join(os.path.dirname(os.path.abspath(answers_file)), "hidden")
     device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    recs = generate_answers(a.model, train_p + held_p, answers_file,
-                            samples_per_prompt=a.samples_per_prompt, max_tokens=a.max_tokens,
-                            batch=a.batch, hidden_dir=hidden_dir, device=device)
+    recs = generate_answers(a.model, train_p + held_p, answers_file, samples_per_prompt=a.samples_per_prompt,
+                            max_tokens=a.max_tokens, batch=a.batch, hidden_dir=hidden_dir, device=device,
+                            layers=layers)
     (train, train_lens), (held, held_lens) = split_answers(recs, held_p, train_p)
+    return train, held, train_lens + held_lens, hidden_dir, device
+
+
+def cmd_graft(a: argparse.Namespace) -> int:
+    from dist_engine.graft.train import graft
+    from dist_engine.weights.registry import resolve_model
+
+    path = resolve_model(a.model)
+    train, held, prompt_lens, hidden_dir, device = _training_data(a)
     meta = graft(path, train, held, a.out, epochs=a.epochs, depth=a.depth, lr=a.lr,
                  batch_size=a.batch_size, targets=a.targets, feedback=a.feedback,
                  draft_vocab_size=a.draft_vocab, dtype=a.save_dtype, init_from=a.init,
-                 prompt_lens=train_lens + held_lens, hidden_dir=hidden_dir, device=device,
+                 prompt_lens=prompt_lens, hidden_dir=hidden_dir, device=device,
                  time_budget_s=a.time_budget,
                  extra_meta={"samples_per_prompt": a.samples_per_prompt, "max_tokens": a.max_tokens})
     ho = meta["held_out"]
@@ -44,29 +54,16 @@ def cmd_graft(a: argparse.Namespace) -> int:
 
 
 def cmd_graft_dflash(a: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
     from dist_engine.config import ModelConfig
-    from dist_engine.graft.data import generate_answers, split_answers
     from dist_engine.graft.dflash_model import default_target_layers
     from dist_engine.graft.dflash_train import graft_dflash
-    from dist_engine.graft.prompts import split_prompts
     from dist_engine.weights.registry import resolve_model
 
     path = resolve_model(a.model)
     cfg = ModelConfig.from_pretrained(path)
     layers = a.target_layers or default_target_layers(cfg.num_hidden_layers, a.num_target_layers)
-    train_p, held_p = split_prompts(limit=a.num_prompts)
-    answers_file = a.answers or os.path.join(a.out, "answers.jsonl")
-    hidden_dir = os.path.join(os.path.dirname(os.path.abspath(answers_file)), "hidden")
-    device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    recs = generate_answers(a.model, train_p + held_p, answers_file, samples_per_prompt=a.samples_per_prompt,
-                            max_tokens=a.max_tokens, batch=a.batch, hidden_dir=hidden_dir, device=device,
-                            layers=tuple(layers))
-    (train, train_lens), (held, held_lens) = split_answers(recs, held_p, train_p)
-    meta = graft_dflash(path, train, held, a.out, prompt_lens=train_lens + held_lens, block_size=a.block_size,
+    train, held, prompt_lens, hidden_dir, device = _training_data(a, tuple(layers))
+    meta = graft_dflash(path, train, held, a.out, prompt_lens=prompt_lens, block_size=a.block_size,
                         num_layers=a.num_layers, target_layer_ids=layers, mask_token_id=a.mask_token_id,
                         gamma=a.loss_decay_gamma, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                         anchors=a.anchors, eval_answers=a.eval_answers, time_budget_s=a.time_budget,

@@ -53,6 +53,8 @@ class Request:
 
 def _is_index(t) -> bool:
     """An integer token id: int, a NumPy integer, an integer 0-d tensor (not a bool)."""
+    if type(t) is int:  # the common case, without the call below
+        return True
     if isinstance(t, bool):
         return False
     try:
@@ -135,11 +137,11 @@ class LLMEngine:
         vocab = self.config.model.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        kinds = sorted({type(t).__name__ for t in prompt_ids if not _is_index(t)})
+        bad = [t for t in prompt_ids if not (_is_index(t) and 0 <= t < vocab)]  # one pass over the prompt
+        kinds = sorted({type(t).__name__ for t in bad if not _is_index(t)})
         if kinds:  # e.g. a text prompt passed as prompt_token_ids, or nested lists
             raise ValueError(f"token ids must be integers, got {', '.join(kinds)}: pass text as prompts, "
                              "or each prompt as a flat list of ints")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
         limit = self.config.scheduler.max_model_len

@@ -124,7 +124,7 @@ class CPUDecoder:
             len(layers), first.input_layernorm.weight.shape[0], attn.local_num_heads, attn.local_num_kv_heads,
             attn.head_dim, first.mlp.down_proj.local_in, dtype.itemsize, first.input_layernorm.eps, attn.scale,
             self.layers, attn.rotary_emb.cos.data_ptr(), attn.rotary_emb.sin.data_ptr())
-        self.cache_ptrs: list | None = None  # the caches the layer structs point into
+        self.cache_ptrs = None  # the caches (list or tuple) the layer structs point into
 
     @classmethod
     def attach(cls, model) -> CPUDecoder | None:
@@ -164,13 +164,14 @@ class CPUDecoder:
                 or meta.by_group or meta.state is not None
                 or x.dtype != self.dtype or not x.is_contiguous() or torch.is_grad_enabled()):
             return None
-        if self.cache_ptrs is None or any(a is not b for a, b in zip(self.cache_ptrs, kv_caches)):
+        known = self.cache_ptrs  # the same list each step for a model; an MTP block's one cache
+        if known is None or (known is not kv_caches and any(a is not b for a, b in zip(known, kv_caches))):
             # K/V stored as they are in the model's dtype (not FP8, not TurboQuant codes)
             if any(kv.observe or kv.shared or not kv.plain or kv.k.dtype != self.dtype for kv in kv_caches):
                 return None
             for layer, kv in zip(self.layers, kv_caches):
                 layer.k_cache, layer.v_cache = kv.k.data_ptr(), kv.v.data_ptr()
-            self.cache_ptrs = list(kv_caches)
+            self.cache_ptrs = kv_caches
         a = self.args
         positions, slots = positions.contiguous(), meta.slot_mapping.contiguous()
         a.T, a.positions, a.slots = x.shape[0], positions.data_ptr(), slots.data_ptr()
